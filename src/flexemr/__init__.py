@@ -1,0 +1,1 @@
+"""flexemr: serve DLRM models from disaggregated embedding servers."""

@@ -1,0 +1,44 @@
+"""`flexemr` command line. Each subcommand lives in its own module, imported only when used,
+so `flexemr --help` stays fast and a command's heavy imports (torch, matplotlib) load on demand.
+
+A subcommand module defines `add_arguments(parser)` and `run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, str] = {
+    "serve": "start a local cluster (embedding servers + ranker) and serve over HTTP",
+    "embedding-server": "run one embedding server from a cluster spec file",
+    "ranker": "run the ranker from a cluster spec file",
+    "demo": "start a local cluster, send a short load, print a summary",
+    "shard": "print the sharding plan for a model",
+    "bench": "run a benchmark suite and write a report folder",
+    "calibrate": "measure this machine and write a planner calibration file",
+    "plan": "find the cheapest cluster that meets a latency target and availability goal",
+}
+
+
+def _module_name(command: str) -> str:
+    return "flexemr.cli." + command.replace("-", "_")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="flexemr", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    chosen = next((a for a in argv if a in COMMANDS), None)
+    for name, help_text in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            importlib.import_module(_module_name(name)).add_arguments(sub_parser)
+    args = parser.parse_args(argv)
+    code: int = importlib.import_module(_module_name(args.command)).run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
