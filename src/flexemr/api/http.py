@@ -1,0 +1,112 @@
+"""The ranker's HTTP front end: KServe v2 / Open Inference Protocol.
+
+Client mistakes get 400 with a message naming the field and value; a lookup that cannot complete
+gets 503 (the request fails, nothing is scored from partial rows); anything else is a 500 that is
+logged with its traceback. Scoring runs in the thread pool so requests overlap.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from flexemr.api.kserve import HEADER_LENGTH, TensorSpec, encode_infer_response, parse_infer_request
+from flexemr.ranker.batch import InvalidRequest
+from flexemr.ranker.ranker import Ranker
+from flexemr.transport.base import LookupFailed, ServerUnavailable
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 256 * 2**20
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def create_app(ranker: Ranker, model_name: str) -> FastAPI:
+    spec = ranker.spec
+    inputs = [
+        TensorSpec("dense_features", "FP32", (-1, spec.num_dense)),
+        TensorSpec("sparse_indices", "INT64", (-1,)),
+        TensorSpec("sparse_lengths", "INT32", (-1,)),
+    ]
+    app = FastAPI(title="flexemr", description="DLRM serving over the KServe v2 protocol")
+
+    def metadata() -> dict[str, Any]:
+        return {
+            "name": model_name,
+            "versions": ["1"],
+            "platform": "flexemr-dlrm",
+            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in inputs],
+            "outputs": [{"name": "scores", "datatype": "FP32", "shape": [-1]}],
+            "parameters": {
+                "num_tables": spec.num_tables,
+                "table_rows": list(spec.table_rows),
+                "dim": spec.dim,
+                "max_batch": ranker.config.max_batch,
+            },
+        }
+
+    @app.get("/v2")
+    def server_metadata() -> dict[str, Any]:
+        return {"name": "flexemr", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
+
+    @app.get("/v2/health/live")
+    def live() -> dict[str, bool]:
+        return {"live": True}
+
+    @app.get("/v2/health/ready", response_model=None)
+    def ready() -> JSONResponse | dict[str, bool]:
+        if ranker.ready():
+            return {"ready": True}
+        down = [i for i, up in enumerate(ranker.transport.connected()) if not up]
+        return _error(503, f"embedding server(s) {down} not connected")
+
+    @app.get("/v2/models/{name}", response_model=None)
+    def model_metadata(name: str) -> JSONResponse | dict[str, Any]:
+        if name != model_name:
+            return _error(400, f"unknown model {name!r}; this server serves {model_name!r}")
+        return metadata()
+
+    @app.get("/v2/models/{name}/ready", response_model=None)
+    def model_ready(name: str) -> JSONResponse | dict[str, Any]:
+        if name != model_name:
+            return _error(400, f"unknown model {name!r}; this server serves {model_name!r}")
+        return ready()
+
+    @app.get("/v2/stats")
+    def stats() -> dict[str, Any]:
+        return ranker.stats()
+
+    @app.post("/v2/models/{name}/infer")
+    async def infer(name: str, request: Request) -> Response:
+        if name != model_name:
+            return _error(400, f"unknown model {name!r}; this server serves {model_name!r}")
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return _error(413, f"request body of {declared} bytes exceeds {MAX_BODY_BYTES}")
+        body = await request.body()
+        try:
+            return await run_in_threadpool(_infer, body, request.headers.get(HEADER_LENGTH))
+        except InvalidRequest as exc:
+            return _error(400, str(exc))
+        except (ServerUnavailable, LookupFailed) as exc:
+            return _error(503, f"lookup failed, nothing was scored: {exc}")
+        except Exception:
+            log.exception("inference failed")
+            return _error(500, "internal error; see the ranker's log")
+
+    def _infer(body: bytes, header_length: str | None) -> Response:
+        parsed = parse_infer_request(body, header_length, inputs)
+        scores = ranker.score(
+            parsed.tensors["dense_features"], parsed.tensors["sparse_indices"], parsed.tensors["sparse_lengths"]
+        )
+        content, headers = encode_infer_response(model_name, parsed.id, "scores", scores, parsed.binary_output)
+        return Response(content, headers=headers)
+
+    return app

@@ -1,0 +1,147 @@
+"""KServe v2 / Open Inference Protocol tensors: JSON, and the binary tensor data extension.
+
+A binary request carries a JSON header of `Inference-Header-Content-Length` bytes, then the raw
+little-endian bytes of every input whose `parameters.binary_data_size` is set, in input order.
+A response is binary when the request asks for it (`binary_data` on an output, or
+`binary_data_output` in the request parameters).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import orjson
+
+from flexemr.ranker.batch import InvalidRequest
+
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+    "INT32": np.dtype("<i4"),
+    "INT64": np.dtype("<i8"),
+}
+HEADER_LENGTH = "inference-header-content-length"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    """-1 marks a free dimension."""
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    tensors: dict[str, np.ndarray]
+    binary_output: bool
+
+
+def _decode_tensor(entry: Any, binary: memoryview, pos: int, expected: TensorSpec) -> tuple[np.ndarray, int]:
+    name = expected.name
+    datatype = entry.get("datatype")
+    if datatype != expected.datatype:
+        raise InvalidRequest(f"input {name} must have datatype {expected.datatype}, got {datatype!r}")
+    shape = entry.get("shape")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise InvalidRequest(f"input {name} has an invalid shape {shape!r}")
+    if len(shape) != len(expected.shape) or any(
+        e not in (-1, d) for e, d in zip(expected.shape, shape, strict=True)
+    ):
+        raise InvalidRequest(f"input {name} must have shape {list(expected.shape)}, got {shape}")
+    dtype = DATATYPES[datatype]
+    count = int(np.prod(shape, dtype=np.int64))
+    size = (entry.get("parameters") or {}).get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or size != count * dtype.itemsize:
+            raise InvalidRequest(f"input {name}: binary_data_size {size!r} != {count} x {dtype.itemsize} bytes")
+        if pos + size > binary.nbytes:
+            raise InvalidRequest(f"input {name}: the body holds fewer binary bytes than declared")
+        array = np.frombuffer(binary[pos : pos + size], dtype=dtype).astype(dtype.newbyteorder("="))
+        return array.reshape(shape), pos + size
+    if "data" not in entry:
+        raise InvalidRequest(f"input {name} has neither data nor binary_data_size")
+    try:
+        values = np.asarray(entry["data"])
+    except ValueError as exc:
+        raise InvalidRequest(f"input {name}: data is not a rectangular array: {exc}") from None
+    if values.size and not (
+        np.issubdtype(values.dtype, np.integer)
+        or (dtype.kind == "f" and np.issubdtype(values.dtype, np.floating))
+    ):
+        raise InvalidRequest(f"input {name}: data must hold {datatype} numbers, got {values.dtype} values")
+    if values.size != count:
+        raise InvalidRequest(f"input {name}: shape {shape} needs {count} values, data has {values.size}")
+    if dtype.kind == "i" and values.size and (
+        values.min() < np.iinfo(dtype).min or values.max() > np.iinfo(dtype).max
+    ):
+        raise InvalidRequest(f"input {name}: a value does not fit {datatype}")
+    return values.astype(dtype.newbyteorder("=")).reshape(shape), pos
+
+
+def parse_infer_request(body: bytes, header_length: str | None, inputs: list[TensorSpec]) -> InferRequest:
+    if header_length is not None:
+        try:
+            split = int(header_length)
+        except ValueError:
+            raise InvalidRequest(f"bad Inference-Header-Content-Length {header_length!r}") from None
+        if not 0 < split <= len(body):
+            raise InvalidRequest(f"Inference-Header-Content-Length {split} outside the body's {len(body)} bytes")
+    else:
+        split = len(body)
+    try:
+        request = orjson.loads(body[:split])
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"malformed JSON: {exc}") from None
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise InvalidRequest("the request must be a JSON object with an 'inputs' list")
+    by_name = {}
+    for entry in request["inputs"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InvalidRequest("every input must be an object with a 'name'")
+        by_name[entry["name"]] = entry
+    unknown = sorted(set(by_name) - {spec.name for spec in inputs})
+    if unknown:
+        raise InvalidRequest(f"unknown input(s) {unknown}; expected {[spec.name for spec in inputs]}")
+    binary = memoryview(body)[split:]
+    pos = 0
+    tensors = {}
+    for entry in request["inputs"]:
+        spec = next(s for s in inputs if s.name == entry["name"])
+        tensors[spec.name], pos = _decode_tensor(entry, binary, pos, spec)
+    missing = [spec.name for spec in inputs if spec.name not in tensors]
+    if missing:
+        raise InvalidRequest(f"missing input(s) {missing}")
+    params = request.get("parameters") or {}
+    outputs = request.get("outputs") or []
+    binary_output = bool(params.get("binary_data_output")) or any(
+        isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data") for o in outputs
+    )
+    request_id = request.get("id")
+    return InferRequest(str(request_id) if request_id is not None else None, tensors, binary_output)
+
+
+def encode_infer_response(
+    model_name: str, request_id: str | None, name: str, values: np.ndarray, binary: bool
+) -> tuple[bytes, dict[str, str]]:
+    """The response body and its extra headers."""
+    output: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(values.shape)}
+    raw = b""
+    if binary:
+        raw = values.astype("<f4").tobytes()
+        output["parameters"] = {"binary_data_size": len(raw)}
+    else:
+        output["data"] = values.tolist()
+    response: dict[str, Any] = {"model_name": model_name, "model_version": "1", "outputs": [output]}
+    if request_id is not None:
+        response["id"] = request_id
+    header = orjson.dumps(response)
+    if not binary:
+        return header, {"content-type": "application/json"}
+    return header + raw, {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(len(header)),
+    }

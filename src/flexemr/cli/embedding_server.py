@@ -1,0 +1,44 @@
+"""`flexemr embedding-server`: run server `--index` of a cluster spec file."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+
+from flexemr.cluster.local import READY_PREFIX
+from flexemr.cluster.roles import build_embedding_server
+from flexemr.config import ClusterSpec
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spec", required=True, help="cluster spec file (JSON)")
+    parser.add_argument("--index", type=int, required=True, help="which embedding server of the spec")
+    parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes (parent died)")
+    parser.add_argument("--quiet", action="store_true", help="no loading progress bar")
+
+
+def _exit_on_stdin_eof() -> None:
+    sys.stdin.buffer.read()
+    os._exit(0)
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s server {args.index} %(levelname)s: %(message)s")
+    if args.watch_stdin:
+        threading.Thread(target=_exit_on_stdin_eof, daemon=True).start()
+    try:
+        server = build_embedding_server(ClusterSpec.load(args.spec), args.index, progress=not args.quiet)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"flexemr embedding-server: {exc}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda *_: server.close())
+    print(f"{READY_PREFIX}{server.endpoint}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.close()
+    return 0

@@ -1,0 +1,69 @@
+"""Flags shared by the commands that build a model, a plan and a ranker config."""
+
+from __future__ import annotations
+
+import argparse
+
+from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
+from flexemr.model.presets import PRESET_NAMES
+from flexemr.sharding.plan import ShardingPlan, make_plan
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="state_dict of Meta's reference DLRM_Net (torch.save)")
+    source.add_argument("--preset", choices=PRESET_NAMES, help="a named model with seeded random weights")
+    parser.add_argument("--row-scale", type=float, default=1.0, help="scale a preset's table rows (0, 1]")
+    parser.add_argument("--seed", type=int, default=0, help="seed of a preset's weights")
+    parser.add_argument("--interaction", choices=("dot", "cat"), help="default: the preset's, or dot")
+    parser.add_argument(
+        "--interaction-itself", action="store_true", default=None, help="dot: include self-interactions"
+    )
+    parser.add_argument("--pooling", choices=("sum", "mean"), help="default: the preset's, or sum")
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--embedding-servers", type=int, default=2, help="number of embedding servers")
+    parser.add_argument("--sharding", choices=("table", "row"), default="row", help="sharding strategy")
+    parser.add_argument("--plan", help="a sharding plan file (from `flexemr plan`), instead of --sharding")
+    parser.add_argument("--lookup", choices=("partial", "raw"), default="partial", help="server-side pooling")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
+    parser.add_argument("--model-name", default="dlrm")
+    parser.add_argument("--max-batch", type=int, default=RankerConfig.max_batch)
+    parser.add_argument("--device", default="auto", help="dense model device: auto, cpu, cuda, cuda:1")
+
+
+def model_source(args: argparse.Namespace) -> ModelSource:
+    return ModelSource(
+        preset=args.preset,
+        row_scale=args.row_scale,
+        seed=args.seed,
+        checkpoint=args.checkpoint,
+        interaction=args.interaction,
+        interaction_itself=args.interaction_itself,
+        pooling=args.pooling,
+    )
+
+
+def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
+    source = model_source(args)
+    spec = source.spec()
+    if args.plan:
+        from flexemr.planner import load_sharding
+
+        plan: ShardingPlan = load_sharding(args.plan)
+        if plan.table_rows != spec.table_rows or plan.dim != spec.dim:
+            raise ValueError(f"the plan in {args.plan} was made for another model (table rows or dim differ)")
+    else:
+        plan = make_plan(args.sharding, spec.table_rows, spec.dim, args.embedding_servers)
+    ranker = RankerConfig(
+        host=args.host,
+        port=args.port,
+        model_name=args.model_name,
+        lookup=args.lookup,
+        max_batch=args.max_batch,
+        device=args.device,
+    )
+    endpoints = tuple(Endpoint(args.host, 0) for _ in range(plan.num_servers))
+    return ClusterSpec(model=source, sharding=plan, embedding_servers=endpoints, ranker=ranker)

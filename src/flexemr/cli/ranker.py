@@ -1,0 +1,31 @@
+"""`flexemr ranker`: run the ranker of a cluster spec file, its servers started elsewhere."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from flexemr.cluster.roles import HttpServer, build_ranker
+from flexemr.config import ClusterSpec
+from flexemr.transport.base import ServerUnavailable
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--spec", required=True, help="cluster spec file (JSON)")
+    parser.add_argument("--connect-timeout", type=float, default=120.0, help="wait this long for servers")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s ranker %(levelname)s: %(message)s")
+    try:
+        spec = ClusterSpec.load(args.spec)
+        ranker = build_ranker(spec, connect_timeout_s=args.connect_timeout)
+    except (ValueError, FileNotFoundError, ServerUnavailable) as exc:
+        print(f"flexemr ranker: {exc}", file=sys.stderr)
+        return 2
+    http = HttpServer(ranker, spec.ranker.host, spec.ranker.port)
+    print(f"flexemr ranker ready: {http.url} model={spec.ranker.model_name}", flush=True)
+    http.run()
+    ranker.transport.close()
+    return 0

@@ -1,0 +1,96 @@
+"""The two roles a process can play, built from a cluster spec."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+import time
+
+import uvicorn
+
+from flexemr.api.http import create_app
+from flexemr.config import ClusterSpec
+from flexemr.embedding_server.server import EmbeddingServer
+from flexemr.embedding_server.store import ShardStore
+from flexemr.model.weights import build_dense
+from flexemr.ranker.ranker import Ranker
+from flexemr.transport.tcp import TcpTransport
+
+log = logging.getLogger(__name__)
+
+
+def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True) -> EmbeddingServer:
+    if not 0 <= index < len(spec.embedding_servers):
+        raise ValueError(f"--index {index} is not a server of this spec (0..{len(spec.embedding_servers) - 1})")
+    torch_threads(1)
+    store = ShardStore(spec.sharding, index, spec.model.load(), progress=progress)
+    return EmbeddingServer(store, spec.embedding_servers[index])
+
+
+def build_ranker(spec: ClusterSpec, connect_timeout_s: float = 60.0) -> Ranker:
+    source = spec.model.load()
+    plan = spec.sharding
+    transport = TcpTransport(
+        spec.embedding_servers, [plan.server_rows(s) for s in range(plan.num_servers)], plan.dim
+    )
+    transport.start(timeout=connect_timeout_s)
+    return Ranker(source.spec, plan, build_dense(source), transport, spec.ranker)
+
+
+def torch_threads(n: int) -> None:
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _raise_system_exit(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
+class HttpServer:
+    """uvicorn on a socket we bind ourselves, so port 0 works and the real port is known at once."""
+
+    def __init__(self, ranker: Ranker, host: str, port: int) -> None:
+        self.socket = socket.create_server((host, port), backlog=1024)
+        self.host = host
+        self.port = self.socket.getsockname()[1]
+        app = create_app(ranker, ranker.config.model_name)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
+        self.server = uvicorn.Server(config)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def run(self) -> None:
+        """Serve in this thread until SIGINT/SIGTERM (main thread) or `stop()`.
+
+        uvicorn re-raises the signal that stopped it once it has shut down; SIGTERM then turns into
+        SystemExit here, so the caller's cleanup (stopping child processes) still runs."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, _raise_system_exit)
+        try:
+            self.server.run(sockets=[self.socket])
+        except (KeyboardInterrupt, SystemExit):
+            pass
+
+    def start_in_thread(self) -> None:
+        self._thread = threading.Thread(target=self.run, daemon=True, name="http")
+        self._thread.start()
+        self.wait_started()
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise TimeoutError("HTTP server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+        self.socket.close()

@@ -1,0 +1,176 @@
+"""The binary frame format between rankers and embedding servers.
+
+    header (24 bytes, little-endian)
+    +-------+---------+------+-------+------------+-------------+------------+
+    | magic | version | type | flags | request id | buffer count| body bytes |
+    | 4s    | u8      | u8   | u16   | u64        | u32         | u32        |
+    +-------+---------+------+-------+------------+-------------+------------+
+    then one 12-byte descriptor per buffer: dtype u8, ndim u8, pad u16, dim0 u32, dim1 u32
+    then the buffers' bytes, back to back, in descriptor order.
+
+Arrays go out from their own memory (`sendmsg` over a list of memoryviews) and come in with
+`recv_into` straight into arrays allocated for them, after every header field and descriptor has
+been checked against `FrameLimits`. A frame that breaks a rule raises `ProtocolError`; the receiver
+closes that connection and keeps serving its others.
+"""
+
+from __future__ import annotations
+
+import enum
+import socket
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+MAGIC = b"FXEM"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHQII")
+DESCRIPTOR = struct.Struct("<BBxxII")
+
+
+class MessageType(enum.IntEnum):
+    HELLO = 1
+    """ranker -> server: who are you? answered by HELLO with the server's facts as JSON bytes."""
+    LOOKUP = 2
+    """ranker -> server: [rows int64 (n), bag offsets int64 (bags), optional weights float32 (n)]."""
+    RESULT = 3
+    """server -> ranker: [values float32 (bags or n, dim)]."""
+    ERROR = 4
+    """server -> ranker: [utf-8 message uint8]; the request failed, the connection lives on."""
+    PING = 5
+    PONG = 6
+    CREDIT = 7
+    """ranker -> server on the control channel: [grants int64]."""
+
+
+class Flags(enum.IntFlag):
+    NONE = 0
+    RAW = 1
+    """LOOKUP: return the rows themselves, not per-bag partial sums."""
+    WEIGHTED = 2
+    """LOOKUP: a third buffer holds per-index weights."""
+
+
+_DTYPES: dict[int, np.dtype[np.generic]] = {
+    1: np.dtype(np.int64),
+    2: np.dtype(np.int32),
+    3: np.dtype(np.float32),
+    4: np.dtype(np.uint8),
+    5: np.dtype(np.float16),
+}
+_CODES = {dtype: code for code, dtype in _DTYPES.items()}
+
+
+class ProtocolError(Exception):
+    """A frame broke the format or a limit; the connection it came on must be closed."""
+
+
+class ConnectionClosed(ConnectionError):
+    """The peer closed the connection (between frames, or in the middle of one)."""
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    max_buffers: int = 8
+    max_frame_bytes: int = 512 * 2**20
+    max_dim: int = 2**31 - 1
+
+
+@dataclass
+class Frame:
+    type: MessageType
+    request_id: int
+    flags: int
+    buffers: list[np.ndarray]
+
+
+def encode(
+    msg_type: MessageType, request_id: int, buffers: Sequence[np.ndarray], flags: int = 0
+) -> list[memoryview]:
+    """The frame as a list of views for `sendmsg`; array data is not copied."""
+    parts: list[memoryview] = []
+    descriptors = bytearray()
+    body = 0
+    for array in buffers:
+        if array.ndim not in (1, 2) or array.dtype not in _CODES:
+            raise ValueError(f"cannot frame an array of shape {array.shape} and dtype {array.dtype}")
+        array = np.ascontiguousarray(array)
+        shape = (*array.shape, 0) if array.ndim == 1 else array.shape
+        descriptors += DESCRIPTOR.pack(_CODES[array.dtype], array.ndim, shape[0], shape[1])
+        parts.append(memoryview(array).cast("B"))
+        body += array.nbytes
+    header = HEADER.pack(MAGIC, VERSION, msg_type, flags, request_id, len(buffers), body)
+    return [memoryview(header + descriptors), *parts]
+
+
+def send_frame(sock: socket.socket, views: list[memoryview]) -> None:
+    """Send all views, resuming after partial sends (large frames outgrow the socket buffer)."""
+    views = [v for v in views if v.nbytes]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= views[0].nbytes:
+            sent -= views[0].nbytes
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < view.nbytes:
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionClosed("connection closed by peer")
+        got += n
+
+
+def recv_frame(sock: socket.socket, limits: FrameLimits) -> Frame:
+    """Read one frame, validating everything before allocating the buffers it declares."""
+    header = bytearray(HEADER.size)
+    _recv_exact(sock, memoryview(header))
+    magic, version, msg_type, flags, request_id, count, body = HEADER.unpack(header)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version}, this side speaks {VERSION}")
+    try:
+        kind = MessageType(msg_type)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {msg_type}") from None
+    if count > limits.max_buffers:
+        raise ProtocolError(f"{count} buffers exceeds the limit of {limits.max_buffers}")
+    if body > limits.max_frame_bytes:
+        raise ProtocolError(f"body of {body} bytes exceeds the limit of {limits.max_frame_bytes}")
+    raw = bytearray(DESCRIPTOR.size * count)
+    _recv_exact(sock, memoryview(raw))
+    shapes = []
+    declared = 0
+    for i in range(count):
+        code, ndim, dim0, dim1 = DESCRIPTOR.unpack_from(raw, i * DESCRIPTOR.size)
+        if code not in _DTYPES:
+            raise ProtocolError(f"buffer {i}: unknown dtype code {code}")
+        if ndim not in (1, 2) or (ndim == 1 and dim1 != 0):
+            raise ProtocolError(f"buffer {i}: bad shape, ndim={ndim} dims=({dim0}, {dim1})")
+        if max(dim0, dim1) > limits.max_dim:
+            raise ProtocolError(f"buffer {i}: dimension over the limit of {limits.max_dim}")
+        shape = (dim0,) if ndim == 1 else (dim0, dim1)
+        declared += int(np.prod(shape)) * _DTYPES[code].itemsize
+        shapes.append((_DTYPES[code], shape))
+    if declared != body:
+        raise ProtocolError(f"buffers declare {declared} bytes but the header says {body}")
+    buffers = []
+    for dtype, shape in shapes:
+        array = np.empty(shape, dtype=dtype)
+        _recv_exact(sock, memoryview(array).cast("B"))
+        buffers.append(array)
+    return Frame(kind, request_id, flags, buffers)
+
+
+def error_frame(request_id: int, message: str) -> list[memoryview]:
+    return encode(MessageType.ERROR, request_id, [np.frombuffer(message.encode(), dtype=np.uint8)])
+
+
+def error_text(frame: Frame) -> str:
+    return frame.buffers[0].tobytes().decode(errors="replace") if frame.buffers else "unknown error"

@@ -1,0 +1,57 @@
+"""The ranker's view of the network: submit a subrequest to a server, get a future of its answer.
+
+Anything that moves subrequests (the simple TCP client, the multi-threaded I/O engine, later a
+UCX/RDMA backend) implements `LookupTransport`; the ranker needs nothing else.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class LookupRequest:
+    rows: np.ndarray
+    """int64 [n]: server-local rows, grouped by bag."""
+    offsets: np.ndarray
+    """int64 [bags]: where each bag starts in `rows`."""
+    raw: bool = False
+    """Ask for the rows themselves instead of per-bag partial sums."""
+    weights: np.ndarray | None = None
+    """float32 [n]: optional per-index weights (partial mode only)."""
+
+    def expected_shape(self, dim: int) -> tuple[int, int]:
+        return (self.rows.size if self.raw else self.offsets.size, dim)
+
+
+class ServerUnavailable(ConnectionError):
+    """An embedding server cannot be reached, or went away with the request in flight."""
+
+    def __init__(self, server: int, endpoint: str, reason: str) -> None:
+        super().__init__(f"embedding server {server} at {endpoint} is unavailable: {reason}")
+        self.server = server
+
+
+class LookupFailed(RuntimeError):
+    """An embedding server answered a subrequest with an error, or with a malformed result."""
+
+
+class LookupTransport(Protocol):
+    def submit(self, server: int, request: LookupRequest) -> Future[np.ndarray]:
+        """Send `request` to `server`; the future resolves to float32 [bags or rows, dim], or fails
+        with `ServerUnavailable` or `LookupFailed`. Never blocks on the network for long."""
+        ...
+
+    def connected(self) -> list[bool]:
+        """Per server: is a connection up right now?"""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for observability (requests, bytes, failures...)."""
+        ...
+
+    def close(self) -> None: ...
