@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from flexemr.model.presets import preset
+from flexemr.sharding.plan import Shard, ShardingPlan, make_plan, row_wise, table_wise
+from flexemr.sharding.router import RangeRouter
+
+
+@pytest.mark.parametrize("strategy", ["table", "row"])
+@pytest.mark.parametrize("servers", [1, 2, 3, 4])
+def test_plans_cover_every_row_once_and_round_trip(strategy: str, servers: int) -> None:
+    spec = preset("tiny")
+    plan = make_plan(strategy, spec.table_rows, spec.dim, servers)  # type: ignore[arg-type]
+    assert ShardingPlan.from_dict(json.loads(plan.to_json())) == plan
+    for t, rows in enumerate(spec.table_rows):
+        assert sum(s.rows for s in plan.shards if s.table == t) == rows
+    assert sum(plan.server_rows(s) for s in range(servers)) == sum(spec.table_rows)
+
+
+def test_row_wise_balances_bytes() -> None:
+    plan = row_wise((1000, 3000, 500), 16, 4)
+    sizes = plan.server_bytes()
+    assert max(sizes) - min(sizes) <= 3 * 16 * 4  # at most one row per table apart
+
+
+def test_table_wise_keeps_tables_whole() -> None:
+    plan = table_wise((1000, 3000, 500, 200), 16, 2)
+    assert all(s.row_start == 0 for s in plan.shards)
+    assert len(plan.shards) == 4
+
+
+def test_plan_rejects_gaps_and_overlaps() -> None:
+    with pytest.raises(ValueError, match=r"rows \[5, 10\) are on no server"):
+        ShardingPlan(1, (10,), 4, (Shard(0, 0, 5, 0),))
+    with pytest.raises(ValueError, match="on 2 server"):
+        ShardingPlan(2, (10,), 4, (Shard(0, 0, 10, 0), Shard(0, 5, 10, 1)))
+
+
+def test_router_sends_every_index_to_the_server_holding_it() -> None:
+    spec = preset("tiny")
+    plan = row_wise(spec.table_rows, spec.dim, 3)
+    router = RangeRouter(plan)
+    rng = np.random.default_rng(0)
+    tables = np.sort(rng.integers(0, spec.num_tables, 500))
+    rows = np.array([rng.integers(0, spec.table_rows[t]) for t in tables], dtype=np.int64)
+    bag_ids = tables * 7 + rng.integers(0, 7, 500)
+    order = np.argsort(bag_ids, kind="stable")
+    tables, rows, bag_ids = tables[order], rows[order], bag_ids[order]
+    subs = router.route(router.keys(rows, tables), bag_ids)
+    seen = 0
+    for sub in subs:
+        shards = plan.shards_of(sub.server)
+        owners = {(s.table, r): s.local_start + r - s.row_start for s in shards for r in range(s.row_start, s.row_end)}
+        picked = np.isin(np.arange(len(rows)), np.flatnonzero([owners.get((t, r)) is not None for t, r in zip(tables, rows, strict=True)]))
+        expected_local = [owners[(t, r)] for t, r in zip(tables[picked], rows[picked], strict=True)]
+        assert sub.rows.tolist() == expected_local
+        assert sub.row_bags().tolist() == bag_ids[picked].tolist()
+        assert np.all(np.diff(sub.bags) > 0)
+        seen += sub.rows.size
+    assert seen == len(rows)
+
+
+def test_router_skips_servers_with_nothing_to_do() -> None:
+    plan = table_wise((100, 100), 4, 2)
+    router = RangeRouter(plan)
+    table_of_server0 = next(s.table for s in plan.shards if s.server == 0)
+    tables = np.full(5, table_of_server0)
+    subs = router.route(router.keys(np.arange(5, dtype=np.int64), tables), np.arange(5, dtype=np.int64))
+    assert [s.server for s in subs] == [0]
