@@ -44,7 +44,11 @@ class ServeProcess:
 def start_serve(*args: str, timeout: float = 90.0) -> ServeProcess:
     command = [sys.executable, "-m", "flexemr.cli.main", "serve", "--port", "0", *args]
     proc = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     output: list[str] = []
     ready = threading.Event()

@@ -26,5 +26,7 @@ def random_batch(
 
 def reference_scores(model: DLRM, dense: np.ndarray, indices: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     with torch.no_grad():
-        out = model.forward_sparse(torch.from_numpy(dense), torch.from_numpy(indices), torch.from_numpy(lengths))
+        out = model.forward_sparse(
+            torch.from_numpy(dense), torch.from_numpy(indices), torch.from_numpy(lengths)
+        )
     return out.numpy()

@@ -48,11 +48,15 @@ def test_scores_equal_monolithic(servers: ClusterSpec, lookup: str) -> None:
             for seed, batch in enumerate([1, 5, 64]):
                 dense, indices, lengths = random_batch(source.spec(), batch, seed)
                 got = ranker.score(dense, indices, lengths)
-                np.testing.assert_allclose(got, reference_scores(monolithic, dense, indices, lengths), atol=1e-5)
+                np.testing.assert_allclose(
+                    got, reference_scores(monolithic, dense, indices, lengths), atol=1e-5
+                )
             # every bag empty, and one table only (servers holding nothing for the batch)
             for empty in [(0, 1, 2, 3), (1, 2, 3)]:
                 dense, indices, lengths = random_batch(source.spec(), 3, 11, empty_tables=empty)
                 got = ranker.score(dense, indices, lengths)
-                np.testing.assert_allclose(got, reference_scores(monolithic, dense, indices, lengths), atol=1e-5)
+                np.testing.assert_allclose(
+                    got, reference_scores(monolithic, dense, indices, lengths), atol=1e-5
+                )
         finally:
             ranker.transport.close()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -70,7 +70,11 @@ def test_json_infer_matches_monolithic(client: httpx.Client) -> None:
 
 def test_binary_infer_matches_json(client: httpx.Client) -> None:
     dense, indices, lengths = random_batch(SPEC, 8, seed=2)
-    arrays = [("dense_features", "FP32", dense), ("sparse_indices", "INT64", indices), ("sparse_lengths", "INT32", lengths)]
+    arrays = [
+        ("dense_features", "FP32", dense),
+        ("sparse_indices", "INT64", indices),
+        ("sparse_lengths", "INT32", lengths),
+    ]
     header = {
         "inputs": [
             {"name": n, "datatype": d, "shape": list(a.shape), "parameters": {"binary_data_size": a.nbytes}}
@@ -90,7 +94,7 @@ def test_binary_infer_matches_json(client: httpx.Client) -> None:
     scores = np.frombuffer(response.content[split:], dtype="<f4")
     expected = client.post("/v2/models/dlrm/infer", json=infer_body(dense, indices, lengths)).json()
     np.testing.assert_allclose(scores, expected["outputs"][0]["data"], atol=1e-6)
-    assert len(scores) == 8 and struct.calcsize("<f") == 4
+    assert len(scores) == 8
 
 
 def _bad_requests() -> list[tuple[str, Callable[[], Any], str]]:
@@ -104,19 +108,51 @@ def _bad_requests() -> list[tuple[str, Callable[[], Any], str]]:
     negative[1] = -3
     long_lengths = np.ones(SPEC.num_tables * 2 + 1, dtype=np.int32)
     return [
-        ("out of range", lambda: infer_body(dense, out_of_range, lengths), f"sparse_indices[4] = {SPEC.table_rows[2]}"),
+        (
+            "out of range",
+            lambda: infer_body(dense, out_of_range, lengths),
+            f"sparse_indices[4] = {SPEC.table_rows[2]}",
+        ),
         ("negative", lambda: infer_body(dense, negative, lengths), "sparse_indices[1] = -3"),
         ("lengths sum", lambda: infer_body(dense, indices[:-1], lengths), "sum to 8"),
-        ("lengths count", lambda: infer_body(dense, np.zeros(9, np.int64), long_lengths), "sparse_lengths must have"),
-        ("dense width", lambda: infer_body(np.zeros((2, 3)), indices, lengths), "dense_features must have shape"),
+        (
+            "lengths count",
+            lambda: infer_body(dense, np.zeros(9, np.int64), long_lengths),
+            "sparse_lengths must have",
+        ),
+        (
+            "dense width",
+            lambda: infer_body(np.zeros((2, 3)), indices, lengths),
+            "dense_features must have shape",
+        ),
         ("batch zero", lambda: infer_body(np.zeros((0, 4)), [], []), "batch size 0"),
-        ("batch too big", lambda: infer_body(np.zeros((65, 4)), np.zeros(260, np.int64), np.ones(260, np.int32)), "exceeds the maximum of 64"),
-        ("float indices", lambda: {**infer_body(dense, indices, lengths), "inputs": [
-            infer_body(dense, indices, lengths)["inputs"][0],
-            {"name": "sparse_indices", "datatype": "INT64", "shape": [8], "data": [0.5] * 8},
-            infer_body(dense, indices, lengths)["inputs"][2]]}, "must hold INT64"),
-        ("wrong datatype", lambda: {"inputs": [{**infer_body(dense, indices, lengths)["inputs"][0], "datatype": "INT32"}]}, "must have datatype FP32"),
-        ("missing input", lambda: {"inputs": infer_body(dense, indices, lengths)["inputs"][:2]}, "missing input"),
+        (
+            "batch too big",
+            lambda: infer_body(np.zeros((65, 4)), np.zeros(260, np.int64), np.ones(260, np.int32)),
+            "exceeds the maximum of 64",
+        ),
+        (
+            "float indices",
+            lambda: {
+                **infer_body(dense, indices, lengths),
+                "inputs": [
+                    infer_body(dense, indices, lengths)["inputs"][0],
+                    {"name": "sparse_indices", "datatype": "INT64", "shape": [8], "data": [0.5] * 8},
+                    infer_body(dense, indices, lengths)["inputs"][2],
+                ],
+            },
+            "must hold INT64",
+        ),
+        (
+            "wrong datatype",
+            lambda: {"inputs": [{**infer_body(dense, indices, lengths)["inputs"][0], "datatype": "INT32"}]},
+            "must have datatype FP32",
+        ),
+        (
+            "missing input",
+            lambda: {"inputs": infer_body(dense, indices, lengths)["inputs"][:2]},
+            "missing input",
+        ),
     ]
 
 
@@ -164,4 +200,6 @@ def test_serve_stops_all_children_on_sigterm(serve: Callable[..., ServeProcess])
     server.stop()
     assert server.proc.returncode == 0
     for pid in children:
-        assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
+        assert (
+            not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        )

@@ -54,8 +54,15 @@ def test_router_sends_every_index_to_the_server_holding_it() -> None:
     seen = 0
     for sub in subs:
         shards = plan.shards_of(sub.server)
-        owners = {(s.table, r): s.local_start + r - s.row_start for s in shards for r in range(s.row_start, s.row_end)}
-        picked = np.isin(np.arange(len(rows)), np.flatnonzero([owners.get((t, r)) is not None for t, r in zip(tables, rows, strict=True)]))
+        owners = {
+            (s.table, r): s.local_start + r - s.row_start
+            for s in shards
+            for r in range(s.row_start, s.row_end)
+        }
+        picked = np.isin(
+            np.arange(len(rows)),
+            np.flatnonzero([owners.get((t, r)) is not None for t, r in zip(tables, rows, strict=True)]),
+        )
         expected_local = [owners[(t, r)] for t, r in zip(tables[picked], rows[picked], strict=True)]
         assert sub.rows.tolist() == expected_local
         assert sub.row_bags().tolist() == bag_ids[picked].tolist()

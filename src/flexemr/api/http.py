@@ -104,9 +104,13 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
     def _infer(body: bytes, header_length: str | None) -> Response:
         parsed = parse_infer_request(body, header_length, inputs)
         scores = ranker.score(
-            parsed.tensors["dense_features"], parsed.tensors["sparse_indices"], parsed.tensors["sparse_lengths"]
+            parsed.tensors["dense_features"],
+            parsed.tensors["sparse_indices"],
+            parsed.tensors["sparse_lengths"],
         )
-        content, headers = encode_infer_response(model_name, parsed.id, "scores", scores, parsed.binary_output)
+        content, headers = encode_infer_response(
+            model_name, parsed.id, "scores", scores, parsed.binary_output
+        )
         return Response(content, headers=headers)
 
     return app

@@ -57,7 +57,9 @@ def _decode_tensor(entry: Any, binary: memoryview, pos: int, expected: TensorSpe
     size = (entry.get("parameters") or {}).get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size != count * dtype.itemsize:
-            raise InvalidRequest(f"input {name}: binary_data_size {size!r} != {count} x {dtype.itemsize} bytes")
+            raise InvalidRequest(
+                f"input {name}: binary_data_size {size!r} != {count} x {dtype.itemsize} bytes"
+            )
         if pos + size > binary.nbytes:
             raise InvalidRequest(f"input {name}: the body holds fewer binary bytes than declared")
         array = np.frombuffer(binary[pos : pos + size], dtype=dtype).astype(dtype.newbyteorder("="))
@@ -75,8 +77,10 @@ def _decode_tensor(entry: Any, binary: memoryview, pos: int, expected: TensorSpe
         raise InvalidRequest(f"input {name}: data must hold {datatype} numbers, got {values.dtype} values")
     if values.size != count:
         raise InvalidRequest(f"input {name}: shape {shape} needs {count} values, data has {values.size}")
-    if dtype.kind == "i" and values.size and (
-        values.min() < np.iinfo(dtype).min or values.max() > np.iinfo(dtype).max
+    if (
+        dtype.kind == "i"
+        and values.size
+        and (values.min() < np.iinfo(dtype).min or values.max() > np.iinfo(dtype).max)
     ):
         raise InvalidRequest(f"input {name}: a value does not fit {datatype}")
     return values.astype(dtype.newbyteorder("=")).reshape(shape), pos
@@ -89,7 +93,9 @@ def parse_infer_request(body: bytes, header_length: str | None, inputs: list[Ten
         except ValueError:
             raise InvalidRequest(f"bad Inference-Header-Content-Length {header_length!r}") from None
         if not 0 < split <= len(body):
-            raise InvalidRequest(f"Inference-Header-Content-Length {split} outside the body's {len(body)} bytes")
+            raise InvalidRequest(
+                f"Inference-Header-Content-Length {split} outside the body's {len(body)} bytes"
+            )
     else:
         split = len(body)
     try:

@@ -22,12 +22,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _exit_on_stdin_eof() -> None:
-    sys.stdin.buffer.read()
+    while os.read(0, 4096):  # unbuffered: a buffered reader would block interpreter shutdown
+        pass
     os._exit(0)
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s server {args.index} %(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format=f"%(asctime)s server {args.index} %(levelname)s: %(message)s"
+    )
     if args.watch_stdin:
         threading.Thread(target=_exit_on_stdin_eof, daemon=True).start()
     try:

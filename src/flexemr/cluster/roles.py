@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True) -> EmbeddingServer:
     if not 0 <= index < len(spec.embedding_servers):
-        raise ValueError(f"--index {index} is not a server of this spec (0..{len(spec.embedding_servers) - 1})")
+        raise ValueError(
+            f"--index {index} is not a server of this spec (0..{len(spec.embedding_servers) - 1})"
+        )
     torch_threads(1)
     store = ShardStore(spec.sharding, index, spec.model.load(), progress=progress)
     return EmbeddingServer(store, spec.embedding_servers[index])

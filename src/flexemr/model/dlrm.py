@@ -35,6 +35,9 @@ def _lower_triangle(n: int, itself: bool) -> tuple[Tensor, Tensor]:
 class DenseArch(nn.Module):
     """Bottom MLP -> interaction with the pooled embeddings -> top MLP -> click probability."""
 
+    _li: Tensor
+    _lj: Tensor
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
@@ -61,6 +64,8 @@ class DenseArch(nn.Module):
 class DLRM(DenseArch):
     """The monolithic model: the dense part plus every table, all in one process."""
 
+    emb_l: nn.ModuleList
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
         self.emb_l = nn.ModuleList(
@@ -72,18 +77,13 @@ class DLRM(DenseArch):
         per_table = lengths.view(self.spec.num_tables, batch_size).to(torch.long)
         rows_per_table = per_table.sum(dim=1).tolist()
         outputs = []
-        for table, bag, lens in zip(self.emb_l, indices.split(rows_per_table), per_table, strict=True):
+        for table, bag, lens in zip(self.emb_l, torch.split(indices, rows_per_table), per_table, strict=True):
             offsets = torch.cumsum(lens, 0) - lens
-            outputs.append(bag_forward(table, bag, offsets))
+            outputs.append(table(bag, offsets))
         return torch.stack(outputs, dim=1)
 
     def forward_sparse(self, dense: Tensor, indices: Tensor, lengths: Tensor) -> Tensor:
         return self.forward(dense, self.pool(indices, lengths, dense.shape[0]))
-
-
-def bag_forward(table: nn.EmbeddingBag, indices: Tensor, offsets: Tensor) -> Tensor:
-    out: Tensor = table(indices, offsets)
-    return out
 
 
 def init_dense(model: nn.Module, seed: int) -> None:

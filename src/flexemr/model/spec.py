@@ -97,7 +97,8 @@ class ModelSpec:
         if unknown:
             raise ValueError(f"unknown model spec fields: {sorted(unknown)}")
         tuples = {"table_rows", "bottom_mlp", "top_mlp", "pooling_factors"}
-        return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+        values: dict[str, Any] = {k: tuple(v) if k in tuples else v for k, v in data.items()}
+        return cls(**values)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict())

@@ -136,6 +136,7 @@ def build_monolithic(source: WeightSource) -> DLRM:
     model.load_state_dict(source.dense_state(), strict=False)
     with torch.no_grad():
         for t, bag in enumerate(model.emb_l):
+            assert isinstance(bag, torch.nn.EmbeddingBag)
             source.fill_rows(t, 0, bag.weight.numpy())
     return model.eval()
 

@@ -99,7 +99,7 @@ def encode(
         array = np.ascontiguousarray(array)
         shape = (*array.shape, 0) if array.ndim == 1 else array.shape
         descriptors += DESCRIPTOR.pack(_CODES[array.dtype], array.ndim, shape[0], shape[1])
-        parts.append(memoryview(array).cast("B"))
+        parts.append(array.data.cast("B"))
         body += array.nbytes
     header = HEADER.pack(MAGIC, VERSION, msg_type, flags, request_id, len(buffers), body)
     return [memoryview(header + descriptors), *parts]
@@ -163,7 +163,7 @@ def recv_frame(sock: socket.socket, limits: FrameLimits) -> Frame:
     buffers = []
     for dtype, shape in shapes:
         array = np.empty(shape, dtype=dtype)
-        _recv_exact(sock, memoryview(array).cast("B"))
+        _recv_exact(sock, array.data.cast("B"))
         buffers.append(array)
     return Frame(kind, request_id, flags, buffers)
 

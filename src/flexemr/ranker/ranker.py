@@ -63,7 +63,8 @@ class Ranker:
             scores = self.dense(torch.from_numpy(batch.dense).to(self.device), pooled.to(self.device))
         self.requests += 1
         self.samples += batch.batch_size
-        return scores.float().cpu().numpy()
+        result: np.ndarray = scores.float().cpu().numpy()
+        return result
 
     def pool(self, batch: SparseBatch) -> torch.Tensor:
         """Pooled embeddings [B, T, D], gathered from every server that holds rows of the batch."""

@@ -137,7 +137,7 @@ def table_wise(table_rows: tuple[int, ...], dim: int, num_servers: int) -> Shard
 def row_wise(table_rows: tuple[int, ...], dim: int, num_servers: int) -> ShardingPlan:
     """Every table cut into `num_servers` contiguous, near-equal row ranges (equal bytes, since all
     rows have one size), so each server holds the same share of every table and of its traffic."""
-    shards = []
+    shards: list[Shard] = []
     for t, rows in enumerate(table_rows):
         cuts = np.linspace(0, rows, num_servers + 1).round().astype(np.int64)
         shards.extend(

@@ -32,7 +32,8 @@ class Subrequest:
     def row_bags(self) -> np.ndarray:
         """The bag id of every row (for pooling raw rows on the ranker)."""
         sizes = np.diff(self.offsets, append=self.rows.size)
-        return np.repeat(self.bags, sizes)
+        bags: np.ndarray = np.repeat(self.bags, sizes)
+        return bags
 
 
 class RangeRouter:
@@ -49,7 +50,8 @@ class RangeRouter:
 
     def keys(self, indices: np.ndarray, tables: np.ndarray) -> np.ndarray:
         """Global row keys of (table, row) pairs; they also key the ranker's cache."""
-        return self.table_base[tables] + indices
+        keys: np.ndarray = self.table_base[tables] + indices
+        return keys
 
     def route(self, keys: np.ndarray, bag_ids: np.ndarray) -> list[Subrequest]:
         """Split a batch (keys in bag order, with each key's bag id) into one subrequest per server
