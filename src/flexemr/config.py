@@ -96,6 +96,8 @@ class RankerConfig:
     """A lookup that has not completed by then fails the request (HTTP 503)."""
     device: str = "auto"
     """Where the dense model runs: `auto` picks `cuda` when available, else `cpu`."""
+    batch_window_ms: float = 0.0
+    """Dynamic batching: merge requests arriving within this window, up to `max_batch`; 0 = off."""
 
     def __post_init__(self) -> None:
         if self.lookup not in ("partial", "raw"):

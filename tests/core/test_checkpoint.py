@@ -80,7 +80,7 @@ def test_reference_checkpoint_serves_formula_scores(tmp_path: Path, itself: bool
         try:
             np.testing.assert_allclose(ranker.score(dense, indices, lengths), expected, atol=1e-5)
         finally:
-            ranker.transport.close()
+            ranker.close()
 
 
 def test_checkpoint_with_wrong_interaction_flag_is_explained(tmp_path: Path) -> None:

@@ -59,4 +59,4 @@ def test_scores_equal_monolithic(servers: ClusterSpec, lookup: str) -> None:
                     got, reference_scores(monolithic, dense, indices, lengths), atol=1e-5
                 )
         finally:
-            ranker.transport.close()
+            ranker.close()

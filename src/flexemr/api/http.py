@@ -12,10 +12,13 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from flexemr.api.kserve import HEADER_LENGTH, TensorSpec, encode_infer_response, parse_infer_request
+from flexemr.api.metrics import RequestMetrics
 from flexemr.ranker.batch import InvalidRequest
+from flexemr.ranker.batcher import Overloaded
 from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupFailed, ServerUnavailable
 
@@ -36,6 +39,12 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
         TensorSpec("sparse_lengths", "INT32", (-1,)),
     ]
     app = FastAPI(title="flexemr", description="DLRM serving over the KServe v2 protocol")
+    metrics = RequestMetrics(ranker)
+
+    def failure(status: int, kind: str, message: str) -> JSONResponse:
+        metrics.requests.labels(str(status)).inc()
+        metrics.errors.labels(kind).inc()
+        return _error(status, message)
 
     def metadata() -> dict[str, Any]:
         return {
@@ -70,44 +79,53 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
     @app.get("/v2/models/{name}", response_model=None)
     def model_metadata(name: str) -> JSONResponse | dict[str, Any]:
         if name != model_name:
-            return _error(400, f"unknown model {name!r}; this server serves {model_name!r}")
+            return failure(400, "unknown_model", f"unknown model {name!r}; this server serves {model_name!r}")
         return metadata()
 
     @app.get("/v2/models/{name}/ready", response_model=None)
     def model_ready(name: str) -> JSONResponse | dict[str, Any]:
         if name != model_name:
-            return _error(400, f"unknown model {name!r}; this server serves {model_name!r}")
+            return failure(400, "unknown_model", f"unknown model {name!r}; this server serves {model_name!r}")
         return ready()
 
     @app.get("/v2/stats")
     def stats() -> dict[str, Any]:
         return ranker.stats()
 
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, request: Request) -> Response:
         if name != model_name:
-            return _error(400, f"unknown model {name!r}; this server serves {model_name!r}")
+            return failure(400, "unknown_model", f"unknown model {name!r}; this server serves {model_name!r}")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return _error(413, f"request body of {declared} bytes exceeds {MAX_BODY_BYTES}")
+            return failure(413, "too_large", f"request body of {declared} bytes exceeds {MAX_BODY_BYTES}")
         body = await request.body()
         try:
-            return await run_in_threadpool(_infer, body, request.headers.get(HEADER_LENGTH))
+            with metrics.latency.time():
+                response = await run_in_threadpool(_infer, body, request.headers.get(HEADER_LENGTH))
         except InvalidRequest as exc:
-            return _error(400, str(exc))
-        except (ServerUnavailable, LookupFailed) as exc:
-            return _error(503, f"lookup failed, nothing was scored: {exc}")
+            return failure(400, "invalid_input", str(exc))
+        except Overloaded as exc:
+            return failure(503, "overloaded", str(exc))
+        except ServerUnavailable as exc:
+            return failure(503, "server_unavailable", f"lookup failed, nothing was scored: {exc}")
+        except LookupFailed as exc:
+            return failure(503, "lookup_failed", f"lookup failed, nothing was scored: {exc}")
         except Exception:
             log.exception("inference failed")
-            return _error(500, "internal error; see the ranker's log")
+            return failure(500, "internal", "internal error; see the ranker's log")
+        metrics.requests.labels("200").inc()
+        return response
 
     def _infer(body: bytes, header_length: str | None) -> Response:
         parsed = parse_infer_request(body, header_length, inputs)
-        scores = ranker.score(
-            parsed.tensors["dense_features"],
-            parsed.tensors["sparse_indices"],
-            parsed.tensors["sparse_lengths"],
-        )
+        dense = parsed.tensors["dense_features"]
+        scores = ranker.score(dense, parsed.tensors["sparse_indices"], parsed.tensors["sparse_lengths"])
+        metrics.batch_size.observe(dense.shape[0])
         content, headers = encode_infer_response(
             model_name, parsed.id, "scores", scores, parsed.binary_output
         )

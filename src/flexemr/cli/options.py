@@ -32,6 +32,9 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-name", default="dlrm")
     parser.add_argument("--max-batch", type=int, default=RankerConfig.max_batch)
     parser.add_argument("--device", default="auto", help="dense model device: auto, cpu, cuda, cuda:1")
+    parser.add_argument(
+        "--batch-window-ms", type=float, default=0.0, help="dynamic batching window (0: off)"
+    )
 
 
 def model_source(args: argparse.Namespace) -> ModelSource:
@@ -64,6 +67,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         lookup=args.lookup,
         max_batch=args.max_batch,
         device=args.device,
+        batch_window_ms=args.batch_window_ms,
     )
     endpoints = tuple(Endpoint(args.host, 0) for _ in range(plan.num_servers))
     return ClusterSpec(model=source, sharding=plan, embedding_servers=endpoints, ranker=ranker)

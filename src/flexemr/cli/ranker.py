@@ -27,5 +27,5 @@ def run(args: argparse.Namespace) -> int:
     http = HttpServer(ranker, spec.ranker.host, spec.ranker.port)
     print(f"flexemr ranker ready: {http.url} model={spec.ranker.model_name}", flush=True)
     http.run()
-    ranker.transport.close()
+    ranker.close()
     return 0

@@ -49,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
         threading.Thread(target=announce, daemon=True).start()
         http.run()  # returns on SIGINT / SIGTERM
-        ranker.transport.close()
+        ranker.close()
         return 0
     except ClusterStartError as exc:
         print(f"flexemr serve: {exc}", file=sys.stderr)

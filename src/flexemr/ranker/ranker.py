@@ -21,6 +21,7 @@ from flexemr.config import RankerConfig
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
 from flexemr.ranker.batch import SparseBatch, validate_batch
+from flexemr.ranker.batcher import DynamicBatcher
 from flexemr.sharding.plan import ShardingPlan
 from flexemr.sharding.router import RangeRouter
 from flexemr.transport.base import LookupRequest, LookupTransport, ServerUnavailable
@@ -48,16 +49,27 @@ class Ranker:
         self.device = resolve_device(config.device)
         self.dense = dense.to(self.device).eval()
         self.samples = self.requests = 0
+        self.batcher = (
+            DynamicBatcher(self.score_batch, config.max_batch, config.batch_window_ms / 1000)
+            if config.batch_window_ms > 0
+            else None
+        )
 
     def ready(self) -> bool:
         return all(self.transport.connected())
 
     def score(self, dense: np.ndarray, indices: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Click probabilities float32 [B]. Raises `InvalidRequest` for bad input and
-        `ServerUnavailable` / `LookupFailed` when a lookup cannot complete."""
+        `ServerUnavailable` / `LookupFailed` when a lookup cannot complete. With dynamic batching
+        on, the request may be scored together with others that arrive at about the same time."""
         batch = validate_batch(
             self.spec, dense, indices, lengths, self.config.max_batch, self.config.max_indices_per_sample
         )
+        if self.batcher is None:
+            return self.score_batch(batch)
+        return self.batcher.submit(batch).result()
+
+    def score_batch(self, batch: SparseBatch) -> np.ndarray:
         pooled = self.pool(batch)
         with torch.inference_mode():
             scores = self.dense(torch.from_numpy(batch.dense).to(self.device), pooled.to(self.device))
@@ -92,4 +104,19 @@ class Ranker:
         return pooled.view(batch.num_tables, batch.batch_size, self.spec.dim).transpose(0, 1)
 
     def stats(self) -> dict[str, Any]:
-        return {"requests": self.requests, "samples": self.samples, "transport": self.transport.stats()}
+        stats: dict[str, Any] = {
+            "requests": self.requests,
+            "samples": self.samples,
+            "transport": self.transport.stats(),
+        }
+        if self.batcher is not None:
+            stats["batcher"] = {
+                "batches": self.batcher.merged_batches,
+                "requests": self.batcher.merged_requests,
+            }
+        return stats
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
+        self.transport.close()

@@ -1,0 +1,86 @@
+"""Prometheus metrics for the ranker.
+
+Request-path metrics (counts, latency, batch sizes, errors by kind) are recorded as requests
+happen. Everything the components count themselves (per-server bytes, engine queues, credits,
+migrations, cache hits and size) is read from `Ranker.stats()` at scrape time by a collector that
+turns the nested stats into labelled series, so a component only has to count, never to know
+about Prometheus.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from flexemr.ranker.ranker import Ranker
+
+# Leaves whose names end like this only ever grow: exported as counters, the rest as gauges.
+_COUNTER_SUFFIXES = ("requests", "samples", "subrequests", "bytes_sent", "bytes_received", "failures",
+                     "migrations", "credit_waits", "hits", "misses", "evictions", "resizes", "batches",
+                     "rows", "_total")  # fmt: skip
+_LABEL_KEYS = ("server", "thread", "connection", "table")
+
+
+class StatsCollector(Collector):
+    def __init__(self, ranker: Ranker) -> None:
+        self.ranker = ranker
+
+    def collect(self) -> Iterator[Metric]:
+        series: dict[str, tuple[list[str], list[tuple[list[str], float]]]] = {}
+        _flatten(self.ranker.stats(), "flexemr", {}, series)
+        for name, (labels, samples) in sorted(series.items()):
+            counter = name.endswith(_COUNTER_SUFFIXES)
+            family: CounterMetricFamily | GaugeMetricFamily = (
+                CounterMetricFamily(name, name, labels=labels)
+                if counter
+                else GaugeMetricFamily(name, name, labels=labels)
+            )
+            for values, value in samples:
+                family.add_metric(values, value)
+            yield family
+
+
+def _flatten(
+    node: Any,
+    name: str,
+    labels: dict[str, str],
+    out: dict[str, tuple[list[str], list[tuple[list[str], float]]]],
+) -> None:
+    if isinstance(node, bool | int | float):
+        keys = sorted(labels)
+        out.setdefault(name, (keys, []))[1].append(([labels[k] for k in keys], float(node)))
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            if key not in _LABEL_KEYS:
+                _flatten(value, f"{name}_{key}", labels, out)
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            label_key = next((k for k in _LABEL_KEYS if isinstance(item, dict) and k in item), "index")
+            label_value = str(item[label_key]) if isinstance(item, dict) and label_key in item else str(i)
+            _flatten(item, name, {**labels, label_key: label_value}, out)
+
+
+class RequestMetrics:
+    def __init__(self, ranker: Ranker) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "flexemr_http_requests", "Inference requests by outcome", ["status"], registry=self.registry
+        )
+        self.errors = Counter("flexemr_errors", "Failed requests by kind", ["kind"], registry=self.registry)
+        self.latency = Histogram(
+            "flexemr_request_latency_seconds",
+            "Inference latency, from body received to response ready",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5),
+            registry=self.registry,
+        )
+        self.batch_size = Histogram(
+            "flexemr_request_batch_size",
+            "Samples per inference request",
+            buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
+            registry=self.registry,
+        )
+        self.registry.register(StatsCollector(ranker))

@@ -1,0 +1,89 @@
+"""A small Python client for flexemr's KServe v2 endpoint (binary tensors by default).
+
+from flexemr.client import Client
+with Client("http://127.0.0.1:8000") as client:
+    scores = client.infer(dense, indices, lengths)
+"""
+
+from __future__ import annotations
+
+from types import TracebackType
+from typing import Any
+
+import httpx
+import numpy as np
+import orjson
+
+
+class InferenceError(RuntimeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"HTTP {status}: {message}")
+        self.status = status
+
+
+class Client:
+    def __init__(self, url: str, model: str = "dlrm", binary: bool = True, timeout: float = 30.0) -> None:
+        self.model = model
+        self.binary = binary
+        self._http = httpx.Client(base_url=url, timeout=timeout)
+
+    def ready(self) -> bool:
+        return self._http.get("/v2/health/ready").status_code == 200
+
+    def metadata(self) -> dict[str, Any]:
+        response = self._http.get(f"/v2/models/{self.model}")
+        if response.status_code != 200:
+            raise InferenceError(response.status_code, response.json().get("error", response.text))
+        result: dict[str, Any] = response.json()
+        return result
+
+    def infer(self, dense: np.ndarray, indices: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Scores float32 [B] for a batch in the KeyedJaggedTensor layout."""
+        arrays = [
+            ("dense_features", "FP32", np.ascontiguousarray(dense, dtype="<f4")),
+            ("sparse_indices", "INT64", np.ascontiguousarray(indices, dtype="<i8")),
+            ("sparse_lengths", "INT32", np.ascontiguousarray(lengths, dtype="<i4")),
+        ]
+        url = f"/v2/models/{self.model}/infer"
+        if self.binary:
+            header = orjson.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": n,
+                            "datatype": d,
+                            "shape": list(a.shape),
+                            "parameters": {"binary_data_size": a.nbytes},
+                        }
+                        for n, d, a in arrays
+                    ],
+                    "outputs": [{"name": "scores", "parameters": {"binary_data": True}}],
+                }
+            )
+            body = b"".join([header, *(a.tobytes() for _, _, a in arrays)])
+            response = self._http.post(
+                url, content=body, headers={"Inference-Header-Content-Length": str(len(header))}
+            )
+        else:
+            inputs = [
+                {"name": n, "datatype": d, "shape": list(a.shape), "data": a.ravel().tolist()}
+                for n, d, a in arrays
+            ]
+            response = self._http.post(url, content=orjson.dumps({"inputs": inputs}))
+        if response.status_code != 200:
+            raise InferenceError(response.status_code, response.json().get("error", response.text))
+        split = response.headers.get("inference-header-content-length")
+        if split is not None:
+            return np.frombuffer(response.content[int(split) :], dtype="<f4").astype(np.float32)
+        return np.asarray(response.json()["outputs"][0]["data"], dtype=np.float32)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

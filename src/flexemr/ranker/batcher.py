@@ -1,0 +1,113 @@
+"""Dynamic batching: requests that arrive within a short window are merged into one batch.
+
+Each request is validated on its own first, so a bad one fails alone. Merging keeps the KJT
+layout: the merged batch's table t holds table t's bags of every request, in arrival order.
+
+    request A (B=2): [tA0 | tA1]   request B (B=1): [tB0 | tB1]
+    merged   (B=3): [tA0 tB0 | tA1 tB1]
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+
+from flexemr.ranker.batch import SparseBatch
+
+
+@dataclass
+class _Pending:
+    batch: SparseBatch
+    future: Future[np.ndarray]
+
+
+class Overloaded(RuntimeError):
+    """The batching queue is full; the request is refused rather than queued without bound."""
+
+
+def merge(batches: list[SparseBatch]) -> SparseBatch:
+    tables = batches[0].num_tables
+    per_table = [
+        np.split(b.indices, np.cumsum(b.lengths.reshape(tables, -1).sum(axis=1))[:-1]) for b in batches
+    ]
+    indices = np.concatenate([part[t] for t in range(tables) for part in per_table])
+    lengths = np.concatenate([b.lengths.reshape(tables, -1) for b in batches], axis=1).reshape(-1)
+    dense = np.concatenate([b.dense for b in batches])
+    return SparseBatch(dense, indices, lengths, tables)
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        run_batch: Callable[[SparseBatch], np.ndarray],
+        max_batch: int,
+        window_s: float,
+        workers: int = 2,
+        max_queued: int = 1024,
+    ) -> None:
+        self._run = run_batch
+        self.max_batch = max_batch
+        self.window_s = window_s
+        self._queue: queue.Queue[_Pending | None] = queue.Queue(max_queued)
+        self._workers = [
+            threading.Thread(target=self._work, daemon=True, name=f"batcher-{i}") for i in range(workers)
+        ]
+        for worker in self._workers:
+            worker.start()
+        self.merged_batches = 0
+        self.merged_requests = 0
+
+    def submit(self, batch: SparseBatch) -> Future[np.ndarray]:
+        future: Future[np.ndarray] = Future()
+        try:
+            self._queue.put_nowait(_Pending(batch, future))
+        except queue.Full:
+            raise Overloaded(f"more than {self._queue.maxsize} requests are waiting; retry later") from None
+        return future
+
+    def _collect(self, first: _Pending) -> tuple[list[_Pending], _Pending | None]:
+        """`first` plus whatever arrives within the window and fits; and the request that did not fit."""
+        group = [first]
+        size = first.batch.batch_size
+        deadline = time.monotonic() + self.window_s
+        while size < self.max_batch:
+            try:
+                item = self._queue.get(timeout=max(deadline - time.monotonic(), 0.0))
+            except queue.Empty:
+                break
+            if item is None:
+                self._queue.put(None)  # let the other workers see the stop signal too
+                break
+            if size + item.batch.batch_size > self.max_batch:
+                return group, item  # does not fit: it leads this worker's next batch
+            group.append(item)
+            size += item.batch.batch_size
+        return group, None
+
+    def _work(self) -> None:
+        carry: _Pending | None = None
+        while (first := carry or self._queue.get()) is not None:
+            group, carry = self._collect(first)
+            try:
+                scores = self._run(merge([p.batch for p in group]))
+            except Exception as exc:
+                for pending in group:
+                    pending.future.set_exception(exc)
+                continue
+            self.merged_batches += 1
+            self.merged_requests += len(group)
+            bounds = np.cumsum([p.batch.batch_size for p in group])[:-1]
+            for pending, part in zip(group, np.split(scores, bounds), strict=True):
+                pending.future.set_result(part)
+        self._queue.put(None)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        for worker in self._workers:
+            worker.join(5)

@@ -1,0 +1,66 @@
+"""Dynamic batching merges requests without changing any score."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from flexemr.model.presets import preset
+from flexemr.model.weights import PresetWeights, build_monolithic
+from flexemr.ranker.batch import SparseBatch, validate_batch
+from flexemr.ranker.batcher import DynamicBatcher, merge
+from tests.core.helpers import random_batch, reference_scores
+
+SPEC = preset("tiny")
+MODEL = build_monolithic(PresetWeights(SPEC, seed=2))
+
+
+def score(batch: SparseBatch) -> np.ndarray:
+    return reference_scores(MODEL, batch.dense, batch.indices, batch.lengths)
+
+
+def make(batch: int, seed: int) -> SparseBatch:
+    return validate_batch(SPEC, *random_batch(SPEC, batch, seed), max_batch=64, max_indices_per_sample=64)
+
+
+def test_merge_keeps_each_requests_bags() -> None:
+    parts = [make(b, seed) for seed, b in enumerate([1, 3, 2])]
+    merged = merge(parts)
+    assert merged.batch_size == 6
+    np.testing.assert_allclose(score(merged), np.concatenate([score(p) for p in parts]), atol=1e-6)
+
+
+def test_concurrent_requests_are_merged_and_scores_unchanged() -> None:
+    calls: list[int] = []
+    lock = threading.Lock()
+
+    def counting(batch: SparseBatch) -> np.ndarray:
+        with lock:
+            calls.append(batch.batch_size)
+        return score(batch)
+
+    batcher = DynamicBatcher(counting, max_batch=16, window_s=0.05, workers=1)
+    requests = [make(1 + i % 4, i) for i in range(40)]
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            results = list(pool.map(lambda b: batcher.submit(b).result(), requests))
+    finally:
+        batcher.close()
+    for request, result in zip(requests, results, strict=True):
+        np.testing.assert_allclose(result, score(request), atol=1e-6)
+    assert max(calls) <= 16
+    assert len(calls) < len(requests)  # some requests were merged
+
+
+def test_a_failing_batch_fails_its_requests_only() -> None:
+    def failing(batch: SparseBatch) -> np.ndarray:
+        raise RuntimeError("lookup failed")
+
+    batcher = DynamicBatcher(failing, max_batch=8, window_s=0.0, workers=1)
+    try:
+        future = batcher.submit(make(2, 0))
+        assert isinstance(future.exception(timeout=10), RuntimeError)
+    finally:
+        batcher.close()
