@@ -108,8 +108,9 @@ class ShardingPlan:
         """A human-readable table of the plan, for the CLI."""
         lines = [f"{self.strategy}-wise plan: {len(self.table_rows)} tables over {self.num_servers} servers"]
         for server, nbytes in enumerate(self.server_bytes()):
-            shards = ", ".join(f"t{s.table}[{s.row_start}:{s.row_end}]" for s in self.shards_of(server))
-            lines.append(f"  server {server}: {nbytes / 2**20:9.1f} MiB  {shards or '(empty)'}")
+            held = [f"t{s.table}[{s.row_start}:{s.row_end}]" for s in self.shards_of(server)]
+            listed = ", ".join(held[:6]) + (f", ... ({len(held)} shards)" if len(held) > 6 else "")
+            lines.append(f"  server {server}: {nbytes / 2**20:9.1f} MiB  {listed or '(empty)'}")
         return "\n".join(lines)
 
 

@@ -1,0 +1,74 @@
+"""`flexemr embedding-server` and `flexemr ranker` run separately from one cluster spec file."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from flexemr.client import Client
+from flexemr.cluster.local import LocalCluster
+from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
+from flexemr.model.weights import build_monolithic
+from flexemr.sharding.plan import make_plan
+from tests.core.helpers import random_batch, reference_scores
+
+
+def test_ranker_role_serves_from_a_spec_file(tmp_path: Path) -> None:
+    source = ModelSource(preset="tiny", seed=9)
+    spec = source.spec()
+    plan = make_plan("table", spec.table_rows, spec.dim, 2)
+    cluster_spec = ClusterSpec(source, plan, (Endpoint(), Endpoint()), RankerConfig(port=0))
+    with LocalCluster(cluster_spec) as cluster:  # runs `flexemr embedding-server --spec ... --index i`
+        path = tmp_path / "cluster.json"
+        cluster.spec.save(path)
+        assert ClusterSpec.load(path) == cluster.spec
+        ranker = subprocess.Popen(
+            [sys.executable, "-m", "flexemr.cli.main", "ranker", "--spec", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            assert ranker.stdout is not None
+            url = None
+            for line in ranker.stdout:
+                match = re.search(r"ranker ready: (http://\S+)", line)
+                if match:
+                    url = match.group(1)
+                    break
+            assert url is not None
+            batch = random_batch(spec, 4, seed=1)
+            with Client(url) as client:
+                scores = client.infer(*batch)
+            np.testing.assert_allclose(
+                scores, reference_scores(build_monolithic(source.load()), *batch), atol=1e-5
+            )
+        finally:
+            ranker.terminate()
+            ranker.wait(20)
+            assert ranker.stdout is not None
+            ranker.stdout.close()
+
+
+def test_spec_file_mismatch_is_refused(tmp_path: Path) -> None:
+    source = ModelSource(preset="tiny")
+    spec = source.spec()
+    plan = make_plan("row", spec.table_rows, spec.dim, 2)
+    data = ClusterSpec(source, plan, (Endpoint(), Endpoint())).to_dict()
+    data["embedding_servers"] = data["embedding_servers"][:1]
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "flexemr.cli.main", "ranker", "--spec", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "the plan has 2 servers but 1 embedding server endpoints are listed" in result.stderr
+    assert "Traceback" not in result.stderr
