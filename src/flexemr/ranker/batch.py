@@ -38,6 +38,11 @@ class SparseBatch:
         """The bag (t*B + b) of every index."""
         return np.repeat(np.arange(self.lengths.size, dtype=np.int64), self.lengths)
 
+    def rows_per_table(self) -> np.ndarray:
+        """How many indices each table contributes: int64 [T]."""
+        counts: np.ndarray = self.lengths.reshape(self.num_tables, -1).sum(axis=1, dtype=np.int64)
+        return counts
+
 
 def _expect(name: str, array: np.ndarray, dtype: type, ndim: int) -> None:
     if not isinstance(array, np.ndarray) or array.dtype != dtype:

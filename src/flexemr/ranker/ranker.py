@@ -81,7 +81,7 @@ class Ranker:
     def pool(self, batch: SparseBatch) -> torch.Tensor:
         """Pooled embeddings [B, T, D], gathered from every server that holds rows of the batch."""
         bag_ids = batch.bag_ids()
-        keys = self.router.keys(batch.indices, bag_ids // batch.batch_size)
+        keys = self.router.keys(batch.indices, batch.rows_per_table())
         raw = self.config.lookup == "raw"
         in_flight = [
             (sub, self.transport.submit(sub.server, LookupRequest(sub.rows, sub.offsets, raw=raw)))

@@ -10,6 +10,7 @@ keeps the sorted global start of every shard. A batch's shards are found with a 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,32 +43,31 @@ class RangeRouter:
         self.table_base = np.concatenate([[0], np.cumsum(plan.table_rows)[:-1]]).astype(np.int64)
         shards = sorted(plan.shards, key=lambda s: (s.table, s.row_start))
         self._starts = np.array([self.table_base[s.table] + s.row_start for s in shards], dtype=np.int64)
-        self._server = np.array([s.server for s in shards], dtype=np.int64)
+        self._server = np.array([s.server for s in shards], dtype=np.int32)
         # local row = global key + shift
         self._shift = np.array(
             [s.local_start - s.row_start - self.table_base[s.table] for s in shards], dtype=np.int64
         )
 
-    def keys(self, indices: np.ndarray, tables: np.ndarray) -> np.ndarray:
-        """Global row keys of (table, row) pairs; they also key the ranker's cache."""
-        keys: np.ndarray = self.table_base[tables] + indices
+    def keys(self, indices: np.ndarray, rows_per_table: np.ndarray) -> np.ndarray:
+        """Global row keys of table-major indices (`rows_per_table[t]` of them from table t);
+        they also key the ranker's cache."""
+        keys: np.ndarray = indices + np.repeat(self.table_base, rows_per_table)
         return keys
 
-    def route(self, keys: np.ndarray, bag_ids: np.ndarray) -> list[Subrequest]:
+    def route(self, keys: np.ndarray, bag_ids: np.ndarray) -> Iterator[Subrequest]:
         """Split a batch (keys in bag order, with each key's bag id) into one subrequest per server
-        that holds any of its rows. Servers with nothing to do get no subrequest."""
+        that holds any of its rows. Servers with nothing to do get no subrequest. Subrequests are
+        yielded as they are made, so the first can be on the wire while the next is being cut."""
         shard = np.searchsorted(self._starts, keys, side="right") - 1
         server = self._server[shard]
-        local = keys + self._shift[shard]
-        order = np.argsort(server, kind="stable")  # stable: bags stay in batch order per server
-        counts = np.bincount(server, minlength=self.plan.num_servers)
-        ends = np.cumsum(counts)
-        subrequests = []
-        for s in np.flatnonzero(counts):
-            picked = order[ends[s] - counts[s] : ends[s]]
+        # One pass per server (servers are few) is cheaper than sorting the batch by server,
+        # and keeps each server's bags in batch order.
+        for s in range(self.plan.num_servers):
+            picked = np.flatnonzero(server == s) if self.plan.num_servers > 1 else np.arange(keys.size)
+            if picked.size == 0:
+                continue
+            local = keys[picked] + self._shift[shard[picked]]
             bags = bag_ids[picked]
             first = np.flatnonzero(np.concatenate([[True], bags[1:] != bags[:-1]]))
-            subrequests.append(
-                Subrequest(int(s), local[picked], first.astype(np.int64), bags[first].astype(np.int64))
-            )
-        return subrequests
+            yield Subrequest(s, local, first.astype(np.int64), bags[first])
