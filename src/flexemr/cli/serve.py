@@ -1,12 +1,15 @@
 """`flexemr serve`: a whole cluster on this machine, one command.
 
 Starts N embedding-server processes and the ranker, prints one line when ready, and on SIGINT or
-SIGTERM stops everything it started.
+SIGTERM stops everything it started. `--embedding-tier redis` serves the same rows from a Redis
+instead (the HugeCTR-style baseline the benchmarks compare against).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import logging
 import sys
 import threading
@@ -14,12 +17,39 @@ import threading
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
 from flexemr.cluster.local import ClusterStartError, LocalCluster
 from flexemr.cluster.roles import HttpServer, build_ranker
+from flexemr.config import ClusterSpec
+from flexemr.ranker.ranker import Ranker
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     add_cluster_arguments(parser)
+    parser.add_argument(
+        "--embedding-tier",
+        choices=("flexemr", "redis"),
+        default="flexemr",
+        help="flexemr embedding servers, or a Redis holding the rows (baseline; needs redis-server)",
+    )
     parser.add_argument("--spec-out", help="also write the cluster spec (with real ports) to this file")
+
+
+def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> tuple[Ranker, ClusterSpec]:
+    """Start the embedding tier and the ranker; return it and the spec with the ports bound."""
+    if tier == "redis":
+        from flexemr.cluster.redis_server import RedisServer
+        from flexemr.transport.redis_tier import RedisTransport
+
+        redis_server = RedisServer()
+        stack.callback(redis_server.stop)
+        transport = RedisTransport(redis_server.url, spec.sharding)
+        transport.load(spec.sharding, spec.model.load())
+        print(f"redis tier: {redis_server.url} pid={redis_server.pid}", flush=True)
+        spec = dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, lookup="raw"))
+        return build_ranker(spec, transport=transport), spec
+    cluster = LocalCluster(spec, progress=True)
+    stack.callback(cluster.stop)
+    spec = cluster.start()
+    return build_ranker(spec), spec
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,29 +60,26 @@ def run(args: argparse.Namespace) -> int:
         print(f"flexemr serve: {exc}", file=sys.stderr)
         return 2
     print(spec.sharding.describe(), flush=True)
-    cluster = LocalCluster(spec, progress=True)
-    try:
-        spec = cluster.start()
+    with contextlib.ExitStack() as stack:
+        try:
+            ranker, spec = _start_ranker(spec, args.embedding_tier, stack)
+        except (ClusterStartError, FileNotFoundError, RuntimeError) as exc:
+            print(f"flexemr serve: {exc}", file=sys.stderr)
+            return 1
+        stack.callback(ranker.close)
         if args.spec_out:
             spec.save(args.spec_out)
-        ranker = build_ranker(spec)
         http = HttpServer(ranker, spec.ranker.host, spec.ranker.port)
 
         def announce() -> None:
             http.wait_started()
             print(
-                f"flexemr ready: {http.url} model={spec.ranker.model_name} "
+                f"flexemr ready: {http.url} model={spec.ranker.model_name} tier={args.embedding_tier} "
                 f"embedding_servers={spec.sharding.num_servers} sharding={spec.sharding.strategy} "
-                f"lookup={spec.ranker.lookup} device={ranker.device}",
+                f"lookup={ranker.config.lookup} device={ranker.device}",
                 flush=True,
             )
 
         threading.Thread(target=announce, daemon=True).start()
         http.run()  # returns on SIGINT / SIGTERM
-        ranker.close()
-        return 0
-    except ClusterStartError as exc:
-        print(f"flexemr serve: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        cluster.stop()
+    return 0

@@ -16,6 +16,7 @@ from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
 from flexemr.model.weights import build_dense
 from flexemr.ranker.ranker import Ranker
+from flexemr.transport.base import LookupTransport
 from flexemr.transport.tcp import TcpTransport
 
 log = logging.getLogger(__name__)
@@ -31,13 +32,18 @@ def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True)
     return EmbeddingServer(store, spec.embedding_servers[index])
 
 
-def build_ranker(spec: ClusterSpec, connect_timeout_s: float = 60.0) -> Ranker:
+def build_ranker(
+    spec: ClusterSpec, connect_timeout_s: float = 60.0, transport: LookupTransport | None = None
+) -> Ranker:
+    """The ranker of `spec`, connected to its embedding servers (or to the given transport)."""
     source = spec.model.load()
     plan = spec.sharding
-    transport = TcpTransport(
-        spec.embedding_servers, [plan.server_rows(s) for s in range(plan.num_servers)], plan.dim
-    )
-    transport.start(timeout=connect_timeout_s)
+    if transport is None:
+        tcp = TcpTransport(
+            spec.embedding_servers, [plan.server_rows(s) for s in range(plan.num_servers)], plan.dim
+        )
+        tcp.start(timeout=connect_timeout_s)
+        transport = tcp
     return Ranker(source.spec, plan, build_dense(source), transport, spec.ranker)
 
 
