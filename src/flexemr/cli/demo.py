@@ -36,9 +36,8 @@ def run(args: argparse.Namespace) -> int:
     source = ModelSource(preset=args.preset, row_scale=args.row_scale)
     spec = source.spec()
     plan = make_plan(args.sharding, spec.table_rows, spec.dim, args.embedding_servers)
-    print(
-        f"model {args.preset} x{args.row_scale}: {spec.num_tables} tables, {spec.embedding_bytes / 2**20:.0f} MiB"
-    )
+    size_mib = spec.embedding_bytes / 2**20
+    print(f"model {args.preset} x{args.row_scale}: {spec.num_tables} tables, {size_mib:.0f} MiB")
     print(plan.describe())
     workload = SyntheticWorkload(spec, SyntheticConfig(alpha=args.alpha), seed=1)
     requests = [workload.generate(args.batch) for _ in range(args.requests)]
@@ -83,7 +82,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"  throughput      {samples / elapsed:,.0f} samples/s")
     print(f"  latency         p50 {p50:.1f} ms, p99 {p99:.1f} ms")
     print(f"  wire            {wire / samples:,.0f} bytes/sample between ranker and servers")
-    print(
-        f"  vs monolithic   max |score difference| {error:.2e} {'(identical within fp32)' if error < 1e-5 else '(MISMATCH)'}"
-    )
+    verdict = "identical within fp32" if error < 1e-5 else "MISMATCH"
+    print(f"  vs monolithic   max |score difference| {error:.2e} ({verdict})")
     return 0 if error < 1e-5 else 1
