@@ -91,9 +91,8 @@ def main() -> None:
             results[f"disaggregated {lookup} ({args.servers} servers, {args.sharding}-wise)"] = row
 
     base = results["monolithic (in-process)"]["samples_per_s"]
-    print(
-        f"\n{args.preset} x{args.row_scale}, batch {args.batch}, {args.batches} batches, {args.clients} clients"
-    )
+    setup = f"batch {args.batch}, {args.batches} batches, {args.clients} clients"
+    print(f"\n{args.preset} x{args.row_scale}, {setup}")
     print("| system | samples/s | x monolithic | p50 ms | p99 ms | bytes/sample |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, r in results.items():
