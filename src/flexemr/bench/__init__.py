@@ -1,0 +1,1 @@
+"""Benchmark drivers: run flexemr and its baselines under MLPerf LoadGen."""

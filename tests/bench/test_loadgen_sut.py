@@ -1,0 +1,104 @@
+"""LoadGen runs against the in-process tiny model: every sample answered, with the model's scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flexemr.bench.loadgen_sut import (
+    LoadGenResult,
+    RunSettings,
+    SamplePool,
+    TorchBackend,
+    find_peak_server_qps,
+    run_offline,
+    run_server,
+)
+from flexemr.model.presets import preset
+from flexemr.model.weights import PresetWeights, build_monolithic
+from flexemr.workload import MLPERF_QUERY_SIZES, QuerySizes, Request, SyntheticWorkload, data_dir
+
+
+class RecordingBackend(TorchBackend):
+    """The monolithic model, remembering every request it scored."""
+
+    def __init__(self) -> None:
+        super().__init__(build_monolithic(PresetWeights(preset("tiny"), seed=0)))
+        self.calls: list[Request] = []
+
+    def infer(self, request: Request) -> np.ndarray:
+        self.calls.append(request)
+        return super().infer(request)
+
+
+@pytest.fixture(scope="module")
+def pool_request() -> Request:
+    return SyntheticWorkload(preset("tiny"), seed=0).generate(2048)
+
+
+def _check_answers(
+    backend: RecordingBackend, pool: SamplePool, result: LoadGenResult, scores: dict[int, np.ndarray]
+) -> None:
+    assert result.errors == 0
+    assert result.queries > 0
+    assert result.transport == "in-process" and result.backend == "monolithic"
+    assert result.log_dir.joinpath("mlperf_log_summary.txt").exists()
+    # Each answered sample carries the model's scores for exactly that sample's pairs.
+    for index, got in scores.items():
+        expected = TorchBackend.infer(backend, pool.take([index]))
+        assert got.shape == (int(pool.sizes[index]),)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_offline_answers_every_sample_with_its_scores(pool_request: Request, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    backend = RecordingBackend()
+    pool = SamplePool.build(pool_request, num_samples=512)
+    settings = RunSettings(min_duration_s=0.5, batch_size=128, offline_expected_qps=1000, log_dir=tmp_path)
+    result, sut = run_offline(backend, pool, settings, capture=True)
+    issued = 550  # LoadGen issues expected_qps * min_duration * 1.1 samples
+    assert result.scenario == "Offline"
+    assert len(sut.record.answered) == len(set(sut.record.answered)) == result.queries == issued
+    assert result.pairs == issued
+    assert sorted(sut.record.scores) == list(range(512))  # every pool sample was answered at least once
+    assert max(c.batch_size for c in backend.calls) == 128  # batched as asked
+    assert sum(c.batch_size for c in backend.calls) == issued
+    _check_answers(backend, pool, result, sut.record.scores)
+    assert tmp_path.joinpath("mlperf_log_detail.txt").exists()
+
+
+def test_server_queries_carry_mlperf_sizes_and_their_scores(pool_request: Request) -> None:
+    backend = RecordingBackend()
+    sizes = QuerySizes.load(data_dir() / MLPERF_QUERY_SIZES)
+    pool = SamplePool.build(pool_request, num_samples=32, sizes=sizes, seed=1)
+    settings = RunSettings(min_duration_s=1.0, min_query_count=30)
+    result, sut = run_server(backend, pool, target_qps=60, settings=settings, capture=True)
+    assert result.scenario == "Server" and result.target_qps == 60
+    assert result.queries >= 30
+    assert len(sut.record.answered) == len(set(sut.record.answered)) == result.queries
+    # One backend call per query, of 100-700 pairs each.
+    assert len(backend.calls) == result.queries
+    assert all(100 <= c.batch_size <= 700 for c in backend.calls)
+    assert result.pairs == sum(c.batch_size for c in backend.calls)
+    _check_answers(backend, pool, result, sut.record.scores)
+
+
+def test_failing_backend_is_counted_not_hung(pool_request: Request) -> None:
+    class Broken(RecordingBackend):
+        def infer(self, request: Request) -> np.ndarray:
+            raise RuntimeError("boom")
+
+    pool = SamplePool.build(pool_request, num_samples=64)
+    result, _ = run_offline(Broken(), pool, RunSettings(min_duration_s=0.1, offline_expected_qps=100))
+    assert result.errors == result.queries > 0
+    assert result.pairs == 0 and not result.meets_target
+
+
+def test_qps_search_is_bounded_and_brackets(pool_request: Request) -> None:
+    backend = RecordingBackend()
+    pool = SamplePool.build(pool_request, num_samples=64)
+    settings = RunSettings(min_duration_s=0.3, min_query_count=10, p99_target_ms=60.0)
+    search = find_peak_server_qps(backend, pool, low_qps=10, high_qps=40, settings=settings, max_runs=3)
+    assert 1 <= len(search.runs) <= 3
+    assert search.runs[0].target_qps == 40
+    passed = [r.target_qps for r in search.runs if r.meets_target]
+    assert search.best_qps == (max(passed) if passed else 0.0)
