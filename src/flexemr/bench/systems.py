@@ -1,0 +1,165 @@
+"""The systems a benchmark compares, each started the way a user would start it.
+
+Every served system is a real `flexemr serve` child process (ranker) with its own children
+(embedding servers, or Redis), reached over HTTP; the monolithic baseline runs in the benchmark's
+own process and is called directly (its reports say `in-process`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from flexemr.client import Client
+from flexemr.workload.request import Request
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    flags: tuple[str, ...]
+    """`flexemr serve` flags on top of the model's; empty for the in-process monolithic model."""
+    description: str
+
+
+NAIVE_FLAGS = ("--lookup", "raw", "--engine", "single", "--io-threads", "1", "--cache", "off")
+
+SYSTEMS = {
+    s.name: s
+    for s in [
+        System("monolithic", (), "all tables in the benchmark's process, the same dense model"),
+        System("naive", NAIVE_FLAGS, "raw rows, one I/O thread, no cache"),
+        System("flexemr", (), "every technique on (the defaults)"),
+        System("flexemr-no-partial", ("--lookup", "raw"), "servers return raw rows"),
+        System("flexemr-no-mapped", ("--engine", "shared"), "I/O threads share connections under locks"),
+        System("flexemr-no-credits", ("--credits", "off"), "no flow control"),
+        System("flexemr-no-migration", ("--migration", "off"), "no live connection migration"),
+        System("flexemr-no-cache", ("--cache", "off"), "no embedding cache on the ranker"),
+        System("flexemr-batching", ("--batch-window-ms", "2"), "dynamic batching, 2 ms window"),
+        System("redis", ("--embedding-tier", "redis", "--lookup", "raw"),
+               "rows in Redis (MGET), pooled on the ranker: HugeCTR-PS style"),
+    ]
+}  # fmt: skip
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+class ServedSystem:
+    """`flexemr serve` in a child process, and an HTTP backend for LoadGen."""
+
+    transport = "http"
+
+    def __init__(self, system: System, model_flags: tuple[str, ...], timeout_s: float = 300.0) -> None:
+        self.name = system.name
+        command = [
+            sys.executable,
+            "-m",
+            "flexemr.cli.main",
+            "serve",
+            "--port",
+            "0",
+            *model_flags,
+            *system.flags,
+        ]
+        self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self._log: list[str] = []
+        ready = threading.Event()
+        url: list[str] = []
+
+        def pump() -> None:
+            assert self._proc.stdout is not None
+            for line in self._proc.stdout:
+                self._log.append(line)
+                match = re.search(r"flexemr ready: (http://\S+)", line)
+                if match:
+                    url.append(match.group(1))
+                    ready.set()
+            ready.set()
+
+        self._pump = threading.Thread(target=pump, daemon=True)
+        self._pump.start()
+        if not ready.wait(timeout_s) or not url:
+            self.close()
+            raise RuntimeError(f"{system.name} did not start:\n{''.join(self._log[-30:])}")
+        self.url = url[0]
+        self.client = Client(self.url)
+
+    def infer(self, request: Request) -> Any:
+        return self.client.infer(request.dense, request.indices, request.lengths)
+
+    def stats(self) -> dict[str, Any]:
+        result: dict[str, Any] = httpx.get(f"{self.url}/v2/stats", timeout=30).json()
+        return result
+
+    def pids(self) -> dict[str, int]:
+        """The ranker and its children (embedding servers or Redis) by role."""
+        kids = children(self._proc.pid)
+        return {"ranker": self._proc.pid, **{f"tier-{i}": pid for i, pid in enumerate(kids)}}
+
+    def close(self) -> None:
+        if hasattr(self, "client"):
+            self.client.close()
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._pump.join(10)
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> ServedSystem:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def wire_bytes(stats: dict[str, Any]) -> int:
+    """Bytes the ranker sent to and received from its embedding tier so far."""
+    total = 0
+
+    def walk(node: Any) -> None:
+        nonlocal total
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in ("bytes_sent", "bytes_received") and isinstance(value, int | float):
+                    total += int(value)
+                elif key not in ("threads",):  # per-thread counters repeat the per-connection ones
+                    walk(value)
+        elif isinstance(node, list):
+            for item in node:
+                walk(item)
+
+    walk(stats.get("transport", {}))
+    return total
+
+
+def cache_hit_rate(stats: dict[str, Any]) -> float | None:
+    cache = stats.get("cache")
+    if isinstance(cache, dict) and "hit_rate" in cache:
+        return float(cache["hit_rate"])
+    return None

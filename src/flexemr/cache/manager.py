@@ -1,0 +1,377 @@
+"""The ranker's adaptive embedding cache: a `RowCache` sized by load, filled with hot rows.
+
+    before_batch(B, queue, now)  LoadMonitor -> planned batch -> MemoryModel -> cache budget
+                                 -> shrink now (evict LRU) or grow (allocate empty room)
+    cached_part(bags, keys)      hits summed per bag on the device; misses go to the servers
+    observe(keys)                FrequencySketch counts every key (hits and misses)
+    warm_candidates(k)           hottest missing keys, for a background fetch ...
+    admit(keys, rows, token)     ... whose rows are cached here (or raw-mode misses)
+    invalidate(keys)             rows changed at the source: never serve the old value
+
+Modes (`--cache`): `off` (no cache, everything misses), `fixed:BYTES` (constant capacity, still
+warmed), `adaptive` (capacity follows `MemoryModel.cache_budget(planned batch)`).
+
+Threads: every public method is safe from any thread. One lock guards the cache, the sketch, the
+monitor and the counters; it is held only for the tensor ops on them (no I/O, no waiting), and
+host-to-device copies of admitted rows happen before it is taken. Intended use: the request
+thread calls `before_batch`, `cached_part`, `observe` (and `admit` in raw mode); one background
+thread calls `warm_candidates` and, after fetching, `admit`; the update stream calls `invalidate`;
+anyone calls `stats`.
+
+Consistency: a fetch races with updates (a row read before an update can arrive after it). So
+a fetch takes a token (`fetch_token()`, or the one `warm_candidates` returns) *before* it reads,
+and `admit(..., token=)` drops every key invalidated since; if the record of invalidations no
+longer reaches back to the token, it drops the whole admit.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from flexemr.cache.load_monitor import LoadMonitor, LoadMonitorConfig, LoadState
+from flexemr.cache.memory_model import MemoryModel
+from flexemr.cache.pooling import CachedPart
+from flexemr.cache.row_cache import DEFAULT_WAYS, RowCache
+from flexemr.cache.sizes import parse_bytes
+from flexemr.cache.sketch import FrequencySketch
+from flexemr.model.dlrm import DenseArch
+
+ModeKind = Literal["off", "fixed", "adaptive"]
+WireMode = Literal["partial", "raw"]
+INVALIDATION_LOG = 256
+"""Invalidation batches remembered for checking admits against their fetch token."""
+
+
+@dataclass(frozen=True)
+class CacheMode:
+    kind: ModeKind = "off"
+    fixed_bytes: int = 0
+    """Capacity of the `fixed` mode."""
+
+    @classmethod
+    def parse(cls, text: str) -> CacheMode:
+        """`off`, `adaptive` or `fixed:BYTES` (BYTES like 4096, 64MiB, 1.5GB)."""
+        name, _, size = text.strip().partition(":")
+        if name == "fixed" and size:
+            return cls("fixed", parse_bytes(size))
+        if name in ("off", "adaptive") and not size:
+            return cls(name)  # type: ignore[arg-type]
+        raise ValueError(f"cache mode must be off, fixed:BYTES (e.g. fixed:64MiB) or adaptive, got {text!r}")
+
+    def __str__(self) -> str:
+        return f"fixed:{self.fixed_bytes}" if self.kind == "fixed" else self.kind
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The ranker's embedding cache (`--cache`)."""
+
+    mode: str = "off"
+    """`off`, `fixed:BYTES` or `adaptive`."""
+    ways: int = DEFAULT_WAYS
+    """Associativity: rows one set holds (LRU within a set)."""
+    wire: WireMode = "partial"
+    """The ranker's lookup mode; only changes how `bytes_saved` is counted."""
+    max_bytes: int | None = None
+    """`adaptive`: never grow beyond this (None: as far as the memory model allows)."""
+    grow_threshold: float = 0.1
+    """`adaptive`: grow only when the budget exceeds the capacity by this fraction (shrinks are
+    immediate), so small budget changes do not rebuild the cache."""
+    device_budget_bytes: int | None = None
+    """Memory the ranker may use on its device; None: 90% of GPU memory, or 25% of RAM on CPU."""
+    safety_margin_bytes: int = 64 << 20
+    """Held back from the cache beyond parameters and activations."""
+    sketch_width: int = 1 << 16
+    """Counters per sketch row (a power of two)."""
+    sketch_depth: int = 4
+    """Sketch rows (independent hashes)."""
+    sketch_candidates: int = 4096
+    """Heavy-hitter candidates tracked for warming."""
+    sketch_half_life: float = 1e6
+    """Observed keys after which a count weighs half."""
+    load: LoadMonitorConfig = field(default_factory=LoadMonitorConfig)
+    """Load detection (window, thresholds, dwell, max batch)."""
+
+    def __post_init__(self) -> None:
+        CacheMode.parse(self.mode)
+        if self.wire not in ("partial", "raw"):
+            raise ValueError(f"wire must be 'partial' or 'raw', got {self.wire!r}")
+        if self.grow_threshold < 0:
+            raise ValueError(f"grow_threshold must be >= 0, got {self.grow_threshold}")
+        if self.max_bytes is not None and self.max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {self.max_bytes}")
+
+    @property
+    def cache_mode(self) -> CacheMode:
+        return CacheMode.parse(self.mode)
+
+
+@dataclass(frozen=True)
+class ResizeEvent:
+    now: float
+    old_bytes: int
+    new_bytes: int
+    evicted: int
+    """Rows dropped by the resize."""
+    state: LoadState
+    plan_batch: int
+
+
+@dataclass(frozen=True)
+class WarmRequest:
+    keys: Tensor
+    """int64 [k]: global keys to fetch, hottest first."""
+    token: int
+    """Pass to `admit` with the fetched rows."""
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    mode: str
+    state: LoadState
+    plan_batch: int
+    capacity_bytes: int
+    size_bytes: int
+    rows: int
+    capacity_rows: int
+    lookups: int
+    hits: int
+    hit_rate: float
+    bytes_saved: int
+    """Wire bytes the hits avoided. raw: hits * (4 * dim + 8), the row not returned and its index
+    not sent. partial: hits * 8 (indices not sent) + 4 * dim per bag served wholly from the cache
+    (at least one partial vector not returned); a lower bound, since a server whose rows of a
+    bag all hit also skips its partial."""
+    resizes: int
+    shrinks: int
+    grows: int
+    evicted_by_resize: int
+    admitted: int
+    invalidated: int
+    admits_dropped_stale: int
+    """Admits (keys) dropped because their keys were invalidated after the fetch began."""
+
+
+class AdaptiveCacheManager:
+    def __init__(
+        self,
+        config: CacheConfig,
+        dim: int,
+        device: torch.device | str | None = None,
+        memory: MemoryModel | None = None,
+        start: float = 0.0,
+    ) -> None:
+        self.config = config
+        self.mode = config.cache_mode
+        if self.mode.kind == "adaptive" and memory is None:
+            raise ValueError("the adaptive cache needs a MemoryModel (use AdaptiveCacheManager.for_model)")
+        self.memory = memory
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.monitor = LoadMonitor(config.load, start)
+        self.cache = RowCache(dim, self._initial_bytes(), self.device, config.ways)
+        self.sketch = FrequencySketch(
+            config.sketch_width,
+            config.sketch_depth,
+            config.sketch_candidates,
+            config.sketch_half_life,
+            self.device,
+        )
+        self._lock = threading.Lock()
+        self._epoch = 0
+        self._invalidations: deque[tuple[int, Tensor]] = deque(maxlen=INVALIDATION_LOG)
+        self._state: LoadState = "low"
+        self._plan_batch = 0
+        self._lookups = self._hits = self._bytes_saved = 0
+        self._shrinks = self._grows = self._evicted = 0
+        self._admitted = self._invalidated = self._stale = 0
+        self.events: deque[ResizeEvent] = deque(maxlen=1024)
+        """The latest resizes, oldest first."""
+
+    @classmethod
+    def for_model(
+        cls,
+        config: CacheConfig,
+        dense: DenseArch,
+        device: torch.device | str | None = None,
+        start: float = 0.0,
+    ) -> AdaptiveCacheManager:
+        """A manager for `dense` (already on `device`); `adaptive` calibrates a MemoryModel first."""
+        memory = None
+        if config.cache_mode.kind == "adaptive":
+            memory = MemoryModel.calibrate(
+                dense,
+                device,
+                device_budget_bytes=config.device_budget_bytes,
+                safety_margin_bytes=config.safety_margin_bytes,
+            )
+        return cls(config, dense.spec.dim, device, memory, start)
+
+    def _initial_bytes(self) -> int:
+        if self.mode.kind == "fixed":
+            return self.mode.fixed_bytes
+        if self.mode.kind == "adaptive":
+            return self._budget(self.config.load.max_batch)  # start safe, grow when load is low
+        return 0
+
+    def _budget(self, plan_batch: int) -> int:
+        assert self.memory is not None
+        budget = self.memory.cache_budget(plan_batch)
+        return budget if self.config.max_bytes is None else min(budget, self.config.max_bytes)
+
+    # -- request thread -----------------------------------------------------------------------------
+
+    def before_batch(self, batch_size: int, queue_depth: int, now: float) -> ResizeEvent | None:
+        """Call before running a batch of `batch_size` samples with `queue_depth` samples waiting
+        (monotonic seconds `now`). `adaptive` shrinks here, before the batch needs the memory, or
+        grows (empty room for `warm_candidates`). Returns the resize, if any."""
+        with self._lock:
+            decision = self.monitor.observe(batch_size, queue_depth, now)
+            self._state, self._plan_batch = decision.state, decision.plan_batch
+            if self.mode.kind != "adaptive":
+                return None
+            target = self._budget(decision.plan_batch)
+            current = self.cache.capacity_bytes
+            grow_by = max(current * self.config.grow_threshold, self.cache.slot_bytes * self.config.ways)
+            if not (target < current or target >= current + grow_by):
+                return None
+            evicted = self.cache.resize(target)
+            event = ResizeEvent(
+                now, current, self.cache.capacity_bytes, evicted, decision.state, decision.plan_batch
+            )
+            if event.new_bytes < current:
+                self._shrinks += 1
+            elif event.new_bytes > current:
+                self._grows += 1
+            self._evicted += evicted
+            self.events.append(event)
+            return event
+
+    def cached_part(
+        self, bag_ids: Tensor, keys: Tensor, num_bags: int, out: Tensor | None = None
+    ) -> CachedPart:
+        """Look up a batch's keys [N] (with their bag ids [N]): `hit` [N] and, per bag, the sum of
+        its cached rows, added into `out` [num_bags, dim] when given (e.g. the ranker's `pooled`)
+        or into a new zero tensor. Send `keys[part.miss]` to the servers."""
+        sums = torch.zeros(num_bags, self.cache.dim, device=self.device) if out is None else out
+        if sums.shape != (num_bags, self.cache.dim):
+            raise ValueError(f"out must be [{num_bags}, {self.cache.dim}], got {list(sums.shape)}")
+        if bag_ids.shape != keys.shape:
+            raise ValueError(f"bag_ids {list(bag_ids.shape)} and keys {list(keys.shape)} must match")
+        bag_ids = bag_ids.to(self.device, torch.int64)
+        with self._lock:
+            hit, slot = self.cache.lookup(keys)
+            rows = self.cache.gather(slot[hit])  # a copy: later mutations cannot change it
+        sums.index_add_(0, bag_ids[hit], rows.to(sums.dtype))
+        hits = int(hit.sum())
+        if self.config.wire == "raw":
+            saved = hits * (4 * self.cache.dim + 8)
+        else:
+            saved = hits * 8 + self._whole_bags_cached(bag_ids, hit, num_bags) * 4 * self.cache.dim
+        with self._lock:
+            self._lookups += keys.numel()
+            self._hits += hits
+            self._bytes_saved += saved
+        return CachedPart(hit, sums)
+
+    def _whole_bags_cached(self, bag_ids: Tensor, hit: Tensor, num_bags: int) -> int:
+        if not bool(hit.any()):
+            return 0
+        hits = torch.bincount(bag_ids[hit], minlength=num_bags)
+        misses = torch.bincount(bag_ids[~hit], minlength=num_bags)
+        return int(((hits > 0) & (misses == 0)).sum())
+
+    def observe(self, keys: Tensor) -> None:
+        """Count a batch's keys (all of them, hits too) towards hotness."""
+        if self.mode.kind == "off":
+            return
+        keys = keys.to(self.device, torch.int64)
+        with self._lock:
+            self.sketch.observe(keys)
+
+    # -- background warming ---------------------------------------------------------------------
+
+    def fetch_token(self) -> int:
+        """Take before reading rows from the servers that will be passed to `admit`."""
+        with self._lock:
+            return self._epoch
+
+    def free_rows(self) -> int:
+        """Empty slots (after a grow or invalidations): a good `k` for `warm_candidates`."""
+        with self._lock:
+            return self.cache.capacity_rows - self.cache.num_rows
+
+    def warm_candidates(self, k: int) -> WarmRequest:
+        """Up to `k` of the hottest keys not cached, hottest first, and the token for `admit`.
+        Admitting them replaces least recently used rows once the cache is full."""
+        with self._lock:
+            if self.mode.kind == "off" or self.cache.capacity_rows == 0:
+                keys = torch.empty(0, dtype=torch.int64, device=self.device)
+            else:
+                keys = self.sketch.hottest_missing(k, self.cache.contains)
+            return WarmRequest(keys, self._epoch)
+
+    def admit(self, keys: Tensor, rows: Tensor, token: int | None = None) -> int:
+        """Cache `rows` [n, dim] (exact source values) of `keys` [n]. With `token` (taken before
+        the rows were read), keys invalidated since are left out. Returns rows written."""
+        if self.mode.kind == "off" or keys.numel() == 0:
+            return 0
+        keys = keys.to(self.device, torch.int64)
+        rows = rows.to(self.device, torch.float32)
+        with self._lock:
+            if token is not None:
+                fresh = self._not_invalidated_since(keys, token)
+                self._stale += int((~fresh).sum())
+                keys, rows = keys[fresh], rows[fresh]
+            written = self.cache.insert(keys, rows)
+            self._admitted += written
+            return written
+
+    def _not_invalidated_since(self, keys: Tensor, token: int) -> Tensor:
+        if token >= self._epoch:
+            return torch.ones(keys.shape, dtype=torch.bool, device=self.device)
+        if not self._invalidations or self._invalidations[0][0] > token + 1:
+            return torch.zeros(keys.shape, dtype=torch.bool, device=self.device)  # log too short
+        changed = torch.cat([k for epoch, k in self._invalidations if epoch > token])
+        return ~torch.isin(keys, changed)
+
+    # -- any thread -----------------------------------------------------------------------------
+
+    def invalidate(self, keys: Tensor) -> int:
+        """Rows of `keys` changed at the source: drop them, and refuse in-flight admits of them."""
+        keys = keys.to(self.device, torch.int64).reshape(-1).clone()
+        with self._lock:
+            self._epoch += 1
+            self._invalidations.append((self._epoch, keys))
+            dropped = self.cache.invalidate(keys)
+            self._invalidated += dropped
+            return dropped
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            cache = self.cache
+            return CacheStats(
+                mode=str(self.mode),
+                state=self._state,
+                plan_batch=self._plan_batch,
+                capacity_bytes=cache.capacity_bytes,
+                size_bytes=cache.size_bytes,
+                rows=cache.num_rows,
+                capacity_rows=cache.capacity_rows,
+                lookups=self._lookups,
+                hits=self._hits,
+                hit_rate=self._hits / self._lookups if self._lookups else 0.0,
+                bytes_saved=self._bytes_saved,
+                resizes=self._shrinks + self._grows,
+                shrinks=self._shrinks,
+                grows=self._grows,
+                evicted_by_resize=self._evicted,
+                admitted=self._admitted,
+                invalidated=self._invalidated,
+                admits_dropped_stale=self._stale,
+            )

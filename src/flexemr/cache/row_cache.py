@@ -1,0 +1,216 @@
+"""A set-associative cache of embedding rows in device memory, LRU by timestamp within each set.
+
+Rows are keyed by their global key (`table_base[table] + row`, see `RangeRouter.keys`). A key
+lives in one set, `mix(key) % num_sets`, in any of that set's `ways` slots:
+
+    slot = set * ways + way
+    keys   int64   [num_sets, ways]   -1 = empty
+    stamps int64   [num_sets, ways]   last use (a counter, not a clock); -1 = empty
+    rows   float32 [num_sets * ways, dim]
+
+Every operation is a handful of whole-batch tensor ops: finding a batch of keys compares each
+key with the `ways` keys of its set (one pass per way, so memory stays O(batch)); inserting a
+batch sorts the new keys by set and hands the r-th new key of a set the r-th least recently used
+slot of that set. Duplicates in a batch are looked up independently and inserted once.
+
+Capacity is in bytes and counts the row plus its key and stamp (`slot_bytes = 4 * dim + 16`).
+Resizing rebuilds the table: a shrink keeps only the most recently used rows (the globally newest
+that fit; a few of them may still lose a set conflict in the new geometry). While it rebuilds, old
+and new tables both exist; afterwards the old one is freed.
+
+Not thread-safe: `AdaptiveCacheManager` serialises access.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from flexemr.cache.hashing import mix
+
+EMPTY = -1
+DEFAULT_WAYS = 16
+
+
+class RowCache:
+    def __init__(
+        self,
+        dim: int,
+        capacity_bytes: int,
+        device: torch.device | str = "cpu",
+        ways: int = DEFAULT_WAYS,
+    ) -> None:
+        if dim < 1:
+            raise ValueError(f"dim must be positive, got {dim}")
+        if ways < 1:
+            raise ValueError(f"ways must be positive, got {ways}")
+        self.dim = dim
+        self.max_ways = ways
+        self.device = torch.device(device)
+        self._clock = 0
+        self._allocate(capacity_bytes)
+
+    # -- geometry ---------------------------------------------------------------------------------
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes one cached row costs: the floats, its key and its stamp."""
+        return 4 * self.dim + 16
+
+    def _allocate(self, capacity_bytes: int) -> None:
+        if capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
+        slots = capacity_bytes // self.slot_bytes
+        self.ways = min(self.max_ways, slots)
+        self.num_sets = slots // self.ways if self.ways else 0
+        shape = (self.num_sets, self.ways)
+        self._keys = torch.full(shape, EMPTY, dtype=torch.int64, device=self.device)
+        self._stamps = torch.full(shape, EMPTY, dtype=torch.int64, device=self.device)
+        self._rows = torch.zeros(self.num_sets * self.ways, self.dim, device=self.device)
+
+    @property
+    def capacity_rows(self) -> int:
+        return self.num_sets * self.ways
+
+    @property
+    def capacity_bytes(self) -> int:
+        """Bytes allocated (at most the requested capacity)."""
+        return self.capacity_rows * self.slot_bytes
+
+    @property
+    def num_rows(self) -> int:
+        return int((self._keys >= 0).sum())
+
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the rows held now."""
+        return self.num_rows * self.slot_bytes
+
+    # -- lookups ----------------------------------------------------------------------------------
+
+    def _sets(self, keys: Tensor) -> Tensor:
+        return mix(keys) % self.num_sets
+
+    def _find(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """(hit [N] bool, slot [N] int64; slot is meaningless where not hit)."""
+        keys = keys.to(self.device, torch.int64)
+        hit = torch.zeros(keys.shape, dtype=torch.bool, device=self.device)
+        slot = torch.zeros(keys.shape, dtype=torch.int64, device=self.device)
+        if self.capacity_rows == 0 or keys.numel() == 0:
+            return hit, slot
+        sets = self._sets(keys)
+        for way in range(self.ways):
+            match = (self._keys[sets, way] == keys) & (keys >= 0)
+            hit |= match
+            slot = torch.where(match, sets * self.ways + way, slot)
+        return hit, slot
+
+    def _touch(self, slots: Tensor) -> None:
+        """Mark `slots` used now; later positions in the batch count as more recent."""
+        n = slots.numel()
+        if n == 0:
+            return
+        stamps = self._clock + torch.arange(n, dtype=torch.int64, device=self.device)
+        self._stamps.view(-1).scatter_reduce_(0, slots, stamps, reduce="amax")
+        self._clock += n
+
+    def lookup(self, keys: Tensor) -> tuple[Tensor, Tensor]:
+        """Find `keys` [N] and mark the hits used. Returns (hit [N] bool, slots [N] int64); read
+        the hit rows with `gather(slots[hit])`."""
+        hit, slot = self._find(keys)
+        self._touch(slot[hit])
+        return hit, slot
+
+    def contains(self, keys: Tensor) -> Tensor:
+        """hit [N] bool, without marking anything used."""
+        return self._find(keys)[0]
+
+    def gather(self, slots: Tensor) -> Tensor:
+        """float32 [n, dim] rows of slots returned by `lookup` (valid until the next mutation)."""
+        return self._rows[slots]
+
+    # -- mutations --------------------------------------------------------------------------------
+
+    def insert(self, keys: Tensor, rows: Tensor) -> int:
+        """Cache `rows` [N, dim] under `keys` [N]; refreshes keys already present, evicts the least
+        recently used rows of full sets. Duplicate keys are inserted once (their first row). When
+        more new keys map to one set than it has ways, earlier keys in the batch win. Returns the
+        number of rows written."""
+        if rows.shape != (keys.shape[0], self.dim):
+            raise ValueError(f"rows must be [{keys.shape[0]}, {self.dim}], got {list(rows.shape)}")
+        if self.capacity_rows == 0 or keys.numel() == 0:
+            return 0
+        keys = keys.to(self.device, torch.int64)
+        rows = rows.to(self.device, torch.float32)
+        keys, first = _first_occurrences(keys)
+        rows = rows[first]
+        stamps = self._clock + torch.arange(keys.numel(), dtype=torch.int64, device=self.device)
+        self._clock += keys.numel()
+
+        present, slot = self._find(keys)
+        self._rows[slot[present]] = rows[present]
+        self._stamps.view(-1)[slot[present]] = stamps[present]
+        absent = ~present
+        placed = self._place(keys[absent], rows[absent], stamps[absent])
+        return int(present.sum()) + placed
+
+    def _place(self, keys: Tensor, rows: Tensor, stamps: Tensor) -> int:
+        """Put keys known to be absent (and distinct) into their sets: the r-th key of a set (in
+        batch order) takes the set's r-th least recently used slot; keys beyond `ways` are dropped."""
+        if keys.numel() == 0:
+            return 0
+        sets = self._sets(keys)
+        sorted_sets, order = torch.sort(sets, stable=True)
+        touched, counts = torch.unique_consecutive(sorted_sets, return_counts=True)
+        starts = torch.cumsum(counts, 0) - counts
+        group = torch.repeat_interleave(torch.arange(touched.numel(), device=self.device), counts)
+        rank = torch.arange(keys.numel(), device=self.device) - starts[group]
+        keep = rank < self.ways
+        by_age = torch.argsort(self._stamps[touched], dim=1)  # least recently used (or empty) first
+        way = by_age[group[keep], rank[keep]]
+        slot = sorted_sets[keep] * self.ways + way
+        chosen = order[keep]
+        self._keys.view(-1)[slot] = keys[chosen]
+        self._stamps.view(-1)[slot] = stamps[chosen]
+        self._rows[slot] = rows[chosen]
+        return int(keep.sum())
+
+    def invalidate(self, keys: Tensor) -> int:
+        """Drop `keys` (those cached); returns how many were dropped."""
+        hit, slot = self._find(keys)
+        slot = torch.unique(slot[hit])
+        self._keys.view(-1)[slot] = EMPTY
+        self._stamps.view(-1)[slot] = EMPTY
+        return int(slot.numel())
+
+    def clear(self) -> None:
+        self._keys.fill_(EMPTY)
+        self._stamps.fill_(EMPTY)
+
+    def resize(self, capacity_bytes: int) -> int:
+        """Reallocate for `capacity_bytes`, keeping the most recently used rows that fit (their
+        recency is kept too). Returns the number of rows evicted."""
+        before = self.num_rows
+        flat_keys, flat_stamps = self._keys.view(-1), self._stamps.view(-1)
+        valid = torch.nonzero(flat_keys >= 0).squeeze(1)
+        new_slots = capacity_bytes // self.slot_bytes
+        if valid.numel() > new_slots:
+            valid = valid[torch.topk(flat_stamps[valid], new_slots).indices]
+        # newest first, so that in a set conflict the newest rows win
+        valid = valid[torch.argsort(flat_stamps[valid], descending=True)]
+        keys, stamps, rows = flat_keys[valid], flat_stamps[valid], self._rows[valid]
+        del flat_keys, flat_stamps
+        self._allocate(capacity_bytes)
+        if self.capacity_rows:
+            self._place(keys, rows, stamps)
+        return before - self.num_rows
+
+
+def _first_occurrences(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """Distinct keys in order of first appearance, and the position of each first appearance."""
+    unique, inverse = torch.unique(keys, return_inverse=True)
+    positions = torch.arange(keys.numel(), dtype=torch.int64, device=keys.device)
+    first = torch.full((unique.numel(),), keys.numel(), dtype=torch.int64, device=keys.device)
+    first.scatter_reduce_(0, inverse, positions, reduce="amin")
+    first = torch.sort(first).values
+    return keys[first], first

@@ -1,0 +1,89 @@
+"""Which rows are hot: a count-min sketch with conservative update and exponential aging, plus a
+short list of heavy-hitter candidates (the sketch alone cannot enumerate keys).
+
+    counts float32 [depth, width]     counter of key k in row r: counts[r, h_r(k) % width]
+    estimate(k) = min_r counts[r, h_r(k)]            (never below the true, aged count)
+
+A batch is counted at once: each distinct key with count c raises its counters to at least
+`estimate + c` (conservative update: counters that already over-count are left alone, which
+keeps collisions from inflating cold keys). Before each batch all counters are multiplied by
+`0.5 ** (batch_keys / half_life)`, so a key's weight halves every `half_life` observed keys and
+the sketch follows a drifting hot set.
+
+Candidates: the `candidates` keys with the highest estimates among the previous candidates and
+the batch's keys, re-ranked every batch with `topk`.
+
+Not thread-safe: `AdaptiveCacheManager` serialises access.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from flexemr.cache.hashing import SKETCH_MULTIPLIERS, mix
+
+
+class FrequencySketch:
+    def __init__(
+        self,
+        width: int = 1 << 16,
+        depth: int = 4,
+        candidates: int = 4096,
+        half_life: float = 1e6,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if width < 1 or width & (width - 1):
+            raise ValueError(f"width must be a power of two, got {width}")
+        if not 1 <= depth <= len(SKETCH_MULTIPLIERS):
+            raise ValueError(f"depth must be in [1, {len(SKETCH_MULTIPLIERS)}], got {depth}")
+        if candidates < 1:
+            raise ValueError(f"candidates must be positive, got {candidates}")
+        if half_life <= 0:
+            raise ValueError(f"half_life must be positive, got {half_life}")
+        self.width, self.depth, self.capacity, self.half_life = width, depth, candidates, half_life
+        self.device = torch.device(device)
+        self.counts = torch.zeros(depth, width, device=self.device)
+        self.candidates = torch.empty(0, dtype=torch.int64, device=self.device)
+
+    def _index(self, keys: Tensor) -> Tensor:
+        """[depth, N] counter positions of `keys`."""
+        return torch.stack([mix(keys, m) & (self.width - 1) for m in SKETCH_MULTIPLIERS[: self.depth]])
+
+    def estimate(self, keys: Tensor) -> Tensor:
+        """float32 [N]: aged frequency estimates (upper bounds of the aged true counts)."""
+        keys = keys.to(self.device, torch.int64)
+        if keys.numel() == 0:
+            return torch.zeros(0, device=self.device)
+        return self.counts.gather(1, self._index(keys)).min(dim=0).values
+
+    def observe(self, keys: Tensor) -> None:
+        """Count one batch of keys (duplicates count once each)."""
+        keys = keys.to(self.device, torch.int64).reshape(-1)
+        if keys.numel() == 0:
+            return
+        self.counts *= 0.5 ** (keys.numel() / self.half_life)
+        distinct, counts = torch.unique(keys, return_counts=True)
+        index = self._index(distinct)
+        raised = self.counts.gather(1, index).min(dim=0).values + counts.to(self.counts.dtype)
+        self.counts.scatter_reduce_(1, index, raised.expand(self.depth, -1), reduce="amax")
+
+        pool = torch.unique(torch.cat([self.candidates, distinct]))
+        top = torch.topk(self.estimate(pool), min(self.capacity, pool.numel())).indices
+        self.candidates = pool[top]
+
+    def hottest_missing(self, k: int, cached: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+        """Up to `k` candidate keys, hottest first, leaving out those where `cached(keys)` is True
+        (pass the cache's `contains`); with no `cached`, simply the hottest keys."""
+        keys = self.candidates
+        if cached is not None and keys.numel():
+            keys = keys[~cached(keys)]
+        if keys.numel() == 0 or k <= 0:
+            return keys[:0]
+        return keys[torch.topk(self.estimate(keys), min(k, keys.numel())).indices]
+
+    def clear(self) -> None:
+        self.counts.zero_()
+        self.candidates = self.candidates[:0]

@@ -1,0 +1,174 @@
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexemr.cache.row_cache import RowCache
+
+DIM = 4
+
+
+def source(keys: torch.Tensor) -> torch.Tensor:
+    """A deterministic 'table': row of key k is k, k+0.25, ..."""
+    return keys.to(torch.float32).unsqueeze(1) + torch.arange(DIM) / 4
+
+
+def cache_of(rows: int, ways: int = 16) -> RowCache:
+    return RowCache(DIM, rows * (4 * DIM + 16), "cpu", ways)
+
+
+def keys(*values: int) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def test_hits_return_the_inserted_rows_and_misses_do_not() -> None:
+    cache = cache_of(64)
+    cache.insert(keys(1, 2, 3), source(keys(1, 2, 3)))
+    hit, slots = cache.lookup(keys(1, 4, 3, 0))
+    assert hit.tolist() == [True, False, True, False]
+    torch.testing.assert_close(cache.gather(slots[hit]), source(keys(1, 3)))
+    assert cache.num_rows == 3
+    assert cache.size_bytes == 3 * cache.slot_bytes
+    assert cache.capacity_rows == 64
+
+
+def test_capacity_zero_misses_everything() -> None:
+    cache = RowCache(DIM, 0)
+    assert cache.insert(keys(1, 2), source(keys(1, 2))) == 0
+    assert not cache.lookup(keys(1, 2))[0].any()
+    assert cache.num_rows == cache.capacity_bytes == 0
+    cache.resize(0)
+    cache.resize(10 * cache.slot_bytes)
+    cache.insert(keys(5), source(keys(5)))
+    assert cache.contains(keys(5)).all()
+
+
+def test_capacity_below_one_row_is_zero_rows() -> None:
+    cache = RowCache(DIM, 4 * DIM + 15)
+    assert cache.capacity_rows == 0
+
+
+def test_full_set_evicts_the_least_recently_used() -> None:
+    cache = cache_of(4, ways=4)  # one set of 4: exact LRU
+    cache.insert(keys(1, 2, 3, 4), source(keys(1, 2, 3, 4)))
+    cache.lookup(keys(1))
+    cache.insert(keys(5), source(keys(5)))
+    assert cache.contains(keys(1, 2, 3, 4, 5)).tolist() == [True, False, True, True, True]
+    cache.lookup(keys(3, 4))  # order now (old -> new): 1 5 3 4
+    cache.insert(keys(6, 7), source(keys(6, 7)))
+    assert cache.contains(keys(1, 3, 4, 5, 6, 7)).tolist() == [False, True, True, False, True, True]
+
+
+def test_later_positions_in_a_lookup_count_as_more_recent() -> None:
+    cache = cache_of(3, ways=3)
+    cache.insert(keys(1, 2, 3), source(keys(1, 2, 3)))
+    cache.lookup(keys(3, 1, 2))
+    cache.insert(keys(9), source(keys(9)))
+    assert cache.contains(keys(1, 2, 3)).tolist() == [True, True, False]
+
+
+def test_duplicates_in_a_batch() -> None:
+    cache = cache_of(8)
+    rows = source(keys(7, 7, 8))
+    rows[1] = -1.0  # a second copy of 7: the first one wins
+    assert cache.insert(keys(7, 7, 8), rows) == 2
+    assert cache.num_rows == 2
+    hit, slots = cache.lookup(keys(8, 7, 7, 8, 7))
+    assert hit.all()
+    torch.testing.assert_close(cache.gather(slots), source(keys(8, 7, 7, 8, 7)))
+
+
+def test_more_new_keys_than_capacity_in_one_batch() -> None:
+    cache = cache_of(32, ways=8)
+    new = torch.arange(1000)
+    cache.insert(new, source(new))
+    assert 0 < cache.num_rows <= 32
+    hit, slots = cache.lookup(new)
+    assert int(hit.sum()) == cache.num_rows
+    torch.testing.assert_close(cache.gather(slots[hit]), source(new[hit]))
+
+
+def test_shrink_keeps_the_most_recent_exactly_when_fully_associative() -> None:
+    cache = cache_of(8, ways=8)
+    cache.insert(torch.arange(8), source(torch.arange(8)))
+    cache.lookup(keys(5, 0, 7, 2, 6, 1, 4, 3))  # newest last
+    evicted = cache.resize(4 * cache.slot_bytes)
+    assert evicted == 4
+    assert cache.contains(torch.arange(8)).nonzero().squeeze(1).tolist() == [1, 3, 4, 6]
+    cache.insert(keys(9), source(keys(9)))  # recency survived the resize: 6 was the oldest kept
+    assert cache.contains(keys(1, 3, 4, 6, 9)).tolist() == [True, True, True, False, True]
+
+
+def test_shrink_keeps_only_recent_rows_when_set_associative() -> None:
+    cache = cache_of(512, ways=8)
+    all_keys = torch.randperm(4096)[:512]
+    cache.insert(all_keys, source(all_keys))
+    order = all_keys[torch.randperm(all_keys.numel())]
+    cache.lookup(order[cache.contains(order)])
+    held = order[cache.contains(order)]  # in recency order, newest last
+    cache.resize(128 * cache.slot_bytes)
+    assert 64 <= cache.num_rows <= 128
+    kept = cache.contains(held)
+    assert kept[: held.numel() - 128].sum() == 0  # nothing older than the newest 128 survived
+    hit, slots = cache.lookup(held)
+    torch.testing.assert_close(cache.gather(slots[hit]), source(held[hit]))
+
+
+def test_grow_keeps_every_row() -> None:
+    cache = cache_of(64, ways=4)
+    new = torch.arange(0, 640, 10)
+    cache.insert(new, source(new))
+    before = new[cache.contains(new)]
+    assert cache.resize(1024 * cache.slot_bytes) == 0
+    assert cache.capacity_rows == 1024
+    hit, slots = cache.lookup(before)
+    assert hit.all()
+    torch.testing.assert_close(cache.gather(slots), source(before))
+
+
+def test_invalidate_then_reinsert_serves_the_new_value() -> None:
+    cache = cache_of(16)
+    cache.insert(keys(3, 4), source(keys(3, 4)))
+    assert cache.invalidate(keys(3, 3, 99)) == 1
+    assert cache.contains(keys(3, 4)).tolist() == [False, True]
+    cache.insert(keys(3), torch.full((1, DIM), 42.0))
+    hit, slots = cache.lookup(keys(3))
+    assert hit.all()
+    assert (cache.gather(slots) == 42.0).all()
+    cache.clear()
+    assert cache.num_rows == 0
+
+
+ops = st.lists(
+    st.tuples(
+        st.sampled_from(["insert", "lookup", "invalidate", "resize"]),
+        st.lists(st.integers(0, 60), max_size=40),
+        st.integers(0, 48),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ops=ops, ways=st.sampled_from([1, 2, 4, 16]))
+def test_random_operations_never_serve_a_wrong_or_invalidated_row(
+    ops: list[tuple[str, list[int], int]], ways: int
+) -> None:
+    cache = cache_of(16, ways)
+    version = torch.zeros(61)  # the source changes value on invalidation
+    for op, values, size in ops:
+        batch = torch.tensor(values, dtype=torch.int64)
+        if op == "insert":
+            cache.insert(batch, source(batch) + version[batch].unsqueeze(1))
+        elif op == "invalidate":
+            version[batch] += 1000
+            cache.invalidate(batch)
+            assert not cache.contains(batch).any()
+        elif op == "resize":
+            cache.resize(size * cache.slot_bytes)
+        hit, slots = cache.lookup(batch)
+        expected = source(batch) + version[batch].unsqueeze(1)
+        torch.testing.assert_close(cache.gather(slots[hit]), expected[hit])
+        assert cache.num_rows <= cache.capacity_rows
+        assert cache.capacity_bytes <= max(cache.slot_bytes * 48, cache.slot_bytes * 16)
