@@ -39,6 +39,8 @@ class ServeProcess:
         self.pump.join(10)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        if any("Traceback" in line for line in self.output):
+            print("flexemr serve logged an error:\n" + "".join(self.output[-80:]))  # shown if a test fails
 
 
 def start_serve(*args: str, timeout: float = 90.0) -> ServeProcess:

@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from flexemr.cache.manager import CacheMode
 from flexemr.model.presets import preset
 from flexemr.model.spec import Interaction, ModelSpec, Pooling
 from flexemr.model.weights import CheckpointWeights, PresetWeights, WeightSource
 from flexemr.sharding.plan import ShardingPlan
 
 LookupMode = Literal["partial", "raw"]
+EngineMode = Literal["tcp", "single", "shared", "mapped"]
+CreditMode = Literal["priority", "piggyback", "off"]
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,11 @@ class RankerConfig:
     """Where the dense model runs: `auto` picks `cuda` when available, else `cpu`."""
     batch_window_ms: float = 0.0
     """Dynamic batching: merge requests arriving within this window, up to `max_batch`; 0 = off."""
+    cache: str = "off"
+    """Embedding cache on the ranker's device: `off`, `fixed:BYTES` (e.g. fixed:64MiB) or `adaptive`."""
+    device_memory_bytes: int | None = None
+    """Memory budget the dense model's activations and the cache share; None: the GPU's free memory,
+    or a quarter of RAM on a CPU."""
 
     def __post_init__(self) -> None:
         if self.lookup not in ("partial", "raw"):
@@ -106,6 +114,55 @@ class RankerConfig:
             raise ValueError(f"max_batch must be positive, got {self.max_batch}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        CacheMode.parse(self.cache)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The ranker's I/O engine (`flexemr.engine`): threads, connections, credits, migration."""
+
+    mode: EngineMode = "mapped"
+    """`mapped`: each connection owned by one I/O thread, no locks; `single`: one I/O thread;
+    `shared`: threads share all connections under per-connection locks (the naive baseline);
+    `tcp`: the simple transport (`flexemr.transport.tcp`), no engine."""
+    io_threads: int = 2
+    """I/O threads (`single` uses one whatever this says)."""
+    connections_per_server: int = 0
+    """Data connections per server; 0 = enough to give every thread one, at least 2."""
+    credits: CreditMode = "priority"
+    """Flow control: credits on a high-priority control connection, piggybacked on lookups, or off."""
+    credit_capacity: int = 64
+    """Response slots per data connection: the most responses a server may send ahead."""
+    migration: bool = True
+    """Move connections from busy to idle I/O threads under skew (`mapped` mode only)."""
+    migration_interval_s: float = 0.005
+    """How often the migration policy samples per-connection queues."""
+    migration_window: int = 20
+    """Samples the policy averages over."""
+    migration_imbalance: float = 1.5
+    """Move when the busiest thread's load exceeds this times the least busy thread's."""
+    migration_cooldown: int = 20
+    """Samples to wait after a move before the next one (hysteresis)."""
+    max_in_flight_per_connection: int = 4096
+    """Bounds the engine's queues: beyond this many subrequests queued or in flight per data
+    connection (summed over all connections), new ones fail at once (overload is refused)."""
+    reconnect_interval_s: float = 0.5
+    """How often connections that went down are retried."""
+    debug_ownership: bool = False
+    """Check on every socket operation that only the owning thread touches a connection."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("tcp", "single", "shared", "mapped"):
+            raise ValueError(f"engine mode must be tcp, single, shared or mapped, got {self.mode!r}")
+        if self.credits not in ("priority", "piggyback", "off"):
+            raise ValueError(f"credits must be priority, piggyback or off, got {self.credits!r}")
+        if self.io_threads < 1 or self.connections_per_server < 0 or self.credit_capacity < 1:
+            raise ValueError(
+                f"need io_threads >= 1, connections_per_server >= 0, credit_capacity >= 1; got "
+                f"{self.io_threads}, {self.connections_per_server}, {self.credit_capacity}"
+            )
+        if self.migration_interval_s <= 0 or self.reconnect_interval_s <= 0:
+            raise ValueError("migration_interval_s and reconnect_interval_s must be positive")
 
 
 @dataclass(frozen=True)
@@ -114,6 +171,8 @@ class ClusterSpec:
     sharding: ShardingPlan
     embedding_servers: tuple[Endpoint, ...]
     ranker: RankerConfig = field(default_factory=RankerConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    """The ranker's I/O engine."""
 
     def __post_init__(self) -> None:
         if len(self.embedding_servers) != self.sharding.num_servers:
@@ -143,6 +202,7 @@ class ClusterSpec:
             sharding=ShardingPlan.from_dict(data["sharding"]),
             embedding_servers=tuple(Endpoint(**e) for e in data["embedding_servers"]),
             ranker=RankerConfig(**data.get("ranker", {})),
+            engine=EngineConfig(**data.get("engine", {})),
         )
 
     @classmethod

@@ -35,7 +35,9 @@ def test_criteo_sample_served_exactly(tmp_path: Path, serve: Callable[..., Serve
             request = replay.generate(250)
             scores = client.infer(request.dense, request.indices, request.lengths)
             np.testing.assert_allclose(
-                scores, reference_scores(model.eval(), request.dense, request.indices, request.lengths), atol=1e-5
+                scores,
+                reference_scores(model.eval(), request.dense, request.indices, request.lengths),
+                atol=1e-5,
             )
             served.append(scores)
     scores = np.concatenate(served)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 from flexemr.bench.loadgen_sut import (
     Backend,
@@ -149,7 +150,7 @@ def _offline(name: str, backend: Backend, pool: SamplePool, settings: RunSetting
     served = backend if isinstance(backend, ServedSystem) else None
     pids: dict[str, int] = served.pids() if served else {}
     cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
-    before = served.stats() if served else {}
+    before: dict[str, Any] = served.stats() if served else {}
     offline = run_offline(backend, pool, settings)[0]
     result = SystemResult(name, SYSTEMS[name].description, backend.transport, offline)
     if served is not None:

@@ -74,6 +74,11 @@ class LoadMonitor:
         self._now = start
         self._window: deque[tuple[float, int, int]] = deque()  # (time, batch_size, demand)
 
+    @property
+    def last_time(self) -> float:
+        """The time of the latest observation."""
+        return self._now
+
     def observe(self, batch_size: int, queue_depth: int, now: float) -> LoadDecision:
         """Record a batch about to run and decide the state and the batch size to plan for."""
         if batch_size < 0 or queue_depth < 0:

@@ -231,6 +231,8 @@ class AdaptiveCacheManager:
         (monotonic seconds `now`). `adaptive` shrinks here, before the batch needs the memory, or
         grows (empty room for `warm_candidates`). Returns the resize, if any."""
         with self._lock:
+            # Concurrent callers read their clocks before taking the lock, so `now` may trail slightly.
+            now = max(now, self.monitor.last_time)
             decision = self.monitor.observe(batch_size, queue_depth, now)
             self._state, self._plan_batch = decision.state, decision.plan_batch
             if self.mode.kind != "adaptive":

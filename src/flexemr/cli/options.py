@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
-from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
+from flexemr.cache.sizes import parse_bytes
+from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, RankerConfig
 from flexemr.model.presets import PRESET_NAMES
 from flexemr.sharding.plan import ShardingPlan, make_plan
 
@@ -33,7 +35,58 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch", type=int, default=RankerConfig.max_batch)
     parser.add_argument("--device", default="auto", help="dense model device: auto, cpu, cuda, cuda:1")
     parser.add_argument(
-        "--batch-window-ms", type=float, default=0.0, help="dynamic batching window (0: off)"
+        "--cache",
+        default="adaptive",
+        help="embedding cache on the ranker: off, fixed:BYTES (fixed:64MiB), adaptive",
+    )
+    parser.add_argument(
+        "--device-memory", type=parse_bytes, default=None,
+        help="bytes the dense model and cache share (default: GPU free memory, or 1/4 of RAM on CPU)",
+    )  # fmt: skip
+    parser.add_argument("--batch-window-ms", type=float, default=0.0, help="dynamic batching window (0: off)")
+    add_engine_arguments(parser)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ranker's I/O engine (`flexemr.engine`); the defaults are the best measured combination."""
+    defaults = EngineConfig()
+    parser.add_argument(
+        "--engine",
+        choices=("mapped", "shared", "single", "tcp"),
+        default=defaults.mode,
+        help="I/O engine: mapped (thread-owned connections), shared (locked), single, tcp (simple)",
+    )
+    parser.add_argument("--io-threads", type=int, default=defaults.io_threads, help="I/O threads")
+    parser.add_argument(
+        "--connections-per-server",
+        type=int,
+        default=defaults.connections_per_server,
+        help="data connections per embedding server (0: auto)",
+    )
+    parser.add_argument(
+        "--credits",
+        choices=("priority", "piggyback", "off"),
+        default=defaults.credits,
+        help="flow control: credits on a priority control channel, piggybacked on lookups, or off",
+    )
+    parser.add_argument(
+        "--migration",
+        choices=("on", "off"),
+        default="on" if defaults.migration else "off",
+        help="move connections between I/O threads under skew",
+    )
+
+
+def engine_config(args: argparse.Namespace, base: EngineConfig | None = None) -> EngineConfig:
+    """The engine config from the flags (over `base`, e.g. a spec file's, where a flag is absent)."""
+    base = base or EngineConfig()
+    return dataclasses.replace(
+        base,
+        mode=getattr(args, "engine", base.mode),
+        io_threads=getattr(args, "io_threads", base.io_threads),
+        connections_per_server=getattr(args, "connections_per_server", base.connections_per_server),
+        credits=getattr(args, "credits", base.credits),
+        migration=getattr(args, "migration", "on" if base.migration else "off") == "on",
     )
 
 
@@ -68,6 +121,10 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         max_batch=args.max_batch,
         device=args.device,
         batch_window_ms=args.batch_window_ms,
+        cache=args.cache,
+        device_memory_bytes=args.device_memory,
     )
     endpoints = tuple(Endpoint(args.host, 0) for _ in range(plan.num_servers))
-    return ClusterSpec(model=source, sharding=plan, embedding_servers=endpoints, ranker=ranker)
+    return ClusterSpec(
+        model=source, sharding=plan, embedding_servers=endpoints, ranker=ranker, engine=engine_config(args)
+    )

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
+from flexemr.cli.options import add_engine_arguments, engine_config
 from flexemr.cluster.roles import HttpServer, build_ranker
 from flexemr.config import ClusterSpec
 from flexemr.transport.base import ServerUnavailable
@@ -14,12 +16,14 @@ from flexemr.transport.base import ServerUnavailable
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", required=True, help="cluster spec file (JSON)")
     parser.add_argument("--connect-timeout", type=float, default=120.0, help="wait this long for servers")
+    add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ranker %(levelname)s: %(message)s")
     try:
         spec = ClusterSpec.load(args.spec)
+        spec = dataclasses.replace(spec, engine=engine_config(args, spec.engine))
         ranker = build_ranker(spec, connect_timeout_s=args.connect_timeout)
     except (ValueError, FileNotFoundError, ServerUnavailable) as exc:
         print(f"flexemr ranker: {exc}", file=sys.stderr)

@@ -39,11 +39,17 @@ def build_ranker(
     source = spec.model.load()
     plan = spec.sharding
     if transport is None:
-        tcp = TcpTransport(
-            spec.embedding_servers, [plan.server_rows(s) for s in range(plan.num_servers)], plan.dim
-        )
-        tcp.start(timeout=connect_timeout_s)
-        transport = tcp
+        rows = [plan.server_rows(s) for s in range(plan.num_servers)]
+        if spec.engine.mode == "tcp":
+            tcp = TcpTransport(spec.embedding_servers, rows, plan.dim)
+            tcp.start(timeout=connect_timeout_s)
+            transport = tcp
+        else:
+            from flexemr.engine import IoEngine
+
+            engine = IoEngine(spec.embedding_servers, rows, plan.dim, spec.engine)
+            engine.start(timeout=connect_timeout_s)
+            transport = engine
     return Ranker(source.spec, plan, build_dense(source), transport, spec.ranker)
 
 

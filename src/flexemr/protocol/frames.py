@@ -42,7 +42,10 @@ class MessageType(enum.IntEnum):
     PING = 5
     PONG = 6
     CREDIT = 7
-    """ranker -> server on the control channel: [grants int64]."""
+    """ranker -> server: credits for responses. On a control connection: [data connection ids
+    int64 (k), grants int64 (k), sent at int64 (1): time.monotonic_ns of the grant]; on a data
+    connection (piggyback mode, nothing to piggyback on): [grants, sent at: int64 (1 or 2)]. Never
+    answered."""
 
 
 class Flags(enum.IntFlag):
@@ -51,6 +54,8 @@ class Flags(enum.IntFlag):
     """LOOKUP: return the rows themselves, not per-bag partial sums."""
     WEIGHTED = 2
     """LOOKUP: a third buffer holds per-index weights."""
+    CREDIT = 4
+    """LOOKUP: the last buffer, int64 [credits] or [credits, sent at ns], grants response credits."""
 
 
 _DTYPES: dict[int, np.dtype[np.generic]] = {
@@ -99,7 +104,7 @@ def encode(
         array = np.ascontiguousarray(array)
         shape = (*array.shape, 0) if array.ndim == 1 else array.shape
         descriptors += DESCRIPTOR.pack(_CODES[array.dtype], array.ndim, shape[0], shape[1])
-        parts.append(array.data.cast("B"))
+        parts.append(array.data.cast("B") if array.size else memoryview(b""))  # (0, dim) cannot cast
         body += array.nbytes
     header = HEADER.pack(MAGIC, VERSION, msg_type, flags, request_id, len(buffers), body)
     return [memoryview(header + descriptors), *parts]
@@ -126,10 +131,8 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
-def recv_frame(sock: socket.socket, limits: FrameLimits) -> Frame:
-    """Read one frame, validating everything before allocating the buffers it declares."""
-    header = bytearray(HEADER.size)
-    _recv_exact(sock, memoryview(header))
+def parse_header(header: bytes | bytearray, limits: FrameLimits) -> tuple[MessageType, int, int, int, int]:
+    """(type, flags, request id, buffer count, body bytes) of a frame header, checked against limits."""
     magic, version, msg_type, flags, request_id, count, body = HEADER.unpack(header)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
@@ -143,9 +146,14 @@ def recv_frame(sock: socket.socket, limits: FrameLimits) -> Frame:
         raise ProtocolError(f"{count} buffers exceeds the limit of {limits.max_buffers}")
     if body > limits.max_frame_bytes:
         raise ProtocolError(f"body of {body} bytes exceeds the limit of {limits.max_frame_bytes}")
-    raw = bytearray(DESCRIPTOR.size * count)
-    _recv_exact(sock, memoryview(raw))
-    shapes = []
+    return kind, flags, request_id, count, body
+
+
+def parse_descriptors(
+    raw: bytes | bytearray, count: int, body: int, limits: FrameLimits
+) -> list[tuple[np.dtype[np.generic], tuple[int, ...]]]:
+    """The (dtype, shape) of each buffer, checked, and checked to add up to `body` bytes."""
+    shapes: list[tuple[np.dtype[np.generic], tuple[int, ...]]] = []
     declared = 0
     for i in range(count):
         code, ndim, dim0, dim1 = DESCRIPTOR.unpack_from(raw, i * DESCRIPTOR.size)
@@ -160,10 +168,21 @@ def recv_frame(sock: socket.socket, limits: FrameLimits) -> Frame:
         shapes.append((_DTYPES[code], shape))
     if declared != body:
         raise ProtocolError(f"buffers declare {declared} bytes but the header says {body}")
+    return shapes
+
+
+def recv_frame(sock: socket.socket, limits: FrameLimits) -> Frame:
+    """Read one frame, validating everything before allocating the buffers it declares."""
+    header = bytearray(HEADER.size)
+    _recv_exact(sock, memoryview(header))
+    kind, flags, request_id, count, body = parse_header(header, limits)
+    raw = bytearray(DESCRIPTOR.size * count)
+    _recv_exact(sock, memoryview(raw))
     buffers = []
-    for dtype, shape in shapes:
+    for dtype, shape in parse_descriptors(raw, count, body, limits):
         array = np.empty(shape, dtype=dtype)
-        _recv_exact(sock, array.data.cast("B"))
+        if array.size:
+            _recv_exact(sock, array.data.cast("B"))
         buffers.append(array)
     return Frame(kind, request_id, flags, buffers)
 

@@ -11,20 +11,24 @@ partial set of rows.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
+from flexemr.cache import AdaptiveCacheManager, CacheConfig, LoadMonitorConfig
 from flexemr.config import RankerConfig
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
 from flexemr.ranker.batch import SparseBatch, validate_batch
 from flexemr.ranker.batcher import DynamicBatcher
 from flexemr.sharding.plan import ShardingPlan
-from flexemr.sharding.router import RangeRouter
-from flexemr.transport.base import LookupRequest, LookupTransport, ServerUnavailable
+from flexemr.sharding.router import RangeRouter, Subrequest
+from flexemr.transport.base import LookupFailed, LookupRequest, LookupTransport, ServerUnavailable
 
 
 def resolve_device(name: str) -> torch.device:
@@ -49,11 +53,30 @@ class Ranker:
         self.device = resolve_device(config.device)
         self.dense = dense.to(self.device).eval()
         self.samples = self.requests = 0
+        self._waiting = 0  # samples accepted and not yet scored: the load monitor's queue depth
+        self._lock = threading.Lock()
+        self.cache = self._make_cache()
+        self._stop = threading.Event()
+        self._warmer: threading.Thread | None = None
+        if self.cache is not None:
+            self._warmer = threading.Thread(target=self._warm_loop, daemon=True, name="cache-warmer")
+            self._warmer.start()
         self.batcher = (
             DynamicBatcher(self.score_batch, config.max_batch, config.batch_window_ms / 1000)
             if config.batch_window_ms > 0
             else None
         )
+
+    def _make_cache(self) -> AdaptiveCacheManager | None:
+        if self.config.cache == "off":
+            return None
+        cache_config = CacheConfig(
+            mode=self.config.cache,
+            wire=self.config.lookup,
+            device_budget_bytes=self.config.device_memory_bytes,
+            load=LoadMonitorConfig(max_batch=self.config.max_batch),
+        )
+        return AdaptiveCacheManager.for_model(cache_config, self.dense, self.device, start=time.monotonic())
 
     def ready(self) -> bool:
         return all(self.transport.connected())
@@ -65,43 +88,88 @@ class Ranker:
         batch = validate_batch(
             self.spec, dense, indices, lengths, self.config.max_batch, self.config.max_indices_per_sample
         )
-        if self.batcher is None:
-            return self.score_batch(batch)
-        return self.batcher.submit(batch).result()
+        with self._lock:
+            self._waiting += batch.batch_size
+        try:
+            if self.batcher is None:
+                return self.score_batch(batch)
+            return self.batcher.submit(batch).result()
+        finally:
+            with self._lock:
+                self._waiting -= batch.batch_size
 
     def score_batch(self, batch: SparseBatch) -> np.ndarray:
         pooled = self.pool(batch)
         with torch.inference_mode():
-            scores = self.dense(torch.from_numpy(batch.dense).to(self.device), pooled.to(self.device))
-        self.requests += 1
-        self.samples += batch.batch_size
+            scores = self.dense(torch.from_numpy(batch.dense).to(self.device), pooled)
+        with self._lock:
+            self.requests += 1
+            self.samples += batch.batch_size
         result: np.ndarray = scores.float().cpu().numpy()
         return result
 
     def pool(self, batch: SparseBatch) -> torch.Tensor:
-        """Pooled embeddings [B, T, D], gathered from every server that holds rows of the batch."""
+        """Pooled embeddings [B, T, D] on the device: cached rows summed locally, the rest gathered
+        from every server that holds rows of the batch."""
         bag_ids = batch.bag_ids()
         keys = self.router.keys(batch.indices, batch.rows_per_table())
+        num_bags = batch.lengths.size
+        pooled = torch.zeros(num_bags, self.spec.dim, device=self.device)
         raw = self.config.lookup == "raw"
+        token = None
+        if self.cache is not None:
+            with self._lock:
+                queued = max(self._waiting - batch.batch_size, 0)
+            self.cache.before_batch(batch.batch_size, queued, time.monotonic())
+            token = self.cache.fetch_token()
+            key_tensor = torch.from_numpy(keys)
+            part = self.cache.cached_part(torch.from_numpy(bag_ids), key_tensor, num_bags, out=pooled)
+            self.cache.observe(key_tensor)
+            miss = part.miss.cpu().numpy()
+            keys, bag_ids = keys[miss], bag_ids[miss]
+        for sub, values in self._lookup(keys, bag_ids, raw):
+            target = sub.row_bags() if raw else sub.bags
+            rows = torch.from_numpy(values).to(self.device)
+            pooled.index_add_(0, torch.from_numpy(target).to(self.device), rows)
+            if raw and self.cache is not None:
+                self.cache.admit(torch.from_numpy(sub.keys), rows, token)
+        if self.spec.pooling == "mean":
+            pooled /= torch.from_numpy(batch.lengths).to(self.device).clamp(min=1).unsqueeze(1)
+        return pooled.view(batch.num_tables, batch.batch_size, self.spec.dim).transpose(0, 1)
+
+    def _lookup(
+        self, keys: np.ndarray, bag_ids: np.ndarray, raw: bool
+    ) -> Iterator[tuple[Subrequest, np.ndarray]]:
+        """Send one subrequest per server holding any of `keys`, all in flight at once; yield each
+        with its answer. Fails the whole lookup if any server fails or times out."""
         in_flight = [
             (sub, self.transport.submit(sub.server, LookupRequest(sub.rows, sub.offsets, raw=raw)))
             for sub in self.router.route(keys, bag_ids)
         ]
-        pooled = torch.zeros(batch.lengths.size, self.spec.dim)
         deadline = time.monotonic() + self.config.request_timeout_s
         for sub, future in in_flight:
             try:
                 values = future.result(timeout=max(deadline - time.monotonic(), 0.0))
             except concurrent.futures.TimeoutError:
-                endpoint = f"#{sub.server}"
                 raise ServerUnavailable(
-                    sub.server, endpoint, f"no answer within {self.config.request_timeout_s} s"
+                    sub.server, f"#{sub.server}", f"no answer within {self.config.request_timeout_s} s"
                 ) from None
-            target = sub.row_bags() if raw else sub.bags
-            pooled.index_add_(0, torch.from_numpy(target), torch.from_numpy(values))
-        if self.spec.pooling == "mean":
-            pooled /= torch.from_numpy(batch.lengths).clamp(min=1).unsqueeze(1)
-        return pooled.view(batch.num_tables, batch.batch_size, self.spec.dim).transpose(0, 1)
+            yield sub, values
+
+    def _warm_loop(self) -> None:
+        """Fill the cache's free room with the hottest rows it misses, fetched raw in the
+        background; requests never wait for it."""
+        assert self.cache is not None
+        while not self._stop.wait(0.05):
+            request = self.cache.warm_candidates(min(self.cache.free_rows() or 64, 8192))
+            if request.keys.numel() == 0:
+                continue
+            keys = np.sort(request.keys.cpu().numpy())
+            try:
+                for sub, rows in self._lookup(keys, np.arange(keys.size, dtype=np.int64), raw=True):
+                    self.cache.admit(torch.from_numpy(sub.keys), torch.from_numpy(rows), request.token)
+            except (ServerUnavailable, LookupFailed):
+                continue  # a later round retries; requests report the failure themselves
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {
@@ -109,6 +177,11 @@ class Ranker:
             "samples": self.samples,
             "transport": self.transport.stats(),
         }
+        if self.cache is not None:
+            cache = self.cache.stats()
+            stats["cache"] = {
+                k: v for k, v in dataclasses.asdict(cache).items() if isinstance(v, int | float)
+            }
         if self.batcher is not None:
             stats["batcher"] = {
                 "batches": self.batcher.merged_batches,
@@ -117,6 +190,9 @@ class Ranker:
         return stats
 
     def close(self) -> None:
+        self._stop.set()
+        if self._warmer is not None:
+            self._warmer.join(5)
         if self.batcher is not None:
             self.batcher.close()
         self.transport.close()

@@ -29,6 +29,8 @@ class Subrequest:
     """int64 [bags]: where each bag starts in `rows`."""
     bags: np.ndarray
     """int64 [bags]: the batch-wide bag id (table * B + sample) of each bag."""
+    keys: np.ndarray
+    """int64 [n]: the global key of each row (what the ranker's cache is keyed by)."""
 
     def row_bags(self) -> np.ndarray:
         """The bag id of every row (for pooling raw rows on the ranker)."""
@@ -67,7 +69,8 @@ class RangeRouter:
             picked = np.flatnonzero(server == s) if self.plan.num_servers > 1 else np.arange(keys.size)
             if picked.size == 0:
                 continue
-            local = keys[picked] + self._shift[shard[picked]]
+            picked_keys = keys[picked]
+            local = picked_keys + self._shift[shard[picked]]
             bags = bag_ids[picked]
             first = np.flatnonzero(np.concatenate([[True], bags[1:] != bags[:-1]]))
-            yield Subrequest(s, local, first.astype(np.int64), bags[first])
+            yield Subrequest(s, local, first.astype(np.int64), bags[first], picked_keys)

@@ -1,0 +1,14 @@
+"""The multi-threaded, mapping-aware I/O engine: a `LookupTransport` for the ranker.
+
+engine.py      IoEngine: connects, routes subrequests to the thread owning a connection, stats
+io_thread.py   one selectors event loop per I/O thread, owning its connections
+connection.py  a non-blocking, pipelined data connection (zero-copy send, incremental receive)
+credits.py     the credit ledger (pure) and the high-priority control channel
+migration.py   the migration policy (pure): when to move which connection to which thread
+stats.py       counters per thread and per connection
+"""
+
+from flexemr.engine.engine import IoEngine
+from flexemr.engine.migration import MigrationPolicy, Move
+
+__all__ = ["IoEngine", "MigrationPolicy", "Move"]

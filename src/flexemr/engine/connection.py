@@ -1,0 +1,342 @@
+"""One data connection to an embedding server: non-blocking, pipelined, owned by one I/O thread.
+
+Sending: a lookup is framed (`encode`: header bytes plus memoryviews of the arrays, no copy) and
+appended to the outgoing queue; `flush` writes as much as the socket takes with `sendmsg`, and a
+partial send resumes where it stopped on the next writable event. Receiving: an incremental parser
+reads the header, then the descriptors, then each buffer straight into an array allocated for it
+(after the limits are checked), across as many readable events as it takes. Answers are matched to
+their futures by request id, so any number of subrequests can be in flight.
+
+Ownership: in `mapped` and `single` modes only the owning thread calls these methods, so there is
+no lock. With `debug` on, every socket operation checks that the calling thread is the owner.
+In `shared` mode the caller holds `lock` around each call instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from flexemr.config import Endpoint
+from flexemr.embedding_server.server import MAX_QUEUED_RESPONSES
+from flexemr.engine.credits import CreditLedger
+from flexemr.engine.stats import ConnectionStats
+from flexemr.protocol.frames import (
+    DESCRIPTOR,
+    HEADER,
+    Flags,
+    Frame,
+    FrameLimits,
+    MessageType,
+    ProtocolError,
+    encode,
+    error_text,
+    parse_descriptors,
+    parse_header,
+    recv_frame,
+    send_frame,
+)
+from flexemr.transport.base import LookupFailed, LookupRequest, ServerUnavailable
+
+PIGGYBACK_WINDOW = MAX_QUEUED_RESPONSES
+"""Piggyback mode: the most subrequests in flight on one connection. Credits ride behind lookups,
+so a server whose answer queue is full (it stops reading) would never see them: keeping no more
+in flight than that queue holds means it never fills. The rest wait here, in `backlog`."""
+
+
+class OwnershipError(AssertionError):
+    """A connection was touched by a thread that does not own it (debug mode)."""
+
+
+@dataclass
+class Pending:
+    future: Future[np.ndarray]
+    shape: tuple[int, int]
+
+
+def open_data_socket(
+    endpoint: Endpoint,
+    server: int,
+    expected_rows: int,
+    dim: int,
+    limits: FrameLimits,
+    options: dict[str, Any],
+) -> socket.socket:
+    """Connect, say HELLO with the engine's options, check the server's facts; non-blocking after."""
+    sock = socket.create_connection((endpoint.host, endpoint.port), timeout=5.0)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        payload = np.frombuffer(json.dumps(options).encode(), dtype=np.uint8)
+        send_frame(sock, encode(MessageType.HELLO, 0, [payload]))
+        reply = recv_frame(sock, limits)
+        info = json.loads(reply.buffers[0].tobytes()) if reply.buffers else {}
+        actual = (info.get("server"), info.get("rows"), info.get("dim"))
+        if reply.type != MessageType.HELLO or actual != (server, expected_rows, dim):
+            raise LookupFailed(
+                f"server at {endpoint} says it is (server, rows, dim) = {actual}, but the plan expects "
+                f"{(server, expected_rows, dim)}: is the cluster spec the same everywhere?"
+            )
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Connection:
+    def __init__(
+        self,
+        cid: int,
+        server: int,
+        endpoint: Endpoint,
+        dim: int,
+        limits: FrameLimits,
+        credits: CreditLedger | None,
+        piggyback: bool,
+        shared: bool,
+        debug: bool,
+    ) -> None:
+        self.cid = cid
+        self.server = server
+        self.endpoint = endpoint
+        self.dim = dim
+        self.limits = limits
+        self.credits = credits
+        self.piggyback = piggyback
+        self.lock: contextlib.AbstractContextManager[Any] = (
+            threading.Lock() if shared else contextlib.nullcontext()
+        )
+        self.debug = debug
+        self.owner = 0
+        """Index of the I/O thread that owns this connection (mapped/single modes)."""
+        self.owner_ident: int | None = None
+        """Thread id of the owner, set when it adopts the connection; checked in debug mode."""
+        self.sock: socket.socket | None = None
+        self.last_error = "not connected yet"
+        self.pending: dict[int, Pending] = {}
+        self.stats = ConnectionStats()
+        self._next_id = 1
+        self._out: deque[memoryview] = deque()
+        self.backlog: deque[tuple[LookupRequest, Future[np.ndarray]]] = deque()
+        self._reset_parser()
+
+    # -- life cycle ---------------------------------------------------------------------------------
+
+    @property
+    def alive(self) -> bool:
+        return self.sock is not None
+
+    def attach(self, sock: socket.socket) -> None:
+        """Install a connected socket (at start, or after a reconnect), owned by the caller."""
+        self.check_owner()
+        sock.setblocking(False)
+        self.sock = sock
+        self._out.clear()
+        self._reset_parser()
+        if self.credits is not None:
+            self.credits.reset()
+
+    def fail(self, reason: str) -> None:
+        """Close the socket and fail everything in flight on it at once with `ServerUnavailable`."""
+        self.check_owner()
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        self.last_error = reason
+        pending, self.pending = self.pending, {}
+        futures = [entry.future for entry in pending.values()] + [f for _, f in self.backlog]
+        self.backlog.clear()
+        self._out.clear()
+        error = ServerUnavailable(self.server, str(self.endpoint), reason)
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)
+
+    # -- ownership ------------------------------------------------------------------------------------
+
+    def check_owner(self) -> None:
+        if self.debug and self.owner_ident is not None and self.owner_ident != threading.get_ident():
+            raise OwnershipError(
+                f"connection {self.cid} (server {self.server}) owned by thread {self.owner_ident} "
+                f"was touched by thread {threading.get_ident()} ({threading.current_thread().name})"
+            )
+
+    # -- sending --------------------------------------------------------------------------------------
+
+    def queue_lookup(self, request: LookupRequest, future: Future[np.ndarray]) -> None:
+        if self.piggyback and (self.backlog or len(self.pending) >= PIGGYBACK_WINDOW):
+            self.backlog.append((request, future))
+            return
+        self._frame_lookup(request, future)
+
+    def _frame_lookup(self, request: LookupRequest, future: Future[np.ndarray]) -> None:
+        request_id = self._next_id
+        self._next_id += 1
+        flags = Flags.RAW if request.raw else Flags.NONE
+        buffers = [request.rows, request.offsets]
+        if request.weights is not None:
+            flags |= Flags.WEIGHTED
+            buffers.append(request.weights)
+        if self.piggyback and self.credits is not None and self.credits.owed:
+            flags |= Flags.CREDIT
+            buffers.append(np.array([self.credits.take(), time.monotonic_ns()], dtype=np.int64))
+        self.pending[request_id] = Pending(future, request.expected_shape(self.dim))
+        self._out.extend(v for v in encode(MessageType.LOOKUP, request_id, buffers, flags) if v.nbytes)
+        self.stats.subrequests += 1
+
+    def queue_credit(self, n: int) -> None:
+        """A bare CREDIT frame on this connection (piggyback mode with nothing to ride on)."""
+        grant = np.array([n, time.monotonic_ns()], dtype=np.int64)
+        self._out.extend(encode(MessageType.CREDIT, 0, [grant]))
+
+    @property
+    def wants_write(self) -> bool:
+        return bool(self._out)
+
+    def flush(self) -> int:
+        """Send what the socket takes now; return the bytes sent. Raises OSError if it broke."""
+        self.check_owner()
+        assert self.sock is not None
+        total = 0
+        out = self._out
+        while out:
+            try:
+                sent = self.sock.sendmsg(list(out) if len(out) <= 64 else [out[i] for i in range(64)])
+            except BlockingIOError:
+                break
+            total += sent
+            while out and sent >= out[0].nbytes:
+                sent -= out[0].nbytes
+                out.popleft()
+            if sent:
+                out[0] = out[0][sent:]
+                break  # the socket buffer is full
+        self.stats.bytes_sent += total
+        return total
+
+    # -- receiving ------------------------------------------------------------------------------------
+
+    def _reset_parser(self) -> None:
+        self._stage = 0
+        self._header = bytearray(HEADER.size)
+        self._target = memoryview(self._header)
+        self._got = 0
+        self._frame: tuple[MessageType, int, int, int, int] | None = None
+        self._arrays: list[np.ndarray] = []
+        self._todo: list[np.ndarray] = []
+
+    def read(self) -> int:
+        """Read what has arrived, completing frames; return how many responses were completed.
+        Raises OSError (ConnectionError) when the peer closed, ProtocolError on a bad frame."""
+        self.check_owner()
+        assert self.sock is not None
+        done = 0
+        while True:
+            if self._got < self._target.nbytes:
+                try:
+                    n = self.sock.recv_into(self._target[self._got :])
+                except BlockingIOError:
+                    return done
+                if n == 0:
+                    raise ConnectionResetError("connection closed by the server")
+                self._got += n
+                self.stats.bytes_received += n
+                if self._got < self._target.nbytes:
+                    return done
+            if self._advance():
+                done += 1
+
+    def _advance(self) -> bool:
+        """The current target is full: move the parser on; True when a frame completed."""
+        if self._stage == 0:
+            self._frame = parse_header(self._header, self.limits)
+            self._stage = 1
+            self._set_target(memoryview(bytearray(DESCRIPTOR.size * self._frame[3])))
+        elif self._stage == 1:
+            assert self._frame is not None
+            _, _, _, count, body = self._frame
+            shapes = parse_descriptors(self._target.obj, count, body, self.limits)  # type: ignore[arg-type]
+            self._arrays = [np.empty(shape, dtype=dtype) for dtype, shape in shapes]
+            self._todo = list(reversed(self._arrays))
+            self._stage = 2
+            self._next_buffer()
+        else:
+            self._next_buffer()
+        if self._stage == 3:
+            assert self._frame is not None
+            kind, flags, request_id, _, _ = self._frame
+            arrays = self._arrays
+            self._reset_parser()
+            self._deliver(Frame(kind, request_id, flags, arrays))
+            return True
+        return False
+
+    def _set_target(self, view: memoryview) -> None:
+        self._target = view
+        self._got = 0
+
+    def _next_buffer(self) -> None:
+        while self._todo:
+            array = self._todo.pop()
+            if array.nbytes:
+                self._set_target(array.data.cast("B"))
+                return
+        self._stage = 3
+        self._set_target(memoryview(b""))
+
+    def _deliver(self, frame: Frame) -> None:
+        entry = self.pending.pop(frame.request_id, None)
+        if entry is None:
+            raise ProtocolError(f"answer to unknown request id {frame.request_id}")
+        self.stats.responses += 1
+        if self.credits is not None:
+            self.credits.on_response()
+        if entry.future.cancelled():
+            pass
+        elif frame.type == MessageType.ERROR:
+            self.stats.failures += 1
+            entry.future.set_exception(LookupFailed(error_text(frame)))
+        elif frame.type != MessageType.RESULT or len(frame.buffers) != 1:
+            self.stats.failures += 1
+            entry.future.set_exception(LookupFailed(f"unexpected {frame.type.name} frame"))
+        elif frame.buffers[0].shape != entry.shape or frame.buffers[0].dtype != np.float32:
+            self.stats.failures += 1
+            entry.future.set_exception(
+                LookupFailed(f"result of shape {frame.buffers[0].shape}, expected {entry.shape}")
+            )
+        else:
+            entry.future.set_result(frame.buffers[0])
+        if self.credits is not None:
+            self.credits.on_delivered()
+        if self.backlog:
+            self._frame_lookup(*self.backlog.popleft())
+
+    def snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": self.cid,
+            "server": self.server,
+            "owner": self.owner,
+            "connected": self.alive,
+            "in_flight": len(self.pending),
+            "backlog": len(self.backlog),
+            **self.stats.as_dict(),
+        }
+        if self.credits is not None:
+            c = self.credits
+            out["credits"] = {
+                "capacity": c.capacity,
+                "granted": c.granted,
+                "received": c.received,
+                "owed": c.owed,
+                "waits": c.waits,
+                "violations": c.violations,
+            }
+        return out

@@ -1,0 +1,259 @@
+"""One I/O thread: a selectors event loop over the non-blocking connections it owns.
+
+Other threads never touch its connections: they post work items to its inbox (a deque) and wake
+it through a socketpair (one byte, only when it may be asleep). Work items:
+    ("lookup", conn, request, future)   send a subrequest on conn
+    ("release", conn, target)           hand conn over to thread `target` (live migration)
+    ("adopt", conn)                     start serving conn (after a release, or at start)
+    ("attach", conn, sock)              install a fresh socket on conn (reconnect)
+    ("stop",)
+An item for a connection this thread no longer owns is forwarded to the current owner, so a
+subrequest posted while its connection was changing hands is sent exactly once, by the new owner.
+
+In `shared` mode (the naive baseline) every thread watches every connection and takes the
+connection's lock around each operation instead; ownership is not used.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from flexemr.engine.connection import Connection
+from flexemr.engine.stats import ThreadStats
+from flexemr.protocol.frames import ProtocolError
+from flexemr.transport.base import LookupRequest, ServerUnavailable
+
+log = logging.getLogger(__name__)
+
+GrantSink = Callable[[Connection, int], None]
+"""Where a thread sends due credits in `priority` mode (the control channel of the server)."""
+
+
+class IoThread:
+    def __init__(
+        self,
+        index: int,
+        threads: Sequence[IoThread],
+        shared: bool,
+        grant: GrantSink | None,
+    ) -> None:
+        self.index = index
+        self.threads = threads
+        """All the engine's threads, to forward work to the owner of a connection."""
+        self.shared = shared
+        self.grant = grant
+        self.stats = ThreadStats()
+        self.owned: set[Connection] = set()
+        self._inbox: deque[tuple[Any, ...]] = deque()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._wake_pending = False
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._touched: set[Connection] = set()
+        self._running = True
+        self.thread = threading.Thread(target=self._run, daemon=True, name=f"flexemr-io-{index}")
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._inbox)
+
+    def post(self, item: tuple[Any, ...]) -> None:
+        self._inbox.append(item)
+        if not self._wake_pending:
+            self._wake_pending = True
+            try:
+                self._wake_w.send(b"\0")
+            except (BlockingIOError, OSError):
+                pass
+
+    def submit(self, conn: Connection, request: LookupRequest, future: Future[np.ndarray]) -> None:
+        self.post(("lookup", conn, request, future))
+
+    # -- the loop -------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        for conn in self.owned:
+            conn.owner_ident = threading.get_ident()
+        try:
+            while self._running:
+                for key, mask in self._selector.select(timeout=1.0):
+                    if key.data is None:
+                        self._drain_wake()
+                    else:
+                        self._on_ready(key.data, mask)
+                self.stats.loops += 1
+                self._wake_pending = False
+                while self._inbox and self._running:
+                    self._handle(self._inbox.popleft())
+                self._settle()
+        except Exception:
+            log.exception("I/O thread %d crashed", self.index)
+            raise
+        finally:
+            self._selector.close()
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _handle(self, item: tuple[Any, ...]) -> None:
+        kind = item[0]
+        if kind == "stop":
+            self._running = False
+            return
+        conn: Connection = item[1]
+        if not self.shared and conn not in self.owned:
+            if conn.owner != self.index:
+                self.stats.forwarded += 1
+                self.threads[conn.owner].post(item)
+                return
+            self._adopt(conn)
+        if kind == "lookup":
+            self._send_lookup(conn, item[2], item[3])
+        elif kind == "release":
+            self._release(conn, item[2])
+        elif kind == "attach":
+            with conn.lock:
+                conn.attach(item[2])
+            if self.shared:
+                for thread in self.threads:
+                    thread.post(("watch", conn))
+            else:
+                self._register(conn)
+        elif kind == "watch":
+            self._register(conn)
+        elif kind == "unwatch":
+            self._unregister(conn)
+
+    def _send_lookup(self, conn: Connection, request: LookupRequest, future: Future[np.ndarray]) -> None:
+        with conn.lock:
+            if not conn.alive:
+                future.set_exception(ServerUnavailable(conn.server, str(conn.endpoint), conn.last_error))
+                return
+            conn.queue_lookup(request, future)
+            self.stats.subrequests += 1
+            self._touched.add(conn)
+
+    def _on_ready(self, conn: Connection, mask: int) -> None:
+        with conn.lock:
+            if not conn.alive:
+                return
+            try:
+                if mask & selectors.EVENT_READ:
+                    before = conn.stats.bytes_received
+                    self.stats.responses += conn.read()
+                    self.stats.bytes_received += conn.stats.bytes_received - before
+                if mask & selectors.EVENT_WRITE:
+                    self.stats.bytes_sent += conn.flush()
+            except ProtocolError as exc:
+                log.error("embedding server %d: malformed frame: %s", conn.server, exc)
+                self._fail(conn, f"malformed frame from server: {exc}")
+                return
+            except OSError as exc:
+                self._fail(conn, f"connection lost: {exc}")
+                return
+            self._touched.add(conn)
+
+    def _settle(self) -> None:
+        """After a round of events: send due credits, flush, and watch for writability as needed."""
+        touched, self._touched = self._touched, set()
+        for conn in touched:
+            with conn.lock:
+                if not conn.alive or (not self.shared and conn.owner != self.index):
+                    continue
+                if conn.credits is not None:
+                    waits = conn.credits.waits
+                    due = conn.credits.due(len(conn.pending))
+                    self.stats.credit_waits += conn.credits.waits - waits
+                    if due and conn.piggyback:
+                        conn.queue_credit(due)
+                    elif due and self.grant is not None:
+                        self.grant(conn, due)
+                try:
+                    if conn.wants_write:
+                        self.stats.bytes_sent += conn.flush()
+                except OSError as exc:
+                    self._fail(conn, f"send failed: {exc}")
+                    continue
+                self._watch(conn, conn.wants_write)
+
+    # -- ownership --------------------------------------------------------------------------------------
+
+    def _register(self, conn: Connection) -> None:
+        if conn.alive:
+            assert conn.sock is not None
+            events = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.wants_write else 0)
+            try:
+                self._selector.register(conn.sock, events, conn)
+            except KeyError:
+                self._selector.modify(conn.sock, events, conn)
+
+    def _watch(self, conn: Connection, write: bool) -> None:
+        assert conn.sock is not None
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if write else 0)
+        try:
+            if self._selector.get_key(conn.sock).events != events:
+                self._selector.modify(conn.sock, events, conn)
+        except KeyError:
+            self._selector.register(conn.sock, events, conn)
+
+    def _unregister(self, conn: Connection) -> None:
+        for key in list(self._selector.get_map().values()):
+            if key.data is conn:
+                try:
+                    self._selector.unregister(key.fileobj)
+                except (KeyError, ValueError):
+                    pass
+
+    def _adopt(self, conn: Connection) -> None:
+        conn.owner_ident = threading.get_ident()
+        self.owned.add(conn)
+        self._register(conn)
+        self._touched.add(conn)
+        if conn.stats.migrations:
+            self.stats.migrations_in += 1
+
+    def _release(self, conn: Connection, target: int) -> None:
+        """Hand conn to thread `target`: stop watching it, then publish the new owner. Its partial
+        frames (in or out) and pending futures live in the connection object and go with it."""
+        if target == self.index:
+            return
+        self._unregister(conn)
+        self.owned.discard(conn)
+        self._touched.discard(conn)
+        conn.owner_ident = None
+        conn.stats.migrations += 1
+        self.stats.migrations_out += 1
+        conn.owner = target  # last: from here on, items for conn go to the target
+        self.threads[target].post(("adopt", conn))
+
+    def _fail(self, conn: Connection, reason: str) -> None:
+        if self.shared:
+            for thread in self.threads:
+                if thread is not self:
+                    thread.post(("unwatch", conn))
+        self._unregister(conn)
+        conn.fail(reason)
+        log.warning(
+            "embedding server %d at %s: connection %d down: %s", conn.server, conn.endpoint, conn.cid, reason
+        )
+
+    def stop(self) -> None:
+        self.post(("stop",))
+        self.thread.join(10)

@@ -1,0 +1,100 @@
+"""The engine against real embedding-server processes (LocalCluster on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from concurrent.futures import wait
+
+import numpy as np
+import pytest
+
+from flexemr.cluster.local import LocalCluster
+from flexemr.cluster.roles import build_ranker
+from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource
+from flexemr.embedding_server.store import ShardStore
+from flexemr.engine import IoEngine
+from flexemr.model.weights import build_monolithic
+from flexemr.sharding.plan import make_plan
+from flexemr.transport.base import ServerUnavailable
+from tests.core.helpers import random_batch, reference_scores
+from tests.engine.helpers import random_request, reference
+
+
+def tiny_spec(servers: int = 2) -> ClusterSpec:
+    source = ModelSource(preset="tiny")
+    spec = source.spec()
+    plan = make_plan("row", spec.table_rows, spec.dim, servers)
+    return ClusterSpec(source, plan, tuple(Endpoint() for _ in range(servers)))
+
+
+@pytest.fixture
+def cluster() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
+    local = LocalCluster(tiny_spec())
+    spec = local.start(timeout=60)
+    try:
+        yield local, spec
+    finally:
+        local.stop()
+
+
+@pytest.mark.parametrize("mode", ["mapped", "shared"])
+def test_ranker_on_the_engine_scores_like_the_monolith(
+    cluster: tuple[LocalCluster, ClusterSpec], mode: str
+) -> None:
+    _, spec = cluster
+    spec = dataclasses.replace(spec, engine=EngineConfig(mode=mode, io_threads=2))  # type: ignore[arg-type]
+    ranker = build_ranker(spec, connect_timeout_s=30)
+    try:
+        assert isinstance(ranker.transport, IoEngine)
+        model = build_monolithic(spec.model.load())
+        for seed in range(5):
+            dense, indices, lengths = random_batch(ranker.spec, 32, seed)
+            np.testing.assert_allclose(
+                ranker.score(dense, indices, lengths),
+                reference_scores(model, dense, indices, lengths),
+                rtol=1e-4,
+                atol=1e-5,
+            )
+        assert ranker.stats()["transport"]["engine"]["mode"] == mode
+    finally:
+        ranker.close()
+
+
+def test_a_dying_server_fails_its_subrequests_fast_and_others_carry_on(
+    cluster: tuple[LocalCluster, ClusterSpec],
+) -> None:
+    local, spec = cluster
+    plan = spec.sharding
+    engine = IoEngine(
+        spec.embedding_servers,
+        [plan.server_rows(s) for s in range(plan.num_servers)],
+        plan.dim,
+        EngineConfig(mode="mapped", io_threads=2, credit_capacity=4, debug_ownership=True),
+    )
+    engine.start(timeout=30)
+    try:
+        rng = np.random.default_rng(0)
+        doomed = [
+            engine.submit(0, random_request(rng, plan.server_rows(0), max_bags=64)) for _ in range(3000)
+        ]
+        local.kill_server(0)
+        started = time.monotonic()
+        _, not_done = wait(doomed, timeout=10)
+        assert not not_done, f"{len(not_done)} subrequests to the dead server still hang"
+        assert time.monotonic() - started < 10
+        failures = [f.exception() for f in doomed if f.exception() is not None]
+        assert failures, "the server was killed with nothing in flight; the test proves nothing"
+        assert all(isinstance(e, ServerUnavailable) and e.server == 0 for e in failures)
+        with pytest.raises(ServerUnavailable):
+            engine.submit(0, random_request(rng, plan.server_rows(0))).result(5)
+        assert engine.connected() == [False, True]
+
+        store = ShardStore(plan, 1, spec.model.load(), progress=False)
+        requests = [random_request(rng, plan.server_rows(1)) for _ in range(300)]
+        futures = [engine.submit(1, r) for r in requests]
+        for request, future in zip(requests, futures, strict=True):
+            np.testing.assert_allclose(future.result(10), reference(store, request), rtol=1e-5, atol=1e-5)
+    finally:
+        engine.close()

@@ -1,0 +1,53 @@
+"""The engine's flags and config: parsed, validated, saved with the cluster spec."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+import pytest
+
+from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec, engine_config
+from flexemr.config import ClusterSpec, EngineConfig
+
+
+def parse(*flags: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    add_cluster_arguments(parser)
+    return parser.parse_args(["--preset", "tiny", *flags])
+
+
+def test_defaults_are_mapped_with_priority_credits_and_migration() -> None:
+    config = cluster_spec(parse()).engine
+    assert (config.mode, config.credits, config.migration) == ("mapped", "priority", True)
+
+
+def test_flags_reach_the_spec_and_survive_a_round_trip() -> None:
+    spec = cluster_spec(
+        parse("--engine", "shared", "--io-threads", "4", "--credits", "piggyback", "--migration", "off")
+    )
+    assert spec.engine == dataclasses.replace(
+        EngineConfig(), mode="shared", io_threads=4, credits="piggyback", migration=False
+    )
+    assert ClusterSpec.from_dict(spec.to_dict()).engine == spec.engine
+
+
+def test_flags_override_a_base_config() -> None:
+    base = EngineConfig(io_threads=8, credit_capacity=16)
+    config = engine_config(argparse.Namespace(engine="single", credits="off"), base)
+    assert (config.mode, config.credits, config.io_threads, config.credit_capacity) == (
+        "single",
+        "off",
+        8,
+        16,
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [("mode", "turbo", "engine mode"), ("credits", "maybe", "credits"), ("io_threads", 0, "io_threads")],
+)
+def test_bad_values_are_refused_with_the_value(field: str, value: object, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**{field: value})  # type: ignore[arg-type]
