@@ -178,7 +178,8 @@ def test_malformed_json_and_unknown_model(client: httpx.Client) -> None:
 
 
 def test_killed_embedding_server_gives_503_never_scores(serve: Callable[..., ServeProcess]) -> None:
-    server = serve("--preset", "tiny", "--embedding-servers", "2", "--sharding", "row")
+    # no cache: a warm cache could (correctly) answer from cached rows without the dead server
+    server = serve("--preset", "tiny", "--embedding-servers", "2", "--sharding", "row", "--cache", "off")
     with httpx.Client(base_url=server.url, timeout=30) as client:
         dense, indices, lengths = random_batch(SPEC, 4, seed=4)
         body = infer_body(dense, indices, lengths)

@@ -1,0 +1,132 @@
+"""Calibration: the measured constants of the performance model, and the file that holds them.
+
+`flexemr calibrate` fills one by running `flexemr.planner.microbench` on this machine; without a
+file the planner can fall back to `default_calibration()`, whose `calibrated` flag is False so every
+report says the numbers are guesses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from flexemr.planner.inputs import InputError
+
+
+@dataclass(frozen=True)
+class LookupCost:
+    """Seconds one core spends on one bag: `bag_s + pooling * (row_s + dim * element_s)`, divided by
+    `1 + skew_gain * min(zipf_skew, 1.5)` (hot rows stay in cache)."""
+
+    bag_s: float = 150e-9
+    """Per-bag cost (offsets, the output vector)."""
+    row_s: float = 25e-9
+    """Per-row cost independent of width: the random memory access."""
+    element_s: float = 0.4e-9
+    """Per-element cost of adding a row into the bag's sum."""
+    skew_gain: float = 0.4
+    """Speed-up per unit of Zipf exponent, fitted from uniform vs skewed runs."""
+
+    def seconds_per_bag(self, dim: int, pooling: float, zipf_skew: float) -> float:
+        uniform = self.bag_s + pooling * (self.row_s + dim * self.element_s)
+        return uniform / (1.0 + self.skew_gain * min(zipf_skew, 1.5))
+
+
+@dataclass(frozen=True)
+class DenseCost:
+    """Seconds for one forward pass of B samples: `call_s + B * flops_per_sample / flops_per_s`."""
+
+    call_s: float = 60e-6
+    """Fixed cost per call on one CPU core (framework and kernel dispatch)."""
+    flops_per_s: float = 25e9
+    """Sustained FLOP/s of one CPU core (one vCPU) on the MLPs."""
+    gpu_call_s: float = 250e-6
+    """Fixed cost per call on a GPU (launches, host-device copies). Not measured without a GPU."""
+    gpu_efficiency: float = 0.35
+    """Fraction of a GPU's peak fp32 TFLOPS the MLPs reach. Not measured without a GPU."""
+
+
+@dataclass(frozen=True)
+class NetworkCost:
+    """One TCP hop as this system's sockets see it."""
+
+    rtt_s: float = 80e-6
+    """Round trip of a small message (software stack; loopback when measured on one machine)."""
+    stream_bytes_per_s: float = 2e9
+    """Bytes/s one connection moves (caps transfers besides the NIC)."""
+    wire_rtt_s: float = 50e-6
+    """Extra round trip of a real datacentre network (same zone), added to the measured one."""
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """All measured constants, where they came from, and the raw measurements behind them."""
+
+    lookup: LookupCost = LookupCost()
+    dense: DenseCost = DenseCost()
+    network: NetworkCost = NetworkCost()
+    calibrated: bool = False
+    """False for the built-in defaults: plans made with them are labelled uncalibrated."""
+    host: str = "defaults"
+    """Where the measurements ran."""
+    measured_at: str = ""
+    measurements: dict[str, Any] = field(default_factory=dict, compare=False)
+    """The raw microbenchmark results the fits came from."""
+
+    @property
+    def label(self) -> str:
+        if self.calibrated:
+            return f"calibrated on {self.host} at {self.measured_at}"
+        return "UNCALIBRATED: built-in default constants, not measurements (run `flexemr calibrate`)"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def default_calibration() -> Calibration:
+    return Calibration()
+
+
+def _part(cls: Any, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise InputError(f"{where} must be an object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise InputError(f"{where}: unknown field(s) {unknown}")
+    bad = {k: v for k, v in data.items() if not isinstance(v, int | float) or v < 0}
+    if bad:
+        raise InputError(f"{where}: values must be non-negative numbers, got {bad}")
+    return cls(**{k: float(v) for k, v in data.items()})
+
+
+def calibration_from_dict(data: dict[str, Any], where: str = "calibration") -> Calibration:
+    return Calibration(
+        lookup=_part(LookupCost, data.get("lookup", {}), f"{where}: lookup"),
+        dense=_part(DenseCost, data.get("dense", {}), f"{where}: dense"),
+        network=_part(NetworkCost, data.get("network", {}), f"{where}: network"),
+        calibrated=bool(data.get("calibrated", False)),
+        host=str(data.get("host", "unknown")),
+        measured_at=str(data.get("measured_at", "")),
+        measurements=dict(data.get("measurements", {})),
+    )
+
+
+def load_calibration(path: str | Path) -> Calibration:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise InputError(
+            f"calibration file {path} does not exist; run `flexemr calibrate --out {path}` first"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"calibration file {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"calibration file {path} must hold a JSON object")
+    return calibration_from_dict(data, where=str(path))

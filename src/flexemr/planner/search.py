@@ -1,0 +1,346 @@
+"""Find the cheapest deployment that meets the p99 target at peak QPS, healthy and degraded.
+
+The fast search uses that the two tiers meet only through a sum of latencies and the bytes the
+servers send back:
+
+1. For every server type and sharding strategy, sweep the server count upward from a lower bound
+   (memory for k+1 copies; lookup vCPUs for the peak load with k servers down) and keep each
+   count whose tier is not saturated: (cost, p99 healthy, p99 degraded, bytes to the ranker).
+   A sweep stops once more servers stop cutting the tier's p99 (by 1%, 3 counts running).
+2. Visit those options cheapest first. For each, for every ranker type, from its lower bound
+   (dense capacity with j rankers down) add rankers until the whole path meets the target,
+   pruning any pair that cannot beat the cheapest plan found so far.
+
+`exhaustive_search` tries every combination up to given counts with `predict`; the tests check
+the fast search against it. Monolithic baselines: `scale_up` (every node holds every table) and
+`scale_out` (tables sharded over identical nodes that are rankers too).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from flexemr.planner.calibration import Calibration
+from flexemr.planner.catalog import Catalog, NodeType
+from flexemr.planner.inputs import PlanRequest
+from flexemr.planner.perf_model import (
+    Deployment,
+    Prediction,
+    QueryWork,
+    StageResult,
+    hop_s,
+    memory_fits,
+    predict,
+    ranker_stage,
+    server_stage,
+    usable_memory,
+    usable_vcpus,
+)
+from flexemr.planner.placement import STRATEGIES, Placement, Strategy, place
+
+MAX_NODES = 512
+"""Most nodes of one role the search considers."""
+WINDOW = 32
+"""How far above its lower bound a count sweep goes."""
+_STALL_STEPS = 3
+
+
+class PlanningError(Exception):
+    """No deployment meets the request; says why and what would help."""
+
+    def __init__(self, reasons: list[str], fixes: list[str]) -> None:
+        self.reasons = reasons
+        self.fixes = fixes
+        lines = ["no plan meets the request:", *(f"  - {r}" for r in reasons), "what would fix it:"]
+        super().__init__("\n".join([*lines, *(f"  - {f}" for f in fixes)]))
+
+
+@dataclass(frozen=True)
+class Candidate:
+    deployment: Deployment
+    prediction: Prediction
+
+    @property
+    def cost_per_hour(self) -> float:
+        return self.deployment.cost_per_hour
+
+
+@dataclass(frozen=True)
+class _ServerOption:
+    node: NodeType
+    placement: Placement
+    cost: float
+    healthy: StageResult
+    degraded: StageResult
+
+
+def _probe(
+    request: PlanRequest, ranker: NodeType, server: NodeType, placement: Placement | None
+) -> Deployment:
+    availability = request.availability
+    return Deployment(
+        ranker_type=ranker,
+        rankers=1,
+        server_type=server,
+        placement=placement,
+        ranker_failures=availability.ranker_failures,
+        server_failures=availability.embedding_server_failures,
+        partial_pooling=request.partial_pooling,
+    )
+
+
+def _server_options(
+    request: PlanRequest, work: QueryWork, node: NodeType, strategy: Strategy, budget: Callable[[], float]
+) -> Iterable[_ServerOption]:
+    model, qps = request.model, request.traffic.peak_qps
+    k, copies = request.availability.embedding_server_failures, request.availability.replicas
+    memory = usable_memory(node)
+    if memory <= 0:
+        return
+    cores = usable_vcpus(node)
+    lowest = max(
+        copies,
+        math.ceil(copies * model.embedding_bytes / memory),
+        math.ceil(qps * float(work.lookup_s_per_table.sum()) / cores) + k,
+    )
+    best_p99, stalled = math.inf, 0
+    for n in range(lowest, min(lowest + WINDOW, MAX_NODES) + 1):
+        if n * node.price_per_hour >= budget():
+            return
+        placement = place(model, n, copies, strategy)
+        if float(placement.server_bytes(model).max()) > memory:
+            continue
+        dep = _probe(request, node, node, placement)
+        healthy = server_stage(dep, work, model, qps, False, cores)
+        degraded = server_stage(dep, work, model, qps, True, cores)
+        if min(healthy.max_qps, degraded.max_qps) < qps:
+            continue
+        yield _ServerOption(node, placement, n * node.price_per_hour, healthy, degraded)
+        p99 = max(healthy.p99_s, degraded.p99_s)
+        stalled = stalled + 1 if p99 > 0.99 * best_p99 else 0
+        best_p99 = min(best_p99, p99)
+        if stalled >= _STALL_STEPS:
+            return
+
+
+def _ranker_floor(request: PlanRequest, work: QueryWork, node: NodeType, calibration: Calibration) -> int:
+    units = node.accelerator.count if node.accelerator else usable_vcpus(node)
+    return math.ceil(request.traffic.peak_qps * work.dense_s(node, calibration) / units) + (
+        request.availability.ranker_failures
+    )
+
+
+def _cheapest_rankers(
+    request: PlanRequest,
+    work: QueryWork,
+    calibration: Calibration,
+    option: _ServerOption,
+    rankers: list[tuple[NodeType, int]],
+    hops: float,
+    best: tuple[float, Deployment] | None,
+) -> tuple[float, Deployment] | None:
+    """The cheapest ranker tier completing `option` that beats `best`, or None."""
+    qps, target_s = request.traffic.peak_qps, request.p99_ms / 1e3
+    availability = request.availability
+    found = best
+    for node, floor in rankers:
+        if found is not None and option.cost + floor * node.price_per_hour >= found[0]:
+            break
+        units = node.accelerator.count if node.accelerator else usable_vcpus(node)
+        lowest = max(floor, 1 + availability.ranker_failures)
+        for count in range(lowest, min(lowest + WINDOW, MAX_NODES) + 1):
+            cost = option.cost + count * node.price_per_hour
+            if found is not None and cost >= found[0]:
+                break
+            dep = Deployment(
+                node,
+                count,
+                option.node,
+                option.placement,
+                availability.ranker_failures,
+                availability.embedding_server_failures,
+                request.partial_pooling,
+            )
+            fits = memory_fits(dep, request.model)
+            for degraded, es in ((False, option.healthy), (True, option.degraded)):
+                rk = ranker_stage(
+                    dep,
+                    work,
+                    qps,
+                    degraded,
+                    units,
+                    calibration,
+                    es.bytes_to_ranker,
+                    calibration.lookup.element_s,
+                )
+                fits = fits and rk.max_qps >= qps and hops + es.p99_s + rk.p99_s <= target_s
+            if fits:
+                found = (cost, dep)
+                break
+    return found if found is not best else None
+
+
+def search_disaggregated(
+    request: PlanRequest,
+    catalog: Catalog,
+    calibration: Calibration,
+    strategies: tuple[Strategy, ...] = STRATEGIES,
+) -> Candidate:
+    """The cheapest disaggregated deployment meeting `request`; raises `PlanningError` if none."""
+    model, qps, target_s = request.model, request.traffic.peak_qps, request.p99_ms / 1e3
+    work = QueryWork.of(model, request.traffic, calibration)
+    hops = 2 * hop_s(calibration)
+    if hops + min(work.dense_s(n, calibration) for n in catalog.node_types) > target_s:
+        raise PlanningError(*_explain(request, catalog, calibration, work, True))
+    rankers = sorted(
+        ((node, _ranker_floor(request, work, node, calibration)) for node in catalog.node_types),
+        key=lambda r: r[1] * r[0].price_per_hour,
+    )
+    cheapest_rankers = rankers[0][1] * rankers[0][0].price_per_hour
+    best: tuple[float, Deployment] | None = None
+
+    def budget() -> float:
+        return math.inf if best is None else best[0] - cheapest_rankers
+
+    any_servers = False
+    for server in sorted(catalog.node_types, key=lambda n: n.price_per_hour / max(usable_memory(n), 1)):
+        for strategy in strategies:
+            for option in _server_options(request, work, server, strategy, budget):
+                any_servers = True
+                found = _cheapest_rankers(request, work, calibration, option, rankers, hops, best)
+                if found is not None:
+                    best = found
+    if best is None:
+        raise PlanningError(*_explain(request, catalog, calibration, work, any_servers))
+    prediction = predict(best[1], model, request.traffic, calibration)
+    assert prediction.meets(qps, request.p99_ms), "fast search and predict() disagree"
+    return Candidate(best[1], prediction)
+
+
+def _explain(
+    request: PlanRequest, catalog: Catalog, calibration: Calibration, work: QueryWork, any_servers: bool
+) -> tuple[list[str], list[str]]:
+    reasons, fixes = [], []
+    largest = max(usable_memory(n) for n in catalog.node_types)
+    copies = request.availability.replicas
+    need = copies * request.model.embedding_bytes
+    if not any_servers:
+        if need > MAX_NODES * largest:
+            reasons.append(
+                f"{copies} copies of the tables need {need / 2**30:.0f} GiB, more than {MAX_NODES} of the "
+                f"largest node ({largest / 2**30:.0f} GiB usable) hold"
+            )
+            fixes.append(
+                "lower --availability, shrink the model (--row-scale, fp16/int8 rows) or add bigger nodes"
+            )
+        else:
+            reasons.append(
+                f"no embedding-server tier of up to {MAX_NODES} nodes sustains "
+                f"{request.traffic.peak_qps:g} QPS"
+            )
+            fixes.append("lower --qps, or add node types with more vCPUs or network bandwidth")
+    floor_ms = 1e3 * (2 * hop_s(calibration) + min(work.dense_s(n, calibration) for n in catalog.node_types))
+    if floor_ms > request.p99_ms:
+        reasons.append(
+            f"the p99 target {request.p99_ms:g} ms is below the latency floor {floor_ms:.2f} ms "
+            f"(two network hops plus one query's dense model on the fastest ranker, with no queueing)"
+        )
+        fixes.append(
+            f"raise --p99-ms above {floor_ms:.2f}, send fewer samples per query, or add faster rankers (GPUs)"
+        )
+    if not reasons:
+        reasons.append(
+            f"no combination of up to {MAX_NODES} rankers and servers meets p99 <= {request.p99_ms:g} ms"
+        )
+        fixes.append("raise --p99-ms, lower --qps, or add faster node types to the catalogue")
+    return reasons, fixes
+
+
+def exhaustive_search(
+    request: PlanRequest,
+    catalog: Catalog,
+    calibration: Calibration,
+    max_rankers: int,
+    max_servers: int,
+    strategies: tuple[Strategy, ...] = STRATEGIES,
+) -> Candidate | None:
+    """Every disaggregated deployment up to the given counts, each through `predict`: the reference."""
+    best: Candidate | None = None
+    availability = request.availability
+    for server in catalog.node_types:
+        for strategy in strategies:
+            for n in range(availability.replicas, max_servers + 1):
+                placement = place(request.model, n, availability.replicas, strategy)
+                for ranker in catalog.node_types:
+                    for count in range(1 + availability.ranker_failures, max_rankers + 1):
+                        dep = Deployment(
+                            ranker,
+                            count,
+                            server,
+                            placement,
+                            availability.ranker_failures,
+                            availability.embedding_server_failures,
+                            request.partial_pooling,
+                        )
+                        if best is not None and dep.cost_per_hour >= best.cost_per_hour:
+                            continue
+                        prediction = predict(dep, request.model, request.traffic, calibration)
+                        if prediction.meets(request.traffic.peak_qps, request.p99_ms):
+                            best = Candidate(dep, prediction)
+    return best
+
+
+def scale_up(request: PlanRequest, catalog: Catalog, calibration: Calibration) -> Candidate | str:
+    """Identical monolithic nodes, each holding the whole model; or why there is none."""
+    failures = max(request.availability.embedding_server_failures, request.availability.ranker_failures)
+    best: Candidate | None = None
+    fits_anywhere = False
+    for node in sorted(catalog.node_types, key=lambda n: n.price_per_hour):
+        work = QueryWork.of(request.model, request.traffic, calibration)
+        per_query = float(work.lookup_s_per_table.sum()) + work.dense_s(node, calibration)
+        lowest = math.ceil(request.traffic.peak_qps * per_query / usable_vcpus(node)) + failures
+        for count in range(max(lowest, 1 + failures), min(lowest + WINDOW, MAX_NODES) + 1):
+            if best is not None and count * node.price_per_hour >= best.cost_per_hour:
+                break
+            dep = Deployment(node, count, node, None, failures, failures, True, colocated=True)
+            if not memory_fits(dep, request.model):
+                break
+            fits_anywhere = True
+            prediction = predict(dep, request.model, request.traffic, calibration)
+            if prediction.meets(request.traffic.peak_qps, request.p99_ms):
+                best = Candidate(dep, prediction)
+                break
+    if best is not None:
+        return best
+    if not fits_anywhere:
+        return f"no node type holds the whole model ({request.model.embedding_bytes / 2**30:.1f} GiB)"
+    return f"no count of up to {MAX_NODES} nodes of one type meets the target"
+
+
+def scale_out(request: PlanRequest, catalog: Catalog, calibration: Calibration) -> Candidate | str:
+    """Identical monolithic nodes with the tables sharded over them (each also ranks); or why none."""
+    failures = max(request.availability.embedding_server_failures, request.availability.ranker_failures)
+    model = request.model
+    best: Candidate | None = None
+    for node in sorted(catalog.node_types, key=lambda n: n.price_per_hour):
+        memory = usable_memory(node)
+        if memory <= 0:
+            continue
+        lowest = max(failures + 1, math.ceil((failures + 1) * model.embedding_bytes / memory))
+        for strategy in STRATEGIES:
+            for count in range(lowest, min(lowest + WINDOW, MAX_NODES) + 1):
+                if best is not None and count * node.price_per_hour >= best.cost_per_hour:
+                    break
+                placement = place(model, count, failures + 1, strategy)
+                dep = Deployment(
+                    node, count, node, placement, failures, failures, request.partial_pooling, True
+                )
+                if not memory_fits(dep, model):
+                    continue
+                prediction = predict(dep, model, request.traffic, calibration)
+                if prediction.meets(request.traffic.peak_qps, request.p99_ms):
+                    best = Candidate(dep, prediction)
+                    break
+    return best if best is not None else f"no count of up to {MAX_NODES} nodes of one type meets the target"
