@@ -44,9 +44,9 @@ SYSTEMS = {
         System("flexemr-no-mapped", ("--engine", "shared"), "I/O threads share connections under locks"),
         System("flexemr-no-credits", ("--credits", "off"), "no flow control"),
         System("flexemr-no-migration", ("--migration", "off"), "no live connection migration"),
-        System("flexemr-no-cache", ("--cache", "off"), "no embedding cache on the ranker"),
+        System("flexemr-adaptive-cache", ("--cache", "adaptive"), "adaptive embedding cache on the ranker"),
         System("flexemr-batching", ("--batch-window-ms", "2"), "dynamic batching, 2 ms window"),
-        System("redis", ("--embedding-tier", "redis", "--lookup", "raw"),
+        System("redis", ("--embedding-tier", "redis", "--lookup", "raw", "--cache", "off"),
                "rows in Redis (MGET), pooled on the ranker: HugeCTR-PS style"),
     ]
 }  # fmt: skip
@@ -139,23 +139,11 @@ class ServedSystem:
 
 
 def wire_bytes(stats: dict[str, Any]) -> int:
-    """Bytes the ranker sent to and received from its embedding tier so far."""
-    total = 0
-
-    def walk(node: Any) -> None:
-        nonlocal total
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key in ("bytes_sent", "bytes_received") and isinstance(value, int | float):
-                    total += int(value)
-                elif key not in ("threads",):  # per-thread counters repeat the per-connection ones
-                    walk(value)
-        elif isinstance(node, list):
-            for item in node:
-                walk(item)
-
-    walk(stats.get("transport", {}))
-    return total
+    """Bytes the ranker sent to and received from its embedding tier so far (the per-server
+    totals; the engine's per-thread and per-connection counters break the same bytes down)."""
+    transport = stats.get("transport", {})
+    tiers = [*transport.get("servers", []), transport.get("redis", {})]
+    return sum(int(t.get("bytes_sent", 0)) + int(t.get("bytes_received", 0)) for t in tiers)
 
 
 def cache_hit_rate(stats: dict[str, Any]) -> float | None:

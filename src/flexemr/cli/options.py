@@ -36,7 +36,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="dense model device: auto, cpu, cuda, cuda:1")
     parser.add_argument(
         "--cache",
-        default="adaptive",
+        default="off",
         help="embedding cache on the ranker: off, fixed:BYTES (fixed:64MiB), adaptive",
     )
     parser.add_argument(
