@@ -15,7 +15,6 @@ In `shared` mode the caller holds `lock` around each call instead.
 from __future__ import annotations
 
 import contextlib
-import json
 import socket
 import threading
 import time
@@ -42,10 +41,9 @@ from flexemr.protocol.frames import (
     error_text,
     parse_descriptors,
     parse_header,
-    recv_frame,
-    send_frame,
 )
 from flexemr.transport.base import LookupFailed, LookupRequest, ServerUnavailable
+from flexemr.transport.tcp import handshake
 
 PIGGYBACK_WINDOW = MAX_QUEUED_RESPONSES
 """Piggyback mode: the most subrequests in flight on one connection. Credits ride behind lookups,
@@ -75,16 +73,7 @@ def open_data_socket(
     sock = socket.create_connection((endpoint.host, endpoint.port), timeout=5.0)
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        payload = np.frombuffer(json.dumps(options).encode(), dtype=np.uint8)
-        send_frame(sock, encode(MessageType.HELLO, 0, [payload]))
-        reply = recv_frame(sock, limits)
-        info = json.loads(reply.buffers[0].tobytes()) if reply.buffers else {}
-        actual = (info.get("server"), info.get("rows"), info.get("dim"))
-        if reply.type != MessageType.HELLO or actual != (server, expected_rows, dim):
-            raise LookupFailed(
-                f"server at {endpoint} says it is (server, rows, dim) = {actual}, but the plan expects "
-                f"{(server, expected_rows, dim)}: is the cluster spec the same everywhere?"
-            )
+        handshake(sock, server, expected_rows, dim, limits, options)
     except BaseException:
         sock.close()
         raise

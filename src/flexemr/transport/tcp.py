@@ -44,9 +44,18 @@ def lookup_frame(request_id: int, request: LookupRequest) -> list[memoryview]:
     return encode(MessageType.LOOKUP, request_id, buffers, flags)
 
 
-def handshake(sock: socket.socket, server: int, expected_rows: int, dim: int, limits: FrameLimits) -> None:
-    """Check the peer is the server the plan expects, holding the rows the plan gives it."""
-    send_frame(sock, encode(MessageType.HELLO, 0, []))
+def handshake(
+    sock: socket.socket,
+    server: int,
+    expected_rows: int,
+    dim: int,
+    limits: FrameLimits,
+    options: dict[str, Any] | None = None,
+) -> None:
+    """Say HELLO (with the client's `options`, if any) and check the peer is the server the plan
+    expects, holding the rows the plan gives it."""
+    payload = [np.frombuffer(json.dumps(options).encode(), dtype=np.uint8)] if options else []
+    send_frame(sock, encode(MessageType.HELLO, 0, payload))
     reply = recv_frame(sock, limits)
     info = json.loads(reply.buffers[0].tobytes()) if reply.buffers else {}
     actual = (info.get("server"), info.get("rows"), info.get("dim"))
