@@ -41,7 +41,7 @@ class Client:
         """Scores float32 [B] for a batch in the KeyedJaggedTensor layout."""
         arrays = [
             ("dense_features", "FP32", np.ascontiguousarray(dense, dtype="<f4")),
-            ("sparse_indices", "INT64", np.ascontiguousarray(indices, dtype="<i8")),
+            _indices_input(np.asarray(indices)),
             ("sparse_lengths", "INT32", np.ascontiguousarray(lengths, dtype="<i4")),
         ]
         url = f"/v2/models/{self.model}/infer"
@@ -87,3 +87,11 @@ class Client:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def _indices_input(indices: np.ndarray) -> tuple[str, str, np.ndarray]:
+    """INT32 when every index fits (half the bytes of INT64), else INT64."""
+    small = indices.size == 0 or (indices.min() >= 0 and indices.max() <= np.iinfo(np.int32).max)
+    if small:
+        return ("sparse_indices", "INT32", np.ascontiguousarray(indices, dtype="<i4"))
+    return ("sparse_indices", "INT64", np.ascontiguousarray(indices, dtype="<i8"))

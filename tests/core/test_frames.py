@@ -107,3 +107,18 @@ def test_bad_subrequest_gets_error_and_connection_lives(server_endpoint: Endpoin
         send_frame(conn, lookup_frame(2, LookupRequest(np.array([3], np.int64), np.array([0], np.int64))))
         assert recv_frame(conn, FrameLimits()).type == MessageType.RESULT
     assert struct.calcsize("<q") == 8
+
+
+def test_server_takes_int32_and_int64_lookups_alike(server_endpoint: Endpoint) -> None:
+    results = []
+    with connect(server_endpoint) as conn:
+        for i, dtype in enumerate((np.int64, np.int32)):
+            request = LookupRequest(np.array([1, 2, 5], dtype), np.array([0, 2], dtype))
+            send_frame(conn, lookup_frame(i, request))
+            frame = recv_frame(conn, FrameLimits())
+            assert frame.type == MessageType.RESULT
+            results.append(frame.buffers[0])
+        send_frame(conn, lookup_frame(9, LookupRequest(np.array([1], np.int32), np.array([0], np.int64))))
+        frame = recv_frame(conn, FrameLimits())
+        assert frame.type == MessageType.ERROR and "both int32 or both int64" in error_text(frame)
+    np.testing.assert_array_equal(results[0], results[1])

@@ -68,11 +68,12 @@ def test_json_infer_matches_monolithic(client: httpx.Client) -> None:
     np.testing.assert_allclose(scores, expected, atol=1e-5)
 
 
-def test_binary_infer_matches_json(client: httpx.Client) -> None:
+@pytest.mark.parametrize("index_type", ["INT64", "INT32"])
+def test_binary_infer_matches_json(client: httpx.Client, index_type: str) -> None:
     dense, indices, lengths = random_batch(SPEC, 8, seed=2)
     arrays = [
         ("dense_features", "FP32", dense),
-        ("sparse_indices", "INT64", indices),
+        ("sparse_indices", index_type, indices.astype("<i8" if index_type == "INT64" else "<i4")),
         ("sparse_lengths", "INT32", lengths),
     ]
     header = {

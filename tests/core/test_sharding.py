@@ -65,10 +65,22 @@ def test_router_sends_every_index_to_the_server_holding_it() -> None:
         )
         expected_local = [owners[(t, r)] for t, r in zip(tables[picked], rows[picked], strict=True)]
         assert sub.rows.tolist() == expected_local
+        assert sub.rows.dtype == sub.offsets.dtype == np.int32  # half the bytes of int64 on the wire
         assert sub.row_bags().tolist() == bag_ids[picked].tolist()
         assert np.all(np.diff(sub.bags) > 0)
         seen += sub.rows.size
     assert seen == len(rows)
+
+
+def test_router_sends_int64_rows_to_a_server_past_int32() -> None:
+    plan = table_wise((10, 2**31 + 10), 4, 2)
+    router = RangeRouter(plan)
+    keys = router.keys(np.array([3, 2**31 + 5], np.int64), np.array([1, 1]))
+    subs = {sub.server: sub for sub in router.route(keys, np.array([0, 1]))}
+    big = plan.shards_of(1)[0].table == 1
+    assert subs[1 if big else 0].rows.tolist() == [2**31 + 5]
+    assert subs[1 if big else 0].rows.dtype == subs[1 if big else 0].offsets.dtype == np.int64
+    assert subs[0 if big else 1].rows.dtype == np.int32
 
 
 def test_router_skips_servers_with_nothing_to_do() -> None:

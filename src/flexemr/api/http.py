@@ -35,7 +35,7 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
     spec = ranker.spec
     inputs = [
         TensorSpec("dense_features", "FP32", (-1, spec.num_dense)),
-        TensorSpec("sparse_indices", "INT64", (-1,)),
+        TensorSpec("sparse_indices", "INT64", (-1,), also_accepts=("INT32",)),
         TensorSpec("sparse_lengths", "INT32", (-1,)),
     ]
     app = FastAPI(title="flexemr", description="DLRM serving over the KServe v2 protocol")

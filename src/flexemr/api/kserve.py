@@ -31,6 +31,8 @@ class TensorSpec:
     datatype: str
     shape: tuple[int, ...]
     """-1 marks a free dimension."""
+    also_accepts: tuple[str, ...] = ()
+    """Datatypes taken besides the advertised one (INT32 indices: half the bytes of INT64)."""
 
 
 @dataclass
@@ -43,8 +45,9 @@ class InferRequest:
 def _decode_tensor(entry: Any, binary: memoryview, pos: int, expected: TensorSpec) -> tuple[np.ndarray, int]:
     name = expected.name
     datatype = entry.get("datatype")
-    if datatype != expected.datatype:
-        raise InvalidRequest(f"input {name} must have datatype {expected.datatype}, got {datatype!r}")
+    allowed = (expected.datatype, *expected.also_accepts)
+    if datatype not in allowed:
+        raise InvalidRequest(f"input {name} must have datatype {' or '.join(allowed)}, got {datatype!r}")
     shape = entry.get("shape")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise InvalidRequest(f"input {name} has an invalid shape {shape!r}")

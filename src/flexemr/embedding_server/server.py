@@ -246,11 +246,16 @@ class EmbeddingServer:
 
     def _lookup(self, frame: Frame) -> np.ndarray:
         weighted = bool(frame.flags & Flags.WEIGHTED)
-        expected = (np.int64, np.int64, np.float32)[: 3 if weighted else 2]
-        if len(frame.buffers) != len(expected) or any(
-            b.ndim != 1 or b.dtype != d for b, d in zip(frame.buffers, expected, strict=False)
+        index = frame.buffers[0].dtype if frame.buffers else None
+        expected = (index, index, np.float32)[: 3 if weighted else 2]
+        if (
+            index not in (np.int32, np.int64)
+            or len(frame.buffers) != len(expected)
+            or any(b.ndim != 1 or b.dtype != d for b, d in zip(frame.buffers, expected, strict=True))
         ):
-            raise BadSubrequest("a lookup carries rows int64[n], offsets int64[bags] and optional weights")
+            raise BadSubrequest(
+                "a lookup carries rows and offsets (both int32 or both int64) and optional float32 weights"
+            )
         rows, offsets = frame.buffers[0], frame.buffers[1]
         if frame.flags & Flags.RAW:
             return self.store.raw(rows)

@@ -34,7 +34,8 @@ class MessageType(enum.IntEnum):
     HELLO = 1
     """ranker -> server: who are you? answered by HELLO with the server's facts as JSON bytes."""
     LOOKUP = 2
-    """ranker -> server: [rows int64 (n), bag offsets int64 (bags), optional weights float32 (n)]."""
+    """ranker -> server: [rows (n), bag offsets (bags), optional weights float32 (n)]; rows and
+    offsets are both int32, or both int64 for a server of 2^31 rows or more."""
     RESULT = 3
     """server -> ranker: [values float32 (bags or n, dim)]."""
     ERROR = 4

@@ -44,10 +44,10 @@ class SparseBatch:
         return counts
 
 
-def _expect(name: str, array: np.ndarray, dtype: type, ndim: int) -> None:
-    if not isinstance(array, np.ndarray) or array.dtype != dtype:
+def _expect(name: str, array: np.ndarray, dtypes: tuple[type, ...], ndim: int) -> None:
+    if not isinstance(array, np.ndarray) or array.dtype not in dtypes:
         got = getattr(array, "dtype", type(array).__name__)
-        raise InvalidRequest(f"{name} must be {np.dtype(dtype).name}, got {got}")
+        raise InvalidRequest(f"{name} must be {' or '.join(np.dtype(d).name for d in dtypes)}, got {got}")
     if array.ndim != ndim:
         raise InvalidRequest(f"{name} must have {ndim} dimension(s), got shape {list(array.shape)}")
 
@@ -60,9 +60,9 @@ def validate_batch(
     max_batch: int,
     max_indices_per_sample: int,
 ) -> SparseBatch:
-    _expect("dense_features", dense, np.float32, 2)
-    _expect("sparse_indices", indices, np.int64, 1)
-    _expect("sparse_lengths", lengths, np.int32, 1)
+    _expect("dense_features", dense, (np.float32,), 2)
+    _expect("sparse_indices", indices, (np.int64, np.int32), 1)  # int32 halves the request bytes
+    _expect("sparse_lengths", lengths, (np.int32,), 1)
     batch, num_dense = dense.shape
     if batch == 0:
         raise InvalidRequest("dense_features has batch size 0; send at least one sample")
@@ -99,4 +99,4 @@ def validate_batch(
             f"sparse_indices[{at}] = {indices[at]} is out of range for table {table} "
             f"(valid rows 0..{spec.table_rows[table] - 1})"
         )
-    return SparseBatch(dense, indices, lengths, tables)
+    return SparseBatch(dense, indices.astype(np.int64, copy=False), lengths, tables)

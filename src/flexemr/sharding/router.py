@@ -24,9 +24,9 @@ class Subrequest:
 
     server: int
     rows: np.ndarray
-    """int64 [n]: server-local rows, grouped by bag."""
+    """int32 [n] (int64 on a server of 2^31 rows or more): server-local rows, grouped by bag."""
     offsets: np.ndarray
-    """int64 [bags]: where each bag starts in `rows`."""
+    """[bags], the dtype of `rows`: where each bag starts in `rows`."""
     bags: np.ndarray
     """int64 [bags]: the batch-wide bag id (table * B + sample) of each bag."""
     keys: np.ndarray
@@ -50,6 +50,11 @@ class RangeRouter:
         self._shift = np.array(
             [s.local_start - s.row_start - self.table_base[s.table] for s in shards], dtype=np.int64
         )
+        # Servers get int32 rows and offsets (half the request bytes) unless they hold 2^31 rows.
+        self._index_dtype = [
+            np.dtype(np.int32 if plan.server_rows(s) <= np.iinfo(np.int32).max else np.int64)
+            for s in range(plan.num_servers)
+        ]
 
     def keys(self, indices: np.ndarray, rows_per_table: np.ndarray) -> np.ndarray:
         """Global row keys of table-major indices (`rows_per_table[t]` of them from table t);
@@ -70,7 +75,8 @@ class RangeRouter:
             if picked.size == 0:
                 continue
             picked_keys = keys[picked]
-            local = picked_keys + self._shift[shard[picked]]
+            dtype = self._index_dtype[s]
+            local = (picked_keys + self._shift[shard[picked]]).astype(dtype)
             bags = bag_ids[picked]
             first = np.flatnonzero(np.concatenate([[True], bags[1:] != bags[:-1]]))
-            yield Subrequest(s, local, first.astype(np.int64), bags[first], picked_keys)
+            yield Subrequest(s, local, first.astype(dtype), bags[first], picked_keys)

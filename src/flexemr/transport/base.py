@@ -16,9 +16,9 @@ import numpy as np
 @dataclass(frozen=True)
 class LookupRequest:
     rows: np.ndarray
-    """int64 [n]: server-local rows, grouped by bag."""
+    """int32 or int64 [n]: server-local rows, grouped by bag."""
     offsets: np.ndarray
-    """int64 [bags]: where each bag starts in `rows`."""
+    """[bags], the dtype of `rows`: where each bag starts in `rows`."""
     raw: bool = False
     """Ask for the rows themselves instead of per-bag partial sums."""
     weights: np.ndarray | None = None
