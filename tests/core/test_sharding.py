@@ -72,6 +72,17 @@ def test_router_sends_every_index_to_the_server_holding_it() -> None:
     assert seen == len(rows)
 
 
+@pytest.mark.parametrize("rows", [(380,), (3, 1, 100_000, 7, 2**24), (10**9, 5, 5, 5, 5, 10**8)])
+@pytest.mark.parametrize("strategy", ["table", "row"])
+def test_bucketed_shard_lookup_equals_binary_search(rows: tuple[int, ...], strategy: str) -> None:
+    router = RangeRouter(make_plan(strategy, rows, 4, 4))  # the last rows use the search fallback
+    starts = router._starts
+    keys = np.concatenate(
+        [np.random.default_rng(0).integers(0, sum(rows), 50_000), starts, starts[1:] - 1, [sum(rows) - 1]]
+    )
+    np.testing.assert_array_equal(router.shards(keys), np.searchsorted(starts, keys, side="right") - 1)
+
+
 def test_router_sends_int64_rows_to_a_server_past_int32() -> None:
     plan = table_wise((10, 2**31 + 10), 4, 2)
     router = RangeRouter(plan)

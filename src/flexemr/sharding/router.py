@@ -1,11 +1,14 @@
-"""Route a whole batch of lookups to embedding servers with one `searchsorted`.
+"""Route a whole batch of lookups to embedding servers with a table gather, not a search per key.
 
 The router flattens (table, row) into one global key space, `key = table_base[table] + row`, and
-keeps the sorted global start of every shard. A batch's shards are found with a single
-`searchsorted` over its keys; memory is O(shards), never O(rows).
+keeps the sorted global start of every shard. The key space is cut into at most 2^20 equal buckets
+that each remember the shard of their first key; a key's shard is its bucket's, moved past the few
+shard starts inside that bucket. That is a gather and a compare or two per key, about 10x cheaper
+than a binary search (`searchsorted`, kept for plans whose buckets would hold over 4 starts).
 
     keys:    |---- table 0 ----|-- table 1 --|------ table 2 ------|
     starts:  ^s0      ^s1      ^s2   ^s3     ^s4        ^s5
+    buckets: |  |  |  |  |  |  |  |  |  |  |  |  |  |  |  |  |  |  |
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from flexemr.sharding.plan import ShardingPlan
+
+MAX_BUCKETS = 2**20
+MAX_STARTS_PER_BUCKET = 4
 
 
 @dataclass(frozen=True)
@@ -50,11 +56,37 @@ class RangeRouter:
         self._shift = np.array(
             [s.local_start - s.row_start - self.table_base[s.table] for s in shards], dtype=np.int64
         )
+        self._bucket_bits, self._bucket_shard, self._starts_in_bucket = self._buckets(
+            int(sum(plan.table_rows))
+        )
+        self._next_start = np.append(self._starts[1:], np.iinfo(np.int64).max)
         # Servers get int32 rows and offsets (half the request bytes) unless they hold 2^31 rows.
         self._index_dtype = [
             np.dtype(np.int32 if plan.server_rows(s) <= np.iinfo(np.int32).max else np.int64)
             for s in range(plan.num_servers)
         ]
+
+    def _buckets(self, total_rows: int) -> tuple[int, np.ndarray | None, int]:
+        """(key bits dropped per bucket, shard of each bucket's first key, most shard starts
+        after a bucket's first key); no buckets when that is over `MAX_STARTS_PER_BUCKET`."""
+        bits = max(0, (total_rows - 1).bit_length() - MAX_BUCKETS.bit_length() + 1)
+        first = np.arange(((total_rows - 1) >> bits) + 1, dtype=np.int64) << bits
+        last = np.minimum(first + (1 << bits) - 1, total_rows - 1)
+        first_shard = np.searchsorted(self._starts, first, side="right") - 1
+        inside = int((np.searchsorted(self._starts, last, side="right") - 1 - first_shard).max())
+        if inside > MAX_STARTS_PER_BUCKET:
+            return bits, None, inside
+        return bits, first_shard.astype(np.int32), inside
+
+    def shards(self, keys: np.ndarray) -> np.ndarray:
+        """The shard (index into the sorted shards) of every key."""
+        if self._bucket_shard is None:
+            found: np.ndarray = np.searchsorted(self._starts, keys, side="right") - 1
+            return found
+        shard: np.ndarray = self._bucket_shard[keys >> self._bucket_bits]
+        for _ in range(self._starts_in_bucket):
+            shard += keys >= self._next_start[shard]
+        return shard
 
     def keys(self, indices: np.ndarray, rows_per_table: np.ndarray) -> np.ndarray:
         """Global row keys of table-major indices (`rows_per_table[t]` of them from table t);
@@ -66,8 +98,9 @@ class RangeRouter:
         """Split a batch (keys in bag order, with each key's bag id) into one subrequest per server
         that holds any of its rows. Servers with nothing to do get no subrequest. Subrequests are
         yielded as they are made, so the first can be on the wire while the next is being cut."""
-        shard = np.searchsorted(self._starts, keys, side="right") - 1
+        shard = self.shards(keys)
         server = self._server[shard]
+        local = keys + self._shift[shard]
         # One pass per server (servers are few) is cheaper than sorting the batch by server,
         # and keeps each server's bags in batch order.
         for s in range(self.plan.num_servers):
@@ -76,7 +109,6 @@ class RangeRouter:
                 continue
             picked_keys = keys[picked]
             dtype = self._index_dtype[s]
-            local = (picked_keys + self._shift[shard[picked]]).astype(dtype)
             bags = bag_ids[picked]
             first = np.flatnonzero(np.concatenate([[True], bags[1:] != bags[:-1]]))
-            yield Subrequest(s, local, first.astype(dtype), bags[first], picked_keys)
+            yield Subrequest(s, local[picked].astype(dtype), first.astype(dtype), bags[first], picked_keys)
