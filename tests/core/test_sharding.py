@@ -33,6 +33,11 @@ def test_table_wise_keeps_tables_whole() -> None:
     assert len(plan.shards) == 4
 
 
+def test_auto_keeps_tables_whole_only_when_that_balances_bytes() -> None:
+    assert make_plan("auto", (100,) * 8, 4, 2).strategy == "table"
+    assert make_plan("auto", (1000, 10, 10, 10), 4, 2).strategy == "row"  # one table dwarfs the rest
+
+
 def test_plan_rejects_gaps_and_overlaps() -> None:
     with pytest.raises(ValueError, match=r"rows \[5, 10\) are on no server"):
         ShardingPlan(1, (10,), 4, (Shard(0, 0, 5, 0),))

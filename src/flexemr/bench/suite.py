@@ -61,7 +61,7 @@ class BenchConfig:
     preset: str = "rmc2"
     row_scale: float = 0.02
     embedding_servers: int = 2
-    sharding: str = "row"
+    sharding: str = "auto"
     alpha: float = 1.0
     """Zipf exponent of the synthetic workload."""
     batch_size: int = 256

@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from flexemr.model.presets import PRESET_NAMES
+from flexemr.sharding.plan import STRATEGIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", choices=PRESET_NAMES, default="rmc2")
     parser.add_argument("--row-scale", type=float, default=0.02, help="scale tables to fit this machine")
     parser.add_argument("--embedding-servers", type=int, default=2)
-    parser.add_argument("--sharding", choices=("table", "row"), default="row")
+    parser.add_argument("--sharding", choices=STRATEGIES, default="auto")
     parser.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of the workload")
     parser.add_argument("--p99-ms", type=float, default=60.0, help="Server-scenario latency target")
     parser.add_argument("--systems", help="comma-separated subset of the suite's systems")

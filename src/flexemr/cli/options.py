@@ -8,7 +8,7 @@ import dataclasses
 from flexemr.cache.sizes import parse_bytes
 from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, RankerConfig
 from flexemr.model.presets import PRESET_NAMES
-from flexemr.sharding.plan import ShardingPlan, make_plan
+from flexemr.sharding.plan import STRATEGIES, ShardingPlan, make_plan
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--embedding-servers", type=int, default=2, help="number of embedding servers")
-    parser.add_argument("--sharding", choices=("table", "row"), default="row", help="sharding strategy")
+    parser.add_argument(
+        "--sharding",
+        choices=STRATEGIES,
+        default="auto",
+        help="whole tables per server (table), every table split over all servers (row), or table "
+        "when that balances bytes within 10%%, else row (auto)",
+    )
     parser.add_argument("--plan", help="a sharding plan file (from `flexemr plan`), instead of --sharding")
     parser.add_argument("--lookup", choices=("partial", "raw"), default="partial", help="server-side pooling")
     parser.add_argument("--host", default="127.0.0.1")

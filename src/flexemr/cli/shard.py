@@ -5,13 +5,13 @@ from __future__ import annotations
 import argparse
 
 from flexemr.cli.options import add_model_arguments, model_source
-from flexemr.sharding.plan import make_plan
+from flexemr.sharding.plan import STRATEGIES, make_plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
     parser.add_argument("--embedding-servers", type=int, default=2)
-    parser.add_argument("--sharding", choices=("table", "row"), default="row")
+    parser.add_argument("--sharding", choices=STRATEGIES, default="auto")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 

@@ -18,7 +18,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-Strategy = Literal["table", "row"]
+Strategy = Literal["auto", "table", "row"]
+STRATEGIES: tuple[Strategy, ...] = ("auto", "table", "row")
+AUTO_IMBALANCE = 1.1
+"""`auto` keeps tables whole while no server holds more than this times the mean bytes."""
 
 
 @dataclass(frozen=True)
@@ -148,8 +151,15 @@ def row_wise(table_rows: tuple[int, ...], dim: int, num_servers: int) -> Shardin
 
 
 def make_plan(strategy: Strategy, table_rows: tuple[int, ...], dim: int, num_servers: int) -> ShardingPlan:
+    """`auto`: table-wise when that balances bytes (a whole table costs the ranker no per-key
+    routing and each bag one server), else row-wise."""
+    if strategy == "auto":
+        plan = table_wise(table_rows, dim, num_servers)
+        sizes = plan.server_bytes()
+        balanced = max(sizes) <= AUTO_IMBALANCE * sum(sizes) / num_servers
+        return plan if balanced else row_wise(table_rows, dim, num_servers)
     if strategy == "table":
         return table_wise(table_rows, dim, num_servers)
     if strategy == "row":
         return row_wise(table_rows, dim, num_servers)
-    raise ValueError(f"sharding must be 'table' or 'row', got {strategy!r}")
+    raise ValueError(f"sharding must be one of {', '.join(STRATEGIES)}, got {strategy!r}")

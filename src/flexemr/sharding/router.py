@@ -60,6 +60,14 @@ class RangeRouter:
             int(sum(plan.table_rows))
         )
         self._next_start = np.append(self._starts[1:], np.iinfo(np.int64).max)
+        self._table_edges = np.append(self.table_base, sum(plan.table_rows))
+        # A table held whole by one server needs no per-key work: its keys go there as a slice.
+        self._table_servers = [
+            sorted({s.server for s in shards if s.table == t}) for t in range(len(plan.table_rows))
+        ]
+        self._whole_shift = np.zeros(len(plan.table_rows), dtype=np.int64)
+        for shard, shift in zip(shards, self._shift, strict=True):
+            self._whole_shift[shard.table] = shift  # used only where the table has one shard
         # Servers get int32 rows and offsets (half the request bytes) unless they hold 2^31 rows.
         self._index_dtype = [
             np.dtype(np.int32 if plan.server_rows(s) <= np.iinfo(np.int32).max else np.int64)
@@ -95,20 +103,30 @@ class RangeRouter:
         return keys
 
     def route(self, keys: np.ndarray, bag_ids: np.ndarray) -> Iterator[Subrequest]:
-        """Split a batch (keys in bag order, with each key's bag id) into one subrequest per server
-        that holds any of its rows. Servers with nothing to do get no subrequest. Subrequests are
-        yielded as they are made, so the first can be on the wire while the next is being cut."""
-        shard = self.shards(keys)
-        server = self._server[shard]
-        local = keys + self._shift[shard]
-        # One pass per server (servers are few) is cheaper than sorting the batch by server,
-        # and keeps each server's bags in batch order.
-        for s in range(self.plan.num_servers):
-            picked = np.flatnonzero(server == s) if self.plan.num_servers > 1 else np.arange(keys.size)
-            if picked.size == 0:
+        """Split a batch (keys in bag order, so grouped by table in table order, with each key's
+        bag id) into one subrequest per server that holds any of its rows, its bags in batch
+        order. Servers with nothing to do get no subrequest."""
+        # Keys of table t all lie in [table_base[t], table_base[t+1]), so "key >= table_base[t]"
+        # is monotone over the batch and a binary search finds each table's slice.
+        edges = np.searchsorted(keys, self._table_edges)
+        parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in self._index_dtype]
+        for t in np.flatnonzero(edges[1:] > edges[:-1]):
+            table_keys, table_bags = keys[edges[t] : edges[t + 1]], bag_ids[edges[t] : edges[t + 1]]
+            servers = self._table_servers[t]
+            if len(servers) == 1:
+                parts[servers[0]].append((table_keys + self._whole_shift[t], table_bags, table_keys))
                 continue
-            picked_keys = keys[picked]
+            shard = self.shards(table_keys)
+            server = self._server[shard]
+            local = table_keys + self._shift[shard]
+            for s in servers:
+                picked = np.flatnonzero(server == s)
+                if picked.size:
+                    parts[s].append((local[picked], table_bags[picked], table_keys[picked]))
+        for s, pieces in enumerate(parts):
+            if not pieces:
+                continue
+            local, bags, picked_keys = (np.concatenate(column) for column in zip(*pieces, strict=True))
             dtype = self._index_dtype[s]
-            bags = bag_ids[picked]
             first = np.flatnonzero(np.concatenate([[True], bags[1:] != bags[:-1]]))
-            yield Subrequest(s, local[picked].astype(dtype), first.astype(dtype), bags[first], picked_keys)
+            yield Subrequest(s, local.astype(dtype), first.astype(dtype), bags[first], picked_keys)
