@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -35,8 +36,13 @@ class Subrequest:
     """[bags], the dtype of `rows`: where each bag starts in `rows`."""
     bags: np.ndarray
     """int64 [bags]: the batch-wide bag id (table * B + sample) of each bag."""
-    keys: np.ndarray
-    """int64 [n]: the global key of each row (what the ranker's cache is keyed by)."""
+    key_pieces: tuple[np.ndarray, ...]
+    """The global keys of `rows`, in pieces (joined only when the cache asks for them)."""
+
+    @cached_property
+    def keys(self) -> np.ndarray:
+        """int64 [n]: the global key of each row (what the ranker's cache is keyed by)."""
+        return np.concatenate(self.key_pieces)
 
     def row_bags(self) -> np.ndarray:
         """The bag id of every row (for pooling raw rows on the ranker)."""
@@ -109,24 +115,45 @@ class RangeRouter:
         # Keys of table t all lie in [table_base[t], table_base[t+1]), so "key >= table_base[t]"
         # is monotone over the batch and a binary search finds each table's slice.
         edges = np.searchsorted(keys, self._table_edges)
-        parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in self._index_dtype]
+        # Per server, (keys, shift to their local rows, bag ids) of each table's part.
+        parts: list[list[tuple[np.ndarray, np.ndarray | np.int64, np.ndarray]]] = [
+            [] for _ in self._index_dtype
+        ]
         for t in np.flatnonzero(edges[1:] > edges[:-1]):
             table_keys, table_bags = keys[edges[t] : edges[t + 1]], bag_ids[edges[t] : edges[t + 1]]
             servers = self._table_servers[t]
             if len(servers) == 1:
-                parts[servers[0]].append((table_keys + self._whole_shift[t], table_bags, table_keys))
+                parts[servers[0]].append((table_keys, self._whole_shift[t], table_bags))
                 continue
             shard = self.shards(table_keys)
             server = self._server[shard]
-            local = table_keys + self._shift[shard]
             for s in servers:
                 picked = np.flatnonzero(server == s)
                 if picked.size:
-                    parts[s].append((local[picked], table_bags[picked], table_keys[picked]))
+                    parts[s].append((table_keys[picked], self._shift[shard[picked]], table_bags[picked]))
         for s, pieces in enumerate(parts):
-            if not pieces:
-                continue
-            local, bags, picked_keys = (np.concatenate(column) for column in zip(*pieces, strict=True))
-            dtype = self._index_dtype[s]
-            first = np.flatnonzero(np.concatenate([[True], bags[1:] != bags[:-1]]))
-            yield Subrequest(s, local.astype(dtype), first.astype(dtype), bags[first], picked_keys)
+            if pieces:
+                yield self._subrequest(s, pieces)
+
+    def _subrequest(
+        self, server: int, pieces: list[tuple[np.ndarray, np.ndarray | np.int64, np.ndarray]]
+    ) -> Subrequest:
+        """Write the pieces' local rows straight into one array of the server's index dtype, and
+        find bag starts piece by piece (no bag spans two tables)."""
+        dtype = self._index_dtype[server]
+        rows = np.empty(sum(k.size for k, _, _ in pieces), dtype)
+        offsets, bags = [], []
+        at = 0
+        for piece_keys, shift, piece_bags in pieces:
+            np.add(piece_keys, shift, out=rows[at : at + piece_keys.size], casting="unsafe")
+            first = np.flatnonzero(np.concatenate([[True], piece_bags[1:] != piece_bags[:-1]]))
+            offsets.append(first + at)
+            bags.append(piece_bags[first])
+            at += piece_keys.size
+        return Subrequest(
+            server,
+            rows,
+            np.concatenate(offsets).astype(dtype),
+            np.concatenate(bags),
+            tuple(k for k, _, _ in pieces),
+        )
