@@ -90,9 +90,15 @@ def validate_batch(
             f"{total} indices exceed the limit of {max_indices_per_sample} per sample on average"
         )
     per_table = lengths.reshape(tables, batch).sum(axis=1, dtype=np.int64)
-    limit = np.repeat(np.asarray(spec.table_rows, dtype=np.int64), per_table)
-    bad = (indices < 0) | (indices >= limit)
-    if bad.any():
+    table_rows = np.asarray(spec.table_rows, dtype=np.int64)
+    # Each table's indices are one segment: check its min and max (two passes, no per-index limit).
+    used = np.flatnonzero(per_table)
+    starts = (np.cumsum(per_table) - per_table)[used]
+    if used.size and (
+        np.minimum.reduceat(indices, starts).min() < 0
+        or np.any(np.maximum.reduceat(indices, starts) >= table_rows[used])
+    ):
+        bad = (indices < 0) | (indices >= np.repeat(table_rows, per_table))
         at = int(np.argmax(bad))
         table = int(np.searchsorted(np.cumsum(per_table), at, side="right"))
         raise InvalidRequest(
