@@ -51,8 +51,8 @@ class Suite:
 SUITES = {
     "quick": Suite("quick", ("monolithic", "naive", "flexemr", "redis"), 3.0, 2.5, (0.5, 0.9),
                    ("monolithic", "flexemr"), ("flexemr",), 2, 4),
-    "full": Suite("full", tuple(SYSTEMS), 10.0, 6.0, (0.2, 0.4, 0.6, 0.8, 1.0), tuple(SYSTEMS),
-                  tuple(SYSTEMS), 5, 16),
+    "full": Suite("full", tuple(SYSTEMS), 8.0, 4.0, (0.25, 0.5, 0.75, 1.0), tuple(SYSTEMS),
+                  tuple(SYSTEMS), 4, 10),
 }  # fmt: skip
 
 
