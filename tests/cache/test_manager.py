@@ -42,7 +42,7 @@ def memory_model(per_sample: int) -> MemoryModel:
 
 def adaptive(per_sample: int = SLOT, **load: float) -> AdaptiveCacheManager:
     load_config = LoadMonitorConfig(max_batch=1024, window_s=1.0, min_dwell_s=0.5, **load)  # type: ignore[arg-type]
-    config = CacheConfig(mode="adaptive", ways=8, load=load_config, sketch_candidates=512)
+    config = CacheConfig(mode="adaptive", ways=8, load=load_config, sketch_candidates=512, min_bytes=0)
     return AdaptiveCacheManager(config, DIM, "cpu", memory_model(per_sample))
 
 
@@ -200,3 +200,30 @@ def test_runs_on_cuda() -> None:
     part = manager.cached_part(batch.bag_ids.cuda(), batch.keys.cuda(), len(TABLE_ROWS) * 16)
     assert part.hit.all() and part.sums.is_cuda
     torch.testing.assert_close(part.sums.cpu(), reference_pool(tables, batch, "sum"))
+
+
+def test_warming_fills_a_cache_bigger_than_the_candidate_list() -> None:
+    config = CacheConfig(mode="fixed:64KiB", sketch_candidates=64)
+    manager = AdaptiveCacheManager(config, DIM, "cpu")
+    tables = make_tables(TABLE_ROWS, DIM)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(30):
+        batch = make_batch(TABLE_ROWS, 32, max_bag=8, gen=gen, zipf=0.8)
+        manager.observe(batch.keys)
+        warm = manager.warm_candidates(manager.free_rows())
+        manager.admit(warm.keys, rows_of(tables, warm.keys), warm.token)
+    assert manager.cache.num_rows > 4 * config.sketch_candidates
+
+
+def test_adaptive_drops_a_cache_smaller_than_min_bytes() -> None:
+    load = LoadMonitorConfig(max_batch=1024, window_s=1.0, min_dwell_s=0.5)
+    config = CacheConfig(mode="adaptive", ways=8, load=load, min_bytes=1000 * SLOT)
+    manager = AdaptiveCacheManager(config, DIM, "cpu", memory_model(per_sample=SLOT))
+    assert manager.cache.capacity_rows == 0  # 2000 - 1024 rows would be left: below min_bytes
+    tables = make_tables(TABLE_ROWS, DIM)
+    gen = torch.Generator().manual_seed(7)
+    assert run_batch(manager, tables, 8, gen) == 0  # exact with no cache at all
+    manager.before_batch(8, 0, 0.1)  # light load: room for ~1990 rows
+    assert manager.cache.capacity_rows > 1000
+    event = manager.before_batch(1024, 0, 0.2)
+    assert event is not None and event.new_bytes == manager.cache.capacity_bytes == 0

@@ -49,3 +49,11 @@ def test_shape_mismatch_is_refused() -> None:
     cache = RowCache(DIM, 1024)
     with pytest.raises(ValueError, match="must match"):
         cached_partial_sums(cache, torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), 4)
+
+
+def test_bags_must_be_runs_in_order() -> None:
+    cache = RowCache(DIM, 1024)
+    keys = torch.zeros(3, dtype=torch.int64)
+    for bags in ([0, 2, 1], [0, 1, 4], [-1, 0, 0]):
+        with pytest.raises(ValueError, match="non-decreasing"):
+            cached_partial_sums(cache, torch.tensor(bags), keys, 4)

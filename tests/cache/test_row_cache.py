@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flexemr.cache import row_cache
 from flexemr.cache.row_cache import RowCache
 
 DIM = 4
@@ -100,19 +102,48 @@ def test_shrink_keeps_the_most_recent_exactly_when_fully_associative() -> None:
     assert cache.contains(keys(1, 3, 4, 6, 9)).tolist() == [True, True, True, False, True]
 
 
-def test_shrink_keeps_only_recent_rows_when_set_associative() -> None:
-    cache = cache_of(512, ways=8)
-    all_keys = torch.randperm(4096)[:512]
+def recently_used(cache: RowCache) -> torch.Tensor:
+    """Fill a cache with random keys, use them in a random order; the keys held, newest last."""
+    all_keys = torch.randperm(4096, generator=torch.Generator().manual_seed(0))[: cache.capacity_rows]
     cache.insert(all_keys, source(all_keys))
-    order = all_keys[torch.randperm(all_keys.numel())]
+    order = all_keys[torch.randperm(all_keys.numel(), generator=torch.Generator().manual_seed(1))]
     cache.lookup(order[cache.contains(order)])
-    held = order[cache.contains(order)]  # in recency order, newest last
-    cache.resize(128 * cache.slot_bytes)
-    assert 64 <= cache.num_rows <= 128
+    return order[cache.contains(order)]
+
+
+def test_shrink_keeps_each_sets_most_recent_rows() -> None:
+    cache = cache_of(512, ways=8)
+    held = recently_used(cache)
+    sets = cache._sets(held)
+    assert cache.resize(128 * cache.slot_bytes) == held.numel() - cache.num_rows
+    assert (cache.num_sets, cache.ways) == (64, 2)  # same sets, fewer ways: no rehashing
     kept = cache.contains(held)
-    assert kept[: held.numel() - 128].sum() == 0  # nothing older than the newest 128 survived
+    for s in range(64):
+        in_set = kept[sets == s]
+        newest = min(2, in_set.numel())
+        assert in_set.tolist() == [False] * (in_set.numel() - newest) + [True] * newest
     hit, slots = cache.lookup(held)
     torch.testing.assert_close(cache.gather(slots[hit]), source(held[hit]))
+
+
+def test_shrink_below_one_way_keeps_the_globally_most_recent_rows() -> None:
+    cache = cache_of(512, ways=8)
+    held = recently_used(cache)
+    cache.resize(32 * cache.slot_bytes)  # fewer slots than sets: a rebuild with 4 sets of 8
+    assert (cache.num_sets, cache.ways) == (4, 8)
+    assert 16 <= cache.num_rows <= 32
+    assert cache.contains(held)[: held.numel() - 32].sum() == 0  # nothing older than the newest 32
+
+
+def test_grow_adds_ways_and_keeps_every_row() -> None:
+    cache = cache_of(64, ways=8)
+    cache.resize(16 * cache.slot_bytes)  # 8 sets of 2
+    held = recently_used(cache)
+    assert cache.resize(64 * cache.slot_bytes) == 0
+    assert (cache.num_sets, cache.ways) == (8, 8)
+    assert cache.contains(held).all()
+    cache.insert(torch.arange(5000, 5100), source(torch.arange(5000, 5100)))  # the new ways fill
+    assert cache.num_rows > held.numel()
 
 
 def test_grow_keeps_every_row() -> None:
@@ -172,3 +203,16 @@ def test_random_operations_never_serve_a_wrong_or_invalidated_row(
         torch.testing.assert_close(cache.gather(slots[hit]), expected[hit])
         assert cache.num_rows <= cache.capacity_rows
         assert cache.capacity_bytes <= max(cache.slot_bytes * 48, cache.slot_bytes * 16)
+
+
+def test_lookups_across_many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = cache_of(64, ways=8)
+    held = torch.arange(0, 400, 7)
+    cache.insert(held, source(held))
+    probe = torch.randint(0, 400, (1000,), generator=torch.Generator().manual_seed(0))
+    expected = cache.contains(probe)
+    monkeypatch.setattr(row_cache, "FIND_CHUNK", 7)
+    hit, slots = cache.lookup(probe)
+    assert torch.equal(hit, expected) and hit.any()
+    torch.testing.assert_close(cache.gather(slots[hit]), source(probe[hit]))
+    assert (cache.gather(slots[~hit]) == 0).all()  # misses read the zero row

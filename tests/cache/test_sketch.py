@@ -56,3 +56,22 @@ def test_aging_follows_drift() -> None:
     keys, counts = torch.unique(second, return_counts=True)
     now_hot = set(keys[torch.topk(counts, 10).indices].tolist())
     assert len(now_hot & set(sketch.hottest_missing(10).tolist())) >= 8
+
+
+def test_candidates_leave_out_cached_keys() -> None:
+    sketch = FrequencySketch(width=1 << 8, candidates=2)
+    cached = lambda keys: keys < 3  # noqa: E731
+    sketch.observe(torch.tensor([1] * 9 + [2] * 8 + [5] * 3 + [6] * 2 + [7]), cached)
+    assert sketch.candidates.tolist() == [5, 6]  # the hot cached keys would have taken both places
+
+
+def test_big_batches_are_counted_from_a_weighted_sample() -> None:
+    stream, _ = zipf_stream(100_000, 400_000, 1.1, seed=3)
+    sampled = FrequencySketch(width=1 << 14, candidates=256, half_life=1e12, sample=4096)
+    for batch in stream.split(100_000):
+        sampled.observe(batch)
+    keys, counts = torch.unique(stream, return_counts=True)
+    top = torch.topk(counts, 20)
+    assert len(set(keys[top.indices].tolist()) & set(sampled.hottest_missing(20).tolist())) >= 18
+    estimates = sampled.estimate(keys[top.indices])
+    torch.testing.assert_close(estimates, top.values.to(torch.float32), rtol=0.25, atol=0)

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from flexemr.cache.load_monitor import LoadMonitor, LoadMonitorConfig, LoadState
 from flexemr.cache.memory_model import MemoryModel
-from flexemr.cache.pooling import CachedPart
+from flexemr.cache.pooling import CachedPart, cached_partial_sums
 from flexemr.cache.row_cache import DEFAULT_WAYS, RowCache
 from flexemr.cache.sizes import parse_bytes
 from flexemr.cache.sketch import FrequencySketch
@@ -80,6 +80,9 @@ class CacheConfig:
     """The ranker's lookup mode; only changes how `bytes_saved` is counted."""
     max_bytes: int | None = None
     """`adaptive`: never grow beyond this (None: as far as the memory model allows)."""
+    min_bytes: int = 256 << 10
+    """`adaptive`: a smaller budget gives no cache at all. A lookup costs the same per key whatever
+    the cache's size, so a sliver (what a full batch leaves) costs more than its few hits save."""
     grow_threshold: float = 0.1
     """`adaptive`: grow only when the budget exceeds the capacity by this fraction (shrinks are
     immediate), so small budget changes do not rebuild the cache."""
@@ -95,6 +98,9 @@ class CacheConfig:
     """Heavy-hitter candidates tracked for warming."""
     sketch_half_life: float = 1e6
     """Observed keys after which a count weighs half."""
+    sketch_sample: int = 1 << 14
+    """Keys of one batch the sketch counts at most (a strided sample, each weighing
+    batch / sample): bounds its cost on big batches."""
     load: LoadMonitorConfig = field(default_factory=LoadMonitorConfig)
     """Load detection (window, thresholds, dwell, max batch)."""
 
@@ -106,6 +112,8 @@ class CacheConfig:
             raise ValueError(f"grow_threshold must be >= 0, got {self.grow_threshold}")
         if self.max_bytes is not None and self.max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {self.max_bytes}")
+        if self.min_bytes < 0:
+            raise ValueError(f"min_bytes must be >= 0, got {self.min_bytes}")
 
     @property
     def cache_mode(self) -> CacheMode:
@@ -181,6 +189,7 @@ class AdaptiveCacheManager:
             config.sketch_candidates,
             config.sketch_half_life,
             self.device,
+            config.sketch_sample,
         )
         self._lock = threading.Lock()
         self._epoch = 0
@@ -222,7 +231,9 @@ class AdaptiveCacheManager:
     def _budget(self, plan_batch: int) -> int:
         assert self.memory is not None
         budget = self.memory.cache_budget(plan_batch)
-        return budget if self.config.max_bytes is None else min(budget, self.config.max_bytes)
+        if self.config.max_bytes is not None:
+            budget = min(budget, self.config.max_bytes)
+        return budget if budget >= self.config.min_bytes else 0
 
     # -- request thread -----------------------------------------------------------------------------
 
@@ -257,36 +268,21 @@ class AdaptiveCacheManager:
     def cached_part(
         self, bag_ids: Tensor, keys: Tensor, num_bags: int, out: Tensor | None = None
     ) -> CachedPart:
-        """Look up a batch's keys [N] (with their bag ids [N]): `hit` [N] and, per bag, the sum of
-        its cached rows, added into `out` [num_bags, dim] when given (e.g. the ranker's `pooled`)
-        or into a new zero tensor. Send `keys[part.miss]` to the servers."""
-        sums = torch.zeros(num_bags, self.cache.dim, device=self.device) if out is None else out
-        if sums.shape != (num_bags, self.cache.dim):
-            raise ValueError(f"out must be [{num_bags}, {self.cache.dim}], got {list(sums.shape)}")
-        if bag_ids.shape != keys.shape:
-            raise ValueError(f"bag_ids {list(bag_ids.shape)} and keys {list(keys.shape)} must match")
-        bag_ids = bag_ids.to(self.device, torch.int64)
+        """Look up a batch's keys [N] (with their non-decreasing bag ids [N]): `hit` [N] and, per
+        bag, the sum of its cached rows, added into `out` [num_bags, dim] when given (e.g. the
+        ranker's `pooled`) or into a new tensor. Send `keys[part.miss]` to the servers."""
         with self._lock:
-            hit, slot = self.cache.lookup(keys)
-            rows = self.cache.gather(slot[hit])  # a copy: later mutations cannot change it
-        sums.index_add_(0, bag_ids[hit], rows.to(sums.dtype))
-        hits = int(hit.sum())
+            part = cached_partial_sums(self.cache, bag_ids, keys, num_bags, out)
+        hits = part.hits
         if self.config.wire == "raw":
             saved = hits * (4 * self.cache.dim + 8)
         else:
-            saved = hits * 8 + self._whole_bags_cached(bag_ids, hit, num_bags) * 4 * self.cache.dim
+            saved = hits * 8 + (_whole_bags_cached(part) * 4 * self.cache.dim if hits else 0)
         with self._lock:
             self._lookups += keys.numel()
             self._hits += hits
             self._bytes_saved += saved
-        return CachedPart(hit, sums)
-
-    def _whole_bags_cached(self, bag_ids: Tensor, hit: Tensor, num_bags: int) -> int:
-        if not bool(hit.any()):
-            return 0
-        hits = torch.bincount(bag_ids[hit], minlength=num_bags)
-        misses = torch.bincount(bag_ids[~hit], minlength=num_bags)
-        return int(((hits > 0) & (misses == 0)).sum())
+        return part
 
     def observe(self, keys: Tensor) -> None:
         """Count a batch's keys (all of them, hits too) towards hotness."""
@@ -294,7 +290,7 @@ class AdaptiveCacheManager:
             return
         keys = keys.to(self.device, torch.int64)
         with self._lock:
-            self.sketch.observe(keys)
+            self.sketch.observe(keys, self.cache.contains)
 
     # -- background warming ---------------------------------------------------------------------
 
@@ -377,3 +373,11 @@ class AdaptiveCacheManager:
                 invalidated=self._invalidated,
                 admits_dropped_stale=self._stale,
             )
+
+
+def _whole_bags_cached(part: CachedPart) -> int:
+    """Bags with at least one key, all of them hits."""
+    hits_before = torch.cumsum(part.hit, 0)
+    per_bag = torch.cat([hits_before.new_zeros(1), hits_before])[part.offsets].diff()
+    lengths = part.offsets.diff()
+    return int(((per_bag == lengths) & (lengths > 0)).sum())

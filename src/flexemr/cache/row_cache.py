@@ -4,19 +4,24 @@ Rows are keyed by their global key (`table_base[table] + row`, see `RangeRouter.
 lives in one set, `mix(key) % num_sets`, in any of that set's `ways` slots:
 
     slot = set * ways + way
-    keys   int64   [num_sets, ways]   -1 = empty
-    stamps int64   [num_sets, ways]   last use (a counter, not a clock); -1 = empty
-    rows   float32 [num_sets * ways, dim]
+    keys   int64   [num_sets, ways]       -1 = empty
+    stamps int64   [num_sets, ways]       last use (a counter, not a clock); -1 = empty
+    rows   float32 [num_sets * ways + 1, dim]   the last row is always zero: misses point at it
 
-Every operation is a handful of whole-batch tensor ops: finding a batch of keys compares each
-key with the `ways` keys of its set (one pass per way, so memory stays O(batch)); inserting a
-batch sorts the new keys by set and hands the r-th new key of a set the r-th least recently used
-slot of that set. Duplicates in a batch are looked up independently and inserted once.
+Every operation is a handful of whole-batch tensor ops: finding a batch of keys gathers each
+key's set (its `ways` keys, adjacent in memory) and compares, a chunk of keys at a time so the
+[chunk, ways] intermediates stay in the CPU cache; inserting a batch sorts the new keys by set and
+hands the r-th new key of a set the r-th least recently used slot of that set. Duplicates in a
+batch are looked up independently and inserted once. Because a miss's slot is the zero row,
+`bag_sums` pools a whole batch (hits and misses) with one `embedding_bag` and no compaction.
 
 Capacity is in bytes and counts the row plus its key and stamp (`slot_bytes = 4 * dim + 16`).
-Resizing rebuilds the table: a shrink keeps only the most recently used rows (the globally newest
-that fit; a few of them may still lose a set conflict in the new geometry). While it rebuilds, old
-and new tables both exist; afterwards the old one is freed.
+Resizing keeps the sets where it can and changes the ways, 1 to `max_ways`: a shrink keeps each
+set's most recently used rows, a grow adds empty ways; a copy, no rehashing (a rebuild of a big
+cache sorts every row and stalls requests for about a second on a CPU). A capacity beyond
+`max_ways` ways or below one rebuilds the table with a new number of sets, keeping the globally
+most recently used rows that fit (a few may still lose a set conflict in the new geometry). While
+it resizes, old and new tables both exist; afterwards the old one is freed.
 
 Not thread-safe: `AdaptiveCacheManager` serialises access.
 """
@@ -25,11 +30,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
 from flexemr.cache.hashing import mix
 
 EMPTY = -1
 DEFAULT_WAYS = 16
+FIND_CHUNK = 1 << 15
+"""Keys `_find` compares per step."""
 
 
 class RowCache:
@@ -48,7 +56,7 @@ class RowCache:
         self.max_ways = ways
         self.device = torch.device(device)
         self._clock = 0
-        self._allocate(capacity_bytes)
+        self._allocate(*self._geometry(capacity_bytes))
 
     # -- geometry ---------------------------------------------------------------------------------
 
@@ -57,16 +65,20 @@ class RowCache:
         """Bytes one cached row costs: the floats, its key and its stamp."""
         return 4 * self.dim + 16
 
-    def _allocate(self, capacity_bytes: int) -> None:
+    def _geometry(self, capacity_bytes: int) -> tuple[int, int]:
+        """(sets, ways) of a fresh table of at most `capacity_bytes`."""
         if capacity_bytes < 0:
             raise ValueError(f"capacity_bytes must be >= 0, got {capacity_bytes}")
         slots = capacity_bytes // self.slot_bytes
-        self.ways = min(self.max_ways, slots)
-        self.num_sets = slots // self.ways if self.ways else 0
-        shape = (self.num_sets, self.ways)
+        ways = min(self.max_ways, slots)
+        return (slots // ways if ways else 0), ways
+
+    def _allocate(self, num_sets: int, ways: int) -> None:
+        self.num_sets, self.ways = num_sets, ways
+        shape = (num_sets, ways)
         self._keys = torch.full(shape, EMPTY, dtype=torch.int64, device=self.device)
         self._stamps = torch.full(shape, EMPTY, dtype=torch.int64, device=self.device)
-        self._rows = torch.zeros(self.num_sets * self.ways, self.dim, device=self.device)
+        self._rows = torch.zeros(self.num_sets * self.ways + 1, self.dim, device=self.device)
 
     @property
     def capacity_rows(self) -> int:
@@ -92,17 +104,21 @@ class RowCache:
         return mix(keys) % self.num_sets
 
     def _find(self, keys: Tensor) -> tuple[Tensor, Tensor]:
-        """(hit [N] bool, slot [N] int64; slot is meaningless where not hit)."""
-        keys = keys.to(self.device, torch.int64)
-        hit = torch.zeros(keys.shape, dtype=torch.bool, device=self.device)
-        slot = torch.zeros(keys.shape, dtype=torch.int64, device=self.device)
+        """(hit [N] bool, slot [N] int64; the zero row `capacity_rows` where not hit)."""
+        keys = keys.to(self.device, torch.int64).reshape(-1)
         if self.capacity_rows == 0 or keys.numel() == 0:
-            return hit, slot
+            hit = torch.zeros(keys.shape, dtype=torch.bool, device=self.device)
+            return hit, torch.full(keys.shape, self.capacity_rows, dtype=torch.int64, device=self.device)
         sets = self._sets(keys)
-        for way in range(self.ways):
-            match = (self._keys[sets, way] == keys) & (keys >= 0)
-            hit |= match
-            slot = torch.where(match, sets * self.ways + way, slot)
+        hits, ways = [], []
+        for start in range(0, keys.numel(), FIND_CHUNK):
+            chunk = slice(start, start + FIND_CHUNK)
+            # a key sits in at most one way of its set, so max finds whether and where
+            found, way = (self._keys.index_select(0, sets[chunk]) == keys[chunk, None]).max(dim=1)
+            hits.append(found)
+            ways.append(way)
+        hit = torch.cat(hits) & (keys >= 0)
+        slot = torch.where(hit, sets * self.ways + torch.cat(ways), self.capacity_rows)
         return hit, slot
 
     def _touch(self, slots: Tensor) -> None:
@@ -116,7 +132,7 @@ class RowCache:
 
     def lookup(self, keys: Tensor) -> tuple[Tensor, Tensor]:
         """Find `keys` [N] and mark the hits used. Returns (hit [N] bool, slots [N] int64); read
-        the hit rows with `gather(slots[hit])`."""
+        the hit rows with `gather(slots[hit])`, or sum them per bag with `bag_sums(slots, ...)`."""
         hit, slot = self._find(keys)
         self._touch(slot[hit])
         return hit, slot
@@ -128,6 +144,12 @@ class RowCache:
     def gather(self, slots: Tensor) -> Tensor:
         """float32 [n, dim] rows of slots returned by `lookup` (valid until the next mutation)."""
         return self._rows[slots]
+
+    def bag_sums(self, slots: Tensor, offsets: Tensor) -> Tensor:
+        """float32 [B, dim]: per bag, the sum of the rows of `slots` [N] as `lookup` returned
+        them (misses add zero); bag b is `slots[offsets[b]:offsets[b + 1]]`, the last one runs
+        to N. A new tensor: later mutations cannot change it."""
+        return F.embedding_bag(slots, self._rows, offsets, mode="sum")
 
     # -- mutations --------------------------------------------------------------------------------
 
@@ -188,22 +210,39 @@ class RowCache:
         self._stamps.fill_(EMPTY)
 
     def resize(self, capacity_bytes: int) -> int:
-        """Reallocate for `capacity_bytes`, keeping the most recently used rows that fit (their
+        """Reallocate for `capacity_bytes` (see the module docstring for which rows are kept; their
         recency is kept too). Returns the number of rows evicted."""
         before = self.num_rows
+        ways = capacity_bytes // self.slot_bytes // self.num_sets if self.num_sets else 0
+        if 1 <= ways <= self.max_ways:
+            self._set_ways(ways)
+        else:
+            self._rebuild(capacity_bytes)
+        return before - self.num_rows
+
+    def _set_ways(self, ways: int) -> None:
+        """Same sets, `ways` ways: each set keeps its most recently used slots (empty ones last)."""
+        kept = min(ways, self.ways)
+        order = torch.argsort(self._stamps, dim=1, descending=True)[:, :kept]
+        old = torch.arange(self.num_sets, device=self.device).unsqueeze(1) * self.ways + order
+        keys, stamps, rows = self._keys.gather(1, order), self._stamps.gather(1, order), self._rows[old]
+        self._allocate(self.num_sets, ways)
+        self._keys[:, :kept] = keys
+        self._stamps[:, :kept] = stamps
+        self._rows[:-1].view(self.num_sets, ways, self.dim)[:, :kept] = rows
+
+    def _rebuild(self, capacity_bytes: int) -> None:
+        """A new number of sets: place the most recently used rows that fit, newest first (so
+        that in a set conflict the newest rows win)."""
+        geometry = self._geometry(capacity_bytes)
         flat_keys, flat_stamps = self._keys.view(-1), self._stamps.view(-1)
         valid = torch.nonzero(flat_keys >= 0).squeeze(1)
-        new_slots = capacity_bytes // self.slot_bytes
-        if valid.numel() > new_slots:
-            valid = valid[torch.topk(flat_stamps[valid], new_slots).indices]
-        # newest first, so that in a set conflict the newest rows win
-        valid = valid[torch.argsort(flat_stamps[valid], descending=True)]
+        valid = valid[torch.argsort(flat_stamps[valid], descending=True)][: geometry[0] * geometry[1]]
         keys, stamps, rows = flat_keys[valid], flat_stamps[valid], self._rows[valid]
         del flat_keys, flat_stamps
-        self._allocate(capacity_bytes)
+        self._allocate(*geometry)
         if self.capacity_rows:
             self._place(keys, rows, stamps)
-        return before - self.num_rows
 
 
 def _first_occurrences(keys: Tensor) -> tuple[Tensor, Tensor]:
