@@ -27,7 +27,8 @@ def test_partial_pooling_sends_fewer_bytes_and_more_servers_raise_throughput() -
     server, ranker = catalog.get("r6i.2xlarge"), catalog.get("c6i.2xlarge")
 
     def deployment(n: int, partial: bool) -> Deployment:
-        return Deployment(ranker, 4, server, place(model, n, 1, "row"), partial_pooling=partial)
+        # Enough rankers that the servers, not the ranker's per-server handling, set the capacity.
+        return Deployment(ranker, 16, server, place(model, n, 1, "row"), partial_pooling=partial)
 
     raw = predict(deployment(2, False), model, traffic, cal)
     partial = predict(deployment(2, True), model, traffic, cal)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexemr.planner import PlanningError, default_calibration, place, search_disaggregated
+from flexemr.planner import PlanningError, default_calibration, place, predict, search_disaggregated
 from flexemr.planner.perf_model import usable_memory
 from tests.planner.helpers import request, small_catalog, small_model
 
@@ -41,9 +41,9 @@ def test_placement_puts_every_row_on_k_plus_1_distinct_servers(
 def test_every_plan_fits_replicates_and_meets_its_target(
     rows: tuple[int, ...], qps: float, p99_ms: float, k: int, j: int
 ) -> None:
-    req = request(qps, p99_ms, k, j, rows=rows)
+    req, calibration = request(qps, p99_ms, k, j, rows=rows), default_calibration()
     try:
-        found = search_disaggregated(req, small_catalog(), default_calibration())
+        found = search_disaggregated(req, small_catalog(), calibration)
     except PlanningError:
         return
     dep, pred = found.deployment, found.prediction
@@ -56,3 +56,4 @@ def test_every_plan_fits_replicates_and_meets_its_target(
     assert dep.rankers >= j + 1
     assert pred.memory_ok and pred.max_qps_degraded >= qps
     assert pred.p99_ms <= p99_ms and pred.p99_ms_degraded <= p99_ms
+    assert predict(dep, req.model, req.traffic, calibration).meets(qps, p99_ms)  # not just the search's word

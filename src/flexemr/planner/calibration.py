@@ -62,12 +62,60 @@ class NetworkCost:
 
 
 @dataclass(frozen=True)
+class ServingCost:
+    """CPU seconds this system's own code spends around the kernels, per query, by process role:
+    HTTP and KServe parsing, validation, routing, frames, I/O threads, gathering partial sums. Fitted
+    to the CPU time each process of a local cluster uses per request (`microbench.measure_serving`);
+    the lookup kernel (`LookupCost`) and the dense model (`DenseCost`) are not counted here."""
+
+    ranker_request_s: float = 1.0e-3
+    """Per request on the ranker: the HTTP server, parsing, the response, thread hand-offs."""
+    ranker_subrequest_s: float = 200e-6
+    """Per embedding server a request reaches: cutting, framing and collecting its subrequest."""
+    ranker_bag_s: float = 300e-9
+    """Per bag (sample x table): lengths, validation, gathering partial sums."""
+    ranker_lookup_s: float = 45e-9
+    """Per index: range checks, global keys, routing, the bytes through both sockets."""
+    ranker_contention: float = 1.0
+    """A ranker process serving n requests at once spends (1 + this x (1 - 1/n)) times the CPU
+    on each one's request path (all but the dense model) that it spends on one alone: its threads
+    hand the interpreter lock back and forth."""
+    ranker_cores: float = 0.9
+    """Cores one ranker process's request path keeps busy when saturated: it holds the
+    interpreter lock, so at most one, less the lock's hand-offs (the dense model runs outside it)."""
+    server_subrequest_s: float = 200e-6
+    """Per subrequest on an embedding server: reading, checking and answering the frame."""
+    server_lookup_s: float = 10e-9
+    """Per index on a server besides the pooling kernel (decoding, range checks)."""
+    client_request_s: float = 600e-6
+    """Per request in the load generator's process (only counted where it shares the cores)."""
+    client_lookup_s: float = 7e-9
+    """Per index in the load generator: building and encoding the request."""
+
+    def ranker_s(self, subrequests: float, bags: float, lookups: float) -> float:
+        return (
+            self.ranker_request_s
+            + subrequests * self.ranker_subrequest_s
+            + bags * self.ranker_bag_s
+            + lookups * self.ranker_lookup_s
+        )
+
+    def contention(self, in_flight: float) -> float:
+        """The factor on a ranker's request CPU with `in_flight` (>= 1) requests in its process."""
+        return 1 + self.ranker_contention * (1 - 1 / max(in_flight, 1.0))
+
+    def client_s(self, lookups: float) -> float:
+        return self.client_request_s + lookups * self.client_lookup_s
+
+
+@dataclass(frozen=True)
 class Calibration:
     """All measured constants, where they came from, and the raw measurements behind them."""
 
     lookup: LookupCost = LookupCost()
     dense: DenseCost = DenseCost()
     network: NetworkCost = NetworkCost()
+    serving: ServingCost = ServingCost()
     calibrated: bool = False
     """False for the built-in defaults: plans made with them are labelled uncalibrated."""
     host: str = "defaults"
@@ -111,6 +159,7 @@ def calibration_from_dict(data: dict[str, Any], where: str = "calibration") -> C
         lookup=_part(LookupCost, data.get("lookup", {}), f"{where}: lookup"),
         dense=_part(DenseCost, data.get("dense", {}), f"{where}: dense"),
         network=_part(NetworkCost, data.get("network", {}), f"{where}: network"),
+        serving=_part(ServingCost, data.get("serving", {}), f"{where}: serving"),
         calibrated=bool(data.get("calibrated", False)),
         host=str(data.get("host", "unknown")),
         measured_at=str(data.get("measured_at", "")),

@@ -1,12 +1,15 @@
 """Microbenchmarks behind `flexemr calibrate`: this system's kernels and sockets on this machine.
 
-Three measurements, each fitted to the linear cost model of `flexemr.planner.calibration`:
+Four measurements, each fitted to the linear cost model of `flexemr.planner.calibration`:
 
 * lookups: `embedding_bag` (offsets form, sum) on one thread over a table bigger than the caches,
   for a grid of dims x pooling factors x Zipf skews -> `LookupCost` (non-negative least squares);
 * dense: `DenseArch` forward on one thread for several batch sizes and two model shapes ->
   `DenseCost` (seconds per call = call_s + B * flops / flops_per_s);
-* network: ping-pong of small messages and one bulk stream over loopback TCP -> `NetworkCost`.
+* network: ping-pong of small messages and one bulk stream over loopback TCP -> `NetworkCost`;
+* serving: a local cluster (2 embedding servers, 1 ranker process, this process as the client)
+  answers requests of several shapes one at a time; the CPU time each process spends per request,
+  less the kernels above, is fitted per role -> `ServingCost`.
 """
 
 from __future__ import annotations
@@ -19,16 +22,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from scipy.optimize import nnls
 
+from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
-from flexemr.planner.calibration import Calibration, DenseCost, LookupCost, NetworkCost
+from flexemr.planner.calibration import Calibration, DenseCost, LookupCost, NetworkCost, ServingCost
 from flexemr.planner.inputs import ModelProfile
+from flexemr.planner.perf_model import INDEX_BYTES
+from flexemr.sharding.plan import ShardingPlan, make_plan
+from flexemr.sharding.router import RangeRouter
+from flexemr.workload.request import Request
+
+if TYPE_CHECKING:
+    from flexemr.bench.multi_ranker import RoundRobinBackend
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,18 @@ class BenchSettings:
     """Timed repetitions per point (the fastest counts: it is the least disturbed)."""
     pings: int = 2000
     stream_mib: int = 64
+    serving_points: tuple[tuple[int, int, int], ...] = (
+        (1, 1, 1), (1, 1, 2), (256, 1, 1), (256, 1, 2), (32, 32, 1), (32, 32, 2), (64, 128, 2), (256, 8, 2),
+    )  # fmt: skip
+    """(samples, indices per bag, servers reached) of the requests the serving fit uses (the model
+    has 8 tables: 8 to 65,536 indices per request)."""
+    serving_s: float = 1.5
+    """Seconds of requests per serving point (CPU time is read in 10 ms ticks)."""
+    serving_repeats: int = 2
+    """Measurements per serving point; the least CPU per role counts (the least disturbed)."""
+    contention_point: tuple[int, int, int] = (64, 8, 2)
+    """The request measured again with several in flight, for the ranker's contention."""
+    contention_in_flight: int = 4
 
     @classmethod
     def quick(cls) -> BenchSettings:
@@ -59,6 +82,8 @@ class BenchSettings:
             repeats=3,
             pings=300,
             stream_mib=16,
+            serving_points=((1, 1, 1), (1, 1, 2), (256, 1, 2), (32, 32, 1), (32, 32, 2), (64, 128, 2)),
+            serving_s=0.6,
         )
 
 
@@ -197,6 +222,176 @@ def measure_network(settings: BenchSettings) -> tuple[NetworkCost, dict[str, flo
     return NetworkCost(rtt_s=rtt, stream_bytes_per_s=stream_bytes / stream_s), raw
 
 
+_SERVING_MODEL = ModelSource(preset="rmc1", row_scale=0.005)
+"""8 tables of 20,000 rows x 32: a cluster that starts in seconds."""
+
+
+def _serving_request(
+    rng: np.random.Generator, plan: ShardingPlan, num_dense: int, batch: int, pooling: int, reach: int
+) -> Request:
+    """`batch` samples whose bags of `pooling` uniform rows fall on servers 0..reach-1 only."""
+    indices = []
+    for table in range(len(plan.table_rows)):
+        ranges = [(s.row_start, s.row_end) for s in plan.shards if s.table == table and s.server < reach]
+        sizes = np.array([end - start for start, end in ranges])
+        offset = rng.integers(0, sizes.sum(), batch * pooling)
+        which = np.searchsorted(np.cumsum(sizes), offset, side="right")
+        starts = np.array([start for start, _ in ranges])
+        indices.append(starts[which] + offset - (np.cumsum(sizes) - sizes)[which])
+    lengths = np.full(len(plan.table_rows) * batch, pooling, dtype=np.int32)
+    dense = rng.standard_normal((batch, num_dense), dtype=np.float32)
+    return Request(dense, np.concatenate(indices).astype(np.int64), lengths)
+
+
+def _fit(design: list[list[float]], target: list[float], measured: list[float]) -> np.ndarray:
+    """Non-negative least squares in relative terms (each row divided by its measurement)."""
+    scale = np.maximum(np.asarray(measured), 1e-9)[:, None]
+    coef: np.ndarray = nnls(np.asarray(design) / scale, np.asarray(target) / scale[:, 0])[0]
+    return coef
+
+
+def _cpu_per_request(
+    backend: RoundRobinBackend,
+    pids: dict[str, int],
+    request: Request,
+    settings: BenchSettings,
+    in_flight: int,
+) -> dict[str, float]:
+    """CPU seconds per request of each process (and of this one, the client), and wall seconds
+    per request, while `in_flight` threads send `request` back to back: the least of
+    `serving_repeats` runs."""
+    for _ in range(3):
+        backend.infer(request)  # warm up
+    runs = [
+        _cpu_run(backend, pids, request, settings.serving_s, in_flight)
+        for _ in range(settings.serving_repeats)
+    ]
+    return {role: min(run[role] for run in runs) for role in runs[0]}
+
+
+def _cpu_run(
+    backend: RoundRobinBackend, pids: dict[str, int], request: Request, seconds: float, in_flight: int
+) -> dict[str, float]:
+    from flexemr.bench.systems import cpu_seconds
+
+    counts = [0] * in_flight
+    stop = time.perf_counter() + seconds
+
+    def send(i: int) -> None:
+        while time.perf_counter() < stop:
+            backend.infer(request)
+            counts[i] += 1
+
+    before = {role: cpu_seconds(pid) for role, pid in pids.items()}
+    client_before, start = time.process_time(), time.perf_counter()
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(in_flight)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    total = sum(counts)
+    cpu = {role: (cpu_seconds(pid) - before[role]) / total for role, pid in pids.items()}
+    return cpu | {
+        "client": (time.process_time() - client_before) / total,
+        "wall": (time.perf_counter() - start) / total,
+    }
+
+
+def measure_serving(
+    settings: BenchSettings, lookup: LookupCost, dense: DenseCost, network: NetworkCost
+) -> tuple[ServingCost, dict[str, Any]]:
+    """Per role, the CPU time left after the kernels, the dense model and the socket bytes (each
+    end of a connection at the loopback stream's rate) are taken away, fitted to the request's
+    shape; plus the ranker's contention from one point repeated with several requests in flight."""
+    from flexemr.bench.multi_ranker import LocalDeployment
+
+    spec = _SERVING_MODEL.spec()
+    plan = make_plan("row", spec.table_rows, spec.dim, 2)
+    cluster = ClusterSpec(_SERVING_MODEL, plan, (Endpoint(), Endpoint()), RankerConfig(port=0))
+    router = RangeRouter(plan)
+    flops = ModelProfile(spec).dense_flops_per_sample
+    rng = np.random.default_rng(0)
+    byte_s = 1 / network.stream_bytes_per_s
+    points: list[dict[str, float]] = []
+    with LocalDeployment(cluster, rankers=1) as deployment:
+        backend = deployment.backend()
+        pids = deployment.pids()
+        for batch, pooling, reach in settings.serving_points:
+            request = _serving_request(rng, plan, spec.num_dense, batch, pooling, reach)
+            cpu = _cpu_per_request(backend, pids, request, settings, 1)
+            keys = router.keys(request.indices, request.table_lengths().sum(axis=1))
+            bag_ids = np.repeat(np.arange(request.lengths.size), request.lengths)
+            subrequests = {sub.server: sub for sub in router.route(keys, bag_ids)}
+            sent = (
+                request.indices.size * INDEX_BYTES + (request.lengths.size + request.dense.size) * 4
+            ) * byte_s
+            point = {
+                "batch": batch,
+                "pooling": pooling,
+                "servers": len(subrequests),
+                "bags": float(request.lengths.size),
+                "lookups": float(request.indices.size),
+                "client_s": cpu["client"],
+                "client_wire_s": sent,
+                "ranker_s": cpu["ranker-0"],
+                "ranker_wire_s": sent,
+                "dense_s": dense.call_s + batch * flops / dense.flops_per_s,
+            }
+            for server, sub in subrequests.items():
+                wire = (
+                    (sub.rows.size + sub.offsets.size) * INDEX_BYTES + sub.offsets.size * spec.dim * 4
+                ) * byte_s
+                point["ranker_wire_s"] += wire
+                point[f"server{server}_s"] = cpu[f"server-{server}"]
+                point[f"server{server}_lookups"] = float(sub.rows.size)
+                point[f"server{server}_known_s"] = wire + sub.offsets.size * lookup.seconds_per_bag(
+                    spec.dim, sub.rows.size / sub.offsets.size, 0.0
+                )
+            points.append(point)
+        request = _serving_request(rng, plan, spec.num_dense, *settings.contention_point)
+        in_flight = settings.contention_in_flight
+        alone = _cpu_per_request(backend, pids, request, settings, 1)["ranker-0"]
+        crowd = _cpu_per_request(backend, pids, request, settings, in_flight)
+        backend.close()
+    # Contention stretches the request path, not the dense model; with this many in flight the
+    # ranker is the bottleneck, so its request path's CPU per wall second is all it can use.
+    dense_s = dense.call_s + request.batch_size * flops / dense.flops_per_s
+    crowded = crowd["ranker-0"]
+    ranker = _fit(
+        [[1.0, p["servers"], p["bags"], p["lookups"]] for p in points],
+        [p["ranker_s"] - p["dense_s"] - p["ranker_wire_s"] for p in points],
+        [p["ranker_s"] for p in points],
+    )
+    client = _fit([[1.0, p["lookups"]] for p in points], [p["client_s"] - p["client_wire_s"] for p in points],
+                  [p["client_s"] for p in points])  # fmt: skip
+    servers = [(p[f"server{s}_s"], p[f"server{s}_lookups"], p[f"server{s}_known_s"])
+               for p in points for s in range(2) if f"server{s}_s" in p]  # fmt: skip
+    per_server = _fit(
+        [[1.0, n] for _, n, _ in servers], [c - k for c, _, k in servers], [c for c, _, _ in servers]
+    )
+    cost = ServingCost(
+        ranker_request_s=float(ranker[0]),
+        ranker_subrequest_s=float(ranker[1]),
+        ranker_bag_s=float(ranker[2]),
+        ranker_lookup_s=float(ranker[3]),
+        ranker_contention=max(0.0, (crowded - alone) / max(alone - dense_s, 1e-9) / (1 - 1 / in_flight)),
+        ranker_cores=min(1.0, max(crowded - dense_s, 0.0) / crowd["wall"]),
+        server_subrequest_s=float(per_server[0]),
+        server_lookup_s=float(per_server[1]),
+        client_request_s=float(client[0]),
+        client_lookup_s=float(client[1]),
+    )
+    return cost, {
+        "points": points,
+        "contention": {
+            "alone_s": alone,
+            "crowded_s": crowded,
+            "wall_s": crowd["wall"],
+            "in_flight": in_flight,
+        },
+    }
+
+
 def run_calibration(settings: BenchSettings, log: Callable[[str], None] = print) -> Calibration:
     """Run every microbenchmark on one thread and return the fitted calibration."""
     threads = torch.get_num_threads()
@@ -210,16 +405,20 @@ def run_calibration(settings: BenchSettings, log: Callable[[str], None] = print)
         network, network_raw = measure_network(settings)
     finally:
         torch.set_num_threads(threads)
+    log("serving: CPU time per request of each process of a local cluster ...")
+    serving, serving_raw = measure_serving(settings, lookup, dense, network)
     measurements: dict[str, Any] = {
         "lookups": lookup_points,
         "dense": dense_points,
         "network": network_raw,
+        "serving": serving_raw,
         "settings": {k: v for k, v in vars(settings).items()},
     }
     return Calibration(
         lookup=lookup,
         dense=dense,
         network=network,
+        serving=serving,
         calibrated=True,
         host=f"{platform.node()} ({platform.machine()}, {platform.processor() or 'cpu'})",
         measured_at=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -13,6 +13,18 @@ M/G/c waits use Erlang C with the Allen-Cunneen correction: P(W > t) = C(c, a) e
 comes from the spread of samples per query. Capacity is the load at which a resource (cores,
 GPUs, NICs) reaches utilisation 1.
 
+Every process also spends CPU around the kernels (`ServingCost`): the ranker per request, per
+server reached, per bag and per index; a server per subrequest and per index. On a CPU ranker that
+shares its cores with the dense model; on a GPU ranker it runs on the vCPUs.
+
+Shared cores (`Deployment.shared_cores`, the validation case): every process, the load generator
+included, runs on one host. Capacity is then the least of: the cores over the whole CPU demand of
+a query; each ranker process's request path, which holds the interpreter lock (at most
+`ServingCost.ranker_cores` of a core, stretched by contention when requests overlap; the dense
+model runs outside the lock); and the load generator and each server as one core each. The p99
+is that of the tighter queue: the whole query on the cores (M/G/c), or its ranker's request path
+(M/G/1) plus the rest of the path.
+
 Availability: the degraded case takes the `server_failures` servers whose loss loads a survivor
 most (their chunks' traffic moves to the other copies) and `ranker_failures` rankers away; a plan
 must meet its target in both the healthy and the degraded case.
@@ -27,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.planner.calibration import Calibration
+from flexemr.planner.calibration import Calibration, ServingCost
 from flexemr.planner.catalog import NodeType
 from flexemr.planner.inputs import ModelProfile, Traffic
 from flexemr.planner.placement import Placement
@@ -38,8 +50,15 @@ RESERVED_VCPUS = 1
 RESERVED_MEMORY_FRACTION = 0.1
 RESERVED_MEMORY_BYTES = 2 * 2**30
 """Memory per node left to the OS, the runtime and buffers: 10% plus 2 GiB."""
-INDEX_BYTES = 8
-"""Requests carry int64 indices and offsets."""
+INDEX_BYTES = 4
+"""Bytes per index and per bag offset in requests (client -> ranker -> servers): int32, which the
+client and the router send wherever the rows fit (int64 only past 2^31 rows)."""
+PROCESS_CORES = 1.0
+"""Cores one Python process's request path can use: its interpreter lock serialises it."""
+SHARED_WAIT_SCV = 1.0
+"""On shared cores, requests overlap (processes share the cores, a ranker's threads share its
+lock), so the queue behaves like processor sharing: waits fluctuate like M/M/c's, however
+regular the service times."""
 
 
 def usable_memory(node: NodeType) -> float:
@@ -59,15 +78,18 @@ def erlang_c(servers: int, offered: float) -> float:
     return blocking / (1 - rho + rho * blocking)
 
 
-def mgc_quantile(arrival_rate: float, service_s: float, servers: int, scv: float, q: float) -> float:
-    """The q-quantile of response time (wait + service) in M/G/c; infinite when overloaded."""
+def mgc_quantile(
+    arrival_rate: float, service_s: float, servers: int, scv: float, q: float, wait_scv: float | None = None
+) -> float:
+    """The q-quantile of response time (wait + service) in M/G/c; infinite when overloaded.
+    `wait_scv` (default `scv`) sets how fast the wait's tail decays."""
     if service_s <= 0 or arrival_rate <= 0:
         return max(service_s, 0.0)
     offered = arrival_rate * service_s
     if offered >= servers:
         return math.inf
     wait_prob = erlang_c(servers, offered)
-    decay = (servers / service_s - arrival_rate) * 2 / (1 + scv)
+    decay = (servers / service_s - arrival_rate) * 2 / (1 + (scv if wait_scv is None else wait_scv))
     wait = math.log(wait_prob / (1 - q)) / decay if wait_prob > 1 - q else 0.0
     service = service_s * max(1.0, 1 + NormalDist().inv_cdf(q) * math.sqrt(scv))
     return wait + service
@@ -92,6 +114,19 @@ class Deployment:
     server_failures: int = 0
     partial_pooling: bool = True
     colocated: bool = False
+    shared_cores: int = 0
+    """0: every node has its own cores. N > 0: every process (`rankers` ranker processes, the
+    embedding servers and the load generator) runs on one host with N cores (`ranker_type` ==
+    `server_type` describes it); no failures, no monolithic modes."""
+    in_flight: int = 0
+    """With shared cores: a closed loop keeping this many requests in flight (LoadGen Offline's
+    workers); 0: open Poisson arrivals at the traffic's rate (LoadGen Server)."""
+
+    def __post_init__(self) -> None:
+        if self.shared_cores and (
+            self.placement is None or self.colocated or self.ranker_failures or self.server_failures
+        ):
+            raise ValueError("shared_cores needs a disaggregated placement and no failures to survive")
 
     @property
     def servers(self) -> int:
@@ -119,6 +154,13 @@ class QueryWork:
     index_bytes_per_table: np.ndarray
     raw_bytes_per_table: np.ndarray
     partial_bytes_per_table: float
+    bags: float
+    lookups: float
+    request_bytes: float
+    """Client -> ranker: dense features, lengths and indices."""
+    serving: ServingCost
+    byte_s: float
+    """CPU seconds each end of a TCP connection spends per byte (the loopback stream's rate)."""
 
     @classmethod
     def of(cls, model: ModelProfile, traffic: Traffic, calibration: Calibration) -> QueryWork:
@@ -127,7 +169,9 @@ class QueryWork:
         per_bag = np.array(
             [calibration.lookup.seconds_per_bag(spec.dim, float(b), traffic.zipf_skew) for b in bags]
         )
+        per_bag += bags * calibration.serving.server_lookup_s
         flops = s * model.dense_flops_per_sample
+        lookups = s * model.lookups_per_sample
         return cls(
             samples=s,
             scv=traffic.samples_cv**2 + 0.05,
@@ -137,7 +181,16 @@ class QueryWork:
             index_bytes_per_table=s * (bags + 1) * INDEX_BYTES,
             raw_bytes_per_table=s * bags * spec.dim * 4,
             partial_bytes_per_table=s * spec.dim * 4,
+            bags=s * spec.num_tables,
+            lookups=lookups,
+            request_bytes=lookups * INDEX_BYTES + s * (spec.num_tables + spec.num_dense) * 4,
+            serving=calibration.serving,
+            byte_s=1 / calibration.network.stream_bytes_per_s,
         )
+
+    def handling_s(self, subrequests: float) -> float:
+        """The ranker's CPU seconds around the dense model for one query reaching `subrequests` servers."""
+        return self.serving.ranker_s(subrequests, self.bags, self.lookups)
 
     def dense_s(self, node: NodeType, calibration: Calibration) -> float:
         if node.accelerator is None:
@@ -155,6 +208,10 @@ class StageResult:
     bottleneck: str
     bytes_to_ranker: float = 0.0
     """Response bytes per query all servers together send back to the ranker."""
+    subrequests: float = 0.0
+    """Expected servers one query reaches."""
+    bytes_to_servers: float = 0.0
+    """Request bytes per query the ranker sends to all servers together."""
 
 
 def _split_vcpus(dep: Deployment, work: QueryWork, calibration: Calibration) -> tuple[int, int]:
@@ -173,9 +230,46 @@ def _split_vcpus(dep: Deployment, work: QueryWork, calibration: Calibration) -> 
     if cores < 2:
         return 1, 1
     lookups = float(work.lookup_s_per_table.sum())
-    share = lookups / (lookups + work.dense_s(node, calibration))
+    share = lookups / (lookups + work.dense_s(node, calibration) + work.handling_s(dep.servers))
     lookup_cores = min(cores - 1, max(1, round(cores * share)))
     return lookup_cores, cores - lookup_cores
+
+
+@dataclass(frozen=True)
+class ServerDemand:
+    """What one query asks of each embedding server ([servers] arrays)."""
+
+    service_s: np.ndarray
+    """One core's seconds: the pooling kernel plus, where reached, one subrequest's handling."""
+    reached: np.ndarray
+    """Probability the query reaches the server at all (one subrequest if it does)."""
+    in_bytes: np.ndarray
+    out_bytes: np.ndarray
+    touched: np.ndarray
+    """Servers holding any of the traffic."""
+
+    @classmethod
+    def of(cls, dep: Deployment, work: QueryWork, model: ModelProfile, failures: int) -> ServerDemand:
+        assert dep.placement is not None
+        shares, touches = dep.placement.worst_load(model, failures)
+        # A query of S samples misses a server only if none of its S bags per table lands there.
+        missed = np.prod((1 - np.minimum(touches, 1)) ** work.samples, axis=1)
+        reached = 1 - missed
+        if dep.partial_pooling:
+            out_bytes = touches.sum(axis=1) * work.partial_bytes_per_table
+        else:
+            out_bytes = shares @ work.raw_bytes_per_table
+        in_bytes = shares @ work.index_bytes_per_table
+        kernels = (shares * work.lookup_s_per_table).sum(axis=1)
+        return cls(
+            service_s=kernels
+            + reached * work.serving.server_subrequest_s
+            + (in_bytes + out_bytes) * work.byte_s,
+            reached=reached,
+            in_bytes=in_bytes,
+            out_bytes=out_bytes,
+            touched=np.asarray((touches > 0).any(axis=1)),
+        )
 
 
 def server_stage(
@@ -188,32 +282,40 @@ def server_stage(
         service = float(work.lookup_s_per_table.sum())
         p99 = mgc_quantile(qps / alive, service, cores, work.scv, QUANTILE)
         return StageResult(p99, alive * cores / service, "lookup vCPUs")  # fmt: skip
-    failures = dep.server_failures if degraded else 0
-    shares, touches = dep.placement.worst_load(model, failures)
-    touched = touches > 0
-    fanout = max(1, int(touched.any(axis=1).sum()))
+    demand = ServerDemand.of(dep, work, model, dep.server_failures if degraded else 0)
+    load, out_bytes, in_bytes = demand.service_s, demand.out_bytes, demand.in_bytes
+    fanout = max(1, int(demand.touched.sum()))
     q = QUANTILE ** (1 / fanout)
-    service = (shares * work.lookup_s_per_table).sum(axis=1)
-    if dep.partial_pooling:
-        out_bytes = touches.sum(axis=1) * work.partial_bytes_per_table
-    else:
-        out_bytes = shares @ work.raw_bytes_per_table
-    in_bytes = shares @ work.index_bytes_per_table
     nic = node.network_bytes_per_s
     capacities = {
-        "embedding-server vCPUs": float(
-            np.min(np.where(service > 0, cores / np.maximum(service, 1e-30), np.inf))
-        ),
+        "embedding-server vCPUs": float(np.min(np.where(load > 0, cores / np.maximum(load, 1e-30), np.inf))),
         "embedding-server NIC": float(np.min(nic / np.maximum(np.maximum(out_bytes, in_bytes), 1e-30))),
     }
     worst = 0.0
-    for s in np.flatnonzero(touched.any(axis=1)):
-        wait = mgc_quantile(qps, float(service[s]), cores, work.scv, q)
+    for s in np.flatnonzero(demand.touched):
+        wait = mgc_quantile(qps, float(load[s]), cores, work.scv, q)
         nic_util = qps * max(out_bytes[s], in_bytes[s]) / nic
         transfer = math.inf if nic_util >= 1 else (out_bytes[s] + in_bytes[s]) / nic / (1 - nic_util)
         worst = max(worst, wait + transfer)
     bottleneck = min(capacities, key=lambda k: capacities[k])
-    return StageResult(float(worst), capacities[bottleneck], bottleneck, float(out_bytes.sum()))
+    return StageResult(
+        float(worst),
+        capacities[bottleneck],
+        bottleneck,
+        float(out_bytes.sum()),
+        float(demand.reached.sum()),
+        float(in_bytes.sum()),
+    )
+
+
+def ranker_cpu_s(dep: Deployment, work: QueryWork, calibration: Calibration, servers: StageResult) -> float:
+    """The ranker's CPU seconds per query besides the dense model: request handling, the bytes
+    through its sockets, and pooling raw rows when the servers do not."""
+    wire = work.request_bytes + servers.bytes_to_servers + servers.bytes_to_ranker
+    handling = work.handling_s(servers.subrequests) + wire * work.byte_s
+    if not dep.partial_pooling and dep.placement is not None:
+        handling += servers.bytes_to_ranker / 4 * calibration.lookup.element_s
+    return handling
 
 
 def ranker_stage(
@@ -223,20 +325,26 @@ def ranker_stage(
     degraded: bool,
     units: int,
     calibration: Calibration,
-    bytes_in: float,
-    element_s: float,
+    servers: StageResult,
 ) -> StageResult:
-    """The ranker tier: pooling raw rows (when servers do not), the dense model, the NIC."""
+    """The ranker tier: request handling, the dense model (on the same cores, or on GPUs), the NIC."""
     node = dep.ranker_type
     alive = dep.rankers - (dep.ranker_failures if degraded else 0)
     if dep.colocated or dep.placement is None:
         alive = dep.rankers - (max(dep.ranker_failures, dep.server_failures) if degraded else 0)
-    service = work.dense_s(node, calibration)
-    if not dep.partial_pooling and dep.placement is not None:
-        service += bytes_in / 4 * element_s
+    cpu = ranker_cpu_s(dep, work, calibration, servers)
+    dense = work.dense_s(node, calibration)
     rate = qps / alive
-    p99 = mgc_quantile(rate, float(service), units, work.scv, QUANTILE)
-    capacities = {"ranker dense": alive * units / service}
+    if node.accelerator is None:
+        cpu += dense
+        p99 = mgc_quantile(rate, cpu, units, work.scv, QUANTILE)
+        capacities = {"ranker vCPUs": alive * units / cpu}
+    else:
+        vcpus = usable_vcpus(node)
+        p99 = mgc_quantile(rate, cpu, vcpus, work.scv, QUANTILE)
+        p99 += mgc_quantile(rate, dense, units, work.scv, QUANTILE)
+        capacities = {"ranker vCPUs": alive * vcpus / cpu, "ranker GPUs": alive * units / dense}
+    bytes_in = servers.bytes_to_ranker
     if bytes_in > 0:
         nic = node.network_bytes_per_s
         capacities["ranker NIC"] = alive * nic / bytes_in
@@ -287,6 +395,9 @@ def memory_fits(dep: Deployment, model: ModelProfile) -> bool:
     dense = 4 * model.dense_param_bytes  # weights plus activations and buffers, generously
     if dep.placement is None:
         return model.embedding_bytes + dense <= usable_memory(dep.ranker_type)
+    if dep.shared_cores:
+        held = float(dep.placement.server_bytes(model).sum())
+        return held + dep.rankers * dense <= usable_memory(dep.server_type)
     held = float(dep.placement.server_bytes(model).max())
     if dep.colocated:
         return held + dense <= usable_memory(dep.server_type)
@@ -306,21 +417,14 @@ def predict(
     """
     qps = traffic.peak_qps if qps is None else qps
     work = QueryWork.of(model, traffic, calibration)
+    if dep.shared_cores:
+        return _predict_shared(dep, model, work, calibration, qps)
     lookup_units, dense_units = _split_vcpus(dep, work, calibration)
     hops = hop_s(calibration) * (1 if dep.placement is None else 2)
     results = {}
     for degraded in (False, True):
         es = server_stage(dep, work, model, qps, degraded, lookup_units)
-        rk = ranker_stage(
-            dep,
-            work,
-            qps,
-            degraded,
-            dense_units,
-            calibration,
-            es.bytes_to_ranker,
-            calibration.lookup.element_s,
-        )
+        rk = ranker_stage(dep, work, qps, degraded, dense_units, calibration, es)
         results[degraded] = (es, rk)
     (es, rk), (es_d, rk_d) = results[False], results[True]
     return Prediction(
@@ -335,5 +439,81 @@ def predict(
             "network hops": 1e3 * hops,
             "lookups": 1e3 * float(es.p99_s),
             "ranker": 1e3 * float(rk.p99_s),
+        },
+    )
+
+
+def _contended_load(rate: float, handling: float, kappa: float) -> float:
+    """The utilisation rho of a ranker's request path solving rho = rate handling (1 + kappa rho);
+    1 where there is no solution below 1 (overloaded)."""
+    base = rate * handling
+    slope = base * kappa
+    return base / (1 - slope) if base + slope < 1 else 1.0
+
+
+def _predict_shared(
+    dep: Deployment, model: ModelProfile, work: QueryWork, calibration: Calibration, qps: float
+) -> Prediction:
+    """Every process on one host's `shared_cores` cores (see the module docstring)."""
+    demand = ServerDemand.of(dep, work, model, 0)
+    servers = StageResult(
+        0.0,
+        math.inf,
+        "",
+        float(demand.out_bytes.sum()),
+        float(demand.reached.sum()),
+        float(demand.in_bytes.sum()),
+    )
+    # A ranker's request path holds the interpreter lock (`ranker_cores` of a core at most) and
+    # contention stretches it; the dense model (a few long torch calls) runs outside the lock.
+    handling, dense = ranker_cpu_s(dep, work, calibration, servers), work.dense_cpu_s
+    serving = work.serving
+    cores = serving.ranker_cores
+    if dep.in_flight:  # each ranker holds its share of the loop's requests
+        handling *= serving.contention(dep.in_flight / dep.rankers)
+        ranker_capacity = dep.rankers * cores / handling
+    else:  # open arrivals: n in a busy ranker is 1 / (1 - rho), so handling grows by kappa x rho
+        kappa, alone = serving.ranker_contention, handling
+        handling = alone * (1 + kappa * _contended_load(qps / dep.rankers / cores, alone, kappa))
+        ranker_capacity = dep.rankers * cores / (alone * (1 + kappa))
+    ranker = handling + dense
+    client = serving.client_s(work.lookups) + work.request_bytes * work.byte_s
+    lookups = float(demand.service_s.sum())
+    total = client + ranker + lookups
+    wire = work.request_bytes + float(demand.in_bytes.sum() + demand.out_bytes.sum())
+    capacities = {
+        "shared cores": dep.shared_cores / total,
+        "ranker processes": ranker_capacity,
+        "load generator": PROCESS_CORES / client,
+        "embedding-server processes": PROCESS_CORES / max(float(demand.service_s.max()), 1e-30),
+        "loopback": dep.server_type.network_bytes_per_s / wire,
+    }
+    bottleneck = min(capacities, key=lambda k: capacities[k])
+    # Fixed per-request costs dominate small queries, so the service time varies less than the
+    # query size: scale its CV by the share of the work that grows with the samples.
+    fixed = serving.client_request_s + serving.ranker_request_s + calibration.dense.call_s
+    scv = (work.scv - 0.05) * (1 - min(fixed / total, 1)) ** 2 + 0.05
+    # Whichever queue is tighter: the whole query on the shared cores, or its ranker process
+    # (one at a time under the interpreter lock) with the rest of the path unqueued.
+    on_cores = mgc_quantile(qps, total, dep.shared_cores, scv, QUANTILE, SHARED_WAIT_SCV)
+    rest = client + float(demand.service_s.max())
+    path = mgc_quantile(qps / dep.rankers / cores, handling, 1, scv, QUANTILE, SHARED_WAIT_SCV)
+    in_ranker = path + dense + rest
+    hops = 2 * calibration.network.rtt_s
+    p99 = hops + max(on_cores, in_ranker)
+    return Prediction(
+        qps=qps,
+        p99_ms=1e3 * p99,
+        p99_ms_degraded=1e3 * p99,
+        max_qps=capacities[bottleneck],
+        max_qps_degraded=capacities[bottleneck],
+        bottleneck=bottleneck,
+        memory_ok=memory_fits(dep, model),
+        breakdown_ms={
+            "network hops": 1e3 * hops,
+            "client": 1e3 * client,
+            "ranker": 1e3 * ranker,
+            "lookups": 1e3 * lookups,
+            "p99 over the mean demand": 1e3 * (p99 - hops - total),
         },
     )

@@ -18,6 +18,7 @@ proportional to its rows.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -52,10 +53,16 @@ class Placement:
     chunks: tuple[Chunk, ...]
 
     def server_rows(self) -> np.ndarray:
+        return self._server_rows
+
+    @functools.cached_property
+    def _server_rows(self) -> np.ndarray:
+        # Cached: the search asks for every placement's memory once per ranker type it tries.
         rows = np.zeros(self.num_servers, dtype=np.int64)
         for c in self.chunks:
             for s in c.servers:
                 rows[s] += c.row_end - c.row_start
+        rows.flags.writeable = False
         return rows
 
     def server_bytes(self, model: ModelProfile) -> np.ndarray:

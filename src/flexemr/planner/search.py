@@ -33,6 +33,7 @@ from flexemr.planner.perf_model import (
     hop_s,
     memory_fits,
     predict,
+    ranker_cpu_s,
     ranker_stage,
     server_stage,
     usable_memory,
@@ -125,11 +126,51 @@ def _server_options(
             return
 
 
-def _ranker_floor(request: PlanRequest, work: QueryWork, node: NodeType, calibration: Calibration) -> int:
-    units = node.accelerator.count if node.accelerator else usable_vcpus(node)
-    return math.ceil(request.traffic.peak_qps * work.dense_s(node, calibration) / units) + (
-        request.availability.ranker_failures
+def _ranker_floor(
+    request: PlanRequest,
+    work: QueryWork,
+    node: NodeType,
+    calibration: Calibration,
+    servers: StageResult,
+    placement: Placement | None = None,
+) -> int:
+    """The fewest rankers of type `node` whose vCPUs (request handling, and the dense model on a
+    CPU node) and GPUs keep up with the peak load with j of them down."""
+    qps = request.traffic.peak_qps
+    cpu = ranker_cpu_s(_probe(request, node, node, placement), work, calibration, servers)
+    dense = work.dense_s(node, calibration)
+    if node.accelerator is None:
+        need = qps * (cpu + dense) / usable_vcpus(node)
+    else:
+        need = max(qps * cpu / usable_vcpus(node), qps * dense / node.accelerator.count)
+    return math.ceil(need) + request.availability.ranker_failures
+
+
+def _ranker_tier(request: PlanRequest, option: _ServerOption, node: NodeType, count: int) -> Deployment:
+    availability = request.availability
+    return Deployment(
+        node,
+        count,
+        option.node,
+        option.placement,
+        availability.ranker_failures,
+        availability.embedding_server_failures,
+        request.partial_pooling,
     )
+
+
+def _ranker_tier_fits(
+    request: PlanRequest, work: QueryWork, calibration: Calibration, option: _ServerOption, dep: Deployment
+) -> bool:
+    """Whether `dep`'s rankers carry the peak load within the target, healthy and degraded."""
+    node, qps = dep.ranker_type, request.traffic.peak_qps
+    units = node.accelerator.count if node.accelerator else usable_vcpus(node)
+    hops = 2 * hop_s(calibration)
+    for degraded, es in ((False, option.healthy), (True, option.degraded)):
+        rk = ranker_stage(dep, work, qps, degraded, units, calibration, es)
+        if rk.max_qps < qps or hops + es.p99_s + rk.p99_s > request.p99_ms / 1e3:
+            return False
+    return True
 
 
 def _cheapest_rankers(
@@ -138,47 +179,33 @@ def _cheapest_rankers(
     calibration: Calibration,
     option: _ServerOption,
     rankers: list[tuple[NodeType, int]],
-    hops: float,
     best: tuple[float, Deployment] | None,
 ) -> tuple[float, Deployment] | None:
     """The cheapest ranker tier completing `option` that beats `best`, or None."""
-    qps, target_s = request.traffic.peak_qps, request.p99_ms / 1e3
-    availability = request.availability
     found = best
     for node, floor in rankers:
         if found is not None and option.cost + floor * node.price_per_hour >= found[0]:
             break
-        units = node.accelerator.count if node.accelerator else usable_vcpus(node)
-        lowest = max(floor, 1 + availability.ranker_failures)
-        for count in range(lowest, min(lowest + WINDOW, MAX_NODES) + 1):
-            cost = option.cost + count * node.price_per_hour
-            if found is not None and cost >= found[0]:
-                break
-            dep = Deployment(
-                node,
-                count,
-                option.node,
-                option.placement,
-                availability.ranker_failures,
-                availability.embedding_server_failures,
-                request.partial_pooling,
+        exact = _ranker_floor(request, work, node, calibration, option.healthy, option.placement)
+        lowest = max(floor, exact, 1 + request.availability.ranker_failures)
+        highest = min(lowest + WINDOW, MAX_NODES)
+        if found is not None:  # only counts cheaper than the best plan so far
+            highest = min(highest, math.ceil((found[0] - option.cost) / node.price_per_hour) - 1)
+        if highest < lowest or not memory_fits(_ranker_tier(request, option, node, lowest), request.model):
+            continue
+
+        def fits(count: int, node: NodeType = node) -> bool:
+            return _ranker_tier_fits(
+                request, work, calibration, option, _ranker_tier(request, option, node, count)
             )
-            fits = memory_fits(dep, request.model)
-            for degraded, es in ((False, option.healthy), (True, option.degraded)):
-                rk = ranker_stage(
-                    dep,
-                    work,
-                    qps,
-                    degraded,
-                    units,
-                    calibration,
-                    es.bytes_to_ranker,
-                    calibration.lookup.element_s,
-                )
-                fits = fits and rk.max_qps >= qps and hops + es.p99_s + rk.p99_s <= target_s
-            if fits:
-                found = (cost, dep)
-                break
+
+        # More rankers only lower the load on each, so `fits` is monotone: bisect for the fewest.
+        if not fits(highest):
+            continue
+        while lowest < highest:
+            middle = (lowest + highest) // 2
+            lowest, highest = (lowest, middle) if fits(middle) else (middle + 1, highest)
+        found = (option.cost + lowest * node.price_per_hour, _ranker_tier(request, option, node, lowest))
     return found if found is not best else None
 
 
@@ -191,11 +218,11 @@ def search_disaggregated(
     """The cheapest disaggregated deployment meeting `request`; raises `PlanningError` if none."""
     model, qps, target_s = request.model, request.traffic.peak_qps, request.p99_ms / 1e3
     work = QueryWork.of(model, request.traffic, calibration)
-    hops = 2 * hop_s(calibration)
-    if hops + min(work.dense_s(n, calibration) for n in catalog.node_types) > target_s:
+    if _latency_floor_s(request, catalog, calibration, work) > target_s:
         raise PlanningError(*_explain(request, catalog, calibration, work, True))
+    unknown = StageResult(0.0, 0.0, "", subrequests=1.0)  # servers not chosen yet: a lower bound
     rankers = sorted(
-        ((node, _ranker_floor(request, work, node, calibration)) for node in catalog.node_types),
+        ((node, _ranker_floor(request, work, node, calibration, unknown)) for node in catalog.node_types),
         key=lambda r: r[1] * r[0].price_per_hour,
     )
     cheapest_rankers = rankers[0][1] * rankers[0][0].price_per_hour
@@ -209,7 +236,7 @@ def search_disaggregated(
         for strategy in strategies:
             for option in _server_options(request, work, server, strategy, budget):
                 any_servers = True
-                found = _cheapest_rankers(request, work, calibration, option, rankers, hops, best)
+                found = _cheapest_rankers(request, work, calibration, option, rankers, best)
                 if found is not None:
                     best = found
     if best is None:
@@ -217,6 +244,20 @@ def search_disaggregated(
     prediction = predict(best[1], model, request.traffic, calibration)
     assert prediction.meets(qps, request.p99_ms), "fast search and predict() disagree"
     return Candidate(best[1], prediction)
+
+
+def _latency_floor_s(
+    request: PlanRequest, catalog: Catalog, calibration: Calibration, work: QueryWork
+) -> float:
+    """Two hops plus the p99 of one query's ranker work (request handling and dense model) on the
+    fastest ranker with no queueing and one server reached: no plan's p99 is lower."""
+    unknown = StageResult(0.0, 0.0, "", subrequests=1.0)
+    floors = []
+    for node in catalog.node_types:
+        dep = _probe(request, node, node, None)
+        units = node.accelerator.count if node.accelerator else usable_vcpus(node)
+        floors.append(ranker_stage(dep, work, 1e-9, False, units, calibration, unknown).p99_s)
+    return 2 * hop_s(calibration) + min(floors)
 
 
 def _explain(
@@ -241,11 +282,12 @@ def _explain(
                 f"{request.traffic.peak_qps:g} QPS"
             )
             fixes.append("lower --qps, or add node types with more vCPUs or network bandwidth")
-    floor_ms = 1e3 * (2 * hop_s(calibration) + min(work.dense_s(n, calibration) for n in catalog.node_types))
+    floor_ms = 1e3 * _latency_floor_s(request, catalog, calibration, work)
     if floor_ms > request.p99_ms:
         reasons.append(
             f"the p99 target {request.p99_ms:g} ms is below the latency floor {floor_ms:.2f} ms "
-            f"(two network hops plus one query's dense model on the fastest ranker, with no queueing)"
+            f"(two network hops plus one query's request handling and dense model on the fastest "
+            f"ranker, with no queueing)"
         )
         fixes.append(
             f"raise --p99-ms above {floor_ms:.2f}, send fewer samples per query, or add faster rankers (GPUs)"

@@ -1,0 +1,188 @@
+"""A local deployment with several rankers: embedding servers (`LocalCluster`) plus N `flexemr
+ranker --spec` processes on the same servers, and a LoadGen backend that spreads queries over the
+rankers' HTTP endpoints round-robin (what a load balancer in front of a ranker tier does).
+
+    with LocalDeployment(spec, rankers=2) as deployment:
+        run_offline(deployment.backend(), pool)
+
+The rankers run through this module's `main`, which is `flexemr ranker` with TCP_NODELAY set on
+the HTTP listening socket. `HttpServer` binds that socket itself with `socket.create_server`
+(protocol number 0), so asyncio's own TCP_NODELAY (it checks for IPPROTO_TCP) never applies and
+Nagle holds back each response body until the client's delayed ACK of the headers: +40 ms on
+every request. Linux copies TCP_NODELAY from the listener to accepted sockets, so setting it there
+is the fix; once `HttpServer` does it, `main` changes nothing and can go.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from flexemr.client import Client
+from flexemr.cluster.local import LocalCluster
+from flexemr.config import ClusterSpec
+from flexemr.workload.request import Request
+
+if TYPE_CHECKING:  # the LoadGen package is optional (`bench` extra); calibration runs without it
+    from flexemr.bench.loadgen_sut import Transport
+
+
+class RankerProcess:
+    """`flexemr ranker --spec FILE` in a child process; `url` once it is ready. `dense_threads`
+    caps torch's threads (OMP_NUM_THREADS); None leaves torch's default (one per core)."""
+
+    def __init__(self, spec_path: Path, dense_threads: int | None = None, timeout_s: float = 120.0) -> None:
+        command = [sys.executable, "-m", "flexemr.bench.multi_ranker", "ranker", "--spec", str(spec_path)]
+        env = dict(os.environ)
+        if dense_threads is not None:
+            env["OMP_NUM_THREADS"] = str(dense_threads)
+        self.proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+        )
+        self._log: list[str] = []
+        ready = threading.Event()
+        url: list[str] = []
+
+        def pump() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:  # drained to the end so the child never blocks on a full pipe
+                self._log.append(line)
+                match = re.search(r"flexemr ranker ready: (http://\S+)", line)
+                if match:
+                    url.append(match.group(1))
+                    ready.set()
+            ready.set()
+
+        self._pump = threading.Thread(target=pump, daemon=True)
+        self._pump.start()
+        if not ready.wait(timeout_s) or not url:
+            self.close()
+            raise RuntimeError(f"ranker did not start:\n{''.join(self._log[-30:])}")
+        self.url = url[0]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._pump.join(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+class RoundRobinBackend:
+    """Sends each request to the next ranker in turn (a LoadGen `Backend`)."""
+
+    transport: Transport = "http"
+
+    def __init__(self, urls: list[str], name: str = "flexemr", model: str = "dlrm") -> None:
+        if not urls:
+            raise ValueError("need at least one ranker URL")
+        self.name = name
+        self.clients = [Client(url, model) for url in urls]
+        self._next = itertools.count()
+        self._lock = threading.Lock()
+
+    def infer(self, request: Request) -> np.ndarray:
+        with self._lock:
+            client = self.clients[next(self._next) % len(self.clients)]
+        return client.infer(request.dense, request.indices, request.lengths)
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+class LocalDeployment:
+    """The embedding servers of `spec` and `rankers` ranker processes, started and stopped together.
+
+    Rankers run the dense model on one thread by default, as the embedding servers run their
+    kernels: with every process on the same few cores, torch's per-core threads only spin (they
+    cost about 2 ms of CPU per dlrm-v2 query of 32 samples here, for no speed-up)."""
+
+    def __init__(self, spec: ClusterSpec, rankers: int = 1, dense_threads: int | None = 1) -> None:
+        if rankers < 1:
+            raise ValueError(f"need at least one ranker, got {rankers}")
+        # Every ranker binds its own free port.
+        self.spec = dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, port=0))
+        self.num_rankers = rankers
+        self.dense_threads = dense_threads
+        self.cluster = LocalCluster(self.spec)
+        self.rankers: list[RankerProcess] = []
+        self._dir = tempfile.TemporaryDirectory(prefix="flexemr-deployment-")
+
+    def start(self) -> LocalDeployment:
+        try:
+            spec = self.cluster.start()
+            spec_path = Path(self._dir.name) / "cluster.json"
+            spec.save(spec_path)
+            for _ in range(self.num_rankers):
+                self.rankers.append(RankerProcess(spec_path, self.dense_threads))
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def backend(self, name: str = "flexemr") -> RoundRobinBackend:
+        return RoundRobinBackend([r.url for r in self.rankers], name, self.spec.ranker.model_name)
+
+    def pids(self) -> dict[str, int]:
+        """Every process by role: ranker-i and server-i."""
+        return {
+            **{f"ranker-{i}": r.pid for i, r in enumerate(self.rankers)},
+            **{f"server-{i}": pid for i, pid in enumerate(self.cluster.pids)},
+        }
+
+    def stop(self) -> None:
+        for ranker in self.rankers:
+            ranker.close()
+        self.rankers.clear()
+        self.cluster.stop()
+        self._dir.cleanup()
+
+    def __enter__(self) -> LocalDeployment:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def main() -> None:
+    """`flexemr` with TCP_NODELAY on the ranker's HTTP listening socket (see the module docstring)."""
+    from flexemr.cli.main import entry
+    from flexemr.cluster import roles
+
+    unpatched = roles.HttpServer.__init__
+
+    def init(self: roles.HttpServer, *args: Any, **kwargs: Any) -> None:
+        unpatched(self, *args, **kwargs)
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    roles.HttpServer.__init__ = init  # type: ignore[method-assign]
+    entry()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""The validation benchmark's local deployment: servers plus several ranker processes, round-robin."""
+
+from __future__ import annotations
+
+import httpx
+import numpy as np
+
+from flexemr.bench.multi_ranker import LocalDeployment
+from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
+from flexemr.model.weights import build_monolithic
+from flexemr.planner import ModelProfile, place
+from flexemr.workload.request import Request
+from tests.core.helpers import random_batch, reference_scores
+
+
+def test_two_rankers_share_the_servers_and_score_like_the_monolithic_model() -> None:
+    source = ModelSource(preset="tiny", seed=3)
+    model = ModelProfile(source.spec())
+    plan = place(model, 2, 1, "table").to_sharding_plan(model)
+    spec = ClusterSpec(source, plan, (Endpoint(), Endpoint()), RankerConfig(port=8000))
+    batch = random_batch(model.spec, 5, seed=1)
+    expected = reference_scores(build_monolithic(source.load()), *batch)
+    with LocalDeployment(spec, rankers=2) as deployment:
+        assert set(deployment.pids()) == {"ranker-0", "ranker-1", "server-0", "server-1"}
+        backend = deployment.backend()
+        for _ in range(4):
+            np.testing.assert_allclose(backend.infer(Request(*batch)), expected, atol=1e-5)
+        backend.close()
+        # Each ranker bound its own port (not the spec's 8000) and took every other request.
+        served = [httpx.get(f"{r.url}/v2/stats").json()["requests"] for r in deployment.rankers]
+        assert served == [2, 2]
+    assert not deployment.rankers
