@@ -370,6 +370,14 @@ class Day:
     max_abs_diff: float
     shrinks: int = 0
     grows: int = 0
+    batches: int = 0
+    """Batches the ranker scored (queries merged by dynamic batching count once)."""
+    bypassed: int = 0
+    """Batches that did not consult the cache (`adaptive`'s cost gate, or no capacity)."""
+    ns_per_key: tuple[float, float] = (0.0, 0.0)
+    """The cost gate's lookup phase per key, with and without the cache (0: not measured)."""
+    events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """The cache's resizes (`ResizeEvent`s)."""
 
     @property
     def latency(self) -> np.ndarray:
@@ -461,9 +469,15 @@ def diurnal(bench: Bench) -> None:
             diff = bench.check(ranker, check)
             finish, dropped, failed, samples = run_day(ranker, pool, arrival)
             stats = ranker.cache.stats() if ranker.cache else None
+            batches = ranker.requests
         days.append(Day(name, cache, max_batch, arrival, finish, size, dropped, failed, samples, diff))
+        days[-1].batches = batches
         if stats:
             days[-1].shrinks, days[-1].grows = stats.shrinks, stats.grows
+            days[-1].bypassed = stats.bypassed_batches
+            days[-1].ns_per_key = (stats.ns_per_key_with_cache, stats.ns_per_key_without_cache)
+            assert ranker.cache is not None
+            days[-1].events = [dataclasses.asdict(e) for e in ranker.cache.events]
         print(f"{name}: max batch {max_batch:,}, dropped {dropped}, failed {failed}")
     report_diurnal(bench, days, rates, sizes.mean)
 
@@ -554,12 +568,14 @@ def report_diurnal(bench: Bench, days: list[Day], rates: np.ndarray, mean_size: 
         "Latency is from the scheduled arrival to the answer, by arrival level; throughput is samples "
         "answered per second, by completion time.",
         "",
-        "| system | cache | max batch | queries | dropped | failed | shrinks | grows | max abs diff |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| system | cache | max batch | queries | dropped | failed | shrinks | grows | batches "
+        "| not consulting the cache | lookup ns/key with / without cache | max abs diff |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     lines += [
         f"| {d.name} | `{d.cache}` | {d.max_batch:,} | {d.arrival.size:,} | {d.dropped} | {d.failed} "
-        f"| {d.shrinks} | {d.grows} | {d.max_abs_diff:.1e} |"
+        f"| {d.shrinks} | {d.grows} | {d.batches:,} | {d.bypassed:,} "
+        f"| {' / '.join(f'{ns:.0f}' if ns else '-' for ns in d.ns_per_key)} | {d.max_abs_diff:.1e} |"
         for d in days
     ]
     for i, rate in enumerate(rates):

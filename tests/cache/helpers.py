@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from flexemr.cache.pooling import offsets_of
+
 
 @dataclass
 class Batch:
@@ -20,6 +22,11 @@ class Batch:
     bag_ids: Tensor
     """int64 [N] bag of each index."""
     batch_size: int
+
+    @property
+    def offsets(self) -> Tensor:
+        """int64 [T*B + 1] KJT offsets of the bags."""
+        return offsets_of(self.lengths)
 
 
 def make_tables(table_rows: tuple[int, ...], dim: int, seed: int = 0) -> list[Tensor]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,7 +57,7 @@ def run_batch(
     """One request as the ranker serves it (raw wire: misses are admitted); checks exactness."""
     batch = make_batch(TABLE_ROWS, batch_size, max_bag=5, gen=gen)
     token = manager.fetch_token()
-    part = manager.cached_part(batch.bag_ids, batch.keys, len(TABLE_ROWS) * batch_size)
+    part = manager.cached_part(batch.keys, batch.offsets)
     manager.observe(batch.keys)
     pooled = pool_with_cache(part.sums, part.hit, tables, batch, mode)
     torch.testing.assert_close(pooled, reference_pool(tables, batch, mode))
@@ -110,6 +111,19 @@ def test_adaptive_shrinks_before_a_big_batch_and_grows_when_load_falls() -> None
     run_batch(manager, tables, 900, gen)
 
 
+def test_a_shrink_holds_off_growing_for_a_while() -> None:
+    manager = adaptive()
+    manager.before_batch(16, 0, 0.0)  # light load from the start: grows at once
+    assert manager.stats().grows == 1
+    assert manager.before_batch(900, 0, 0.1) is not None  # a burst: shrinks at once
+    grow_after = manager.config.grow_after_s
+    for now in np.arange(1.2, 0.1 + grow_after, 0.5):  # light again, but too soon to grow
+        assert manager.before_batch(16, 0, float(now)) is None
+    event = manager.before_batch(16, 0, 0.2 + grow_after)
+    assert event is not None and event.new_bytes > event.old_bytes
+    assert manager.stats().grows == 2
+
+
 def test_mid_traffic_resizes_stay_exact() -> None:
     manager = adaptive(per_sample=3 * SLOT, enter_high=0.5, exit_high=0.2)
     tables = make_tables(TABLE_ROWS, DIM)
@@ -136,12 +150,12 @@ def test_invalidated_rows_are_never_served_even_from_a_racing_fetch() -> None:
     token = manager.fetch_token()  # a background fetch reads the old values ...
     assert manager.invalidate(torch.tensor([2])) == 1  # ... the source changes row 2 ...
     assert manager.admit(keys, old, token) == 2  # ... the stale row 2 is refused
-    bags = torch.arange(3)
-    part = manager.cached_part(bags, keys, 3)
+    offsets = torch.arange(4)
+    part = manager.cached_part(keys, offsets)
     assert part.hit.tolist() == [True, False, True]
     new = torch.full((1, DIM), 7.0)
     manager.admit(torch.tensor([2]), new, manager.fetch_token())
-    part = manager.cached_part(bags, keys, 3)
+    part = manager.cached_part(keys, offsets)
     assert part.hit.all() and (part.sums[1] == 7.0).all()
     assert manager.stats().admits_dropped_stale == 1
 
@@ -197,7 +211,7 @@ def test_runs_on_cuda() -> None:
     batch = make_batch(TABLE_ROWS, 16, max_bag=4, gen=torch.Generator().manual_seed(5))
     manager.before_batch(16, 0, 0.0)
     manager.admit(batch.keys, rows_of(tables, batch.keys))
-    part = manager.cached_part(batch.bag_ids.cuda(), batch.keys.cuda(), len(TABLE_ROWS) * 16)
+    part = manager.cached_part(batch.keys.cuda(), batch.offsets.cuda())
     assert part.hit.all() and part.sums.is_cuda
     torch.testing.assert_close(part.sums.cpu(), reference_pool(tables, batch, "sum"))
 

@@ -22,8 +22,7 @@ def test_cached_sums_plus_misses_equal_the_reference(mode: str, cache_rows: int)
     total_hits = 0
     for _ in range(6):
         batch = make_batch(TABLE_ROWS, batch_size=16, max_bag=6, gen=gen)
-        num_bags = len(TABLE_ROWS) * batch.batch_size
-        part = cached_partial_sums(cache, batch.bag_ids, batch.keys, num_bags)
+        part = cached_partial_sums(cache, batch.keys, batch.offsets)
         total_hits += part.hits
         pooled = pool_with_cache(part.sums, part.hit, tables, batch, mode)
         torch.testing.assert_close(pooled, reference_pool(tables, batch, mode))
@@ -39,21 +38,23 @@ def test_sums_accumulate_into_a_given_buffer() -> None:
     cache = RowCache(DIM, 10_000 * (4 * DIM + 16))
     cache.insert(batch.keys, rows_of(tables, batch.keys))
     out = torch.ones(len(TABLE_ROWS) * 4, DIM)
-    part = cached_partial_sums(cache, batch.bag_ids, batch.keys, out.shape[0], out=out)
+    part = cached_partial_sums(cache, batch.keys, batch.offsets, out=out)
     assert part.sums is out
     assert part.hit.all()
     torch.testing.assert_close(out - 1, reference_pool(tables, batch, "sum"))
 
 
-def test_shape_mismatch_is_refused() -> None:
-    cache = RowCache(DIM, 1024)
-    with pytest.raises(ValueError, match="must match"):
-        cached_partial_sums(cache, torch.zeros(3, dtype=torch.int64), torch.zeros(2, dtype=torch.int64), 4)
-
-
-def test_bags_must_be_runs_in_order() -> None:
+def test_offsets_must_cover_the_keys_in_order() -> None:
     cache = RowCache(DIM, 1024)
     keys = torch.zeros(3, dtype=torch.int64)
-    for bags in ([0, 2, 1], [0, 1, 4], [-1, 0, 0]):
-        with pytest.raises(ValueError, match="non-decreasing"):
-            cached_partial_sums(cache, torch.tensor(bags), keys, 4)
+    for offsets in ([0, 2], [0, 2, 1, 3], [1, 2, 3], [0, 1, 4], [[0, 3]]):
+        with pytest.raises(ValueError, match="non-decreasing from 0 to 3"):
+            cached_partial_sums(cache, keys, torch.tensor(offsets))
+
+
+def test_out_of_the_wrong_shape_is_refused() -> None:
+    cache = RowCache(DIM, 1024)
+    with pytest.raises(ValueError, match="out must be"):
+        cached_partial_sums(
+            cache, torch.zeros(3, dtype=torch.int64), torch.tensor([0, 3]), torch.zeros(2, DIM)
+        )

@@ -216,3 +216,21 @@ def test_lookups_across_many_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     assert torch.equal(hit, expected) and hit.any()
     torch.testing.assert_close(cache.gather(slots[hit]), source(probe[hit]))
     assert (cache.gather(slots[~hit]) == 0).all()  # misses read the zero row
+
+
+@settings(max_examples=60, deadline=None)
+@given(start=st.integers(0, 300), target=st.integers(0, 300), ways=st.sampled_from([1, 2, 4, 8]))
+def test_capacity_after_resize_is_what_resize_gives(start: int, target: int, ways: int) -> None:
+    cache = cache_of(start, ways)
+    predicted = cache.capacity_after_resize(target * cache.slot_bytes)
+    cache.resize(target * cache.slot_bytes)
+    assert cache.capacity_bytes == predicted <= target * cache.slot_bytes
+
+
+def test_a_resize_within_one_way_changes_nothing() -> None:
+    cache = cache_of(64, ways=4)  # 16 sets of 4
+    held = recently_used(cache)
+    rows = cache._rows
+    assert cache.resize(cache.capacity_bytes + 15 * cache.slot_bytes) == 0
+    assert cache._rows is rows, "no reallocation, no copy"
+    assert cache.contains(held).all()

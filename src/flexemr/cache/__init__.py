@@ -7,9 +7,11 @@ One concept per module:
 - `sketch`: `FrequencySketch`, count-min with conservative update and aging; hottest missing rows.
 - `load_monitor`: `LoadMonitor`, a pure sliding-window HIGH/LOW policy with hysteresis and dwell.
 - `memory_model`: `MemoryModel`, the dense network's memory by batch size; the cache's budget.
+- `cost_gate`: `CostGate`, a pure A/B policy: consult the cache only where it speeds lookups up.
 - `manager`: `AdaptiveCacheManager`, all of the above behind a thread-safe per-batch API.
 """
 
+from flexemr.cache.cost_gate import CostGate, CostGateConfig
 from flexemr.cache.load_monitor import LoadDecision, LoadMonitor, LoadMonitorConfig
 from flexemr.cache.manager import (
     AdaptiveCacheManager,
@@ -31,6 +33,8 @@ __all__ = [
     "CacheMode",
     "CacheStats",
     "CachedPart",
+    "CostGate",
+    "CostGateConfig",
     "FrequencySketch",
     "LoadDecision",
     "LoadMonitor",

@@ -20,3 +20,11 @@ def mix(keys: Tensor, multiplier: int = GOLDEN) -> Tensor:
     """A non-negative int64 hash of each key (up to 47 bits)."""
     folded = (keys ^ (keys >> 31)) & 0x7FFFFFFF
     return (folded * multiplier) >> 16
+
+
+def bucket(keys: Tensor, buckets: int) -> Tensor:
+    """int64 in [0, buckets), for `buckets` < 2**31: Knuth's multiplicative hash modulo 2**32,
+    whose high bits mix well, scaled to the range by multiply-shift (Lemire's fastrange) instead
+    of an integer division (which would cost a third of a cache lookup)."""
+    folded = (keys ^ (keys >> 31)) & 0x7FFFFFFF
+    return (((folded * GOLDEN) & 0xFFFFFFFF) * buckets) >> 32

@@ -2,21 +2,26 @@
 
     before_batch(B, queue, now)  LoadMonitor -> planned batch -> MemoryModel -> cache budget
                                  -> shrink now (evict LRU) or grow (allocate empty room)
-    cached_part(bags, keys)      hits summed per bag on the device; misses go to the servers
-    observe(keys)                FrequencySketch counts every key (hits and misses)
-    warm_candidates(k)           hottest missing keys, for a background fetch ...
+    use_cache(n)                 CostGate: does consulting the cache speed lookups up here?
+    cached_part(keys, offsets)   hits summed per bag on the device; misses go to the servers
+    record_lookup(used, n, s)    the batch's lookup phase timed, for the CostGate
+    observe(keys)                queue a sample of the batch's keys (hits and misses) ...
+    warm_candidates(k)           ... count it in the FrequencySketch; the hottest missing keys,
+                                 for a background fetch ...
     admit(keys, rows, token)     ... whose rows are cached here (or raw-mode misses)
     invalidate(keys)             rows changed at the source: never serve the old value
 
 Modes (`--cache`): `off` (no cache, everything misses), `fixed:BYTES` (constant capacity, still
 warmed), `adaptive` (capacity follows `MemoryModel.cache_budget(planned batch)`).
 
-Threads: every public method is safe from any thread. One lock guards the cache, the sketch, the
-monitor and the counters; it is held only for the tensor ops on them (no I/O, no waiting), and
-host-to-device copies of admitted rows happen before it is taken. Intended use: the request
-thread calls `before_batch`, `cached_part`, `observe` (and `admit` in raw mode); one background
-thread calls `warm_candidates` and, after fetching, `admit`; the update stream calls `invalidate`;
-anyone calls `stats`.
+Threads: every public method is safe from any thread. One lock guards the cache, the monitor and
+the counters; it is held only for the tensor ops on them (no I/O, no waiting), and host-to-device
+copies of admitted rows happen before it is taken. The sketch has a lock of its own: counting a
+batch (a sort of its distinct keys) takes as long as a lookup, so the request thread only queues
+a sample of its keys and the warming thread counts the queue in `warm_candidates`, off the
+request path. Intended use: the request thread calls `before_batch`, `cached_part`, `observe` (and
+`admit` in raw mode); one background thread calls `warm_candidates` and, after fetching, `admit`;
+the update stream calls `invalidate`; anyone calls `stats`.
 
 Consistency: a fetch races with updates (a row read before an update can arrive after it). So
 a fetch takes a token (`fetch_token()`, or the one `warm_candidates` returns) *before* it reads,
@@ -26,7 +31,9 @@ longer reaches back to the token, it drops the whole admit.
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
@@ -34,6 +41,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from flexemr.cache.cost_gate import CostGate, CostGateConfig
 from flexemr.cache.load_monitor import LoadMonitor, LoadMonitorConfig, LoadState
 from flexemr.cache.memory_model import MemoryModel
 from flexemr.cache.pooling import CachedPart, cached_partial_sums
@@ -46,6 +54,9 @@ ModeKind = Literal["off", "fixed", "adaptive"]
 WireMode = Literal["partial", "raw"]
 INVALIDATION_LOG = 256
 """Invalidation batches remembered for checking admits against their fetch token."""
+OBSERVED_BACKLOG = 64
+"""Batch samples waiting to be counted; beyond this the oldest are dropped (the warming thread
+is behind, and recent traffic says more about what is hot)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +97,10 @@ class CacheConfig:
     grow_threshold: float = 0.1
     """`adaptive`: grow only when the budget exceeds the capacity by this fraction (shrinks are
     immediate), so small budget changes do not rebuild the cache."""
+    grow_after_s: float = 5.0
+    """`adaptive`: no grow within this long after a shrink. Shrinks are immediate (the batch
+    needs the memory now); growing back slowly keeps a bursty load from resizing the cache every
+    second (a resize copies the cache and holds up lookups meanwhile)."""
     device_budget_bytes: int | None = None
     """Memory the ranker may use on its device; None: 90% of GPU memory, or 25% of RAM on CPU."""
     safety_margin_bytes: int = 64 << 20
@@ -98,11 +113,14 @@ class CacheConfig:
     """Heavy-hitter candidates tracked for warming."""
     sketch_half_life: float = 1e6
     """Observed keys after which a count weighs half."""
-    sketch_sample: int = 1 << 14
+    sketch_sample: int = 1 << 12
     """Keys of one batch the sketch counts at most (a strided sample, each weighing
     batch / sample): bounds its cost on big batches."""
     load: LoadMonitorConfig = field(default_factory=LoadMonitorConfig)
     """Load detection (window, thresholds, dwell, max batch)."""
+    gate: CostGateConfig | None = field(default_factory=CostGateConfig)
+    """`adaptive`: the A/B test that bypasses the cache where consulting it makes lookups slower
+    (see `cost_gate`); None: always consult it."""
 
     def __post_init__(self) -> None:
         CacheMode.parse(self.mode)
@@ -114,6 +132,8 @@ class CacheConfig:
             raise ValueError(f"max_bytes must be >= 0, got {self.max_bytes}")
         if self.min_bytes < 0:
             raise ValueError(f"min_bytes must be >= 0, got {self.min_bytes}")
+        if self.grow_after_s < 0:
+            raise ValueError(f"grow_after_s must be >= 0, got {self.grow_after_s}")
 
     @property
     def cache_mode(self) -> CacheMode:
@@ -129,6 +149,8 @@ class ResizeEvent:
     """Rows dropped by the resize."""
     state: LoadState
     plan_batch: int
+    seconds: float
+    """How long the resize took (lookups wait for it)."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +186,12 @@ class CacheStats:
     invalidated: int
     admits_dropped_stale: int
     """Admits (keys) dropped because their keys were invalidated after the fetch began."""
+    bypassed_batches: int
+    """Batches looked up without consulting the cache (the cost gate's choice, or no capacity)."""
+    ns_per_key_with_cache: float
+    """The cost gate's mean lookup-phase time per key, consulting the cache (0: not measured)."""
+    ns_per_key_without_cache: float
+    """The same without consulting it (0: not measured)."""
 
 
 class AdaptiveCacheManager:
@@ -182,6 +210,7 @@ class AdaptiveCacheManager:
         self.memory = memory
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.monitor = LoadMonitor(config.load, start)
+        self.gate = CostGate(config.gate) if self.mode.kind == "adaptive" and config.gate else None
         self.cache = RowCache(dim, self._initial_bytes(), self.device, config.ways)
         self.sketch = FrequencySketch(
             config.sketch_width,
@@ -192,13 +221,17 @@ class AdaptiveCacheManager:
             config.sketch_sample,
         )
         self._lock = threading.Lock()
+        self._sketch_lock = threading.Lock()
+        self._observed: deque[tuple[Tensor, int]] = deque(maxlen=OBSERVED_BACKLOG)
+        """Key samples of batches not yet counted, and the batch size each stands for."""
         self._epoch = 0
         self._invalidations: deque[tuple[int, Tensor]] = deque(maxlen=INVALIDATION_LOG)
         self._state: LoadState = "low"
         self._plan_batch = 0
+        self._last_shrink = -math.inf
         self._lookups = self._hits = self._bytes_saved = 0
         self._shrinks = self._grows = self._evicted = 0
-        self._admitted = self._invalidated = self._stale = 0
+        self._admitted = self._invalidated = self._stale = self._bypassed = 0
         self.events: deque[ResizeEvent] = deque(maxlen=1024)
         """The latest resizes, oldest first."""
 
@@ -250,29 +283,53 @@ class AdaptiveCacheManager:
                 return None
             target = self._budget(decision.plan_batch)
             current = self.cache.capacity_bytes
+            after = self.cache.capacity_after_resize(target)
             grow_by = max(current * self.config.grow_threshold, self.cache.slot_bytes * self.config.ways)
-            if not (target < current or target >= current + grow_by):
+            recently_shrunk = now - self._last_shrink < self.config.grow_after_s
+            if after == current or (after > current and (after < current + grow_by or recently_shrunk)):
                 return None
+            began = time.perf_counter()
             evicted = self.cache.resize(target)
             event = ResizeEvent(
-                now, current, self.cache.capacity_bytes, evicted, decision.state, decision.plan_batch
+                now,
+                current,
+                self.cache.capacity_bytes,
+                evicted,
+                decision.state,
+                decision.plan_batch,
+                time.perf_counter() - began,
             )
             if event.new_bytes < current:
                 self._shrinks += 1
+                self._last_shrink = now
             elif event.new_bytes > current:
                 self._grows += 1
             self._evicted += evicted
             self.events.append(event)
             return event
 
-    def cached_part(
-        self, bag_ids: Tensor, keys: Tensor, num_bags: int, out: Tensor | None = None
-    ) -> CachedPart:
-        """Look up a batch's keys [N] (with their non-decreasing bag ids [N]): `hit` [N] and, per
+    def use_cache(self, keys: int) -> bool:
+        """Whether the coming batch, of `keys` keys, should consult the cache (`cached_part`), or
+        send every key to the servers. Report its lookup phase with `record_lookup` either way."""
+        with self._lock:
+            if self.mode.kind == "off" or self.cache.capacity_rows == 0:
+                return False
+            return True if self.gate is None else self.gate.use_cache(keys)
+
+    def record_lookup(self, used_cache: bool, keys: int, seconds: float) -> None:
+        """The lookup phase (cache, remote lookups, pooling) of a batch of `keys` keys took
+        `seconds`: the cost gate's measurement."""
+        with self._lock:
+            self._bypassed += not used_cache
+            if self.gate is not None:
+                self.gate.record(used_cache, keys, seconds)
+
+    def cached_part(self, keys: Tensor, offsets: Tensor, out: Tensor | None = None) -> CachedPart:
+        """Look up a batch's keys [N] in bags of KJT `offsets` [num_bags + 1]: `hit` [N] and, per
         bag, the sum of its cached rows, added into `out` [num_bags, dim] when given (e.g. the
         ranker's `pooled`) or into a new tensor. Send `keys[part.miss]` to the servers."""
         with self._lock:
-            part = cached_partial_sums(self.cache, bag_ids, keys, num_bags, out)
+            part = cached_partial_sums(self.cache, keys, offsets, out)
         hits = part.hits
         if self.config.wire == "raw":
             saved = hits * (4 * self.cache.dim + 8)
@@ -285,12 +342,21 @@ class AdaptiveCacheManager:
         return part
 
     def observe(self, keys: Tensor) -> None:
-        """Count a batch's keys (all of them, hits too) towards hotness."""
-        if self.mode.kind == "off":
+        """Count a batch's keys (all of them, hits too) towards hotness: a sample is queued here
+        and counted by the next `warm_candidates`."""
+        if self.mode.kind == "off" or keys.numel() == 0:
             return
-        keys = keys.to(self.device, torch.int64)
+        self._observed.append(self.sketch.take_sample(keys))
+
+    def _contains(self, keys: Tensor) -> Tensor:
         with self._lock:
-            self.sketch.observe(keys, self.cache.contains)
+            return self.cache.contains(keys)
+
+    def _count_observed(self) -> None:
+        with self._sketch_lock:
+            while self._observed:
+                sample, total = self._observed.popleft()
+                self.sketch.observe(sample, self._contains, total)
 
     # -- background warming ---------------------------------------------------------------------
 
@@ -307,12 +373,13 @@ class AdaptiveCacheManager:
     def warm_candidates(self, k: int) -> WarmRequest:
         """Up to `k` of the hottest keys not cached, hottest first, and the token for `admit`.
         Admitting them replaces least recently used rows once the cache is full."""
+        self._count_observed()
         with self._lock:
+            token = self._epoch
             if self.mode.kind == "off" or self.cache.capacity_rows == 0:
-                keys = torch.empty(0, dtype=torch.int64, device=self.device)
-            else:
-                keys = self.sketch.hottest_missing(k, self.cache.contains)
-            return WarmRequest(keys, self._epoch)
+                return WarmRequest(torch.empty(0, dtype=torch.int64, device=self.device), token)
+        with self._sketch_lock:
+            return WarmRequest(self.sketch.hottest_missing(k, self._contains), token)
 
     def admit(self, keys: Tensor, rows: Tensor, token: int | None = None) -> int:
         """Cache `rows` [n, dim] (exact source values) of `keys` [n]. With `token` (taken before
@@ -372,6 +439,9 @@ class AdaptiveCacheManager:
                 admitted=self._admitted,
                 invalidated=self._invalidated,
                 admits_dropped_stale=self._stale,
+                bypassed_batches=self._bypassed,
+                ns_per_key_with_cache=1e9 * ((self.gate and self.gate.cost[True]) or 0.0),
+                ns_per_key_without_cache=1e9 * ((self.gate and self.gate.cost[False]) or 0.0),
             )
 
 

@@ -1,10 +1,10 @@
-"""The cache's share of a batch's pooling: sums of the cached rows per bag.
+"""Global pooling's cached part: a batch's hit rows summed per bag on the cache's device.
 
-The ranker pools a batch into `pooled` float32 [T*B, D] (bag = table * B + sample). Its indices,
-flattened table-major, each carry a bag id and a global key:
+The ranker pools a batch into `pooled` float32 [T*B, D] (bag = table * B + sample). Its N indices,
+flattened table-major, each carry a global key, and the bags are runs of them (KJT offsets):
 
-    keys    [N] int64   table_base[table] + row
-    bag_ids [N] int64   repeat(arange(T*B), lengths)      (non-decreasing: a bag is a run)
+    keys    [N]     int64   table_base[table] + row
+    offsets [T*B+1] int64   bag b is keys[offsets[b]:offsets[b + 1]]; offsets[-1] = N
 
 `cached_partial_sums` looks every key up once: the hits are summed per bag here (one
 `embedding_bag` over the cache's rows, misses reading its zero row), the misses are what the
@@ -27,7 +27,7 @@ from flexemr.cache.row_cache import RowCache
 @dataclass(frozen=True)
 class CachedPart:
     hit: Tensor
-    """bool [N]: served from the cache. Send only `keys[miss]` / `bag_ids[miss]` remotely."""
+    """bool [N]: served from the cache. Send only `keys[miss]` remotely."""
     sums: Tensor
     """float32 [num_bags, dim]: per bag, the sum of its cached rows (zero where none)."""
     offsets: Tensor
@@ -42,26 +42,31 @@ class CachedPart:
         return int(torch.count_nonzero(self.hit))  # far cheaper than sum() on a CPU bool tensor
 
 
-def bag_offsets(bag_ids: Tensor, num_bags: int) -> Tensor:
-    """int64 [num_bags + 1]: where each bag's run starts in `bag_ids` [N], then N."""
-    if bag_ids.numel() and (
-        bool(bag_ids[0] < 0) or bool(bag_ids[-1] >= num_bags) or bool((bag_ids[1:] < bag_ids[:-1]).any())
-    ):
-        raise ValueError(f"bag_ids must be non-decreasing and in [0, {num_bags}), as in the KJT layout")
-    return torch.searchsorted(bag_ids, torch.arange(num_bags + 1, device=bag_ids.device))
+def offsets_of(lengths: Tensor) -> Tensor:
+    """int64 [len(lengths) + 1]: KJT offsets of bag sizes."""
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
+    torch.cumsum(lengths, 0, out=offsets[1:])
+    return offsets
 
 
 def cached_partial_sums(
-    cache: RowCache, bag_ids: Tensor, keys: Tensor, num_bags: int, out: Tensor | None = None
+    cache: RowCache, keys: Tensor, offsets: Tensor, out: Tensor | None = None
 ) -> CachedPart:
-    """Look up `keys` [N] (marking hits used) and sum the hit rows per bag into `out` [num_bags,
-    dim] (accumulated in place when given, so the ranker can pass its `pooled` buffer; a new
-    tensor otherwise). Everything stays on the cache's device."""
-    if bag_ids.shape != keys.shape:
-        raise ValueError(f"bag_ids {list(bag_ids.shape)} and keys {list(keys.shape)} must match")
+    """Look up `keys` [N] (marking hits used) and sum the hit rows of each bag of `offsets`
+    [num_bags + 1] into `out` [num_bags, dim] (accumulated in place when given, so the ranker can
+    pass its `pooled` buffer; a new tensor otherwise). Everything stays on the cache's device."""
+    offsets = offsets.to(cache.device, torch.int64)
+    num_bags = offsets.numel() - 1
+    if (
+        offsets.ndim != 1
+        or num_bags < 0
+        or bool(offsets[0] != 0)
+        or bool(offsets[-1] != keys.numel())
+        or bool((offsets[1:] < offsets[:-1]).any())
+    ):
+        raise ValueError(f"offsets must be non-decreasing from 0 to {keys.numel()} (the number of keys)")
     if out is not None and out.shape != (num_bags, cache.dim):
         raise ValueError(f"out must be [{num_bags}, {cache.dim}], got {list(out.shape)}")
-    offsets = bag_offsets(bag_ids.to(cache.device, torch.int64), num_bags)
     if cache.capacity_rows == 0:  # e.g. adaptive under high load: no per-key work at all
         hit = torch.zeros(keys.shape, dtype=torch.bool, device=cache.device)
         sums = torch.zeros(num_bags, cache.dim, device=cache.device) if out is None else out

@@ -39,7 +39,7 @@ class FrequencySketch:
         candidates: int = 4096,
         half_life: float = 1e6,
         device: torch.device | str = "cpu",
-        sample: int = 1 << 14,
+        sample: int = 1 << 12,
     ) -> None:
         if width < 1 or width & (width - 1):
             raise ValueError(f"width must be a power of two, got {width}")
@@ -69,15 +69,23 @@ class FrequencySketch:
             return torch.zeros(0, device=self.device)
         return self.counts.gather(1, self._index(keys)).min(dim=0).values
 
-    def observe(self, keys: Tensor, cached: Callable[[Tensor], Tensor] | None = None) -> None:
-        """Count one batch of keys (duplicates count once each); candidates leave out keys where
-        `cached(keys)` is True."""
+    def take_sample(self, keys: Tensor) -> tuple[Tensor, int]:
+        """(a strided sample of at most `sample` of a batch's keys, as a new tensor; the batch's
+        size): what `observe` needs of the batch, cheap enough for the request path."""
+        keys = keys.to(self.device, torch.int64).reshape(-1)
+        return keys[:: max(1, -(-keys.numel() // self.sample))].clone(), keys.numel()
+
+    def observe(
+        self, keys: Tensor, cached: Callable[[Tensor], Tensor] | None = None, total: int | None = None
+    ) -> None:
+        """Count one batch of keys (duplicates count once each), or a sample of one standing for
+        `total` keys; candidates leave out keys where `cached(keys)` is True."""
+        if total is None:
+            keys, total = self.take_sample(keys)
         keys = keys.to(self.device, torch.int64).reshape(-1)
         if keys.numel() == 0:
             return
-        total = keys.numel()
         self.counts *= 0.5 ** (total / self.half_life)
-        keys = keys[:: -(-total // self.sample)]
         distinct, counts = torch.unique(keys, return_counts=True)
         index = self._index(distinct)
         weight = total / keys.numel()

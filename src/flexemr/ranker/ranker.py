@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from flexemr.cache import AdaptiveCacheManager, CacheConfig, LoadMonitorConfig
+from flexemr.cache.pooling import offsets_of
 from flexemr.config import RankerConfig
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
@@ -113,26 +114,31 @@ class Ranker:
         from every server that holds rows of the batch."""
         bag_ids = batch.bag_ids()
         keys = self.router.keys(batch.indices, batch.rows_per_table())
-        num_bags = batch.lengths.size
-        pooled = torch.zeros(num_bags, self.spec.dim, device=self.device)
+        pooled = torch.zeros(batch.lengths.size, self.spec.dim, device=self.device)
         raw = self.config.lookup == "raw"
-        token = None
-        if self.cache is not None:
+        cache, token, use_cache = self.cache, None, False
+        if cache is not None:
             with self._lock:
                 queued = max(self._waiting - batch.batch_size, 0)
-            self.cache.before_batch(batch.batch_size, queued, time.monotonic())
-            token = self.cache.fetch_token()
-            key_tensor = torch.from_numpy(keys)
-            part = self.cache.cached_part(torch.from_numpy(bag_ids), key_tensor, num_bags, out=pooled)
-            self.cache.observe(key_tensor)
-            miss = part.miss.cpu().numpy()
-            keys, bag_ids = keys[miss], bag_ids[miss]
-        for sub, values in self._lookup(keys, bag_ids, raw):
+            cache.before_batch(batch.batch_size, queued, time.monotonic())
+            token = cache.fetch_token()
+            cache.observe(torch.from_numpy(keys))
+            use_cache = cache.use_cache(keys.size)
+        start = time.perf_counter()
+        remote_keys, remote_bags = keys, bag_ids
+        if use_cache:
+            assert cache is not None
+            offsets = offsets_of(torch.from_numpy(batch.lengths))
+            miss = cache.cached_part(torch.from_numpy(keys), offsets, out=pooled).miss.cpu().numpy()
+            remote_keys, remote_bags = keys[miss], bag_ids[miss]
+        for sub, values in self._lookup(remote_keys, remote_bags, raw):
             target = sub.row_bags() if raw else sub.bags
             rows = torch.from_numpy(values).to(self.device)
             pooled.index_add_(0, torch.from_numpy(target).to(self.device), rows)
-            if raw and self.cache is not None:
-                self.cache.admit(torch.from_numpy(sub.keys), rows, token)
+            if raw and cache is not None:
+                cache.admit(torch.from_numpy(sub.keys), rows, token)
+        if cache is not None:
+            cache.record_lookup(use_cache, keys.size, time.perf_counter() - start)
         if self.spec.pooling == "mean":
             pooled /= torch.from_numpy(batch.lengths).to(self.device).clamp(min=1).unsqueeze(1)
         return pooled.view(batch.num_tables, batch.batch_size, self.spec.dim).transpose(0, 1)
