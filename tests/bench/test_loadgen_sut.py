@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,16 @@ def test_qps_search_is_bounded_and_brackets(pool_request: Request) -> None:
     assert search.runs[0].target_qps == 40
     passed = [r.target_qps for r in search.runs if r.meets_target]
     assert search.best_qps == (max(passed) if passed else 0.0)
+
+
+def test_qps_search_starts_from_known_runs_and_never_loses_a_passing_load(pool_request: Request) -> None:
+    backend = RecordingBackend()
+    pool = SamplePool.build(pool_request, num_samples=64)
+    settings = RunSettings(min_duration_s=0.3, min_query_count=10, p99_target_ms=60.0)
+    measured, _ = run_server(backend, pool, 15, settings)
+    assert measured.meets_target
+    known = [measured, dataclasses.replace(measured, target_qps=35.0, p99_ms=1000.0)]  # missed at 35
+    impossible = dataclasses.replace(settings, p99_target_ms=1e-6)  # every new run misses
+    search = find_peak_server_qps(backend, pool, 1, 100, impossible, max_runs=2, known=known)
+    assert [r.target_qps for r in search.runs] == [25.0, 20.0]  # bisects between the known loads
+    assert search.best_qps == 15.0  # the known passing load, though every new run missed

@@ -255,7 +255,8 @@ def run_server(
 @dataclass(frozen=True)
 class QpsSearch:
     best_qps: float
-    """The highest QPS tried whose p99 met the target (0 if none did)."""
+    """The highest QPS a run (this search's or a known one) measured meeting the target (0 if
+    none did)."""
     runs: tuple[LoadGenResult, ...]
 
 
@@ -267,29 +268,42 @@ def find_peak_server_qps(
     settings: RunSettings | None = None,
     max_runs: int = 6,
     tolerance: float = 0.05,
+    known: Sequence[LoadGenResult] = (),
 ) -> QpsSearch:
     """Bisection for the highest Server QPS whose p99 latency meets `settings.p99_target_ms`.
 
-    `low_qps` is assumed to pass and `high_qps` is tried first; at most `max_runs` short runs, and
-    the search stops once the bracket is within `tolerance` (relative).
+    Server runs already made (`known`, e.g. a latency curve) bracket the search first: the
+    highest load that met the target is a lower bound, the lowest load above it that missed is an
+    upper bound. Then `high_qps` is tried (if no known run missed), then `low_qps` (if no known
+    run met it), then midpoints: at most `max_runs` short runs, never below `low_qps`, stopping
+    once the bracket is within `tolerance` (relative). The answer is a load a run measured
+    meeting the target, never assumed.
     """
     if not 0 < low_qps < high_qps:
         raise ValueError(f"need 0 < low_qps < high_qps, got {low_qps}, {high_qps}")
+    loads = [(r.target_qps, r.meets_target) for r in known if r.target_qps]
+    best = max((q for q, ok in loads if ok), default=0.0)
+    hi = min((q for q, ok in loads if not ok and q > best), default=None)
     runs: list[LoadGenResult] = []
-    best, lo, hi = 0.0, low_qps, high_qps
-    qps = high_qps
     while len(runs) < max_runs:
+        if hi is None:
+            qps = high_qps
+        elif best == 0.0:
+            if low_qps >= hi:  # missed below `low_qps` already: nothing to find in the range
+                break
+            qps = low_qps
+        elif hi - best <= tolerance * hi:
+            break
+        else:
+            qps = (best + hi) / 2
         result, _ = run_server(backend, pool, qps, settings)
         runs.append(result)
         if result.meets_target:
-            best, lo = max(best, qps), qps
-            if qps == high_qps:
+            best = max(best, qps)
+            if hi is None:  # even high_qps met the target
                 break
         else:
             hi = qps
-        if hi - lo <= tolerance * hi:
-            break
-        qps = (lo + hi) / 2
     return QpsSearch(best, tuple(runs))
 
 

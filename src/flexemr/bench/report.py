@@ -35,8 +35,8 @@ def markdown(results: list[SystemResult], suite: Suite, config: BenchConfig) -> 
         "",
         f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC on {machine()}. "
         f"Model `{config.preset}` x{config.row_scale}, "
-        f"{config.embedding_servers} embedding servers ({config.sharding}-wise), Zipf alpha {config.alpha}, "
-        f"Offline batches of {config.batch_size} pairs.",
+        f"{config.embedding_servers} embedding servers (`--sharding {config.sharding}`), "
+        f"Zipf alpha {config.alpha}, Offline batches of {config.batch_size} pairs.",
         "",
         "Throughput is LoadGen Offline (pairs/s). Latency is LoadGen Server (Poisson queries of "
         "100-700 pairs)"

@@ -138,7 +138,7 @@ def run_suite(
             if name in suite.search_systems:
                 search = find_peak_server_qps(
                     backend, server_pool, max(own_qps * 0.1, 0.25), max(own_qps * 1.2, 1.0),
-                    server_settings, max_runs=suite.search_runs,
+                    server_settings, max_runs=suite.search_runs, known=[result.common_load, *result.curve],
                 )  # fmt: skip
                 result.peak_qps = search.best_qps
     return list(results.values())

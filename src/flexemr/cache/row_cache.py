@@ -1,7 +1,7 @@
 """A set-associative cache of embedding rows in device memory, LRU by timestamp within each set.
 
 Rows are keyed by their global key (`table_base[table] + row`, see `RangeRouter.keys`). A key
-lives in one set, `mix(key) % num_sets`, in any of that set's `ways` slots:
+lives in one set, `bucket(key, num_sets)`, in any of that set's `ways` slots:
 
     slot = set * ways + way
     keys   int64   [num_sets, ways]             -1 = empty
@@ -40,7 +40,7 @@ from flexemr.cache.hashing import bucket
 EMPTY = -1
 DEFAULT_WAYS = 4
 """Ways per set. A lookup costs about 10 ns per key per way on a CPU (gather, compare, max); with
-Zipf traffic 4 ways hit within 1% of 16 at a third of the cost."""
+Zipf traffic 4 ways hit within about a point of 16, at a third of the cost."""
 FIND_CHUNK = 1 << 15
 """Keys `_find` compares per step."""
 
