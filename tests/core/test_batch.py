@@ -5,6 +5,8 @@ import pytest
 
 from flexemr.model.presets import preset
 from flexemr.ranker.batch import InvalidRequest, validate_batch
+from flexemr.sharding.plan import make_plan
+from flexemr.sharding.router import RangeRouter
 
 SPEC = preset("tiny")
 
@@ -29,8 +31,12 @@ def test_out_of_range_index_names_its_table_even_next_to_empty_tables(table: int
         validate_batch(SPEC, dense, indices, lengths, 64, 100)
 
 
-def test_int32_indices_are_accepted_and_widened() -> None:
+def test_int32_indices_are_accepted_as_sent_and_widened_into_keys() -> None:
     dense, indices, lengths = _batch(np.ones(SPEC.num_tables * 2, np.int32))
     batch = validate_batch(SPEC, dense, indices.astype(np.int32), lengths, 64, 100)
-    assert batch.indices.dtype == np.int64
+    assert batch.indices.dtype == np.int32  # no copy on the request path
     np.testing.assert_array_equal(batch.indices, indices)
+    router = RangeRouter(make_plan("row", SPEC.table_rows, SPEC.dim, 2))
+    keys = router.keys(batch.indices, batch.rows_per_table())
+    assert keys.dtype == np.int64
+    np.testing.assert_array_equal(keys, indices + np.repeat(router.table_base, batch.rows_per_table()))

@@ -49,6 +49,14 @@ def offsets_of(lengths: Tensor) -> Tensor:
     return offsets
 
 
+def lengths_of(mask: Tensor, offsets: Tensor) -> Tensor:
+    """int64 [num_bags]: per bag of KJT `offsets`, how many of its keys `mask` [N] selects (e.g.
+    the misses: the bags the servers still see)."""
+    before = torch.zeros(mask.numel() + 1, dtype=torch.int64, device=mask.device)
+    torch.cumsum(mask, 0, out=before[1:])
+    return before[offsets[1:]] - before[offsets[:-1]]
+
+
 def cached_partial_sums(
     cache: RowCache, keys: Tensor, offsets: Tensor, out: Tensor | None = None
 ) -> CachedPart:

@@ -320,8 +320,7 @@ def measure_serving(
             request = _serving_request(rng, plan, spec.num_dense, batch, pooling, reach)
             cpu = _cpu_per_request(backend, pids, request, settings, 1)
             keys = router.keys(request.indices, request.table_lengths().sum(axis=1))
-            bag_ids = np.repeat(np.arange(request.lengths.size), request.lengths)
-            subrequests = {sub.server: sub for sub in router.route(keys, bag_ids)}
+            subrequests = {sub.server: sub for sub in router.route(keys, request.lengths)}
             sent = (
                 request.indices.size * INDEX_BYTES + (request.lengths.size + request.dense.size) * 4
             ) * byte_s

@@ -25,7 +25,7 @@ class SparseBatch:
     dense: np.ndarray
     """float32 [B, num_dense]."""
     indices: np.ndarray
-    """int64 [N], table-major, each table's bags in sample order."""
+    """int64 or int32 (as sent) [N], table-major, each table's bags in sample order."""
     lengths: np.ndarray
     """int32 [T*B]: lengths[t*B + b] is the bag size of table t for sample b."""
     num_tables: int
@@ -33,10 +33,6 @@ class SparseBatch:
     @property
     def batch_size(self) -> int:
         return int(self.dense.shape[0])
-
-    def bag_ids(self) -> np.ndarray:
-        """The bag (t*B + b) of every index."""
-        return np.repeat(np.arange(self.lengths.size, dtype=np.int64), self.lengths)
 
     def rows_per_table(self) -> np.ndarray:
         """How many indices each table contributes: int64 [T]."""
@@ -105,4 +101,4 @@ def validate_batch(
             f"sparse_indices[{at}] = {indices[at]} is out of range for table {table} "
             f"(valid rows 0..{spec.table_rows[table] - 1})"
         )
-    return SparseBatch(dense, indices.astype(np.int64, copy=False), lengths, tables)
+    return SparseBatch(dense, indices, lengths, tables)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from flexemr.cache import AdaptiveCacheManager, CacheConfig, LoadMonitorConfig
-from flexemr.cache.pooling import offsets_of
+from flexemr.cache.pooling import lengths_of, offsets_of
 from flexemr.config import RankerConfig
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
@@ -112,7 +112,6 @@ class Ranker:
     def pool(self, batch: SparseBatch) -> torch.Tensor:
         """Pooled embeddings [B, T, D] on the device: cached rows summed locally, the rest gathered
         from every server that holds rows of the batch."""
-        bag_ids = batch.bag_ids()
         keys = self.router.keys(batch.indices, batch.rows_per_table())
         pooled = torch.zeros(batch.lengths.size, self.spec.dim, device=self.device)
         raw = self.config.lookup == "raw"
@@ -125,13 +124,13 @@ class Ranker:
             cache.observe(torch.from_numpy(keys))
             use_cache = cache.use_cache(keys.size)
         start = time.perf_counter()
-        remote_keys, remote_bags = keys, bag_ids
+        remote_keys, remote_lengths = keys, batch.lengths
         if use_cache:
             assert cache is not None
             offsets = offsets_of(torch.from_numpy(batch.lengths))
-            miss = cache.cached_part(torch.from_numpy(keys), offsets, out=pooled).miss.cpu().numpy()
-            remote_keys, remote_bags = keys[miss], bag_ids[miss]
-        for sub, values in self._lookup(remote_keys, remote_bags, raw):
+            miss = cache.cached_part(torch.from_numpy(keys), offsets, out=pooled).miss
+            remote_keys, remote_lengths = keys[miss.cpu().numpy()], lengths_of(miss, offsets).cpu().numpy()
+        for sub, values in self._lookup(remote_keys, remote_lengths, raw):
             target = sub.row_bags() if raw else sub.bags
             rows = torch.from_numpy(values).to(self.device)
             pooled.index_add_(0, torch.from_numpy(target).to(self.device), rows)
@@ -144,13 +143,14 @@ class Ranker:
         return pooled.view(batch.num_tables, batch.batch_size, self.spec.dim).transpose(0, 1)
 
     def _lookup(
-        self, keys: np.ndarray, bag_ids: np.ndarray, raw: bool
+        self, keys: np.ndarray, lengths: np.ndarray, raw: bool
     ) -> Iterator[tuple[Subrequest, np.ndarray]]:
-        """Send one subrequest per server holding any of `keys`, all in flight at once; yield each
-        with its answer. Fails the whole lookup if any server fails or times out."""
+        """Send one subrequest per server holding any of `keys` (in bags of `lengths`), all in
+        flight at once; yield each with its answer. Fails the whole lookup if any server fails or
+        times out."""
         in_flight = [
             (sub, self.transport.submit(sub.server, LookupRequest(sub.rows, sub.offsets, raw=raw)))
-            for sub in self.router.route(keys, bag_ids)
+            for sub in self.router.route(keys, lengths)
         ]
         deadline = time.monotonic() + self.config.request_timeout_s
         for sub, future in in_flight:
@@ -172,7 +172,7 @@ class Ranker:
                 continue
             keys = np.sort(request.keys.cpu().numpy())
             try:
-                for sub, rows in self._lookup(keys, np.arange(keys.size, dtype=np.int64), raw=True):
+                for sub, rows in self._lookup(keys, np.ones(keys.size, dtype=np.int64), raw=True):
                     self.cache.admit(torch.from_numpy(sub.keys), torch.from_numpy(rows), request.token)
             except (ServerUnavailable, LookupFailed):
                 continue  # a later round retries; requests report the failure themselves

@@ -24,6 +24,10 @@ from flexemr.sharding.plan import ShardingPlan
 MAX_BUCKETS = 2**20
 MAX_STARTS_PER_BUCKET = 4
 
+_Piece = tuple[np.ndarray, np.ndarray | np.int64, np.ndarray, np.ndarray]
+"""Part of one table's keys for one server: (global keys, shift to local rows, the bag id of each
+bag, where each bag starts in the keys)."""
+
 
 @dataclass(frozen=True)
 class Subrequest:
@@ -103,57 +107,68 @@ class RangeRouter:
         return shard
 
     def keys(self, indices: np.ndarray, rows_per_table: np.ndarray) -> np.ndarray:
-        """Global row keys of table-major indices (`rows_per_table[t]` of them from table t);
-        they also key the ranker's cache."""
-        keys: np.ndarray = indices + np.repeat(self.table_base, rows_per_table)
+        """Global row keys (int64) of table-major indices (int32 or int64; `rows_per_table[t]` of
+        them from table t); they also key the ranker's cache. One add per table slice."""
+        keys = np.empty(indices.size, dtype=np.int64)
+        bounds = np.concatenate([[0], np.cumsum(rows_per_table)])
+        for t in np.flatnonzero(rows_per_table):
+            np.add(
+                indices[bounds[t] : bounds[t + 1]], self.table_base[t], out=keys[bounds[t] : bounds[t + 1]]
+            )
         return keys
 
-    def route(self, keys: np.ndarray, bag_ids: np.ndarray) -> Iterator[Subrequest]:
-        """Split a batch (keys in bag order, so grouped by table in table order, with each key's
-        bag id) into one subrequest per server that holds any of its rows, its bags in batch
-        order. Servers with nothing to do get no subrequest."""
+    def route(self, keys: np.ndarray, lengths: np.ndarray) -> Iterator[Subrequest]:
+        """Split a batch of bags, KJT style (`keys` grouped by table in table order, bag b being
+        the next `lengths[b]` keys, no bag spanning two tables), into one subrequest per server
+        that holds any of its rows, its bags (ids b) in batch order. Servers with nothing to do
+        get no subrequest. A table held whole by one server costs O(bags), not O(keys)."""
+        offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
         # Keys of table t all lie in [table_base[t], table_base[t+1]), so "key >= table_base[t]"
-        # is monotone over the batch and a binary search finds each table's slice.
+        # is monotone over the batch and a binary search finds each table's slice; the bags
+        # starting in a slice are the table's.
         edges = np.searchsorted(keys, self._table_edges)
-        # Per server, (keys, shift to their local rows, bag ids) of each table's part.
-        parts: list[list[tuple[np.ndarray, np.ndarray | np.int64, np.ndarray]]] = [
-            [] for _ in self._index_dtype
-        ]
+        bag_edges = np.searchsorted(offsets[:-1], edges)
+        # Per server, (keys, shift to their local rows, bag ids, where each bag starts) per table.
+        parts: list[list[_Piece]] = [[] for _ in self._index_dtype]
         for t in np.flatnonzero(edges[1:] > edges[:-1]):
-            table_keys, table_bags = keys[edges[t] : edges[t + 1]], bag_ids[edges[t] : edges[t + 1]]
+            start, end = edges[t], edges[t + 1]
+            table_keys, bags = keys[start:end], np.arange(bag_edges[t], bag_edges[t + 1])
             servers = self._table_servers[t]
             if len(servers) == 1:
-                parts[servers[0]].append((table_keys, self._whole_shift[t], table_bags))
+                bags = bags[lengths[bags] > 0]
+                parts[servers[0]].append((table_keys, self._whole_shift[t], bags, offsets[bags] - start))
                 continue
+            key_bags = np.repeat(bags, lengths[bags])
             shard = self.shards(table_keys)
             server = self._server[shard]
             for s in servers:
                 picked = np.flatnonzero(server == s)
                 if picked.size:
-                    parts[s].append((table_keys[picked], self._shift[shard[picked]], table_bags[picked]))
+                    picked_bags = key_bags[picked]
+                    first = np.flatnonzero(np.concatenate([[True], picked_bags[1:] != picked_bags[:-1]]))
+                    parts[s].append(
+                        (table_keys[picked], self._shift[shard[picked]], picked_bags[first], first)
+                    )
         for s, pieces in enumerate(parts):
             if pieces:
                 yield self._subrequest(s, pieces)
 
-    def _subrequest(
-        self, server: int, pieces: list[tuple[np.ndarray, np.ndarray | np.int64, np.ndarray]]
-    ) -> Subrequest:
-        """Write the pieces' local rows straight into one array of the server's index dtype, and
-        find bag starts piece by piece (no bag spans two tables)."""
+    def _subrequest(self, server: int, pieces: list[_Piece]) -> Subrequest:
+        """Write the pieces' local rows straight into one array of the server's index dtype."""
         dtype = self._index_dtype[server]
-        rows = np.empty(sum(k.size for k, _, _ in pieces), dtype)
+        rows = np.empty(sum(piece[0].size for piece in pieces), dtype)
         offsets, bags = [], []
         at = 0
-        for piece_keys, shift, piece_bags in pieces:
+        for piece_keys, shift, piece_bags, starts in pieces:
             np.add(piece_keys, shift, out=rows[at : at + piece_keys.size], casting="unsafe")
-            first = np.flatnonzero(np.concatenate([[True], piece_bags[1:] != piece_bags[:-1]]))
-            offsets.append(first + at)
-            bags.append(piece_bags[first])
+            offsets.append(starts + at)
+            bags.append(piece_bags)
             at += piece_keys.size
         return Subrequest(
             server,
             rows,
             np.concatenate(offsets).astype(dtype),
             np.concatenate(bags),
-            tuple(k for k, _, _ in pieces),
+            tuple(piece[0] for piece in pieces),
         )
