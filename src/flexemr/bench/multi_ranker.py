@@ -18,10 +18,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import re
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from flexemr.client import Client
+from flexemr.cluster.child import AnnouncedProcess
 from flexemr.cluster.local import LocalCluster
 from flexemr.config import ClusterSpec
 from flexemr.workload.request import Request
@@ -40,54 +38,16 @@ if TYPE_CHECKING:  # the LoadGen package is optional (`bench` extra); calibratio
     from flexemr.bench.loadgen_sut import Transport
 
 
-class RankerProcess:
-    """`flexemr ranker --spec FILE` in a child process; `url` once it is ready. `dense_threads`
-    caps torch's threads (OMP_NUM_THREADS); None leaves torch's default (one per core)."""
-
-    def __init__(self, spec_path: Path, dense_threads: int | None = None, timeout_s: float = 120.0) -> None:
-        command = [sys.executable, "-m", "flexemr.bench.multi_ranker", "ranker", "--spec", str(spec_path)]
-        env = dict(os.environ)
-        if dense_threads is not None:
-            env["OMP_NUM_THREADS"] = str(dense_threads)
-        self.proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
-        )
-        self._log: list[str] = []
-        ready = threading.Event()
-        url: list[str] = []
-
-        def pump() -> None:
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:  # drained to the end so the child never blocks on a full pipe
-                self._log.append(line)
-                match = re.search(r"flexemr ranker ready: (http://\S+)", line)
-                if match:
-                    url.append(match.group(1))
-                    ready.set()
-            ready.set()
-
-        self._pump = threading.Thread(target=pump, daemon=True)
-        self._pump.start()
-        if not ready.wait(timeout_s) or not url:
-            self.close()
-            raise RuntimeError(f"ranker did not start:\n{''.join(self._log[-30:])}")
-        self.url = url[0]
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._pump.join(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+def start_ranker(
+    spec_path: Path, dense_threads: int | None = None, timeout_s: float = 120.0
+) -> AnnouncedProcess:
+    """`flexemr ranker --spec FILE` in a child process. `dense_threads` caps torch's threads
+    (OMP_NUM_THREADS); None leaves torch's default (one per core)."""
+    command = [sys.executable, "-m", "flexemr.bench.multi_ranker", "ranker", "--spec", str(spec_path)]
+    env = dict(os.environ)
+    if dense_threads is not None:
+        env["OMP_NUM_THREADS"] = str(dense_threads)
+    return AnnouncedProcess(command, "flexemr ranker ready:", timeout_s, env)
 
 
 class RoundRobinBackend:
@@ -128,7 +88,7 @@ class LocalDeployment:
         self.num_rankers = rankers
         self.dense_threads = dense_threads
         self.cluster = LocalCluster(self.spec)
-        self.rankers: list[RankerProcess] = []
+        self.rankers: list[AnnouncedProcess] = []
         self._dir = tempfile.TemporaryDirectory(prefix="flexemr-deployment-")
 
     def start(self) -> LocalDeployment:
@@ -137,7 +97,7 @@ class LocalDeployment:
             spec_path = Path(self._dir.name) / "cluster.json"
             spec.save(spec_path)
             for _ in range(self.num_rankers):
-                self.rankers.append(RankerProcess(spec_path, self.dense_threads))
+                self.rankers.append(start_ranker(spec_path, self.dense_threads))
         except BaseException:
             self.stop()
             raise

@@ -8,11 +8,7 @@ own process and is called directly (its reports say `in-process`).
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
 import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -21,6 +17,7 @@ from typing import Any
 import httpx
 
 from flexemr.client import Client
+from flexemr.cluster.child import AnnouncedProcess
 from flexemr.workload.request import Request
 
 
@@ -58,11 +55,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def children(pid: int) -> list[int]:
-    path = Path(f"/proc/{pid}/task/{pid}/children")
-    return [int(p) for p in path.read_text().split()] if path.exists() else []
-
-
 class ServedSystem:
     """`flexemr serve` in a child process, and an HTTP backend for LoadGen."""
 
@@ -80,27 +72,8 @@ class ServedSystem:
             *model_flags,
             *system.flags,
         ]
-        self._proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self._log: list[str] = []
-        ready = threading.Event()
-        url: list[str] = []
-
-        def pump() -> None:
-            assert self._proc.stdout is not None
-            for line in self._proc.stdout:
-                self._log.append(line)
-                match = re.search(r"flexemr ready: (http://\S+)", line)
-                if match:
-                    url.append(match.group(1))
-                    ready.set()
-            ready.set()
-
-        self._pump = threading.Thread(target=pump, daemon=True)
-        self._pump.start()
-        if not ready.wait(timeout_s) or not url:
-            self.close()
-            raise RuntimeError(f"{system.name} did not start:\n{''.join(self._log[-30:])}")
-        self.url = url[0]
+        self._process = AnnouncedProcess(command, "flexemr ready:", timeout_s)
+        self.url = self._process.url
         self.client = Client(self.url)
 
     def infer(self, request: Request) -> Any:
@@ -112,22 +85,12 @@ class ServedSystem:
 
     def pids(self) -> dict[str, int]:
         """The ranker and its children (embedding servers or Redis) by role."""
-        kids = children(self._proc.pid)
-        return {"ranker": self._proc.pid, **{f"tier-{i}": pid for i, pid in enumerate(kids)}}
+        kids = self._process.children()
+        return {"ranker": self._process.pid, **{f"tier-{i}": pid for i, pid in enumerate(kids)}}
 
     def close(self) -> None:
-        if hasattr(self, "client"):
-            self.client.close()
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
-        self._pump.join(10)
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
+        self.client.close()
+        self._process.close()
 
     def __enter__(self) -> ServedSystem:
         return self
