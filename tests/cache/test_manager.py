@@ -142,6 +142,15 @@ def test_mid_traffic_resizes_stay_exact() -> None:
     assert stats.hits > 0
 
 
+def test_bytes_saved_counts_indices_and_the_partials_of_wholly_cached_bags() -> None:
+    manager = AdaptiveCacheManager(CacheConfig(mode="fixed:64KiB"), DIM, "cpu")
+    manager.admit(torch.tensor([1, 2, 4]), torch.ones(3, DIM))
+    part = manager.cached_part(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 2, 3, 3, 5]))
+    assert part.hits == 3
+    # 3 indices not sent, and one bag (1 2) whose partial sum is not returned; the empty bag counts not
+    assert manager.stats().bytes_saved == 3 * 8 + 1 * 4 * DIM
+
+
 def test_invalidated_rows_are_never_served_even_from_a_racing_fetch() -> None:
     manager = AdaptiveCacheManager(CacheConfig(mode="fixed:64KiB"), DIM, "cpu")
     keys = torch.tensor([1, 2, 3])

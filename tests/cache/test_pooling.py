@@ -58,3 +58,11 @@ def test_out_of_the_wrong_shape_is_refused() -> None:
         cached_partial_sums(
             cache, torch.zeros(3, dtype=torch.int64), torch.tensor([0, 3]), torch.zeros(2, DIM)
         )
+
+
+def test_miss_lengths_count_each_bags_misses() -> None:
+    cache = RowCache(DIM, 1024)
+    cache.insert(torch.tensor([1, 2, 4]), torch.ones(3, DIM))
+    keys = torch.tensor([1, 2, 3, 4, 5])
+    part = cached_partial_sums(cache, keys, torch.tensor([0, 2, 3, 3, 5]))  # bags: 1 2 | 3 | - | 4 5
+    assert part.miss_lengths.tolist() == [0, 1, 0, 1]

@@ -334,7 +334,8 @@ class AdaptiveCacheManager:
         if self.config.wire == "raw":
             saved = hits * (4 * self.cache.dim + 8)
         else:
-            saved = hits * 8 + (_whole_bags_cached(part) * 4 * self.cache.dim if hits else 0)
+            whole_bags = int(((part.miss_lengths == 0) & (part.offsets.diff() > 0)).sum()) if hits else 0
+            saved = hits * 8 + whole_bags * 4 * self.cache.dim
         with self._lock:
             self._lookups += keys.numel()
             self._hits += hits
@@ -443,11 +444,3 @@ class AdaptiveCacheManager:
                 ns_per_key_with_cache=1e9 * ((self.gate and self.gate.cost[True]) or 0.0),
                 ns_per_key_without_cache=1e9 * ((self.gate and self.gate.cost[False]) or 0.0),
             )
-
-
-def _whole_bags_cached(part: CachedPart) -> int:
-    """Bags with at least one key, all of them hits."""
-    hits_before = torch.cumsum(part.hit, 0)
-    per_bag = torch.cat([hits_before.new_zeros(1), hits_before])[part.offsets].diff()
-    lengths = part.offsets.diff()
-    return int(((per_bag == lengths) & (lengths > 0)).sum())

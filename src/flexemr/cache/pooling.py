@@ -17,6 +17,7 @@ total (cache part + server partials) by the full bag length.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -40,6 +41,11 @@ class CachedPart:
     @property
     def hits(self) -> int:
         return int(torch.count_nonzero(self.hit))  # far cheaper than sum() on a CPU bool tensor
+
+    @cached_property
+    def miss_lengths(self) -> Tensor:
+        """int64 [num_bags]: each bag's misses, i.e. the bags the servers still see."""
+        return lengths_of(self.miss, self.offsets)
 
 
 def offsets_of(lengths: Tensor) -> Tensor:

@@ -72,8 +72,9 @@ class FrequencySketch:
     def take_sample(self, keys: Tensor) -> tuple[Tensor, int]:
         """(a strided sample of at most `sample` of a batch's keys, as a new tensor; the batch's
         size): what `observe` needs of the batch, cheap enough for the request path."""
-        keys = keys.to(self.device, torch.int64).reshape(-1)
-        return keys[:: max(1, -(-keys.numel() // self.sample))].clone(), keys.numel()
+        keys = keys.reshape(-1)
+        step = max(1, -(-keys.numel() // self.sample))
+        return keys[::step].to(self.device, torch.int64, copy=True), keys.numel()
 
     def observe(
         self, keys: Tensor, cached: Callable[[Tensor], Tensor] | None = None, total: int | None = None

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from flexemr.cache import AdaptiveCacheManager, CacheConfig, LoadMonitorConfig
-from flexemr.cache.pooling import lengths_of, offsets_of
+from flexemr.cache.pooling import offsets_of
 from flexemr.config import RankerConfig
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
@@ -128,8 +128,8 @@ class Ranker:
         if use_cache:
             assert cache is not None
             offsets = offsets_of(torch.from_numpy(batch.lengths))
-            miss = cache.cached_part(torch.from_numpy(keys), offsets, out=pooled).miss
-            remote_keys, remote_lengths = keys[miss.cpu().numpy()], lengths_of(miss, offsets).cpu().numpy()
+            part = cache.cached_part(torch.from_numpy(keys), offsets, out=pooled)
+            remote_keys, remote_lengths = keys[part.miss.cpu().numpy()], part.miss_lengths.cpu().numpy()
         for sub, values in self._lookup(remote_keys, remote_lengths, raw):
             target = sub.row_bags() if raw else sub.bags
             rows = torch.from_numpy(values).to(self.device)
