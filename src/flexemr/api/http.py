@@ -122,13 +122,14 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
         return response
 
     def _infer(body: bytes, header_length: str | None) -> Response:
-        parsed = parse_infer_request(body, header_length, inputs)
-        dense = parsed.tensors["dense_features"]
-        scores = ranker.score(dense, parsed.tensors["sparse_indices"], parsed.tensors["sparse_lengths"])
-        metrics.batch_size.observe(dense.shape[0])
-        content, headers = encode_infer_response(
-            model_name, parsed.id, "scores", scores, parsed.binary_output
-        )
+        with ranker.turns.turn():
+            parsed = parse_infer_request(body, header_length, inputs)
+            dense = parsed.tensors["dense_features"]
+            scores = ranker.score(dense, parsed.tensors["sparse_indices"], parsed.tensors["sparse_lengths"])
+            metrics.batch_size.observe(dense.shape[0])
+            content, headers = encode_infer_response(
+                model_name, parsed.id, "scores", scores, parsed.binary_output
+            )
         return Response(content, headers=headers)
 
     return app

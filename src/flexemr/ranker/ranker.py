@@ -27,6 +27,7 @@ from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
 from flexemr.ranker.batch import SparseBatch, validate_batch
 from flexemr.ranker.batcher import DynamicBatcher
+from flexemr.ranker.turns import Turns
 from flexemr.sharding.plan import ShardingPlan
 from flexemr.sharding.router import RangeRouter, Subrequest
 from flexemr.transport.base import LookupFailed, LookupRequest, LookupTransport, ServerUnavailable
@@ -56,6 +57,7 @@ class Ranker:
         self.samples = self.requests = 0
         self._waiting = 0  # samples accepted and not yet scored: the load monitor's queue depth
         self._lock = threading.Lock()
+        self.turns = Turns()
         self.cache = self._make_cache()
         self._stop = threading.Event()
         self._warmer: threading.Thread | None = None
@@ -63,7 +65,7 @@ class Ranker:
             self._warmer = threading.Thread(target=self._warm_loop, daemon=True, name="cache-warmer")
             self._warmer.start()
         self.batcher = (
-            DynamicBatcher(self.score_batch, config.max_batch, config.batch_window_ms / 1000)
+            DynamicBatcher(self._score_batch_in_turn, config.max_batch, config.batch_window_ms / 1000)
             if config.batch_window_ms > 0
             else None
         )
@@ -86,18 +88,24 @@ class Ranker:
         """Click probabilities float32 [B]. Raises `InvalidRequest` for bad input and
         `ServerUnavailable` / `LookupFailed` when a lookup cannot complete. With dynamic batching
         on, the request may be scored together with others that arrive at about the same time."""
-        batch = validate_batch(
-            self.spec, dense, indices, lengths, self.config.max_batch, self.config.max_indices_per_sample
-        )
-        with self._lock:
-            self._waiting += batch.batch_size
-        try:
-            if self.batcher is None:
-                return self.score_batch(batch)
-            return self.batcher.submit(batch).result()
-        finally:
+        with self.turns.turn():
+            batch = validate_batch(
+                self.spec, dense, indices, lengths, self.config.max_batch, self.config.max_indices_per_sample
+            )
             with self._lock:
-                self._waiting -= batch.batch_size
+                self._waiting += batch.batch_size
+            try:
+                if self.batcher is None:
+                    return self.score_batch(batch)
+                with self.turns.waiting():
+                    return self.batcher.submit(batch).result()
+            finally:
+                with self._lock:
+                    self._waiting -= batch.batch_size
+
+    def _score_batch_in_turn(self, batch: SparseBatch) -> np.ndarray:
+        with self.turns.turn():
+            return self.score_batch(batch)
 
     def score_batch(self, batch: SparseBatch) -> np.ndarray:
         pooled = self.pool(batch)
@@ -155,7 +163,8 @@ class Ranker:
         deadline = time.monotonic() + self.config.request_timeout_s
         for sub, future in in_flight:
             try:
-                values = future.result(timeout=max(deadline - time.monotonic(), 0.0))
+                with self.turns.waiting():
+                    values = future.result(timeout=max(deadline - time.monotonic(), 0.0))
             except concurrent.futures.TimeoutError:
                 raise ServerUnavailable(
                     sub.server, f"#{sub.server}", f"no answer within {self.config.request_timeout_s} s"
