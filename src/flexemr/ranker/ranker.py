@@ -109,12 +109,14 @@ class Ranker:
 
     def score_batch(self, batch: SparseBatch) -> np.ndarray:
         pooled = self.pool(batch)
-        with torch.inference_mode():
+        # The dense model runs in torch's kernels (or on the GPU), outside the interpreter lock:
+        # other requests take their turn meanwhile.
+        with self.turns.waiting(), torch.inference_mode():
             scores = self.dense(torch.from_numpy(batch.dense).to(self.device), pooled)
+            result: np.ndarray = scores.float().cpu().numpy()
         with self._lock:
             self.requests += 1
             self.samples += batch.batch_size
-        result: np.ndarray = scores.float().cpu().numpy()
         return result
 
     def pool(self, batch: SparseBatch) -> torch.Tensor:
