@@ -19,7 +19,8 @@ from flexemr.planner.inputs import InputError
 @dataclass(frozen=True)
 class LookupCost:
     """Seconds one core spends on one bag: `bag_s + pooling * (row_s + dim * element_s)`, divided by
-    `1 + skew_gain * min(zipf_skew, 1.5)` (hot rows stay in cache)."""
+    `1 + skew_gain * min(zipf_skew, 1.5)` (hot rows stay in cache), on a table of `table_bytes`;
+    a smaller table (its rows more often in the caches) costs `size_factor` of that."""
 
     bag_s: float = 150e-9
     """Per-bag cost (offsets, the output vector)."""
@@ -29,10 +30,22 @@ class LookupCost:
     """Per-element cost of adding a row into the bag's sum."""
     skew_gain: float = 0.4
     """Speed-up per unit of Zipf exponent, fitted from uniform vs skewed runs."""
+    table_bytes: float = 512 * 2**20
+    """The table the constants above were measured on (bigger than the caches)."""
+    small_table_bytes: float = 4 * 2**20
+    """The smallest table measured: smaller ones cost as much per bag as it."""
+    size_exponent: float = 0.4
+    """Between the two, the cost per bag grows as (table bytes)^this; fitted from both sizes."""
 
     def seconds_per_bag(self, dim: int, pooling: float, zipf_skew: float) -> float:
         uniform = self.bag_s + pooling * (self.row_s + dim * self.element_s)
         return uniform / (1.0 + self.skew_gain * min(zipf_skew, 1.5))
+
+    def size_factor(self, table_bytes: float) -> float:
+        """Cost of a bag on a table of `table_bytes` relative to the measured table; 1 beyond it
+        (every row from DRAM)."""
+        held = min(max(table_bytes, self.small_table_bytes), self.table_bytes)
+        return float((held / self.table_bytes) ** self.size_exponent)
 
 
 @dataclass(frozen=True)
@@ -72,6 +85,9 @@ class ServingCost:
     """Per request on the ranker: the HTTP server, parsing, the response, thread hand-offs."""
     ranker_subrequest_s: float = 200e-6
     """Per embedding server a request reaches: cutting, framing and collecting its subrequest."""
+    ranker_piece_s: float = 15e-6
+    """Per (table, server) slice of a request: the router's numpy calls on each table's keys for
+    each server holding some of them (row-wise sharding over m servers makes m per table)."""
     ranker_bag_s: float = 300e-9
     """Per bag (sample x table): lengths, validation, gathering partial sums."""
     ranker_lookup_s: float = 45e-9
@@ -92,10 +108,11 @@ class ServingCost:
     client_lookup_s: float = 7e-9
     """Per index in the load generator: building and encoding the request."""
 
-    def ranker_s(self, subrequests: float, bags: float, lookups: float) -> float:
+    def ranker_s(self, subrequests: float, pieces: float, bags: float, lookups: float) -> float:
         return (
             self.ranker_request_s
             + subrequests * self.ranker_subrequest_s
+            + pieces * self.ranker_piece_s
             + bags * self.ranker_bag_s
             + lookups * self.ranker_lookup_s
         )

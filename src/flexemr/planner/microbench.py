@@ -46,35 +46,44 @@ if TYPE_CHECKING:
 class BenchSettings:
     """How much to measure. `quick()` keeps a whole calibration under ~10 s."""
 
-    table_mib: int = 128
-    """Size of the table the lookups read (bigger than the last-level cache)."""
+    table_mib: int = 512
+    """Size of the table the lookups read (bigger than the caches: rows come from DRAM)."""
+    small_table_mib: int = 4
+    """A table mostly in the caches: the grid runs on it too, for how cost grows with size."""
     dims: tuple[int, ...] = (16, 64, 128)
     pooling_factors: tuple[int, ...] = (1, 8, 32, 96)
     skews: tuple[float, ...] = (0.0, 1.05)
     lookups_per_run: int = 200_000
-    """Rows read per timed embedding_bag call."""
+    """Rows read per point, over calls of `lookups_per_call`, each on fresh indices."""
+    lookups_per_call: int = 8192
+    """Rows per `embedding_bag` call: about one subrequest's. Timing one big call again and again
+    would find its rows in the caches and the call's fixed cost spread thin."""
     batches: tuple[int, ...] = (1, 8, 32, 128, 512)
     repeats: int = 5
     """Timed repetitions per point (the fastest counts: it is the least disturbed)."""
     pings: int = 2000
     stream_mib: int = 64
-    serving_points: tuple[tuple[int, int, int], ...] = (
-        (1, 1, 1), (1, 1, 2), (256, 1, 1), (256, 1, 2), (32, 32, 1), (32, 32, 2), (64, 128, 2), (256, 8, 2),
+    serving_points: tuple[tuple[int, int, int, int], ...] = (
+        (1, 1, 1, 8), (1, 1, 2, 8), (1, 1, 1, 2), (1, 1, 2, 2), (256, 1, 1, 8), (256, 1, 2, 8),
+        (32, 32, 1, 8), (32, 32, 2, 8), (64, 128, 2, 8), (256, 8, 2, 8), (64, 8, 2, 2),
     )  # fmt: skip
-    """(samples, indices per bag, servers reached) of the requests the serving fit uses (the model
-    has 8 tables: 8 to 65,536 indices per request)."""
+    """(samples, indices per bag, servers reached, tables with indices) of the requests the serving
+    fit uses (the model has 8 tables: 2 to 65,536 indices per request; 2 to 16 table slices)."""
     serving_s: float = 1.5
     """Seconds of requests per serving point (CPU time is read in 10 ms ticks)."""
     serving_repeats: int = 2
     """Measurements per serving point; the least CPU per role counts (the least disturbed)."""
-    contention_point: tuple[int, int, int] = (64, 8, 2)
+    serving_requests: int = 8
+    """Distinct requests of each point's shape, sent in turn (one request over and over would
+    find its rows and buffers in the caches)."""
+    contention_point: tuple[int, int, int, int] = (64, 8, 2, 8)
     """The request measured again with several in flight, for the ranker's contention."""
     contention_in_flight: int = 4
 
     @classmethod
     def quick(cls) -> BenchSettings:
         return cls(
-            table_mib=32,
+            table_mib=128,
             dims=(16, 128),
             pooling_factors=(1, 32),
             lookups_per_run=50_000,
@@ -82,7 +91,15 @@ class BenchSettings:
             repeats=3,
             pings=300,
             stream_mib=16,
-            serving_points=((1, 1, 1), (1, 1, 2), (256, 1, 2), (32, 32, 1), (32, 32, 2), (64, 128, 2)),
+            serving_points=(
+                (1, 1, 1, 8),
+                (1, 1, 2, 8),
+                (1, 1, 2, 2),
+                (256, 1, 2, 8),
+                (32, 32, 1, 8),
+                (32, 32, 2, 8),
+                (64, 128, 2, 8),
+            ),
             serving_s=0.6,
         )
 
@@ -112,23 +129,41 @@ def _pool(weight: torch.Tensor, indices: torch.Tensor, offsets: torch.Tensor) ->
     return torch.nn.functional.embedding_bag(indices, weight, offsets, mode="sum")
 
 
-def measure_lookups(settings: BenchSettings) -> tuple[LookupCost, list[dict[str, float]]]:
-    rng = np.random.default_rng(0)
-    storage = torch.rand(settings.table_mib * 2**20 // 4)
+def _lookup_grid(settings: BenchSettings, table_mib: int, rng: np.random.Generator) -> list[dict[str, float]]:
+    """Seconds per bag over the grid of dims x skews x pooling factors on a table of `table_mib`."""
+    storage = torch.rand(table_mib * 2**20 // 4)
     points: list[dict[str, float]] = []
     for dim in settings.dims:
         rows = storage.numel() // dim
         weight = storage[: rows * dim].view(rows, dim)
         for skew in settings.skews:
-            pool = torch.from_numpy(zipf_indices(rng, rows, settings.lookups_per_run, skew))
             for pooling in settings.pooling_factors:
-                bags = settings.lookups_per_run // pooling
-                indices = pool[: bags * pooling]
+                bags = max(1, settings.lookups_per_call // pooling)
+                calls = max(1, settings.lookups_per_run // (bags * pooling))
+                pool = torch.from_numpy(zipf_indices(rng, rows, (calls + 1) * bags * pooling, skew))
                 offsets = torch.arange(0, bags * pooling, pooling, dtype=torch.int64)
-                seconds = _best_time(partial(_pool, weight, indices, offsets), settings.repeats)
+                runs = [partial(_pool, weight, chunk, offsets) for chunk in torch.split(pool, bags * pooling)]
+                runs[-1]()  # warm up (the hot rows of a skewed draw stay warm, as on a server)
+                start = time.perf_counter()
+                for run in runs[:-1]:
+                    run()
+                seconds = (time.perf_counter() - start) / (calls * bags)
                 points.append(
-                    {"dim": dim, "pooling": pooling, "skew": skew, "seconds_per_bag": seconds / bags}
+                    {
+                        "table_mib": table_mib,
+                        "dim": dim,
+                        "pooling": pooling,
+                        "skew": skew,
+                        "seconds_per_bag": seconds,
+                    }
                 )
+    return points
+
+
+def measure_lookups(settings: BenchSettings) -> tuple[LookupCost, list[dict[str, float]]]:
+    rng = np.random.default_rng(0)
+    points = _lookup_grid(settings, settings.table_mib, rng)
+    small = _lookup_grid(settings, settings.small_table_mib, rng)
     uniform = [p for p in points if p["skew"] == 0]
     # Relative errors: divide each row by its measurement so cheap and costly points weigh alike.
     measured = np.array([p["seconds_per_bag"] for p in uniform])
@@ -142,7 +177,18 @@ def measure_lookups(settings: BenchSettings) -> tuple[LookupCost, list[dict[str,
         if p["skew"] > 0
     ]
     skew_gain = min(2.0, max(0.0, float(np.median(gains)))) if gains else 0.0
-    return LookupCost(float(bag_s), float(row_s), float(element_s), skew_gain), points
+    # The same grid on both tables, point for point: cost ~ size^exponent between them.
+    ratios = [
+        big["seconds_per_bag"] / little["seconds_per_bag"] for big, little in zip(points, small, strict=True)
+    ]
+    exponent = float(np.median(np.log(ratios))) / np.log(settings.table_mib / settings.small_table_mib)
+    cost = LookupCost(
+        float(bag_s), float(row_s), float(element_s), skew_gain,
+        table_bytes=settings.table_mib * 2**20,
+        small_table_bytes=settings.small_table_mib * 2**20,
+        size_exponent=max(0.0, exponent),
+    )  # fmt: skip
+    return cost, points + small
 
 
 _DENSE_SHAPES = (
@@ -227,18 +273,26 @@ _SERVING_MODEL = ModelSource(preset="rmc1", row_scale=0.005)
 
 
 def _serving_request(
-    rng: np.random.Generator, plan: ShardingPlan, num_dense: int, batch: int, pooling: int, reach: int
+    rng: np.random.Generator,
+    plan: ShardingPlan,
+    num_dense: int,
+    batch: int,
+    pooling: int,
+    reach: int,
+    tables: int,
 ) -> Request:
-    """`batch` samples whose bags of `pooling` uniform rows fall on servers 0..reach-1 only."""
+    """`batch` samples whose bags of `pooling` uniform rows fall on servers 0..reach-1 only, in the
+    first `tables` tables (the others' bags are empty)."""
     indices = []
-    for table in range(len(plan.table_rows)):
+    for table in range(tables):
         ranges = [(s.row_start, s.row_end) for s in plan.shards if s.table == table and s.server < reach]
         sizes = np.array([end - start for start, end in ranges])
         offset = rng.integers(0, sizes.sum(), batch * pooling)
         which = np.searchsorted(np.cumsum(sizes), offset, side="right")
         starts = np.array([start for start, _ in ranges])
         indices.append(starts[which] + offset - (np.cumsum(sizes) - sizes)[which])
-    lengths = np.full(len(plan.table_rows) * batch, pooling, dtype=np.int32)
+    lengths = np.zeros(len(plan.table_rows) * batch, dtype=np.int32)
+    lengths[: tables * batch] = pooling
     dense = rng.standard_normal((batch, num_dense), dtype=np.float32)
     return Request(dense, np.concatenate(indices).astype(np.int64), lengths)
 
@@ -253,24 +307,24 @@ def _fit(design: list[list[float]], target: list[float], measured: list[float]) 
 def _cpu_per_request(
     backend: RoundRobinBackend,
     pids: dict[str, int],
-    request: Request,
+    requests: list[Request],
     settings: BenchSettings,
     in_flight: int,
 ) -> dict[str, float]:
     """CPU seconds per request of each process (and of this one, the client), and wall seconds
-    per request, while `in_flight` threads send `request` back to back: the least of
+    per request, while `in_flight` threads send `requests` in turn, back to back: the least of
     `serving_repeats` runs."""
-    for _ in range(3):
+    for request in requests:
         backend.infer(request)  # warm up
     runs = [
-        _cpu_run(backend, pids, request, settings.serving_s, in_flight)
+        _cpu_run(backend, pids, requests, settings.serving_s, in_flight)
         for _ in range(settings.serving_repeats)
     ]
     return {role: min(run[role] for run in runs) for role in runs[0]}
 
 
 def _cpu_run(
-    backend: RoundRobinBackend, pids: dict[str, int], request: Request, seconds: float, in_flight: int
+    backend: RoundRobinBackend, pids: dict[str, int], requests: list[Request], seconds: float, in_flight: int
 ) -> dict[str, float]:
     from flexemr.bench.systems import cpu_seconds
 
@@ -279,7 +333,7 @@ def _cpu_run(
 
     def send(i: int) -> None:
         while time.perf_counter() < stop:
-            backend.infer(request)
+            backend.infer(requests[(counts[i] * in_flight + i) % len(requests)])
             counts[i] += 1
 
     before = {role: cpu_seconds(pid) for role, pid in pids.items()}
@@ -316,9 +370,13 @@ def measure_serving(
     with LocalDeployment(cluster, rankers=1) as deployment:
         backend = deployment.backend()
         pids = deployment.pids()
-        for batch, pooling, reach in settings.serving_points:
-            request = _serving_request(rng, plan, spec.num_dense, batch, pooling, reach)
-            cpu = _cpu_per_request(backend, pids, request, settings, 1)
+        for batch, pooling, reach, tables in settings.serving_points:
+            requests = [
+                _serving_request(rng, plan, spec.num_dense, batch, pooling, reach, tables)
+                for _ in range(settings.serving_requests)
+            ]
+            cpu = _cpu_per_request(backend, pids, requests, settings, 1)
+            request = requests[0]  # all of one shape
             keys = router.keys(request.indices, request.table_lengths().sum(axis=1))
             subrequests = {sub.server: sub for sub in router.route(keys, request.lengths)}
             sent = (
@@ -328,6 +386,7 @@ def measure_serving(
                 "batch": batch,
                 "pooling": pooling,
                 "servers": len(subrequests),
+                "pieces": float(sum(len(sub.key_pieces) for sub in subrequests.values())),
                 "bags": float(request.lengths.size),
                 "lookups": float(request.indices.size),
                 "client_s": cpu["client"],
@@ -347,17 +406,20 @@ def measure_serving(
                     spec.dim, sub.rows.size / sub.offsets.size, 0.0
                 )
             points.append(point)
-        request = _serving_request(rng, plan, spec.num_dense, *settings.contention_point)
+        requests = [
+            _serving_request(rng, plan, spec.num_dense, *settings.contention_point)
+            for _ in range(settings.serving_requests)
+        ]
         in_flight = settings.contention_in_flight
-        alone = _cpu_per_request(backend, pids, request, settings, 1)["ranker-0"]
-        crowd = _cpu_per_request(backend, pids, request, settings, in_flight)
+        alone = _cpu_per_request(backend, pids, requests, settings, 1)["ranker-0"]
+        crowd = _cpu_per_request(backend, pids, requests, settings, in_flight)
         backend.close()
     # Contention stretches the request path, not the dense model; with this many in flight the
     # ranker is the bottleneck, so its request path's CPU per wall second is all it can use.
-    dense_s = dense.call_s + request.batch_size * flops / dense.flops_per_s
+    dense_s = dense.call_s + requests[0].batch_size * flops / dense.flops_per_s
     crowded = crowd["ranker-0"]
     ranker = _fit(
-        [[1.0, p["servers"], p["bags"], p["lookups"]] for p in points],
+        [[1.0, p["servers"], p["pieces"], p["bags"], p["lookups"]] for p in points],
         [p["ranker_s"] - p["dense_s"] - p["ranker_wire_s"] for p in points],
         [p["ranker_s"] for p in points],
     )
@@ -371,8 +433,9 @@ def measure_serving(
     cost = ServingCost(
         ranker_request_s=float(ranker[0]),
         ranker_subrequest_s=float(ranker[1]),
-        ranker_bag_s=float(ranker[2]),
-        ranker_lookup_s=float(ranker[3]),
+        ranker_piece_s=float(ranker[2]),
+        ranker_bag_s=float(ranker[3]),
+        ranker_lookup_s=float(ranker[4]),
         ranker_contention=max(0.0, (crowded - alone) / max(alone - dense_s, 1e-9) / (1 - 1 / in_flight)),
         ranker_cores=min(1.0, max(crowded - dense_s, 0.0) / crowd["wall"]),
         server_subrequest_s=float(per_server[0]),

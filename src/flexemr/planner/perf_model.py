@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.planner.calibration import Calibration, ServingCost
+from flexemr.planner.calibration import Calibration, LookupCost, ServingCost
 from flexemr.planner.catalog import NodeType
 from flexemr.planner.inputs import ModelProfile, Traffic
 from flexemr.planner.placement import Placement
@@ -148,13 +148,16 @@ class QueryWork:
     samples: float
     scv: float
     lookup_s_per_table: np.ndarray
-    """One core's seconds per query for all of each table's bags."""
+    """One core's seconds per query for all of each table's bags, on the calibration's table size
+    (`lookup.size_factor` scales it to a server's)."""
+    lookup: LookupCost
     dense_cpu_s: float
     dense_flops: float
     index_bytes_per_table: np.ndarray
     raw_bytes_per_table: np.ndarray
     partial_bytes_per_table: float
     bags: float
+    tables: int
     lookups: float
     request_bytes: float
     """Client -> ranker: dense features, lengths and indices."""
@@ -176,21 +179,24 @@ class QueryWork:
             samples=s,
             scv=traffic.samples_cv**2 + 0.05,
             lookup_s_per_table=s * per_bag,
+            lookup=calibration.lookup,
             dense_cpu_s=calibration.dense.call_s + flops / calibration.dense.flops_per_s,
             dense_flops=flops,
             index_bytes_per_table=s * (bags + 1) * INDEX_BYTES,
             raw_bytes_per_table=s * bags * spec.dim * 4,
             partial_bytes_per_table=s * spec.dim * 4,
             bags=s * spec.num_tables,
+            tables=spec.num_tables,
             lookups=lookups,
             request_bytes=lookups * INDEX_BYTES + s * (spec.num_tables + spec.num_dense) * 4,
             serving=calibration.serving,
             byte_s=1 / calibration.network.stream_bytes_per_s,
         )
 
-    def handling_s(self, subrequests: float) -> float:
-        """The ranker's CPU seconds around the dense model for one query reaching `subrequests` servers."""
-        return self.serving.ranker_s(subrequests, self.bags, self.lookups)
+    def handling_s(self, subrequests: float, pieces: float) -> float:
+        """The ranker's CPU seconds around the dense model for one query reaching `subrequests`
+        servers with `pieces` (table, server) slices."""
+        return self.serving.ranker_s(subrequests, pieces, self.bags, self.lookups)
 
     def dense_s(self, node: NodeType, calibration: Calibration) -> float:
         if node.accelerator is None:
@@ -212,6 +218,8 @@ class StageResult:
     """Expected servers one query reaches."""
     bytes_to_servers: float = 0.0
     """Request bytes per query the ranker sends to all servers together."""
+    pieces: float = 0.0
+    """Expected (table, server) slices of one query."""
 
 
 def _split_vcpus(dep: Deployment, work: QueryWork, calibration: Calibration) -> tuple[int, int]:
@@ -230,7 +238,9 @@ def _split_vcpus(dep: Deployment, work: QueryWork, calibration: Calibration) -> 
     if cores < 2:
         return 1, 1
     lookups = float(work.lookup_s_per_table.sum())
-    share = lookups / (lookups + work.dense_s(node, calibration) + work.handling_s(dep.servers))
+    share = lookups / (
+        lookups + work.dense_s(node, calibration) + work.handling_s(dep.servers, work.tables * dep.servers)
+    )
     lookup_cores = min(cores - 1, max(1, round(cores * share)))
     return lookup_cores, cores - lookup_cores
 
@@ -247,20 +257,23 @@ class ServerDemand:
     out_bytes: np.ndarray
     touched: np.ndarray
     """Servers holding any of the traffic."""
+    pieces: float
+    """Expected (table, server) slices of one query: those its bags of a table reach on a server."""
 
     @classmethod
     def of(cls, dep: Deployment, work: QueryWork, model: ModelProfile, failures: int) -> ServerDemand:
         assert dep.placement is not None
         shares, touches = dep.placement.worst_load(model, failures)
         # A query of S samples misses a server only if none of its S bags per table lands there.
-        missed = np.prod((1 - np.minimum(touches, 1)) ** work.samples, axis=1)
-        reached = 1 - missed
+        table_missed = (1 - np.minimum(touches, 1)) ** work.samples
+        reached = 1 - np.prod(table_missed, axis=1)
         if dep.partial_pooling:
             out_bytes = touches.sum(axis=1) * work.partial_bytes_per_table
         else:
             out_bytes = shares @ work.raw_bytes_per_table
         in_bytes = shares @ work.index_bytes_per_table
-        kernels = (shares * work.lookup_s_per_table).sum(axis=1)
+        sizes = np.array([work.lookup.size_factor(b) for b in dep.placement.server_bytes(model)])
+        kernels = (shares * work.lookup_s_per_table).sum(axis=1) * sizes
         return cls(
             service_s=kernels
             + reached * work.serving.server_subrequest_s
@@ -269,6 +282,7 @@ class ServerDemand:
             in_bytes=in_bytes,
             out_bytes=out_bytes,
             touched=np.asarray((touches > 0).any(axis=1)),
+            pieces=float((1 - table_missed).sum()),
         )
 
 
@@ -279,7 +293,7 @@ def server_stage(
     node = dep.server_type
     if dep.placement is None:  # scale-up: the whole query's lookups on one node, no network
         alive = dep.rankers - (max(dep.server_failures, dep.ranker_failures) if degraded else 0)
-        service = float(work.lookup_s_per_table.sum())
+        service = float(work.lookup_s_per_table.sum()) * work.lookup.size_factor(model.embedding_bytes)
         p99 = mgc_quantile(qps / alive, service, cores, work.scv, QUANTILE)
         return StageResult(p99, alive * cores / service, "lookup vCPUs")  # fmt: skip
     demand = ServerDemand.of(dep, work, model, dep.server_failures if degraded else 0)
@@ -302,9 +316,10 @@ def server_stage(
         float(worst),
         capacities[bottleneck],
         bottleneck,
-        float(out_bytes.sum()),
-        float(demand.reached.sum()),
-        float(in_bytes.sum()),
+        bytes_to_ranker=float(out_bytes.sum()),
+        subrequests=float(demand.reached.sum()),
+        bytes_to_servers=float(in_bytes.sum()),
+        pieces=demand.pieces,
     )
 
 
@@ -312,7 +327,7 @@ def ranker_cpu_s(dep: Deployment, work: QueryWork, calibration: Calibration, ser
     """The ranker's CPU seconds per query besides the dense model: request handling, the bytes
     through its sockets, and pooling raw rows when the servers do not."""
     wire = work.request_bytes + servers.bytes_to_servers + servers.bytes_to_ranker
-    handling = work.handling_s(servers.subrequests) + wire * work.byte_s
+    handling = work.handling_s(servers.subrequests, servers.pieces) + wire * work.byte_s
     if not dep.partial_pooling and dep.placement is not None:
         handling += servers.bytes_to_ranker / 4 * calibration.lookup.element_s
     return handling
@@ -460,9 +475,10 @@ def _predict_shared(
         0.0,
         math.inf,
         "",
-        float(demand.out_bytes.sum()),
-        float(demand.reached.sum()),
-        float(demand.in_bytes.sum()),
+        bytes_to_ranker=float(demand.out_bytes.sum()),
+        subrequests=float(demand.reached.sum()),
+        bytes_to_servers=float(demand.in_bytes.sum()),
+        pieces=demand.pieces,
     )
     # A ranker's request path holds the interpreter lock (`ranker_cores` of a core at most) and
     # contention stretches it; the dense model (a few long torch calls) runs outside the lock.

@@ -104,7 +104,8 @@ def _server_options(
     lowest = max(
         copies,
         math.ceil(copies * model.embedding_bytes / memory),
-        math.ceil(qps * float(work.lookup_s_per_table.sum()) / cores) + k,
+        # Lookups at their cheapest (every table in the caches): a bound no placement beats.
+        math.ceil(qps * float(work.lookup_s_per_table.sum()) * work.lookup.size_factor(0) / cores) + k,
     )
     best_p99, stalled = math.inf, 0
     for n in range(lowest, min(lowest + WINDOW, MAX_NODES) + 1):
@@ -341,7 +342,10 @@ def scale_up(request: PlanRequest, catalog: Catalog, calibration: Calibration) -
     fits_anywhere = False
     for node in sorted(catalog.node_types, key=lambda n: n.price_per_hour):
         work = QueryWork.of(request.model, request.traffic, calibration)
-        per_query = float(work.lookup_s_per_table.sum()) + work.dense_s(node, calibration)
+        lookups = float(work.lookup_s_per_table.sum()) * work.lookup.size_factor(
+            request.model.embedding_bytes
+        )
+        per_query = lookups + work.dense_s(node, calibration)
         lowest = math.ceil(request.traffic.peak_qps * per_query / usable_vcpus(node)) + failures
         for count in range(max(lowest, 1 + failures), min(lowest + WINDOW, MAX_NODES) + 1):
             if best is not None and count * node.price_per_hour >= best.cost_per_hour:
