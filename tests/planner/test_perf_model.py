@@ -5,7 +5,9 @@ import math
 import pytest
 
 from flexemr.planner import Deployment, Traffic, default_calibration, place, predict
-from flexemr.planner.perf_model import erlang_c, mgc_quantile
+from flexemr.planner.calibration import LookupCost
+from flexemr.planner.perf_model import QueryWork, ServerDemand, erlang_c, mgc_quantile
+from flexemr.planner.placement import Strategy
 from tests.planner.helpers import small_catalog, small_model
 
 
@@ -45,3 +47,32 @@ def test_degraded_cluster_is_slower() -> None:
     dep = Deployment(ranker, 3, server, place(model, 4, 2, "table"), ranker_failures=1, server_failures=1)
     pred = predict(dep, model, Traffic(400, samples_per_query=32), cal)
     assert pred.max_qps_degraded < pred.max_qps
+
+
+def test_row_sharding_multiplies_the_table_slices_the_ranker_routes() -> None:
+    model, cal = small_model(), default_calibration()
+    server, ranker = small_catalog().get("r6i.2xlarge"), small_catalog().get("c6i.2xlarge")
+    tables = model.spec.num_tables
+    work = QueryWork.of(model, Traffic(100, samples_per_query=64), cal)
+
+    def pieces(strategy: Strategy) -> tuple[float, int]:
+        """Expected slices of a query, and the (table, server) pairs holding rows."""
+        placement = place(model, 4, 1, strategy)
+        dep = Deployment(ranker, 1, server, placement)
+        held = {(c.table, s) for c in placement.chunks for s in c.servers}
+        return ServerDemand.of(dep, work, model, 0).pieces, len(held)
+
+    (table_wise, table_pairs), (row_wise, row_pairs) = pieces("table"), pieces("row")
+    assert tables <= table_wise <= table_pairs < row_pairs == 4 * tables
+    # 64 samples: every bag of the pooled tables reaches every part; a table of 1-row bags
+    # may still miss one.
+    assert 3 * tables < row_wise <= row_pairs
+    assert work.handling_s(4, row_wise) > work.handling_s(4, table_wise)
+
+
+def test_lookups_cost_less_on_tables_that_fit_in_the_caches() -> None:
+    cost = LookupCost(table_bytes=512 * 2**20, small_table_bytes=4 * 2**20, size_exponent=0.4)
+    assert cost.size_factor(512 * 2**20) == 1.0
+    assert cost.size_factor(64 * 2**30) == 1.0  # beyond the measured table: DRAM-bound alike
+    assert cost.size_factor(1024) == cost.size_factor(4 * 2**20) == pytest.approx(2**-2.8)
+    assert cost.size_factor(8 * 2**20) < cost.size_factor(128 * 2**20) < 1.0

@@ -8,7 +8,7 @@ import time
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="calibration.json", help="where to write the calibration")
-    parser.add_argument("--quick", action="store_true", help="fewer, smaller measurements (~5 s)")
+    parser.add_argument("--quick", action="store_true", help="fewer, smaller measurements (~15 s)")
 
 
 def run(args: argparse.Namespace) -> int:

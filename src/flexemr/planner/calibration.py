@@ -95,10 +95,12 @@ class ServingCost:
     ranker_contention: float = 1.0
     """A ranker process serving n requests at once spends (1 + this x (1 - 1/n)) times the CPU
     on each one's request path (all but the dense model) that it spends on one alone: its threads
-    hand the interpreter lock back and forth."""
+    take turns and hand the interpreter lock back and forth (about 0.4 here since they take turns;
+    about 1 before)."""
     ranker_cores: float = 0.9
-    """Cores one ranker process's request path keeps busy when saturated: it holds the
-    interpreter lock, so at most one, less the lock's hand-offs (the dense model runs outside it)."""
+    """Cores one ranker process's request path keeps busy when saturated: it computes one request
+    at a time (its turn), so at most one, less the gaps of handing requests between threads and
+    processes (the dense model runs outside it). Shared cores, saturated, stay busy as much."""
     server_subrequest_s: float = 200e-6
     """Per subrequest on an embedding server: reading, checking and answering the frame."""
     server_lookup_s: float = 10e-9

@@ -2,14 +2,16 @@
 
 Four measurements, each fitted to the linear cost model of `flexemr.planner.calibration`:
 
-* lookups: `embedding_bag` (offsets form, sum) on one thread over a table bigger than the caches,
-  for a grid of dims x pooling factors x Zipf skews -> `LookupCost` (non-negative least squares);
+* lookups: `embedding_bag` (offsets form, sum) on one thread, in subrequest-sized calls on fresh
+  rows, for a grid of dims x pooling factors x Zipf skews, on a table bigger than the caches and on
+  one that fits in them -> `LookupCost` (non-negative least squares; cost ~ size^e between);
 * dense: `DenseArch` forward on one thread for several batch sizes and two model shapes ->
   `DenseCost` (seconds per call = call_s + B * flops / flops_per_s);
 * network: ping-pong of small messages and one bulk stream over loopback TCP -> `NetworkCost`;
 * serving: a local cluster (2 embedding servers, 1 ranker process, this process as the client)
-  answers requests of several shapes one at a time; the CPU time each process spends per request,
-  less the kernels above, is fitted per role -> `ServingCost`.
+  answers distinct requests of several shapes (samples, pooling, servers and tables reached) one
+  at a time; the CPU time each process spends per request, less the kernels above, is fitted per
+  role -> `ServingCost`.
 """
 
 from __future__ import annotations

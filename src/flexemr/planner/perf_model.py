@@ -19,11 +19,12 @@ shares its cores with the dense model; on a GPU ranker it runs on the vCPUs.
 
 Shared cores (`Deployment.shared_cores`, the validation case): every process, the load generator
 included, runs on one host. Capacity is then the least of: the cores over the whole CPU demand of
-a query; each ranker process's request path, which holds the interpreter lock (at most
-`ServingCost.ranker_cores` of a core, stretched by contention when requests overlap; the dense
-model runs outside the lock); and the load generator and each server as one core each. The p99
-is that of the tighter queue: the whole query on the cores (M/G/c), or its ranker's request path
-(M/G/1) plus the rest of the path.
+a query, busy `ServingCost.ranker_cores` of the time when saturated (hand-offs between processes
+leave gaps, as on the ranker's path); each ranker process's request path, which computes one
+request at a time (its turn, `flexemr.ranker.turns`; at most `ranker_cores` of a core, stretched
+by contention when requests overlap; the dense model runs outside it); and the load generator and
+each server as one core each. The p99 is that of the tighter queue: the whole query on the cores
+(M/G/c), or its ranker's request path (M/G/1) plus the rest of the path; infinite at capacity.
 
 Availability: the degraded case takes the `server_failures` servers whose loss loads a survivor
 most (their chunks' traffic moves to the other copies) and `ranker_failures` rankers away; a plan
@@ -498,7 +499,10 @@ def _predict_shared(
     total = client + ranker + lookups
     wire = work.request_bytes + float(demand.in_bytes.sum() + demand.out_bytes.sum())
     capacities = {
-        "shared cores": dep.shared_cores / total,
+        # A saturated resource of this closed loop stays busy only part of the time: requests
+        # handed between threads and processes leave gaps. The calibration measures that share
+        # on the ranker's request path (`ranker_cores`); the cores fare the same.
+        "shared cores": dep.shared_cores * serving.ranker_cores / total,
         "ranker processes": ranker_capacity,
         "load generator": PROCESS_CORES / client,
         "embedding-server processes": PROCESS_CORES / max(float(demand.service_s.max()), 1e-30),
@@ -516,7 +520,7 @@ def _predict_shared(
     path = mgc_quantile(qps / dep.rankers / cores, handling, 1, scv, QUANTILE, SHARED_WAIT_SCV)
     in_ranker = path + dense + rest
     hops = 2 * calibration.network.rtt_s
-    p99 = hops + max(on_cores, in_ranker)
+    p99 = hops + max(on_cores, in_ranker) if qps < capacities[bottleneck] else math.inf
     return Prediction(
         qps=qps,
         p99_ms=1e3 * p99,
