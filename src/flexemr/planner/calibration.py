@@ -95,8 +95,7 @@ class ServingCost:
     ranker_contention: float = 1.0
     """A ranker process serving n requests at once spends (1 + this x (1 - 1/n)) times the CPU
     on each one's request path (all but the dense model) that it spends on one alone: its threads
-    take turns and hand the interpreter lock back and forth (about 0.4 here since they take turns;
-    about 1 before)."""
+    take turns and still hand the interpreter lock back and forth (about 0.4 on a 2-core VM)."""
     ranker_cores: float = 0.9
     """Cores one ranker process's request path keeps busy when saturated: it computes one request
     at a time (its turn), so at most one, less the gaps of handing requests between threads and
