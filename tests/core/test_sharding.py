@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from flexemr.model.presets import preset
-from flexemr.sharding.plan import Shard, ShardingPlan, make_plan, row_wise, table_wise
+from flexemr.sharding.plan import Shard, ShardingPlan, make_plan, row_wise, table_wise, with_local_offsets
 from flexemr.sharding.router import RangeRouter
 
 
@@ -46,7 +46,15 @@ def test_plan_rejects_gaps_and_overlaps() -> None:
         ShardingPlan(2, (10,), 4, (Shard(0, 0, 10, 0), Shard(0, 5, 10, 1)))
 
 
-@pytest.mark.parametrize("split", [row_wise, table_wise])
+def mixed(table_rows: tuple[int, ...], dim: int, num_servers: int) -> ShardingPlan:
+    """Table 0 split over two servers, the others whole, round robin (both routing paths)."""
+    half = table_rows[0] // 2
+    shards = [Shard(0, 0, half, 0), Shard(0, half, table_rows[0], 1)]
+    shards += [Shard(t, 0, rows, t % num_servers) for t, rows in enumerate(table_rows) if t > 0]
+    return ShardingPlan(num_servers, table_rows, dim, with_local_offsets(shards))
+
+
+@pytest.mark.parametrize("split", [row_wise, table_wise, mixed])
 def test_router_sends_every_index_to_the_server_holding_it(split: Callable[..., ShardingPlan]) -> None:
     spec = preset("tiny")
     plan = split(spec.table_rows, spec.dim, 3)

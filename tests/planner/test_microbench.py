@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from flexemr.config import ModelSource
 from flexemr.planner.microbench import BenchSettings, _serving_request, measure_lookups
+from flexemr.planner.placement import Strategy
 from flexemr.sharding.plan import make_plan
 from flexemr.sharding.router import RangeRouter
 
 
-def test_serving_requests_reach_only_the_servers_and_tables_asked_for() -> None:
+@pytest.mark.parametrize("strategy", ["row", "table"])
+def test_serving_requests_reach_only_the_servers_and_tables_asked_for(strategy: Strategy) -> None:
     spec = ModelSource(preset="rmc1", row_scale=0.005).spec()
-    plan = make_plan("row", spec.table_rows, spec.dim, 2)
+    plan = make_plan(strategy, spec.table_rows, spec.dim, 2)
     router = RangeRouter(plan)
     request = _serving_request(np.random.default_rng(0), plan, spec.num_dense, 16, 4, 1, 3)
     per_table = request.table_lengths().sum(axis=1)
-    assert per_table[:3].tolist() == [16 * 4] * 3 and not per_table[3:].any()
+    held = sorted({s.table for s in plan.shards if s.server == 0})
+    assert np.flatnonzero(per_table).tolist() == held[:3] and set(per_table[held[:3]]) == {16 * 4}
     keys = router.keys(request.indices, per_table)
-    subrequests = list(router.route(keys, request.lengths))
-    assert [sub.server for sub in subrequests] == [0]
-    assert len(subrequests[0].key_pieces) == 3  # one slice per table with indices
+    assert [sub.server for sub in router.route(keys, request.lengths)] == [0]
+    with pytest.raises(ValueError, match="fewer than"):
+        _serving_request(np.random.default_rng(0), plan, spec.num_dense, 1, 1, 1, len(held) + 1)
 
 
 def test_lookups_are_dearer_on_the_big_table_than_on_the_small_one() -> None:

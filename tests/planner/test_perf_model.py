@@ -6,8 +6,7 @@ import pytest
 
 from flexemr.planner import Deployment, Traffic, default_calibration, place, predict
 from flexemr.planner.calibration import LookupCost
-from flexemr.planner.perf_model import QueryWork, ServerDemand, erlang_c, mgc_quantile
-from flexemr.planner.placement import Strategy
+from flexemr.planner.perf_model import QueryWork, erlang_c, mgc_quantile
 from tests.planner.helpers import small_catalog, small_model
 
 
@@ -49,25 +48,18 @@ def test_degraded_cluster_is_slower() -> None:
     assert pred.max_qps_degraded < pred.max_qps
 
 
-def test_row_sharding_multiplies_the_table_slices_the_ranker_routes() -> None:
-    model, cal = small_model(), default_calibration()
-    server, ranker = small_catalog().get("r6i.2xlarge"), small_catalog().get("c6i.2xlarge")
-    tables = model.spec.num_tables
+def test_the_ranker_routes_whole_tables_per_table_and_split_ones_per_key() -> None:
+    cal = default_calibration()
+    model = small_model(rows=(50_000,) * 8)
     work = QueryWork.of(model, Traffic(100, samples_per_query=64), cal)
-
-    def pieces(strategy: Strategy) -> tuple[float, int]:
-        """Expected slices of a query, and the (table, server) pairs holding rows."""
-        placement = place(model, 4, 1, strategy)
-        dep = Deployment(ranker, 1, server, placement)
-        held = {(c.table, s) for c in placement.chunks for s in c.servers}
-        return ServerDemand.of(dep, work, model, 0).pieces, len(held)
-
-    (table_wise, table_pairs), (row_wise, row_pairs) = pieces("table"), pieces("row")
-    assert tables <= table_wise <= table_pairs < row_pairs == 4 * tables
-    # 64 samples: every bag of the pooled tables reaches every part; a table of 1-row bags
-    # may still miss one.
-    assert 3 * tables < row_wise <= row_pairs
-    assert work.handling_s(4, row_wise) > work.handling_s(4, table_wise)
+    assert not place(model, 4, 1, "table").splits_tables
+    assert place(model, 4, 1, "row").splits_tables
+    assert place(model, 1, 1, "row").splits_tables is False  # one server holds every table whole
+    assert place(small_model(), 4, 1, "table").splits_tables  # its biggest table is cut
+    serving = cal.serving
+    assert work.handling_s(4, True) - work.handling_s(4, False) == pytest.approx(
+        work.lookups * serving.ranker_routed_key_s - model.spec.num_tables * serving.ranker_table_s
+    )
 
 
 def test_lookups_cost_less_on_tables_that_fit_in_the_caches() -> None:

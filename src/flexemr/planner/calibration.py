@@ -85,9 +85,11 @@ class ServingCost:
     """Per request on the ranker: the HTTP server, parsing, the response, thread hand-offs."""
     ranker_subrequest_s: float = 200e-6
     """Per embedding server a request reaches: cutting, framing and collecting its subrequest."""
-    ranker_piece_s: float = 15e-6
-    """Per (table, server) slice of a request: the router's numpy calls on each table's keys for
-    each server holding some of them (row-wise sharding over m servers makes m per table)."""
+    ranker_table_s: float = 5e-6
+    """Per table where every table is held whole by one server: the router sends its keys as one
+    slice (a few numpy calls)."""
+    ranker_routed_key_s: float = 10e-9
+    """Per index where some table is split over servers: the router finds every key's shard."""
     ranker_bag_s: float = 300e-9
     """Per bag (sample x table): lengths, validation, gathering partial sums."""
     ranker_lookup_s: float = 45e-9
@@ -109,11 +111,13 @@ class ServingCost:
     client_lookup_s: float = 7e-9
     """Per index in the load generator: building and encoding the request."""
 
-    def ranker_s(self, subrequests: float, pieces: float, bags: float, lookups: float) -> float:
+    def ranker_s(self, subrequests: float, tables: float, split: bool, bags: float, lookups: float) -> float:
+        """A request of `bags` bags and `lookups` indices in `tables` tables reaching `subrequests`
+        servers; `split`: some table of the plan is split over servers."""
         return (
             self.ranker_request_s
             + subrequests * self.ranker_subrequest_s
-            + pieces * self.ranker_piece_s
+            + (lookups * self.ranker_routed_key_s if split else tables * self.ranker_table_s)
             + bags * self.ranker_bag_s
             + lookups * self.ranker_lookup_s
         )

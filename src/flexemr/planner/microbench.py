@@ -36,12 +36,13 @@ from flexemr.model.spec import ModelSpec
 from flexemr.planner.calibration import Calibration, DenseCost, LookupCost, NetworkCost, ServingCost
 from flexemr.planner.inputs import ModelProfile
 from flexemr.planner.perf_model import INDEX_BYTES
+from flexemr.planner.placement import Strategy
 from flexemr.sharding.plan import ShardingPlan, make_plan
 from flexemr.sharding.router import RangeRouter
 from flexemr.workload.request import Request
 
 if TYPE_CHECKING:
-    from flexemr.bench.multi_ranker import RoundRobinBackend
+    from flexemr.bench.multi_ranker import LocalDeployment, RoundRobinBackend
 
 
 @dataclass(frozen=True)
@@ -66,11 +67,15 @@ class BenchSettings:
     pings: int = 2000
     stream_mib: int = 64
     serving_points: tuple[tuple[int, int, int, int], ...] = (
-        (1, 1, 1, 8), (1, 1, 2, 8), (1, 1, 1, 2), (1, 1, 2, 2), (256, 1, 1, 8), (256, 1, 2, 8),
-        (32, 32, 1, 8), (32, 32, 2, 8), (64, 128, 2, 8), (256, 8, 2, 8), (64, 8, 2, 2),
+        (1, 1, 1, 8), (1, 1, 2, 8), (1, 1, 2, 2), (256, 1, 1, 8), (256, 1, 2, 8),
+        (32, 32, 1, 8), (32, 32, 2, 8), (64, 128, 2, 8), (256, 8, 2, 8),
     )  # fmt: skip
     """(samples, indices per bag, servers reached, tables with indices) of the requests the serving
-    fit uses (the model has 8 tables: 2 to 65,536 indices per request; 2 to 16 table slices)."""
+    fit uses on a row-wise plan (the model has 8 tables: 2 to 65,536 indices per request)."""
+    table_serving_points: tuple[tuple[int, int, int, int], ...] = (
+        (1, 1, 1, 4), (1, 1, 2, 8), (1, 1, 1, 1), (32, 32, 2, 8), (64, 8, 2, 2), (256, 1, 1, 4),
+    )  # fmt: skip
+    """The same on a table-wise plan (4 tables per server), where the router sends tables whole."""
     serving_s: float = 1.5
     """Seconds of requests per serving point (CPU time is read in 10 ms ticks)."""
     serving_repeats: int = 2
@@ -93,15 +98,8 @@ class BenchSettings:
             repeats=3,
             pings=300,
             stream_mib=16,
-            serving_points=(
-                (1, 1, 1, 8),
-                (1, 1, 2, 8),
-                (1, 1, 2, 2),
-                (256, 1, 2, 8),
-                (32, 32, 1, 8),
-                (32, 32, 2, 8),
-                (64, 128, 2, 8),
-            ),
+            serving_points=((1, 1, 1, 8), (1, 1, 2, 8), (256, 1, 2, 8), (32, 32, 1, 8), (64, 128, 2, 8)),
+            table_serving_points=((1, 1, 1, 4), (1, 1, 2, 8), (32, 32, 2, 8), (64, 8, 1, 1)),
             serving_s=0.6,
         )
 
@@ -284,19 +282,22 @@ def _serving_request(
     tables: int,
 ) -> Request:
     """`batch` samples whose bags of `pooling` uniform rows fall on servers 0..reach-1 only, in the
-    first `tables` tables (the others' bags are empty)."""
+    first `tables` tables with rows there (the others' bags are empty)."""
+    held = sorted({s.table for s in plan.shards if s.server < reach})[:tables]
+    if len(held) < tables:
+        raise ValueError(f"servers 0..{reach - 1} hold {len(held)} tables, fewer than {tables}")
     indices = []
-    for table in range(tables):
+    for table in held:
         ranges = [(s.row_start, s.row_end) for s in plan.shards if s.table == table and s.server < reach]
         sizes = np.array([end - start for start, end in ranges])
         offset = rng.integers(0, sizes.sum(), batch * pooling)
         which = np.searchsorted(np.cumsum(sizes), offset, side="right")
         starts = np.array([start for start, _ in ranges])
         indices.append(starts[which] + offset - (np.cumsum(sizes) - sizes)[which])
-    lengths = np.zeros(len(plan.table_rows) * batch, dtype=np.int32)
-    lengths[: tables * batch] = pooling
+    lengths = np.zeros((len(plan.table_rows), batch), dtype=np.int32)
+    lengths[held] = pooling
     dense = rng.standard_normal((batch, num_dense), dtype=np.float32)
-    return Request(dense, np.concatenate(indices).astype(np.int64), lengths)
+    return Request(dense, np.concatenate(indices).astype(np.int64), lengths.reshape(-1))
 
 
 def _fit(design: list[list[float]], target: list[float], measured: list[float]) -> np.ndarray:
@@ -353,75 +354,115 @@ def _cpu_run(
     }
 
 
+def _serving_points(
+    deployment: LocalDeployment,
+    plan: ShardingPlan,
+    shapes: tuple[tuple[int, int, int, int], ...],
+    settings: BenchSettings,
+    lookup: LookupCost,
+    byte_s: float,
+    dense_s: Callable[[int], float],
+    rng: np.random.Generator,
+) -> list[dict[str, float]]:
+    """CPU seconds per request of each process of `deployment` for requests of each shape, and
+    what the fit takes as known: the bytes through the sockets (`byte_s` each end), the lookup
+    kernels and the dense model (`dense_s` of the batch size)."""
+    spec = _SERVING_MODEL.spec()
+    router = RangeRouter(plan)
+    backend, pids = deployment.backend(), deployment.pids()
+    points = []
+    for batch, pooling, reach, tables in shapes:
+        requests = [
+            _serving_request(rng, plan, spec.num_dense, batch, pooling, reach, tables)
+            for _ in range(settings.serving_requests)
+        ]
+        cpu = _cpu_per_request(backend, pids, requests, settings, 1)
+        request = requests[0]  # all of one shape
+        keys = router.keys(request.indices, request.table_lengths().sum(axis=1))
+        subrequests = {sub.server: sub for sub in router.route(keys, request.lengths)}
+        sent = (request.indices.size * INDEX_BYTES + (request.lengths.size + request.dense.size) * 4) * byte_s
+        point = {
+            "batch": batch,
+            "pooling": pooling,
+            "servers": len(subrequests),
+            "tables": tables,
+            "split": float(plan.strategy == "row"),
+            "bags": float(request.lengths.size),
+            "lookups": float(request.indices.size),
+            "client_s": cpu["client"],
+            "client_wire_s": sent,
+            "ranker_s": cpu["ranker-0"],
+            "ranker_wire_s": sent,
+            "dense_s": dense_s(batch),
+        }
+        for server, sub in subrequests.items():
+            wire = (
+                (sub.rows.size + sub.offsets.size) * INDEX_BYTES + sub.offsets.size * spec.dim * 4
+            ) * byte_s
+            point["ranker_wire_s"] += wire
+            point[f"server{server}_s"] = cpu[f"server-{server}"]
+            point[f"server{server}_lookups"] = float(sub.rows.size)
+            kernel = lookup.seconds_per_bag(spec.dim, sub.rows.size / sub.offsets.size, 0.0)
+            kernel *= lookup.size_factor(plan.server_bytes()[server])
+            point[f"server{server}_known_s"] = wire + sub.offsets.size * kernel
+        points.append(point)
+    backend.close()
+    return points
+
+
 def measure_serving(
     settings: BenchSettings, lookup: LookupCost, dense: DenseCost, network: NetworkCost
 ) -> tuple[ServingCost, dict[str, Any]]:
     """Per role, the CPU time left after the kernels, the dense model and the socket bytes (each
     end of a connection at the loopback stream's rate) are taken away, fitted to the request's
-    shape; plus the ranker's contention from one point repeated with several requests in flight."""
+    shape, on a row-wise and a table-wise cluster (the router works differently on each); plus
+    the ranker's contention from one point repeated with several requests in flight."""
     from flexemr.bench.multi_ranker import LocalDeployment
 
     spec = _SERVING_MODEL.spec()
-    plan = make_plan("row", spec.table_rows, spec.dim, 2)
-    cluster = ClusterSpec(_SERVING_MODEL, plan, (Endpoint(), Endpoint()), RankerConfig(port=0))
-    router = RangeRouter(plan)
     flops = ModelProfile(spec).dense_flops_per_sample
+
+    def dense_s(batch: int) -> float:
+        return dense.call_s + batch * flops / dense.flops_per_s
+
     rng = np.random.default_rng(0)
     byte_s = 1 / network.stream_bytes_per_s
     points: list[dict[str, float]] = []
-    with LocalDeployment(cluster, rankers=1) as deployment:
-        backend = deployment.backend()
-        pids = deployment.pids()
-        for batch, pooling, reach, tables in settings.serving_points:
-            requests = [
-                _serving_request(rng, plan, spec.num_dense, batch, pooling, reach, tables)
-                for _ in range(settings.serving_requests)
-            ]
-            cpu = _cpu_per_request(backend, pids, requests, settings, 1)
-            request = requests[0]  # all of one shape
-            keys = router.keys(request.indices, request.table_lengths().sum(axis=1))
-            subrequests = {sub.server: sub for sub in router.route(keys, request.lengths)}
-            sent = (
-                request.indices.size * INDEX_BYTES + (request.lengths.size + request.dense.size) * 4
-            ) * byte_s
-            point = {
-                "batch": batch,
-                "pooling": pooling,
-                "servers": len(subrequests),
-                "pieces": float(sum(len(sub.key_pieces) for sub in subrequests.values())),
-                "bags": float(request.lengths.size),
-                "lookups": float(request.indices.size),
-                "client_s": cpu["client"],
-                "client_wire_s": sent,
-                "ranker_s": cpu["ranker-0"],
-                "ranker_wire_s": sent,
-                "dense_s": dense.call_s + batch * flops / dense.flops_per_s,
-            }
-            for server, sub in subrequests.items():
-                wire = (
-                    (sub.rows.size + sub.offsets.size) * INDEX_BYTES + sub.offsets.size * spec.dim * 4
-                ) * byte_s
-                point["ranker_wire_s"] += wire
-                point[f"server{server}_s"] = cpu[f"server-{server}"]
-                point[f"server{server}_lookups"] = float(sub.rows.size)
-                point[f"server{server}_known_s"] = wire + sub.offsets.size * lookup.seconds_per_bag(
-                    spec.dim, sub.rows.size / sub.offsets.size, 0.0
-                )
-            points.append(point)
-        requests = [
-            _serving_request(rng, plan, spec.num_dense, *settings.contention_point)
-            for _ in range(settings.serving_requests)
-        ]
-        in_flight = settings.contention_in_flight
-        alone = _cpu_per_request(backend, pids, requests, settings, 1)["ranker-0"]
-        crowd = _cpu_per_request(backend, pids, requests, settings, in_flight)
-        backend.close()
+    plans: tuple[tuple[Strategy, tuple[tuple[int, int, int, int], ...]], ...] = (
+        ("table", settings.table_serving_points),
+        ("row", settings.serving_points),
+    )
+    for strategy, shapes in plans:
+        plan = make_plan(strategy, spec.table_rows, spec.dim, 2)
+        cluster = ClusterSpec(_SERVING_MODEL, plan, (Endpoint(), Endpoint()), RankerConfig(port=0))
+        with LocalDeployment(cluster, rankers=1) as deployment:
+            points += _serving_points(deployment, plan, shapes, settings, lookup, byte_s, dense_s, rng)
+            if strategy == "row":  # the contention point, on the cluster still up
+                requests = [
+                    _serving_request(rng, plan, spec.num_dense, *settings.contention_point)
+                    for _ in range(settings.serving_requests)
+                ]
+                backend, pids = deployment.backend(), deployment.pids()
+                in_flight = settings.contention_in_flight
+                alone = _cpu_per_request(backend, pids, requests, settings, 1)["ranker-0"]
+                crowd = _cpu_per_request(backend, pids, requests, settings, in_flight)
+                backend.close()
     # Contention stretches the request path, not the dense model; with this many in flight the
     # ranker is the bottleneck, so its request path's CPU per wall second is all it can use.
-    dense_s = dense.call_s + requests[0].batch_size * flops / dense.flops_per_s
+    contention_dense = dense_s(settings.contention_point[0])
     crowded = crowd["ranker-0"]
     ranker = _fit(
-        [[1.0, p["servers"], p["pieces"], p["bags"], p["lookups"]] for p in points],
+        [
+            [
+                1.0,
+                p["servers"],
+                p["tables"] * (1 - p["split"]),
+                p["lookups"] * p["split"],
+                p["bags"],
+                p["lookups"],
+            ]
+            for p in points
+        ],
         [p["ranker_s"] - p["dense_s"] - p["ranker_wire_s"] for p in points],
         [p["ranker_s"] for p in points],
     )
@@ -435,11 +476,14 @@ def measure_serving(
     cost = ServingCost(
         ranker_request_s=float(ranker[0]),
         ranker_subrequest_s=float(ranker[1]),
-        ranker_piece_s=float(ranker[2]),
-        ranker_bag_s=float(ranker[3]),
-        ranker_lookup_s=float(ranker[4]),
-        ranker_contention=max(0.0, (crowded - alone) / max(alone - dense_s, 1e-9) / (1 - 1 / in_flight)),
-        ranker_cores=min(1.0, max(crowded - dense_s, 0.0) / crowd["wall"]),
+        ranker_table_s=float(ranker[2]),
+        ranker_routed_key_s=float(ranker[3]),
+        ranker_bag_s=float(ranker[4]),
+        ranker_lookup_s=float(ranker[5]),
+        ranker_contention=max(
+            0.0, (crowded - alone) / max(alone - contention_dense, 1e-9) / (1 - 1 / in_flight)
+        ),
+        ranker_cores=min(1.0, max(crowded - contention_dense, 0.0) / crowd["wall"]),
         server_subrequest_s=float(per_server[0]),
         server_lookup_s=float(per_server[1]),
         client_request_s=float(client[0]),

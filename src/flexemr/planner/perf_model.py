@@ -194,10 +194,10 @@ class QueryWork:
             byte_s=1 / calibration.network.stream_bytes_per_s,
         )
 
-    def handling_s(self, subrequests: float, pieces: float) -> float:
+    def handling_s(self, subrequests: float, split: bool) -> float:
         """The ranker's CPU seconds around the dense model for one query reaching `subrequests`
-        servers with `pieces` (table, server) slices."""
-        return self.serving.ranker_s(subrequests, pieces, self.bags, self.lookups)
+        servers; `split`: the placement splits some table over servers."""
+        return self.serving.ranker_s(subrequests, self.tables, split, self.bags, self.lookups)
 
     def dense_s(self, node: NodeType, calibration: Calibration) -> float:
         if node.accelerator is None:
@@ -219,8 +219,8 @@ class StageResult:
     """Expected servers one query reaches."""
     bytes_to_servers: float = 0.0
     """Request bytes per query the ranker sends to all servers together."""
-    pieces: float = 0.0
-    """Expected (table, server) slices of one query."""
+    split_tables: bool = False
+    """The placement splits some table over servers (the router looks up every key's shard)."""
 
 
 def _split_vcpus(dep: Deployment, work: QueryWork, calibration: Calibration) -> tuple[int, int]:
@@ -240,7 +240,7 @@ def _split_vcpus(dep: Deployment, work: QueryWork, calibration: Calibration) -> 
         return 1, 1
     lookups = float(work.lookup_s_per_table.sum())
     share = lookups / (
-        lookups + work.dense_s(node, calibration) + work.handling_s(dep.servers, work.tables * dep.servers)
+        lookups + work.dense_s(node, calibration) + work.handling_s(dep.servers, dep.servers > 1)
     )
     lookup_cores = min(cores - 1, max(1, round(cores * share)))
     return lookup_cores, cores - lookup_cores
@@ -258,16 +258,14 @@ class ServerDemand:
     out_bytes: np.ndarray
     touched: np.ndarray
     """Servers holding any of the traffic."""
-    pieces: float
-    """Expected (table, server) slices of one query: those its bags of a table reach on a server."""
 
     @classmethod
     def of(cls, dep: Deployment, work: QueryWork, model: ModelProfile, failures: int) -> ServerDemand:
         assert dep.placement is not None
         shares, touches = dep.placement.worst_load(model, failures)
         # A query of S samples misses a server only if none of its S bags per table lands there.
-        table_missed = (1 - np.minimum(touches, 1)) ** work.samples
-        reached = 1 - np.prod(table_missed, axis=1)
+        missed = np.prod((1 - np.minimum(touches, 1)) ** work.samples, axis=1)
+        reached = 1 - missed
         if dep.partial_pooling:
             out_bytes = touches.sum(axis=1) * work.partial_bytes_per_table
         else:
@@ -283,7 +281,6 @@ class ServerDemand:
             in_bytes=in_bytes,
             out_bytes=out_bytes,
             touched=np.asarray((touches > 0).any(axis=1)),
-            pieces=float((1 - table_missed).sum()),
         )
 
 
@@ -320,7 +317,7 @@ def server_stage(
         bytes_to_ranker=float(out_bytes.sum()),
         subrequests=float(demand.reached.sum()),
         bytes_to_servers=float(in_bytes.sum()),
-        pieces=demand.pieces,
+        split_tables=dep.placement.splits_tables,
     )
 
 
@@ -328,7 +325,7 @@ def ranker_cpu_s(dep: Deployment, work: QueryWork, calibration: Calibration, ser
     """The ranker's CPU seconds per query besides the dense model: request handling, the bytes
     through its sockets, and pooling raw rows when the servers do not."""
     wire = work.request_bytes + servers.bytes_to_servers + servers.bytes_to_ranker
-    handling = work.handling_s(servers.subrequests, servers.pieces) + wire * work.byte_s
+    handling = work.handling_s(servers.subrequests, servers.split_tables) + wire * work.byte_s
     if not dep.partial_pooling and dep.placement is not None:
         handling += servers.bytes_to_ranker / 4 * calibration.lookup.element_s
     return handling
@@ -471,6 +468,7 @@ def _predict_shared(
     dep: Deployment, model: ModelProfile, work: QueryWork, calibration: Calibration, qps: float
 ) -> Prediction:
     """Every process on one host's `shared_cores` cores (see the module docstring)."""
+    assert dep.placement is not None  # Deployment checks it
     demand = ServerDemand.of(dep, work, model, 0)
     servers = StageResult(
         0.0,
@@ -479,7 +477,7 @@ def _predict_shared(
         bytes_to_ranker=float(demand.out_bytes.sum()),
         subrequests=float(demand.reached.sum()),
         bytes_to_servers=float(demand.in_bytes.sum()),
-        pieces=demand.pieces,
+        split_tables=dep.placement.splits_tables,
     )
     # A ranker's request path holds the interpreter lock (`ranker_cores` of a core at most) and
     # contention stretches it; the dense model (a few long torch calls) runs outside the lock.

@@ -56,6 +56,15 @@ class Placement:
         return self._server_rows
 
     @functools.cached_property
+    def splits_tables(self) -> bool:
+        """Whether some table's rows lie on more than one server: the router then finds every
+        key's shard instead of sending each table's keys whole."""
+        servers: dict[int, set[int]] = {}
+        for c in self.chunks:
+            servers.setdefault(c.table, set()).update(c.servers)
+        return any(len(held) > 1 for held in servers.values())
+
+    @functools.cached_property
     def _server_rows(self) -> np.ndarray:
         # Cached: the search asks for every placement's memory once per ranker type it tries.
         rows = np.zeros(self.num_servers, dtype=np.int64)

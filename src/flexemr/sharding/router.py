@@ -25,8 +25,8 @@ MAX_BUCKETS = 2**20
 MAX_STARTS_PER_BUCKET = 4
 
 _Piece = tuple[np.ndarray, np.ndarray | np.int64, np.ndarray, np.ndarray]
-"""Part of one table's keys for one server: (global keys, shift to local rows, the bag id of each
-bag, where each bag starts in the keys)."""
+"""Keys for one server (a whole table's, or all of a batch's it holds): (global keys, shift to
+local rows, one or one per key, the bag id of each bag, where each bag starts in the keys)."""
 
 
 @dataclass(frozen=True)
@@ -72,9 +72,10 @@ class RangeRouter:
         self._next_start = np.append(self._starts[1:], np.iinfo(np.int64).max)
         self._table_edges = np.append(self.table_base, sum(plan.table_rows))
         # A table held whole by one server needs no per-key work: its keys go there as a slice.
-        self._table_servers = [
+        self._table_server = [
             sorted({s.server for s in shards if s.table == t}) for t in range(len(plan.table_rows))
         ]
+        self._any_split = any(len(servers) > 1 for servers in self._table_server)
         self._whole_shift = np.zeros(len(plan.table_rows), dtype=np.int64)
         for shard, shift in zip(shards, self._shift, strict=True):
             self._whole_shift[shard.table] = shift  # used only where the table has one shard
@@ -121,7 +122,12 @@ class RangeRouter:
         """Split a batch of bags, KJT style (`keys` grouped by table in table order, bag b being
         the next `lengths[b]` keys, no bag spanning two tables), into one subrequest per server
         that holds any of its rows, its bags (ids b) in batch order. Servers with nothing to do
-        get no subrequest. A table held whole by one server costs O(bags), not O(keys)."""
+        get no subrequest. Where every table is held whole by one server, a table costs O(bags)
+        (its keys go as one slice); once any is split, every key's shard is found at once, a pass
+        over the keys per server instead of numpy calls per (table, server) slice."""
+        if self._any_split:
+            yield from self._route_keys(keys, lengths)
+            return
         offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
         # Keys of table t all lie in [table_base[t], table_base[t+1]), so "key >= table_base[t]"
@@ -133,26 +139,25 @@ class RangeRouter:
         parts: list[list[_Piece]] = [[] for _ in self._index_dtype]
         for t in np.flatnonzero(edges[1:] > edges[:-1]):
             start, end = edges[t], edges[t + 1]
-            table_keys, bags = keys[start:end], np.arange(bag_edges[t], bag_edges[t + 1])
-            servers = self._table_servers[t]
-            if len(servers) == 1:
-                bags = bags[lengths[bags] > 0]
-                parts[servers[0]].append((table_keys, self._whole_shift[t], bags, offsets[bags] - start))
-                continue
-            key_bags = np.repeat(bags, lengths[bags])
-            shard = self.shards(table_keys)
-            server = self._server[shard]
-            for s in servers:
-                picked = np.flatnonzero(server == s)
-                if picked.size:
-                    picked_bags = key_bags[picked]
-                    first = np.flatnonzero(np.concatenate([[True], picked_bags[1:] != picked_bags[:-1]]))
-                    parts[s].append(
-                        (table_keys[picked], self._shift[shard[picked]], picked_bags[first], first)
-                    )
+            bags = np.arange(bag_edges[t], bag_edges[t + 1])
+            bags = bags[lengths[bags] > 0]
+            parts[self._table_server[t][0]].append(
+                (keys[start:end], self._whole_shift[t], bags, offsets[bags] - start)
+            )
         for s, pieces in enumerate(parts):
             if pieces:
                 yield self._subrequest(s, pieces)
+
+    def _route_keys(self, keys: np.ndarray, lengths: np.ndarray) -> Iterator[Subrequest]:
+        shard = self.shards(keys)
+        server = self._server[shard]
+        key_bags = np.repeat(np.arange(lengths.size), lengths)
+        for s in range(len(self._index_dtype)):
+            picked = np.flatnonzero(server == s)
+            if picked.size:
+                bags = key_bags[picked]
+                starts = np.flatnonzero(np.concatenate([[True], bags[1:] != bags[:-1]]))
+                yield self._subrequest(s, [(keys[picked], self._shift[shard[picked]], bags[starts], starts)])
 
     def _subrequest(self, server: int, pieces: list[_Piece]) -> Subrequest:
         """Write the pieces' local rows straight into one array of the server's index dtype."""
