@@ -14,8 +14,9 @@ For each case (model shape, embedding servers, rankers, sharding, query size) it
    results.json and the calibration used, into --out.
 
 The calibration is `flexemr calibrate`'s (`--calibration FILE`, made on this machine), or measured
-first (`--quick`: the quick microbenchmarks). --quick runs 4 cases in about 2 minutes; the full run
-7 cases, longer runs and two Server loads each, in about 8 minutes. CPU time other processes used
+first (`--quick`: the quick microbenchmarks). Every run is made 3 times and the median counts.
+--quick runs 4 cases in about 3 minutes; the full run 7 cases, longer runs and two Server loads
+each, in about 13 minutes. CPU time other processes used
 during each run is recorded: on a shared machine it makes the measurements slower than predicted.
 """
 
@@ -27,6 +28,7 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,11 +113,14 @@ class Mode:
     """Server scenario offered loads, as fractions of the measured Offline throughput (a fraction
     of the predicted one would overload the deployments whose capacity the model overrates, and
     compare a p99 of a queue growing without bound)."""
+    repeats: int
+    """Runs of each measurement; the median counts (one run's p99 rests on its ~10 slowest
+    queries, and a hiccup of the shared machine moves it by half)."""
 
 
 MODES = {
-    "quick": Mode(QUICK_CASES, offline_s=3.0, server_s=4.0, loads=(0.6,)),
-    "full": Mode(CASES, offline_s=6.0, server_s=15.0, loads=(0.4, 0.7)),
+    "quick": Mode(QUICK_CASES, offline_s=3.0, server_s=4.0, loads=(0.6,), repeats=3),
+    "full": Mode(CASES, offline_s=5.0, server_s=10.0, loads=(0.4, 0.7), repeats=3),
 }
 
 
@@ -244,8 +249,12 @@ def run_case(case: Case, mode: Mode, calibration: Calibration, catalog: Catalog,
         for i in range(4 * case.rankers):  # warm every ranker's connections and allocator
             backend.infer(offline_pool.take([i]))
         meter = CpuMeter(local.pids())
-        offline, _ = run_offline(backend, offline_pool, settings)
-        ours, others, wall = meter.stop()
+        runs = []
+        for _ in range(mode.repeats):
+            meter.start()
+            run, _ = run_offline(backend, offline_pool, settings)
+            runs.append((run, *meter.stop()))
+        offline, ours, others, wall = median_run(runs, lambda run: run[0].queries_per_s)
         demand = sum(capacity.breakdown_ms[k] for k in ("client", "ranker", "lookups")) / 1e3
         result["offline"] = {
             "predicted_qps": capacity.max_qps,
@@ -258,19 +267,30 @@ def run_case(case: Case, mode: Mode, calibration: Calibration, catalog: Catalog,
             "predicted_cpu_ms": {k: capacity.breakdown_ms[k] for k in ("client", "ranker", "lookups")},
             "measured_cpu_ms": roles_ms(ours, offline.queries),
             "other_cores": others / wall,
+            "runs_qps": [run[0].queries_per_s for run in runs],
         }  # fmt: skip
         result["server"] = []
         for load in mode.loads:
             qps = load * offline.queries_per_s
             predicted = predict(deployment, model, server_traffic, calibration, qps=qps)
-            meter.start()
-            measured, _ = run_server(
-                backend, server_pool, qps, dataclasses.replace(settings, min_duration_s=mode.server_s)
-            )
-            _, others, wall = meter.stop()
-            result["server"].append(server_entry(load, predicted, measured, others / wall))
+            server_runs = []
+            for _ in range(mode.repeats):
+                meter.start()
+                measured, _ = run_server(
+                    backend, server_pool, qps, dataclasses.replace(settings, min_duration_s=mode.server_s)
+                )
+                _, others, wall = meter.stop()
+                server_runs.append((measured, others / wall))
+            measured, other_cores = median_run(server_runs, lambda run: run[0].p99_ms)
+            entry = server_entry(load, predicted, measured, other_cores)
+            result["server"].append(entry | {"runs_p99_ms": [run[0].p99_ms for run in server_runs]})
         backend.close()
     return result
+
+
+def median_run(runs: list[Any], key: Callable[[Any], float]) -> Any:
+    """The run whose `key` is the median (the upper one of an even count)."""
+    return sorted(runs, key=key)[len(runs) // 2]
 
 
 def server_entry(
@@ -291,6 +311,10 @@ def server_entry(
     }  # fmt: skip
 
 
+def spread(values: list[float], fmt: str) -> str:
+    return f"{min(values):{fmt}}-{max(values):{fmt}}"
+
+
 def markdown(results: list[dict[str, Any]], calibration: Calibration, mode_name: str, seconds: float) -> str:
     within = [abs(r["offline"]["error"]) <= TARGET for r in results]
     within += [abs(s["error"]) <= TARGET for r in results for s in r["server"]]
@@ -303,10 +327,12 @@ def markdown(results: list[dict[str, Any]], calibration: Calibration, mode_name:
         "",
         f"{sum(within)} of {len(within)} predictions within {TARGET:.0%} of the measurement.",
         "",
+        f"Every measurement is the median of {MODES[mode_name].repeats} runs (their range in brackets).",
+        "",
         "Throughput: LoadGen Offline, queries of a fixed size. Predicted: `predict(...).max_qps` of the "
         "deployment with `shared_cores` = this machine's cores.",
         "",
-        "| case | model | servers | rankers | samples/query | predicted q/s | measured q/s | error "
+        "| case | model | servers | rankers | samples/query | predicted q/s | measured q/s (runs) | error "
         "| bottleneck | other load (cores) | predicted on the cores left |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
@@ -315,7 +341,8 @@ def markdown(results: list[dict[str, Any]], calibration: Calibration, mode_name:
         model = f"{c['preset']} x{c['row_scale']}" + (f", {c['pooling']}" if c["pooling"] else "")
         lines.append(
             f"| {c['name']} | {model} | {c['servers']} ({c['strategy']}) | {c['rankers']} | {c['samples']} "
-            f"| {o['predicted_qps']:,.0f} | {o['measured_qps']:,.0f} | {o['error']:+.1%} | {o['bottleneck']} "
+            f"| {o['predicted_qps']:,.0f} | {o['measured_qps']:,.0f} ({spread(o['runs_qps'], '.0f')}) "
+            f"| {o['error']:+.1%} | {o['bottleneck']} "
             f"| {o['other_cores']:.2f} | {o['predicted_qps_left']:,.0f} |"
         )
     lines += [
@@ -323,7 +350,7 @@ def markdown(results: list[dict[str, Any]], calibration: Calibration, mode_name:
         "Latency: LoadGen Server, Poisson arrivals at a fraction of the measured Offline throughput, "
         "query sizes uniform over [samples/2, 3 samples/2]; predicted at the same arrival rate.",
         "",
-        "| case | load | offered q/s | predicted p99 ms | measured p99 ms | error | measured p50 ms "
+        "| case | load | offered q/s | predicted p99 ms | measured p99 ms (runs) | error | measured p50 ms "
         "| other load (cores) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -331,7 +358,8 @@ def markdown(results: list[dict[str, Any]], calibration: Calibration, mode_name:
         for s in r["server"]:
             lines.append(
                 f"| {r['case']['name']} | {s['load']:.0%} | {s['offered_qps']:,.1f} "
-                f"| {s['predicted_p99_ms']:.1f} | {s['measured_p99_ms']:.1f} | {s['error']:+.1%} "
+                f"| {s['predicted_p99_ms']:.1f} "
+                f"| {s['measured_p99_ms']:.1f} ({spread(s['runs_p99_ms'], '.1f')}) | {s['error']:+.1%} "
                 f"| {s['measured_p50_ms']:.1f} | {s['other_cores']:.2f} |"
             )
     lines += [

@@ -78,7 +78,7 @@ class BenchSettings:
     """The same on a table-wise plan (4 tables per server), where the router sends tables whole."""
     serving_s: float = 1.5
     """Seconds of requests per serving point (CPU time is read in 10 ms ticks)."""
-    serving_repeats: int = 2
+    serving_repeats: int = 3
     """Measurements per serving point; the least CPU per role counts (the least disturbed)."""
     serving_requests: int = 8
     """Distinct requests of each point's shape, sent in turn (one request over and over would
