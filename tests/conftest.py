@@ -22,7 +22,7 @@ class ServeProcess(AnnouncedProcess):
 
 
 def start_serve(*args: str, timeout: float = 90.0) -> ServeProcess:
-    command = [sys.executable, "-m", "flexemr.cli.main", "serve", "--port", "0", *args]
+    command = [sys.executable, "-m", "flexemr.cli.main", "serve", "--port", "0", "--watch-stdin", *args]
     return ServeProcess(command, "flexemr ready:", timeout, {**os.environ, "PYTHONUNBUFFERED": "1"})
 
 

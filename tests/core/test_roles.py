@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,34 @@ def test_spec_file_mismatch_is_refused(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "the plan has 2 servers but 1 embedding server endpoints are listed" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+PARENT = """
+import sys, time
+from tests.conftest import start_serve
+serve = start_serve("--preset", "tiny", "--embedding-servers", "2")
+print(serve.pid, *serve.children(), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_parent_killed_outright_leaves_no_serve_or_server_behind() -> None:
+    command = [sys.executable, "-c", PARENT]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2]
+    ) as parent:
+        assert parent.stdout is not None
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        assert len(pids) == 3 and all(_alive(p) for p in pids)  # serve and its two embedding servers
+        parent.kill()  # SIGKILL: no cleanup runs in the parent
+    deadline = time.monotonic() + 30
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [p for p in pids if _alive(p)], "children outlived their parent"

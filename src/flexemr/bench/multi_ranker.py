@@ -43,7 +43,8 @@ def start_ranker(
 ) -> AnnouncedProcess:
     """`flexemr ranker --spec FILE` in a child process. `dense_threads` caps torch's threads
     (OMP_NUM_THREADS); None leaves torch's default (one per core)."""
-    command = [sys.executable, "-m", "flexemr.bench.multi_ranker", "ranker", "--spec", str(spec_path)]
+    module = "flexemr.bench.multi_ranker"
+    command = [sys.executable, "-m", module, "ranker", "--spec", str(spec_path), "--watch-stdin"]
     env = dict(os.environ)
     if dense_threads is not None:
         env["OMP_NUM_THREADS"] = str(dense_threads)

@@ -69,6 +69,7 @@ class ServedSystem:
             "serve",
             "--port",
             "0",
+            "--watch-stdin",
             *model_flags,
             *system.flags,
         ]

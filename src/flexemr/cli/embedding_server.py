@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
-import threading
 
+from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.local import READY_PREFIX
 from flexemr.cluster.roles import build_embedding_server
 from flexemr.config import ClusterSpec
@@ -21,18 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no loading progress bar")
 
 
-def _exit_on_stdin_eof() -> None:
-    while os.read(0, 4096):  # unbuffered: a buffered reader would block interpreter shutdown
-        pass
-    os._exit(0)
-
-
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s server {args.index} %(levelname)s: %(message)s"
     )
     if args.watch_stdin:
-        threading.Thread(target=_exit_on_stdin_eof, daemon=True).start()
+        exit_when_stdin_closes()
     try:
         server = build_embedding_server(ClusterSpec.load(args.spec), args.index, progress=not args.quiet)
     except (ValueError, FileNotFoundError) as exc:

@@ -8,6 +8,7 @@ import logging
 import sys
 
 from flexemr.cli.options import add_engine_arguments, engine_config
+from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.roles import HttpServer, build_ranker
 from flexemr.config import ClusterSpec
 from flexemr.transport.base import ServerUnavailable
@@ -16,11 +17,14 @@ from flexemr.transport.base import ServerUnavailable
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", required=True, help="cluster spec file (JSON)")
     parser.add_argument("--connect-timeout", type=float, default=120.0, help="wait this long for servers")
+    parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes (parent died)")
     add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s ranker %(levelname)s: %(message)s")
+    if args.watch_stdin:
+        exit_when_stdin_closes()
     try:
         spec = ClusterSpec.load(args.spec)
         spec = dataclasses.replace(spec, engine=engine_config(args, spec.engine))

@@ -15,6 +15,7 @@ import sys
 import threading
 
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
+from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.local import ClusterStartError, LocalCluster
 from flexemr.cluster.roles import HttpServer, build_ranker
 from flexemr.config import ClusterSpec
@@ -31,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="flexemr embedding servers, or a Redis holding the rows (baseline; needs redis-server)",
     )
     parser.add_argument("--spec-out", help="also write the cluster spec (with real ports) to this file")
+    parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes (parent died)")
 
 
 def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> tuple[Ranker, ClusterSpec]:
@@ -54,6 +56,8 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.watch_stdin:
+        exit_when_stdin_closes()
     try:
         spec = cluster_spec(args)
     except (ValueError, FileNotFoundError) as exc:

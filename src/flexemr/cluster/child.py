@@ -1,15 +1,19 @@
 """A child process that announces its HTTP URL on stdout (`flexemr serve`, `flexemr ranker`).
 
 Its output is drained by a thread to the end (so the child never blocks on a full pipe) and kept,
-for the error message when it does not start and for tests that look for tracebacks.
+for the error message when it does not start and for tests that look for tracebacks. Its stdin is
+a pipe from the parent: started with `--watch-stdin`, the child exits when that pipe closes, so a
+parent killed outright leaves nothing running (`exit_when_stdin_closes`).
 """
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -25,7 +29,12 @@ class AnnouncedProcess:
         """Start `command` and wait until it prints `<banner> http://...`; `url` is that address.
         Raises RuntimeError, with the end of its output, if it exits or is silent for `timeout_s`."""
         self.proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
         )
         self.output: list[str] = []
         pattern = re.compile(re.escape(banner) + r" (http://\S+)")
@@ -68,8 +77,9 @@ class AnnouncedProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._pump.join(10)
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
 
     def __enter__(self) -> AnnouncedProcess:
         return self
@@ -78,3 +88,17 @@ class AnnouncedProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+def exit_when_stdin_closes(grace_s: float = 10.0) -> None:
+    """In the child: when stdin reaches its end (the parent closed it, or died), stop as on
+    SIGTERM (closing what it started); exit outright if that takes over `grace_s`."""
+
+    def watch() -> None:
+        while os.read(0, 4096):  # unbuffered: a buffered reader would block interpreter shutdown
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="parent-watch").start()
