@@ -57,9 +57,9 @@ client and the router send wherever the rows fit (int64 only past 2^31 rows)."""
 PROCESS_CORES = 1.0
 """Cores one Python process's request path can use: its interpreter lock serialises it."""
 SHARED_WAIT_SCV = 1.0
-"""On shared cores, requests overlap (processes share the cores, a ranker's threads share its
-lock), so the queue behaves like processor sharing: waits fluctuate like M/M/c's, however
-regular the service times."""
+"""On shared cores, requests overlap (every process's threads share the cores), so their queue
+behaves like processor sharing: waits fluctuate like M/M/c's, however regular the service times.
+A ranker's request path is first come, first served (its requests take turns): plain M/G/1."""
 
 
 def usable_memory(node: NodeType) -> float:
@@ -512,10 +512,10 @@ def _predict_shared(
     fixed = serving.client_request_s + serving.ranker_request_s + calibration.dense.call_s
     scv = (work.scv - 0.05) * (1 - min(fixed / total, 1)) ** 2 + 0.05
     # Whichever queue is tighter: the whole query on the shared cores, or its ranker process
-    # (one at a time under the interpreter lock) with the rest of the path unqueued.
+    # (requests take turns on its request path) with the rest of the path unqueued.
     on_cores = mgc_quantile(qps, total, dep.shared_cores, scv, QUANTILE, SHARED_WAIT_SCV)
     rest = client + float(demand.service_s.max())
-    path = mgc_quantile(qps / dep.rankers / cores, handling, 1, scv, QUANTILE, SHARED_WAIT_SCV)
+    path = mgc_quantile(qps / dep.rankers / cores, handling, 1, scv, QUANTILE)
     in_ranker = path + dense + rest
     hops = 2 * calibration.network.rtt_s
     p99 = hops + max(on_cores, in_ranker) if qps < capacities[bottleneck] else math.inf
