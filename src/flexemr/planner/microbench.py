@@ -8,10 +8,10 @@ Four measurements, each fitted to the linear cost model of `flexemr.planner.cali
 * dense: `DenseArch` forward on one thread for several batch sizes and two model shapes ->
   `DenseCost` (seconds per call = call_s + B * flops / flops_per_s);
 * network: ping-pong of small messages and one bulk stream over loopback TCP -> `NetworkCost`;
-* serving: a local cluster (2 embedding servers, 1 ranker process, this process as the client)
-  answers distinct requests of several shapes (samples, pooling, servers and tables reached) one
-  at a time; the CPU time each process spends per request, less the kernels above, is fitted per
-  role -> `ServingCost`.
+* serving: a local cluster (2 embedding servers, 1 ranker process, this process as the client;
+  a table-wise and a row-wise plan) answers distinct requests of several shapes (samples, pooling,
+  servers and tables reached) one at a time; the CPU time each process spends per request, less
+  the kernels above, is fitted per role -> `ServingCost`.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class BenchSettings:
-    """How much to measure. `quick()` keeps a whole calibration under ~10 s."""
+    """How much to measure: about 90 s in all; `quick()` about 20 s."""
 
     table_mib: int = 512
     """Size of the table the lookups read (bigger than the caches: rows come from DRAM)."""
@@ -63,7 +63,7 @@ class BenchSettings:
     would find its rows in the caches and the call's fixed cost spread thin."""
     batches: tuple[int, ...] = (1, 8, 32, 128, 512)
     repeats: int = 5
-    """Timed repetitions per point (the fastest counts: it is the least disturbed)."""
+    """Timed repetitions per dense point (the fastest counts: it is the least disturbed)."""
     pings: int = 2000
     stream_mib: int = 64
     serving_points: tuple[tuple[int, int, int, int], ...] = (

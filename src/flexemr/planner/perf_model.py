@@ -239,9 +239,8 @@ def _split_vcpus(dep: Deployment, work: QueryWork, calibration: Calibration) -> 
     if cores < 2:
         return 1, 1
     lookups = float(work.lookup_s_per_table.sum())
-    share = lookups / (
-        lookups + work.dense_s(node, calibration) + work.handling_s(dep.servers, dep.servers > 1)
-    )
+    split = dep.placement is not None and dep.placement.splits_tables
+    share = lookups / (lookups + work.dense_s(node, calibration) + work.handling_s(dep.servers, split))
     lookup_cores = min(cores - 1, max(1, round(cores * share)))
     return lookup_cores, cores - lookup_cores
 
@@ -479,8 +478,8 @@ def _predict_shared(
         bytes_to_servers=float(demand.in_bytes.sum()),
         split_tables=dep.placement.splits_tables,
     )
-    # A ranker's request path holds the interpreter lock (`ranker_cores` of a core at most) and
-    # contention stretches it; the dense model (a few long torch calls) runs outside the lock.
+    # A ranker's requests take turns on its request path (`ranker_cores` of a core at most) and
+    # contention stretches it; the dense model (a few long torch calls) runs outside the turns.
     handling, dense = ranker_cpu_s(dep, work, calibration, servers), work.dense_cpu_s
     serving = work.serving
     cores = serving.ranker_cores

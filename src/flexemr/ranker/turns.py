@@ -4,8 +4,8 @@ over the interpreter lock.
 Threads that run Python side by side hand the GIL back and forth at every numpy call that drops
 it: with 8 requests in flight a ranker made ~400 context switches per request and scored half as
 many requests per second as with one. A thread holds its turn while it computes (parse, route,
-gather, dense model, encode) and gives it up while it waits (for the embedding servers, for a
-dynamic batch), so waits still overlap with other requests' work.
+gather, encode) and gives it up while it waits (for the embedding servers, the dense model's
+kernels, a dynamic batch), so waits still overlap with other requests' work.
 
     with turns.turn():            # reentrant in the same thread
         ...compute...
