@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -9,27 +10,29 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 
 from flexemr.client import Client
 from flexemr.cluster.local import LocalCluster
-from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
+from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, RankerConfig
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores
 
 
-def test_ranker_role_serves_from_a_spec_file(tmp_path: Path) -> None:
+def test_ranker_role_serves_from_a_spec_file_honouring_its_engine_section(tmp_path: Path) -> None:
+    """The spec file's engine section reaches the ranker, and only the engine flags given override it."""
     source = ModelSource(preset="tiny", seed=9)
     spec = source.spec()
     plan = make_plan("table", spec.table_rows, spec.dim, 2)
     cluster_spec = ClusterSpec(source, plan, (Endpoint(), Endpoint()), RankerConfig(port=0))
     with LocalCluster(cluster_spec) as cluster:  # runs `flexemr embedding-server --spec ... --index i`
         path = tmp_path / "cluster.json"
-        cluster.spec.save(path)
-        assert ClusterSpec.load(path) == cluster.spec
+        engine = EngineConfig(mode="shared", io_threads=3, credits="piggyback", migration=False)
+        dataclasses.replace(cluster.spec, engine=engine).save(path)
         ranker = subprocess.Popen(
-            [sys.executable, "-m", "flexemr.cli.main", "ranker", "--spec", str(path)],
+            [sys.executable, "-m", "flexemr.cli.main", "ranker", "--spec", str(path), "--io-threads", "2"],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -46,9 +49,16 @@ def test_ranker_role_serves_from_a_spec_file(tmp_path: Path) -> None:
             batch = random_batch(spec, 4, seed=1)
             with Client(url) as client:
                 scores = client.infer(*batch)
+            served_engine = httpx.get(f"{url}/v2/stats", timeout=30).json()["transport"]["engine"]
             np.testing.assert_allclose(
                 scores, reference_scores(build_monolithic(source.load()), *batch), atol=1e-5
             )
+            assert {k: served_engine[k] for k in ("mode", "io_threads", "credits", "migration")} == {
+                "mode": "shared",
+                "io_threads": 2,
+                "credits": "piggyback",
+                "migration": False,
+            }
         finally:
             ranker.terminate()
             ranker.wait(20)

@@ -15,8 +15,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="state_dict of Meta's reference DLRM_Net (torch.save)")
     source.add_argument("--preset", choices=PRESET_NAMES, help="a named model with seeded random weights")
-    parser.add_argument("--row-scale", type=float, default=1.0, help="scale a preset's table rows (0, 1]")
-    parser.add_argument("--seed", type=int, default=0, help="seed of a preset's weights")
+    parser.add_argument(
+        "--row-scale", type=float, default=ModelSource.row_scale, help="scale a preset's table rows (0, 1]"
+    )
+    parser.add_argument("--seed", type=int, default=ModelSource.seed, help="seed of a preset's weights")
     parser.add_argument("--interaction", choices=("dot", "cat"), help="default: the preset's, or dot")
     parser.add_argument(
         "--interaction-itself", action="store_true", default=None, help="dot: include self-interactions"
@@ -54,37 +56,50 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ranker's I/O engine (`flexemr.engine`); the defaults are the best measured combination."""
+    """The ranker's I/O engine (`flexemr.engine`); the defaults are the best measured combination.
+
+    The flags default to absent (SUPPRESS), so only flags actually given override a base config,
+    e.g. a spec file's engine section (`flexemr ranker --spec`)."""
     defaults = EngineConfig()
+    absent = argparse.SUPPRESS
     parser.add_argument(
         "--engine",
         choices=("mapped", "shared", "single", "tcp"),
-        default=defaults.mode,
-        help="I/O engine: mapped (thread-owned connections), shared (locked), single, tcp (simple)",
+        default=absent,
+        help="I/O engine: mapped (thread-owned connections), shared (locked), single, tcp (simple)"
+        f"{_default(defaults.mode)}",
     )
-    parser.add_argument("--io-threads", type=int, default=defaults.io_threads, help="I/O threads")
+    parser.add_argument(
+        "--io-threads", type=int, default=absent, help=f"I/O threads{_default(defaults.io_threads)}"
+    )
     parser.add_argument(
         "--connections-per-server",
         type=int,
-        default=defaults.connections_per_server,
-        help="data connections per embedding server (0: auto)",
+        default=absent,
+        help=f"data connections per embedding server (0: auto){_default(defaults.connections_per_server)}",
     )
     parser.add_argument(
         "--credits",
         choices=("priority", "piggyback", "off"),
-        default=defaults.credits,
-        help="flow control: credits on a priority control channel, piggybacked on lookups, or off",
+        default=absent,
+        help="flow control: credits on a priority control channel, piggybacked on lookups, or off"
+        f"{_default(defaults.credits)}",
     )
     parser.add_argument(
         "--migration",
         choices=("on", "off"),
-        default="on" if defaults.migration else "off",
-        help="move connections between I/O threads under skew",
+        default=absent,
+        help="move connections between I/O threads under skew"
+        f"{_default('on' if defaults.migration else 'off')}",
     )
 
 
+def _default(value: object) -> str:
+    return f" (default: {value}, or a spec file's)"
+
+
 def engine_config(args: argparse.Namespace, base: EngineConfig | None = None) -> EngineConfig:
-    """The engine config from the flags (over `base`, e.g. a spec file's, where a flag is absent)."""
+    """The engine config from the flags given, over `base` (e.g. a spec file's) for the others."""
     base = base or EngineConfig()
     return dataclasses.replace(
         base,
