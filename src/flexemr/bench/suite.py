@@ -30,7 +30,7 @@ from flexemr.config import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.workload import data_dir
 from flexemr.workload.query_sizes import QuerySizes
-from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
+from flexemr.workload.synthetic import DEFAULT_ALPHA, SyntheticConfig, SyntheticWorkload
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class BenchConfig:
     row_scale: float = 0.02
     embedding_servers: int = 2
     sharding: str = "auto"
-    alpha: float = 1.0
+    alpha: float = DEFAULT_ALPHA
     """Zipf exponent of the synthetic workload."""
     batch_size: int = 256
     """Offline: pairs per request."""

@@ -14,13 +14,20 @@ from flexemr.sharding.plan import STRATEGIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from flexemr.bench.suite import BenchConfig
+
+    defaults = BenchConfig()
     parser.add_argument("--suite", choices=("quick", "full"), default="quick")
-    parser.add_argument("--preset", choices=PRESET_NAMES, default="rmc2")
-    parser.add_argument("--row-scale", type=float, default=0.02, help="scale tables to fit this machine")
-    parser.add_argument("--embedding-servers", type=int, default=2)
-    parser.add_argument("--sharding", choices=STRATEGIES, default="auto")
-    parser.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of the workload")
-    parser.add_argument("--p99-ms", type=float, default=60.0, help="Server-scenario latency target")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default=defaults.preset)
+    parser.add_argument(
+        "--row-scale", type=float, default=defaults.row_scale, help="scale tables to fit this machine"
+    )
+    parser.add_argument("--embedding-servers", type=int, default=defaults.embedding_servers)
+    parser.add_argument("--sharding", choices=STRATEGIES, default=defaults.sharding)
+    parser.add_argument("--alpha", type=float, default=defaults.alpha, help="Zipf exponent of the workload")
+    parser.add_argument(
+        "--p99-ms", type=float, default=defaults.p99_target_ms, help="Server-scenario latency target"
+    )
     parser.add_argument("--systems", help="comma-separated subset of the suite's systems")
     parser.add_argument("--out", help="report folder (default reports/bench-<suite>-<time>)")
 

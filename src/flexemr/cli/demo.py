@@ -18,18 +18,18 @@ from flexemr.cluster.roles import HttpServer, build_ranker
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import STRATEGIES, make_plan
-from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
+from flexemr.workload.synthetic import DEFAULT_ALPHA, SyntheticConfig, SyntheticWorkload
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--preset", default="rmc2", help="model shape (default rmc2, scaled)")
+    parser.add_argument("--preset", default="rmc2", help="model shape (scaled by --row-scale)")
     parser.add_argument("--row-scale", type=float, default=0.01)
     parser.add_argument("--embedding-servers", type=int, default=2)
     parser.add_argument("--sharding", choices=STRATEGIES, default="auto")
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--batch", type=int, default=32, help="samples per request")
     parser.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
-    parser.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of row popularity")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="Zipf exponent of row popularity")
 
 
 def run(args: argparse.Namespace) -> int:

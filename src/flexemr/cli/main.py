@@ -7,9 +7,11 @@ A subcommand module defines `add_arguments(parser)` and `run(args) -> int`.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import os
 import sys
+from importlib.metadata import version
 
 COMMANDS: dict[str, str] = {
     "serve": "start a local cluster (embedding servers + ranker) and serve over HTTP",
@@ -23,17 +25,39 @@ COMMANDS: dict[str, str] = {
 }
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, help text or not, except where there is none to show (None, False)."""
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and action.option_strings and _has_default(action):
+            action = copy.copy(action)
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return super()._get_help_string(action) if _has_default(action) else action.help
+
+
+def _has_default(action: argparse.Action) -> bool:
+    return not any(action.default is absent for absent in (None, False, argparse.SUPPRESS))
+
+
 def _module_name(command: str) -> str:
     return "flexemr.cli." + command.replace("-", "_")
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="flexemr", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="flexemr", description=__doc__.splitlines()[0], formatter_class=HelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('flexemr')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if a in COMMANDS), None)
     for name, help_text in COMMANDS.items():
-        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        sub_parser = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=HelpFormatter
+        )
         if name == chosen:
             importlib.import_module(_module_name(name)).add_arguments(sub_parser)
     args = parser.parse_args(argv)

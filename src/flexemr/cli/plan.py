@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flexemr.config import ModelSource
 from flexemr.model.presets import PRESET_NAMES
+from flexemr.planner.inputs import Traffic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -13,14 +15,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--preset", choices=PRESET_NAMES, help="a named model")
     model.add_argument("--model", help="model JSON: a ModelSpec dict, or {'preset': ..., 'row_scale': ...}")
     model.add_argument("--checkpoint", help="state_dict of Meta's reference DLRM_Net (torch.save)")
-    parser.add_argument("--row-scale", type=float, default=1.0, help="scale a preset's table rows (0, 1]")
+    parser.add_argument(
+        "--row-scale", type=float, default=ModelSource.row_scale, help="scale a preset's table rows (0, 1]"
+    )
     parser.add_argument(
         "--dtype-bytes", type=int, default=4, choices=(1, 2, 4), help="bytes per table element"
     )
     parser.add_argument("--qps", type=float, help="peak queries per second (or give --traffic)")
     parser.add_argument("--traffic", help="traffic JSON: peak_qps, samples_per_query, samples_cv, zipf_skew")
-    parser.add_argument("--samples-per-query", type=float, default=64.0)
-    parser.add_argument("--zipf-skew", type=float, default=1.0)
+    parser.add_argument("--samples-per-query", type=float, default=Traffic.samples_per_query)
+    parser.add_argument("--zipf-skew", type=float, default=Traffic.zipf_skew)
     parser.add_argument("--p99-ms", type=float, required=True, help="p99 latency target in milliseconds")
     parser.add_argument(
         "--availability", type=int, default=0, metavar="K", help="embedding-server failures to survive"

@@ -1,0 +1,35 @@
+"""The `flexemr` command line: version, and help that shows every default."""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+
+import pytest
+
+from flexemr.cli.main import COMMANDS, main
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"flexemr {version('flexemr')}"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_help_shows_the_defaults(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # unwrapped
+    expected = {
+        "serve": ["(default: 1.0)", "(default: mapped, or a spec file's)", "(default: partial)"],
+        "embedding-server": [],
+        "ranker": ["(default: 120.0)", "(default: 2, or a spec file's)"],
+        "demo": ["(default: 0.01)", "(default: 1.0)"],
+        "shard": ["(default: 1.0)"],
+        "bench": ["(default: 0.02)", "(default: quick)"],
+        "calibrate": ["(default: calibration.json)"],
+        "plan": ["(default: 1.0)", "(default: 64.0)"],
+    }[command]
+    assert all(default in text for default in expected), text
