@@ -475,7 +475,10 @@ def diurnal(bench: Bench) -> None:
         if stats:
             days[-1].shrinks, days[-1].grows = stats.shrinks, stats.grows
             days[-1].bypassed = stats.bypassed_batches
-            days[-1].ns_per_key = (stats.ns_per_key_with_cache, stats.ns_per_key_without_cache)
+            days[-1].ns_per_key = (
+                1e9 * stats.seconds_per_key_with_cache,
+                1e9 * stats.seconds_per_key_without_cache,
+            )
             assert ranker.cache is not None
             days[-1].events = [dataclasses.asdict(e) for e in ranker.cache.events]
         print(f"{name}: max batch {max_batch:,}, dropped {dropped}, failed {failed}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +26,7 @@ MODEL = build_monolithic(SOURCE.load())
 def cluster() -> Iterator[ServeProcess]:
     server = start_serve(
         "--preset", "tiny", "--seed", "5", "--pooling", "mean", "--embedding-servers", "3",
-        "--sharding", "table", "--batch-window-ms", "5",
+        "--sharding", "table", "--batch-window-ms", "5", "--cache", "fixed:1MiB",
     )  # fmt: skip
     yield server
     server.stop()
@@ -86,3 +88,46 @@ def test_metrics_endpoint(cluster: ServeProcess) -> None:
     sent = [v for k, v in samples.items() if k.startswith("flexemr_transport_servers_bytes_sent_total{")]
     assert len(sent) == 3
     assert sum(sent) > 0
+
+
+def _metric_types(text: str) -> dict[str, str]:
+    return {line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE ")}
+
+
+def test_metrics_are_counters_or_gauges_by_meaning(cluster: ServeProcess) -> None:
+    with Client(cluster.url) as client:
+        client.infer(*random_batch(SPEC, 3, seed=2))
+    text = httpx.get(f"{cluster.url}/metrics").text
+    series = [line.rsplit(" ", 1)[0] for line in text.splitlines() if line and line[0] != "#"]
+    assert len(series) == len(set(series)), "every series (name and labels) appears once"
+    types = _metric_types(text)
+    # Counts that only grow are counters, whatever their names; sizes (which shrink) are gauges.
+    counters = (
+        "flexemr_requests_total",
+        "flexemr_transport_servers_subrequests_total",
+        "flexemr_cache_lookups_total",
+        "flexemr_cache_hits_total",
+        "flexemr_transport_threads_loops_total",
+    )
+    gauges = (
+        "flexemr_cache_rows",
+        "flexemr_cache_size_bytes",
+        "flexemr_cache_hit_rate",
+        "flexemr_transport_threads_queue_depth",
+        "flexemr_transport_engine_outstanding",
+    )
+    assert {name: types.get(name) for name in counters} == dict.fromkeys(counters, "counter")
+    assert {name: types.get(name) for name in gauges} == dict.fromkeys(gauges, "gauge")
+
+
+def test_metrics_pass_promtool(cluster: ServeProcess) -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian: apt-get install prometheus); .ci/run installs it")
+    with Client(cluster.url) as client:
+        client.infer(*random_batch(SPEC, 3, seed=3))
+    text = httpx.get(f"{cluster.url}/metrics").text
+    result = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

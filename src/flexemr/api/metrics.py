@@ -4,7 +4,7 @@ Request-path metrics (counts, latency, batch sizes, errors by kind) are recorded
 happen. Everything the components count themselves (per-server bytes, engine queues, credits,
 migrations, cache hits and size) is read from `Ranker.stats()` at scrape time by a collector that
 turns the nested stats into labelled series, so a component only has to count, never to know
-about Prometheus.
+about Prometheus. A number reported as a `flexemr.stats.Count` is a counter, any other a gauge.
 """
 
 from __future__ import annotations
@@ -17,11 +17,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from flexemr.ranker.ranker import Ranker
+from flexemr.stats import Count
 
-# Leaves whose names end like this only ever grow: exported as counters, the rest as gauges.
-_COUNTER_SUFFIXES = ("requests", "samples", "subrequests", "bytes_sent", "bytes_received", "failures",
-                     "migrations", "credit_waits", "hits", "misses", "evictions", "resizes", "batches",
-                     "rows", "_total")  # fmt: skip
 _LABEL_KEYS = ("server", "thread", "connection", "table")
 
 
@@ -30,10 +27,9 @@ class StatsCollector(Collector):
         self.ranker = ranker
 
     def collect(self) -> Iterator[Metric]:
-        series: dict[str, tuple[list[str], list[tuple[list[str], float]]]] = {}
+        series: dict[str, _Series] = {}
         _flatten(self.ranker.stats(), "flexemr", {}, series)
-        for name, (labels, samples) in sorted(series.items()):
-            counter = name.endswith(_COUNTER_SUFFIXES)
+        for name, (counter, labels, samples) in sorted(series.items()):
             family: CounterMetricFamily | GaugeMetricFamily = (
                 CounterMetricFamily(name, name, labels=labels)
                 if counter
@@ -44,24 +40,26 @@ class StatsCollector(Collector):
             yield family
 
 
-def _flatten(
-    node: Any,
-    name: str,
-    labels: dict[str, str],
-    out: dict[str, tuple[list[str], list[tuple[list[str], float]]]],
-) -> None:
+_Series = tuple[bool, list[str], list[tuple[list[str], float]]]
+"""Is it a counter, its label names, its samples (label values, value)."""
+
+
+def _flatten(node: Any, name: str, labels: dict[str, str], out: dict[str, _Series]) -> None:
     if isinstance(node, bool | int | float):
         keys = sorted(labels)
-        out.setdefault(name, (keys, []))[1].append(([labels[k] for k in keys], float(node)))
+        out.setdefault(name, (isinstance(node, Count), keys, []))[2].append(
+            ([labels[k] for k in keys], float(node))
+        )
     elif isinstance(node, dict):
         for key, value in node.items():
             if key not in _LABEL_KEYS:
                 _flatten(value, f"{name}_{key}", labels, out)
     elif isinstance(node, list):
         for i, item in enumerate(node):
-            label_key = next((k for k in _LABEL_KEYS if isinstance(item, dict) and k in item), "index")
-            label_value = str(item[label_key]) if isinstance(item, dict) and label_key in item else str(i)
-            _flatten(item, name, {**labels, label_key: label_value}, out)
+            keys = [k for k in _LABEL_KEYS if isinstance(item, dict) and k in item]
+            # Every identifying key labels the series (a connection and its server), so none repeats.
+            item_labels = {k: str(item[k]) for k in keys} if keys else {"index": str(i)}
+            _flatten(item, name, {**labels, **item_labels}, out)
 
 
 class RequestMetrics:

@@ -49,6 +49,7 @@ from flexemr.cache.row_cache import DEFAULT_WAYS, RowCache
 from flexemr.cache.sizes import parse_bytes
 from flexemr.cache.sketch import FrequencySketch
 from flexemr.model.dlrm import DenseArch
+from flexemr.stats import Count
 
 ModeKind = Literal["off", "fixed", "adaptive"]
 WireMode = Literal["partial", "raw"]
@@ -170,27 +171,27 @@ class CacheStats:
     size_bytes: int
     rows: int
     capacity_rows: int
-    lookups: int
-    hits: int
+    lookups: Count
+    hits: Count
     hit_rate: float
-    bytes_saved: int
+    bytes_saved: Count
     """Wire bytes the hits avoided. raw: hits * (4 * dim + 8), the row not returned and its index
     not sent. partial: hits * 8 (indices not sent) + 4 * dim per bag served wholly from the cache
     (at least one partial vector not returned); a lower bound, since a server whose rows of a
     bag all hit also skips its partial."""
-    resizes: int
-    shrinks: int
-    grows: int
-    evicted_by_resize: int
-    admitted: int
-    invalidated: int
-    admits_dropped_stale: int
+    resizes: Count
+    shrinks: Count
+    grows: Count
+    evicted_by_resize: Count
+    admitted: Count
+    invalidated: Count
+    admits_dropped_stale: Count
     """Admits (keys) dropped because their keys were invalidated after the fetch began."""
-    bypassed_batches: int
+    bypassed_batches: Count
     """Batches looked up without consulting the cache (the cost gate's choice, or no capacity)."""
-    ns_per_key_with_cache: float
+    seconds_per_key_with_cache: float
     """The cost gate's mean lookup-phase time per key, consulting the cache (0: not measured)."""
-    ns_per_key_without_cache: float
+    seconds_per_key_without_cache: float
     """The same without consulting it (0: not measured)."""
 
 
@@ -429,18 +430,18 @@ class AdaptiveCacheManager:
                 size_bytes=cache.size_bytes,
                 rows=cache.num_rows,
                 capacity_rows=cache.capacity_rows,
-                lookups=self._lookups,
-                hits=self._hits,
+                lookups=Count(self._lookups),
+                hits=Count(self._hits),
                 hit_rate=self._hits / self._lookups if self._lookups else 0.0,
-                bytes_saved=self._bytes_saved,
-                resizes=self._shrinks + self._grows,
-                shrinks=self._shrinks,
-                grows=self._grows,
-                evicted_by_resize=self._evicted,
-                admitted=self._admitted,
-                invalidated=self._invalidated,
-                admits_dropped_stale=self._stale,
-                bypassed_batches=self._bypassed,
-                ns_per_key_with_cache=1e9 * ((self.gate and self.gate.cost[True]) or 0.0),
-                ns_per_key_without_cache=1e9 * ((self.gate and self.gate.cost[False]) or 0.0),
+                bytes_saved=Count(self._bytes_saved),
+                resizes=Count(self._shrinks + self._grows),
+                shrinks=Count(self._shrinks),
+                grows=Count(self._grows),
+                evicted_by_resize=Count(self._evicted),
+                admitted=Count(self._admitted),
+                invalidated=Count(self._invalidated),
+                admits_dropped_stale=Count(self._stale),
+                bypassed_batches=Count(self._bypassed),
+                seconds_per_key_with_cache=(self.gate and self.gate.cost[True]) or 0.0,
+                seconds_per_key_without_cache=(self.gate and self.gate.cost[False]) or 0.0,
             )

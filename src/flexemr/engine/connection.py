@@ -42,6 +42,7 @@ from flexemr.protocol.frames import (
     parse_descriptors,
     parse_header,
 )
+from flexemr.stats import counts
 from flexemr.transport.base import LookupFailed, LookupRequest, ServerUnavailable
 from flexemr.transport.tcp import handshake
 
@@ -310,7 +311,7 @@ class Connection:
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {
-            "id": self.cid,
+            "connection": self.cid,
             "server": self.server,
             "owner": self.owner,
             "connected": self.alive,
@@ -322,10 +323,14 @@ class Connection:
             c = self.credits
             out["credits"] = {
                 "capacity": c.capacity,
-                "granted": c.granted,
-                "received": c.received,
                 "owed": c.owed,
-                "waits": c.waits,
-                "violations": c.violations,
+                **counts(
+                    {
+                        "granted": c.granted,
+                        "received": c.received,
+                        "waits": c.waits,
+                        "violations": c.violations,
+                    }
+                ),
             }
         return out

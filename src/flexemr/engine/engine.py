@@ -31,6 +31,7 @@ from flexemr.engine.credits import ControlChannel, CreditLedger, mark_high_prior
 from flexemr.engine.io_thread import IoThread
 from flexemr.engine.migration import MigrationPolicy
 from flexemr.protocol.frames import FrameLimits, ProtocolError
+from flexemr.stats import Count
 from flexemr.transport.base import LookupFailed, LookupRequest, ServerUnavailable
 
 log = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ class IoEngine:
                 "io_threads": len(self._threads),
                 "credits": config.credits,
                 "migration": self.policy is not None,
-                "migrations": self.migrations,
+                "migrations": Count(self.migrations),
                 "outstanding": self._outstanding,
             },
             "threads": [
@@ -248,12 +249,12 @@ class IoEngine:
                 {
                     "server": server,
                     "connected": any(c.alive for c in conns),
-                    "subrequests": sum(c.stats.subrequests for c in conns),
-                    "bytes_sent": sum(c.stats.bytes_sent for c in conns),
-                    "bytes_received": sum(c.stats.bytes_received for c in conns),
-                    "failures": sum(c.stats.failures for c in conns),
-                    "credit_waits": sum(c.credits.waits for c in conns if c.credits is not None),
-                    "control_grants": control.grants if (control := self._control[server]) else 0,
+                    "subrequests": Count(sum(c.stats.subrequests for c in conns)),
+                    "bytes_sent": Count(sum(c.stats.bytes_sent for c in conns)),
+                    "bytes_received": Count(sum(c.stats.bytes_received for c in conns)),
+                    "failures": Count(sum(c.stats.failures for c in conns)),
+                    "credit_waits": Count(sum(c.credits.waits for c in conns if c.credits is not None)),
+                    "control_grants": Count(control.grants if (control := self._control[server]) else 0),
                 }
                 for server, conns in enumerate(self._by_server)
             ],

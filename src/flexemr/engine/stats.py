@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from flexemr.stats import counts
+
 
 @dataclass
 class ThreadStats:
@@ -27,7 +29,7 @@ class ThreadStats:
     """Work items that reached this thread after their connection had moved, and were passed on."""
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return counts(asdict(self))
 
 
 @dataclass
@@ -42,4 +44,4 @@ class ConnectionStats:
     """Times this connection changed owner thread."""
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return counts(asdict(self))

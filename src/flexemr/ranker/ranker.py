@@ -30,6 +30,7 @@ from flexemr.ranker.batcher import DynamicBatcher
 from flexemr.ranker.turns import Turns
 from flexemr.sharding.plan import ShardingPlan
 from flexemr.sharding.router import RangeRouter, Subrequest
+from flexemr.stats import counts
 from flexemr.transport.base import LookupFailed, LookupRequest, LookupTransport, ServerUnavailable
 
 
@@ -190,8 +191,7 @@ class Ranker:
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {
-            "requests": self.requests,
-            "samples": self.samples,
+            **counts({"requests": self.requests, "samples": self.samples}),
             "transport": self.transport.stats(),
         }
         if self.cache is not None:
@@ -200,10 +200,9 @@ class Ranker:
                 k: v for k, v in dataclasses.asdict(cache).items() if isinstance(v, int | float)
             }
         if self.batcher is not None:
-            stats["batcher"] = {
-                "batches": self.batcher.merged_batches,
-                "requests": self.batcher.merged_requests,
-            }
+            stats["batcher"] = counts(
+                {"batches": self.batcher.merged_batches, "requests": self.batcher.merged_requests}
+            )
         return stats
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ import redis
 
 from flexemr.model.weights import WeightSource
 from flexemr.sharding.plan import ShardingPlan
+from flexemr.stats import counts
 from flexemr.transport.base import LookupFailed, LookupRequest, ServerUnavailable
 
 _LOAD_CHUNK_ROWS = 8192
@@ -72,7 +73,7 @@ class RedisTransport:
             return [False]
 
     def stats(self) -> dict[str, Any]:
-        return {"redis": {"requests": self.requests, "bytes_received": self.bytes_received}}
+        return {"redis": counts({"requests": self.requests, "bytes_received": self.bytes_received})}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

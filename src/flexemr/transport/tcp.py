@@ -30,6 +30,7 @@ from flexemr.protocol.frames import (
     recv_frame,
     send_frame,
 )
+from flexemr.stats import counts
 from flexemr.transport.base import LookupFailed, LookupRequest, ServerUnavailable
 
 log = logging.getLogger(__name__)
@@ -229,10 +230,14 @@ class TcpTransport:
                 {
                     "server": c.server,
                     "connected": c.alive,
-                    "subrequests": c.sent,
-                    "bytes_sent": c.bytes_sent,
-                    "bytes_received": c.bytes_received,
-                    "failures": c.failures,
+                    **counts(
+                        {
+                            "subrequests": c.sent,
+                            "bytes_sent": c.bytes_sent,
+                            "bytes_received": c.bytes_received,
+                            "failures": c.failures,
+                        }
+                    ),
                 }
                 for c in self._connections
             ]
