@@ -164,6 +164,13 @@ def measure_lookups(settings: BenchSettings) -> tuple[LookupCost, list[dict[str,
     rng = np.random.default_rng(0)
     points = _lookup_grid(settings, settings.table_mib, rng)
     small = _lookup_grid(settings, settings.small_table_mib, rng)
+    return fit_lookups(points, small), points + small
+
+
+def fit_lookups(points: list[dict[str, float]], small: list[dict[str, float]]) -> LookupCost:
+    """The lookup cost model fitted to the grid on the big table (`points`) and the same grid, point
+    for point, on the small one (`small`)."""
+    table_mib, small_table_mib = points[0]["table_mib"], small[0]["table_mib"]
     uniform = [p for p in points if p["skew"] == 0]
     # Relative errors: divide each row by its measurement so cheap and costly points weigh alike.
     measured = np.array([p["seconds_per_bag"] for p in uniform])
@@ -181,14 +188,13 @@ def measure_lookups(settings: BenchSettings) -> tuple[LookupCost, list[dict[str,
     ratios = [
         big["seconds_per_bag"] / little["seconds_per_bag"] for big, little in zip(points, small, strict=True)
     ]
-    exponent = float(np.median(np.log(ratios))) / np.log(settings.table_mib / settings.small_table_mib)
-    cost = LookupCost(
+    exponent = float(np.median(np.log(ratios))) / np.log(table_mib / small_table_mib)
+    return LookupCost(
         float(bag_s), float(row_s), float(element_s), skew_gain,
-        table_bytes=settings.table_mib * 2**20,
-        small_table_bytes=settings.small_table_mib * 2**20,
+        table_bytes=int(table_mib * 2**20),
+        small_table_bytes=int(small_table_mib * 2**20),
         size_exponent=max(0.0, exponent),
     )  # fmt: skip
-    return cost, points + small
 
 
 _DENSE_SHAPES = (
