@@ -48,8 +48,8 @@ from flexemr.bench.loadgen_sut import (
     run_offline,
     run_server,
 )
-from flexemr.bench.multi_ranker import LocalDeployment
-from flexemr.bench.systems import cpu_seconds
+from flexemr.calibrate.microbench import BenchSettings, run_calibration
+from flexemr.cluster.deployment import LocalDeployment, cpu_seconds
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
 from flexemr.model.spec import Pooling
 from flexemr.planner import (
@@ -64,7 +64,6 @@ from flexemr.planner import (
     place,
     predict,
 )
-from flexemr.planner.microbench import BenchSettings, run_calibration
 from flexemr.planner.placement import Strategy
 from flexemr.workload.query_sizes import QuerySizes
 from flexemr.workload.request import Request

@@ -25,7 +25,8 @@ from flexemr.bench.loadgen_sut import (
     run_offline,
     run_server,
 )
-from flexemr.bench.systems import SYSTEMS, ServedSystem, cache_hit_rate, cpu_seconds, wire_bytes
+from flexemr.bench.systems import SYSTEMS, ServedSystem, cache_hit_rate, wire_bytes
+from flexemr.cluster.deployment import cpu_seconds
 from flexemr.config import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.workload import data_dir

@@ -7,10 +7,8 @@ own process and is called directly (its reports say `in-process`).
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -47,12 +45,6 @@ SYSTEMS = {
                "rows in Redis (MGET), pooled on the ranker: HugeCTR-PS style"),
     ]
 }  # fmt: skip
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class ServedSystem:

@@ -12,7 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flexemr.planner.microbench import BenchSettings, run_calibration
+    from flexemr.calibrate.microbench import BenchSettings, run_calibration
 
     start = time.perf_counter()
     settings = BenchSettings.quick() if args.quick else BenchSettings()

@@ -2,7 +2,7 @@
 
 inputs       model, traffic, availability, the request (validated, from JSON files)
 catalog      node types and prices (default: AWS us-east-1 on-demand list prices)
-calibration  the cost model's constants, and their file; microbench measures them
+calibration  the cost model's constants, and their file (`flexemr.calibrate` measures them)
 placement    table-/row-wise chunks with k+1 copies, balanced by load and bytes
 perf_model   throughput and p99 of a deployment (M/G/c queues, fan-out, network)
 search       the fast search, the exhaustive reference, monolithic baselines

@@ -1,6 +1,6 @@
 """Calibration: the measured constants of the performance model, and the file that holds them.
 
-`flexemr calibrate` fills one by running `flexemr.planner.microbench` on this machine; without a
+`flexemr calibrate` fills one by running `flexemr.calibrate.microbench` on this machine; without a
 file the planner can fall back to `default_calibration()`, whose `calibrated` flag is False so every
 report says the numbers are guesses.
 """

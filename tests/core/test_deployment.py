@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import numpy as np
 
-from flexemr.bench.multi_ranker import LocalDeployment
+from flexemr.cluster.deployment import LocalDeployment
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
 from flexemr.model.weights import build_monolithic
 from flexemr.planner import ModelProfile, place

@@ -7,9 +7,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from flexemr.calibrate.microbench import BenchSettings, _serving_request, fit_lookups, measure_lookups
 from flexemr.config import ModelSource
 from flexemr.planner.calibration import LookupCost
-from flexemr.planner.microbench import BenchSettings, _serving_request, fit_lookups, measure_lookups
 from flexemr.planner.placement import Strategy
 from flexemr.sharding.plan import make_plan
 from flexemr.sharding.router import RangeRouter

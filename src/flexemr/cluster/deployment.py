@@ -1,16 +1,10 @@
 """A local deployment with several rankers: embedding servers (`LocalCluster`) plus N `flexemr
-ranker --spec` processes on the same servers, and a LoadGen backend that spreads queries over the
-rankers' HTTP endpoints round-robin (what a load balancer in front of a ranker tier does).
+ranker --spec` processes on the same servers, and a backend that spreads requests over the rankers'
+HTTP endpoints round-robin (what a load balancer in front of a ranker tier does). The calibration
+measures it, and the planner's validation benchmark runs LoadGen over it.
 
     with LocalDeployment(spec, rankers=2) as deployment:
         run_offline(deployment.backend(), pool)
-
-The rankers run through this module's `main`, which is `flexemr ranker` with TCP_NODELAY set on
-the HTTP listening socket. `HttpServer` binds that socket itself with `socket.create_server`
-(protocol number 0), so asyncio's own TCP_NODELAY (it checks for IPPROTO_TCP) never applies and
-Nagle holds back each response body until the client's delayed ACK of the headers: +40 ms on
-every request. Linux copies TCP_NODELAY from the listener to accepted sockets, so setting it there
-is the fix; once `HttpServer` does it, `main` changes nothing and can go.
 """
 
 from __future__ import annotations
@@ -18,13 +12,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import socket
 import sys
 import tempfile
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Literal
 
 import numpy as np
 
@@ -34,17 +27,13 @@ from flexemr.cluster.local import LocalCluster
 from flexemr.config import ClusterSpec
 from flexemr.workload.request import Request
 
-if TYPE_CHECKING:  # the LoadGen package is optional (`bench` extra); calibration runs without it
-    from flexemr.bench.loadgen_sut import Transport
-
 
 def start_ranker(
     spec_path: Path, dense_threads: int | None = None, timeout_s: float = 120.0
 ) -> AnnouncedProcess:
     """`flexemr ranker --spec FILE` in a child process. `dense_threads` caps torch's threads
     (OMP_NUM_THREADS); None leaves torch's default (one per core)."""
-    module = "flexemr.bench.multi_ranker"
-    command = [sys.executable, "-m", module, "ranker", "--spec", str(spec_path), "--watch-stdin"]
+    command = [sys.executable, "-m", "flexemr.cli.main", "ranker", "--spec", str(spec_path), "--watch-stdin"]
     env = dict(os.environ)
     if dense_threads is not None:
         env["OMP_NUM_THREADS"] = str(dense_threads)
@@ -54,7 +43,7 @@ def start_ranker(
 class RoundRobinBackend:
     """Sends each request to the next ranker in turn (a LoadGen `Backend`)."""
 
-    transport: Transport = "http"
+    transport: Literal["http"] = "http"
 
     def __init__(self, urls: list[str], name: str = "flexemr", model: str = "dlrm") -> None:
         if not urls:
@@ -130,20 +119,7 @@ class LocalDeployment:
         self.stop()
 
 
-def main() -> None:
-    """`flexemr` with TCP_NODELAY on the ranker's HTTP listening socket (see the module docstring)."""
-    from flexemr.cli.main import entry
-    from flexemr.cluster import roles
-
-    unpatched = roles.HttpServer.__init__
-
-    def init(self: roles.HttpServer, *args: Any, **kwargs: Any) -> None:
-        unpatched(self, *args, **kwargs)
-        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    roles.HttpServer.__init__ = init  # type: ignore[method-assign]
-    entry()
-
-
-if __name__ == "__main__":
-    main()
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -24,12 +24,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from scipy.optimize import nnls
 
+from flexemr.cluster.deployment import LocalDeployment, RoundRobinBackend, cpu_seconds
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
@@ -40,9 +41,6 @@ from flexemr.planner.placement import Strategy
 from flexemr.sharding.plan import ShardingPlan, make_plan
 from flexemr.sharding.router import RangeRouter
 from flexemr.workload.request import Request
-
-if TYPE_CHECKING:
-    from flexemr.bench.multi_ranker import LocalDeployment, RoundRobinBackend
 
 
 @dataclass(frozen=True)
@@ -335,8 +333,6 @@ def _cpu_per_request(
 def _cpu_run(
     backend: RoundRobinBackend, pids: dict[str, int], requests: list[Request], seconds: float, in_flight: int
 ) -> dict[str, float]:
-    from flexemr.bench.systems import cpu_seconds
-
     counts = [0] * in_flight
     stop = time.perf_counter() + seconds
 
@@ -423,8 +419,6 @@ def measure_serving(
     end of a connection at the loopback stream's rate) are taken away, fitted to the request's
     shape, on a row-wise and a table-wise cluster (the router works differently on each); plus
     the ranker's contention from one point repeated with several requests in flight."""
-    from flexemr.bench.multi_ranker import LocalDeployment
-
     spec = _SERVING_MODEL.spec()
     flops = ModelProfile(spec).dense_flops_per_sample
 
