@@ -9,16 +9,16 @@ import pytest
 
 from flexemr.calibrate.microbench import BenchSettings, _serving_request, fit_lookups, measure_lookups
 from flexemr.config import ModelSource
+from flexemr.planner import ModelProfile, place
 from flexemr.planner.calibration import LookupCost
 from flexemr.planner.placement import Strategy
-from flexemr.sharding.plan import make_plan
 from flexemr.sharding.router import RangeRouter
 
 
 @pytest.mark.parametrize("strategy", ["row", "table"])
 def test_serving_requests_reach_only_the_servers_and_tables_asked_for(strategy: Strategy) -> None:
     spec = ModelSource(preset="rmc1", row_scale=0.005).spec()
-    plan = make_plan(strategy, spec.table_rows, spec.dim, 2)
+    plan = place(ModelProfile(spec), 2, 1, strategy).to_sharding_plan(ModelProfile(spec))  # as calibrated
     router = RangeRouter(plan)
     request = _serving_request(np.random.default_rng(0), plan, spec.num_dense, 16, 4, 1, 3)
     per_table = request.table_lengths().sum(axis=1)

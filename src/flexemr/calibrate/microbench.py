@@ -37,8 +37,8 @@ from flexemr.model.spec import ModelSpec
 from flexemr.planner.calibration import Calibration, DenseCost, LookupCost, NetworkCost, ServingCost
 from flexemr.planner.inputs import ModelProfile
 from flexemr.planner.perf_model import INDEX_BYTES
-from flexemr.planner.placement import Strategy
-from flexemr.sharding.plan import ShardingPlan, make_plan
+from flexemr.planner.placement import Strategy, place
+from flexemr.sharding.plan import ShardingPlan
 from flexemr.sharding.router import RangeRouter
 from flexemr.workload.request import Request
 
@@ -420,7 +420,8 @@ def measure_serving(
     shape, on a row-wise and a table-wise cluster (the router works differently on each); plus
     the ranker's contention from one point repeated with several requests in flight."""
     spec = _SERVING_MODEL.spec()
-    flops = ModelProfile(spec).dense_flops_per_sample
+    profile = ModelProfile(spec)
+    flops = profile.dense_flops_per_sample
 
     def dense_s(batch: int) -> float:
         return dense.call_s + batch * flops / dense.flops_per_s
@@ -433,7 +434,8 @@ def measure_serving(
         ("row", settings.serving_points),
     )
     for strategy, shapes in plans:
-        plan = make_plan(strategy, spec.table_rows, spec.dim, 2)
+        # The planner's own placement: what is calibrated is what it predicts.
+        plan = place(profile, 2, 1, strategy).to_sharding_plan(profile)
         cluster = ClusterSpec(_SERVING_MODEL, plan, (Endpoint(), Endpoint()), RankerConfig(port=0))
         with LocalDeployment(cluster, rankers=1) as deployment:
             points += _serving_points(deployment, plan, shapes, settings, lookup, byte_s, dense_s, rng)
