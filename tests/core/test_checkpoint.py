@@ -15,6 +15,8 @@ from flexemr.model.weights import CheckpointWeights, build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores
 
+pytestmark = pytest.mark.slow  # multi-process; `make test-fast` leaves it out
+
 ROWS = (40, 25, 60)
 DIM = 4
 

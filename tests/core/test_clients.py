@@ -17,6 +17,8 @@ from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess, start_serve
 from tests.core.helpers import random_batch, reference_scores
 
+pytestmark = pytest.mark.slow  # multi-process; `make test-fast` leaves it out
+
 SOURCE = ModelSource(preset="tiny", seed=5, pooling="mean")
 SPEC = SOURCE.spec()
 MODEL = build_monolithic(SOURCE.load())

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from flexemr.client import Client
@@ -14,6 +15,8 @@ from flexemr.model.dlrm import DLRM, init_dense
 from flexemr.workload.criteo import CriteoReplay, criteo_spec
 from tests.conftest import SHARED_DATA, ServeProcess
 from tests.core.helpers import reference_scores
+
+pytestmark = pytest.mark.slow  # multi-process; `make test-fast` leaves it out
 
 
 def test_criteo_sample_served_exactly(tmp_path: Path, serve: Callable[..., ServeProcess]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import numpy as np
+import pytest
 
 from flexemr.cluster.deployment import LocalDeployment
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
@@ -11,6 +12,8 @@ from flexemr.model.weights import build_monolithic
 from flexemr.planner import ModelProfile, place
 from flexemr.workload.request import Request
 from tests.core.helpers import random_batch, reference_scores
+
+pytestmark = pytest.mark.slow  # multi-process; `make test-fast` leaves it out
 
 
 def test_two_rankers_share_the_servers_and_score_like_the_monolithic_model() -> None:

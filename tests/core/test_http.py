@@ -178,6 +178,7 @@ def test_malformed_json_and_unknown_model(client: httpx.Client) -> None:
     assert "unknown model 'nope'" in response.json()["error"]
 
 
+@pytest.mark.slow
 def test_killed_embedding_server_gives_503_never_scores(serve: Callable[..., ServeProcess]) -> None:
     # no cache: a warm cache could (correctly) answer from cached rows without the dead server
     server = serve("--preset", "tiny", "--embedding-servers", "2", "--sharding", "row", "--cache", "off")
@@ -195,6 +196,7 @@ def test_killed_embedding_server_gives_503_never_scores(serve: Callable[..., Ser
         assert client.get("/v2/health/ready").status_code == 503
 
 
+@pytest.mark.slow
 def test_serve_stops_all_children_on_sigterm(serve: Callable[..., ServeProcess]) -> None:
     server = serve("--preset", "tiny", "--embedding-servers", "3")
     children = server.children()

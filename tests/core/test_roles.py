@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 
 from flexemr.client import Client
 from flexemr.cluster.local import LocalCluster
@@ -21,6 +22,7 @@ from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores
 
 
+@pytest.mark.slow
 def test_ranker_role_serves_from_a_spec_file_honouring_its_engine_section(tmp_path: Path) -> None:
     """The spec file's engine section reaches the ranker, and only the engine flags given override it."""
     source = ModelSource(preset="tiny", seed=9)
@@ -101,6 +103,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_a_parent_killed_outright_leaves_no_serve_or_server_behind() -> None:
     command = [sys.executable, "-c", PARENT]
     with subprocess.Popen(

@@ -62,6 +62,7 @@ def test_ranker_on_the_engine_scores_like_the_monolith(
         ranker.close()
 
 
+@pytest.mark.slow
 def test_a_dying_server_fails_its_subrequests_fast_and_others_carry_on(
     cluster: tuple[LocalCluster, ClusterSpec],
 ) -> None:

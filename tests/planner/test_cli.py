@@ -37,6 +37,7 @@ def test_infeasible_plan_exits_nonzero_with_reason(capsys: pytest.CaptureFixture
     assert "no plan meets the request" in err and "what would fix it" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_calibrate_quick_writes_a_usable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cal.json"
     assert main(["calibrate", "--quick", "--out", str(out)]) == 0
