@@ -42,7 +42,7 @@ from flexemr.protocol.frames import (
     parse_descriptors,
     parse_header,
 )
-from flexemr.stats import counts
+from flexemr.stats import Count
 from flexemr.transport.base import LookupFailed, LookupRequest, ServerUnavailable
 from flexemr.transport.tcp import handshake
 
@@ -323,14 +323,10 @@ class Connection:
             c = self.credits
             out["credits"] = {
                 "capacity": c.capacity,
+                "granted": Count(c.granted),
+                "received": Count(c.received),
                 "owed": c.owed,
-                **counts(
-                    {
-                        "granted": c.granted,
-                        "received": c.received,
-                        "waits": c.waits,
-                        "violations": c.violations,
-                    }
-                ),
+                "waits": Count(c.waits),
+                "violations": Count(c.violations),
             }
         return out

@@ -30,7 +30,7 @@ from flexemr.protocol.frames import (
     recv_frame,
     send_frame,
 )
-from flexemr.stats import counts
+from flexemr.stats import Count
 from flexemr.transport.base import LookupFailed, LookupRequest, ServerUnavailable
 
 log = logging.getLogger(__name__)
@@ -230,14 +230,10 @@ class TcpTransport:
                 {
                     "server": c.server,
                     "connected": c.alive,
-                    **counts(
-                        {
-                            "subrequests": c.sent,
-                            "bytes_sent": c.bytes_sent,
-                            "bytes_received": c.bytes_received,
-                            "failures": c.failures,
-                        }
-                    ),
+                    "subrequests": Count(c.sent),
+                    "bytes_sent": Count(c.bytes_sent),
+                    "bytes_received": Count(c.bytes_received),
+                    "failures": Count(c.failures),
                 }
                 for c in self._connections
             ]
