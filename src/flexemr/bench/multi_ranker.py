@@ -4,13 +4,6 @@ rankers' HTTP endpoints round-robin (what a load balancer in front of a ranker t
 
     with LocalDeployment(spec, rankers=2) as deployment:
         run_offline(deployment.backend(), pool)
-
-The rankers run through this module's `main`, which is `flexemr ranker` with TCP_NODELAY set on
-the HTTP listening socket. `HttpServer` binds that socket itself with `socket.create_server`
-(protocol number 0), so asyncio's own TCP_NODELAY (it checks for IPPROTO_TCP) never applies and
-Nagle holds back each response body until the client's delayed ACK of the headers: +40 ms on
-every request. Linux copies TCP_NODELAY from the listener to accepted sockets, so setting it there
-is the fix; once `HttpServer` does it, `main` changes nothing and can go.
 """
 
 from __future__ import annotations
@@ -18,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import socket
 import sys
 import tempfile
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -43,8 +35,7 @@ def start_ranker(
 ) -> AnnouncedProcess:
     """`flexemr ranker --spec FILE` in a child process. `dense_threads` caps torch's threads
     (OMP_NUM_THREADS); None leaves torch's default (one per core)."""
-    module = "flexemr.bench.multi_ranker"
-    command = [sys.executable, "-m", module, "ranker", "--spec", str(spec_path), "--watch-stdin"]
+    command = [sys.executable, "-m", "flexemr.cli.main", "ranker", "--spec", str(spec_path), "--watch-stdin"]
     env = dict(os.environ)
     if dense_threads is not None:
         env["OMP_NUM_THREADS"] = str(dense_threads)
@@ -128,22 +119,3 @@ class LocalDeployment:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
-
-
-def main() -> None:
-    """`flexemr` with TCP_NODELAY on the ranker's HTTP listening socket (see the module docstring)."""
-    from flexemr.cli.main import entry
-    from flexemr.cluster import roles
-
-    unpatched = roles.HttpServer.__init__
-
-    def init(self: roles.HttpServer, *args: Any, **kwargs: Any) -> None:
-        unpatched(self, *args, **kwargs)
-        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    roles.HttpServer.__init__ = init  # type: ignore[method-assign]
-    entry()
-
-
-if __name__ == "__main__":
-    main()

@@ -68,6 +68,10 @@ class HttpServer:
 
     def __init__(self, ranker: Ranker, host: str, port: int) -> None:
         self.socket = socket.create_server((host, port), backlog=1024)
+        # Without it Nagle holds each response body back until the client's delayed ACK of the
+        # headers (+40 ms per keep-alive request). asyncio sets it only on sockets whose protocol
+        # number is IPPROTO_TCP (create_server's is 0); accepted sockets inherit it from here.
+        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.host = host
         self.port = self.socket.getsockname()[1]
         app = create_app(ranker, ranker.config.model_name)
