@@ -131,20 +131,22 @@ async def capacity(url: str, bodies: list[tuple[bytes, dict[str, str]]], args: a
     return done / args.capacity_seconds
 
 
-def offer(url: str, rate: float, args: argparse.Namespace, seed: int) -> tuple[list[Outcome], float, float]:
+def offer(
+    url: str, rate: float, args: argparse.Namespace, seed: int
+) -> tuple[list[Outcome], float, float, float]:
     """One load process: requests at fixed intervals (open loop); and the wall-clock times when
-    offering ended and when the last answer came."""
+    offering began and ended and when the last answer came."""
     bodies = [binary_body(r) for r in requests(args.preset, args.batch, 32)]
 
-    async def run() -> tuple[list[Outcome], float, float]:
+    async def run() -> tuple[list[Outcome], float, float, float]:
         async with client(url, args) as http:
-            tasks = []
+            tasks, began = [], time.time()
             start = time.perf_counter() + seed / rate / args.processes  # processes interleave
             for i in range(int(rate * args.seconds)):
                 await asyncio.sleep(max(start + i / rate - time.perf_counter(), 0))
                 tasks.append(asyncio.create_task(post(http, bodies[i % len(bodies)])))
             offered = time.time()
-            return list(await asyncio.gather(*tasks)), offered, time.time()
+            return list(await asyncio.gather(*tasks)), began, offered, time.time()
 
     return asyncio.run(run())
 
@@ -174,15 +176,17 @@ async def overload(url: str, pid: int | None, args: argparse.Namespace) -> None:
                 rss_peak = max(rss_peak, rss_mb(pid))
                 await asyncio.sleep(0.1)
         parts = await load
-    results = [outcome for part, _, _ in parts for outcome in part]
-    drain_s = max(done for _, _, done in parts) - max(offered for _, offered, _ in parts)
+    results = [outcome for part, *_ in parts for outcome in part]
+    offered_s = max(offered - began for _, began, offered, _ in parts)
+    drain_s = max(done for *_, done in parts) - max(offered for _, _, offered, _ in parts)
 
     outcomes = Counter(status for status, _ in results)
     admitted = np.array([t for status, t in results if status == 200]) * 1000
     refused = outcomes[429] + outcomes[503]
     p50, p99 = np.percentile(admitted, [50, 99]) if admitted.size else (float("nan"),) * 2
     probe_ms = np.array([t for _, t in probes]) * 1000
-    print(f"offered {len(results)} over {args.seconds:g} s")
+    print(f"offered {len(results)} in {offered_s:.1f} s ({len(results) / offered_s:.1f}/s; slower than "
+          "asked means the load generator ran out of CPU)")  # fmt: skip
     print(f"admitted {outcomes[200]}  refused {refused} (429: {outcomes[429]}, 503: {outcomes[503]})  "
           f"other {dict((k, v) for k, v in outcomes.items() if k not in (200, 429, 503))}")  # fmt: skip
     print(f"admitted latency p50 {p50:.1f} ms  p99 {p99:.1f} ms; all answered {drain_s:.2f} s "
