@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -14,6 +15,7 @@ import httpx
 import numpy as np
 import pytest
 
+from flexemr.api.http import RateLimitedWarnings
 from flexemr.config import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess, start_serve
@@ -333,3 +335,15 @@ def test_fuzzed_requests_get_4xx_never_5xx_and_the_ranker_keeps_serving(
     assert cluster.proc.poll() is None
     test_json_infer_matches_monolithic(client)
     assert not any("Traceback" in line for line in cluster.output), "".join(cluster.output[-40:])
+
+
+def test_client_caused_warnings_are_rate_limited_errors_are_not() -> None:
+    limit = RateLimitedWarnings(interval_s=3600)
+
+    def record(level: int) -> logging.LogRecord:
+        return logging.LogRecord(
+            "uvicorn.error", level, __file__, 1, "Invalid HTTP request received.", (), None
+        )
+
+    assert [limit.filter(record(logging.WARNING)) for _ in range(5)] == [True, False, False, False, False]
+    assert limit.filter(record(logging.ERROR))

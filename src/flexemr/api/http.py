@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,6 +35,27 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "flexemr-timeout-ms"
 MAX_TIMEOUT_MS = 3_600_000
+
+
+class RateLimitedWarnings(logging.Filter):
+    """Lets at most one warning through per `interval_s`: uvicorn logs one for every malformed HTTP
+    request, which a client can send in a loop. Errors always pass."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                return False
+            self._next = now + self.interval_s
+            return True
 
 
 class BodyTooLarge(Exception):

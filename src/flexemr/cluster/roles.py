@@ -10,7 +10,7 @@ import time
 
 import uvicorn
 
-from flexemr.api.http import create_app
+from flexemr.api.http import RateLimitedWarnings, create_app
 from flexemr.config import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
@@ -75,6 +75,7 @@ class HttpServer:
         self.host = host
         self.port = self.socket.getsockname()[1]
         app = create_app(ranker, ranker.config.model_name)
+        logging.getLogger("uvicorn.error").addFilter(RateLimitedWarnings())  # clients' bad HTTP
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
