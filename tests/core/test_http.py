@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from flexemr.api.http import RateLimitedWarnings
+from flexemr.cluster.roles import http_listener
 from flexemr.config import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess, start_serve
@@ -347,3 +348,10 @@ def test_client_caused_warnings_are_rate_limited_errors_are_not() -> None:
 
     assert [limit.filter(record(logging.WARNING)) for _ in range(5)] == [True, False, False, False, False]
     assert limit.filter(record(logging.ERROR))
+
+
+def test_the_http_socket_sends_without_waiting_for_acks() -> None:
+    with http_listener("127.0.0.1", 0) as listener, socket.create_connection(listener.getsockname()):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
