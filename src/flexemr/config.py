@@ -113,7 +113,8 @@ class RankerConfig:
     """A request's time budget from arrival, unless its `Flexemr-Timeout-Ms` header sets one; work
     not yet started when it passes is dropped (HTTP 504)."""
     max_body_bytes: int = 256 * 2**20
-    """Largest request body, chunked or not (HTTP 413 as soon as a body passes it)."""
+    """Largest request body, chunked or not (HTTP 413 as soon as a body passes it); its JSON part
+    may be 1/16 of it (parsed JSON numbers take about 16 times their text)."""
 
     def __post_init__(self) -> None:
         if self.lookup not in ("partial", "raw"):

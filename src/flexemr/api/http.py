@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "flexemr-timeout-ms"
 MAX_TIMEOUT_MS = 3_600_000
+JSON_EXPANSION = 16
+"""JSON bodies may be this much smaller than binary ones: orjson makes each number a Python object."""
 
 
 class RateLimitedWarnings(logging.Filter):
@@ -169,9 +171,17 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
         if name != model_name:
             return failure(400, "unknown_model", f"unknown model {name!r}; this server serves {model_name!r}")
         limit = ranker.config.max_body_bytes
+        json_limit = limit // JSON_EXPANSION
+        json_error = (
+            f"the JSON part of a request may be at most {json_limit} bytes (1/{JSON_EXPANSION} of the body "
+            "limit: parsed JSON numbers take about that many times their text); send binary tensors"
+        )
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return failure(413, "too_large", f"request body of {declared} bytes exceeds {limit}")
+        header_length = request.headers.get(HEADER_LENGTH)
+        if header_length is not None and header_length.isdigit() and int(header_length) > json_limit:
+            return failure(413, "too_large", json_error)
         try:
             timeout_s = request_timeout(request.headers.get(TIMEOUT_HEADER), ranker.config.deadline_s)
             ticket = ranker.admission.arrive(timeout_s)
@@ -181,12 +191,13 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
             return refused(exc)
         watcher: asyncio.Task[None] | None = None
         try:
-            body = await read_body(request, limit)
+            body = await read_body(request, limit if header_length is not None else json_limit)
             watcher = asyncio.create_task(watch_disconnect(request, ticket))
             with metrics.latency.time():
-                response = await run_in_threadpool(_infer, body, request.headers.get(HEADER_LENGTH), ticket)
+                response = await run_in_threadpool(_infer, body, header_length, ticket)
         except BodyTooLarge:
-            return failure(413, "too_large", f"request body exceeds {limit} bytes")
+            message = f"request body exceeds {limit} bytes" if header_length is not None else json_error
+            return failure(413, "too_large", message)
         except ClientDisconnect:
             ranker.admission.dropped(Dropped("disconnected", "the client disconnected"))
             return failure(499, "disconnected", "the client disconnected")  # nobody reads it
