@@ -106,6 +106,15 @@ class RankerConfig:
     device_memory_bytes: int | None = None
     """Memory budget the dense model's activations and the cache share; None: the GPU's free memory,
     or a quarter of RAM on a CPU."""
+    max_in_flight_samples: int | None = None
+    """Admission bound: samples admitted and not yet answered; a request beyond it gets HTTP 429 at
+    once. None: 2 x max_batch."""
+    deadline_s: float = 10.0
+    """A request's time budget from arrival, unless its `Flexemr-Timeout-Ms` header sets one; work
+    not yet started when it passes is dropped (HTTP 504)."""
+    max_body_bytes: int = 256 * 2**20
+    """Largest request body, chunked or not (HTTP 413 as soon as a body passes it); its JSON part
+    may be 1/16 of it (parsed JSON numbers take about 16 times their text)."""
 
     def __post_init__(self) -> None:
         if self.lookup not in ("partial", "raw"):
@@ -114,7 +123,21 @@ class RankerConfig:
             raise ValueError(f"max_batch must be positive, got {self.max_batch}")
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be positive, got {self.request_timeout_s}")
+        if self.max_in_flight_samples is not None and self.max_in_flight_samples < self.max_batch:
+            raise ValueError(
+                f"max_in_flight_samples ({self.max_in_flight_samples}) must be at least max_batch "
+                f"({self.max_batch}), or no full batch could ever be admitted"
+            )
+        if self.deadline_s <= 0 or self.max_body_bytes < 1:
+            raise ValueError(
+                f"deadline_s and max_body_bytes must be positive, got {self.deadline_s}, "
+                f"{self.max_body_bytes}"
+            )
         CacheMode.parse(self.cache)
+
+    @property
+    def in_flight_limit(self) -> int:
+        return self.max_in_flight_samples or 2 * self.max_batch
 
 
 @dataclass(frozen=True)

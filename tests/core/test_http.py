@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +15,8 @@ import httpx
 import numpy as np
 import pytest
 
+from flexemr.api.http import RateLimitedWarnings
+from flexemr.cluster.roles import http_listener
 from flexemr.config import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess, start_serve
@@ -150,6 +155,46 @@ def _bad_requests() -> list[tuple[str, Callable[[], Any], str]]:
             "must have datatype FP32",
         ),
         (
+            "parameters not an object",
+            lambda: {**infer_body(dense, indices, lengths), "parameters": [1]},
+            "parameters must be a JSON object, got list",
+        ),
+        (
+            "outputs not a list",
+            lambda: {**infer_body(dense, indices, lengths), "outputs": 3},
+            "outputs must be",
+        ),
+        (
+            "shape overflows int64",
+            lambda: {
+                "inputs": [
+                    {**infer_body(dense, indices, lengths)["inputs"][0], "shape": [2**62, SPEC.num_dense]}
+                ]
+            },
+            f"shape [{2**62}, {SPEC.num_dense}] needs {2**62 * SPEC.num_dense} values",
+        ),
+        (
+            "huge shape",
+            lambda: {"inputs": [{**infer_body(dense, indices, lengths)["inputs"][1], "shape": [2**40]}]},
+            f"shape [{2**40}] needs {2**40} values",
+        ),
+        (
+            "booleans as numbers",
+            lambda: {
+                "inputs": [
+                    infer_body(dense, indices, lengths)["inputs"][0],
+                    {"name": "sparse_indices", "datatype": "INT64", "shape": [8], "data": [True] + [0] * 7},
+                    infer_body(dense, indices, lengths)["inputs"][2],
+                ]
+            },
+            "must hold INT64 numbers, got boolean values",
+        ),
+        (
+            "input twice",
+            lambda: {"inputs": infer_body(dense, indices, lengths)["inputs"] * 2},
+            "input dense_features is given twice",
+        ),
+        (
             "missing input",
             lambda: {"inputs": infer_body(dense, indices, lengths)["inputs"][:2]},
             "missing input",
@@ -207,3 +252,108 @@ def test_serve_stops_all_children_on_sigterm(serve: Callable[..., ServeProcess])
         assert (
             not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
         )
+
+
+def _fuzz_value(rng: np.random.Generator) -> Any:
+    """A value of the kind a careless or hostile client sends where something else belongs."""
+    choices: list[Any] = [
+        None, True, False, 0, -1, 1.5, 2**63, -(2**70), 1e308, "", "x", [], {}, [[]], [True, False],
+        [2**64, 1], [1.5, "a"], {"a": [1]}, [[[[1]]]], [1] * 100, [[1, 2], [3]], [None], [-(2**62)] * 3,
+    ]  # fmt: skip
+    return choices[int(rng.integers(len(choices)))]
+
+
+def _mutate(rng: np.random.Generator, node: Any) -> Any:
+    """`node` with one value somewhere inside it replaced, removed or added."""
+    if isinstance(node, dict) and node and rng.random() < 0.8:
+        key = list(node)[int(rng.integers(len(node)))]
+        action = rng.random()
+        if action < 0.15:
+            return {k: v for k, v in node.items() if k != key}
+        if action < 0.5:
+            return {**node, key: _fuzz_value(rng)}
+        return {**node, key: _mutate(rng, node[key])}
+    if isinstance(node, list) and node and rng.random() < 0.8:
+        i = int(rng.integers(len(node)))
+        copy = list(node)
+        copy[i] = _mutate(rng, node[i]) if rng.random() < 0.6 else _fuzz_value(rng)
+        return copy
+    if isinstance(node, dict):
+        return {
+            **node,
+            str(rng.choice(["parameters", "outputs", "id", "shape", "data", "inputs"])): _fuzz_value(rng),
+        }
+    return _fuzz_value(rng)
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value).encode()  # not orjson: the fuzz sends integers beyond 64 bits
+
+
+def _fuzzed_request(rng: np.random.Generator) -> tuple[str, bytes, dict[str, str]]:
+    dense, indices, lengths = random_batch(SPEC, int(rng.integers(1, 4)), seed=int(rng.integers(1000)))
+    good = infer_body(dense, indices, lengths, outputs=[{"name": "scores"}], parameters={})
+    kind = rng.random()
+    headers: dict[str, str] = {}
+    if kind < 0.6:
+        body = _dumps(_mutate(rng, good))
+    elif kind < 0.75:  # corrupted bytes
+        raw = bytearray(_dumps(good))
+        for _ in range(int(rng.integers(1, 8))):
+            raw[int(rng.integers(len(raw)))] = int(rng.integers(256))
+        body = bytes(raw[: int(rng.integers(1, len(raw) + 1))])
+    else:  # binary tensors with a bad split, size or length
+        arrays = [np.asarray(dense, "<f4"), np.asarray(indices, "<i8"), np.asarray(lengths, "<i4")]
+        header = _dumps(
+            _mutate(rng, {
+                "inputs": [
+                    {"name": e["name"], "datatype": e["datatype"], "shape": e["shape"],
+                     "parameters": {"binary_data_size": a.nbytes}}
+                    for e, a in zip(good["inputs"], arrays, strict=True)
+                ],
+            })
+        )  # fmt: skip
+        body = header + b"".join(a.tobytes() for a in arrays)[: int(rng.integers(0, 200))]
+        split = [str(len(header)), str(int(rng.integers(-5, len(body) + 5))), "x", "1e3", str(2**70)]
+        headers["Inference-Header-Content-Length"] = split[int(rng.integers(len(split)))]
+    if rng.random() < 0.1:
+        headers["Flexemr-Timeout-Ms"] = str(rng.choice(["0", "-1", "nan", "inf", "1e12", "abc", "5000"]))
+    return str(rng.choice(["dlrm"] * 9 + ["other"])), body, headers
+
+
+def test_fuzzed_requests_get_4xx_never_5xx_and_the_ranker_keeps_serving(
+    cluster: ServeProcess, client: httpx.Client
+) -> None:
+    rng = np.random.default_rng(11)
+    statuses = []
+    for _ in range(400):
+        model, body, headers = _fuzzed_request(rng)
+        response = client.post(f"/v2/models/{model}/infer", content=body, headers=headers)
+        assert response.status_code < 500, (body[:300], headers, response.text)
+        statuses.append(response.status_code)
+    assert statuses.count(400) > 200  # the fuzzing did reach the validation
+    for _ in range(5):  # truncated bodies: the client promises more than it sends, then leaves
+        with socket.create_connection((client.base_url.host, client.base_url.port)) as sock:
+            sock.sendall(b"POST /v2/models/dlrm/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n{")
+    assert cluster.proc.poll() is None
+    test_json_infer_matches_monolithic(client)
+    assert not any("Traceback" in line for line in cluster.output), "".join(cluster.output[-40:])
+
+
+def test_client_caused_warnings_are_rate_limited_errors_are_not() -> None:
+    limit = RateLimitedWarnings(interval_s=3600)
+
+    def record(level: int) -> logging.LogRecord:
+        return logging.LogRecord(
+            "uvicorn.error", level, __file__, 1, "Invalid HTTP request received.", (), None
+        )
+
+    assert [limit.filter(record(logging.WARNING)) for _ in range(5)] == [True, False, False, False, False]
+    assert limit.filter(record(logging.ERROR))
+
+
+def test_the_http_socket_sends_without_waiting_for_acks() -> None:
+    with http_listener("127.0.0.1", 0) as listener, socket.create_connection(listener.getsockname()):
+        accepted, _ = listener.accept()
+        with accepted:
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0

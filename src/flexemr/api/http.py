@@ -1,30 +1,100 @@
 """The ranker's HTTP front end: KServe v2 / Open Inference Protocol.
 
-Client mistakes get 400 with a message naming the field and value; a lookup that cannot complete
-gets 503 (the request fails, nothing is scored from partial rows); anything else is a 500 that is
-logged with its traceback. Scoring runs in the thread pool so requests overlap.
+Client mistakes get a 4xx with a message naming the field and value, and are not logged: 400 for
+bad input, 413 for a body over the limit (chunked too, refused as soon as it passes), 429 with
+Retry-After when admission refuses (`flexemr.ranker.admission`), 504 when the request's deadline
+(`Flexemr-Timeout-Ms` header, or the configured default) passed before its work started. A lookup
+that cannot complete gets 503 (nothing is scored from partial rows); anything else is a 500 logged
+with its traceback. Scoring runs in the thread pool so requests overlap; health, metadata and stats
+run on the event loop, so inference never delays them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
+import threading
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from flexemr.api.kserve import HEADER_LENGTH, TensorSpec, encode_infer_response, parse_infer_request
 from flexemr.api.metrics import RequestMetrics
+from flexemr.ranker.admission import Dropped, Refused, Ticket
 from flexemr.ranker.batch import InvalidRequest
-from flexemr.ranker.batcher import Overloaded
 from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupFailed, ServerUnavailable
 
 log = logging.getLogger(__name__)
 
-MAX_BODY_BYTES = 256 * 2**20
+TIMEOUT_HEADER = "flexemr-timeout-ms"
+MAX_TIMEOUT_MS = 3_600_000
+JSON_EXPANSION = 16
+"""JSON bodies may be this much smaller than binary ones: orjson makes each number a Python object."""
+
+
+class RateLimitedWarnings(logging.Filter):
+    """Lets at most one warning through per `interval_s`: uvicorn logs one for every malformed HTTP
+    request, which a client can send in a loop. Errors always pass."""
+
+    def __init__(self, interval_s: float = 10.0) -> None:
+        super().__init__()
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        with self._lock:
+            now = time.monotonic()
+            if now < self._next:
+                return False
+            self._next = now + self.interval_s
+            return True
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytearray:
+    """The body, chunked or not, into one buffer; `BodyTooLarge` as soon as it passes `limit`."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise BodyTooLarge
+    return body
+
+
+async def watch_disconnect(request: Request, ticket: Ticket) -> None:
+    """Mark the ticket when the client goes, so its work is dropped rather than computed.
+    Runs once the body is read: uvicorn's next message is then the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    ticket.client_gone()
+
+
+def request_timeout(header: str | None, default_s: float) -> float:
+    """The request's time budget in seconds: its Flexemr-Timeout-Ms header, or the default."""
+    if header is None:
+        return default_s
+    try:
+        ms = float(header)
+    except ValueError:
+        ms = math.nan
+    if not 0 < ms <= MAX_TIMEOUT_MS:
+        raise InvalidRequest(
+            f"header Flexemr-Timeout-Ms must be milliseconds in (0, {MAX_TIMEOUT_MS}], got {header!r}"
+        )
+    return ms / 1000
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -62,70 +132,117 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
         }
 
     @app.get("/v2")
-    def server_metadata() -> dict[str, Any]:
+    async def server_metadata() -> dict[str, Any]:
         return {"name": "flexemr", "version": "0.1.0", "extensions": ["binary_tensor_data"]}
 
     @app.get("/v2/health/live")
-    def live() -> dict[str, bool]:
+    async def live() -> dict[str, bool]:
         return {"live": True}
 
     @app.get("/v2/health/ready", response_model=None)
-    def ready() -> JSONResponse | dict[str, bool]:
+    async def ready() -> JSONResponse | dict[str, bool]:
         if ranker.ready():
             return {"ready": True}
         down = [i for i, up in enumerate(ranker.transport.connected()) if not up]
         return _error(503, f"embedding server(s) {down} not connected")
 
     @app.get("/v2/models/{name}", response_model=None)
-    def model_metadata(name: str) -> JSONResponse | dict[str, Any]:
+    async def model_metadata(name: str) -> JSONResponse | dict[str, Any]:
         if name != model_name:
             return failure(400, "unknown_model", f"unknown model {name!r}; this server serves {model_name!r}")
         return metadata()
 
     @app.get("/v2/models/{name}/ready", response_model=None)
-    def model_ready(name: str) -> JSONResponse | dict[str, Any]:
+    async def model_ready(name: str) -> JSONResponse | dict[str, Any]:
         if name != model_name:
             return failure(400, "unknown_model", f"unknown model {name!r}; this server serves {model_name!r}")
-        return ready()
+        return await ready()
 
     @app.get("/v2/stats")
-    def stats() -> dict[str, Any]:
+    async def stats() -> dict[str, Any]:
         return ranker.stats()
 
     @app.get("/metrics")
-    def prometheus() -> Response:
+    async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v2/models/{name}/infer")
     async def infer(name: str, request: Request) -> Response:
         if name != model_name:
             return failure(400, "unknown_model", f"unknown model {name!r}; this server serves {model_name!r}")
+        limit = ranker.config.max_body_bytes
+        json_limit = limit // JSON_EXPANSION
+        json_error = (
+            f"the JSON part of a request may be at most {json_limit} bytes (1/{JSON_EXPANSION} of the body "
+            "limit: parsed JSON numbers take about that many times their text); send binary tensors"
+        )
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return failure(413, "too_large", f"request body of {declared} bytes exceeds {MAX_BODY_BYTES}")
-        body = await request.body()
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return failure(413, "too_large", f"request body of {declared} bytes exceeds {limit}")
+        header_length = request.headers.get(HEADER_LENGTH)
+        if header_length is not None and header_length.isdigit() and int(header_length) > json_limit:
+            return failure(413, "too_large", json_error)
         try:
-            with metrics.latency.time():
-                response = await run_in_threadpool(_infer, body, request.headers.get(HEADER_LENGTH))
+            timeout_s = request_timeout(request.headers.get(TIMEOUT_HEADER), ranker.config.deadline_s)
+            ticket = ranker.admission.arrive(timeout_s)
         except InvalidRequest as exc:
             return failure(400, "invalid_input", str(exc))
-        except Overloaded as exc:
-            return failure(503, "overloaded", str(exc))
-        except ServerUnavailable as exc:
-            return failure(503, "server_unavailable", f"lookup failed, nothing was scored: {exc}")
-        except LookupFailed as exc:
-            return failure(503, "lookup_failed", f"lookup failed, nothing was scored: {exc}")
-        except Exception:
-            log.exception("inference failed")
-            return failure(500, "internal", "internal error; see the ranker's log")
+        except Refused as exc:
+            return refused(exc)
+        watcher: asyncio.Task[None] | None = None
+        try:
+            body = await read_body(request, limit if header_length is not None else json_limit)
+            watcher = asyncio.create_task(watch_disconnect(request, ticket))
+            with metrics.latency.time():
+                response = await run_in_threadpool(_infer, body, header_length, ticket)
+        except BodyTooLarge:
+            message = f"request body exceeds {limit} bytes" if header_length is not None else json_error
+            return failure(413, "too_large", message)
+        except ClientDisconnect:
+            ranker.admission.dropped(Dropped("disconnected", "the client disconnected"))
+            return failure(499, "disconnected", "the client disconnected")  # nobody reads it
+        except Exception as exc:  # every failure gets its status; internal ones are logged
+            return error_response(exc)
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+            ranker.admission.release(ticket)
         metrics.requests.labels("200").inc()
         return response
 
-    def _infer(body: bytes, header_length: str | None) -> Response:
+    def error_response(exc: Exception) -> JSONResponse:
+        """The client's mistakes are 4xx and not logged; failed lookups 503; anything else a logged 500."""
+        if isinstance(exc, InvalidRequest):
+            return failure(400, "invalid_input", str(exc))
+        if isinstance(exc, Refused):
+            return refused(exc)
+        if isinstance(exc, Dropped):
+            ranker.admission.dropped(exc)
+            if exc.reason == "deadline":
+                return failure(504, "deadline", f"{exc}; nothing was computed")
+            return failure(499, "disconnected", str(exc))
+        if isinstance(exc, ServerUnavailable):
+            return failure(503, "server_unavailable", f"lookup failed, nothing was scored: {exc}")
+        if isinstance(exc, LookupFailed):
+            return failure(503, "lookup_failed", f"lookup failed, nothing was scored: {exc}")
+        log.error("inference failed", exc_info=exc)
+        return failure(500, "internal", "internal error; see the ranker's log")
+
+    def refused(exc: Refused) -> JSONResponse:
+        response = failure(429, "refused", str(exc))
+        response.headers["retry-after"] = "1"
+        return response
+
+    def _infer(body: bytearray, header_length: str | None, ticket: Ticket) -> Response:
         with ranker.turns.turn():
+            ticket.check()  # the turn may have come late
             parsed = parse_infer_request(body, header_length, inputs)
+            body.clear()  # parsed: the raw bytes are not needed while scoring
             dense = parsed.tensors["dense_features"]
-            scores = ranker.score(dense, parsed.tensors["sparse_indices"], parsed.tensors["sparse_lengths"])
+            ranker.admission.admit(ticket, dense.shape[0])
+            scores = ranker.score(
+                dense, parsed.tensors["sparse_indices"], parsed.tensors["sparse_lengths"], ticket
+            )
             metrics.batch_size.observe(dense.shape[0])
             content, headers = encode_infer_response(
                 model_name, parsed.id, "scores", scores, parsed.binary_output

@@ -8,6 +8,7 @@ A response is binary when the request asks for it (`binary_data` on an output, o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,24 +43,65 @@ class InferRequest:
     binary_output: bool
 
 
+def _object(value: Any, where: str) -> dict[str, Any]:
+    """`value` if it is a JSON object or absent (then {}); a 400 naming `where` otherwise."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{where} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _leaf_types(data: list[Any], depth: int, name: str) -> set[type]:
+    """The types of the values in (nested) `data`, at most `depth` lists deep."""
+    types = set(map(type, data))
+    if list in types:
+        if depth <= 1:
+            raise InvalidRequest(f"input {name}: data is nested deeper than its shape")
+        types.discard(list)
+        for row in data:
+            if isinstance(row, list):
+                types |= _leaf_types(row, depth - 1, name)
+    return types
+
+
+def _json_values(entry: dict[str, Any], spec: TensorSpec, datatype: str) -> np.ndarray:
+    name = spec.name
+    data = entry.get("data")
+    if not isinstance(data, list):
+        raise InvalidRequest(f"input {name}: data must be a list of numbers, got {type(data).__name__}")
+    allowed = {int, float} if DATATYPES[datatype].kind == "f" else {int}
+    wrong = _leaf_types(data, len(spec.shape), name) - allowed
+    if wrong:  # JSON booleans are Python bools, which numpy would take as 0 and 1
+        kinds = ", ".join(sorted("boolean" if t is bool else t.__name__ for t in wrong))
+        raise InvalidRequest(f"input {name}: data must hold {datatype} numbers, got {kinds} values")
+    try:
+        values = np.asarray(data)
+    except ValueError as exc:
+        raise InvalidRequest(f"input {name}: data is not a rectangular array: {exc}") from None
+    if values.dtype == object:
+        raise InvalidRequest(f"input {name}: a value does not fit {datatype}")
+    return values
+
+
 def _decode_tensor(entry: Any, binary: memoryview, pos: int, expected: TensorSpec) -> tuple[np.ndarray, int]:
     name = expected.name
     datatype = entry.get("datatype")
     allowed = (expected.datatype, *expected.also_accepts)
-    if datatype not in allowed:
+    if not isinstance(datatype, str) or datatype not in allowed:
         raise InvalidRequest(f"input {name} must have datatype {' or '.join(allowed)}, got {datatype!r}")
     shape = entry.get("shape")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidRequest(f"input {name} has an invalid shape {shape!r}")
     if len(shape) != len(expected.shape) or any(
         e not in (-1, d) for e, d in zip(expected.shape, shape, strict=True)
     ):
         raise InvalidRequest(f"input {name} must have shape {list(expected.shape)}, got {shape}")
     dtype = DATATYPES[datatype]
-    count = int(np.prod(shape, dtype=np.int64))
-    size = (entry.get("parameters") or {}).get("binary_data_size")
+    count = math.prod(shape)  # Python ints: a huge shape cannot overflow
+    size = _object(entry.get("parameters"), f"input {name}: parameters").get("binary_data_size")
     if size is not None:
-        if not isinstance(size, int) or size != count * dtype.itemsize:
+        if type(size) is not int or size != count * dtype.itemsize:
             raise InvalidRequest(
                 f"input {name}: binary_data_size {size!r} != {count} x {dtype.itemsize} bytes"
             )
@@ -69,15 +111,7 @@ def _decode_tensor(entry: Any, binary: memoryview, pos: int, expected: TensorSpe
         return array.reshape(shape), pos + size
     if "data" not in entry:
         raise InvalidRequest(f"input {name} has neither data nor binary_data_size")
-    try:
-        values = np.asarray(entry["data"])
-    except ValueError as exc:
-        raise InvalidRequest(f"input {name}: data is not a rectangular array: {exc}") from None
-    if values.size and not (
-        np.issubdtype(values.dtype, np.integer)
-        or (dtype.kind == "f" and np.issubdtype(values.dtype, np.floating))
-    ):
-        raise InvalidRequest(f"input {name}: data must hold {datatype} numbers, got {values.dtype} values")
+    values = _json_values(entry, expected, datatype)
     if values.size != count:
         raise InvalidRequest(f"input {name}: shape {shape} needs {count} values, data has {values.size}")
     if (
@@ -89,46 +123,56 @@ def _decode_tensor(entry: Any, binary: memoryview, pos: int, expected: TensorSpe
     return values.astype(dtype.newbyteorder("=")).reshape(shape), pos
 
 
-def parse_infer_request(body: bytes, header_length: str | None, inputs: list[TensorSpec]) -> InferRequest:
+def parse_infer_request(
+    body: bytes | bytearray, header_length: str | None, inputs: list[TensorSpec]
+) -> InferRequest:
+    """Parse a request body without copying it: JSON is read from a view of the header, binary
+    tensors are views of the body until converted to native byte order."""
+    view = memoryview(body)
     if header_length is not None:
         try:
             split = int(header_length)
         except ValueError:
             raise InvalidRequest(f"bad Inference-Header-Content-Length {header_length!r}") from None
-        if not 0 < split <= len(body):
+        if not 0 < split <= len(view):
             raise InvalidRequest(
-                f"Inference-Header-Content-Length {split} outside the body's {len(body)} bytes"
+                f"Inference-Header-Content-Length {split} outside the body's {len(view)} bytes"
             )
     else:
-        split = len(body)
+        split = len(view)
     try:
-        request = orjson.loads(body[:split])
+        request = orjson.loads(view[:split])
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"malformed JSON: {exc}") from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise InvalidRequest("the request must be a JSON object with an 'inputs' list")
-    by_name = {}
+    by_name: dict[str, dict[str, Any]] = {}
     for entry in request["inputs"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InvalidRequest("every input must be an object with a 'name'")
+        if entry["name"] in by_name:
+            raise InvalidRequest(f"input {entry['name']} is given twice")
         by_name[entry["name"]] = entry
     unknown = sorted(set(by_name) - {spec.name for spec in inputs})
     if unknown:
         raise InvalidRequest(f"unknown input(s) {unknown}; expected {[spec.name for spec in inputs]}")
-    binary = memoryview(body)[split:]
+    params = _object(request.get("parameters"), "parameters")
+    outputs = request.get("outputs") or []
+    if not isinstance(outputs, list) or not all(isinstance(o, dict) for o in outputs):
+        raise InvalidRequest("outputs must be a list of objects")
+    binary_output = bool(params.get("binary_data_output")) or any(
+        _object(o.get("parameters"), "outputs[].parameters").get("binary_data") for o in outputs
+    )
+    binary = view[split:]
     pos = 0
     tensors = {}
     for entry in request["inputs"]:
         spec = next(s for s in inputs if s.name == entry["name"])
         tensors[spec.name], pos = _decode_tensor(entry, binary, pos, spec)
+        entry.pop("data", None)  # its Python numbers can go as soon as they are an array
     missing = [spec.name for spec in inputs if spec.name not in tensors]
     if missing:
         raise InvalidRequest(f"missing input(s) {missing}")
-    params = request.get("parameters") or {}
-    outputs = request.get("outputs") or []
-    binary_output = bool(params.get("binary_data_output")) or any(
-        isinstance(o, dict) and (o.get("parameters") or {}).get("binary_data") for o in outputs
-    )
     request_id = request.get("id")
     return InferRequest(str(request_id) if request_id is not None else None, tensors, binary_output)
 

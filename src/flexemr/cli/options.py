@@ -52,6 +52,18 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         help="bytes the dense model and cache share (default: GPU free memory, or 1/4 of RAM on CPU)",
     )  # fmt: skip
     parser.add_argument("--batch-window-ms", type=float, default=0.0, help="dynamic batching window (0: off)")
+    parser.add_argument(
+        "--max-in-flight", type=int, default=None,
+        help="admission bound: samples in flight before requests get 429 (default: 2 x --max-batch)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--deadline-ms", type=float, default=RankerConfig.deadline_s * 1000,
+        help="a request's default deadline (header Flexemr-Timeout-Ms overrides); expired work is dropped",
+    )  # fmt: skip
+    parser.add_argument(
+        "--max-body", type=parse_bytes, default=RankerConfig.max_body_bytes,
+        help="largest request body, chunked too (413 beyond it)",
+    )  # fmt: skip
     add_engine_arguments(parser)
 
 
@@ -144,6 +156,9 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         batch_window_ms=args.batch_window_ms,
         cache=args.cache,
         device_memory_bytes=args.device_memory,
+        max_in_flight_samples=args.max_in_flight,
+        deadline_s=args.deadline_ms / 1000,
+        max_body_bytes=args.max_body,
     )
     endpoints = tuple(Endpoint(args.host, 0) for _ in range(plan.num_servers))
     return ClusterSpec(

@@ -10,7 +10,7 @@ import time
 
 import uvicorn
 
-from flexemr.api.http import create_app
+from flexemr.api.http import RateLimitedWarnings, create_app
 from flexemr.config import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
@@ -63,17 +63,25 @@ def _raise_system_exit(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
+def http_listener(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, with TCP_NODELAY. Without it Nagle holds each response body back
+    until the client's delayed ACK of the headers (+40 ms per keep-alive request). asyncio sets it
+    only on sockets whose protocol number is IPPROTO_TCP (create_server's is 0); accepted sockets
+    inherit it from the listener."""
+    listener = socket.create_server((host, port), backlog=1024)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return listener
+
+
 class HttpServer:
     """uvicorn on a socket we bind ourselves, so port 0 works and the real port is known at once."""
 
     def __init__(self, ranker: Ranker, host: str, port: int) -> None:
-        self.socket = socket.create_server((host, port), backlog=1024)
-        # Accepted sockets inherit TCP_NODELAY (Linux); without it Nagle holds each response body
-        # back until the client's delayed ACK of the headers: +40 ms a request on keep-alive.
-        self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.socket = http_listener(host, port)
         self.host = host
         self.port = self.socket.getsockname()[1]
         app = create_app(ranker, ranker.config.model_name)
+        logging.getLogger("uvicorn.error").addFilter(RateLimitedWarnings())  # clients' bad HTTP
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None

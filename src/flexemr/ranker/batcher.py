@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flexemr.ranker.admission import Dropped, Refused, Ticket
 from flexemr.ranker.batch import SparseBatch
 
 
@@ -25,10 +26,7 @@ from flexemr.ranker.batch import SparseBatch
 class _Pending:
     batch: SparseBatch
     future: Future[np.ndarray]
-
-
-class Overloaded(RuntimeError):
-    """The batching queue is full; the request is refused rather than queued without bound."""
+    ticket: Ticket | None
 
 
 def merge(batches: list[SparseBatch]) -> SparseBatch:
@@ -40,6 +38,16 @@ def merge(batches: list[SparseBatch]) -> SparseBatch:
     lengths = np.concatenate([b.lengths.reshape(tables, -1) for b in batches], axis=1).reshape(-1)
     dense = np.concatenate([b.dense for b in batches])
     return SparseBatch(dense, indices, lengths, tables)
+
+
+def _still_wanted(pending: _Pending) -> bool:
+    try:
+        if pending.ticket is not None:
+            pending.ticket.check()
+    except Dropped as exc:
+        pending.future.set_exception(exc)
+        return False
+    return True
 
 
 class DynamicBatcher:
@@ -63,12 +71,14 @@ class DynamicBatcher:
         self.merged_batches = 0
         self.merged_requests = 0
 
-    def submit(self, batch: SparseBatch) -> Future[np.ndarray]:
+    def submit(self, batch: SparseBatch, ticket: Ticket | None = None) -> Future[np.ndarray]:
+        """Queue `batch`; it is dropped (its future fails with `Dropped`) if `ticket` expires or its
+        client leaves before its batch runs."""
         future: Future[np.ndarray] = Future()
         try:
-            self._queue.put_nowait(_Pending(batch, future))
+            self._queue.put_nowait(_Pending(batch, future, ticket))
         except queue.Full:
-            raise Overloaded(f"more than {self._queue.maxsize} requests are waiting; retry later") from None
+            raise Refused(f"more than {self._queue.maxsize} requests are waiting; retry later") from None
         return future
 
     def _collect(self, first: _Pending) -> tuple[list[_Pending], _Pending | None]:
@@ -94,6 +104,9 @@ class DynamicBatcher:
         carry: _Pending | None = None
         while (first := carry or self._queue.get()) is not None:
             group, carry = self._collect(first)
+            group = [p for p in group if _still_wanted(p)]
+            if not group:
+                continue
             try:
                 scores = self._run(merge([p.batch for p in group]))
             except Exception as exc:

@@ -25,6 +25,7 @@ from flexemr.cache.pooling import offsets_of
 from flexemr.config import RankerConfig
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
+from flexemr.ranker.admission import Admission, Ticket
 from flexemr.ranker.batch import SparseBatch, validate_batch
 from flexemr.ranker.batcher import DynamicBatcher
 from flexemr.ranker.turns import Turns
@@ -32,6 +33,9 @@ from flexemr.sharding.plan import ShardingPlan
 from flexemr.sharding.router import RangeRouter, Subrequest
 from flexemr.stats import counts
 from flexemr.transport.base import LookupFailed, LookupRequest, LookupTransport, ServerUnavailable
+
+MAX_REQUESTS_BEING_READ = 64
+"""Requests whose bodies are being received or parsed at once (each at most the body limit)."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,6 +63,7 @@ class Ranker:
         self._waiting = 0  # samples accepted and not yet scored: the load monitor's queue depth
         self._lock = threading.Lock()
         self.turns = Turns()
+        self.admission = Admission(config.in_flight_limit, MAX_REQUESTS_BEING_READ)
         self.cache = self._make_cache()
         self._stop = threading.Event()
         self._warmer: threading.Thread | None = None
@@ -85,11 +90,16 @@ class Ranker:
     def ready(self) -> bool:
         return all(self.transport.connected())
 
-    def score(self, dense: np.ndarray, indices: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Click probabilities float32 [B]. Raises `InvalidRequest` for bad input and
-        `ServerUnavailable` / `LookupFailed` when a lookup cannot complete. With dynamic batching
+    def score(
+        self, dense: np.ndarray, indices: np.ndarray, lengths: np.ndarray, ticket: Ticket | None = None
+    ) -> np.ndarray:
+        """Click probabilities float32 [B]. Raises `InvalidRequest` for bad input,
+        `ServerUnavailable` / `LookupFailed` when a lookup cannot complete, and `Dropped` when the
+        ticket's deadline passes (or its client leaves) before the work starts. With dynamic batching
         on, the request may be scored together with others that arrive at about the same time."""
         with self.turns.turn():
+            if ticket is not None:
+                ticket.check()
             batch = validate_batch(
                 self.spec, dense, indices, lengths, self.config.max_batch, self.config.max_indices_per_sample
             )
@@ -97,9 +107,9 @@ class Ranker:
                 self._waiting += batch.batch_size
             try:
                 if self.batcher is None:
-                    return self.score_batch(batch)
+                    return self.score_batch(batch, ticket)
                 with self.turns.waiting():
-                    return self.batcher.submit(batch).result()
+                    return self.batcher.submit(batch, ticket).result()
             finally:
                 with self._lock:
                     self._waiting -= batch.batch_size
@@ -108,8 +118,10 @@ class Ranker:
         with self.turns.turn():
             return self.score_batch(batch)
 
-    def score_batch(self, batch: SparseBatch) -> np.ndarray:
+    def score_batch(self, batch: SparseBatch, ticket: Ticket | None = None) -> np.ndarray:
         pooled = self.pool(batch)
+        if ticket is not None:
+            ticket.check()
         # The dense model runs in torch's kernels (or on the GPU), outside the interpreter lock:
         # other requests take their turn meanwhile.
         with self.turns.waiting(), torch.inference_mode():
@@ -193,6 +205,7 @@ class Ranker:
         stats: dict[str, Any] = {
             **counts({"requests": self.requests, "samples": self.samples}),
             "transport": self.transport.stats(),
+            "admission": self.admission.stats(),
         }
         if self.cache is not None:
             cache = self.cache.stats()

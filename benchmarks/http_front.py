@@ -1,0 +1,231 @@
+"""The ranker's HTTP front as users run it: keep-alive latency, and behaviour under overload.
+
+Starts `flexemr serve` (default `--preset tiny`) unless `--url` points at a running one, then
+
+    keepalive: sequential requests on one keep-alive connection (flexemr.client, binary tensors);
+               prints p50/p99. Without TCP_NODELAY every response waited for a delayed ACK (~40 ms).
+    overload:  measures capacity with a closed loop, then offers `--factor` x that rate (open loop,
+               fixed intervals) for `--seconds`; prints offered, admitted (200), refused (429/503),
+               p50/p99 of admitted, liveness probes, the ranker's RSS and how long it took to drain.
+
+    .venv/bin/python benchmarks/http_front.py keepalive --requests 500
+    .venv/bin/python benchmarks/http_front.py overload --seconds 20 --factor 3
+    .venv/bin/python benchmarks/http_front.py overload --serve-args="--max-in-flight 1024"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing
+import os
+import shlex
+import sys
+import time
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+
+from flexemr.client import Client
+from flexemr.cluster.child import AnnouncedProcess
+from flexemr.config import ModelSource
+from flexemr.workload.request import Request
+from flexemr.workload.synthetic import SyntheticWorkload
+
+URL_PATH = "/v2/models/dlrm/infer"
+
+
+def start_serve(preset: str, extra: list[str]) -> AnnouncedProcess:
+    command = [sys.executable, "-m", "flexemr.cli.main", "serve", "--preset", preset, "--port", "0"]
+    command += ["--watch-stdin", *extra]
+    return AnnouncedProcess(command, "flexemr ready:", 180, {**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def requests(preset: str, batch: int, count: int) -> list[Request]:
+    workload = SyntheticWorkload(ModelSource(preset=preset).spec(), seed=0)
+    return [workload.generate(batch) for _ in range(count)]
+
+
+def binary_body(request: Request) -> tuple[bytes, dict[str, str]]:
+    """A KServe binary-tensor body and its header, encoded once so the load costs no encoding."""
+    arrays = [
+        ("dense_features", "FP32", request.dense.astype("<f4")),
+        ("sparse_indices", "INT64", request.indices.astype("<i8")),
+        ("sparse_lengths", "INT32", request.lengths.astype("<i4")),
+    ]
+    inputs = [
+        {"name": n, "datatype": d, "shape": list(a.shape), "parameters": {"binary_data_size": a.nbytes}}
+        for n, d, a in arrays
+    ]
+    header = orjson.dumps(
+        {"inputs": inputs, "outputs": [{"name": "scores", "parameters": {"binary_data": True}}]}
+    )
+    return header + b"".join(a.tobytes() for _, _, a in arrays), {
+        "Inference-Header-Content-Length": str(len(header))
+    }
+
+
+def keepalive(url: str, args: argparse.Namespace) -> None:
+    pool = requests(args.preset, args.batch, 16)
+    latencies = []
+    with Client(url) as client:
+        for i in range(args.requests + 10):
+            request = pool[i % len(pool)]
+            start = time.perf_counter()
+            client.infer(request.dense, request.indices, request.lengths)
+            if i >= 10:  # the first ones warm up
+                latencies.append(time.perf_counter() - start)
+    p50, p99 = np.percentile(np.array(latencies) * 1000, [50, 99])
+    print(
+        f"keep-alive, batch {args.batch}, {args.requests} sequential requests: "
+        f"p50 {p50:.2f} ms  p99 {p99:.2f} ms"
+    )
+
+
+def rss_mb(pid: int | None) -> float:
+    if pid is None:
+        return float("nan")
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+Outcome = tuple[int | str, float]
+"""HTTP status (or the client error's name) and latency in seconds."""
+
+
+async def post(client: httpx.AsyncClient, body: tuple[bytes, dict[str, str]]) -> Outcome:
+    start = time.perf_counter()
+    try:
+        response = await client.post(URL_PATH, content=body[0], headers=body[1])
+        return response.status_code, time.perf_counter() - start
+    except httpx.TimeoutException:
+        return "timeout", time.perf_counter() - start
+    except httpx.TransportError as exc:
+        return type(exc).__name__, time.perf_counter() - start
+
+
+def client(url: str, args: argparse.Namespace) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=args.connections, max_keepalive_connections=args.connections)
+    return httpx.AsyncClient(base_url=url, timeout=args.timeout, limits=limits)
+
+
+async def capacity(url: str, bodies: list[tuple[bytes, dict[str, str]]], args: argparse.Namespace) -> float:
+    """Requests per second answered with `clients` requests always in flight (closed loop)."""
+    done = 0
+    stop = time.perf_counter() + args.capacity_seconds
+    async with client(url, args) as http:
+
+        async def loop() -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                status, _ = await post(http, bodies[done % len(bodies)])
+                done += status == 200
+
+        await asyncio.gather(*(loop() for _ in range(args.clients)))
+    return done / args.capacity_seconds
+
+
+def offer(
+    url: str, rate: float, args: argparse.Namespace, seed: int
+) -> tuple[list[Outcome], float, float, float]:
+    """One load process: requests at fixed intervals (open loop); and the wall-clock times when
+    offering began and ended and when the last answer came."""
+    bodies = [binary_body(r) for r in requests(args.preset, args.batch, 32)]
+
+    async def run() -> tuple[list[Outcome], float, float, float]:
+        async with client(url, args) as http:
+            tasks, began = [], time.time()
+            start = time.perf_counter() + seed / rate / args.processes  # processes interleave
+            for i in range(int(rate * args.seconds)):
+                await asyncio.sleep(max(start + i / rate - time.perf_counter(), 0))
+                tasks.append(asyncio.create_task(post(http, bodies[i % len(bodies)])))
+            offered = time.time()
+            return list(await asyncio.gather(*tasks)), began, offered, time.time()
+
+    return asyncio.run(run())
+
+
+async def overload(url: str, pid: int | None, args: argparse.Namespace) -> None:
+    bodies = [binary_body(r) for r in requests(args.preset, args.batch, 32)]
+    rate = await capacity(url, bodies, args) * args.factor
+    print(f"capacity: {rate / args.factor:.1f} requests/s of {args.batch} samples; offering {rate:.1f}/s "
+          f"from {args.processes} processes", flush=True)  # fmt: skip
+    rss_before, rss_peak, probes = rss_mb(pid), rss_mb(pid), []
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(args.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        load = asyncio.gather(
+            *(
+                loop.run_in_executor(pool, offer, url, rate / args.processes, args, i)
+                for i in range(args.processes)
+            )
+        )
+        async with httpx.AsyncClient(base_url=url, timeout=args.timeout) as prober:
+            while not load.done():
+                begin = time.perf_counter()
+                try:
+                    ok = (await prober.get("/v2/health/live")).status_code == 200
+                except httpx.TransportError:
+                    ok = False
+                probes.append((ok, time.perf_counter() - begin))
+                rss_peak = max(rss_peak, rss_mb(pid))
+                await asyncio.sleep(0.1)
+        parts = await load
+    results = [outcome for part, *_ in parts for outcome in part]
+    offered_s = max(offered - began for _, began, offered, _ in parts)
+    drain_s = max(done for *_, done in parts) - max(offered for _, _, offered, _ in parts)
+
+    outcomes = Counter(status for status, _ in results)
+    admitted = np.array([t for status, t in results if status == 200]) * 1000
+    refused = outcomes[429] + outcomes[503]
+    p50, p99 = np.percentile(admitted, [50, 99]) if admitted.size else (float("nan"),) * 2
+    probe_ms = np.array([t for _, t in probes]) * 1000
+    print(f"offered {len(results)} in {offered_s:.1f} s ({len(results) / offered_s:.1f}/s; slower than "
+          "asked means the load generator ran out of CPU)")  # fmt: skip
+    print(f"admitted {outcomes[200]}  refused {refused} (429: {outcomes[429]}, 503: {outcomes[503]})  "
+          f"other {dict((k, v) for k, v in outcomes.items() if k not in (200, 429, 503))}")  # fmt: skip
+    print(f"admitted latency p50 {p50:.1f} ms  p99 {p99:.1f} ms; all answered {drain_s:.2f} s "
+          "after the offer ended")  # fmt: skip
+    print(f"liveness: {sum(ok for ok, _ in probes)}/{len(probes)} ok, p50 {np.median(probe_ms):.1f} ms, "
+          f"max {probe_ms.max():.1f} ms")  # fmt: skip
+    print(f"ranker RSS: {rss_before:.0f} MB before, {rss_peak:.0f} MB peak, {rss_mb(pid):.0f} MB after")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("keepalive", "overload"))
+    parser.add_argument("--url", help="a running ranker (default: start `flexemr serve`)")
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--serve-args", default="", help="extra flags for `flexemr serve`")
+    parser.add_argument(
+        "--batch", type=int, default=None, help="samples per request (keepalive 1, overload 64)"
+    )
+    parser.add_argument("--requests", type=int, default=500, help="keepalive: sequential requests")
+    parser.add_argument("--seconds", type=float, default=20.0, help="overload: how long to offer load")
+    parser.add_argument("--capacity-seconds", type=float, default=5.0, help="overload: closed-loop phase")
+    parser.add_argument("--clients", type=int, default=8, help="overload: closed-loop concurrency")
+    parser.add_argument("--factor", type=float, default=3.0, help="overload: offered / capacity")
+    parser.add_argument("--connections", type=int, default=1024, help="overload: connections per process")
+    parser.add_argument("--processes", type=int, default=2, help="overload: load-generating processes")
+    parser.add_argument("--timeout", type=float, default=30.0, help="client timeout per request (s)")
+    args = parser.parse_args()
+    args.batch = args.batch or (1 if args.mode == "keepalive" else 64)
+    serve = None if args.url else start_serve(args.preset, shlex.split(args.serve_args))
+    try:
+        url = args.url or serve.url  # type: ignore[union-attr]
+        if args.mode == "keepalive":
+            keepalive(url, args)
+        else:
+            asyncio.run(overload(url, serve.pid if serve else None, args))
+    finally:
+        if serve is not None:
+            serve.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""Admission control: a bounded number of samples in flight, and a deadline on every request.
+
+Any front end (HTTP, gRPC) drives one `Admission` per ranker the same way:
+
+    ticket = admission.arrive(timeout_s)  # Refused: too many requests still being read (429)
+    ...read and parse the body...
+    admission.admit(ticket, batch_size)   # Refused: the samples would pass the bound (429)
+    ranker.score(..., ticket=ticket)      # Dropped: deadline passed or client gone, not computed
+    admission.release(ticket)             # always, in a finally
+
+A request is refused at once rather than queued, so overload costs the ranker almost nothing and
+the requests it admitted keep their latency. `ticket.check()` is called where work would start
+(after waiting for a turn or a batch, before routing, before the dense model): a request whose
+deadline has passed, or whose client has gone, is dropped there instead of computed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+
+class Refused(RuntimeError):
+    """The ranker is full; the request was not started (HTTP 429 with Retry-After)."""
+
+
+class Dropped(RuntimeError):
+    """The request was dropped before its work started: its deadline passed or its client left."""
+
+    def __init__(self, reason: Literal["deadline", "disconnected"], message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Ticket:
+    """One request's place in the ranker: its deadline, its samples, and whether its client left."""
+
+    deadline: float
+    """time.monotonic() after which the request's work is dropped."""
+    timeout_s: float
+    samples: int = 0
+    """Samples admitted (0 while the body is being read)."""
+    _gone: threading.Event = field(default_factory=threading.Event)
+
+    def client_gone(self) -> None:
+        self._gone.set()
+
+    def check(self) -> None:
+        """Raise `Dropped` if the work should not start."""
+        if self._gone.is_set():
+            raise Dropped("disconnected", "the client disconnected")
+        if time.monotonic() >= self.deadline:
+            raise Dropped("deadline", f"deadline of {self.timeout_s * 1000:g} ms passed before work began")
+
+
+class Admission:
+    """Counts samples in flight (admitted, not yet answered) and requests still being read.
+
+    `max_samples` bounds the work and memory of parsed requests; `max_pending` bounds the bodies
+    being received and parsed (each at most the body limit), whose size is not known yet."""
+
+    def __init__(self, max_samples: int, max_pending: int) -> None:
+        if max_samples < 1 or max_pending < 1:
+            raise ValueError(f"need max_samples >= 1 and max_pending >= 1, got {max_samples}, {max_pending}")
+        self.max_samples = max_samples
+        self.max_pending = max_pending
+        self._lock = threading.Lock()
+        self.samples = self.pending = 0
+        self.counts = {"admitted": 0, "refused": 0, "dropped_deadline": 0, "dropped_disconnected": 0}
+
+    def arrive(self, timeout_s: float) -> Ticket:
+        """A ticket for a request that just arrived, or `Refused` when the ranker is full."""
+        with self._lock:
+            if self.samples >= self.max_samples or self.pending >= self.max_pending:
+                self.counts["refused"] += 1
+                raise Refused(
+                    f"the ranker is full ({self.samples} of {self.max_samples} samples in flight, "
+                    f"{self.pending} requests being read); retry later"
+                )
+            self.pending += 1
+        return Ticket(time.monotonic() + timeout_s, timeout_s)
+
+    def admit(self, ticket: Ticket, samples: int) -> None:
+        """Admit the parsed request's `samples`, or raise `Refused` if they would pass the bound."""
+        with self._lock:
+            if self.samples + samples > self.max_samples:
+                self.counts["refused"] += 1
+                raise Refused(
+                    f"{samples} more samples would pass the ranker's bound of {self.max_samples} in "
+                    f"flight ({self.samples} now); retry later"
+                )
+            self.pending -= 1
+            self.samples += samples
+            ticket.samples = samples
+            self.counts["admitted"] += 1
+
+    def dropped(self, exc: Dropped) -> None:
+        with self._lock:
+            self.counts[f"dropped_{exc.reason}"] += 1
+
+    def release(self, ticket: Ticket) -> None:
+        """The request is answered (or refused, or dropped): its place is free again."""
+        with self._lock:
+            if ticket.samples:
+                self.samples -= ticket.samples
+            else:
+                self.pending -= 1
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "samples_in_flight": self.samples,
+                "samples_limit": self.max_samples,
+                "requests_being_read": self.pending,
+                **{f"{kind}_requests": n for kind, n in self.counts.items()},
+            }
