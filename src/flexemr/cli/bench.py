@@ -15,13 +15,16 @@ from flexemr.sharding.plan import STRATEGIES
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", choices=("quick", "full"), default="quick")
-    parser.add_argument("--preset", choices=PRESET_NAMES, default="rmc2")
-    parser.add_argument("--row-scale", type=float, default=0.02, help="scale tables to fit this machine")
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="dlrm-v2")
+    parser.add_argument("--row-scale", type=float, default=0.001, help="scale tables to fit this machine")
     parser.add_argument("--embedding-servers", type=int, default=2)
     parser.add_argument("--sharding", choices=STRATEGIES, default="auto")
     parser.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of the workload")
     parser.add_argument("--p99-ms", type=float, default=60.0, help="Server-scenario latency target")
     parser.add_argument("--systems", help="comma-separated subset of the suite's systems")
+    parser.add_argument(
+        "--protocol", choices=("http", "grpc"), default="http", help="how the served systems are reached"
+    )
     parser.add_argument("--out", help="report folder (default reports/bench-<suite>-<time>)")
 
 
@@ -41,9 +44,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         suite = suite.__class__(**{**suite.__dict__, "systems": chosen})
     config = BenchConfig(args.preset, args.row_scale, args.embedding_servers, args.sharding, args.alpha,
-                         p99_target_ms=args.p99_ms)  # fmt: skip
+                         p99_target_ms=args.p99_ms, protocol=args.protocol)  # fmt: skip
     out = Path(args.out or f"reports/bench-{suite.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}")
-    with tqdm(total=2 * len(suite.systems), desc=f"bench {suite.name}", unit="step") as bar:
+    with tqdm(total=len(suite.systems), desc=f"bench {suite.name}", unit="system") as bar:
 
         def step(label: str) -> None:
             bar.set_postfix_str(label)
