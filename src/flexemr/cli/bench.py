@@ -15,8 +15,12 @@ from flexemr.sharding.plan import STRATEGIES
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", choices=("quick", "full"), default="quick")
-    parser.add_argument("--preset", choices=PRESET_NAMES, default="dlrm-v2")
-    parser.add_argument("--row-scale", type=float, default=0.001, help="scale tables to fit this machine")
+    parser.add_argument(
+        "--preset", choices=PRESET_NAMES, help="default: the suite's (quick: rmc1, full: dlrm-v2)"
+    )
+    parser.add_argument(
+        "--row-scale", type=float, help="scale tables to fit this machine (default: quick 0.01, full 0.001)"
+    )
     parser.add_argument("--embedding-servers", type=int, default=2)
     parser.add_argument("--sharding", choices=STRATEGIES, default="auto")
     parser.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of the workload")
@@ -43,7 +47,8 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         suite = suite.__class__(**{**suite.__dict__, "systems": chosen})
-    config = BenchConfig(args.preset, args.row_scale, args.embedding_servers, args.sharding, args.alpha,
+    config = BenchConfig(args.preset or suite.preset, args.row_scale or suite.row_scale,
+                         args.embedding_servers, args.sharding, args.alpha,
                          p99_target_ms=args.p99_ms, protocol=args.protocol)  # fmt: skip
     out = Path(args.out or f"reports/bench-{suite.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}")
     with tqdm(total=len(suite.systems), desc=f"bench {suite.name}", unit="system") as bar:
