@@ -25,7 +25,6 @@ class LocalTransport:
 
     def __init__(self, plan: ShardingPlan, source: WeightSource, progress: bool = False) -> None:
         self.stores = [ShardStore(plan, s, source, progress=progress) for s in range(plan.num_servers)]
-        self.requests = 0
 
     def submit(self, server: int, request: LookupRequest) -> Future[np.ndarray]:
         # The lookup runs in the caller's thread: torch's kernel drops the interpreter lock, and a
@@ -41,7 +40,6 @@ class LocalTransport:
         except BadSubrequest as exc:  # the router produced it: a bug, reported like a server's error
             future.set_exception(LookupFailed(f"local shard store {server}: {exc}"))
             return future
-        self.requests += 1
         future.set_result(rows)
         return future
 
@@ -49,7 +47,7 @@ class LocalTransport:
         return [True] * len(self.stores)
 
     def stats(self) -> dict[str, Any]:
-        return {"local": {"requests": self.requests, "bytes": sum(s.nbytes for s in self.stores)}}
+        return {"local": {"table_bytes": sum(s.nbytes for s in self.stores)}}
 
     def close(self) -> None:
         self.stores.clear()
