@@ -26,7 +26,8 @@ waits for a busy core stalls (20x slower queries on a 2-core machine).
     .venv/bin/python benchmarks/cache.py fig7 --quick       # about 25 s; full: about 1 min
     .venv/bin/python benchmarks/cache.py diurnal --quick    # about 70 s; full: 4 to 5 min
 
-Output (to --out, default docs/bench-cache/): fig7.{md,png,json}, diurnal.{md,png,json}.
+Output (to --out, default reports/bench-cache/; `--out docs/bench-cache` updates the README's):
+fig7.{md,png,json}, diurnal.{md,png,json}.
 """
 
 from __future__ import annotations
@@ -687,7 +688,7 @@ def main() -> None:
     common.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of row popularity")
     common.add_argument("--device-memory", type=parse_bytes, default=parse_bytes("320MiB"))
     common.add_argument("--seed", type=int, default=0)
-    common.add_argument("--out", default="docs/bench-cache")
+    common.add_argument("--out", default="reports/bench-cache")
     common.add_argument(
         "--torch-threads", type=int, default=1, help="intra-op threads of the ranker (this process)"
     )

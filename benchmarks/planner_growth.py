@@ -1,13 +1,18 @@
 """Growth scenario: re-plan yearly as tables double and MLPs grow 1.5x; plot $/hour per design.
 
-.venv/bin/python benchmarks/planner_growth.py [--preset rmc2] [--qps 2000] [--p99-ms 40]
-    [--calibration calibration.json] [--out growth.png]
+.venv/bin/python benchmarks/planner_growth.py [--preset dlrm-v2] [--qps 1000] [--p99-ms 50]
+    [--calibration calibration.json] [--out reports/planner_growth.png]
+
+A year where a design cannot meet the target prints why (the planner's own reason) and has no point
+on the plot; if no design is feasible in any year the script exits 1 and says what to change.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import sys
+from pathlib import Path
 
 import matplotlib
 
@@ -50,15 +55,15 @@ def grown(spec: ModelSpec, years: int) -> ModelSpec:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", choices=PRESET_NAMES, default="rmc2")
-    parser.add_argument("--qps", type=float, default=2000)
-    parser.add_argument("--p99-ms", type=float, default=40)
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="dlrm-v2")
+    parser.add_argument("--qps", type=float, default=1000)
+    parser.add_argument("--p99-ms", type=float, default=50)
     parser.add_argument("--availability", type=int, default=1)
     parser.add_argument("--ranker-spares", type=int, default=1)
     parser.add_argument(
         "--calibration", help="file from `flexemr calibrate` (default: uncalibrated constants)"
     )
-    parser.add_argument("--out", default="planner_growth.png")
+    parser.add_argument("--out", default="reports/planner_growth.png")
     args = parser.parse_args()
     calibration = load_calibration(args.calibration) if args.calibration else default_calibration()
     catalog = load_catalog()
@@ -69,26 +74,44 @@ def main() -> None:
         request = PlanRequest(
             model, Traffic(args.qps), args.p99_ms, Availability(args.availability, args.ranker_spares)
         )
+        outcomes: dict[str, float | str] = {}
         try:
-            costs["disaggregated"].append(search_disaggregated(request, catalog, calibration).cost_per_hour)
-        except PlanningError:
-            costs["disaggregated"].append(math.nan)
+            outcomes["disaggregated"] = search_disaggregated(request, catalog, calibration).cost_per_hour
+        except PlanningError as exc:
+            outcomes["disaggregated"] = " ".join(line.strip() for line in str(exc).splitlines())
         for name, alt in (
             ("scale-up", scale_up(request, catalog, calibration)),
             ("scale-out", scale_out(request, catalog, calibration)),
         ):
-            costs[name].append(math.nan if isinstance(alt, str) else alt.cost_per_hour)
-        row = ", ".join(f"{k} ${v[-1]:.2f}/h" for k, v in costs.items())
-        print(f"year {year}: {model.embedding_bytes / 2**30:.1f} GiB of tables; {row}")
+            outcomes[name] = alt if isinstance(alt, str) else alt.cost_per_hour
+        print(f"year {year}: {model.embedding_bytes / 2**30:.1f} GiB of tables")
+        for name, outcome in outcomes.items():
+            if isinstance(outcome, str):
+                costs[name].append(math.nan)
+                print(f"  {name}: infeasible: {outcome}")
+            else:
+                costs[name].append(outcome)
+                print(f"  {name}: ${outcome:.2f}/h")
+    if all(math.isnan(c) for values in costs.values() for c in values):
+        print(
+            f"no design meets p99 <= {args.p99_ms:g} ms at {args.qps:g} QPS in any year: raise --p99-ms, "
+            "lower --qps or pass --calibration (the uncalibrated constants are conservative)",
+            file=sys.stderr,
+        )
+        sys.exit(1)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, values in costs.items():
-        ax.plot(years, values, marker="o", label=name)
+        missing = sum(math.isnan(v) for v in values)
+        ax.plot(
+            years, values, marker="o", label=name + (f" (infeasible in {missing} years)" if missing else "")
+        )
     ax.set_xlabel("year (tables x2, MLPs x1.5 per year)")
     ax.set_ylabel("$ per hour")
     ax.set_title(f"{args.preset} at {args.qps:g} QPS, p99 <= {args.p99_ms:g} ms ({calibration.label[:12]})")
     ax.set_xticks(years)
     ax.legend()
     fig.tight_layout()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.out, dpi=120)
     print(f"wrote {args.out}")
 

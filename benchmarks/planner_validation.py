@@ -410,7 +410,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 cases, short runs (about 2 minutes)")
     parser.add_argument("--calibration", help="a file from `flexemr calibrate` on this machine")
-    parser.add_argument("--out", help="report folder (default docs/planner-validation[/quick])")
+    parser.add_argument("--out", help="report folder (default reports/planner-validation[/quick])")
     parser.add_argument("--case", action="append", help="run only this case (by name; repeatable)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -421,7 +421,7 @@ def main() -> None:
         if unknown:
             parser.error(f"unknown case(s) {unknown}; known: {[c.name for c in CASES]}")
         mode = dataclasses.replace(mode, cases=tuple(c for c in CASES if c.name in args.case))
-    out = Path(args.out or ("docs/planner-validation" + ("/quick" if args.quick else "")))
+    out = Path(args.out or ("reports/planner-validation" + ("/quick" if args.quick else "")))
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if args.calibration:

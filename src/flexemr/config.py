@@ -87,6 +87,8 @@ class Endpoint:
 class RankerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_port: int | None = None
+    """KServe v2 gRPC port (0: any free port); None: no gRPC front."""
     model_name: str = "dlrm"
     """The name clients use in /v2/models/{name}."""
     lookup: LookupMode = "partial"

@@ -101,9 +101,26 @@ def test_qps_search_is_bounded_and_brackets(pool_request: Request) -> None:
     settings = RunSettings(min_duration_s=0.3, min_query_count=10, p99_target_ms=60.0)
     search = find_peak_server_qps(backend, pool, low_qps=10, high_qps=40, settings=settings, max_runs=3)
     assert 1 <= len(search.runs) <= 3
-    assert search.runs[0].target_qps == 40
+    assert search.runs[0].target_qps == 20  # the geometric middle first: low loads take longest
     passed = [r.target_qps for r in search.runs if r.meets_target]
     assert search.best_qps == (max(passed) if passed else 0.0)
+
+
+def test_loadgen_verdict_decides_a_server_run(pool_request: Request) -> None:
+    backend = RecordingBackend()
+    pool = SamplePool.build(pool_request, num_samples=64)
+    short, _ = run_server(
+        backend, pool, 120, RunSettings(min_duration_s=0.2, min_query_count=20, p99_target_ms=1000)
+    )
+    assert short.loadgen_valid is False and not short.meets_target  # fast, but too few queries to tell
+    assert any("early stopping" in reason for reason in short.invalid_reasons), short.invalid_reasons
+    assert short.verdict.startswith("INVALID (")
+    enough, _ = run_server(
+        backend, pool, 120, RunSettings(min_duration_s=0.2, min_query_count=500, p99_target_ms=1000)
+    )
+    assert enough.queries >= 500
+    assert enough.loadgen_valid is True and enough.invalid_reasons == () and enough.meets_target
+    assert enough.verdict == "VALID"
 
 
 def test_qps_search_starts_from_known_runs_and_never_loses_a_passing_load(pool_request: Request) -> None:
@@ -111,6 +128,7 @@ def test_qps_search_starts_from_known_runs_and_never_loses_a_passing_load(pool_r
     pool = SamplePool.build(pool_request, num_samples=64)
     settings = RunSettings(min_duration_s=0.3, min_query_count=10, p99_target_ms=60.0)
     measured, _ = run_server(backend, pool, 15, settings)
+    measured = dataclasses.replace(measured, loadgen_valid=True, invalid_reasons=())  # as a long run would be
     assert measured.meets_target
     known = [measured, dataclasses.replace(measured, target_qps=35.0, p99_ms=1000.0)]  # missed at 35
     impossible = dataclasses.replace(settings, p99_target_ms=1e-6)  # every new run misses

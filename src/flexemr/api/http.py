@@ -22,9 +22,17 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from flexemr.api.kserve import HEADER_LENGTH, TensorSpec, encode_infer_response, parse_infer_request
+from flexemr.api.kserve import (
+    HEADER_LENGTH,
+    encode_infer_response,
+    model_config,
+    model_inputs,
+    model_metadata,
+    parse_infer_request,
+)
 from flexemr.api.metrics import RequestMetrics
 from flexemr.ranker.admission import Dropped, Refused, Ticket
 from flexemr.ranker.batch import InvalidRequest
@@ -103,33 +111,20 @@ def _error(status: int, message: str) -> JSONResponse:
 
 def create_app(ranker: Ranker, model_name: str) -> FastAPI:
     spec = ranker.spec
-    inputs = [
-        TensorSpec("dense_features", "FP32", (-1, spec.num_dense)),
-        TensorSpec("sparse_indices", "INT64", (-1,), also_accepts=("INT32",)),
-        TensorSpec("sparse_lengths", "INT32", (-1,)),
-    ]
+    inputs = model_inputs(spec)
     app = FastAPI(title="flexemr", description="DLRM serving over the KServe v2 protocol")
+
+    @app.exception_handler(StarletteHTTPException)
+    def no_such_endpoint(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # KServe's error shape ({"error": ...}), which tritonclient reads, instead of FastAPI's.
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
+
     metrics = RequestMetrics(ranker)
 
     def failure(status: int, kind: str, message: str) -> JSONResponse:
         metrics.requests.labels(str(status)).inc()
         metrics.errors.labels(kind).inc()
         return _error(status, message)
-
-    def metadata() -> dict[str, Any]:
-        return {
-            "name": model_name,
-            "versions": ["1"],
-            "platform": "flexemr-dlrm",
-            "inputs": [{"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in inputs],
-            "outputs": [{"name": "scores", "datatype": "FP32", "shape": [-1]}],
-            "parameters": {
-                "num_tables": spec.num_tables,
-                "table_rows": list(spec.table_rows),
-                "dim": spec.dim,
-                "max_batch": ranker.config.max_batch,
-            },
-        }
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
@@ -146,17 +141,32 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
         down = [i for i, up in enumerate(ranker.transport.connected()) if not up]
         return _error(503, f"embedding server(s) {down} not connected")
 
-    @app.get("/v2/models/{name}", response_model=None)
-    async def model_metadata(name: str) -> JSONResponse | dict[str, Any]:
+    def unknown(name: str, version: str) -> JSONResponse | None:
         if name != model_name:
             return failure(400, "unknown_model", f"unknown model {name!r}; this server serves {model_name!r}")
-        return metadata()
+        if version not in ("", "1"):
+            return failure(400, "unknown_model", f"model {name!r} has version '1' only, not {version!r}")
+        return None
+
+    @app.get("/v2/models/{name}", response_model=None)
+    @app.get("/v2/models/{name}/versions/{version}", response_model=None)
+    async def get_model_metadata(name: str, version: str = "") -> JSONResponse | dict[str, Any]:
+        return unknown(name, version) or model_metadata(spec, model_name, ranker.config.max_batch)
 
     @app.get("/v2/models/{name}/ready", response_model=None)
-    async def model_ready(name: str) -> JSONResponse | dict[str, Any]:
-        if name != model_name:
-            return failure(400, "unknown_model", f"unknown model {name!r}; this server serves {model_name!r}")
-        return await ready()
+    @app.get("/v2/models/{name}/versions/{version}/ready", response_model=None)
+    async def model_ready(name: str, version: str = "") -> JSONResponse | dict[str, Any]:
+        return unknown(name, version) or await ready()
+
+    @app.get("/v2/models/{name}/config", response_model=None)
+    @app.get("/v2/models/{name}/versions/{version}/config", response_model=None)
+    async def get_model_config(name: str, version: str = "") -> JSONResponse | dict[str, Any]:
+        return unknown(name, version) or model_config(spec, model_name)
+
+    @app.post("/v2/repository/index")
+    async def repository_index() -> list[dict[str, str]]:
+        state = "READY" if ranker.ready() else "UNAVAILABLE"
+        return [{"name": model_name, "version": "1", "state": state}]
 
     @app.get("/v2/stats")
     async def stats() -> dict[str, Any]:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from flexemr.model.spec import ModelSpec
 from flexemr.ranker.batch import InvalidRequest
 
 DATATYPES: dict[str, np.dtype[Any]] = {
@@ -84,20 +85,75 @@ def _json_values(entry: dict[str, Any], spec: TensorSpec, datatype: str) -> np.n
     return values
 
 
-def _decode_tensor(entry: Any, binary: memoryview, pos: int, expected: TensorSpec) -> tuple[np.ndarray, int]:
+def model_inputs(spec: ModelSpec) -> list[TensorSpec]:
+    """The inputs every front end (HTTP, gRPC) takes: a batch in TorchRec's KJT layout."""
+    return [
+        TensorSpec("dense_features", "FP32", (-1, spec.num_dense)),
+        TensorSpec("sparse_indices", "INT64", (-1,), also_accepts=("INT32",)),
+        TensorSpec("sparse_lengths", "INT32", (-1,)),
+    ]
+
+
+OUTPUT = TensorSpec("scores", "FP32", (-1,))
+
+
+def model_metadata(spec: ModelSpec, model_name: str, max_batch: int) -> dict[str, Any]:
+    """KServe v2 model metadata (`GET /v2/models/{name}`; gRPC `ModelMetadata` takes the same fields)."""
+    return {
+        "name": model_name,
+        "versions": ["1"],
+        "platform": "flexemr-dlrm",
+        "inputs": [
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in model_inputs(spec)
+        ],
+        "outputs": [{"name": OUTPUT.name, "datatype": OUTPUT.datatype, "shape": list(OUTPUT.shape)}],
+        "parameters": {
+            "num_tables": spec.num_tables,
+            "table_rows": list(spec.table_rows),
+            "dim": spec.dim,
+            "max_batch": max_batch,
+        },
+    }
+
+
+def model_config(spec: ModelSpec, model_name: str) -> dict[str, Any]:
+    """The model in Triton's model-configuration shape (`tritonclient`'s `get_model_config`).
+    `max_batch_size` 0: the batch is not a leading dimension of every input (the sparse inputs are
+    flat), so every dimension is listed, -1 where it varies."""
+
+    def tensor(t: TensorSpec) -> dict[str, Any]:
+        return {"name": t.name, "data_type": f"TYPE_{t.datatype}", "dims": list(t.shape)}
+
+    return {
+        "name": model_name,
+        "platform": "flexemr-dlrm",
+        "backend": "flexemr",
+        "max_batch_size": 0,
+        "input": [tensor(t) for t in model_inputs(spec)],
+        "output": [tensor(OUTPUT)],
+    }
+
+
+def check_header(expected: TensorSpec, datatype: Any, shape: Any) -> tuple[np.dtype[Any], list[int]]:
+    """The dtype and shape of an input whose header says `datatype` and `shape`, if they fit
+    `expected`; otherwise `InvalidRequest` naming the input."""
     name = expected.name
-    datatype = entry.get("datatype")
     allowed = (expected.datatype, *expected.also_accepts)
     if not isinstance(datatype, str) or datatype not in allowed:
         raise InvalidRequest(f"input {name} must have datatype {' or '.join(allowed)}, got {datatype!r}")
-    shape = entry.get("shape")
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise InvalidRequest(f"input {name} has an invalid shape {shape!r}")
     if len(shape) != len(expected.shape) or any(
         e not in (-1, d) for e, d in zip(expected.shape, shape, strict=True)
     ):
         raise InvalidRequest(f"input {name} must have shape {list(expected.shape)}, got {shape}")
-    dtype = DATATYPES[datatype]
+    return DATATYPES[datatype], shape
+
+
+def _decode_tensor(entry: Any, binary: memoryview, pos: int, expected: TensorSpec) -> tuple[np.ndarray, int]:
+    name = expected.name
+    datatype = entry.get("datatype")
+    dtype, shape = check_header(expected, datatype, entry.get("shape"))
     count = math.prod(shape)  # Python ints: a huge shape cannot overflow
     size = _object(entry.get("parameters"), f"input {name}: parameters").get("binary_data_size")
     if size is not None:

@@ -17,6 +17,7 @@ pool runs the backend and reports completions, so several queries are in flight 
 
 from __future__ import annotations
 
+import math
 import tempfile
 import threading
 import time
@@ -34,12 +35,12 @@ from flexemr.model.dlrm import DLRM
 from flexemr.workload.query_sizes import QuerySizes
 from flexemr.workload.request import Request
 
-Transport = Literal["in-process", "http"]
+Transport = Literal["in-process", "http", "grpc"]
 DEFAULT_P99_MS = 60.0
 
 
 class Backend(Protocol):
-    """Something that scores requests: the served system over HTTP, or an in-process baseline."""
+    """Something that scores requests: the served system over HTTP or gRPC, or an in-process baseline."""
 
     name: str
     transport: Transport
@@ -146,11 +147,21 @@ class LoadGenResult:
     p99_target_ms: float
     loadgen_valid: bool | None
     """LoadGen's own verdict from its summary ("Result is : VALID"); None if not found."""
+    invalid_reasons: tuple[str, ...]
+    """Why LoadGen judged the run INVALID: the checks its summary marks unsatisfied."""
     log_dir: Path
 
     @property
+    def verdict(self) -> str:
+        if self.loadgen_valid is None:
+            return "no verdict"
+        return "VALID" if self.loadgen_valid else f"INVALID ({', '.join(self.invalid_reasons) or '?'})"
+
+    @property
     def meets_target(self) -> bool:
-        return self.errors == 0 and self.p99_ms <= self.p99_target_ms
+        """No errors, p99 under the target, and a run LoadGen judged VALID: in Server that also
+        means enough queries for its early-stopping estimate of the p99 to be under the target."""
+        return self.errors == 0 and self.p99_ms <= self.p99_target_ms and self.loadgen_valid is True
 
 
 @dataclass
@@ -270,14 +281,17 @@ def find_peak_server_qps(
     tolerance: float = 0.05,
     known: Sequence[LoadGenResult] = (),
 ) -> QpsSearch:
-    """Bisection for the highest Server QPS whose p99 latency meets `settings.p99_target_ms`.
+    """Bisection for the highest Server QPS whose run meets the target (`meets_target`: VALID by
+    LoadGen, p99 under `settings.p99_target_ms`).
 
-    Server runs already made (`known`, e.g. a latency curve) bracket the search first: the
-    highest load that met the target is a lower bound, the lowest load above it that missed is an
-    upper bound. Then `high_qps` is tried (if no known run missed), then `low_qps` (if no known
-    run met it), then midpoints: at most `max_runs` short runs, never below `low_qps`, stopping
-    once the bracket is within `tolerance` (relative). The answer is a load a run measured
-    meeting the target, never assumed.
+    Server runs already made (`known`) bracket the search first: the highest load that met the
+    target is a lower bound, the lowest load above it that missed an upper bound. Without a
+    bracket the first run is at the geometric middle of [low_qps, high_qps]; then the load doubles
+    (up to `high_qps`) while runs meet the target and halves (down to `low_qps`) while they miss,
+    until a bracket exists; then midpoints. At most `max_runs` runs, stopping once the bracket is
+    within `tolerance` (relative). The answer is a load a run measured meeting the target, never
+    assumed. Low loads are tried last because a run needs a fixed number of queries: the lower
+    the load, the longer it lasts.
     """
     if not 0 < low_qps < high_qps:
         raise ValueError(f"need 0 < low_qps < high_qps, got {low_qps}, {high_qps}")
@@ -286,12 +300,17 @@ def find_peak_server_qps(
     hi = min((q for q, ok in loads if not ok and q > best), default=None)
     runs: list[LoadGenResult] = []
     while len(runs) < max_runs:
-        if hi is None:
-            qps = high_qps
+        if best == 0.0 and hi is None:
+            qps = math.sqrt(low_qps * high_qps)
         elif best == 0.0:
-            if low_qps >= hi:  # missed below `low_qps` already: nothing to find in the range
+            assert hi is not None
+            if hi <= low_qps:  # missed at the lowest load allowed: nothing to find in the range
                 break
-            qps = low_qps
+            qps = max(hi / 2, low_qps)
+        elif hi is None:
+            if best >= high_qps:  # met the target at the highest load asked about
+                break
+            qps = min(best * 2, high_qps)
         elif hi - best <= tolerance * hi:
             break
         else:
@@ -300,10 +319,8 @@ def find_peak_server_qps(
         runs.append(result)
         if result.meets_target:
             best = max(best, qps)
-            if hi is None:  # even high_qps met the target
-                break
         else:
-            hi = qps
+            hi = qps if hi is None else min(hi, qps)
     return QpsSearch(best, tuple(runs))
 
 
@@ -355,6 +372,7 @@ def _result(
     p99_target_ms: float,
     log_dir: Path,
 ) -> LoadGenResult:
+    valid, reasons = loadgen_verdict(log_dir)
     latencies_ms = np.asarray(rec.latencies) * 1e3 if rec.latencies else np.zeros(1)
     p50, p99, p999 = np.percentile(latencies_ms, [50, 99, 99.9])
     duration = max(rec.last - rec.first, 1e-9)
@@ -373,16 +391,33 @@ def _result(
         p99_ms=float(p99),
         p999_ms=float(p999),
         p99_target_ms=p99_target_ms,
-        loadgen_valid=_loadgen_verdict(log_dir),
+        loadgen_valid=valid,
+        invalid_reasons=reasons,
         log_dir=log_dir,
     )
 
 
-def _loadgen_verdict(log_dir: Path) -> bool | None:
+_CHECKS = {
+    "Min duration satisfied": "too short",
+    "Min queries satisfied": "too few queries",
+    "Early stopping satisfied": "early stopping: too few queries for this p99",
+    "Performance constraints satisfied": "p99 over target",
+}
+"""LoadGen summary checks, and how a report names a failed one."""
+
+
+def loadgen_verdict(log_dir: Path) -> tuple[bool | None, tuple[str, ...]]:
+    """LoadGen's verdict from its summary ("Result is : VALID"; None if absent) and the checks it
+    marks unsatisfied ("Min duration satisfied : NO", ...)."""
     summary = log_dir / "mlperf_log_summary.txt"
     if not summary.exists():
-        return None
+        return None, ()
+    valid = None
+    failed = []
     for line in summary.read_text().splitlines():
-        if line.startswith("Result is"):
-            return line.split(":", 1)[1].strip() == "VALID"
-    return None
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "Result is":
+            valid = value == "VALID"
+        elif key in _CHECKS and value.upper() == "NO":
+            failed.append(_CHECKS[key])
+    return valid, tuple(failed)

@@ -1,9 +1,11 @@
 """`flexemr bench`: run systems side by side on one model and workload, and write a report.
 
-Phase 1 measures each system's peak throughput (LoadGen Offline) and what it costs (bytes on the
-wire, CPU seconds per process, cache hit rate). Phase 2 offers every system the same Poisson load
-(LoadGen Server, half the slowest system's peak) for comparable latencies, traces latency against
-offered load, and searches the highest QPS whose p99 stays under the target.
+Per system, one start: LoadGen Offline measures peak throughput and what it costs (bytes on the
+wire, CPU seconds per process, cache hit rate); then a bisection over LoadGen Server runs (Poisson
+arrivals, MLPerf DLRM-v2 query sizes) finds the highest QPS whose p99 stays under the target.
+Every run is judged by LoadGen itself (its summary's "Result is : VALID"); a Server run counts
+towards the peak only when VALID, which includes LoadGen's early-stopping test that enough queries
+were answered for the p99 to be under the target with confidence.
 """
 
 from __future__ import annotations
@@ -23,9 +25,8 @@ from flexemr.bench.loadgen_sut import (
     TorchBackend,
     find_peak_server_qps,
     run_offline,
-    run_server,
 )
-from flexemr.bench.systems import SYSTEMS, ServedSystem, cache_hit_rate, wire_bytes
+from flexemr.bench.systems import SYSTEMS, ApiProtocol, ServedSystem, cache_hit_rate, wire_bytes
 from flexemr.cluster.deployment import cpu_seconds
 from flexemr.config import ModelSource
 from flexemr.model.weights import build_monolithic
@@ -33,34 +34,46 @@ from flexemr.workload import data_dir
 from flexemr.workload.query_sizes import QuerySizes
 from flexemr.workload.synthetic import DEFAULT_ALPHA, SyntheticConfig, SyntheticWorkload
 
+BASELINES = ("monolithic", "served-monolithic", "naive")
+"""Systems every other one is compared with, where they ran."""
+
 
 @dataclass(frozen=True)
 class Suite:
     name: str
     systems: tuple[str, ...]
     offline_s: float
-    server_s: float
-    curve_fractions: tuple[float, ...]
-    """Offered loads for the latency curve, as fractions of each system's own peak."""
-    curve_systems: tuple[str, ...]
-    search_systems: tuple[str, ...]
+    """LoadGen's minimum duration of an Offline run."""
+    server_queries: int
+    """LoadGen's minimum query count of a Server run. Its early-stopping test needs about 460
+    queries with none over the target, more with a few: fewer makes every Server run INVALID."""
+    server_min_s: float
+    """LoadGen's minimum duration of a Server run."""
+    server_max_s: float
+    """A Server run is cut after this (and is INVALID if it had too few queries by then): bounds
+    the time a low load takes to reach `server_queries`."""
     search_runs: int
-    min_queries: int
-    """Server runs last until `server_s` has passed and this many queries were answered."""
+    """Server runs per system in the bisection for the peak QPS."""
+    preset: str
+    """The model when `flexemr bench` is not given one."""
+    row_scale: float
 
 
 SUITES = {
-    "quick": Suite("quick", ("monolithic", "naive", "flexemr", "redis"), 3.0, 2.5, (0.5, 0.9),
-                   ("monolithic", "flexemr"), ("flexemr",), 2, 4),
-    "full": Suite("full", tuple(SYSTEMS), 8.0, 4.0, (0.25, 0.5, 0.75, 1.0), tuple(SYSTEMS),
-                  tuple(SYSTEMS), 4, 10),
+    # rmc1's small MLPs score a 100-700 pair query in milliseconds: the p99 target is reachable at
+    # loads where 600 queries take seconds, not minutes.
+    "quick": Suite("quick", ("monolithic", "served-monolithic", "naive", "flexemr"), offline_s=5.0,
+                   server_queries=600, server_min_s=2.0, server_max_s=60.0, search_runs=3,
+                   preset="rmc1", row_scale=0.01),
+    "full": Suite("full", tuple(SYSTEMS), offline_s=10.0, server_queries=1500, server_min_s=5.0,
+                  server_max_s=180.0, search_runs=5, preset="dlrm-v2", row_scale=0.001),
 }  # fmt: skip
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    preset: str = "rmc2"
-    row_scale: float = 0.02
+    preset: str = "dlrm-v2"
+    row_scale: float = 0.001
     embedding_servers: int = 2
     sharding: str = "auto"
     alpha: float = DEFAULT_ALPHA
@@ -68,6 +81,8 @@ class BenchConfig:
     batch_size: int = 256
     """Offline: pairs per request."""
     p99_target_ms: float = 60.0
+    protocol: ApiProtocol = "http"
+    """How the load generator reaches the served systems."""
     seed: int = 0
 
     def model_flags(self) -> tuple[str, ...]:
@@ -84,9 +99,14 @@ class SystemResult:
     bytes_per_sample: float | None = None
     cache_hit_rate: float | None = None
     cpu_s_per_1k: dict[str, float] = field(default_factory=dict)
-    common_load: LoadGenResult | None = None
-    curve: list[LoadGenResult] = field(default_factory=list)
-    peak_qps: float | None = None
+    server_runs: list[LoadGenResult] = field(default_factory=list)
+    """The bisection's Server runs, by offered load."""
+    peak_qps: float = 0.0
+    """The highest offered load whose Server run was VALID with p99 under the target (0: none)."""
+
+    @property
+    def peak_run(self) -> LoadGenResult | None:
+        return next((r for r in self.server_runs if r.meets_target and r.target_qps == self.peak_qps), None)
 
 
 @contextmanager
@@ -94,8 +114,8 @@ def _started(name: str, config: BenchConfig, monolithic: TorchBackend) -> Iterat
     if name == "monolithic":
         yield monolithic
         return
-    with ServedSystem(SYSTEMS[name], config.model_flags()) as served:
-        yield served  # type: ignore[misc]
+    with ServedSystem(SYSTEMS[name], config.model_flags(), config.protocol) as served:
+        yield served
 
 
 def run_suite(
@@ -112,46 +132,51 @@ def run_suite(
     settings = RunSettings(
         min_duration_s=suite.offline_s, batch_size=config.batch_size, p99_target_ms=config.p99_target_ms
     )
-
-    results: dict[str, SystemResult] = {}
-    for name in suite.systems:
-        step(f"{name}: offline")
-        with _started(name, config, monolithic) as backend:
-            results[name] = _offline(name, backend, offline_pool, settings)
-
-    # Phase 2: the same offered load for everyone, then each system's own latency curve and peak.
-    slowest_qps = min(r.offline.pairs_per_s for r in results.values()) / sizes.mean
-    common_qps = max(slowest_qps * 0.5, 0.5)
     server_settings = dataclasses.replace(
-        settings, min_duration_s=suite.server_s, min_query_count=suite.min_queries
+        settings,
+        min_duration_s=suite.server_min_s,
+        min_query_count=suite.server_queries,
+        max_duration_s=suite.server_max_s,
     )
+    results = []
     for name in suite.systems:
-        step(f"{name}: server")
-        result = results[name]
-        own_qps = result.offline.pairs_per_s / sizes.mean
+        step(name)
         with _started(name, config, monolithic) as backend:
-            result.common_load = run_server(backend, server_pool, common_qps, server_settings)[0]
-            if name in suite.curve_systems:
-                result.curve = [
-                    run_server(backend, server_pool, max(own_qps * f, 0.5), server_settings)[0]
-                    for f in suite.curve_fractions
-                ]
-            if name in suite.search_systems:
-                search = find_peak_server_qps(
-                    backend, server_pool, max(own_qps * 0.1, 0.25), max(own_qps * 1.2, 1.0),
-                    server_settings, max_runs=suite.search_runs, known=[result.common_load, *result.curve],
-                )  # fmt: skip
-                result.peak_qps = search.best_qps
-    return list(results.values())
+            result = _offline(name, backend, offline_pool, settings)
+            own_qps = max(result.offline.pairs_per_s / sizes.mean, 1.0)
+            # From own/2 down to own/4 at most: a run needs `server_queries` queries, so lower loads
+            # last too long to be worth it (the report then says no load in range met the target).
+            search = find_peak_server_qps(
+                backend, server_pool, own_qps / 4, own_qps, server_settings, max_runs=suite.search_runs
+            )
+            result.server_runs = sorted(search.runs, key=lambda r: r.target_qps or 0.0)
+            result.peak_qps = search.best_qps
+        results.append(result)
+    return results
 
 
 def _offline(name: str, backend: Backend, pool: SamplePool, settings: RunSettings) -> SystemResult:
+    """A valid Offline run: LoadGen issues `offline_expected_qps` x its minimum duration samples at
+    once, so a run that finishes early is INVALID (too short); it is run again, expecting what it
+    measured."""
     warm = pool.request.slice(0, settings.batch_size)
     backend.infer(warm)  # the first call pays for connections and lazy set-up
     start = time.perf_counter()
-    backend.infer(warm)
-    estimate = settings.batch_size / (time.perf_counter() - start)
-    settings = dataclasses.replace(settings, offline_expected_qps=max(estimate, 10.0))
+    for _ in range(3):
+        backend.infer(warm)
+    estimate = 3 * settings.batch_size / (time.perf_counter() - start)
+    settings = dataclasses.replace(settings, offline_expected_qps=max(2 * estimate, 10.0))
+    result = _measured_offline(name, backend, pool, settings)
+    for _ in range(2):
+        if "too short" not in result.offline.invalid_reasons:
+            break
+        expected = max(2 * result.offline.pairs_per_s, 2 * settings.offline_expected_qps)
+        settings = dataclasses.replace(settings, offline_expected_qps=expected)
+        result = _measured_offline(name, backend, pool, settings)
+    return result
+
+
+def _measured_offline(name: str, backend: Backend, pool: SamplePool, settings: RunSettings) -> SystemResult:
     served = backend if isinstance(backend, ServedSystem) else None
     pids: dict[str, int] = served.pids() if served else {}
     cpu_before = {role: cpu_seconds(pid) for role, pid in pids.items()}
@@ -170,14 +195,18 @@ def _offline(name: str, backend: Backend, pool: SamplePool, settings: RunSetting
     return result
 
 
-def summary_ratios(results: list[SystemResult]) -> dict[str, dict[str, float]]:
-    """Throughput of each system relative to monolithic and to naive (where they ran)."""
-    by_name = {r.name: r.offline.pairs_per_s for r in results}
-    return {
-        r.name: {
-            base: r.offline.pairs_per_s / by_name[base]
-            for base in ("monolithic", "naive")
-            if by_name.get(base)
-        }
-        for r in results
-    }
+def ratios(results: list[SystemResult]) -> dict[str, dict[str, tuple[float | None, float | None]]]:
+    """Per system and baseline that ran: (Offline throughput ratio, peak Server QPS ratio); None
+    where the baseline's figure is zero."""
+    by_name = {r.name: r for r in results}
+    table: dict[str, dict[str, tuple[float | None, float | None]]] = {}
+    for r in results:
+        table[r.name] = {}
+        for base in BASELINES:
+            b = by_name.get(base)
+            if b is None:
+                continue
+            offline = r.offline.pairs_per_s / b.offline.pairs_per_s if b.offline.pairs_per_s else None
+            peak = r.peak_qps / b.peak_qps if b.peak_qps else None
+            table[r.name][base] = (offline, peak)
+    return table

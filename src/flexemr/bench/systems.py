@@ -1,22 +1,30 @@
 """The systems a benchmark compares, each started the way a user would start it.
 
 Every served system is a real `flexemr serve` child process (ranker) with its own children
-(embedding servers, or Redis), reached over HTTP; the monolithic baseline runs in the benchmark's
-own process and is called directly (its reports say `in-process`).
+(embedding servers, or Redis), reached over KServe v2 HTTP or gRPC. Two monolithic baselines hold
+every table in one process: `served-monolithic` (`flexemr serve --embedding-tier local`, behind the
+same HTTP/gRPC front as flexemr: what a user would run for a model that fits one machine) and
+`monolithic` (the model in the benchmark's own process, called directly: the upper bound on one
+machine, no API at all; its reports say `in-process`).
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
+import numpy as np
 
 from flexemr.client import Client
 from flexemr.cluster.child import AnnouncedProcess
 from flexemr.workload.request import Request
+
+if TYPE_CHECKING:
+    from flexemr.bench.loadgen_sut import Transport
 
 
 @dataclass(frozen=True)
@@ -27,12 +35,16 @@ class System:
     description: str
 
 
+ApiProtocol = Literal["http", "grpc"]
+
 NAIVE_FLAGS = ("--lookup", "raw", "--engine", "single", "--io-threads", "1", "--cache", "off")
 
 SYSTEMS = {
     s.name: s
     for s in [
-        System("monolithic", (), "all tables in the benchmark's process, the same dense model"),
+        System("monolithic", (), "all tables in the benchmark's process, called directly (no API)"),
+        System("served-monolithic", ("--embedding-tier", "local"),
+               "all tables in the ranker's process, behind the same API as flexemr"),
         System("naive", NAIVE_FLAGS, "raw rows, one I/O thread, no cache"),
         System("flexemr", (), "every technique on (the defaults)"),
         System("flexemr-no-partial", ("--lookup", "raw"), "servers return raw rows"),
@@ -48,12 +60,17 @@ SYSTEMS = {
 
 
 class ServedSystem:
-    """`flexemr serve` in a child process, and an HTTP backend for LoadGen."""
+    """`flexemr serve` in a child process, and a LoadGen backend reaching it over HTTP or gRPC."""
 
-    transport = "http"
-
-    def __init__(self, system: System, model_flags: tuple[str, ...], timeout_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        system: System,
+        model_flags: tuple[str, ...],
+        protocol: ApiProtocol = "http",
+        timeout_s: float = 300.0,
+    ) -> None:
         self.name = system.name
+        self.transport: Transport = protocol
         command = [
             sys.executable,
             "-m",
@@ -62,14 +79,24 @@ class ServedSystem:
             "--port",
             "0",
             "--watch-stdin",
+            *(("--grpc-port", "0") if protocol == "grpc" else ()),
             *model_flags,
             *system.flags,
         ]
         self._process = AnnouncedProcess(command, "flexemr ready:", timeout_s)
         self.url = self._process.url
         self.client = Client(self.url)
+        self._grpc: GrpcClient | None = None
+        if protocol == "grpc":
+            match = re.search(r"flexemr ready: .* grpc=(\S+)", "".join(self._process.output))
+            if match is None:
+                self.close()
+                raise RuntimeError("flexemr serve announced no gRPC address")
+            self._grpc = GrpcClient(match.group(1))
 
     def infer(self, request: Request) -> Any:
+        if self._grpc is not None:
+            return self._grpc.infer(request)
         return self.client.infer(request.dense, request.indices, request.lengths)
 
     def stats(self) -> dict[str, Any]:
@@ -82,6 +109,8 @@ class ServedSystem:
         return {"ranker": self._process.pid, **{f"tier-{i}": pid for i, pid in enumerate(kids)}}
 
     def close(self) -> None:
+        if self._grpc is not None:
+            self._grpc.close()
         self.client.close()
         self._process.close()
 
@@ -92,6 +121,46 @@ class ServedSystem:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class GrpcClient:
+    """KServe v2 gRPC `ModelInfer` with raw tensor contents, through the generated stubs (the lean
+    path a production client takes; `tritonclient.grpc` builds the same message)."""
+
+    def __init__(self, address: str, model: str = "dlrm", timeout_s: float = 60.0) -> None:
+        import grpc
+        from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+        self._pb = service_pb2
+        self._channel = grpc.insecure_channel(
+            address, options=[("grpc.max_receive_message_length", 256 * 2**20)]
+        )
+        self._stub = service_pb2_grpc.GRPCInferenceServiceStub(self._channel)
+        self.model = model
+        self.timeout_s = timeout_s
+
+    def infer(self, request: Request) -> np.ndarray:
+        tensor = self._pb.ModelInferRequest.InferInputTensor
+        indices = request.indices
+        index_type = "INT32" if indices.size == 0 or indices.max() < 2**31 else "INT64"
+        message = self._pb.ModelInferRequest(
+            model_name=self.model,
+            inputs=[
+                tensor(name="dense_features", datatype="FP32", shape=list(request.dense.shape)),
+                tensor(name="sparse_indices", datatype=index_type, shape=[indices.size]),
+                tensor(name="sparse_lengths", datatype="INT32", shape=[request.lengths.size]),
+            ],
+            raw_input_contents=[
+                request.dense.astype("<f4").tobytes(),
+                indices.astype("<i4" if index_type == "INT32" else "<i8").tobytes(),
+                request.lengths.astype("<i4").tobytes(),
+            ],
+        )
+        response = self._stub.ModelInfer(message, timeout=self.timeout_s)
+        return np.frombuffer(response.raw_output_contents[0], dtype="<f4")
+
+    def close(self) -> None:
+        self._channel.close()
 
 
 def wire_bytes(stats: dict[str, Any]) -> int:

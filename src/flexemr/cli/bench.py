@@ -18,9 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     defaults = BenchConfig()
     parser.add_argument("--suite", choices=("quick", "full"), default="quick")
-    parser.add_argument("--preset", choices=PRESET_NAMES, default=defaults.preset)
     parser.add_argument(
-        "--row-scale", type=float, default=defaults.row_scale, help="scale tables to fit this machine"
+        "--preset", choices=PRESET_NAMES, help="default: the suite's (quick: rmc1, full: dlrm-v2)"
+    )
+    parser.add_argument(
+        "--row-scale", type=float, help="scale tables to fit this machine (default: quick 0.01, full 0.001)"
     )
     parser.add_argument("--embedding-servers", type=int, default=defaults.embedding_servers)
     parser.add_argument("--sharding", choices=STRATEGIES, default=defaults.sharding)
@@ -29,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--p99-ms", type=float, default=defaults.p99_target_ms, help="Server-scenario latency target"
     )
     parser.add_argument("--systems", help="comma-separated subset of the suite's systems")
+    parser.add_argument(
+        "--protocol", choices=("http", "grpc"), default="http", help="how the served systems are reached"
+    )
     parser.add_argument("--out", help="report folder (default reports/bench-<suite>-<time>)")
 
 
@@ -47,10 +52,11 @@ def run(args: argparse.Namespace) -> int:
             )
             return 2
         suite = suite.__class__(**{**suite.__dict__, "systems": chosen})
-    config = BenchConfig(args.preset, args.row_scale, args.embedding_servers, args.sharding, args.alpha,
-                         p99_target_ms=args.p99_ms)  # fmt: skip
+    config = BenchConfig(args.preset or suite.preset, args.row_scale or suite.row_scale,
+                         args.embedding_servers, args.sharding, args.alpha,
+                         p99_target_ms=args.p99_ms, protocol=args.protocol)  # fmt: skip
     out = Path(args.out or f"reports/bench-{suite.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}")
-    with tqdm(total=2 * len(suite.systems), desc=f"bench {suite.name}", unit="step") as bar:
+    with tqdm(total=len(suite.systems), desc=f"bench {suite.name}", unit="system") as bar:
 
         def step(label: str) -> None:
             bar.set_postfix_str(label)

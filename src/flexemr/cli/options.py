@@ -39,6 +39,9 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lookup", choices=("partial", "raw"), default="partial", help="server-side pooling")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
+    parser.add_argument(
+        "--grpc-port", type=int, default=None, help="also serve KServe v2 gRPC here (0: any free port)"
+    )
     parser.add_argument("--model-name", default="dlrm")
     parser.add_argument("--max-batch", type=int, default=RankerConfig.max_batch)
     parser.add_argument("--device", default="auto", help="dense model device: auto, cpu, cuda, cuda:1")
@@ -149,6 +152,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     ranker = RankerConfig(
         host=args.host,
         port=args.port,
+        grpc_port=args.grpc_port,
         model_name=args.model_name,
         lookup=args.lookup,
         max_batch=args.max_batch,

@@ -9,7 +9,7 @@ import sys
 
 from flexemr.cli.options import add_engine_arguments, engine_config
 from flexemr.cluster.child import exit_when_stdin_closes
-from flexemr.cluster.roles import HttpServer, build_ranker
+from flexemr.cluster.roles import HttpServer, build_ranker, start_grpc
 from flexemr.config import ClusterSpec
 from flexemr.transport.base import ServerUnavailable
 
@@ -32,8 +32,17 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, ServerUnavailable) as exc:
         print(f"flexemr ranker: {exc}", file=sys.stderr)
         return 2
+    try:
+        grpc = start_grpc(ranker)
+    except (RuntimeError, OSError) as exc:
+        print(f"flexemr ranker: {exc}", file=sys.stderr)
+        ranker.close()
+        return 2
     http = HttpServer(ranker, spec.ranker.host, spec.ranker.port)
-    print(f"flexemr ranker ready: {http.url} model={spec.ranker.model_name}", flush=True)
+    grpc_note = f" grpc={grpc.address}" if grpc is not None else ""
+    print(f"flexemr ranker ready: {http.url} model={spec.ranker.model_name}{grpc_note}", flush=True)
     http.run()
+    if grpc is not None:
+        grpc.stop()
     ranker.close()
     return 0

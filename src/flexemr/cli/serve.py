@@ -2,7 +2,9 @@
 
 Starts N embedding-server processes and the ranker, prints one line when ready, and on SIGINT or
 SIGTERM stops everything it started. `--embedding-tier redis` serves the same rows from a Redis
-instead (the HugeCTR-style baseline the benchmarks compare against).
+instead (the HugeCTR-style baseline the benchmarks compare against); `--embedding-tier local` keeps
+every table in the ranker's own process (the served monolithic deployment, for models that fit one
+machine).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ import threading
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.local import ClusterStartError, LocalCluster
-from flexemr.cluster.roles import HttpServer, build_ranker
-from flexemr.config import ClusterSpec
+from flexemr.cluster.roles import HttpServer, build_ranker, start_grpc
+from flexemr.config import ClusterSpec, Endpoint
 from flexemr.ranker.ranker import Ranker
+from flexemr.sharding.plan import make_plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,9 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_cluster_arguments(parser)
     parser.add_argument(
         "--embedding-tier",
-        choices=("flexemr", "redis"),
+        choices=("flexemr", "redis", "local"),
         default="flexemr",
-        help="flexemr embedding servers, or a Redis holding the rows (baseline; needs redis-server)",
+        help="flexemr embedding servers, a Redis holding the rows (baseline; needs redis-server), or "
+        "local: every table in the ranker's process (served monolithic)",
     )
     parser.add_argument("--spec-out", help="also write the cluster spec (with real ports) to this file")
     parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes (parent died)")
@@ -48,6 +52,14 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
         print(f"redis tier: {redis_server.url} pid={redis_server.pid}", flush=True)
         spec = dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, lookup="raw"))
         return build_ranker(spec, transport=transport), spec
+    if tier == "local":
+        from flexemr.transport.local import LocalTransport
+
+        # One store with every table whole: the model as one machine would hold it.
+        plan = make_plan("table", spec.sharding.table_rows, spec.sharding.dim, 1)
+        spec = dataclasses.replace(spec, sharding=plan, embedding_servers=(Endpoint(spec.ranker.host, 0),))
+        local = LocalTransport(plan, spec.model.load(), progress=True)
+        return build_ranker(spec, transport=local), spec
     cluster = LocalCluster(spec, progress=True)
     stack.callback(cluster.stop)
     spec = cluster.start()
@@ -67,10 +79,13 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         try:
             ranker, spec = _start_ranker(spec, args.embedding_tier, stack)
-        except (ClusterStartError, FileNotFoundError, RuntimeError) as exc:
+            stack.callback(ranker.close)
+            grpc = start_grpc(ranker)
+        except (ClusterStartError, FileNotFoundError, RuntimeError, OSError) as exc:
             print(f"flexemr serve: {exc}", file=sys.stderr)
             return 1
-        stack.callback(ranker.close)
+        if grpc is not None:
+            stack.callback(grpc.stop)
         if args.spec_out:
             spec.save(args.spec_out)
         http = HttpServer(ranker, spec.ranker.host, spec.ranker.port)
@@ -80,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"flexemr ready: {http.url} model={spec.ranker.model_name} tier={args.embedding_tier} "
                 f"embedding_servers={spec.sharding.num_servers} sharding={spec.sharding.strategy} "
-                f"lookup={ranker.config.lookup} device={ranker.device}",
+                f"lookup={ranker.config.lookup} device={ranker.device}"
+                + (f" grpc={grpc.address}" if grpc is not None else ""),
                 flush=True,
             )
 

@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 import time
+from typing import TYPE_CHECKING
 
 import uvicorn
 
@@ -18,6 +19,9 @@ from flexemr.model.weights import build_dense
 from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupTransport
 from flexemr.transport.tcp import TcpTransport
+
+if TYPE_CHECKING:
+    from flexemr.api.grpc import GrpcServer
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,17 @@ def build_ranker(
             engine.start(timeout=connect_timeout_s)
             transport = engine
     return Ranker(source.spec, plan, build_dense(source), transport, spec.ranker)
+
+
+def start_grpc(ranker: Ranker) -> GrpcServer | None:
+    """The ranker's KServe v2 gRPC front, serving, if its config names a gRPC port."""
+    if ranker.config.grpc_port is None:
+        return None
+    try:
+        from flexemr.api.grpc import GrpcServer
+    except ImportError as exc:
+        raise RuntimeError(f"--grpc-port needs the grpc extra: pip install 'flexemr[grpc]' ({exc})") from None
+    return GrpcServer(ranker, ranker.config.host, ranker.config.grpc_port)
 
 
 def torch_threads(n: int) -> None:
