@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -9,10 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from flexemr.config import Endpoint, EngineConfig, ModelSource
+from flexemr.cluster.security import identities
+from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
+from flexemr.protocol.frames import Flags, FrameLimits, MessageType, encode
+from flexemr.protocol.handshake import Hello, client_handshake, new_nonce
 from flexemr.sharding.plan import ShardingPlan, make_plan
 from flexemr.transport.base import LookupRequest
 
@@ -30,8 +34,7 @@ class Servers:
     def engine(self, **config: object) -> IoEngine:
         engine = IoEngine(
             self.endpoints,
-            [self.plan.server_rows(i) for i in range(self.plan.num_servers)],
-            self.plan.dim,
+            [s.identity for s in self.servers],
             EngineConfig(**config),  # type: ignore[arg-type]
         )
         engine.start(timeout=10)
@@ -40,11 +43,16 @@ class Servers:
 
 @contextmanager
 def thread_servers(num_servers: int = 2, preset: str = "tiny") -> Iterator[Servers]:
-    weights = ModelSource(preset=preset).load()
+    source = ModelSource(preset=preset)
+    weights = source.load()
     spec = weights.spec
     plan = make_plan("row", spec.table_rows, spec.dim, num_servers)
     stores = [ShardStore(plan, i, weights, progress=False) for i in range(num_servers)]
-    servers = [EmbeddingServer(store, Endpoint()) for store in stores]
+    spec = ClusterSpec(source, plan, tuple(Endpoint() for _ in range(num_servers)))
+    servers = [
+        EmbeddingServer(store, Endpoint(), ident)
+        for store, ident in zip(stores, identities(spec), strict=True)
+    ]
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
     for t in threads:
         t.start()
@@ -55,6 +63,26 @@ def thread_servers(num_servers: int = 2, preset: str = "tiny") -> Iterator[Serve
             s.close()
         for t in threads:
             t.join(5)
+
+
+def dial(endpoint: Endpoint, key: bytes = b"", session: str = "test") -> socket.socket:
+    """A blocking socket to a server, past the handshake (a plain data connection, no credits)."""
+    sock = socket.create_connection((endpoint.host, endpoint.port), timeout=10)
+    try:
+        client_handshake(sock, Hello("data", session, new_nonce()), key, FrameLimits())
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def lookup_frame(request_id: int, request: LookupRequest) -> list[memoryview]:
+    flags = Flags.RAW if request.raw else Flags.NONE
+    buffers = [request.rows, request.offsets]
+    if request.weights is not None:
+        flags |= Flags.WEIGHTED
+        buffers.append(request.weights)
+    return encode(MessageType.LOOKUP, request_id, buffers, flags)
 
 
 def random_request(

@@ -2,7 +2,8 @@
 
 Starts N embedding-server processes and the ranker, prints one line when ready, and on SIGINT or
 SIGTERM stops everything it started. `--embedding-tier redis` serves the same rows from a Redis
-instead (the HugeCTR-style baseline the benchmarks compare against).
+instead (the HugeCTR-style baseline the benchmarks compare against). Without a secret given, it
+makes a random one for its cluster and hands it to the servers through their environment.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
+import secrets
 import sys
 import threading
 
@@ -18,6 +21,7 @@ from flexemr.cli.options import add_cluster_arguments, add_model_arguments, clus
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.local import ClusterStartError, LocalCluster
 from flexemr.cluster.roles import HttpServer, build_ranker
+from flexemr.cluster.security import load_secret
 from flexemr.config import ClusterSpec
 from flexemr.ranker.ranker import Ranker
 
@@ -48,6 +52,8 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
         print(f"redis tier: {redis_server.url} pid={redis_server.pid}", flush=True)
         spec = dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, lookup="raw"))
         return build_ranker(spec, transport=transport), spec
+    if load_secret(spec.security) is None:  # the children inherit it through the environment
+        os.environ[spec.security.secret_env] = secrets.token_hex(32)
     cluster = LocalCluster(spec, progress=True)
     stack.callback(cluster.stop)
     spec = cluster.start()
