@@ -315,8 +315,9 @@ class IoEngine:
                     self.migrate(move.connection, move.target)
             now = time.monotonic()
             for server, (health, control) in enumerate(zip(self.health, self._control, strict=True)):
-                if control is not None and not control.alive and health.lost(control.error):
-                    self._fail_server(server, f"control connection lost: {control.error}")
+                if control is not None and not control.alive:
+                    if health.state != "down" and health.lost(control.error):
+                        self._fail_server(server, f"control connection lost: {control.error}")
                 elif health.check(now):
                     self._fail_server(server, health.reason)
             if not self._broken:
