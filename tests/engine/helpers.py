@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flexemr.cluster.security import identities
-from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource
+from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, NodeLimits
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
@@ -42,15 +42,17 @@ class Servers:
 
 
 @contextmanager
-def thread_servers(num_servers: int = 2, preset: str = "tiny") -> Iterator[Servers]:
+def thread_servers(
+    num_servers: int = 2, preset: str = "tiny", limits: NodeLimits | None = None
+) -> Iterator[Servers]:
     source = ModelSource(preset=preset)
     weights = source.load()
-    spec = weights.spec
-    plan = make_plan("row", spec.table_rows, spec.dim, num_servers)
+    model = weights.spec
+    plan = make_plan("row", model.table_rows, model.dim, num_servers)
     stores = [ShardStore(plan, i, weights, progress=False) for i in range(num_servers)]
     spec = ClusterSpec(source, plan, tuple(Endpoint() for _ in range(num_servers)))
     servers = [
-        EmbeddingServer(store, Endpoint(), ident)
+        EmbeddingServer(store, Endpoint(), ident, limits=limits)
         for store, ident in zip(stores, identities(spec), strict=True)
     ]
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]

@@ -142,7 +142,12 @@ def test_fake_and_mismatched_servers_are_refused_and_never_score(
         other = tiny_spec(seed=8)  # same plan, another model's weights
         impostors = [
             # a fake: the right rows and identity, but no secret
-            (ShardStore(spec.sharding, 1, spec.model.load(), progress=False), spec, "not the secret", "prove"),
+            (
+                ShardStore(spec.sharding, 1, spec.model.load(), progress=False),
+                spec,
+                "not the secret",
+                "prove",
+            ),
             # a stale one: the secret, but another model
             (ShardStore(other.sharding, 1, other.model.load(), progress=False), other, SECRET, "expects"),
         ]
@@ -177,7 +182,9 @@ def test_a_ranker_refuses_a_mismatched_cluster_at_start(
 ) -> None:
     _, spec = secret_cluster
     with pytest.raises(ConfigMismatch, match="expects"):
-        build_ranker(dataclasses.replace(spec, model=ModelSource(preset="tiny", seed=3)), connect_timeout_s=30)
+        build_ranker(
+            dataclasses.replace(spec, model=ModelSource(preset="tiny", seed=3)), connect_timeout_s=30
+        )
 
 
 def test_without_a_secret_servers_bind_loopback_only() -> None:
