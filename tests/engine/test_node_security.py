@@ -154,7 +154,7 @@ def test_fake_and_mismatched_servers_are_refused_and_never_score(
         for store, claimed, secret, why in impostors:
             server, thread = in_thread_server(store, spot, claimed, secret)
             try:
-                assert wait_for(lambda: why in engine.health[1].reason), engine.health[1].reason
+                assert wait_for(lambda w=why: w in engine.health[1].reason), engine.health[1].reason
                 assert not ranker.ready()
                 with pytest.raises(ServerUnavailable):
                     ranker.score(dense, indices, lengths)
@@ -200,7 +200,8 @@ def certificate(tmp_path: Path) -> Path:
         pytest.skip("needs the openssl command")
     subprocess.run(
         [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=flexemr-test",
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            "-subj", "/CN=flexemr-test",
             "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(tmp_path / "key.pem"),
             "-out", str(tmp_path / "cert.pem"),
         ],

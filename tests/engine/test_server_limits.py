@@ -115,9 +115,9 @@ def test_out_of_file_descriptors_the_server_keeps_serving(tmp_path: Path) -> Non
         engine = engine_for(spec)
         try:
             check_lookups(engine, spec, 0, seed=0)
+            address = (spec.embedding_servers[0].host, spec.embedding_servers[0].port)
             for _ in range(250):  # far more than it has descriptors for; it must refuse, not die
-                flood.enter_context(socket.create_connection((spec.embedding_servers[0].host,
-                                                              spec.embedding_servers[0].port), timeout=10))  # fmt: skip
+                flood.enter_context(socket.create_connection(address, timeout=10))
             assert wait_for(lambda: any("out of file descriptors" in line for line in lines))
             check_lookups(engine, spec, 0, seed=1)  # the connections it holds live on
             flood.close()
