@@ -232,6 +232,6 @@ def test_tls_links_score_exactly_and_refuse_plain_clients(
         finally:
             ranker.close()
         endpoint = local.spec.embedding_servers[0]
-        with socket.create_connection((endpoint.host, endpoint.port), timeout=10) as plain:
-            with pytest.raises((ConnectionClosed, ConnectionResetError, ProtocolError)):
-                client_handshake(plain, Hello("data", "plain", new_nonce()), SECRET.encode(), FrameLimits())
+        plain = socket.create_connection((endpoint.host, endpoint.port), timeout=10)
+        with plain, pytest.raises((ConnectionClosed, ConnectionResetError, ProtocolError)):
+            client_handshake(plain, Hello("data", "plain", new_nonce()), SECRET.encode(), FrameLimits())
