@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import random
 import socket
-from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from flexemr.cluster.local import LocalCluster
 from flexemr.config import ClusterSpec, Endpoint, ModelSource
 from flexemr.embedding_server.store import ShardStore
 from flexemr.protocol.frames import (
@@ -27,7 +26,7 @@ from flexemr.protocol.frames import (
 from flexemr.protocol.handshake import Hello, client_handshake, new_nonce
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import LookupRequest
-from tests.engine.helpers import dial, lookup_frame, reference
+from tests.engine.helpers import dial, lookup_frame, reference, server_process
 
 SECRET = b"fuzzing-secret"
 CASES = 240
@@ -80,31 +79,22 @@ def fuzz_one(endpoint: Endpoint, rng: random.Random) -> None:
             pass
 
 
-@pytest.fixture(scope="module")
-def secured() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
-    mp = pytest.MonkeyPatch()
-    mp.setenv("FLEXEMR_SECRET", SECRET.decode())
+def test_malformed_wire_input_never_kills_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEXEMR_SECRET", SECRET.decode())
     source = ModelSource(preset="tiny")
     plan = make_plan("table", source.spec().table_rows, source.spec().dim, 1)
-    local = LocalCluster(ClusterSpec(source, plan, (Endpoint(),)))
-    try:
-        yield local, local.start(timeout=60)
-    finally:
-        local.stop()
-        mp.undo()
-
-
-def test_malformed_wire_input_never_kills_the_server(secured: tuple[LocalCluster, ClusterSpec]) -> None:
-    local, spec = secured
-    endpoint = spec.embedding_servers[0]
-    rng = random.Random(20261201)
-    for _ in range(CASES):
-        fuzz_one(endpoint, rng)
-    assert all(p.poll() is None for p in local._procs), "the server died"
-    store = ShardStore(spec.sharding, 0, spec.model.load(), progress=False)
-    with dial(endpoint, SECRET) as good:
-        request = LookupRequest(np.array([1, 2, 7], np.int64), np.array([0, 1], np.int64))
-        send_frame(good, lookup_frame(1, request))
-        frame = recv_frame(good, FrameLimits())
-        assert frame.type == MessageType.RESULT
-        np.testing.assert_allclose(frame.buffers[0], reference(store, request), rtol=1e-6)
+    spec = ClusterSpec(source, plan, (Endpoint(),))
+    with server_process(spec, tmp_path, max_fds=1024) as (spec, lines):  # asserts it is alive after
+        endpoint = spec.embedding_servers[0]
+        rng = random.Random(20261201)
+        for _ in range(CASES):
+            fuzz_one(endpoint, rng)
+        store = ShardStore(spec.sharding, 0, spec.model.load(), progress=False)
+        with dial(endpoint, SECRET) as good:
+            request = LookupRequest(np.array([1, 2, 7], np.int64), np.array([0, 1], np.int64))
+            send_frame(good, lookup_frame(1, request))
+            frame = recv_frame(good, FrameLimits())
+            assert frame.type == MessageType.RESULT
+            np.testing.assert_allclose(frame.buffers[0], reference(store, request), rtol=1e-6)
+    assert not any("Traceback" in line for line in lines), "".join(lines[-40:])
+    assert any("malformed frame" in line for line in lines)  # the fuzz reached the frame checks

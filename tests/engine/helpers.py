@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import resource
 import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from flexemr.cluster.local import READY_PREFIX
 from flexemr.cluster.security import identities
 from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, NodeLimits
 from flexemr.embedding_server.server import EmbeddingServer
@@ -106,3 +113,62 @@ def reference(store: ShardStore, request: LookupRequest) -> np.ndarray:
     return np.stack(
         [table[request.rows[a:b]].sum(axis=0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     ).astype(np.float32)
+
+
+@contextmanager
+def server_process(
+    spec: ClusterSpec, tmp_path: Path, max_fds: int
+) -> Iterator[tuple[ClusterSpec, list[str]]]:
+    """Embedding server 0 of `spec` in a process limited to `max_fds` file descriptors; yields the
+    spec with its port, and its output lines (kept as they come)."""
+    path = tmp_path / "cluster.json"
+    spec.save(path)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, max_fds))
+
+    command = [
+        sys.executable,
+        "-m",
+        "flexemr.cli.main",
+        "embedding-server",
+        "--spec",
+        str(path),
+        "--index",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        [*command, "--quiet", "--watch-stdin"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=limit,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(READY_PREFIX):
+                ready.set()
+        ready.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(60) and proc.poll() is None, "".join(lines)
+        port = int(next(x for x in lines if x.startswith(READY_PREFIX)).rsplit(":", 1)[1])
+        endpoint = dataclasses.replace(spec.embedding_servers[0], port=port)
+        yield dataclasses.replace(spec, embedding_servers=(endpoint,)), lines
+        assert proc.poll() is None, "the server died:\n" + "".join(lines[-30:])
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        reader.join(10)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()

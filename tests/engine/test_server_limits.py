@@ -4,29 +4,23 @@ ranker down with it, and serves good clients again as soon as it can."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import resource
 import signal
 import socket
-import subprocess
-import sys
-import threading
-from collections.abc import Iterator
 from concurrent.futures import wait
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from flexemr.cluster.local import READY_PREFIX, LocalCluster
+from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.security import identities
 from flexemr.config import ClusterSpec, EngineConfig, NodeLimits
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
 from flexemr.transport.base import ServerUnavailable
-from tests.engine.helpers import random_request, reference, thread_servers
+from tests.engine.helpers import random_request, reference, server_process, thread_servers
 from tests.engine.test_node_security import tiny_spec, wait_for
 
 
@@ -49,65 +43,6 @@ def check_lookups(engine: IoEngine, spec: ClusterSpec, server: int, seed: int, c
     futures = [engine.submit(server, r) for r in requests]
     for request, future in zip(requests, futures, strict=True):
         np.testing.assert_allclose(future.result(30), reference(store, request), rtol=1e-5, atol=1e-5)
-
-
-@contextmanager
-def server_process(
-    spec: ClusterSpec, tmp_path: Path, max_fds: int
-) -> Iterator[tuple[ClusterSpec, list[str]]]:
-    """Embedding server 0 of `spec` in a process limited to `max_fds` file descriptors; yields the
-    spec with its port, and its output lines (kept as they come)."""
-    path = tmp_path / "cluster.json"
-    spec.save(path)
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, max_fds))
-
-    command = [
-        sys.executable,
-        "-m",
-        "flexemr.cli.main",
-        "embedding-server",
-        "--spec",
-        str(path),
-        "--index",
-        "0",
-    ]
-    proc = subprocess.Popen(
-        [*command, "--quiet", "--watch-stdin"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=limit,
-    )
-    lines: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith(READY_PREFIX):
-                ready.set()
-        ready.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        assert ready.wait(60) and proc.poll() is None, "".join(lines)
-        port = int(next(x for x in lines if x.startswith(READY_PREFIX)).rsplit(":", 1)[1])
-        endpoint = dataclasses.replace(spec.embedding_servers[0], port=port)
-        yield dataclasses.replace(spec, embedding_servers=(endpoint,)), lines
-        assert proc.poll() is None, "the server died:\n" + "".join(lines[-30:])
-    finally:
-        proc.terminate()
-        proc.wait(20)
-        reader.join(10)
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
 
 
 def test_out_of_file_descriptors_the_server_keeps_serving(tmp_path: Path) -> None:

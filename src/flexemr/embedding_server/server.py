@@ -294,7 +294,7 @@ class EmbeddingServer:
 
     def _piggybacked(self, session: str, gate: CreditGate, grant: np.ndarray | None) -> None:
         """A grant on a data connection: int64 [credits] or [credits, sent at monotonic_ns]."""
-        if grant is None or grant.dtype != np.int64 or grant.size < 1:
+        if grant is None or grant.dtype != np.int64 or grant.ndim != 1 or grant.size < 1 or grant[0] < 0:
             raise ProtocolError("a piggybacked credit is int64 [credits] or [credits, sent at ns]")
         gate.grant(int(grant[0]))
         if grant.size > 1:
@@ -317,11 +317,12 @@ class EmbeddingServer:
         """Apply CREDIT frames to the session's data connections; answer PING with credit stats."""
         while True:
             frame = recv_frame(conn, self.limits)
-            if frame.type == MessageType.CREDIT and len(frame.buffers) == 3:
-                self._latencies(session).append(time.monotonic_ns() - int(frame.buffers[2][0]))
+            if frame.type == MessageType.CREDIT:
+                ids, grants, sent_at = _credit_buffers(frame)
+                self._latencies(session).append(time.monotonic_ns() - int(sent_at[0]))
                 with self._lock:
                     gates = self._sessions.get(session, {})
-                    for index, n in zip(frame.buffers[0].tolist(), frame.buffers[1].tolist(), strict=True):
+                    for index, n in zip(ids.tolist(), grants.tolist(), strict=True):
                         if index in gates:
                             gates[index].grant(n)
             elif frame.type == MessageType.PING:
@@ -373,3 +374,17 @@ class EmbeddingServer:
 
 def _json(value: Any) -> np.ndarray:
     return np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
+
+
+def _credit_buffers(frame: Frame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A control connection's CREDIT: int64 data connection ids (k), grants >= 0 (k), sent at (1)."""
+    buffers = frame.buffers
+    if not (
+        len(buffers) == 3
+        and all(b.dtype == np.int64 and b.ndim == 1 for b in buffers)
+        and buffers[0].size == buffers[1].size
+        and buffers[2].size == 1
+        and (buffers[1] >= 0).all()
+    ):
+        raise ProtocolError("a CREDIT is int64 [ids (k), grants >= 0 (k), sent at ns (1)]")
+    return buffers[0], buffers[1], buffers[2]
