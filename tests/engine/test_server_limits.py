@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import urllib.error
+import urllib.request
 from concurrent.futures import wait
 from contextlib import ExitStack
 from pathlib import Path
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 
 from flexemr.cluster.local import LocalCluster
+from flexemr.cluster.roles import HttpServer, build_ranker
 from flexemr.cluster.security import identities
 from flexemr.config import ClusterSpec, EngineConfig, NodeLimits
 from flexemr.embedding_server.store import ShardStore
@@ -90,12 +93,25 @@ def test_idle_connections_beyond_the_limit_are_refused_and_good_clients_get_in()
                 sock.close()
 
 
+def ready_status(http: HttpServer) -> int:
+    try:
+        with urllib.request.urlopen(f"{http.url}/v2/health/ready", timeout=30) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
 def test_a_stopped_server_turns_not_ready_fails_fast_and_comes_back() -> None:
     with LocalCluster(tiny_spec()) as local:
         spec = local.spec
-        engine = engine_for(spec)
+        ranker = build_ranker(spec, connect_timeout_s=60)
+        assert isinstance(ranker.transport, IoEngine)
+        engine = ranker.transport
+        http = HttpServer(ranker, "127.0.0.1", 0)
+        http.start_in_thread()
         pid = local.pids[0]
         try:
+            assert ready_status(http) == 200
             check_lookups(engine, spec, 0, seed=0)
             assert all(
                 c.sock is not None and c.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
@@ -107,7 +123,8 @@ def test_a_stopped_server_turns_not_ready_fails_fast_and_comes_back() -> None:
                 stuck = [
                     engine.submit(0, random_request(rng, spec.sharding.server_rows(0))) for _ in range(50)
                 ]
-                assert wait_for(lambda: engine.connected() == [False, True]), engine.health[0].reason
+                assert wait_for(lambda: ready_status(http) == 503), engine.health[0].reason
+                assert engine.connected() == [False, True]
                 _, not_done = wait(stuck, timeout=30)  # no timeout of their own: only the heartbeat ends them
                 assert not not_done
                 assert all(isinstance(f.exception(), ServerUnavailable) for f in stuck)
@@ -115,10 +132,11 @@ def test_a_stopped_server_turns_not_ready_fails_fast_and_comes_back() -> None:
                 check_lookups(engine, spec, 1, seed=2)  # the other server serves on
             finally:
                 os.kill(pid, signal.SIGCONT)
-            assert wait_for(lambda: engine.connected() == [True, True])
+            assert wait_for(lambda: ready_status(http) == 200)
             check_lookups(engine, spec, 0, seed=3)
         finally:
-            engine.close()
+            http.stop()
+            ranker.close()
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
