@@ -54,6 +54,9 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
         return build_ranker(spec, transport=transport), spec
     if load_secret(spec.security) is None:  # the children inherit it through the environment
         os.environ[spec.security.secret_env] = secrets.token_hex(32)
+        logging.getLogger(__name__).info(
+            "no secret given: made one for this cluster only (other rankers need --secret-file)"
+        )
     cluster = LocalCluster(spec, progress=True)
     stack.callback(cluster.stop)
     spec = cluster.start()
