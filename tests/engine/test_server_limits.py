@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 import urllib.error
 import urllib.request
 from concurrent.futures import wait
@@ -23,7 +24,7 @@ from flexemr.config import ClusterSpec, EngineConfig, NodeLimits
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
 from flexemr.transport.base import ServerUnavailable
-from tests.engine.helpers import random_request, reference, server_process, thread_servers
+from tests.engine.helpers import dial, random_request, reference, server_process, thread_servers
 from tests.engine.test_node_security import tiny_spec, wait_for
 
 
@@ -150,5 +151,25 @@ def test_a_dead_io_thread_fails_loudly_and_the_engine_is_not_ready() -> None:
             request = random_request(np.random.default_rng(0), servers.stores[0].num_rows)
             with pytest.raises(ServerUnavailable, match="I/O thread 0 died"):
                 engine.submit(0, request).result(10)
+        finally:
+            engine.close()
+
+
+def test_idle_connections_are_closed_but_the_engine_keeps_its_own_alive() -> None:
+    limits = NodeLimits(idle_timeout_s=3.0)
+    with thread_servers(1, limits=limits) as servers:
+        with dial(servers.endpoints[0]) as silent:  # says nothing after its handshake
+            silent.settimeout(60)
+            assert silent.recv(1) == b""  # closed by the server
+        engine = IoEngine(servers.endpoints, [s.identity for s in servers.servers], node_limits=limits)
+        engine.start(timeout=30)
+        try:
+            sockets = [c.sock for c in engine._connections]
+            time.sleep(3 * limits.idle_timeout_s)  # idle for longer than the server allows
+            assert [c.sock for c in engine._connections] == sockets  # never dropped, never reconnected
+            request = random_request(np.random.default_rng(0), servers.stores[0].num_rows)
+            np.testing.assert_allclose(
+                engine.submit(0, request).result(10), reference(servers.stores[0], request)
+            )
         finally:
             engine.close()

@@ -170,11 +170,12 @@ class IoThread:
         if now < self._next_keepalive:
             return
         self._next_keepalive = now + self._keepalive_s / 4
-        for conn in self.owned:
-            if conn.alive and now - conn.last_sent > self._keepalive_s:
-                with conn.lock:
+        watched = [k.data for k in self._selector.get_map().values() if k.data is not None]
+        for conn in self.owned if not self.shared else watched:
+            with conn.lock:
+                if conn.alive and now - conn.last_sent > self._keepalive_s:
                     conn.queue_ping()
-                self._touched.add(conn)
+                    self._touched.add(conn)
 
     def fail_all(self, reason: str) -> None:
         """This thread died: fail its connections and the work queued for it (from another thread,
