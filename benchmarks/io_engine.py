@@ -3,8 +3,8 @@
 Everything runs side by side in one process run against real embedding-server processes
 (LocalCluster on 127.0.0.1) holding a scaled preset (rmc2 at row_scale 0.01 by default):
 
-1. Lookup throughput (subrequests/s, rows/s) and latency (p50/p99 per subrequest) for the simple
-   `tcp` transport and the engine in `single`, `shared` and `mapped` modes at 1, 2, 4, 8 I/O threads,
+1. Lookup throughput (subrequests/s, rows/s) and latency (p50/p99 per subrequest) for the
+   engine in `single`, `shared` and `mapped` modes at 1, 2, 4, 8 I/O threads,
    with 2 and 4 servers, under uniform traffic and skewed traffic (server 0 gets 60% of the
    subrequests), with migration off and on (`mapped`). Load: closed loop, client threads each
    submitting groups of pooled subrequests and waiting for the group.
@@ -33,11 +33,11 @@ from typing import Any
 import numpy as np
 
 from flexemr.cluster.local import LocalCluster
+from flexemr.cluster.security import identities
 from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource
 from flexemr.engine import IoEngine
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import LookupRequest, LookupTransport
-from flexemr.transport.tcp import TcpTransport
 
 
 @dataclass(frozen=True)
@@ -50,14 +50,8 @@ class Case:
 
 
 def make_transport(spec: ClusterSpec, case: Case, credits: str = "priority") -> LookupTransport:
-    plan = spec.sharding
-    rows = [plan.server_rows(s) for s in range(plan.num_servers)]
-    if case.mode == "tcp":
-        tcp = TcpTransport(spec.embedding_servers, rows, plan.dim)
-        tcp.start(timeout=30)
-        return tcp
     config = EngineConfig(mode=case.mode, io_threads=case.threads, credits=credits, migration=case.migration)  # type: ignore[arg-type]
-    engine = IoEngine(spec.embedding_servers, rows, plan.dim, config)
+    engine = IoEngine(spec.embedding_servers, identities(spec), config)
     engine.start(timeout=30)
     return engine
 
@@ -144,7 +138,7 @@ def drive(
 
 def cases(quick: bool, servers: int) -> list[Case]:
     threads = (1, 2, 4) if quick else (1, 2, 4, 8)
-    out = [Case("tcp", 1, servers, "uniform", False)]
+    out = []
     for traffic in ("uniform", "skewed"):
         out.append(Case("single", 1, servers, traffic, False))
         for n in threads:

@@ -21,7 +21,7 @@ from flexemr.model.weights import CheckpointWeights, PresetWeights, WeightSource
 from flexemr.sharding.plan import ShardingPlan
 
 LookupMode = Literal["partial", "raw"]
-EngineMode = Literal["tcp", "single", "shared", "mapped"]
+EngineMode = Literal["single", "shared", "mapped"]
 CreditMode = Literal["priority", "piggyback", "off"]
 
 
@@ -148,8 +148,7 @@ class EngineConfig:
 
     mode: EngineMode = "mapped"
     """`mapped`: each connection owned by one I/O thread, no locks; `single`: one I/O thread;
-    `shared`: threads share all connections under per-connection locks (the naive baseline);
-    `tcp`: the simple transport (`flexemr.transport.tcp`), no engine."""
+    `shared`: threads share all connections under per-connection locks (the naive baseline)."""
     io_threads: int = 2
     """I/O threads (`single` uses one whatever this says)."""
     connections_per_server: int = 0
@@ -177,8 +176,8 @@ class EngineConfig:
     """Check on every socket operation that only the owning thread touches a connection."""
 
     def __post_init__(self) -> None:
-        if self.mode not in ("tcp", "single", "shared", "mapped"):
-            raise ValueError(f"engine mode must be tcp, single, shared or mapped, got {self.mode!r}")
+        if self.mode not in ("single", "shared", "mapped"):
+            raise ValueError(f"engine mode must be single, shared or mapped, got {self.mode!r}")
         if self.credits not in ("priority", "piggyback", "off"):
             raise ValueError(f"credits must be priority, piggyback or off, got {self.credits!r}")
         if self.io_threads < 1 or self.connections_per_server < 0 or self.credit_capacity < 1:
@@ -191,6 +190,63 @@ class EngineConfig:
 
 
 @dataclass(frozen=True)
+class SecurityConfig:
+    """How ranker <-> embedding server links prove who is at each end (README: threat model).
+
+    The shared secret itself is never in a spec file or on a command line: it is read from
+    `secret_file`, else from the environment variable `secret_env`. Without one, links still check
+    identities but prove nothing, and embedding servers bind loopback addresses only."""
+
+    secret_file: str | None = None
+    """File holding the cluster's shared secret (surrounding whitespace ignored)."""
+    secret_env: str = "FLEXEMR_SECRET"
+    """Environment variable holding the secret when there is no `secret_file`."""
+    tls_cert: str | None = None
+    """PEM certificate of this node: turns on TLS for node links (with `tls_key` and `tls_ca`)."""
+    tls_key: str | None = None
+    """PEM private key of `tls_cert`."""
+    tls_ca: str | None = None
+    """PEM CA bundle that peers' certificates must chain to (both ways: mutual TLS)."""
+
+    def __post_init__(self) -> None:
+        tls = (self.tls_cert, self.tls_key, self.tls_ca)
+        if any(tls) and not all(tls):
+            raise ValueError(f"TLS needs tls_cert, tls_key and tls_ca together, got {tls}")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+
+@dataclass(frozen=True)
+class NodeLimits:
+    """Bounds of an embedding server, and the ranker's heartbeat to it."""
+
+    max_connections: int = 256
+    """Connections a server holds at once (each has a thread); beyond, new ones are closed at once."""
+    handshake_timeout_s: float = 5.0
+    """A connection that has not completed its handshake by then is closed."""
+    idle_timeout_s: float = 300.0
+    """A connection silent for this long is closed (the ranker keeps its own alive)."""
+    max_held_bytes: int = 64 * 2**20
+    """Answers a connection holds back for want of credits, in bytes; beyond, it stops reading."""
+    heartbeat_interval_s: float = 0.2
+    """How often the ranker pings each server on its control connection."""
+    heartbeat_timeout_s: float = 1.0
+    """A server whose oldest unanswered ping is this old is marked not ready, its subrequests failed."""
+
+    def __post_init__(self) -> None:
+        values = dataclasses.asdict(self)
+        if any(v <= 0 for v in values.values()):
+            raise ValueError(f"node limits must all be positive, got {values}")
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ValueError(
+                f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed heartbeat_interval_s "
+                f"({self.heartbeat_interval_s})"
+            )
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     model: ModelSource
     sharding: ShardingPlan
@@ -198,6 +254,10 @@ class ClusterSpec:
     ranker: RankerConfig = field(default_factory=RankerConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     """The ranker's I/O engine."""
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    """Secret and TLS of node links."""
+    limits: NodeLimits = field(default_factory=NodeLimits)
+    """Embedding servers' bounds and the heartbeat."""
 
     def __post_init__(self) -> None:
         if len(self.embedding_servers) != self.sharding.num_servers:
@@ -228,6 +288,8 @@ class ClusterSpec:
             embedding_servers=tuple(Endpoint(**e) for e in data["embedding_servers"]),
             ranker=RankerConfig(**data.get("ranker", {})),
             engine=EngineConfig(**data.get("engine", {})),
+            security=SecurityConfig(**data.get("security", {})),
+            limits=NodeLimits(**data.get("limits", {})),
         )
 
     @classmethod

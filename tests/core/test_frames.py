@@ -24,7 +24,7 @@ from flexemr.protocol.frames import (
 )
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import LookupRequest
-from flexemr.transport.tcp import lookup_frame
+from tests.engine.helpers import dial, lookup_frame
 
 
 def roundtrip(views: list[memoryview], limits: FrameLimits | None = None):  # type: ignore[no-untyped-def]
@@ -81,13 +81,9 @@ def server_endpoint() -> Iterator[Endpoint]:
         yield cluster.spec.embedding_servers[0]
 
 
-def connect(endpoint: Endpoint) -> socket.socket:
-    return socket.create_connection((endpoint.host, endpoint.port), timeout=10)
-
-
 def test_malformed_frame_closes_only_that_connection(server_endpoint: Endpoint) -> None:
-    good = connect(server_endpoint)
-    bad = connect(server_endpoint)
+    good = dial(server_endpoint)
+    bad = socket.create_connection((server_endpoint.host, server_endpoint.port), timeout=10)
     with good, bad:
         bad.sendall(b"garbage that is not a frame at all")
         try:
@@ -100,7 +96,7 @@ def test_malformed_frame_closes_only_that_connection(server_endpoint: Endpoint) 
 
 
 def test_bad_subrequest_gets_error_and_connection_lives(server_endpoint: Endpoint) -> None:
-    with connect(server_endpoint) as conn:
+    with dial(server_endpoint) as conn:
         send_frame(conn, lookup_frame(1, LookupRequest(np.array([10**6], np.int64), np.array([0], np.int64))))
         frame = recv_frame(conn, FrameLimits())
         assert frame.type == MessageType.ERROR and "outside this server's" in error_text(frame)
@@ -111,7 +107,7 @@ def test_bad_subrequest_gets_error_and_connection_lives(server_endpoint: Endpoin
 
 def test_server_takes_int32_and_int64_lookups_alike(server_endpoint: Endpoint) -> None:
     results = []
-    with connect(server_endpoint) as conn:
+    with dial(server_endpoint) as conn:
         for i, dtype in enumerate((np.int64, np.int32)):
             request = LookupRequest(np.array([1, 2, 5], dtype), np.array([0, 2], dtype))
             send_frame(conn, lookup_frame(i, request))

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import resource
+import socket
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from flexemr.config import Endpoint, EngineConfig, ModelSource
+from flexemr.cluster.local import READY_PREFIX
+from flexemr.cluster.security import identities
+from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, NodeLimits
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
+from flexemr.protocol.frames import Flags, FrameLimits, MessageType, encode
+from flexemr.protocol.handshake import Hello, client_handshake, new_nonce
 from flexemr.sharding.plan import ShardingPlan, make_plan
 from flexemr.transport.base import LookupRequest
 
@@ -30,8 +41,7 @@ class Servers:
     def engine(self, **config: object) -> IoEngine:
         engine = IoEngine(
             self.endpoints,
-            [self.plan.server_rows(i) for i in range(self.plan.num_servers)],
-            self.plan.dim,
+            [s.identity for s in self.servers],
             EngineConfig(**config),  # type: ignore[arg-type]
         )
         engine.start(timeout=10)
@@ -39,12 +49,19 @@ class Servers:
 
 
 @contextmanager
-def thread_servers(num_servers: int = 2, preset: str = "tiny") -> Iterator[Servers]:
-    weights = ModelSource(preset=preset).load()
-    spec = weights.spec
-    plan = make_plan("row", spec.table_rows, spec.dim, num_servers)
+def thread_servers(
+    num_servers: int = 2, preset: str = "tiny", limits: NodeLimits | None = None
+) -> Iterator[Servers]:
+    source = ModelSource(preset=preset)
+    weights = source.load()
+    model = weights.spec
+    plan = make_plan("row", model.table_rows, model.dim, num_servers)
     stores = [ShardStore(plan, i, weights, progress=False) for i in range(num_servers)]
-    servers = [EmbeddingServer(store, Endpoint()) for store in stores]
+    spec = ClusterSpec(source, plan, tuple(Endpoint() for _ in range(num_servers)))
+    servers = [
+        EmbeddingServer(store, Endpoint(), ident, limits=limits)
+        for store, ident in zip(stores, identities(spec), strict=True)
+    ]
     threads = [threading.Thread(target=s.serve_forever, daemon=True) for s in servers]
     for t in threads:
         t.start()
@@ -55,6 +72,26 @@ def thread_servers(num_servers: int = 2, preset: str = "tiny") -> Iterator[Serve
             s.close()
         for t in threads:
             t.join(5)
+
+
+def dial(endpoint: Endpoint, key: bytes = b"", session: str = "test") -> socket.socket:
+    """A blocking socket to a server, past the handshake (a plain data connection, no credits)."""
+    sock = socket.create_connection((endpoint.host, endpoint.port), timeout=10)
+    try:
+        client_handshake(sock, Hello("data", session, new_nonce()), key, FrameLimits())
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def lookup_frame(request_id: int, request: LookupRequest) -> list[memoryview]:
+    flags = Flags.RAW if request.raw else Flags.NONE
+    buffers = [request.rows, request.offsets]
+    if request.weights is not None:
+        flags |= Flags.WEIGHTED
+        buffers.append(request.weights)
+    return encode(MessageType.LOOKUP, request_id, buffers, flags)
 
 
 def random_request(
@@ -76,3 +113,62 @@ def reference(store: ShardStore, request: LookupRequest) -> np.ndarray:
     return np.stack(
         [table[request.rows[a:b]].sum(axis=0) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     ).astype(np.float32)
+
+
+@contextmanager
+def server_process(
+    spec: ClusterSpec, tmp_path: Path, max_fds: int
+) -> Iterator[tuple[ClusterSpec, list[str]]]:
+    """Embedding server 0 of `spec` in a process limited to `max_fds` file descriptors; yields the
+    spec with its port, and its output lines (kept as they come)."""
+    path = tmp_path / "cluster.json"
+    spec.save(path)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max_fds, max_fds))
+
+    command = [
+        sys.executable,
+        "-m",
+        "flexemr.cli.main",
+        "embedding-server",
+        "--spec",
+        str(path),
+        "--index",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        [*command, "--quiet", "--watch-stdin"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=limit,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith(READY_PREFIX):
+                ready.set()
+        ready.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(60) and proc.poll() is None, "".join(lines)
+        port = int(next(x for x in lines if x.startswith(READY_PREFIX)).rsplit(":", 1)[1])
+        endpoint = dataclasses.replace(spec.embedding_servers[0], port=port)
+        yield dataclasses.replace(spec, embedding_servers=(endpoint,)), lines
+        assert proc.poll() is None, "the server died:\n" + "".join(lines[-30:])
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        reader.join(10)
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()

@@ -12,6 +12,7 @@ import pytest
 
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
+from flexemr.cluster.security import identities
 from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
@@ -70,8 +71,7 @@ def test_a_dying_server_fails_its_subrequests_fast_and_others_carry_on(
     plan = spec.sharding
     engine = IoEngine(
         spec.embedding_servers,
-        [plan.server_rows(s) for s in range(plan.num_servers)],
-        plan.dim,
+        identities(spec),
         EngineConfig(mode="mapped", io_threads=2, credit_capacity=4, debug_ownership=True),
     )
     engine.start(timeout=30)

@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec, engine_config
-from flexemr.config import ClusterSpec, EngineConfig
+from flexemr.config import ClusterSpec, EngineConfig, NodeLimits, SecurityConfig
 
 
 def parse(*flags: str) -> argparse.Namespace:
@@ -51,3 +51,23 @@ def test_flags_override_a_base_config() -> None:
 def test_bad_values_are_refused_with_the_value(field: str, value: object, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         EngineConfig(**{field: value})  # type: ignore[arg-type]
+
+
+def test_servers_bind_their_own_host_and_the_secret_file_is_the_only_secret_flag() -> None:
+    spec = cluster_spec(parse("--host", "0.0.0.0", "--server-host", "::1", "--secret-file", "/run/s"))
+    assert spec.ranker.host == "0.0.0.0"
+    assert {e.host for e in spec.embedding_servers} == {"::1"}
+    assert spec.security == SecurityConfig(secret_file="/run/s")
+    assert "secret" not in spec.to_json().replace("secret_file", "").replace("secret_env", "")
+    again = ClusterSpec.from_dict(spec.to_dict())
+    assert (again.security, again.limits) == (spec.security, NodeLimits())
+    assert {e.host for e in cluster_spec(parse("--host", "0.0.0.0")).embedding_servers} == {"127.0.0.1"}
+
+
+def test_node_limits_and_tls_settings_are_validated() -> None:
+    with pytest.raises(ValueError, match="heartbeat_timeout_s"):
+        NodeLimits(heartbeat_interval_s=1.0, heartbeat_timeout_s=0.5)
+    with pytest.raises(ValueError, match="positive"):
+        NodeLimits(max_connections=0)
+    with pytest.raises(ValueError, match="together"):
+        SecurityConfig(tls_cert="cert.pem")

@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+from flexemr.cli.options import add_secret_argument, with_secret_file
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.local import READY_PREFIX
 from flexemr.cluster.roles import build_embedding_server
@@ -18,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=int, required=True, help="which embedding server of the spec")
     parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes (parent died)")
     parser.add_argument("--quiet", action="store_true", help="no loading progress bar")
+    add_secret_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,8 +29,9 @@ def run(args: argparse.Namespace) -> int:
     if args.watch_stdin:
         exit_when_stdin_closes()
     try:
-        server = build_embedding_server(ClusterSpec.load(args.spec), args.index, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as exc:
+        spec = with_secret_file(ClusterSpec.load(args.spec), args.secret_file)
+        server = build_embedding_server(spec, args.index, progress=not args.quiet)
+    except (ValueError, OSError) as exc:
         print(f"flexemr embedding-server: {exc}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: server.close())

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from flexemr.cache.sizes import parse_bytes
-from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, RankerConfig
+from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, RankerConfig, SecurityConfig
 from flexemr.model.presets import PRESET_NAMES
 from flexemr.sharding.plan import STRATEGIES, ShardingPlan, make_plan
 
@@ -37,7 +37,11 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--plan", help="a sharding plan file (from `flexemr plan`), instead of --sharding")
     parser.add_argument("--lookup", choices=("partial", "raw"), default="partial", help="server-side pooling")
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="the ranker's HTTP address")
+    parser.add_argument(
+        "--server-host", default="127.0.0.1", help="address the embedding servers listen on (never --host)"
+    )
+    add_secret_argument(parser)
     parser.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port)")
     parser.add_argument(
         "--grpc-port", type=int, default=None, help="also serve KServe v2 gRPC here (0: any free port)"
@@ -70,6 +74,20 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
 
 
+def add_secret_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--secret-file",
+        help="file holding the shared secret of node links (default: $FLEXEMR_SECRET; serve makes one)",
+    )
+
+
+def with_secret_file(spec: ClusterSpec, path: str | None) -> ClusterSpec:
+    """`spec` with `--secret-file` (when given) in place of its own."""
+    if path is None:
+        return spec
+    return dataclasses.replace(spec, security=dataclasses.replace(spec.security, secret_file=path))
+
+
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The ranker's I/O engine (`flexemr.engine`); the defaults are the best measured combination.
 
@@ -79,9 +97,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     absent = argparse.SUPPRESS
     parser.add_argument(
         "--engine",
-        choices=("mapped", "shared", "single", "tcp"),
+        choices=("mapped", "shared", "single"),
         default=absent,
-        help="I/O engine: mapped (thread-owned connections), shared (locked), single, tcp (simple)"
+        help="I/O engine: mapped (thread-owned connections), shared (locked), single (one thread)"
         f"{_default(defaults.mode)}",
     )
     parser.add_argument(
@@ -164,7 +182,12 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         deadline_s=args.deadline_ms / 1000,
         max_body_bytes=args.max_body,
     )
-    endpoints = tuple(Endpoint(args.host, 0) for _ in range(plan.num_servers))
+    endpoints = tuple(Endpoint(args.server_host, 0) for _ in range(plan.num_servers))
     return ClusterSpec(
-        model=source, sharding=plan, embedding_servers=endpoints, ranker=ranker, engine=engine_config(args)
+        model=source,
+        sharding=plan,
+        embedding_servers=endpoints,
+        ranker=ranker,
+        engine=engine_config(args),
+        security=SecurityConfig(secret_file=args.secret_file),
     )

@@ -7,11 +7,11 @@ import dataclasses
 import logging
 import sys
 
-from flexemr.cli.options import add_engine_arguments, engine_config
+from flexemr.cli.options import add_engine_arguments, add_secret_argument, engine_config, with_secret_file
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.roles import HttpServer, build_ranker, start_grpc
 from flexemr.config import ClusterSpec
-from flexemr.transport.base import ServerUnavailable
+from flexemr.transport.base import ConfigMismatch, ServerUnavailable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--connect-timeout", type=float, default=120.0, help="wait this long for servers")
     parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes (parent died)")
     add_engine_arguments(parser)
+    add_secret_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,8 +29,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec = ClusterSpec.load(args.spec)
         spec = dataclasses.replace(spec, engine=engine_config(args, spec.engine))
+        spec = with_secret_file(spec, args.secret_file)
         ranker = build_ranker(spec, connect_timeout_s=args.connect_timeout)
-    except (ValueError, FileNotFoundError, ServerUnavailable) as exc:
+    except (ValueError, OSError, ServerUnavailable, ConfigMismatch) as exc:
         print(f"flexemr ranker: {exc}", file=sys.stderr)
         return 2
     try:

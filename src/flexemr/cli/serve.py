@@ -4,7 +4,8 @@ Starts N embedding-server processes and the ranker, prints one line when ready, 
 SIGTERM stops everything it started. `--embedding-tier redis` serves the same rows from a Redis
 instead (the HugeCTR-style baseline the benchmarks compare against); `--embedding-tier local` keeps
 every table in the ranker's own process (the served monolithic deployment, for models that fit one
-machine).
+machine). Without a secret given, it makes a random one for its cluster and hands it to the servers
+through their environment.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
+import secrets
 import sys
 import threading
 
@@ -20,6 +23,7 @@ from flexemr.cli.options import add_cluster_arguments, add_model_arguments, clus
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.local import ClusterStartError, LocalCluster
 from flexemr.cluster.roles import HttpServer, build_ranker, start_grpc
+from flexemr.cluster.security import load_secret
 from flexemr.config import ClusterSpec, Endpoint
 from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import make_plan
@@ -60,6 +64,11 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
         spec = dataclasses.replace(spec, sharding=plan, embedding_servers=(Endpoint(spec.ranker.host, 0),))
         local = LocalTransport(plan, spec.model.load(), progress=True)
         return build_ranker(spec, transport=local), spec
+    if load_secret(spec.security) is None:  # the children inherit it through the environment
+        os.environ[spec.security.secret_env] = secrets.token_hex(32)
+        logging.getLogger(__name__).info(
+            "no secret given: made one for this cluster only (other rankers need --secret-file)"
+        )
     cluster = LocalCluster(spec, progress=True)
     stack.callback(cluster.stop)
     spec = cluster.start()

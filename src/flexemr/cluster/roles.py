@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from flexemr.api.http import RateLimitedWarnings, create_app
+from flexemr.cluster.security import check_bind, client_tls, identities, load_secret, server_tls
 from flexemr.config import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
 from flexemr.model.weights import build_dense
 from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupTransport
-from flexemr.transport.tcp import TcpTransport
 
 if TYPE_CHECKING:
     from flexemr.api.grpc import GrpcServer
@@ -32,8 +32,17 @@ def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True)
             f"--index {index} is not a server of this spec (0..{len(spec.embedding_servers) - 1})"
         )
     torch_threads(1)
+    secret = load_secret(spec.security)
+    check_bind(spec.embedding_servers[index].host, secret)  # before the minutes of loading
     store = ShardStore(spec.sharding, index, spec.model.load(), progress=progress)
-    return EmbeddingServer(store, spec.embedding_servers[index])
+    return EmbeddingServer(
+        store,
+        spec.embedding_servers[index],
+        identities(spec)[index],
+        secret,
+        spec.limits,
+        tls=server_tls(spec.security),
+    )
 
 
 def build_ranker(
@@ -43,17 +52,18 @@ def build_ranker(
     source = spec.model.load()
     plan = spec.sharding
     if transport is None:
-        rows = [plan.server_rows(s) for s in range(plan.num_servers)]
-        if spec.engine.mode == "tcp":
-            tcp = TcpTransport(spec.embedding_servers, rows, plan.dim)
-            tcp.start(timeout=connect_timeout_s)
-            transport = tcp
-        else:
-            from flexemr.engine import IoEngine
+        from flexemr.engine import IoEngine
 
-            engine = IoEngine(spec.embedding_servers, rows, plan.dim, spec.engine)
-            engine.start(timeout=connect_timeout_s)
-            transport = engine
+        engine = IoEngine(
+            spec.embedding_servers,
+            identities(spec),
+            spec.engine,
+            secret=load_secret(spec.security),
+            node_limits=spec.limits,
+            tls=client_tls(spec.security),
+        )
+        engine.start(timeout=connect_timeout_s)
+        transport = engine
     return Ranker(source.spec, plan, build_dense(source), transport, spec.ranker)
 
 

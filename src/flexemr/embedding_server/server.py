@@ -1,30 +1,40 @@
 """The embedding server process: holds its shards and answers lookup subrequests over TCP.
 
-One thread per connection reads frames, runs the lookup kernel (which releases the GIL, so
-connections use the cores in parallel) and writes the answer. A bad subrequest gets an ERROR frame
-and the connection lives on; a malformed frame closes that connection only, with its reason logged.
+Every connection opens with the handshake (`protocol.handshake`): the client proves the cluster's
+secret and learns what this server holds; nothing else is read before. One thread per connection
+reads frames, runs the lookup kernel (which releases the GIL, so connections use the cores in
+parallel) and writes the answer. A bad subrequest gets an ERROR frame and the connection lives on;
+a malformed frame closes that connection only, with its reason logged (rate-limited).
+
+Bounds (`NodeLimits`): at most `max_connections` connections (more are closed at once), a
+handshake timeout, an idle timeout, and `max_held_bytes` of answers held per connection. When
+accept fails for want of file descriptors, the server refuses new connections and backs off; the
+process and the connections it holds carry on.
 
 Credit-based flow control (the ranker's I/O engine asks for it in its HELLO): a credited data
 connection sends a response only against a credit; answers beyond the credits wait in a bounded
-queue, and when that is full the connection stops reading (TCP pushes back on the ranker). Credits
+queue (`HeldAnswers`); when that is full the connection stops reading (TCP pushes back on the ranker). Credits
 arrive on a control connection of the same session (CREDIT frames naming the data connection), or
 piggybacked on the data connection itself (LOOKUP flag CREDIT, or a bare CREDIT frame).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
-import queue
 import socket
+import ssl
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import numpy as np
 
-from flexemr.config import Endpoint
+from flexemr.cluster.security import check_bind
+from flexemr.config import Endpoint, NodeLimits
 from flexemr.embedding_server.store import BadSubrequest, ShardStore
 from flexemr.protocol.frames import (
     ConnectionClosed,
@@ -38,6 +48,7 @@ from flexemr.protocol.frames import (
     recv_frame,
     send_frame,
 )
+from flexemr.protocol.handshake import Identity, NotAuthenticated, server_handshake
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +93,70 @@ class CreditGate:
             self._cond.notify_all()
 
 
+class HeldAnswers:
+    """Answers of one credited connection waiting for credits, bounded in count and in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._cond = threading.Condition()
+        self._answers: deque[tuple[list[memoryview], int]] = deque()
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._closed = False
+
+    def put(self, answer: list[memoryview]) -> bool:
+        """Hold `answer`, waiting while full (one answer alone may exceed the bytes); False once closed."""
+        size = sum(v.nbytes for v in answer)
+        with self._cond:
+            while (
+                self._answers
+                and not self._closed
+                and (len(self._answers) >= MAX_QUEUED_RESPONSES or self._bytes + size > self._max_bytes)
+            ):
+                self._cond.wait()
+            if self._closed:
+                return False
+            self._answers.append((answer, size))
+            self._bytes += size
+            self._cond.notify_all()
+            return True
+
+    def get(self) -> list[memoryview] | None:
+        """The oldest answer, waiting for one; None once closed."""
+        with self._cond:
+            while not self._answers and not self._closed:
+                self._cond.wait()
+            if self._closed:
+                return None
+            answer, size = self._answers.popleft()
+            self._bytes -= size
+            self._cond.notify_all()
+            return answer
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._answers.clear()
+            self._cond.notify_all()
+
+
 class EmbeddingServer:
-    def __init__(self, store: ShardStore, endpoint: Endpoint, limits: FrameLimits | None = None) -> None:
+    def __init__(
+        self,
+        store: ShardStore,
+        endpoint: Endpoint,
+        identity: Identity,
+        secret: bytes | None = None,
+        limits: NodeLimits | None = None,
+        frame_limits: FrameLimits | None = None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        check_bind(endpoint.host, secret)
         self.store = store
-        self.limits = limits or FrameLimits()
+        self.identity = identity
+        self._key = secret or b""
+        self.node_limits = limits or NodeLimits()
+        self.limits = frame_limits or FrameLimits()
+        self._tls = tls
         self._listener = socket.create_server((endpoint.host, endpoint.port), backlog=128)
         self.endpoint = Endpoint(endpoint.host, self._listener.getsockname()[1])
         self._connections: set[socket.socket] = set()
@@ -94,17 +165,53 @@ class EmbeddingServer:
         self._sessions: dict[str, dict[int, CreditGate]] = {}
         self._credit_latencies: dict[str, deque[int]] = {}
         """Per session, grant-to-arrival times of recent credits (meaningful with same-host clocks)."""
+        self.lookups = 0
+        """Lookup subrequests answered with rows (for tests and stats)."""
+        self.refused: Counter[str] = Counter()
+        """Connections refused or closed early, by reason (logged at counts 1, 2, 4, 8...)."""
 
     def serve_forever(self) -> None:
+        """Accept connections until `close`. Out of file descriptors (or memory for a socket), it
+        refuses new connections, backing off, while the process and its connections live on."""
+        backoff = 0.0
         while not self._closed.is_set():
             try:
                 conn, peer = self._listener.accept()
-            except OSError:
-                break
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError as exc:
+                if self._closed.is_set():
+                    break
+                exhausted = exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+                reason = "out of file descriptors or socket memory" if exhausted else "accept failed"
+                self._refuse(reason, f"{exc}; refusing new connections, backing off")
+                backoff = min(1.0, max(0.01, 2 * backoff))
+                time.sleep(backoff)
+                continue
+            backoff = 0.0
             with self._lock:
-                self._connections.add(conn)
-            threading.Thread(target=self._serve_connection, args=(conn, peer), daemon=True).start()
+                full = len(self._connections) >= self.node_limits.max_connections
+                if not full:
+                    self._connections.add(conn)
+            if full:
+                conn.close()
+                self._refuse("connection limit", f"{self.node_limits.max_connections} connections held")
+                continue
+            try:
+                threading.Thread(target=self._serve_connection, args=(conn, peer), daemon=True).start()
+            except RuntimeError as exc:  # no thread to be had
+                self._forget(conn)
+                self._refuse("no thread for a connection", str(exc))
+
+    def _refuse(self, reason: str, detail: str) -> None:
+        """Count a refusal; log it at the 1st, 2nd, 4th, 8th... time (a flood logs a few lines)."""
+        self.refused[reason] += 1
+        n = self.refused[reason]
+        if n & (n - 1) == 0:
+            log.warning("embedding server %d: %s (%s); %d so far", self.store.server, reason, detail, n)
+
+    def _forget(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._connections.discard(conn)
+        conn.close()
 
     def close(self) -> None:
         self._closed.set()
@@ -115,39 +222,52 @@ class EmbeddingServer:
         self._listener.close()
         with self._lock:
             for conn in self._connections:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
                 conn.close()
             for gates in self._sessions.values():
                 for gate in gates.values():
                     gate.close()
 
     def _serve_connection(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        """Handshake (within the handshake timeout), then serve the connection as its HELLO says."""
+        raw = conn
         try:
-            frame = recv_frame(conn, self.limits)
-            options = _hello_options(frame)
-            send_frame(conn, self.answer(frame))
-            if "credits" in options:
-                self._serve_credited(conn, str(options["session"]), int(options["conn"]), options)
-            elif options.get("control"):
-                self._serve_control(conn, str(options["session"]))
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(self.node_limits.handshake_timeout_s)
+            if self._tls is not None:
+                conn = self._tls.wrap_socket(conn, server_side=True)
+                with self._lock:
+                    self._connections.discard(raw)
+                    self._connections.add(conn)
+            hello = server_handshake(conn, self.identity, self._key, self.limits)
+            conn.settimeout(self.node_limits.idle_timeout_s)
+            if hello.role == "control":
+                self._serve_control(conn, hello.session)
+            elif hello.credits is not None:
+                self._serve_credited(conn, hello.session, hello.conn, hello.credits)
             else:
                 while True:
                     frame = recv_frame(conn, self.limits)
-                    send_frame(conn, self.answer(frame))
+                    if frame.type != MessageType.PING:  # a keepalive: never answered
+                        send_frame(conn, self.answer(frame))
+        except NotAuthenticated as exc:
+            self._refuse("not authenticated", f"{peer[0]}:{peer[1]}: {exc}")
         except ProtocolError as exc:
-            log.warning("closing connection from %s:%s: malformed frame: %s", *peer[:2], exc)
-        except (ConnectionClosed, OSError, ValueError, KeyError):
+            self._refuse("malformed frame", f"{peer[0]}:{peer[1]}: {exc}")
+        except (ConnectionClosed, OSError, ValueError):
             pass
         finally:
             with self._lock:
-                self._connections.discard(conn)
-            conn.close()
+                self._connections.discard(raw)
+            self._forget(conn)
 
-    def _serve_credited(self, conn: socket.socket, session: str, index: int, options: dict[str, Any]) -> None:
+    def _serve_credited(self, conn: socket.socket, session: str, index: int, credits: int) -> None:
         """Read and answer lookups; a writer thread sends the answers as credits allow."""
-        gate = CreditGate(int(options["credits"]))
+        gate = CreditGate(credits)
         with self._lock:
             self._sessions.setdefault(session, {})[index] = gate
-        answers: queue.Queue[list[memoryview] | None] = queue.Queue(MAX_QUEUED_RESPONSES)
+        answers = HeldAnswers(self.node_limits.max_held_bytes)
         writer = threading.Thread(target=self._write_credited, args=(conn, gate, answers), daemon=True)
         writer.start()
         try:
@@ -156,33 +276,25 @@ class EmbeddingServer:
                 if frame.type == MessageType.CREDIT:
                     self._piggybacked(session, gate, frame.buffers[0] if frame.buffers else None)
                     continue
+                if frame.type == MessageType.PING:
+                    continue
                 if frame.type == MessageType.LOOKUP and frame.flags & Flags.CREDIT and frame.buffers:
                     self._piggybacked(session, gate, frame.buffers.pop())
                     frame.flags &= ~Flags.CREDIT
-                answer = self.answer(frame)
-                while not self._closed.is_set():
-                    try:
-                        answers.put(answer, timeout=0.5)
-                        break
-                    except queue.Full:
-                        continue
+                if not answers.put(self.answer(frame)):
+                    break
         finally:
             with self._lock:
                 self._sessions.get(session, {}).pop(index, None)
             gate.close()
-            try:
-                answers.put_nowait(None)
-            except queue.Full:
-                pass
-            try:
+            answers.close()
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             writer.join()
 
     def _piggybacked(self, session: str, gate: CreditGate, grant: np.ndarray | None) -> None:
         """A grant on a data connection: int64 [credits] or [credits, sent at monotonic_ns]."""
-        if grant is None or grant.dtype != np.int64 or grant.size < 1:
+        if grant is None or grant.dtype != np.int64 or grant.ndim != 1 or grant.size < 1 or grant[0] < 0:
             raise ProtocolError("a piggybacked credit is int64 [credits] or [credits, sent at ns]")
         gate.grant(int(grant[0]))
         if grant.size > 1:
@@ -192,30 +304,30 @@ class EmbeddingServer:
         with self._lock:
             return self._credit_latencies.setdefault(session, deque(maxlen=4096))
 
-    def _write_credited(
-        self, conn: socket.socket, gate: CreditGate, answers: queue.Queue[list[memoryview] | None]
-    ) -> None:
+    def _write_credited(self, conn: socket.socket, gate: CreditGate, answers: HeldAnswers) -> None:
         try:
             while (answer := answers.get()) is not None and gate.take():
                 send_frame(conn, answer)
-        except OSError:
-            pass
+        except OSError:  # gone, or not reading for the idle timeout: stop the reader too
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        answers.close()
 
     def _serve_control(self, conn: socket.socket, session: str) -> None:
         """Apply CREDIT frames to the session's data connections; answer PING with credit stats."""
         while True:
             frame = recv_frame(conn, self.limits)
-            if frame.type == MessageType.CREDIT and len(frame.buffers) == 3:
-                self._latencies(session).append(time.monotonic_ns() - int(frame.buffers[2][0]))
+            if frame.type == MessageType.CREDIT:
+                ids, grants, sent_at = _credit_buffers(frame)
+                self._latencies(session).append(time.monotonic_ns() - int(sent_at[0]))
                 with self._lock:
                     gates = self._sessions.get(session, {})
-                    for index, n in zip(frame.buffers[0].tolist(), frame.buffers[1].tolist(), strict=True):
+                    for index, n in zip(ids.tolist(), grants.tolist(), strict=True):
                         if index in gates:
                             gates[index].grant(n)
             elif frame.type == MessageType.PING:
-                send_frame(
-                    conn, encode(MessageType.PONG, frame.request_id, [_json(self.credit_stats(session))])
-                )
+                stats = [_json(self.credit_stats(session))] if frame.flags & Flags.STATS else []
+                send_frame(conn, encode(MessageType.PONG, frame.request_id, stats))
             else:
                 send_frame(conn, self.answer(frame))
 
@@ -237,11 +349,6 @@ class EmbeddingServer:
                 return encode(MessageType.RESULT, frame.request_id, [self._lookup(frame)])
             except BadSubrequest as exc:
                 return error_frame(frame.request_id, f"embedding server {self.store.server}: {exc}")
-        if frame.type == MessageType.HELLO:
-            info = {"server": self.store.server, "rows": self.store.num_rows, "dim": self.store.dim}
-            return encode(MessageType.HELLO, frame.request_id, [_json(info)])
-        if frame.type == MessageType.PING:
-            return encode(MessageType.PONG, frame.request_id, [])
         return error_frame(frame.request_id, f"unexpected message type {frame.type.name}")
 
     def _lookup(self, frame: Frame) -> np.ndarray:
@@ -258,20 +365,26 @@ class EmbeddingServer:
             )
         rows, offsets = frame.buffers[0], frame.buffers[1]
         if frame.flags & Flags.RAW:
-            return self.store.raw(rows)
-        return self.store.pooled(rows, offsets, frame.buffers[2] if weighted else None)
+            values = self.store.raw(rows)
+        else:
+            values = self.store.pooled(rows, offsets, frame.buffers[2] if weighted else None)
+        self.lookups += 1
+        return values
 
 
 def _json(value: Any) -> np.ndarray:
     return np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
 
 
-def _hello_options(frame: Frame) -> dict[str, Any]:
-    """A HELLO may carry the engine's session options as JSON: credits, session, conn, control."""
-    if frame.type != MessageType.HELLO or not frame.buffers:
-        return {}
-    try:
-        options = json.loads(frame.buffers[0].tobytes())
-    except ValueError:
-        return {}
-    return options if isinstance(options, dict) and "session" in options else {}
+def _credit_buffers(frame: Frame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A control connection's CREDIT: int64 data connection ids (k), grants >= 0 (k), sent at (1)."""
+    buffers = frame.buffers
+    if not (
+        len(buffers) == 3
+        and all(b.dtype == np.int64 and b.ndim == 1 for b in buffers)
+        and buffers[0].size == buffers[1].size
+        and buffers[2].size == 1
+        and (buffers[1] >= 0).all()
+    ):
+        raise ProtocolError("a CREDIT is int64 [ids (k), grants >= 0 (k), sent at ns (1)]")
+    return buffers[0], buffers[1], buffers[2]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -43,8 +44,9 @@ from flexemr.protocol.frames import (
     parse_header,
 )
 from flexemr.stats import Count
-from flexemr.transport.base import LookupFailed, LookupRequest, ServerUnavailable
-from flexemr.transport.tcp import handshake
+from flexemr.transport.base import LookupRequest, ServerUnavailable, SubrequestRefused
+
+WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 PIGGYBACK_WINDOW = MAX_QUEUED_RESPONSES
 """Piggyback mode: the most subrequests in flight on one connection. Credits ride behind lookups,
@@ -60,25 +62,6 @@ class OwnershipError(AssertionError):
 class Pending:
     future: Future[np.ndarray]
     shape: tuple[int, int]
-
-
-def open_data_socket(
-    endpoint: Endpoint,
-    server: int,
-    expected_rows: int,
-    dim: int,
-    limits: FrameLimits,
-    options: dict[str, Any],
-) -> socket.socket:
-    """Connect, say HELLO with the engine's options, check the server's facts; non-blocking after."""
-    sock = socket.create_connection((endpoint.host, endpoint.port), timeout=5.0)
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        handshake(sock, server, expected_rows, dim, limits, options)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class Connection:
@@ -110,6 +93,9 @@ class Connection:
         self.owner_ident: int | None = None
         """Thread id of the owner, set when it adopts the connection; checked in debug mode."""
         self.sock: socket.socket | None = None
+        self.tls = False
+        self.last_sent = 0.0
+        """time.monotonic() of the last bytes sent (keepalive)."""
         self.last_error = "not connected yet"
         self.pending: dict[int, Pending] = {}
         self.stats = ConnectionStats()
@@ -129,6 +115,8 @@ class Connection:
         self.check_owner()
         sock.setblocking(False)
         self.sock = sock
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self.last_sent = time.monotonic()
         self._out.clear()
         self._reset_parser()
         if self.credits is not None:
@@ -182,6 +170,10 @@ class Connection:
         self._out.extend(v for v in encode(MessageType.LOOKUP, request_id, buffers, flags) if v.nbytes)
         self.stats.subrequests += 1
 
+    def queue_ping(self) -> None:
+        """A keepalive on an idle connection (the server's idle timeout); never answered."""
+        self._out.extend(encode(MessageType.PING, 0, []))
+
     def queue_credit(self, n: int) -> None:
         """A bare CREDIT frame on this connection (piggyback mode with nothing to ride on)."""
         grant = np.array([n, time.monotonic_ns()], dtype=np.int64)
@@ -199,8 +191,11 @@ class Connection:
         out = self._out
         while out:
             try:
-                sent = self.sock.sendmsg(list(out) if len(out) <= 64 else [out[i] for i in range(64)])
-            except BlockingIOError:
+                if self.tls:  # no sendmsg over TLS
+                    sent = self.sock.send(out[0])
+                else:
+                    sent = self.sock.sendmsg(list(out) if len(out) <= 64 else [out[i] for i in range(64)])
+            except WOULD_BLOCK:
                 break
             total += sent
             while out and sent >= out[0].nbytes:
@@ -208,8 +203,11 @@ class Connection:
                 out.popleft()
             if sent:
                 out[0] = out[0][sent:]
-                break  # the socket buffer is full
+                if not self.tls:
+                    break  # the socket buffer is full (TLS sends one record at a time)
         self.stats.bytes_sent += total
+        if total:
+            self.last_sent = time.monotonic()
         return total
 
     # -- receiving ------------------------------------------------------------------------------------
@@ -233,14 +231,14 @@ class Connection:
             if self._got < self._target.nbytes:
                 try:
                     n = self.sock.recv_into(self._target[self._got :])
-                except BlockingIOError:
+                except WOULD_BLOCK:
                     return done
                 if n == 0:
                     raise ConnectionResetError("connection closed by the server")
                 self._got += n
                 self.stats.bytes_received += n
-                if self._got < self._target.nbytes:
-                    return done
+                if self._got < self._target.nbytes and not self.tls:
+                    return done  # TLS may hold decrypted bytes the selector cannot see: read on
             if self._advance():
                 done += 1
 
@@ -293,14 +291,14 @@ class Connection:
             pass
         elif frame.type == MessageType.ERROR:
             self.stats.failures += 1
-            entry.future.set_exception(LookupFailed(error_text(frame)))
+            entry.future.set_exception(SubrequestRefused(error_text(frame)))
         elif frame.type != MessageType.RESULT or len(frame.buffers) != 1:
             self.stats.failures += 1
-            entry.future.set_exception(LookupFailed(f"unexpected {frame.type.name} frame"))
+            entry.future.set_exception(SubrequestRefused(f"unexpected {frame.type.name} frame"))
         elif frame.buffers[0].shape != entry.shape or frame.buffers[0].dtype != np.float32:
             self.stats.failures += 1
             entry.future.set_exception(
-                LookupFailed(f"result of shape {frame.buffers[0].shape}, expected {entry.shape}")
+                SubrequestRefused(f"result of shape {frame.buffers[0].shape}, expected {entry.shape}")
             )
         else:
             entry.future.set_result(frame.buffers[0])

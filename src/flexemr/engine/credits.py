@@ -6,17 +6,22 @@ So at any time `granted - received` credits are out at the server, `received - d
 busy and `owed` freed slots wait to be granted again, and these add up to `capacity`.
 
 Grants travel in one of two ways (`EngineConfig.credits`):
-- `priority`: on a separate control connection per (ranker, server), marked high priority with
-  IP_TOS (DSCP EF) and SO_PRIORITY, so a grant never queues behind megabytes of responses;
+- `priority`: on the control connection of (ranker, server) (it always exists: it carries the
+  heartbeat), marked high priority with IP_TOS (DSCP EF) and SO_PRIORITY, so a grant never queues
+  behind megabytes of responses;
 - `piggyback`: inside the next LOOKUP on the same data connection (flag CREDIT and one extra
   buffer), or in a bare CREDIT frame when the server may be waiting and nothing else is going out.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import logging
 import queue
+import select
 import socket
+import ssl
 import threading
 import time
 from concurrent.futures import Future
@@ -24,7 +29,16 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.protocol.frames import FrameLimits, MessageType, encode, recv_frame, send_frame
+from flexemr.engine.health import ServerHealth
+from flexemr.protocol.frames import (
+    Flags,
+    FrameLimits,
+    MessageType,
+    ProtocolError,
+    encode,
+    recv_frame,
+    send_frame,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,16 +112,27 @@ def mark_high_priority(sock: socket.socket) -> None:
 
 
 class ControlChannel:
-    """The control connection to one server, written by its own thread: I/O threads `grant`."""
+    """The control connection to one server, driven by its own thread: I/O threads `grant`
+    credits, and the thread pings the server every `interval_s` (the heartbeat `health` reads).
 
-    def __init__(self, server: int, sock: socket.socket, limits: FrameLimits) -> None:
+    One thread does all the socket work (TLS sockets must not be read and written at once from
+    two threads); it wakes at least every `interval_s` to ping and to read the answers."""
+
+    def __init__(
+        self, server: int, sock: socket.socket, limits: FrameLimits, health: ServerHealth, interval_s: float
+    ) -> None:
         self.server = server
         self._sock = sock
         self._limits = limits
+        self.health = health
+        self._interval = interval_s
         self._queue: queue.Queue[tuple[int, int] | Future[dict[str, Any]] | None] = queue.Queue()
+        self._stats: dict[int, Future[dict[str, Any]]] = {}
+        self._ids = itertools.count(1)
         self.grants = 0
         self.frames = 0
         self.alive = True
+        self.error = ""
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"flexemr-control-{server}")
         self._thread.start()
 
@@ -115,40 +140,73 @@ class ControlChannel:
         self._queue.put((connection, n))
 
     def server_stats(self, timeout: float = 5.0) -> dict[str, Any]:
-        """The server's view of this session's credits (PING on the control connection)."""
+        """The server's view of this session's credits (a PING with flag STATS)."""
         future: Future[dict[str, Any]] = Future()
         self._queue.put(future)
         return future.result(timeout)
 
     def _run(self) -> None:
-        import json
-
+        next_ping = 0.0
         try:
-            while (item := self._queue.get()) is not None:
-                if isinstance(item, Future):
-                    send_frame(self._sock, encode(MessageType.PING, 0, []))
-                    reply = recv_frame(self._sock, self._limits)
-                    item.set_result(json.loads(reply.buffers[0].tobytes()) if reply.buffers else {})
-                    continue
-                grants = {item[0]: item[1]}
-                while True:  # coalesce whatever else is waiting into the same frame
-                    try:
-                        more = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if not isinstance(more, tuple):
-                        self._queue.put(more)
-                        break
-                    grants[more[0]] = grants.get(more[0], 0) + more[1]
-                ids = np.fromiter(grants.keys(), dtype=np.int64, count=len(grants))
-                counts = np.fromiter(grants.values(), dtype=np.int64, count=len(grants))
-                sent_at = np.array([time.monotonic_ns()], dtype=np.int64)
-                send_frame(self._sock, encode(MessageType.CREDIT, 0, [ids, counts, sent_at]))
-                self.grants += int(counts.sum())
-                self.frames += 1
-        except (OSError, ValueError) as exc:
+            while True:
+                now = time.monotonic()
+                if now >= next_ping:
+                    self.health.pinged(now)
+                    send_frame(self._sock, encode(MessageType.PING, next(self._ids), []))
+                    next_ping = now + self._interval
+                try:
+                    item = self._queue.get(timeout=max(0.0, next_ping - time.monotonic()))
+                except queue.Empty:
+                    pass
+                else:
+                    if item is None:
+                        return
+                    if isinstance(item, Future):
+                        request_id = next(self._ids)
+                        self._stats[request_id] = item
+                        send_frame(self._sock, encode(MessageType.PING, request_id, [], Flags.STATS))
+                    else:
+                        self._send_grants(item)
+                self._read_answers()
+        except (OSError, ValueError, ProtocolError) as exc:
+            self.error = f"control connection failed: {exc}"
             log.warning("control channel to embedding server %d failed: %s", self.server, exc)
-        self.alive = False
+        finally:
+            self.alive = False
+            for future in self._stats.values():
+                future.set_exception(ConnectionError(self.error or "control channel closed"))
+
+    def _send_grants(self, first: tuple[int, int]) -> None:
+        grants = {first[0]: first[1]}
+        while True:  # coalesce whatever else is waiting into the same frame
+            try:
+                more = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if not isinstance(more, tuple):
+                self._queue.put(more)
+                break
+            grants[more[0]] = grants.get(more[0], 0) + more[1]
+        ids = np.fromiter(grants.keys(), dtype=np.int64, count=len(grants))
+        counts = np.fromiter(grants.values(), dtype=np.int64, count=len(grants))
+        sent_at = np.array([time.monotonic_ns()], dtype=np.int64)
+        send_frame(self._sock, encode(MessageType.CREDIT, 0, [ids, counts, sent_at]))
+        self.grants += int(counts.sum())
+        self.frames += 1
+
+    def _read_answers(self) -> None:
+        """Read the PONGs that have arrived (whole frames: the server writes each at once)."""
+        pending = isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()
+        while pending or select.select([self._sock], [], [], 0)[0]:
+            frame = recv_frame(self._sock, self._limits)
+            if frame.type != MessageType.PONG:
+                raise ProtocolError(f"expected PONG on the control connection, got {frame.type.name}")
+            if self.health.answered():
+                log.info("embedding server %d answers heartbeats again", self.server)
+            future = self._stats.pop(frame.request_id, None)
+            if future is not None:
+                future.set_result(json.loads(frame.buffers[0].tobytes()) if frame.buffers else {})
+            pending = isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()
 
     def close(self) -> None:
         self._queue.put(None)

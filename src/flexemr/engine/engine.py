@@ -7,9 +7,12 @@ Modes (`EngineConfig.mode`):
 - `single`: `mapped` with one I/O thread;
 - `shared`: the naive baseline: every thread serves every connection, under a per-connection lock.
 
-Around the threads: a control channel per server for credits (`credits.py`), and a supervisor
+Every connection opens with the handshake (`dial.py`, `protocol.handshake`): both ends prove the
+cluster's secret and the server proves it holds the shards the plan gives it. Around the threads: a
+control channel per server for credits and the heartbeat (`credits.py`, `health.py`); a supervisor
 thread that samples per-connection queues for the migration policy (`migration.py`), carries out
-its moves, and reconnects connections that went down.
+its moves, fails the subrequests of servers that stop answering and notices dead I/O threads; and
+a reconnect thread that reopens connections that went down (to servers that answer again).
 """
 
 from __future__ import annotations
@@ -18,21 +21,26 @@ import itertools
 import logging
 import math
 import socket
+import ssl
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
-from flexemr.config import Endpoint, EngineConfig
-from flexemr.engine.connection import Connection, open_data_socket
-from flexemr.engine.credits import ControlChannel, CreditLedger, mark_high_priority
+from flexemr.config import Endpoint, EngineConfig, NodeLimits
+from flexemr.engine.connection import Connection
+from flexemr.engine.credits import ControlChannel, CreditLedger
+from flexemr.engine.dial import Dialer
+from flexemr.engine.health import ServerHealth
 from flexemr.engine.io_thread import IoThread
 from flexemr.engine.migration import MigrationPolicy
 from flexemr.protocol.frames import FrameLimits, ProtocolError
+from flexemr.protocol.handshake import Identity
 from flexemr.stats import Count
-from flexemr.transport.base import LookupFailed, LookupRequest, ServerUnavailable
+from flexemr.transport.base import ConfigMismatch, LookupRequest, ServerUnavailable, TransportOverloaded
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +51,30 @@ class IoEngine:
     def __init__(
         self,
         endpoints: tuple[Endpoint, ...],
-        server_rows: list[int],
-        dim: int,
+        identities: list[Identity],
         config: EngineConfig | None = None,
         limits: FrameLimits | None = None,
+        secret: bytes | None = None,
+        node_limits: NodeLimits | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
         self.endpoints = endpoints
-        self.server_rows = server_rows
-        self.dim = dim
+        self.identities = identities
+        """What each server must prove it holds (`cluster.security.identities`)."""
+        self.dim = dim = identities[0].dim
         self.limits = limits or FrameLimits()
-        self.session = uuid.uuid4().hex
+        self.node_limits = node_limits = node_limits or NodeLimits()
+        self.dialer = Dialer(uuid.uuid4().hex, secret or b"", self.limits, tls)
+        self.health = [ServerHealth(node_limits.heartbeat_timeout_s) for _ in endpoints]
+        """Per server, what the heartbeat says: readiness reads it, and so may a router."""
         threads = 1 if config.mode == "single" else config.io_threads
         per_server = config.connections_per_server or max(2, math.ceil(threads / len(endpoints)))
         shared = config.mode == "shared"
         self._threads: list[IoThread] = []
         grant = self._grant if config.credits == "priority" else None
-        self._threads.extend(IoThread(i, self._threads, shared, grant) for i in range(threads))
+        keepalive = node_limits.idle_timeout_s / 3
+        self._threads.extend(IoThread(i, self._threads, shared, grant, keepalive) for i in range(threads))
         self._connections: list[Connection] = []
         self._by_server: list[list[Connection]] = []
         for server, endpoint in enumerate(endpoints):
@@ -91,72 +106,58 @@ class IoEngine:
         """Subrequests submitted and not yet finished: bounded, so a burst cannot grow the queues."""
         self._outstanding_lock = threading.Lock()
         self._max_outstanding = config.max_in_flight_per_connection * len(self._connections)
+        self._broken = ""
+        """Why the engine cannot serve at all (an I/O thread died); empty while it can."""
+        self._mismatch_logged: set[tuple[int, str]] = set()
         self._closed = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, daemon=True, name="flexemr-io-supervisor")
+        self._reconnector = threading.Thread(
+            target=self._reconnect_loop, daemon=True, name="flexemr-io-reconnect"
+        )
         self._started = False
 
     # -- start and stop ---------------------------------------------------------------------------------
 
-    def _options(self, conn: Connection) -> dict[str, Any]:
-        options: dict[str, Any] = {"session": self.session, "conn": conn.cid}
-        if conn.credits is not None:
-            options["credits"] = conn.credits.capacity
-        return options
-
-    def _open(self, conn: Connection) -> socket.socket:
-        return open_data_socket(
-            conn.endpoint,
-            conn.server,
-            self.server_rows[conn.server],
-            self.dim,
-            self.limits,
-            self._options(conn),
+    def _open(self, conn: Connection, timeout_s: float = 5.0) -> socket.socket:
+        credits = conn.credits.capacity if conn.credits is not None else None
+        return self.dialer.open(
+            conn.endpoint, self.identities[conn.server], "data", conn.cid, credits, timeout_s
         )
 
-    def _open_control(self, server: int) -> ControlChannel:
-        sock = socket.create_connection(
-            (self.endpoints[server].host, self.endpoints[server].port), timeout=5.0
+    def _open_control(self, server: int, timeout_s: float = 5.0) -> ControlChannel:
+        sock = self.dialer.open(
+            self.endpoints[server], self.identities[server], "control", timeout_s=timeout_s
         )
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            mark_high_priority(sock)
-            from flexemr.protocol.frames import MessageType, encode, recv_frame, send_frame
-
-            hello = np.frombuffer(
-                f'{{"session": "{self.session}", "control": true}}'.encode(), dtype=np.uint8
-            )
-            send_frame(sock, encode(MessageType.HELLO, 0, [hello]))
-            recv_frame(sock, self.limits)
-            sock.settimeout(None)
-        except BaseException:
-            sock.close()
-            raise
-        return ControlChannel(server, sock, self.limits)
+        return ControlChannel(
+            server, sock, self.limits, self.health[server], self.node_limits.heartbeat_interval_s
+        )
 
     def start(self, timeout: float = 30.0) -> None:
-        """Connect everything (waiting up to `timeout` for servers to come up), then start threads."""
-        deadline = threading.Event()
-        timer = threading.Timer(timeout, deadline.set)
-        timer.start()
+        """Connect everything (waiting up to `timeout` for servers to come up), then start threads.
+        Raises ServerUnavailable when a server does not come up in time, and ConfigMismatch at once
+        when one is not the server the plan expects (another secret, model or shard set)."""
+        deadline = time.monotonic() + timeout
         try:
             for server in range(len(self.endpoints)):
-                while self.config.credits == "priority" and self._control[server] is None:
+                while self._control[server] is None:
                     try:
                         self._control[server] = self._open_control(server)
-                    except OSError as exc:
-                        if deadline.wait(0.1):
+                    except (OSError, ProtocolError) as exc:
+                        if time.monotonic() > deadline:
                             raise ServerUnavailable(server, str(self.endpoints[server]), str(exc)) from exc
+                        time.sleep(0.1)
                 for conn in self._by_server[server]:
                     while not conn.alive:
                         try:
                             conn.attach(self._open(conn))
-                        except OSError as exc:
+                        except (OSError, ProtocolError) as exc:
                             conn.last_error = str(exc)
-                            if deadline.wait(0.1):
-                                self.close()
+                            if time.monotonic() > deadline:
                                 raise ServerUnavailable(server, str(conn.endpoint), str(exc)) from exc
-        finally:
-            timer.cancel()
+                            time.sleep(0.1)
+        except BaseException:
+            self.close()
+            raise
         for conn in self._connections:
             if self.config.mode == "shared":
                 for thread in self._threads:
@@ -168,17 +169,21 @@ class IoEngine:
         for thread in self._threads:
             thread.thread.start()
         self._supervisor.start()
+        self._reconnector.start()
         self._started = True
 
     def close(self) -> None:
         if self._closed.is_set():
             return
         self._closed.set()
-        if self._supervisor.is_alive():
-            self._supervisor.join(5)
+        for helper in (self._supervisor, self._reconnector):
+            if helper.is_alive():
+                helper.join(10)
         for thread in self._threads:
             if thread.thread.is_alive():
                 thread.stop()
+            elif not self._started:
+                thread.dispose()
         for conn in self._connections:
             conn.owner_ident = None  # the threads are gone: the closing thread owns everything now
             conn.fail("transport closed")
@@ -192,8 +197,12 @@ class IoEngine:
         future: Future[np.ndarray] = Future()
         conns = self._by_server[server]
         live = [c for c in conns if c.alive]
-        if not live or self._closed.is_set():
-            reason = "transport closed" if self._closed.is_set() else conns[0].last_error
+        health = self.health[server]
+        if not live or not health.up or self._broken or self._closed.is_set():
+            reason = (
+                "transport closed" if self._closed.is_set()
+                else self._broken or health.reason or conns[0].last_error
+            )  # fmt: skip
             future.set_exception(ServerUnavailable(server, str(self.endpoints[server]), reason))
             return future
         conn = live[next(self._round_robin[server]) % len(live)]
@@ -203,7 +212,7 @@ class IoEngine:
                 self._outstanding += 1
         if full:
             future.set_exception(
-                LookupFailed(
+                TransportOverloaded(
                     f"{self._outstanding} subrequests already queued or in flight: the ranker is "
                     "overloaded (send fewer requests, or raise max_in_flight_per_connection)"
                 )
@@ -222,7 +231,10 @@ class IoEngine:
             self._outstanding -= 1
 
     def connected(self) -> list[bool]:
-        return [any(c.alive for c in conns) for conns in self._by_server]
+        return [
+            not self._broken and health.up and any(c.alive for c in conns)
+            for health, conns in zip(self.health, self._by_server, strict=True)
+        ]
 
     def stats(self) -> dict[str, Any]:
         config = self.config
@@ -234,6 +246,7 @@ class IoEngine:
                 "migration": self.policy is not None,
                 "migrations": Count(self.migrations),
                 "outstanding": self._outstanding,
+                "broken": self._broken,
             },
             "threads": [
                 {
@@ -249,6 +262,7 @@ class IoEngine:
                 {
                     "server": server,
                     "connected": any(c.alive for c in conns),
+                    "health": self.health[server].state,
                     "subrequests": Count(sum(c.stats.subrequests for c in conns)),
                     "bytes_sent": Count(sum(c.stats.bytes_sent for c in conns)),
                     "bytes_received": Count(sum(c.stats.bytes_received for c in conns)),
@@ -271,13 +285,9 @@ class IoEngine:
         """What the server saw of this engine's credits: per connection granted/sent/waits, and the
         grant-to-arrival latency of recent credits (ns)."""
         control = self._control[server]
-        if control is not None:
-            return control.server_stats()
-        control = self._open_control(server)  # piggyback mode: a control connection just to ask
-        try:
-            return control.server_stats()
-        finally:
-            control.close()
+        if control is None or not control.alive:
+            raise ServerUnavailable(server, str(self.endpoints[server]), "no control connection")
+        return control.server_stats()
 
     def owners(self) -> dict[int, int]:
         return {c.cid: c.owner for c in self._connections}
@@ -294,10 +304,9 @@ class IoEngine:
         self.migrations += 1
 
     def _supervise(self) -> None:
-        interval = self.config.migration_interval_s
-        ticks_per_reconnect = max(1, round(self.config.reconnect_interval_s / interval))
-        for tick in itertools.count():
-            if self._closed.wait(interval):
+        """Never blocks on the network: migration, the heartbeat's verdicts, dead I/O threads."""
+        for _ in itertools.count():
+            if self._closed.wait(self.config.migration_interval_s):
                 return
             if self.policy is not None:
                 queued = {c.cid: len(c.pending) for c in self._connections if c.alive}
@@ -305,25 +314,70 @@ class IoEngine:
                 if move is not None:
                     log.debug("migrating connection %d: thread %d -> %d", *vars(move).values())
                     self.migrate(move.connection, move.target)
-            if tick % ticks_per_reconnect == 0:
+            now = time.monotonic()
+            for server, (health, control) in enumerate(zip(self.health, self._control, strict=True)):
+                if control is not None and not control.alive:
+                    if health.state != "down" and health.lost(control.error):
+                        self._fail_server(server, f"control connection lost: {control.error}")
+                elif health.check(now):
+                    self._fail_server(server, health.reason)
+            if not self._broken:
+                self._check_threads()
+
+    def _fail_server(self, server: int, reason: str) -> None:
+        """Fail every subrequest in flight to `server` now (its owners close the connections)."""
+        log.warning("embedding server %d at %s is not ready: %s", server, self.endpoints[server], reason)
+        for conn in self._by_server[server]:
+            owner = 0 if self.config.mode == "shared" else conn.owner
+            self._threads[owner].post(("fail", conn, reason))
+
+    def _check_threads(self) -> None:
+        """An I/O thread that died leaves its connections unserved: fail them and everything queued
+        for it, loudly, and mark the engine broken (not ready) rather than let requests time out."""
+        dead = [t for t in self._threads if not t.thread.is_alive()]
+        if not dead:
+            return
+        self._broken = f"I/O thread {dead[0].index} died (see the log): the ranker must be restarted"
+        log.error("%s", self._broken)
+        for thread in dead:
+            thread.fail_all(self._broken)
+
+    def _reconnect_loop(self) -> None:
+        while not self._closed.wait(self.config.reconnect_interval_s):
+            if not self._broken:
                 self._reconnect()
 
     def _reconnect(self) -> None:
+        timeout = 2 * self.node_limits.heartbeat_timeout_s
         for server, control in enumerate(self._control):
             if control is not None and not control.alive:
                 try:
-                    self._control[server] = self._open_control(server)
-                    control.close()
+                    self._control[server] = self._open_control(server, timeout)
+                except ConfigMismatch as exc:
+                    self._refused(server, exc)
+                    continue
                 except (OSError, ProtocolError):
                     continue
+                control.close()
         for conn in self._connections:
-            if conn.alive or self._closed.is_set():
+            if conn.alive or self._closed.is_set() or not self.health[conn.server].up:
                 continue
             try:
-                sock = self._open(conn)
-            except (OSError, LookupFailed, ProtocolError) as exc:
+                sock = self._open(conn, timeout)
+            except ConfigMismatch as exc:
+                self._refused(conn.server, exc)
+                conn.last_error = str(exc)
+                continue
+            except (OSError, ProtocolError) as exc:
                 conn.last_error = str(exc)
                 continue
             log.info("reconnected connection %d to embedding server %d", conn.cid, conn.server)
             owner = 0 if self.config.mode == "shared" else conn.owner
             self._threads[owner].post(("attach", conn, sock))
+
+    def _refused(self, server: int, exc: ConfigMismatch) -> None:
+        """A peer at a server's address failed the handshake: never used; logged once per reason."""
+        self.health[server].lost(str(exc))
+        if (server, str(exc)) not in self._mismatch_logged:
+            self._mismatch_logged.add((server, str(exc)))
+            log.error("%s", exc)

@@ -6,6 +6,7 @@ it through a socketpair (one byte, only when it may be asleep). Work items:
     ("release", conn, target)           hand conn over to thread `target` (live migration)
     ("adopt", conn)                     start serving conn (after a release, or at start)
     ("attach", conn, sock)              install a fresh socket on conn (reconnect)
+    ("fail", conn, reason)              close conn, failing its subrequests (its server stalled)
     ("stop",)
 An item for a connection this thread no longer owns is forwarded to the current owner, so a
 subrequest posted while its connection was changing hands is sent exactly once, by the new owner.
@@ -20,6 +21,7 @@ import logging
 import selectors
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -45,6 +47,7 @@ class IoThread:
         threads: Sequence[IoThread],
         shared: bool,
         grant: GrantSink | None,
+        keepalive_s: float = 100.0,
     ) -> None:
         self.index = index
         self.threads = threads
@@ -62,6 +65,9 @@ class IoThread:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._touched: set[Connection] = set()
         self._running = True
+        self._keepalive_s = keepalive_s
+        """A connection with nothing sent for this long gets a PING (the server's idle timeout)."""
+        self._next_keepalive = 0.0
         self.thread = threading.Thread(target=self._run, daemon=True, name=f"flexemr-io-{index}")
 
     @property
@@ -96,14 +102,19 @@ class IoThread:
                 self._wake_pending = False
                 while self._inbox and self._running:
                     self._handle(self._inbox.popleft())
+                self._keepalive()
                 self._settle()
         except Exception:
             log.exception("I/O thread %d crashed", self.index)
             raise
         finally:
-            self._selector.close()
-            self._wake_r.close()
-            self._wake_w.close()
+            self.dispose()
+
+    def dispose(self) -> None:
+        """Release the selector and the wake-up pair (the loop ended, or never started)."""
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def _drain_wake(self) -> None:
         try:
@@ -136,6 +147,10 @@ class IoThread:
                     thread.post(("watch", conn))
             else:
                 self._register(conn)
+        elif kind == "fail":
+            with conn.lock:
+                if conn.alive:
+                    self._fail(conn, item[2])
         elif kind == "watch":
             self._register(conn)
         elif kind == "unwatch":
@@ -149,6 +164,29 @@ class IoThread:
             conn.queue_lookup(request, future)
             self.stats.subrequests += 1
             self._touched.add(conn)
+
+    def _keepalive(self) -> None:
+        now = time.monotonic()
+        if now < self._next_keepalive:
+            return
+        self._next_keepalive = now + self._keepalive_s / 4
+        watched = [k.data for k in self._selector.get_map().values() if k.data is not None]
+        for conn in self.owned if not self.shared else watched:
+            with conn.lock:
+                if conn.alive and now - conn.last_sent > self._keepalive_s:
+                    conn.queue_ping()
+                    self._touched.add(conn)
+
+    def fail_all(self, reason: str) -> None:
+        """This thread died: fail its connections and the work queued for it (from another thread,
+        as the owner is gone)."""
+        for conn in list(self.owned):
+            conn.owner_ident = None
+            conn.fail(reason)
+        while self._inbox:
+            item = self._inbox.popleft()
+            if item[0] == "lookup" and not item[3].done():
+                item[3].set_exception(ServerUnavailable(item[1].server, str(item[1].endpoint), reason))
 
     def _on_ready(self, conn: Connection, mask: int) -> None:
         with conn.lock:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import socket
+import ssl
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ DESCRIPTOR = struct.Struct("<BBxxII")
 
 class MessageType(enum.IntEnum):
     HELLO = 1
-    """ranker -> server: who are you? answered by HELLO with the server's facts as JSON bytes."""
+    """Opens a connection, both ways: `handshake.Hello` then `handshake.Welcome` (JSON bytes)."""
     LOOKUP = 2
     """ranker -> server: [rows (n), bag offsets (bags), optional weights float32 (n)]; rows and
     offsets are both int32, or both int64 for a server of 2^31 rows or more."""
@@ -41,12 +42,17 @@ class MessageType(enum.IntEnum):
     ERROR = 4
     """server -> ranker: [utf-8 message uint8]; the request failed, the connection lives on."""
     PING = 5
+    """ranker -> server on the control connection: a heartbeat (flag STATS: ask for credit stats);
+    on a data connection: a keepalive, never answered."""
     PONG = 6
+    """server -> ranker: the answer to a PING, same request id ([stats JSON uint8] with STATS)."""
     CREDIT = 7
     """ranker -> server: credits for responses. On a control connection: [data connection ids
     int64 (k), grants int64 (k), sent at int64 (1): time.monotonic_ns of the grant]; on a data
     connection (piggyback mode, nothing to piggyback on): [grants, sent at: int64 (1 or 2)]. Never
     answered."""
+    AUTH = 8
+    """ranker -> server: `handshake` proof of the secret; server -> ranker, empty: accepted."""
 
 
 class Flags(enum.IntFlag):
@@ -57,6 +63,8 @@ class Flags(enum.IntFlag):
     """LOOKUP: a third buffer holds per-index weights."""
     CREDIT = 4
     """LOOKUP: the last buffer, int64 [credits] or [credits, sent at ns], grants response credits."""
+    STATS = 8
+    """PING: answer with this session's credit statistics."""
 
 
 _DTYPES: dict[int, np.dtype[np.generic]] = {
@@ -113,6 +121,9 @@ def encode(
 
 def send_frame(sock: socket.socket, views: list[memoryview]) -> None:
     """Send all views, resuming after partial sends (large frames outgrow the socket buffer)."""
+    if isinstance(sock, ssl.SSLSocket):  # no sendmsg over TLS; encryption copies anyway
+        sock.sendall(b"".join(views))
+        return
     views = [v for v in views if v.nbytes]
     while views:
         sent = sock.sendmsg(views)

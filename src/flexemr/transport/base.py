@@ -1,6 +1,6 @@
 """The ranker's view of the network: submit a subrequest to a server, get a future of its answer.
 
-Anything that moves subrequests (the simple TCP client, the multi-threaded I/O engine, later a
+Anything that moves subrequests (the multi-threaded I/O engine, the Redis baseline, later a
 UCX/RDMA backend) implements `LookupTransport`; the ranker needs nothing else.
 """
 
@@ -37,17 +37,35 @@ class ServerUnavailable(ConnectionError):
 
 
 class LookupFailed(RuntimeError):
-    """An embedding server answered a subrequest with an error, or with a malformed result."""
+    """A subrequest could not complete, for a reason other than an unreachable server."""
+
+
+class SubrequestRefused(LookupFailed):
+    """The server refused the subrequest (it named rows it does not hold...) or answered it with
+    a malformed result."""
+
+
+class TransportOverloaded(LookupFailed):
+    """The transport's queues are full: the subrequest was refused without being sent."""
+
+
+class ConfigMismatch(LookupFailed):
+    """A server failed the handshake: it holds another secret, model or shard set than this
+    ranker's cluster spec says. It is never used."""
+
+    def __init__(self, server: int, endpoint: str, reason: str) -> None:
+        super().__init__(f"embedding server {server} at {endpoint} refused: {reason}")
+        self.server = server
 
 
 class LookupTransport(Protocol):
     def submit(self, server: int, request: LookupRequest) -> Future[np.ndarray]:
         """Send `request` to `server`; the future resolves to float32 [bags or rows, dim], or fails
-        with `ServerUnavailable` or `LookupFailed`. Never blocks on the network for long."""
+        with `ServerUnavailable` or a `LookupFailed`. Never blocks on the network for long."""
         ...
 
     def connected(self) -> list[bool]:
-        """Per server: is a connection up right now?"""
+        """Per server: is it usable right now (connected, authenticated, answering)?"""
         ...
 
     def stats(self) -> dict[str, Any]:

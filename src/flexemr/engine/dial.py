@@ -1,0 +1,53 @@
+"""Opening a connection to an embedding server: TCP, socket options, optional TLS, the handshake."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from dataclasses import dataclass
+
+from flexemr.config import Endpoint
+from flexemr.engine.credits import mark_high_priority
+from flexemr.protocol.frames import FrameLimits
+from flexemr.protocol.handshake import HandshakeRefused, Hello, Identity, Role, client_handshake, new_nonce
+from flexemr.transport.base import ConfigMismatch
+
+
+@dataclass(frozen=True)
+class Dialer:
+    """Everything the engine needs to open its connections: they all share one session."""
+
+    session: str
+    key: bytes
+    """The cluster's shared secret (empty: none configured; identities are still checked)."""
+    limits: FrameLimits
+    tls: ssl.SSLContext | None = None
+
+    def open(
+        self,
+        endpoint: Endpoint,
+        expected: Identity,
+        role: Role,
+        conn: int = 0,
+        credits: int | None = None,
+        timeout_s: float = 5.0,
+    ) -> socket.socket:
+        """A connected, authenticated socket to the server `expected` describes (blocking, with
+        `timeout_s` on every step). Raises OSError, ProtocolError, or ConfigMismatch when the
+        peer is not that server of this cluster."""
+        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout_s)
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if role == "control":
+                mark_high_priority(sock)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(sock, server_hostname=endpoint.host)
+            hello = Hello(role, self.session, new_nonce(), conn, credits)
+            client_handshake(sock, hello, self.key, self.limits, expected)
+        except HandshakeRefused as exc:
+            sock.close()
+            raise ConfigMismatch(expected.server, str(endpoint), str(exc)) from exc
+        except BaseException:
+            sock.close()
+            raise
+        return sock
