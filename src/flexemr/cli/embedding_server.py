@@ -9,6 +9,7 @@ import sys
 
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.local import READY_PREFIX
+from flexemr.cluster.memory import NotEnoughMemory
 from flexemr.cluster.roles import build_embedding_server
 from flexemr.config import ClusterSpec
 
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
         exit_when_stdin_closes()
     try:
         server = build_embedding_server(ClusterSpec.load(args.spec), args.index, progress=not args.quiet)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, NotEnoughMemory) as exc:
         print(f"flexemr embedding-server: {exc}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: server.close())

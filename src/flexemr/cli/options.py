@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from flexemr.cache.sizes import parse_bytes
-from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, RankerConfig
+from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, RankerConfig, StorageConfig
 from flexemr.model.presets import PRESET_NAMES
 from flexemr.sharding.plan import STRATEGIES, ShardingPlan, make_plan
 
@@ -22,6 +22,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--interaction-itself", action="store_true", default=None, help="dot: include self-interactions"
     )
     parser.add_argument("--pooling", choices=("sum", "mean"), help="default: the preset's, or sum")
+    parser.add_argument(
+        "--row-dtype",
+        help="how rows are stored: fp32, fp16 or int8 (row-wise quantised), or one per table "
+        "comma-separated (default fp32; a checkpoint's fp16 tables stay fp16)",
+    )
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,6 +55,11 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         help="bytes the dense model and cache share (default: GPU free memory, or 1/4 of RAM on CPU)",
     )  # fmt: skip
     parser.add_argument("--batch-window-ms", type=float, default=0.0, help="dynamic batching window (0: off)")
+    parser.add_argument(
+        "--storage", choices=("dram", "mmap"), default="dram",
+        help="embedding servers keep rows in memory, or in a file they memory-map (SSD tier)",
+    )  # fmt: skip
+    parser.add_argument("--storage-dir", help="--storage mmap: folder of the row files (reused on restart)")
     add_engine_arguments(parser)
 
 
@@ -105,6 +115,7 @@ def model_source(args: argparse.Namespace) -> ModelSource:
         interaction=args.interaction,
         interaction_itself=args.interaction_itself,
         pooling=args.pooling,
+        row_dtype=args.row_dtype,
     )
 
 
@@ -132,5 +143,6 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     )
     endpoints = tuple(Endpoint(args.host, 0) for _ in range(plan.num_servers))
     return ClusterSpec(
-        model=source, sharding=plan, embedding_servers=endpoints, ranker=ranker, engine=engine_config(args)
+        model=source, sharding=plan, embedding_servers=endpoints, ranker=ranker, engine=engine_config(args),
+        storage=StorageConfig(args.storage, args.storage_dir),
     )

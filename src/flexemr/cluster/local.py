@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
+from flexemr.cluster.memory import SERVING_ADVICE, check_memory
 from flexemr.config import ClusterSpec, Endpoint
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,13 @@ class LocalCluster:
 
     def start(self, timeout: float = 300.0) -> ClusterSpec:
         """Start every server; return the spec with the ports they actually bound."""
+        from flexemr.cluster.roles import local_servers_need  # roles imports the serving stack
+
+        check_memory(
+            local_servers_need(self.spec),
+            f"{len(self.spec.embedding_servers)} embedding servers on this host",
+            SERVING_ADVICE,
+        )
         spec_path = Path(self._dir.name) / "cluster.json"
         self.spec.save(spec_path)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flexemr.cluster.memory import SERVING_ADVICE, check_memory
+from flexemr.model import rows as stored_rows
 from flexemr.model.dlrm import DLRM, DenseArch, init_dense
 from flexemr.model.spec import Interaction, ModelSpec, Pooling
 
@@ -130,14 +132,30 @@ def spec_from_state_dict(
     return spec
 
 
+def fill_stored(source: WeightSource, table: int, start: int, out: np.ndarray) -> None:
+    """Write rows `start : start + len(out)` of `table` into `out`, stored in the table's format."""
+    fmt = source.spec.formats[table]
+    if fmt == "fp32":
+        source.fill_rows(table, start, out)
+        return
+    for at in range(0, len(out), _BLOCK_ROWS):
+        chunk = np.empty((min(_BLOCK_ROWS, len(out) - at), source.spec.dim), dtype=np.float32)
+        source.fill_rows(table, start + at, chunk)
+        stored_rows.encode(chunk, fmt, out[at : at + len(chunk)])
+
+
 def build_monolithic(source: WeightSource) -> DLRM:
-    """The whole model in this process: the reference against which served scores are checked."""
+    """The whole model in this process, with the same stored rows as the embedding servers: the
+    reference against which served scores are checked."""
+    check_memory(
+        source.spec.embedding_bytes, "the monolithic model (all tables in this process)", SERVING_ADVICE
+    )
     model = DLRM(source.spec)
     model.load_state_dict(source.dense_state(), strict=False)
     with torch.no_grad():
         for t, bag in enumerate(model.emb_l):
-            assert isinstance(bag, torch.nn.EmbeddingBag)
-            source.fill_rows(t, 0, bag.weight.numpy())
+            assert isinstance(bag.weight, Tensor)
+            fill_stored(source, t, 0, bag.weight.numpy())
     return model.eval()
 
 

@@ -1,0 +1,71 @@
+"""What a process may still allocate, checked before it loads rows.
+
+Available memory is the kernel's estimate (`MemAvailable`), capped by the process's cgroup v2 limit
+(`memory.max` less `memory.current`) where it has one: in a container the cgroup is what the OOM
+killer enforces. A process that would not fit refuses at once with the numbers and the flags that
+change them, instead of dying mid-load with an OOM traceback. `FLEXEMR_MEMORY_CHECK=off` skips it
+(for overcommitted hosts that know better).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+OVERHEAD_BYTES = 64 << 20
+"""Allowance over the estimate: frame buffers, thread stacks, allocator slack."""
+
+_CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+class NotEnoughMemory(RuntimeError):
+    pass
+
+
+def _meminfo_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def cgroup_room() -> int | None:
+    """`memory.max - memory.current` of this process's cgroup v2 (None: no limit or no cgroup v2)."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        path = next(line[3:] for line in lines if line.startswith("0::"))
+        group = _CGROUP_ROOT / path.lstrip("/")
+        limit = (group / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return int(limit) - int((group / "memory.current").read_text())
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def available_bytes() -> int | None:
+    """What this process may still allocate (None: unknown)."""
+    known = [b for b in (_meminfo_available(), cgroup_room()) if b is not None]
+    return min(known) if known else None
+
+
+def check_memory(need: int, what: str, advice: str) -> None:
+    """Refuse (NotEnoughMemory) when `need` bytes plus the overhead exceed what is available."""
+    if os.environ.get("FLEXEMR_MEMORY_CHECK") == "off":
+        return
+    have = available_bytes()
+    if have is not None and need + OVERHEAD_BYTES > have:
+        raise NotEnoughMemory(
+            f"{what} needs {need / 2**30:.2f} GiB (+{OVERHEAD_BYTES >> 20} MiB overhead) but only "
+            f"{have / 2**30:.2f} GiB is available (MemAvailable, cgroup memory.max); {advice} "
+            "(FLEXEMR_MEMORY_CHECK=off skips this check)"
+        )
+
+
+SERVING_ADVICE = (
+    "lower --row-scale, store rows as --row-dtype fp16 or int8, add --embedding-servers on other hosts, "
+    "or keep rows on SSD with --storage mmap --storage-dir DIR"
+)
