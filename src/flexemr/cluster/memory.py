@@ -33,17 +33,30 @@ def _meminfo_available() -> int | None:
 
 
 def cgroup_room() -> int | None:
-    """`memory.max - memory.current` of this process's cgroup v2 (None: no limit or no cgroup v2)."""
+    """Limit less usage of this process's memory cgroup: v2 `memory.max - memory.current`, or v1
+    `memory.limit_in_bytes - memory.usage_in_bytes` (None: no limit, or no memory cgroup)."""
     try:
         lines = Path("/proc/self/cgroup").read_text().splitlines()
-        path = next(line[3:] for line in lines if line.startswith("0::"))
-        group = _CGROUP_ROOT / path.lstrip("/")
-        limit = (group / "memory.max").read_text().strip()
-        if limit == "max":
-            return None
-        return int(limit) - int((group / "memory.current").read_text())
-    except (OSError, StopIteration, ValueError):
+    except OSError:
         return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            group, names = _CGROUP_ROOT / path.lstrip("/"), ("memory.max", "memory.current")
+        elif "memory" in controllers.split(","):
+            group, names = (
+                _CGROUP_ROOT / "memory" / path.lstrip("/"),
+                ("memory.limit_in_bytes", "memory.usage_in_bytes"),
+            )
+        else:
+            continue
+        try:
+            limit = (group / names[0]).read_text().strip()
+            if limit != "max" and int(limit) < 1 << 60:  # v1 says "no limit" with a huge number
+                return int(limit) - int((group / names[1]).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def available_bytes() -> int | None:
