@@ -126,9 +126,10 @@ def serving(args: argparse.Namespace) -> list[dict[str, Any]]:
                 elapsed = time.perf_counter() - start
             finally:
                 ranker.close()
+        stored = row_bytes(fmt, spec.dim)
         rows.append({
-            "format": fmt, "bytes_per_row": row_bytes(fmt, spec.dim),
-            "row_bytes_per_server": [plan_.server_rows(s) * row_bytes(fmt, spec.dim) for s in range(len(rss))],  # noqa: E501
+            "format": fmt, "bytes_per_row": stored,
+            "row_bytes_per_server": [plan_.server_rows(s) * stored for s in range(len(rss))],
             "rss_anon_per_server": rss, "rows_per_s": looked_up / elapsed,
             "samples_per_s": done * args.batch / elapsed, "max_abs_error": error,
         })  # fmt: skip
