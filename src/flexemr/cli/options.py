@@ -13,7 +13,10 @@ from flexemr.sharding.plan import STRATEGIES, ShardingPlan, make_plan
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="state_dict of Meta's reference DLRM_Net (torch.save)")
+    source.add_argument(
+        "--checkpoint",
+        help="Meta's reference DLRM_Net state_dict or --save-model file, or a TorchRec DLRM state_dict",
+    )
     source.add_argument("--preset", choices=PRESET_NAMES, help="a named model with seeded random weights")
     parser.add_argument("--row-scale", type=float, default=1.0, help="scale a preset's table rows (0, 1]")
     parser.add_argument("--seed", type=int, default=0, help="seed of a preset's weights")
@@ -143,6 +146,10 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     )
     endpoints = tuple(Endpoint(args.host, 0) for _ in range(plan.num_servers))
     return ClusterSpec(
-        model=source, sharding=plan, embedding_servers=endpoints, ranker=ranker, engine=engine_config(args),
+        model=source,
+        sharding=plan,
+        embedding_servers=endpoints,
+        ranker=ranker,
+        engine=engine_config(args),
         storage=StorageConfig(args.storage, args.storage_dir),
     )
