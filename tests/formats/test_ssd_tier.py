@@ -90,17 +90,18 @@ def test_mmap_server_serves_exact_scores_from_file_backed_rows(tmp_path: Path) -
 
 
 def test_mmap_server_serves_a_table_larger_than_its_memory_limit(tmp_path: Path) -> None:
-    source = ModelSource(preset="rmc1", row_scale=0.05, seed=2)  # 8 tables x 25.6 MB
+    source = ModelSource(preset="rmc1", row_scale=0.15, seed=2)  # 8 tables x 77 MB
     model = source.spec()
     plan = make_plan("table", model.table_rows, model.dim, 1)
     spec = ClusterSpec(source, plan, (Endpoint(),), storage=StorageConfig("mmap", str(tmp_path)))
-    # the interpreter and torch take ~250 MB: the limit leaves the rows less than half their size
-    limit = 300 * 2**20 + model.embedding_bytes // 2
+    # the interpreter and torch take ~180 MB; the rows get a quarter of their size beside them
+    limit = 250 * 2**20 + model.embedding_bytes // 4
+    assert limit < model.embedding_bytes
     with memory_cgroup(limit) as group:
         if group is None:
             pytest.skip("no cgroup v2 memory controller to limit the server with on this host")
         _serve_and_check(spec, cgroup=group)
-        assert int((group / "memory.peak").read_text()) <= limit
+        assert int((group / "memory.events").read_text().split("oom_kill ")[1].split()[0]) == 0
 
 
 def test_a_process_that_would_not_fit_refuses_with_the_flags_to_change(tmp_path: Path) -> None:
