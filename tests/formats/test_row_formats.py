@@ -105,3 +105,14 @@ def test_fp16_and_int8_servers_use_half_and_a_quarter_of_the_memory(monkeypatch:
     per_table = (rss8 - rss16 + fp32_bytes / 2) / 6
     assert abs(per_table - int8_bytes_per_table) < 0.1 * fp32_bytes, (rss8, int8_bytes_per_table)
     assert int8_bytes_per_table / fp32_bytes == pytest.approx(40 / 128)
+
+
+def test_store_bytes_per_format() -> None:
+    nbytes = {}
+    for fmt in ("fp32", "fp16", "int8"):
+        source = ModelSource(preset="tiny", row_dtype=fmt).load()
+        plan = make_plan("table", source.spec.table_rows, source.spec.dim, 1)
+        nbytes[fmt] = ShardStore(plan, 0, source, DramStorage(), progress=False).nbytes
+        assert nbytes[fmt] == source.spec.embedding_bytes
+    rows, dim = sum(source.spec.table_rows), source.spec.dim
+    assert nbytes == {"fp32": rows * dim * 4, "fp16": rows * dim * 2, "int8": rows * (dim + 8)}
