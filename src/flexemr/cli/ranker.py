@@ -9,6 +9,7 @@ import sys
 
 from flexemr.cli.options import add_engine_arguments, engine_config
 from flexemr.cluster.child import exit_when_stdin_closes
+from flexemr.cluster.memory import NotEnoughMemory
 from flexemr.cluster.roles import HttpServer, build_ranker
 from flexemr.config import ClusterSpec
 from flexemr.transport.base import ServerUnavailable
@@ -29,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
         spec = ClusterSpec.load(args.spec)
         spec = dataclasses.replace(spec, engine=engine_config(args, spec.engine))
         ranker = build_ranker(spec, connect_timeout_s=args.connect_timeout)
-    except (ValueError, FileNotFoundError, ServerUnavailable) as exc:
+    except (ValueError, FileNotFoundError, ServerUnavailable, NotEnoughMemory) as exc:
         print(f"flexemr ranker: {exc}", file=sys.stderr)
         return 2
     http = HttpServer(ranker, spec.ranker.host, spec.ranker.port)
