@@ -45,7 +45,7 @@ def test_mixed_formats_on_one_server_pool_per_format() -> None:
     source = ModelSource(preset="tiny", seed=3, row_dtype="int8,fp32,fp16,int8").load()
     spec = source.spec
     plan = make_plan("row", spec.table_rows, spec.dim, 2)
-    store = ShardStore(plan, 1, source, DramStorage(), progress=False)
+    store = ShardStore(plan, 1, source, progress=False, storage=DramStorage())
     assert [s.fmt for s in store.segments] == ["int8", "fp32", "fp16"]
     fp32 = spec.with_overrides(row_formats=())
     assert store.nbytes < sum(s.rows for s in plan.shards_of(1)) * spec.dim * 4 * 0.6
@@ -112,7 +112,7 @@ def test_store_bytes_per_format() -> None:
     for fmt in ("fp32", "fp16", "int8"):
         source = ModelSource(preset="tiny", row_dtype=fmt).load()
         plan = make_plan("table", source.spec.table_rows, source.spec.dim, 1)
-        nbytes[fmt] = ShardStore(plan, 0, source, DramStorage(), progress=False).nbytes
+        nbytes[fmt] = ShardStore(plan, 0, source, progress=False, storage=DramStorage()).nbytes
         assert nbytes[fmt] == source.spec.embedding_bytes
     rows, dim = sum(source.spec.table_rows), source.spec.dim
     assert nbytes == {"fp32": rows * dim * 4, "fp16": rows * dim * 2, "int8": rows * (dim + 8)}

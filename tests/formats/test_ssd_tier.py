@@ -40,18 +40,18 @@ def test_row_file_is_reused_and_rewritten_when_stale_or_half_written(tmp_path: P
     source = ModelSource(preset="tiny", seed=1, row_dtype="int8,fp32,fp16,int8").load()
     plan = make_plan("row", source.spec.table_rows, source.spec.dim, 2)
     path = tmp_path / "server-0.rows"
-    first = ShardStore(plan, 0, source, FileStorage(path, "v1"), progress=False)
+    first = ShardStore(plan, 0, source, progress=False, storage=FileStorage(path, "v1"))
     rows = np.arange(first.num_rows)
     want = first.raw(rows)
-    again = ShardStore(plan, 0, _NoRows(source), FileStorage(path, "v1"), progress=False)  # type: ignore[arg-type]
+    again = ShardStore(plan, 0, _NoRows(source), progress=False, storage=FileStorage(path, "v1"))  # type: ignore[arg-type]
     np.testing.assert_array_equal(again.raw(rows), want)
     with pytest.raises(RuntimeError, match="asked for rows"):  # another fingerprint: rewritten
-        ShardStore(plan, 0, _NoRows(source), FileStorage(path, "v2"), progress=False)  # type: ignore[arg-type]
+        ShardStore(plan, 0, _NoRows(source), progress=False, storage=FileStorage(path, "v2"))  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="asked for rows"):  # that load died: no header, rewritten
-        ShardStore(plan, 0, _NoRows(source), FileStorage(path, "v2"), progress=False)  # type: ignore[arg-type]
-    ShardStore(plan, 0, source, FileStorage(path, "v1"), progress=False)
+        ShardStore(plan, 0, _NoRows(source), progress=False, storage=FileStorage(path, "v2"))  # type: ignore[arg-type]
+    ShardStore(plan, 0, source, progress=False, storage=FileStorage(path, "v1"))
     np.testing.assert_array_equal(
-        ShardStore(plan, 0, _NoRows(source), FileStorage(path, "v1"), progress=False).raw(rows),
+        ShardStore(plan, 0, _NoRows(source), progress=False, storage=FileStorage(path, "v1")).raw(rows),
         want,  # type: ignore[arg-type]
     )
 

@@ -38,7 +38,7 @@ def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True)
     storage = server_storage(spec, index)
     need = storage.resident_bytes(store_layout(spec.sharding, index, source.spec.formats))
     check_memory(need, f"embedding server {index}", SERVING_ADVICE)
-    store = ShardStore(spec.sharding, index, source, storage, progress=progress)
+    store = ShardStore(spec.sharding, index, source, progress, storage)
     return EmbeddingServer(store, spec.embedding_servers[index])
 
 

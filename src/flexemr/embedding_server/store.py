@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from flexemr.embedding_server.storage import Layout, Storage
+from flexemr.embedding_server.storage import DramStorage, Layout, Storage
 from flexemr.model import rows as stored_rows
 from flexemr.model.rows import RowFormat
 from flexemr.model.weights import WeightSource, fill_stored
@@ -69,8 +69,15 @@ def store_layout(plan: ShardingPlan, server: int, formats: tuple[RowFormat, ...]
 
 class ShardStore:
     def __init__(
-        self, plan: ShardingPlan, server: int, source: WeightSource, storage: Storage, progress: bool = True
+        self,
+        plan: ShardingPlan,
+        server: int,
+        source: WeightSource,
+        progress: bool = True,
+        storage: Storage | None = None,
     ) -> None:
+        """`storage`: where the rows live (default: memory)."""
+        storage = storage or DramStorage()
         self.server = server
         self.dim = plan.dim
         self.num_rows = plan.server_rows(server)
