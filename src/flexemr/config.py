@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from flexemr.cache.manager import CacheMode
 from flexemr.model.presets import preset
+from flexemr.model.rows import RowFormat, check_format
 from flexemr.model.spec import Interaction, ModelSpec, Pooling
 from flexemr.model.weights import CheckpointWeights, PresetWeights, WeightSource
 from flexemr.sharding.plan import ShardingPlan
@@ -43,19 +44,38 @@ class ModelSource:
     """Override self-interaction for `dot` (default off)."""
     pooling: Pooling | None = None
     """Override the pooling (default `sum`)."""
+    row_dtype: str | None = None
+    """How tables' rows are stored: fp32, fp16 or int8 for all, or one per table comma-separated
+    (default: fp32; a checkpoint's fp16 tables stay fp16)."""
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.checkpoint is None):
             raise ValueError("give exactly one of a preset or a checkpoint")
+        if self.row_dtype is not None:
+            for fmt in self.row_dtype.split(","):
+                check_format(fmt)
+
+    def _row_formats(self, num_tables: int) -> tuple[RowFormat, ...]:
+        assert self.row_dtype is not None
+        formats = tuple(check_format(f) for f in self.row_dtype.split(","))
+        if len(formats) == 1:
+            return formats * num_tables
+        if len(formats) != num_tables:
+            raise ValueError(f"--row-dtype lists {len(formats)} formats for {num_tables} tables")
+        return formats
 
     def load(self) -> WeightSource:
         if self.checkpoint is not None:
-            return CheckpointWeights(
+            weights = CheckpointWeights(
                 self.checkpoint,
                 interaction=self.interaction or "dot",
                 interaction_itself=bool(self.interaction_itself),
                 pooling=self.pooling or "sum",
             )
+            if self.row_dtype is not None:
+                formats = self._row_formats(weights.spec.num_tables)
+                weights.spec = weights.spec.with_overrides(row_formats=formats)
+            return weights
         assert self.preset is not None
         overrides: dict[str, Any] = {
             k: v
@@ -66,8 +86,10 @@ class ModelSource:
             )
             if v is not None
         }
-        spec = preset(self.preset, self.row_scale).with_overrides(**overrides)
-        return PresetWeights(spec, self.seed)
+        spec = preset(self.preset, self.row_scale)
+        if self.row_dtype is not None:
+            overrides["row_formats"] = self._row_formats(spec.num_tables)
+        return PresetWeights(spec.with_overrides(**overrides), self.seed)
 
     def spec(self) -> ModelSpec:
         return self.load().spec
@@ -247,6 +269,22 @@ class NodeLimits:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """Where embedding servers keep their rows (`flexemr.embedding_server.storage`)."""
+
+    kind: Literal["dram", "mmap"] = "dram"
+    """`dram`: in memory; `mmap`: in a file each server memory-maps (the SSD tier)."""
+    directory: str | None = None
+    """`mmap`: the folder of the row files (one per server, reused across restarts)."""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("dram", "mmap"):
+            raise ValueError(f"storage must be 'dram' or 'mmap', got {self.kind!r}")
+        if self.kind == "mmap" and not self.directory:
+            raise ValueError("--storage mmap needs --storage-dir (a folder on the SSD for the row files)")
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     model: ModelSource
     sharding: ShardingPlan
@@ -258,6 +296,8 @@ class ClusterSpec:
     """Secret and TLS of node links."""
     limits: NodeLimits = field(default_factory=NodeLimits)
     """Embedding servers' bounds and the heartbeat."""
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    """Where the embedding servers keep their rows."""
 
     def __post_init__(self) -> None:
         if len(self.embedding_servers) != self.sharding.num_servers:
@@ -290,6 +330,7 @@ class ClusterSpec:
             engine=EngineConfig(**data.get("engine", {})),
             security=SecurityConfig(**data.get("security", {})),
             limits=NodeLimits(**data.get("limits", {})),
+            storage=StorageConfig(**data.get("storage", {})),
         )
 
     @classmethod

@@ -29,9 +29,13 @@ def test_model_file_from_preset_and_from_spec(tmp_path: Path) -> None:
     model = load_model(ref)
     assert model.spec.table_rows == (2_000_000,) * 8
     full = tmp_path / "full.json"
-    full.write_text(json.dumps({**model.spec.to_dict(), "dtype_bytes": 2}))
+    full.write_text(json.dumps({**model.spec.to_dict(), "dtype_bytes": 2}))  # an older model file
     again = load_model(full)
-    assert again.spec == model.spec and again.embedding_bytes == model.embedding_bytes // 2
+    assert again.spec.formats == ("fp16",) * 8 and again.embedding_bytes == model.embedding_bytes // 2
+    ref.write_text(json.dumps({"preset": "rmc1", "row_scale": 0.5, "row_dtype": "int8"}))
+    int8 = load_model(ref)
+    assert int8.row_bytes == 32 + 8  # values, then a float32 scale and bias per row
+    assert int8.embedding_bytes == 2_000_000 * 8 * 40
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,7 @@ import sys
 from flexemr.cli.options import add_secret_argument, with_secret_file
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.local import READY_PREFIX
+from flexemr.cluster.memory import NotEnoughMemory
 from flexemr.cluster.roles import build_embedding_server
 from flexemr.config import ClusterSpec
 
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec = with_secret_file(ClusterSpec.load(args.spec), args.secret_file)
         server = build_embedding_server(spec, args.index, progress=not args.quiet)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, NotEnoughMemory) as exc:
         print(f"flexemr embedding-server: {exc}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: server.close())

@@ -6,14 +6,25 @@ import argparse
 import dataclasses
 
 from flexemr.cache.sizes import parse_bytes
-from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, RankerConfig, SecurityConfig
+from flexemr.config import (
+    ClusterSpec,
+    Endpoint,
+    EngineConfig,
+    ModelSource,
+    RankerConfig,
+    SecurityConfig,
+    StorageConfig,
+)
 from flexemr.model.presets import PRESET_NAMES
 from flexemr.sharding.plan import STRATEGIES, ShardingPlan, make_plan
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="state_dict of Meta's reference DLRM_Net (torch.save)")
+    source.add_argument(
+        "--checkpoint",
+        help="Meta's reference DLRM_Net state_dict or --save-model file, or a TorchRec DLRM state_dict",
+    )
     source.add_argument("--preset", choices=PRESET_NAMES, help="a named model with seeded random weights")
     parser.add_argument(
         "--row-scale", type=float, default=ModelSource.row_scale, help="scale a preset's table rows (0, 1]"
@@ -24,6 +35,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--interaction-itself", action="store_true", default=None, help="dot: include self-interactions"
     )
     parser.add_argument("--pooling", choices=("sum", "mean"), help="default: the preset's, or sum")
+    parser.add_argument(
+        "--row-dtype",
+        help="how rows are stored: fp32, fp16 or int8 (row-wise quantised), or one per table "
+        "comma-separated (default fp32; a checkpoint's fp16 tables stay fp16)",
+    )
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
@@ -71,6 +87,11 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-body", type=parse_bytes, default=RankerConfig.max_body_bytes,
         help="largest request body, chunked too (413 beyond it)",
     )  # fmt: skip
+    parser.add_argument(
+        "--storage", choices=("dram", "mmap"), default="dram",
+        help="embedding servers keep rows in memory, or in a file they memory-map (SSD tier)",
+    )  # fmt: skip
+    parser.add_argument("--storage-dir", help="--storage mmap: folder of the row files (reused on restart)")
     add_engine_arguments(parser)
 
 
@@ -153,6 +174,7 @@ def model_source(args: argparse.Namespace) -> ModelSource:
         interaction=args.interaction,
         interaction_itself=args.interaction_itself,
         pooling=args.pooling,
+        row_dtype=args.row_dtype,
     )
 
 
@@ -190,4 +212,5 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         ranker=ranker,
         engine=engine_config(args),
         security=SecurityConfig(secret_file=args.secret_file),
+        storage=StorageConfig(args.storage, args.storage_dir),
     )

@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--row-scale", type=float, default=ModelSource.row_scale, help="scale a preset's table rows (0, 1]"
     )
     parser.add_argument(
-        "--dtype-bytes", type=int, default=4, choices=(1, 2, 4), help="bytes per table element"
+        "--row-dtype",
+        choices=("fp32", "fp16", "int8"),
+        help="how rows are stored (default fp32, or the checkpoint's)",
     )
     parser.add_argument("--qps", type=float, help="peak queries per second (or give --traffic)")
     parser.add_argument("--traffic", help="traffic JSON: peak_qps, samples_per_query, samples_cv, zipf_skew")
@@ -51,10 +53,13 @@ def _request(args: argparse.Namespace) -> object:
     if args.model:
         model = load_model(args.model)
     elif args.checkpoint:
-        model = ModelProfile(CheckpointWeights(args.checkpoint).spec, args.dtype_bytes)
+        spec = CheckpointWeights(args.checkpoint).spec
+        if args.row_dtype:
+            spec = spec.with_overrides(row_formats=(args.row_dtype,) * spec.num_tables)
+        model = ModelProfile(spec)
     else:
         model = model_from_dict(
-            {"preset": args.preset, "row_scale": args.row_scale, "dtype_bytes": args.dtype_bytes}
+            {"preset": args.preset, "row_scale": args.row_scale, "row_dtype": args.row_dtype}
         )
     if args.traffic:
         traffic = load_traffic(args.traffic)

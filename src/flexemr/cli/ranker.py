@@ -9,6 +9,7 @@ import sys
 
 from flexemr.cli.options import add_engine_arguments, add_secret_argument, engine_config, with_secret_file
 from flexemr.cluster.child import exit_when_stdin_closes
+from flexemr.cluster.memory import NotEnoughMemory
 from flexemr.cluster.roles import HttpServer, build_ranker, start_grpc
 from flexemr.config import ClusterSpec
 from flexemr.transport.base import ConfigMismatch, ServerUnavailable
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(spec, engine=engine_config(args, spec.engine))
         spec = with_secret_file(spec, args.secret_file)
         ranker = build_ranker(spec, connect_timeout_s=args.connect_timeout)
-    except (ValueError, OSError, ServerUnavailable, ConfigMismatch) as exc:
+    except (ValueError, OSError, ServerUnavailable, ConfigMismatch, NotEnoughMemory) as exc:
         print(f"flexemr ranker: {exc}", file=sys.stderr)
         return 2
     try:

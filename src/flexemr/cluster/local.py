@@ -18,6 +18,7 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
+from flexemr.cluster.memory import SERVING_ADVICE, NotEnoughMemory, check_memory
 from flexemr.config import ClusterSpec, Endpoint
 
 log = logging.getLogger(__name__)
@@ -38,14 +39,24 @@ def _read_ready_line(proc: subprocess.Popen[str], out: list[str]) -> None:
 
 
 class LocalCluster:
-    def __init__(self, spec: ClusterSpec, progress: bool = False) -> None:
+    def __init__(self, spec: ClusterSpec, progress: bool = False, cgroup: Path | None = None) -> None:
         self.spec = spec
         self.progress = progress
+        self.cgroup = cgroup
+        """A cgroup (v2) the servers run in, e.g. one with a memory limit."""
         self._procs: list[subprocess.Popen[str]] = []
         self._dir = tempfile.TemporaryDirectory(prefix="flexemr-cluster-")
 
     def start(self, timeout: float = 300.0) -> ClusterSpec:
         """Start every server; return the spec with the ports they actually bound."""
+        from flexemr.cluster.roles import local_servers_need  # roles imports the serving stack
+
+        servers = f"{len(self.spec.embedding_servers)} embedding servers on this host"
+        try:
+            check_memory(local_servers_need(self.spec), servers, SERVING_ADVICE)
+        except NotEnoughMemory:
+            self.stop()
+            raise
         spec_path = Path(self._dir.name) / "cluster.json"
         self.spec.save(spec_path)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -59,6 +70,8 @@ class LocalCluster:
             self._procs.append(
                 subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
             )
+            if self.cgroup is not None:  # before it loads: the child is still importing
+                (self.cgroup / "cgroup.procs").write_text(str(self._procs[-1].pid))
         endpoints = []
         for index, proc in enumerate(self._procs):
             got: list[str] = []

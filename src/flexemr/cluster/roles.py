@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import signal
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import uvicorn
 
 from flexemr.api.http import RateLimitedWarnings, create_app
+from flexemr.cache.manager import CacheMode
+from flexemr.cluster.memory import SERVING_ADVICE, check_memory
 from flexemr.cluster.security import check_bind, client_tls, identities, load_secret, server_tls
 from flexemr.config import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
-from flexemr.embedding_server.store import ShardStore
+from flexemr.embedding_server.storage import DramStorage, FileStorage, Storage
+from flexemr.embedding_server.store import ShardStore, store_layout
 from flexemr.model.weights import build_dense
 from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupTransport
@@ -34,7 +40,11 @@ def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True)
     torch_threads(1)
     secret = load_secret(spec.security)
     check_bind(spec.embedding_servers[index].host, secret)  # before the minutes of loading
-    store = ShardStore(spec.sharding, index, spec.model.load(), progress=progress)
+    source = spec.model.load()
+    storage = server_storage(spec, index)
+    need = storage.resident_bytes(store_layout(spec.sharding, index, source.spec.formats))
+    check_memory(need, f"embedding server {index}", SERVING_ADVICE)
+    store = ShardStore(spec.sharding, index, source, progress, storage)
     return EmbeddingServer(
         store,
         spec.embedding_servers[index],
@@ -45,12 +55,42 @@ def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True)
     )
 
 
+def local_servers_need(spec: ClusterSpec) -> int:
+    """Memory all the spec's embedding servers need together (when they share one host)."""
+    formats = spec.model.spec().formats
+    return sum(
+        server_storage(spec, i).resident_bytes(store_layout(spec.sharding, i, formats))
+        for i in range(spec.sharding.num_servers)
+    )
+
+
+def server_storage(spec: ClusterSpec, index: int) -> Storage:
+    """Server `index`'s storage: memory, or its row file, fingerprinted by all that decides its bytes."""
+    if spec.storage.kind == "dram":
+        return DramStorage()
+    assert spec.storage.directory is not None
+    model = dataclasses.asdict(spec.model)
+    if spec.model.checkpoint is not None:
+        stat = Path(spec.model.checkpoint).stat()
+        model["checkpoint_file"] = [stat.st_size, stat.st_mtime_ns]
+    shards = [dataclasses.asdict(s) for s in spec.sharding.shards_of(index)]
+    fingerprint = json.dumps({"model": model, "dim": spec.sharding.dim, "shards": shards}, sort_keys=True)
+    return FileStorage(Path(spec.storage.directory) / f"server-{index}.rows", fingerprint)
+
+
 def build_ranker(
     spec: ClusterSpec, connect_timeout_s: float = 60.0, transport: LookupTransport | None = None
 ) -> Ranker:
     """The ranker of `spec`, connected to its embedding servers (or to the given transport)."""
     source = spec.model.load()
     plan = spec.sharding
+    dense = build_dense(source)
+    cache = CacheMode.parse(spec.ranker.cache)
+    if spec.ranker.device in ("auto", "cpu"):  # a GPU's memory is the cache's memory model's business
+        params = sum(p.numel() * p.element_size() for p in dense.parameters())
+        check_memory(
+            params + cache.fixed_bytes, "the ranker (dense model and --cache)", "lower --cache fixed:BYTES"
+        )
     if transport is None:
         from flexemr.engine import IoEngine
 
@@ -64,7 +104,7 @@ def build_ranker(
         )
         engine.start(timeout=connect_timeout_s)
         transport = engine
-    return Ranker(source.spec, plan, build_dense(source), transport, spec.ranker)
+    return Ranker(source.spec, plan, dense, transport, spec.ranker)
 
 
 def start_grpc(ranker: Ranker) -> GrpcServer | None:

@@ -32,15 +32,22 @@ def fingerprint(model: ModelSource, plan: ShardingPlan, server: int) -> str:
     """A digest of the shards `server` holds and of the weights they come from.
 
     A preset's tables are fixed by its name, row scale and seed; a checkpoint's by its bytes
-    (hashed once per process and file version). The dense model's options (interaction,
-    pooling) are the ranker's alone. Two servers agree only when they would serve the same rows."""
+    (hashed once per process and file version); the row formats decide the stored bytes. The dense
+    model's options (interaction, pooling) are the ranker's alone. Two servers agree only when they
+    would serve the same rows."""
     weights: dict[str, object] = {"preset": model.preset, "row_scale": model.row_scale, "seed": model.seed}
     if model.checkpoint is not None:
         path = Path(model.checkpoint).resolve()
         stat = path.stat()
         weights = {"checkpoint": _file_digest(str(path), stat.st_size, stat.st_mtime_ns)}
     shards = [dataclasses.astuple(s) for s in plan.shards_of(server)]
-    facts = {"weights": weights, "dim": plan.dim, "tables": plan.table_rows, "shards": shards}
+    facts = {
+        "weights": weights,
+        "row_dtype": model.row_dtype,
+        "dim": plan.dim,
+        "tables": plan.table_rows,
+        "shards": shards,
+    }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
 

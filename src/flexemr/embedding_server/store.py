@@ -1,22 +1,35 @@
-"""An embedding server's rows: all its shards back to back in one array, and the lookup kernels.
+"""An embedding server's rows and the lookup kernels.
 
-The array lives in an anonymous mapping advised for transparent huge pages: random row reads over
-gigabytes miss the TLB far less with 2 MiB pages. Lookups use torch's fused `embedding_bag`
-(offsets form), which pools a whole subrequest in one call and releases the GIL while it runs.
+The server's shards sit back to back in server-local row numbers (the plan's `local_start`). Rows
+are kept per row format (`flexemr.model.rows`): one array per format the server's tables use, a
+segment, so an fp16 table takes half and an int8 table about a quarter of the fp32 bytes.
+
+    local rows:  [ t0 shard: int8 | t1 shard: fp32 | t2 shard: int8 ]
+    segments:    int8 [t0 rows, t2 rows] (uint8, dim + 8 wide)   fp32 [t1 rows] (float32, dim wide)
+
+With one format (the usual case) the segment is the local array itself. Otherwise a subrequest's
+rows are mapped to (segment, row) with one `searchsorted`, bags are grouped by format and each
+group pooled by its kernel (a bag's rows all come from one table, so from one segment).
+
+Where the segments live is a `Storage`: anonymous memory advised for transparent huge pages (DRAM),
+or a file this server memory-maps (the SSD tier: the page cache is the DRAM tier, so hot rows stay
+resident and a server can hold more rows than it has RAM). Kernels release the GIL while they run.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
+from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from flexemr.model.weights import WeightSource
-from flexemr.sharding.plan import ShardingPlan
+from flexemr.embedding_server.storage import DramStorage, Layout, Storage
+from flexemr.model import rows as stored_rows
+from flexemr.model.rows import RowFormat
+from flexemr.model.weights import WeightSource, fill_stored
+from flexemr.sharding.plan import Shard, ShardingPlan
 
 log = logging.getLogger(__name__)
 
@@ -27,39 +40,86 @@ class BadSubrequest(ValueError):
     """A subrequest this server cannot answer (bad rows or offsets); sent back as an ERROR frame."""
 
 
-def _huge_page_array(rows: int, dim: int) -> np.ndarray:
-    nbytes = max(rows * dim * 4, 1)
-    buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    if hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            buffer.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # THP disabled on this kernel: plain pages still work.
-            log.info("transparent huge pages unavailable; using normal pages")
-    return np.frombuffer(buffer, dtype=np.float32, count=rows * dim).reshape(rows, dim)
+@dataclass(frozen=True)
+class Segment:
+    fmt: RowFormat
+    rows: int
+    shards: tuple[tuple[Shard, int], ...]
+    """Each shard of this format with the row where it starts in the segment."""
+
+
+def segments_of(plan: ShardingPlan, server: int, formats: tuple[RowFormat, ...]) -> list[Segment]:
+    """One segment per row format among the server's shards, shards in local order."""
+    shards = sorted(plan.shards_of(server), key=lambda s: s.local_start)
+    if len({formats[s.table] for s in shards}) <= 1:  # keep local row numbers: no remapping
+        fmt = formats[shards[0].table] if shards else "fp32"
+        return [Segment(fmt, plan.server_rows(server), tuple((s, s.local_start) for s in shards))]
+    segments = []
+    for fmt in dict.fromkeys(formats[s.table] for s in shards):
+        mine = [s for s in shards if formats[s.table] == fmt]
+        starts = np.cumsum([0] + [s.rows for s in mine])
+        segments.append(Segment(fmt, int(starts[-1]), tuple(zip(mine, starts[:-1].tolist(), strict=True))))
+    return segments
+
+
+def store_layout(plan: ShardingPlan, server: int, formats: tuple[RowFormat, ...]) -> Layout:
+    """What a server's segments need: dtype, row width and rows of each."""
+    return [(*stored_rows.storage(seg.fmt, plan.dim), seg.rows) for seg in segments_of(plan, server, formats)]
 
 
 class ShardStore:
-    def __init__(self, plan: ShardingPlan, server: int, source: WeightSource, progress: bool = True) -> None:
+    def __init__(
+        self,
+        plan: ShardingPlan,
+        server: int,
+        source: WeightSource,
+        progress: bool = True,
+        storage: Storage | None = None,
+    ) -> None:
+        """`storage`: where the rows live (default: memory)."""
+        storage = storage or DramStorage()
         self.server = server
         self.dim = plan.dim
         self.num_rows = plan.server_rows(server)
         self.shards = plan.shards_of(server)
-        self._array = _huge_page_array(self.num_rows, self.dim)
+        self.segments = segments_of(plan, server, source.spec.formats)
+        arrays, fill = storage.open(store_layout(plan, server, source.spec.formats))
+        if fill:
+            self._fill(source, arrays, progress)
+            storage.commit()
+        self.tables = [torch.from_numpy(a) for a in arrays]
+        # Remapping local rows to (segment, row): shard starts in local order, per shard its segment
+        # and the shift from local to segment row numbers.
+        placed = sorted(
+            (shard.local_start, i, at - shard.local_start)
+            for i, seg in enumerate(self.segments)
+            for shard, at in seg.shards
+        )
+        self._starts = np.array([p[0] for p in placed], dtype=np.int64)
+        self._segment_of = np.array([p[1] for p in placed], dtype=np.int64)
+        self._shift = np.array([p[2] for p in placed], dtype=np.int64)
+
+    def _fill(self, source: WeightSource, arrays: list[np.ndarray], progress: bool) -> None:
         total = sum(s.rows for s in self.shards)
         with tqdm(
-            total=total, unit="rows", unit_scale=True, disable=not progress, desc=f"server {server} loading"
+            total=total,
+            unit="rows",
+            unit_scale=True,
+            disable=not progress,
+            desc=f"server {self.server} loading",
         ) as bar:
-            for shard in self.shards:
-                for start in range(0, shard.rows, _LOAD_CHUNK_ROWS):
-                    n = min(_LOAD_CHUNK_ROWS, shard.rows - start)
-                    local = shard.local_start + start
-                    source.fill_rows(shard.table, shard.row_start + start, self._array[local : local + n])
-                    bar.update(n)
-        self.table = torch.from_numpy(self._array)
+            for seg, array in zip(self.segments, arrays, strict=True):
+                for shard, at in seg.shards:
+                    for start in range(0, shard.rows, _LOAD_CHUNK_ROWS):
+                        n = min(_LOAD_CHUNK_ROWS, shard.rows - start)
+                        fill_stored(
+                            source, shard.table, shard.row_start + start, array[at + start : at + start + n]
+                        )
+                        bar.update(n)
 
     @property
     def nbytes(self) -> int:
-        return self.num_rows * self.dim * 4
+        return sum(int(t.numel() * t.element_size()) for t in self.tables)
 
     def _check(self, rows: np.ndarray, offsets: np.ndarray | None, weights: np.ndarray | None) -> None:
         if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
@@ -71,21 +131,51 @@ class ShardStore:
         if weights is not None and weights.shape != rows.shape:
             raise BadSubrequest(f"{weights.size} weights for {rows.size} rows")
 
+    def _locate(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Segment and row within it of each server-local row."""
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        return self._segment_of[shard], rows + self._shift[shard]
+
     def pooled(self, rows: np.ndarray, offsets: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-        """Per-bag sums of this server's rows: [len(offsets), dim]."""
+        """Per-bag sums of this server's rows, in float32: [len(offsets), dim]."""
         self._check(rows, offsets, weights)
         if offsets.size == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        out = F.embedding_bag(
-            torch.from_numpy(rows),
-            self.table,
-            torch.from_numpy(offsets),
-            mode="sum",
-            per_sample_weights=None if weights is None else torch.from_numpy(weights),
-        )
+        w = None if weights is None else torch.from_numpy(weights)
+        if len(self.segments) == 1:
+            table, fmt = self.tables[0], self.segments[0].fmt
+            return stored_rows.pool(table, fmt, torch.from_numpy(rows), torch.from_numpy(offsets), w).numpy()
+        segment, at = self._locate(rows)
+        lengths = np.diff(offsets, append=rows.size)
+        bag_segment = segment[np.minimum(offsets, max(rows.size - 1, 0))] if rows.size else offsets * 0
+        if np.any(segment != np.repeat(bag_segment, lengths)):
+            raise BadSubrequest("a bag mixes rows of tables stored in different row formats")
+        out = torch.zeros(offsets.size, self.dim)
+        for s, (seg, table) in enumerate(zip(self.segments, self.tables, strict=True)):
+            bags = np.flatnonzero((bag_segment == s) & (lengths > 0))
+            if bags.size == 0:
+                continue
+            mine = segment == s
+            sizes = lengths[bags]
+            out[torch.from_numpy(bags)] = stored_rows.pool(
+                table,
+                seg.fmt,
+                torch.from_numpy(at[mine]),
+                torch.from_numpy(np.cumsum(sizes) - sizes),
+                None if w is None else w[torch.from_numpy(mine)],
+            )
         return out.numpy()
 
     def raw(self, rows: np.ndarray) -> np.ndarray:
-        """The rows themselves: [len(rows), dim]."""
+        """The rows themselves as float32 (int8 and fp16 rows dequantised): [len(rows), dim]."""
         self._check(rows, None, None)
-        return self.table.index_select(0, torch.from_numpy(rows)).numpy()
+        if len(self.segments) == 1:
+            stored = self.tables[0].index_select(0, torch.from_numpy(rows))
+            return stored_rows.decode(stored, self.segments[0].fmt).numpy()
+        segment, at = self._locate(rows)
+        out = np.empty((rows.size, self.dim), dtype=np.float32)
+        for s, (seg, table) in enumerate(zip(self.segments, self.tables, strict=True)):
+            mine = segment == s
+            stored = table.index_select(0, torch.from_numpy(at[mine]))
+            out[mine] = stored_rows.decode(stored, seg.fmt).numpy()
+        return out

@@ -3,14 +3,18 @@
 `DenseArch` is the bottom MLP, the interaction and the top MLP. `DLRM` adds the tables as
 `nn.EmbeddingBag`s and is the monolithic model: its `state_dict` keys are those of Meta's reference
 `DLRM_Net` (`emb_l.{t}.weight`, `bot_l.{2k}.weight`, `top_l.{2k}.bias`, ...), so a checkpoint of
-one loads into the other.
+one loads into the other. A table stored as fp16 or int8 rows (`flexemr.model.rows`) is a
+`StoredBag` holding those same bytes, pooled by the embedding servers' kernels.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flexemr.model import rows as stored_rows
+from flexemr.model.rows import RowFormat
 from flexemr.model.spec import ModelSpec
 
 
@@ -61,6 +65,31 @@ class DenseArch(nn.Module):
         return self.top_l(self.interact(x, pooled)).squeeze(1)  # type: ignore[no-any-return]
 
 
+class StoredBag(nn.Module):
+    """An embedding bag over rows stored in `fmt` (its `weight` buffer holds the stored bytes)."""
+
+    weight: Tensor
+
+    def __init__(self, num_rows: int, dim: int, fmt: RowFormat, mode: str) -> None:
+        super().__init__()
+        self.fmt, self.mode = fmt, mode
+        dtype, width = stored_rows.storage(fmt, dim)
+        self.register_buffer("weight", torch.from_numpy(np.zeros((num_rows, width), dtype=dtype)))
+
+    def forward(self, indices: Tensor, offsets: Tensor) -> Tensor:
+        pooled = stored_rows.pool(self.weight, self.fmt, indices, offsets)
+        if self.mode == "mean":
+            ends = torch.cat([offsets[1:], torch.tensor([len(indices)])])
+            pooled /= (ends - offsets).clamp(min=1).unsqueeze(1)
+        return pooled
+
+
+def _table(num_rows: int, spec: ModelSpec, fmt: RowFormat) -> nn.Module:
+    if fmt == "fp32":
+        return nn.EmbeddingBag(num_rows, spec.dim, mode=spec.pooling)
+    return StoredBag(num_rows, spec.dim, fmt, spec.pooling)
+
+
 class DLRM(DenseArch):
     """The monolithic model: the dense part plus every table, all in one process."""
 
@@ -69,7 +98,7 @@ class DLRM(DenseArch):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__(spec)
         self.emb_l = nn.ModuleList(
-            nn.EmbeddingBag(rows, spec.dim, mode=spec.pooling) for rows in spec.table_rows
+            _table(n, spec, fmt) for n, fmt in zip(spec.table_rows, spec.formats, strict=True)
         )
 
     def pool(self, indices: Tensor, lengths: Tensor, batch_size: int) -> Tensor:

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from flexemr.model.rows import RowFormat, check_format, row_bytes
+
 Interaction = Literal["dot", "cat"]
 Pooling = Literal["sum", "mean"]
 
@@ -36,6 +38,8 @@ class ModelSpec:
     """How a bag of rows becomes one vector."""
     pooling_factors: tuple[int, ...] = ()
     """Typical bag size per table (for workloads and the planner); empty means 1 each."""
+    row_formats: tuple[RowFormat, ...] = ()
+    """How each table's rows are stored (`flexemr.model.rows`): fp32, fp16 or int8; empty means fp32."""
 
     def __post_init__(self) -> None:
         if not self.table_rows or min(self.table_rows) < 1:
@@ -58,6 +62,12 @@ class ModelSpec:
             raise ValueError(
                 f"pooling_factors has {len(self.pooling_factors)} entries for {len(self.table_rows)} tables"
             )
+        if self.row_formats and len(self.row_formats) != len(self.table_rows):
+            raise ValueError(
+                f"row_formats has {len(self.row_formats)} entries for {len(self.table_rows)} tables"
+            )
+        for fmt in self.row_formats:
+            check_format(fmt)
 
     @property
     def num_tables(self) -> int:
@@ -72,6 +82,11 @@ class ModelSpec:
         return self.pooling_factors or (1,) * self.num_tables
 
     @property
+    def formats(self) -> tuple[RowFormat, ...]:
+        fp32: RowFormat = "fp32"
+        return self.row_formats or (fp32,) * self.num_tables
+
+    @property
     def interaction_size(self) -> int:
         """Width of the interaction output, the top MLP's input."""
         n = self.num_tables + 1
@@ -82,7 +97,9 @@ class ModelSpec:
 
     @property
     def embedding_bytes(self) -> int:
-        return sum(self.table_rows) * self.dim * 4
+        return sum(
+            rows * row_bytes(fmt, self.dim) for rows, fmt in zip(self.table_rows, self.formats, strict=True)
+        )
 
     def with_overrides(self, **changes: Any) -> ModelSpec:
         return dataclasses.replace(self, **changes)
@@ -96,7 +113,7 @@ class ModelSpec:
         unknown = set(data) - fields
         if unknown:
             raise ValueError(f"unknown model spec fields: {sorted(unknown)}")
-        tuples = {"table_rows", "bottom_mlp", "top_mlp", "pooling_factors"}
+        tuples = {"table_rows", "bottom_mlp", "top_mlp", "pooling_factors", "row_formats"}
         values: dict[str, Any] = {k: tuple(v) if k in tuples else v for k, v in data.items()}
         return cls(**values)
 

@@ -15,6 +15,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flexemr.cluster.memory import SERVING_ADVICE, check_memory
+from flexemr.model import rows as stored_rows
+from flexemr.model.checkpoints import load_checkpoint
 from flexemr.model.dlrm import DLRM, DenseArch, init_dense
 from flexemr.model.spec import Interaction, ModelSpec, Pooling
 
@@ -60,8 +63,9 @@ class PresetWeights:
 
 
 class CheckpointWeights:
-    """A `torch.save`d `state_dict` of Meta's reference `DLRM_Net`, memory-mapped: tables are read
-    from the file only as rows are asked for."""
+    """A `torch.save`d `state_dict` of Meta's reference `DLRM_Net` (or its `--save-model` file), or
+    of TorchRec's DLRM (`flexemr.model.checkpoints`), memory-mapped: tables are read from the file
+    only as rows are asked for."""
 
     def __init__(
         self,
@@ -73,10 +77,8 @@ class CheckpointWeights:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"checkpoint {self.path} does not exist")
-        state = torch.load(self.path, mmap=True, weights_only=True, map_location="cpu")
-        if isinstance(state, dict) and "state_dict" in state:
-            state = state["state_dict"]
-        self._state: dict[str, Tensor] = state
+        self._state = load_checkpoint(self.path)
+        state = self._state
         self.spec = spec_from_state_dict(state, interaction, interaction_itself, pooling)
 
     def dense_state(self) -> dict[str, Tensor]:
@@ -95,7 +97,10 @@ def spec_from_state_dict(
         (int(k.split(".")[1]), v) for k, v in state.items() if k.startswith("emb_l.") and k.endswith("weight")
     )
     if not tables or [t for t, _ in tables] != list(range(len(tables))):
-        raise ValueError("checkpoint has no emb_l.{t}.weight tables numbered 0..T-1")
+        raise ValueError(
+            "checkpoint has no tables: neither emb_l.<t>.weight numbered 0..T-1 (Meta's reference) nor "
+            "sparse_arch.embedding_bag_collection.embedding_bags.<name>.weight (TorchRec)"
+        )
     dims = {v.shape[1] for _, v in tables}
     if len(dims) != 1:
         raise ValueError(f"tables of different dims {sorted(dims)} are not supported")
@@ -120,6 +125,7 @@ def spec_from_state_dict(
         interaction=interaction,
         interaction_itself=interaction_itself,
         pooling=pooling,
+        row_formats=tuple("fp16" if v.dtype == torch.float16 else "fp32" for _, v in tables),
     )
     if top[0][0] != spec.interaction_size:
         raise ValueError(
@@ -130,14 +136,30 @@ def spec_from_state_dict(
     return spec
 
 
+def fill_stored(source: WeightSource, table: int, start: int, out: np.ndarray) -> None:
+    """Write rows `start : start + len(out)` of `table` into `out`, stored in the table's format."""
+    fmt = source.spec.formats[table]
+    if fmt == "fp32":
+        source.fill_rows(table, start, out)
+        return
+    for at in range(0, len(out), _BLOCK_ROWS):
+        chunk = np.empty((min(_BLOCK_ROWS, len(out) - at), source.spec.dim), dtype=np.float32)
+        source.fill_rows(table, start + at, chunk)
+        stored_rows.encode(chunk, fmt, out[at : at + len(chunk)])
+
+
 def build_monolithic(source: WeightSource) -> DLRM:
-    """The whole model in this process: the reference against which served scores are checked."""
+    """The whole model in this process, with the same stored rows as the embedding servers: the
+    reference against which served scores are checked."""
+    check_memory(
+        source.spec.embedding_bytes, "the monolithic model (all tables in this process)", SERVING_ADVICE
+    )
     model = DLRM(source.spec)
     model.load_state_dict(source.dense_state(), strict=False)
     with torch.no_grad():
         for t, bag in enumerate(model.emb_l):
-            assert isinstance(bag, torch.nn.EmbeddingBag)
-            source.fill_rows(t, 0, bag.weight.numpy())
+            assert isinstance(bag.weight, Tensor)
+            fill_stored(source, t, 0, bag.weight.numpy())
     return model.eval()
 
 

@@ -2,7 +2,9 @@
 
 The default catalogue (`aws_us_east_1.json`, next to this module) lists AWS EC2 on-demand Linux
 instances in us-east-1: memory-optimised (r6i, r7i) for embedding servers, compute-optimised
-(c6i, c7i) and GPU (g5, g6) for rankers. Any type may take either role; the search decides.
+(c6i, c7i) and GPU (g5, g6) for rankers, and storage-optimised nodes with local NVMe SSDs (i4i,
+im4gn) for embedding servers that keep rows on SSD (`serve --storage mmap`). Any type may take
+either role; the search decides.
 """
 
 from __future__ import annotations
@@ -46,8 +48,13 @@ class NodeType:
     price_per_hour: float
     """On-demand list price in US dollars."""
     accelerator: Accelerator | None = None
+    ssd_gib: float = 0.0
+    """Local NVMe instance storage (GiB, 10^9-byte GB as AWS lists it converted): room for the rows
+    of a server with `--storage mmap`; 0: none (EBS only)."""
 
     def __post_init__(self) -> None:
+        if self.ssd_gib < 0:
+            raise InputError(f"node type {self.name!r}: ssd_gib must not be negative, got {self.ssd_gib}")
         if self.vcpus < 1 or self.memory_gib <= 0 or self.network_gbps <= 0 or self.price_per_hour <= 0:
             raise InputError(
                 f"node type {self.name!r}: vcpus, memory_gib, network_gbps and price_per_hour must be "
@@ -72,6 +79,8 @@ class NodeType:
         }
         if self.accelerator is not None:
             out["accelerator"] = vars(self.accelerator).copy()
+        if self.ssd_gib:
+            out["ssd_gib"] = self.ssd_gib
         return out
 
 
@@ -102,7 +111,16 @@ class Catalog:
 
 
 def _node_from_dict(data: dict[str, Any], where: str) -> NodeType:
-    known = {"name", "family", "vcpus", "memory_gib", "network_gbps", "network_burst_gbps", "price_per_hour"}
+    known = {
+        "name",
+        "family",
+        "vcpus",
+        "memory_gib",
+        "network_gbps",
+        "network_burst_gbps",
+        "price_per_hour",
+        "ssd_gib",
+    }
     unknown = sorted(set(data) - known - {"accelerator"})
     if unknown:
         raise InputError(f"{where}: unknown field(s) {unknown}")
@@ -115,6 +133,7 @@ def _node_from_dict(data: dict[str, Any], where: str) -> NodeType:
             network_gbps=float(data["network_gbps"]),
             price_per_hour=float(data["price_per_hour"]),
             accelerator=Accelerator(**accel) if accel else None,
+            ssd_gib=float(data.get("ssd_gib", 0.0)),
         )
     except KeyError as exc:
         raise InputError(f"{where}: missing field {exc}") from None

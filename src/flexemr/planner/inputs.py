@@ -4,7 +4,8 @@ Each input is a small frozen dataclass validated at construction; the `load_*` f
 from JSON files and turn every mistake into an `InputError` that names the file, the field and the
 bad value.
 
-    model.json    ModelSpec.to_dict() (+ optional "dtype_bytes")  or  {"preset": "rmc2", "row_scale": 0.1}
+    model.json    ModelSpec.to_dict() (with its "row_formats")  or
+                  {"preset": "rmc2", "row_scale": 0.1, "row_dtype": "int8"}
     traffic.json  {"peak_qps": 2000, "samples_per_query": 64, "samples_cv": 0.5, "zipf_skew": 1.05}
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flexemr.model.presets import preset
+from flexemr.model.rows import check_format, row_bytes
 from flexemr.model.spec import ModelSpec
 
 
@@ -29,21 +31,20 @@ class ModelProfile:
     """The numbers the performance model needs from a model."""
 
     spec: ModelSpec
-    """The model's architecture."""
-    dtype_bytes: int = 4
-    """Bytes per stored embedding element (4: fp32, 2: fp16, 1: int8 rows)."""
-
-    def __post_init__(self) -> None:
-        if self.dtype_bytes not in (1, 2, 4):
-            raise InputError(f"dtype_bytes must be 1, 2 or 4, got {self.dtype_bytes}")
+    """The model's architecture, with how each table's rows are stored (`row_formats`)."""
 
     @property
     def row_bytes(self) -> int:
-        return self.spec.dim * self.dtype_bytes
+        """Bytes of a stored row, averaged over all rows (tables may use different formats)."""
+        return -(-self.embedding_bytes // sum(self.spec.table_rows))
 
     @property
     def table_bytes(self) -> tuple[int, ...]:
-        return tuple(rows * self.row_bytes for rows in self.spec.table_rows)
+        formats = self.spec.formats
+        return tuple(
+            rows * row_bytes(fmt, self.spec.dim)
+            for rows, fmt in zip(self.spec.table_rows, formats, strict=True)
+        )
 
     @property
     def embedding_bytes(self) -> int:
@@ -72,7 +73,7 @@ class ModelProfile:
         return 4 * sum((a + 1) * b for mlp in sizes for a, b in zip(mlp[:-1], mlp[1:], strict=True))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.spec.to_dict(), "dtype_bytes": self.dtype_bytes}
+        return self.spec.to_dict()
 
 
 @dataclass(frozen=True)
@@ -170,16 +171,25 @@ def _build(cls: Any, data: dict[str, Any], where: str) -> Any:
 def model_from_dict(data: dict[str, Any], where: str = "model") -> ModelProfile:
     """A model from a preset reference (`{"preset": ..., "row_scale": ...}`) or a full ModelSpec dict."""
     data = dict(data)
-    dtype_bytes = data.pop("dtype_bytes", 4)
+    row_dtype = data.pop("row_dtype", None)
+    if "dtype_bytes" in data:  # older model files give bytes per element
+        legacy, value = {4: "fp32", 2: "fp16", 1: "int8"}, data.pop("dtype_bytes")
+        if value not in legacy:
+            raise InputError(f"{where}: dtype_bytes must be 1, 2 or 4, got {value!r}")
+        row_dtype = legacy[value]
     try:
         if "preset" in data:
             extra = sorted(set(data) - {"preset", "row_scale"})
             if extra:
-                raise InputError(f"a preset model takes only 'preset' and 'row_scale', not {extra}")
+                raise InputError(
+                    f"a preset model takes only 'preset', 'row_scale' and 'row_dtype', not {extra}"
+                )
             spec = preset(str(data["preset"]), float(data.get("row_scale", 1.0)))
         else:
             spec = ModelSpec.from_dict(data)
-        return ModelProfile(spec, int(dtype_bytes))
+        if row_dtype is not None:
+            spec = spec.with_overrides(row_formats=(check_format(str(row_dtype)),) * spec.num_tables)
+        return ModelProfile(spec)
     except InputError as exc:
         raise InputError(f"{where}: {exc}") from None
     except (TypeError, ValueError, KeyError) as exc:

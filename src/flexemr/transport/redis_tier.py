@@ -1,7 +1,8 @@
 """A Redis-backed embedding tier, the design of HugeCTR's parameter server: a baseline.
 
 Rows live in one Redis as binary key -> row bytes (key: server id and server-local row, 8 bytes
-big-endian); lookups are pipelined `MGET`s and the ranker pools the raw rows. It implements
+big-endian), as float32 (for fp16 and int8 tables, the values of their stored rows); lookups are
+pipelined `MGET`s and the ranker pools the raw rows. It implements
 `LookupTransport`, so the same ranker serves from it and the comparison isolates the tier.
 """
 
@@ -12,8 +13,10 @@ from typing import Any
 
 import numpy as np
 import redis
+import torch
 
-from flexemr.model.weights import WeightSource
+from flexemr.model import rows as stored_rows
+from flexemr.model.weights import WeightSource, fill_stored
 from flexemr.sharding.plan import ShardingPlan
 from flexemr.stats import counts
 from flexemr.transport.base import LookupFailed, LookupRequest, ServerUnavailable
@@ -39,8 +42,13 @@ class RedisTransport:
         for shard in plan.shards:
             for start in range(0, shard.rows, _LOAD_CHUNK_ROWS):
                 n = min(_LOAD_CHUNK_ROWS, shard.rows - start)
-                rows = np.empty((n, plan.dim), dtype=np.float32)
-                source.fill_rows(shard.table, shard.row_start + start, rows)
+                fmt = source.spec.formats[shard.table]
+                dtype, width = stored_rows.storage(fmt, plan.dim)
+                stored = np.empty((n, width), dtype=dtype)
+                fill_stored(source, shard.table, shard.row_start + start, stored)
+                rows = stored_rows.decode(
+                    torch.from_numpy(stored), fmt
+                ).numpy()  # fp32 values of the stored rows
                 local = np.arange(shard.local_start + start, shard.local_start + start + n)
                 values = rows.view(f"V{plan.dim * 4}").ravel().tolist()
                 self._client.mset(dict(zip(redis_keys(shard.server, local), values, strict=True)))

@@ -1,0 +1,209 @@
+"""Row formats (fp32, fp16, int8 row-wise): what they cost in accuracy, memory, speed and money.
+
+drift    The Criteo Kaggle sample (../shared/data/criteo_kaggle_sample_1000.tsv) scored by the
+         monolithic model with each format's stored rows, against fp32: max and mean |score drift|,
+         and the AUC of each against the labels. The weights are the seeded preset weights (no
+         trained Criteo model ships with flexemr), so the AUCs sit near 0.5: the drift is the
+         finding; with a trained checkpoint pass --checkpoint to measure the AUC change that matters.
+serving  One local cluster per format (`--preset`, `--row-scale`, `--embedding-servers`): bytes of
+         rows per server, each server's anonymous RSS, and rows/s and samples/s of back-to-back
+         batches through the ranker (partial pooling), scores checked against the same-format
+         monolithic model on the first batch.
+planner  `flexemr plan`'s cheapest cluster for rmc1 and dlrm-v2 with each format (--calibration, or
+         the labelled defaults).
+
+    .venv/bin/python benchmarks/row_formats.py --quick          # about a minute
+    .venv/bin/python benchmarks/row_formats.py --row-scale 0.05 --seconds 20 --calibration cal.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flexemr.cluster.local import LocalCluster
+from flexemr.cluster.roles import build_ranker, torch_threads
+from flexemr.config import ClusterSpec, Endpoint, ModelSource
+from flexemr.model.presets import preset
+from flexemr.model.rows import ROW_FORMATS, row_bytes
+from flexemr.model.weights import CheckpointWeights, PresetWeights, WeightSource, build_monolithic
+from flexemr.planner import (
+    Availability,
+    ModelProfile,
+    PlanningError,
+    PlanRequest,
+    Traffic,
+    default_calibration,
+    load_calibration,
+    load_catalog,
+    plan,
+)
+from flexemr.sharding.plan import make_plan
+from flexemr.workload.criteo import CriteoReplay, criteo_spec
+from flexemr.workload.synthetic import SyntheticWorkload
+
+CRITEO = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "criteo_kaggle_sample_1000.tsv"
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney U, ties counted half)."""
+    pos, neg = scores[labels == 1], scores[labels == 0]
+    if not pos.size or not neg.size:
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (pos.size * neg.size))
+
+
+def drift(args: argparse.Namespace) -> list[dict[str, Any]]:
+    base: WeightSource
+    if args.checkpoint:
+        base = CheckpointWeights(args.checkpoint)
+    else:
+        base = PresetWeights(criteo_spec(args.criteo_rows, dim=16), seed=args.seed)
+    replay = CriteoReplay(args.criteo, base.spec)
+    request = replay.all
+    scores = {}
+    for fmt in ROW_FORMATS:
+        base.spec = base.spec.with_overrides(row_formats=(fmt,) * base.spec.num_tables)
+        model = build_monolithic(base)
+        with torch.no_grad():
+            scores[fmt] = model.forward_sparse(
+                torch.from_numpy(request.dense),
+                torch.from_numpy(request.indices),
+                torch.from_numpy(request.lengths),
+            ).numpy()
+    rows = []
+    for fmt in ROW_FORMATS:
+        diff = np.abs(scores[fmt] - scores["fp32"])
+        rows.append({"format": fmt, "max_drift": float(diff.max()), "mean_drift": float(diff.mean()),
+                     "auc": auc(replay.labels, scores[fmt])})  # fmt: skip
+    return rows
+
+
+def _rss_anon(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def serving(args: argparse.Namespace) -> list[dict[str, Any]]:
+    torch_threads(1)
+    rows = []
+    for fmt in ROW_FORMATS:
+        source = ModelSource(preset=args.preset, row_scale=args.row_scale, seed=args.seed, row_dtype=fmt)
+        spec = source.spec()
+        plan_ = make_plan("row", spec.table_rows, spec.dim, args.embedding_servers)
+        cluster = ClusterSpec(source, plan_, tuple(Endpoint() for _ in range(args.embedding_servers)))
+        workload = SyntheticWorkload(spec, seed=args.seed)
+        with LocalCluster(cluster) as local:
+            rss = [_rss_anon(pid) for pid in local.pids]
+            ranker = build_ranker(local.spec)
+            try:
+                first = workload.generate(args.batch)
+                reference = build_monolithic(source.load())
+                with torch.no_grad():
+                    want = reference.forward_sparse(
+                        *(torch.from_numpy(a) for a in (first.dense, first.indices, first.lengths))
+                    )
+                got = ranker.score(first.dense, first.indices, first.lengths)
+                error = float(np.abs(got - want.numpy()).max())
+                del reference
+                batches = [workload.generate(args.batch) for _ in range(8)]
+                done = looked_up = 0
+                start = time.perf_counter()
+                while time.perf_counter() - start < args.seconds:
+                    request = batches[done % len(batches)]
+                    ranker.score(request.dense, request.indices, request.lengths)
+                    done += 1
+                    looked_up += request.indices.size
+                elapsed = time.perf_counter() - start
+            finally:
+                ranker.close()
+        stored = row_bytes(fmt, spec.dim)
+        rows.append({
+            "format": fmt, "bytes_per_row": stored,
+            "row_bytes_per_server": [plan_.server_rows(s) * stored for s in range(len(rss))],
+            "rss_anon_per_server": rss, "rows_per_s": looked_up / elapsed,
+            "samples_per_s": done * args.batch / elapsed, "max_abs_error": error,
+        })  # fmt: skip
+    return rows
+
+
+def planner(args: argparse.Namespace) -> list[dict[str, Any]]:
+    calibration = load_calibration(args.calibration) if args.calibration else default_calibration()
+    catalog = load_catalog()
+    rows = []
+    for name in ("rmc1", "dlrm-v2"):
+        for fmt in ROW_FORMATS:
+            spec = preset(name)
+            model = ModelProfile(spec.with_overrides(row_formats=(fmt,) * spec.num_tables))
+            request = PlanRequest(model, Traffic(args.qps, 64.0), args.p99_ms, Availability(0, 0), True)
+            try:
+                result = plan(request, catalog, calibration)
+                dep = result.chosen.deployment
+                chosen = f"{dep.servers} x {dep.server_type.name} + {dep.rankers} x {dep.ranker_type.name}"
+                cost = f"{dep.cost_per_hour:.3f}"
+            except PlanningError as exc:  # a request no plan meets is a row of the table too
+                chosen, cost = str(exc).splitlines()[0], "-"
+            gib = model.embedding_bytes / 2**30
+            rows.append(
+                {
+                    "model": name,
+                    "format": fmt,
+                    "embedding_gib": gib,
+                    "usd_per_hour": cost,
+                    "servers + rankers": chosen,
+                }
+            )
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for row in rows:
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="small settings: a smoke run")
+    parser.add_argument("--criteo", type=Path, default=CRITEO)
+    parser.add_argument("--criteo-rows", type=int, default=100_000, help="rows per Criteo table (hashed)")
+    parser.add_argument("--checkpoint", help="a trained Criteo DLRM checkpoint for the drift (26 tables)")
+    parser.add_argument("--preset", default="rmc1")
+    parser.add_argument("--row-scale", type=float, default=0.05)
+    parser.add_argument("--embedding-servers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--calibration", help="file from `flexemr calibrate` (default: labelled defaults)")
+    parser.add_argument("--qps", type=float, default=1000.0)
+    parser.add_argument("--p99-ms", type=float, default=50.0)
+    parser.add_argument("--out", type=Path, default=Path("docs/bench-row-formats"))
+    args = parser.parse_args()
+    if args.quick:
+        args.row_scale, args.seconds, args.criteo_rows, args.batch = 0.005, 3.0, 10_000, 64
+    results = {"drift": drift(args), "serving": serving(args), "planner": planner(args)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(
+        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results}, indent=2)
+    )
+    report = "\n\n".join(f"## {name}\n\n{_table(rows)}" for name, rows in results.items())
+    (args.out / "report.md").write_text(report + "\n")
+    print(report)
+
+
+if __name__ == "__main__":
+    main()
