@@ -54,8 +54,8 @@ def test_nothing_but_the_cli_imports_the_cli_or_the_benchmark_harness() -> None:
 @pytest.mark.parametrize(
     ("package", "allowed"),
     [
-        ("flexemr.planner", {"flexemr.planner", "flexemr.model", "flexemr.sharding"}),
-        ("flexemr.model", {"flexemr.model"}),
+        ("flexemr.planner", {"flexemr.planner", "flexemr.model", "flexemr.memory", "flexemr.sharding"}),
+        ("flexemr.model", {"flexemr.model", "flexemr.memory"}),
         ("flexemr.sharding", {"flexemr.sharding"}),
     ],
 )
@@ -68,3 +68,9 @@ def test_the_planner_depends_on_the_model_and_sharding_only(package: str, allowe
         if _package(name) not in allowed
     }
     assert outside == set()
+
+
+def test_the_memory_check_is_a_leaf() -> None:
+    """`flexemr.memory` (host memory against a process's needs) may be used by any layer because it
+    imports nothing of flexemr."""
+    assert GRAPH["flexemr.memory"] == set()

@@ -28,7 +28,7 @@ def test_help_shows_the_defaults(command: str, capsys: pytest.CaptureFixture[str
         "ranker": ["(default: 120.0)", "(default: 2, or a spec file's)"],
         "demo": ["(default: 0.01)", "(default: 1.0)"],
         "shard": ["(default: 1.0)"],
-        "bench": ["(default: 0.02)", "(default: quick)"],
+        "bench": ["(default: quick)", "(default: http)", "(default: 60.0)"],
         "calibrate": ["(default: calibration.json)"],
         "plan": ["(default: 1.0)", "(default: 64.0)"],
     }[command]

@@ -12,11 +12,11 @@ import pytest
 
 from flexemr.bench.cgroup import memory_cgroup
 from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.memory import NotEnoughMemory
 from flexemr.cluster.roles import build_ranker, local_servers_need
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, StorageConfig
 from flexemr.embedding_server.storage import FileStorage
 from flexemr.embedding_server.store import ShardStore
+from flexemr.memory import NotEnoughMemory
 from flexemr.model.weights import WeightSource, build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores

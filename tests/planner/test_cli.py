@@ -45,5 +45,7 @@ def test_calibrate_quick_writes_a_usable_file(tmp_path: Path, capsys: pytest.Cap
     assert cal.calibrated and cal.lookup.seconds_per_bag(64, 10, 0.0) > 0 and cal.dense.flops_per_s > 0
     assert cal.measurements["lookups"] and cal.network.rtt_s > 0
     assert cal.measurements["serving"]["points"] and cal.serving.ranker_request_s > 0
-    assert main([*PLAN, "--calibration", str(out)]) == 0
+    # A target loose enough for a calibration taken on a busy machine: the file is what is tested.
+    loose = [*PLAN[:-1], "1000"]
+    assert main([*loose, "--calibration", str(out)]) == 0
     assert "calibrated on" in capsys.readouterr().out

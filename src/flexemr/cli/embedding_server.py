@@ -10,9 +10,9 @@ import sys
 from flexemr.cli.options import add_secret_argument, with_secret_file
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.local import READY_PREFIX
-from flexemr.cluster.memory import NotEnoughMemory
 from flexemr.cluster.roles import build_embedding_server
 from flexemr.config import ClusterSpec
+from flexemr.memory import NotEnoughMemory
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,9 +9,9 @@ import sys
 
 from flexemr.cli.options import add_engine_arguments, add_secret_argument, engine_config, with_secret_file
 from flexemr.cluster.child import exit_when_stdin_closes
-from flexemr.cluster.memory import NotEnoughMemory
 from flexemr.cluster.roles import HttpServer, build_ranker, start_grpc
 from flexemr.config import ClusterSpec
+from flexemr.memory import NotEnoughMemory
 from flexemr.transport.base import ConfigMismatch, ServerUnavailable
 
 

@@ -18,8 +18,8 @@ import threading
 from pathlib import Path
 from types import TracebackType
 
-from flexemr.cluster.memory import SERVING_ADVICE, NotEnoughMemory, check_memory
 from flexemr.config import ClusterSpec, Endpoint
+from flexemr.memory import SERVING_ADVICE, NotEnoughMemory, check_memory
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ import uvicorn
 
 from flexemr.api.http import RateLimitedWarnings, create_app
 from flexemr.cache.manager import CacheMode
-from flexemr.cluster.memory import SERVING_ADVICE, check_memory
 from flexemr.cluster.security import check_bind, client_tls, identities, load_secret, server_tls
 from flexemr.config import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.storage import DramStorage, FileStorage, Storage
 from flexemr.embedding_server.store import ShardStore, store_layout
+from flexemr.memory import SERVING_ADVICE, check_memory
 from flexemr.model.weights import build_dense
 from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupTransport

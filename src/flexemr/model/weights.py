@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flexemr.cluster.memory import SERVING_ADVICE, check_memory
+from flexemr.memory import SERVING_ADVICE, check_memory
 from flexemr.model import rows as stored_rows
 from flexemr.model.checkpoints import load_checkpoint
 from flexemr.model.dlrm import DLRM, DenseArch, init_dense
