@@ -292,6 +292,13 @@ class IoEngine:
         self._threads[conn.owner].post(("release", conn, target))
         self.migrations += 1
 
+    def set_endpoint(self, server: int, endpoint: Endpoint) -> None:
+        """`server` now listens at `endpoint` (restarted elsewhere, e.g. by Ray): connections that
+        went down reconnect there."""
+        self.endpoints = (*self.endpoints[:server], endpoint, *self.endpoints[server + 1 :])
+        for conn in self._by_server[server]:
+            conn.endpoint = endpoint
+
     def _supervise(self) -> None:
         interval = self.config.migration_interval_s
         ticks_per_reconnect = max(1, round(self.config.reconnect_interval_s / interval))
