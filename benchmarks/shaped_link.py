@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from serving import measure  # benchmarks/serving.py, beside this script
 
 from flexemr.cli.spec import spread
 from flexemr.cluster.netns import NetnsBed
@@ -31,6 +30,7 @@ from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
 from flexemr.workload.request import Request
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
+from serving import measure  # benchmarks/serving.py, beside this script
 
 SYSTEMS: dict[str, tuple[RankerConfig, EngineConfig]] = {
     "naive (raw rows, 1 I/O thread)": (RankerConfig(lookup="raw"), EngineConfig(mode="single", io_threads=1)),
@@ -90,7 +90,9 @@ def main() -> None:
                     )
                     try:
                         row = measure(
-                            lambda r, rk=ranker: rk.score(r.dense, r.indices, r.lengths), requests, args.clients
+                            lambda r, rk=ranker: rk.score(r.dense, r.indices, r.lengths),
+                            requests,
+                            args.clients,
                         )
                         servers = ranker.stats()["transport"]["servers"]
                         row["bytes"] = sum(s["bytes_sent"] + s["bytes_received"] for s in servers) / samples

@@ -58,7 +58,9 @@ def test_raycluster_fits_its_serve_command() -> None:
     node = limits(memory_nodes)
     usable = quantity(node["memory"]) - quantity(memory_nodes["rayStartParams"]["object-store-memory"])
     per_node = int(usable // max(need))
-    assert per_node >= 1, f"a memory node offers {usable / 2**30:.1f} GiB; a server needs {max(need) / 2**30:.1f}"
+    assert per_node >= 1, (
+        f"a memory node offers {usable / 2**30:.1f} GiB; a server needs {max(need) / 2**30:.1f}"
+    )
     assert memory_nodes["replicas"] * per_node >= plan.num_servers
     assert memory_nodes["replicas"] >= max(len(g) for g in replica_groups(plan))  # STRICT_SPREAD
     assert quantity(node["cpu"]) >= per_node  # one CPU per server (RayOptions.server_cpus)

@@ -42,8 +42,8 @@ def cluster() -> Iterator[Cluster]:
     head = {**NODE, "memory": 2**20, "include_dashboard": False}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
-        for _ in range(3):
-            cluster.add_node(**NODE, memory=node_memory)
+        for _ in range(3):  # two CPUs: a ranker and a server may share the spare node
+            cluster.add_node(**{**NODE, "num_cpus": 2}, memory=node_memory)
         cluster.wait_for_nodes()
         ray.init(address=cluster.address, namespace="flexemr", log_to_driver=False)
         yield cluster

@@ -38,6 +38,7 @@ from flexemr.engine import IoEngine
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class RayOptions:
     """How flexemr asks Ray for its processes."""
@@ -83,7 +84,7 @@ class EmbeddingServerActor:
         self.server = build_embedding_server(
             dataclasses.replace(spec, embedding_servers=tuple(servers)), index, progress=False
         )
-        self.node = ray.get_runtime_context().get_node_id()
+        self.node: str = ray.get_runtime_context().get_node_id()
         threading.Thread(target=self.server.serve_forever, daemon=True, name="embedding-server").start()
 
     def endpoint(self) -> tuple[str, int]:
@@ -102,7 +103,9 @@ class RankerActor:
         spec = dataclasses.replace(spec, embedding_servers=endpoints)
         self.ranker = build_ranker(spec)
         if not isinstance(self.ranker.transport, IoEngine):
-            raise ValueError("a ranker on Ray follows restarted servers through the I/O engine: not --engine tcp")
+            raise ValueError(
+                "a ranker on Ray follows restarted servers through the I/O engine: not --engine tcp"
+            )
         self.engine = self.ranker.transport
         self.http = HttpServer(self.ranker, ray.util.get_node_ip_address(), spec.ranker.port)
         self.http.start_in_thread()
@@ -124,12 +127,6 @@ class RankerActor:
 
     def url(self) -> str:
         return self.http.url
-
-    def ready(self) -> bool:
-        return self.ranker.ready()
-
-    def node_id(self) -> str:
-        return ray.get_runtime_context().get_node_id()
 
 
 class RayDeployment:
