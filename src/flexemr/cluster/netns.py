@@ -78,6 +78,7 @@ class NetnsBed:
         self.addresses = {h: f"{SUBNET}.{i + 1}" for i, h in enumerate(hosts)}
         self._ports = {h: f"p{i}" for i, h in enumerate(hosts)}
         self._made: list[str] = []
+        self._procs: list[subprocess.Popen[bytes]] = []
         try:
             self._build()
         except BaseException:
@@ -96,6 +97,9 @@ class NetnsBed:
             _ip("-n", ns, "addr", "add", f"{self.addresses[host]}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+            # Software that finds its own address by a route (Ray does) sees eth0's; the switch
+            # has no uplink, so nothing sent this way can leave the bed.
+            _ip("-n", ns, "route", "add", "default", "dev", "eth0")
 
     def _add_namespace(self, ns: str) -> None:
         _ip("netns", "add", ns)
@@ -133,7 +137,10 @@ class NetnsBed:
         return ["ip", "netns", "exec", self.namespaces[host], *argv]
 
     def popen(self, host: str, argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self.command(host, argv), **kwargs)  # type: ignore[call-overload,no-any-return]
+        """Start `argv` in `host`; `close()` kills and reaps it if it still runs then."""
+        proc: subprocess.Popen[bytes] = subprocess.Popen(self.command(host, argv), **kwargs)  # type: ignore[call-overload]
+        self._procs.append(proc)
+        return proc
 
     @contextlib.contextmanager
     def entered(self, host: str) -> Iterator[None]:
@@ -165,6 +172,10 @@ class NetnsBed:
         for host, ns in self.namespaces.items():
             if ns in self._made:
                 self.kill_host(host)
+        for proc in self._procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(10)
+        self._procs.clear()
         for ns in reversed(self._made):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
         self._made.clear()
