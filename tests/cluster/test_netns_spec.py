@@ -7,6 +7,7 @@ import json
 import subprocess
 
 import numpy as np
+import pytest
 
 from flexemr.client import Client
 from flexemr.cluster.child import AnnouncedProcess
@@ -36,6 +37,7 @@ def test_spec_rejects_no_hosts() -> None:
     assert "--server-hosts" in out.stderr
 
 
+@pytest.mark.timeout(300)
 def test_spec_serves_exact_scores_across_namespaces(tmp_path: object) -> None:
     bed = netns_bed(["mem0", "mem1", "rank", "client"])
     with bed:

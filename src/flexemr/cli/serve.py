@@ -72,7 +72,12 @@ def run(args: argparse.Namespace) -> int:
     if args.ray is not None:
         from flexemr.cluster.ray_cluster import RayOptions, serve_on_ray
 
-        return serve_on_ray(spec, RayOptions(address=args.ray, rankers=args.ray_rankers))
+        try:
+            options = RayOptions(address=args.ray, rankers=args.ray_rankers)
+        except ValueError as exc:
+            print(f"flexemr serve: {exc}", file=sys.stderr)
+            return 2
+        return serve_on_ray(spec, options)
     with contextlib.ExitStack() as stack:
         try:
             ranker, spec = _start_ranker(spec, args.embedding_tier, stack)
