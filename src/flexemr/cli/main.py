@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "serve": "start a local cluster (embedding servers + ranker) and serve over HTTP",
     "embedding-server": "run one embedding server from a cluster spec file",
     "ranker": "run the ranker from a cluster spec file",
+    "spec": "write a cluster spec for given hosts without starting anything",
     "demo": "start a local cluster, send a short load, print a summary",
     "shard": "print the sharding plan for a model",
     "bench": "run a benchmark suite and write a report folder",

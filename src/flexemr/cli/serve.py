@@ -41,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--spec-out", help="also write the cluster spec (with real ports) to this file")
     parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes (parent died)")
+    parser.add_argument(
+        "--ray", nargs="?", const="auto", metavar="ADDRESS",
+        help="servers and rankers as actors on a Ray cluster: auto (this node's), HOST:PORT, or local",
+    )  # fmt: skip
+    parser.add_argument("--ray-rankers", type=int, default=1, help="with --ray: ranker actors")
 
 
 def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> tuple[Ranker, ClusterSpec]:
@@ -85,6 +90,20 @@ def run(args: argparse.Namespace) -> int:
         print(f"flexemr serve: {exc}", file=sys.stderr)
         return 2
     print(spec.sharding.describe(), flush=True)
+    if args.ray is not None:
+        from flexemr.cluster.ray_cluster import RayOptions, serve_on_ray
+
+        # Actors on other nodes bind their node's address, which needs a secret: without one given,
+        # make one for this cluster and hand it to every actor through its environment.
+        env = {}
+        if load_secret(spec.security) is None:
+            env[spec.security.secret_env] = secrets.token_hex(32)
+        try:
+            options = RayOptions(address=args.ray, rankers=args.ray_rankers, env=env)
+        except ValueError as exc:
+            print(f"flexemr serve: {exc}", file=sys.stderr)
+            return 2
+        return serve_on_ray(spec, options)
     with contextlib.ExitStack() as stack:
         try:
             ranker, spec = _start_ranker(spec, args.embedding_tier, stack)

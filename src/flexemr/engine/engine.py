@@ -303,6 +303,13 @@ class IoEngine:
         self._threads[conn.owner].post(("release", conn, target))
         self.migrations += 1
 
+    def set_endpoint(self, server: int, endpoint: Endpoint) -> None:
+        """`server` now listens at `endpoint` (restarted elsewhere, e.g. by Ray): connections that
+        went down reconnect there."""
+        self.endpoints = (*self.endpoints[:server], endpoint, *self.endpoints[server + 1 :])
+        for conn in self._by_server[server]:
+            conn.endpoint = endpoint
+
     def _supervise(self) -> None:
         """Never blocks on the network: migration, the heartbeat's verdicts, dead I/O threads."""
         for _ in itertools.count():

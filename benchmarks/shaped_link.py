@@ -1,0 +1,116 @@
+"""flexemr vs naive vs monolithic with the embedding servers on other "hosts" behind a rate-limited link.
+
+Each embedding server runs in its own network namespace, linked to the ranker's namespace through a
+bridge; every server's link is shaped with `tc tbf` to each rate in turn (both directions). The ranker
+and the measuring clients run in this process inside the ranker's namespace, so every lookup crosses a
+shaped link, as between real hosts: bytes saved by partial pooling (and the cache) show up as
+throughput. Needs root and iproute2 (see flexemr.cluster.netns).
+
+    sudo .venv/bin/python benchmarks/shaped_link.py --preset rmc2 --row-scale 0.02 --rates 10gbit,1gbit
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flexemr.cli.spec import spread
+from flexemr.cluster.netns import NetnsBed
+from flexemr.cluster.roles import build_ranker
+from flexemr.config import ClusterSpec, EngineConfig, ModelSource, RankerConfig
+from flexemr.model.weights import build_monolithic
+from flexemr.sharding.plan import make_plan
+from flexemr.workload.request import Request
+from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
+from serving import measure  # benchmarks/serving.py, beside this script
+
+SYSTEMS: dict[str, tuple[RankerConfig, EngineConfig]] = {
+    "naive (raw rows, 1 I/O thread)": (RankerConfig(lookup="raw"), EngineConfig(mode="single", io_threads=1)),
+    "flexemr (partial pooling)": (RankerConfig(), EngineConfig()),
+    "flexemr + cache (fixed 64 MiB)": (RankerConfig(cache="fixed:64MiB"), EngineConfig()),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="rmc2")
+    parser.add_argument("--row-scale", type=float, default=0.02)
+    parser.add_argument("--servers", type=int, default=2)
+    parser.add_argument("--sharding", choices=("table", "row"), default="row")
+    parser.add_argument("--rates", default="10gbit,1gbit", help="link rates to compare (tc units)")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--alpha", type=float, default=1.0)
+    args = parser.parse_args()
+
+    source = ModelSource(preset=args.preset, row_scale=args.row_scale)
+    spec = source.spec()
+    workload = SyntheticWorkload(spec, SyntheticConfig(alpha=args.alpha), seed=0)
+    requests = [workload.generate(args.batch) for _ in range(args.batches)]
+    samples = (args.batches + 1) * args.batch  # + the warm-up batch
+    monolithic = build_monolithic(source.load())
+
+    def mono(r: Request) -> np.ndarray:
+        with torch.inference_mode():
+            out = monolithic.forward_sparse(*(torch.from_numpy(a) for a in (r.dense, r.indices, r.lengths)))
+        return out.numpy()
+
+    results = {("-", "monolithic (in-process)"): {**measure(mono, requests, args.clients), "bytes": 0.0}}
+    hosts = [f"mem{i}" for i in range(args.servers)]
+    with NetnsBed([*hosts, "rank"]) as bed, tempfile.TemporaryDirectory() as tmp:
+        if not bed.delay_supported():
+            print("note: this kernel has no netem: links are rate-limited only, without added delay")
+        plan = make_plan(args.sharding, spec.table_rows, spec.dim, args.servers)
+        endpoints = spread([bed.addresses[h] for h in hosts], 7000, args.servers)  # private namespaces
+        cluster = ClusterSpec(source, plan, endpoints)
+        spec_path = Path(tmp) / "cluster.json"
+        cluster.save(spec_path)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        for i, host in enumerate(hosts):
+            command = [sys.executable, "-m", "flexemr.cli.main", "embedding-server", "--spec", str(spec_path),
+                       "--index", str(i), "--quiet"]  # fmt: skip
+            bed.popen(host, command, env=env, stdout=subprocess.DEVNULL)
+        with bed.entered("rank"):  # threads started from here on (the engine's) live there too
+            for rate in args.rates.split(","):
+                for host in hosts:
+                    bed.shape(host, rate)
+                for name, (ranker_config, engine_config) in SYSTEMS.items():
+                    ranker = build_ranker(
+                        dataclasses.replace(cluster, ranker=ranker_config, engine=engine_config),
+                        connect_timeout_s=300,
+                    )
+                    try:
+                        row = measure(
+                            lambda r, rk=ranker: rk.score(r.dense, r.indices, r.lengths),
+                            requests,
+                            args.clients,
+                        )
+                        servers = ranker.stats()["transport"]["servers"]
+                        row["bytes"] = sum(s["bytes_sent"] + s["bytes_received"] for s in servers) / samples
+                    finally:
+                        ranker.close()
+                    results[(rate, name)] = row
+
+    base = results[("-", "monolithic (in-process)")]["samples_per_s"]
+    setup = f"batch {args.batch}, {args.batches} batches, {args.clients} clients, {args.servers} servers"
+    print(f"\n{args.preset} x{args.row_scale}, {args.sharding}-wise, {setup}")
+    print("| link | system | samples/s | x monolithic | p50 ms | p99 ms | bytes/sample |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for (rate, name), r in results.items():
+        print(
+            f"| {rate} | {name} | {r['samples_per_s']:,.0f} | {r['samples_per_s'] / base:.2f} "
+            f"| {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['bytes']:,.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,71 @@
+"""`flexemr spec` describes a cluster across hosts without starting it; served from network namespaces
+(servers on two hosts, the ranker on a third, the client on a fourth), its scores are exact."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from flexemr.client import Client
+from flexemr.cluster.child import AnnouncedProcess
+from flexemr.config import ClusterSpec, ModelSource
+from flexemr.model.weights import build_monolithic
+from tests.cluster.helpers import ENV, FLEXEMR, netns_bed, start_servers
+from tests.core.helpers import random_batch, reference_scores
+
+
+def test_spec_places_servers_on_hosts_without_starting_them() -> None:
+    out = subprocess.run(
+        [*FLEXEMR, "spec", "--preset", "tiny", "--embedding-servers", "3", "--sharding", "row",
+         "--server-hosts", "mem-a,mem-b", "--server-port", "7000", "--host", "rank-a", "--port", "8000"],
+        capture_output=True, text=True, check=True, timeout=60,
+    )  # fmt: skip
+    spec = ClusterSpec.from_dict(json.loads(out.stdout))
+    assert [str(e) for e in spec.embedding_servers] == ["mem-a:7000", "mem-b:7000", "mem-a:7001"]
+    assert (spec.ranker.host, spec.ranker.port) == ("rank-a", 8000)
+
+
+def test_spec_rejects_no_hosts() -> None:
+    out = subprocess.run(
+        [*FLEXEMR, "spec", "--preset", "tiny", "--server-hosts", ","],
+        capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert "--server-hosts" in out.stderr
+
+
+@pytest.mark.timeout(300)
+def test_spec_serves_exact_scores_across_namespaces(tmp_path: object) -> None:
+    bed = netns_bed(["mem0", "mem1", "rank", "client"])
+    with bed:
+        spec_path = f"{tmp_path}/cluster.json"
+        ip = bed.addresses
+        subprocess.run(
+            [*FLEXEMR, "spec", "--preset", "tiny", "--seed", "3", "--embedding-servers", "3",
+             "--sharding", "row", "--server-hosts", f"{ip['mem0']},{ip['mem1']}", "--server-port", "7000",
+             "--host", ip["rank"], "--port", "8000", "--out", spec_path],
+            check=True, timeout=60, capture_output=True,
+        )  # fmt: skip
+        servers = start_servers(bed, spec_path, ["mem0", "mem1", "mem0"])
+        ranker_cmd = bed.command("rank", [*FLEXEMR, "ranker", "--spec", spec_path, "--watch-stdin"])
+        try:
+            with AnnouncedProcess(ranker_cmd, "flexemr ranker ready:", 120, ENV) as ranker:
+                assert ranker.url == f"http://{ip['rank']}:8000"
+                monolithic = build_monolithic(ModelSource(preset="tiny", seed=3).load())
+                spec = ClusterSpec.load(spec_path)
+                with bed.entered("client"), Client(ranker.url) as client:
+                    assert client.ready()
+                    for seed, batch in enumerate([1, 7, 64]):
+                        dense, indices, lengths = random_batch(spec.model.spec(), batch, seed)
+                        np.testing.assert_allclose(
+                            client.infer(dense, indices, lengths),
+                            reference_scores(monolithic, dense, indices, lengths),
+                            atol=1e-5,
+                        )
+        finally:
+            for proc in servers:
+                proc.terminate()
+                proc.wait(30)
