@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -74,6 +75,9 @@ def main() -> None:
         cluster = ClusterSpec(source, plan, endpoints)
         spec_path = Path(tmp) / "cluster.json"
         cluster.save(spec_path)
+        # Servers on other hosts bind non-loopback addresses: they and this process's ranker share a
+        # secret, through the environment.
+        os.environ.setdefault("FLEXEMR_SECRET", secrets.token_hex(32))
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         for i, host in enumerate(hosts):
             command = [sys.executable, "-m", "flexemr.cli.main", "embedding-server", "--spec", str(spec_path),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -12,7 +13,8 @@ import pytest
 from flexemr.cluster.netns import NetnsBed, unavailable_reason
 
 FLEXEMR = [sys.executable, "-m", "flexemr.cli.main"]
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "FLEXEMR_SECRET": secrets.token_hex(32)}
+"""Nodes on other hosts listen on non-loopback addresses, which needs the cluster's shared secret."""
 
 
 def netns_bed(hosts: Sequence[str]) -> NetnsBed:
