@@ -69,7 +69,7 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
         logging.getLogger(__name__).info(
             "no secret given: made one for this cluster only (other rankers need --secret-file)"
         )
-    cluster = LocalCluster(spec, progress=True)
+    cluster = LocalCluster(spec, progress=True, supervise=True)
     stack.callback(cluster.stop)
     spec = cluster.start()
     return build_ranker(spec), spec
@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             print(
                 f"flexemr ready: {http.url} model={spec.ranker.model_name} tier={args.embedding_tier} "
                 f"embedding_servers={spec.sharding.num_servers} sharding={spec.sharding.strategy} "
+                f"replicas={spec.sharding.replicas} "
                 f"lookup={ranker.config.lookup} device={ranker.device}"
                 + (f" grpc={grpc.address}" if grpc is not None else ""),
                 flush=True,
