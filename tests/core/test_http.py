@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path

@@ -64,10 +64,9 @@ def test_router_sends_each_piece_to_one_usable_replica(strategy: str) -> None:
     router = RangeRouter(plan)
     _, indices, lengths = random_batch(SPEC, 32, seed=1)
     keys = router.keys(indices, np.bincount(np.repeat(np.arange(lengths.size) // 32, lengths), minlength=4))
-    everyone = np.zeros(4)
-    first = {s.server for s in router.route(keys, lengths, everyone + [0, 0, 9, 9])}
+    first = {s.server for s in router.route(keys, lengths, np.array([0.0, 0, 9, 9]))}
     assert first <= {0, 1}  # the less loaded replica set takes everything
-    second = {s.server for s in router.route(keys, lengths, everyone + [9, 9, 0, 0])}
+    second = {s.server for s in router.route(keys, lengths, np.array([9.0, 9, 0, 0]))}
     assert second <= {2, 3}
     # every key goes to exactly one server, whichever replicas answer
     mixed = list(router.route(keys, lengths, np.array([0, np.inf, np.inf, 0])))
@@ -198,7 +197,9 @@ def test_two_replicas_survive_a_kill_and_a_stop(serve: Callable[..., ServeProces
 
 @pytest.mark.slow
 def test_one_replica_gives_503_then_resumes_by_itself(serve: Callable[..., ServeProcess]) -> None:
-    server = serve("--preset", "tiny", "--seed", "3", "--embedding-servers", "2", "--sharding", "row", "--cache", "off")
+    server = serve(
+        "--preset", "tiny", "--seed", "3", "--embedding-servers", "2", "--sharding", "row", "--cache", "off"
+    )
     with httpx.Client(base_url=server.url, timeout=60) as client:
         assert client.post("/v2/models/dlrm/infer", json=BODY).status_code == 200
         os.kill(server.children()[1], signal.SIGKILL)
@@ -220,7 +221,9 @@ def test_one_replica_gives_503_then_resumes_by_itself(serve: Callable[..., Serve
 
 
 @pytest.mark.slow
-def test_a_replicated_plan_from_the_planner_serves(serve: Callable[..., ServeProcess], tmp_path: Path) -> None:
+def test_a_replicated_plan_from_the_planner_serves(
+    serve: Callable[..., ServeProcess], tmp_path: Path
+) -> None:
     plan_path = tmp_path / "plan.json"
     flexemr = [sys.executable, "-m", "flexemr.cli.main"]
     subprocess.run(
@@ -231,7 +234,8 @@ def test_a_replicated_plan_from_the_planner_serves(serve: Callable[..., ServePro
     assert json.loads(plan_path.read_text())["sharding"]["replicas"] == 2
     # a plan for another row scale is refused, saying what differs
     refused = subprocess.run(
-        [*flexemr, "serve", "--preset", "tiny", "--row-scale", "0.5", "--plan", str(plan_path), "--port", "0"],
+        [*flexemr, "serve", "--preset", "tiny", "--row-scale", "0.5", "--plan", str(plan_path),
+         "--port", "0"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert refused.returncode == 2 and "same --row-scale" in refused.stderr, refused.stderr

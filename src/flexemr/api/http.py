@@ -139,7 +139,9 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
         health = ranker.replica_health()
         if ranker.ready():  # with replicas, still ready (and degraded) while every row has one
             return {"ready": True, **health}
-        return _error(503, f"embedding server(s) {health['servers_down']} not connected, and no replica covers them")
+        return _error(
+            503, f"embedding server(s) {health['servers_down']} not connected, and no replica covers them"
+        )
 
     def unknown(name: str, version: str) -> JSONResponse | None:
         if name != model_name:

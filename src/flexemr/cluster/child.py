@@ -66,7 +66,7 @@ class AnnouncedProcess:
     def children(self) -> list[int]:
         """Its child processes' pids (embedding servers, Redis), whichever of its threads started
         them (a supervisor thread restarts servers)."""
-        pids = []
+        pids: list[int] = []
         for path in Path(f"/proc/{self.pid}/task").glob("*/children"):
             with contextlib.suppress(OSError):  # a thread that ended meanwhile
                 pids.extend(int(p) for p in path.read_text().split())

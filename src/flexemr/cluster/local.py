@@ -136,7 +136,11 @@ class LocalCluster:
                 failures[index] += 1
                 retry_at[index] = time.monotonic() + min(0.5 * 2 ** failures[index], 30.0)
                 if failures[index] >= self.max_restart_failures:
-                    log.error("embedding server %d failed to restart %d times; leaving it down", index, failures[index])
+                    log.error(
+                        "embedding server %d failed to restart %d times; leaving it down",
+                        index,
+                        failures[index],
+                    )
 
     @property
     def pids(self) -> list[int]:

@@ -206,11 +206,17 @@ class Ranker:
                 reason = str(exc) or f"no answer within {wait:.3g} s"
                 if self.router.replicas == 1:
                     if isinstance(exc, concurrent.futures.TimeoutError):
-                        raise ServerUnavailable(sub.server, f"#{sub.server}", f"no answer within {timeout} s") from None
+                        raise ServerUnavailable(
+                            sub.server, f"#{sub.server}", f"no answer within {timeout} s"
+                        ) from None
                     raise
                 failed.add(sub.server)
                 self.failovers += 1
-                log.warning("subrequest to embedding server %d failed (%s); trying another replica", sub.server, reason)
+                log.info(
+                    "subrequest to embedding server %d failed (%s); trying another replica",
+                    sub.server,
+                    reason,
+                )
                 pending.extend(self._send(self._reroute(sub, failed), raw))
                 continue
             yield sub, values

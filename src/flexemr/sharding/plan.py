@@ -156,7 +156,9 @@ def replicated(plan: ShardingPlan, copies: int) -> ShardingPlan:
     if copies < 1:
         raise ValueError(f"replicas must be at least 1, got {copies}")
     n = plan.num_servers
-    shards = tuple(dataclasses.replace(s, server=s.server + r * n) for r in range(copies) for s in plan.shards)
+    shards = tuple(
+        dataclasses.replace(s, server=s.server + r * n) for r in range(copies) for s in plan.shards
+    )
     return dataclasses.replace(plan, num_servers=n * copies, shards=shards, replicas=plan.replicas * copies)
 
 

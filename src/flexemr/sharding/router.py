@@ -74,7 +74,9 @@ class RangeRouter:
         self.replicas = plan.replicas
         self.table_base = np.concatenate([[0], np.cumsum(plan.table_rows)[:-1]]).astype(np.int64)
         total = int(sum(plan.table_rows))
-        bounds = {int(self.table_base[s.table]) + edge for s in plan.shards for edge in (s.row_start, s.row_end)}
+        bounds = {
+            int(self.table_base[s.table]) + edge for s in plan.shards for edge in (s.row_start, s.row_end)
+        }
         self._starts = np.array(sorted(bounds - {total}), dtype=np.int64)
         # Per piece, its holders' servers and the shift from a global key to their local rows.
         self._holders = np.full((self._starts.size, plan.replicas), -1, dtype=np.int32)
@@ -87,7 +89,9 @@ class RangeRouter:
             self._holder_shift[pieces, filled[pieces]] = s.local_start - s.row_start - base
             filled[pieces] += 1
         if (np.sort(self._holders, axis=1)[:, 1:] == np.sort(self._holders, axis=1)[:, :-1]).any():
-            raise ValueError("a server holds two copies of the same rows: replicas must be on distinct servers")
+            raise ValueError(
+                "a server holds two copies of the same rows: replicas must be on distinct servers"
+            )
         self._bucket_bits, self._bucket_shard, self._starts_in_bucket = self._buckets(total)
         self._next_start = np.append(self._starts[1:], np.iinfo(np.int64).max)
         self._table_edges = np.append(self.table_base, total)
@@ -166,10 +170,10 @@ class RangeRouter:
         the next `lengths[b]` keys, no bag spanning two tables), into one subrequest per server
         that holds any of its rows, its bags (ids b) in batch order. Servers with nothing to do
         get no subrequest. `rank` (float [servers], lower preferred, inf unusable) picks each
-        piece's replica; without it, the first. Raises `NoReplica` when a piece with keys has no
-        usable holder, before anything is yielded. Where every table is held whole by one server, a table costs O(bags)
-        (its keys go as one slice); once any is split, every key's shard is found at once, a pass
-        over the keys per server instead of numpy calls per (table, server) slice."""
+        piece's replica; without it, the first. Raises `Uncovered` when a piece with keys has no
+        usable holder, before anything is yielded. Where every table is one piece, a table costs
+        O(bags) (its keys go as one slice); once any is split, every key's piece is found at once,
+        a pass over the keys per server instead of numpy calls per (table, server) slice."""
         server, shift = self._choose(rank)
         if self._any_split:
             yield from self._route_keys(keys, lengths, server, shift)
@@ -191,8 +195,7 @@ class RangeRouter:
             start, end = edges[t], edges[t + 1]
             bags = np.arange(bag_edges[t], bag_edges[t + 1])
             bags = bags[lengths[bags] > 0]
-            parts[server[t]].append((keys[start:end], shift[t], bags, offsets[bags] - start)
-            )
+            parts[server[t]].append((keys[start:end], shift[t], bags, offsets[bags] - start))
         for s, pieces in enumerate(parts):
             if pieces:
                 yield self._subrequest(s, pieces)
