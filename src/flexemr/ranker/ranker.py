@@ -276,7 +276,10 @@ class Ranker:
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {
             **counts({"requests": self.requests, "samples": self.samples, "failovers": self.failovers}),
-            "replicas": {**self.replica_health(), "outstanding": self.load.outstanding()},
+            "replicas": {
+                **{k: v for k, v in self.replica_health().items() if k != "servers_down"},
+                "outstanding": self.load.outstanding(),  # per server (the transport says which is down)
+            },
             "transport": self.transport.stats(),
             "admission": self.admission.stats(),
         }
