@@ -71,6 +71,11 @@ def run_loop(
     }
 
 
+def kill_when(event: threading.Event, cluster: LocalCluster) -> None:
+    event.wait()
+    cluster.kill_server(0)  # SIGKILL; the cluster's supervisor restarts it
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="rmc2")
@@ -104,7 +109,7 @@ def main() -> None:
             try:
                 steady = run_loop(ranker, requests, expected, args.clients, threading.Event())
                 kill = threading.Event()
-                killer = threading.Thread(target=lambda: kill.wait() and cluster.kill_server(0))
+                killer = threading.Thread(target=kill_when, args=(kill, cluster))
                 killer.start()
                 during = run_loop(ranker, requests, expected, args.clients, kill)
                 killer.join()

@@ -144,6 +144,14 @@ def _wait_until(check: Callable[[], bool], what: str, timeout_s: float = 120.0) 
         time.sleep(0.2)
 
 
+def _dead(pid: int) -> bool:
+    """Exited (a zombie until its parent reaps it: its sockets are closed already) or gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
 def _ready(client: httpx.Client) -> dict[str, Any]:
     response = client.get("/v2/health/ready")
     return {"status": response.status_code, **response.json()}
@@ -246,3 +254,24 @@ def test_a_replicated_plan_from_the_planner_serves(
         scores = np.array(response.json()["outputs"][0]["data"], dtype=np.float32)
         np.testing.assert_allclose(scores, EXPECTED, atol=1e-5)
         assert _ready(client)["replicas"] == 2
+
+
+@pytest.mark.slow
+def test_rankers_share_one_address_and_survive_one_dying(serve: Callable[..., ServeProcess]) -> None:
+    server = serve("--preset", "tiny", "--seed", "3", "--embedding-servers", "1", "--rankers", "2")
+    children = server.children()
+    assert len(children) == 2  # one embedding server, one more ranker
+
+    def fresh_connection_scores() -> int:
+        with httpx.Client(base_url=server.url, timeout=60) as client:  # a new connection each time
+            response = client.post("/v2/models/dlrm/infer", json=BODY)
+            if response.status_code == 200:
+                scores = np.array(response.json()["outputs"][0]["data"], dtype=np.float32)
+                np.testing.assert_allclose(scores, EXPECTED, atol=1e-5)
+            return response.status_code
+
+    assert [fresh_connection_scores() for _ in range(10)] == [200] * 10
+    (ranker,) = [pid for pid in children if b"ranker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    os.kill(ranker, signal.SIGKILL)
+    _wait_until(lambda: _dead(ranker), "the killed ranker is gone (its sockets closed)")
+    assert [fresh_connection_scores() for _ in range(10)] == [200] * 10
