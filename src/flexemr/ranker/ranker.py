@@ -204,14 +204,15 @@ class Ranker:
                     values = future.result(timeout=wait)
             except (ServerUnavailable, SubrequestRefused, concurrent.futures.TimeoutError) as exc:
                 reason = str(exc) or f"no answer within {wait:.3g} s"
-                if self.router.replicas == 1:
+                if self.router.replicas == 1 or time.monotonic() >= deadline:  # nothing to fall back on
                     if isinstance(exc, concurrent.futures.TimeoutError):
                         raise ServerUnavailable(
                             sub.server, f"#{sub.server}", f"no answer within {timeout} s"
                         ) from None
                     raise
                 failed.add(sub.server)
-                self.failovers += 1
+                with self._lock:
+                    self.failovers += 1
                 log.info(
                     "subrequest to embedding server %d failed (%s); trying another replica",
                     sub.server,
