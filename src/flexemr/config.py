@@ -305,11 +305,6 @@ class ClusterSpec:
                 f"the plan has {self.sharding.num_servers} servers but {len(self.embedding_servers)} "
                 "embedding server endpoints are listed"
             )
-        if self.sharding.replicas != 1:
-            raise ValueError(
-                f"the plan keeps {self.sharding.replicas} replicas of each row; serving replicated plans "
-                "is not supported yet, so plan with --availability 0 to serve it"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

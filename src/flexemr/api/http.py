@@ -135,11 +135,13 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
         return {"live": True}
 
     @app.get("/v2/health/ready", response_model=None)
-    async def ready() -> JSONResponse | dict[str, bool]:
-        if ranker.ready():
-            return {"ready": True}
-        down = [i for i, up in enumerate(ranker.transport.connected()) if not up]
-        return _error(503, f"embedding server(s) {down} not connected")
+    async def ready() -> JSONResponse | dict[str, Any]:
+        health = ranker.replica_health()
+        if ranker.ready():  # with replicas, still ready (and degraded) while every row has one
+            return {"ready": True, **health}
+        return _error(
+            503, f"embedding server(s) {health['servers_down']} not connected, and no replica covers them"
+        )
 
     def unknown(name: str, version: str) -> JSONResponse | None:
         if name != model_name:

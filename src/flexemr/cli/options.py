@@ -16,7 +16,7 @@ from flexemr.config import (
     StorageConfig,
 )
 from flexemr.model.presets import PRESET_NAMES
-from flexemr.sharding.plan import STRATEGIES, ShardingPlan, make_plan
+from flexemr.sharding.plan import STRATEGIES, ShardingPlan, make_plan, replicated
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,6 +52,11 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         "when that balances bytes within 10%%, else row (auto)",
     )
     parser.add_argument("--plan", help="a sharding plan file (from `flexemr plan`), instead of --sharding")
+    parser.add_argument(
+        "--replicas", type=int, default=1,
+        help="copies of each server's shards, each on its own server (R x the servers); the ranker "
+        "balances over them and fails over between them",
+    )  # fmt: skip
     parser.add_argument("--lookup", choices=("partial", "raw"), default="partial", help="server-side pooling")
     parser.add_argument("--host", default="127.0.0.1", help="the ranker's HTTP address")
     parser.add_argument(
@@ -178,6 +183,26 @@ def model_source(args: argparse.Namespace) -> ModelSource:
     )
 
 
+def check_plan_model(plan: ShardingPlan, table_rows: tuple[int, ...], dim: int, path: str) -> None:
+    """Refuse a plan made for another model, saying exactly what differs."""
+    differences = []
+    if plan.dim != dim:
+        differences.append(f"embedding dim {plan.dim} in the plan, {dim} in this model")
+    if len(plan.table_rows) != len(table_rows):
+        differences.append(f"{len(plan.table_rows)} tables in the plan, {len(table_rows)} in this model")
+    else:
+        differ = [t for t, (a, b) in enumerate(zip(plan.table_rows, table_rows, strict=True)) if a != b]
+        if differ:
+            t = differ[0]
+            ratio = table_rows[t] / plan.table_rows[t]
+            differences.append(
+                f"rows of {len(differ)} table(s) differ, e.g. table {t}: {plan.table_rows[t]} in the plan, "
+                f"{table_rows[t]} in this model (x{ratio:.4g}: plan and serve with the same --row-scale)"
+            )
+    if differences:
+        raise ValueError(f"the plan in {path} was made for another model: " + "; ".join(differences))
+
+
 def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     source = model_source(args)
     spec = source.spec()
@@ -185,10 +210,10 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         from flexemr.planner import load_sharding
 
         plan: ShardingPlan = load_sharding(args.plan)
-        if plan.table_rows != spec.table_rows or plan.dim != spec.dim:
-            raise ValueError(f"the plan in {args.plan} was made for another model (table rows or dim differ)")
+        check_plan_model(plan, spec.table_rows, spec.dim, args.plan)
     else:
         plan = make_plan(args.sharding, spec.table_rows, spec.dim, args.embedding_servers)
+    plan = replicated(plan, args.replicas)
     ranker = RankerConfig(
         host=args.host,
         port=args.port,

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spec", required=True, help="cluster spec file (JSON)")
     parser.add_argument("--connect-timeout", type=float, default=120.0, help="wait this long for servers")
     parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes (parent died)")
+    parser.add_argument(
+        "--reuse-port", action="store_true", help="share the HTTP port with other rankers (SO_REUSEPORT)"
+    )
     add_engine_arguments(parser)
     add_secret_argument(parser)
 
@@ -41,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"flexemr ranker: {exc}", file=sys.stderr)
         ranker.close()
         return 2
-    http = HttpServer(ranker, spec.ranker.host, spec.ranker.port)
+    http = HttpServer(ranker, spec.ranker.host, spec.ranker.port, args.reuse_port)
     grpc_note = f" grpc={grpc.address}" if grpc is not None else ""
     print(f"flexemr ranker ready: {http.url} model={spec.ranker.model_name}{grpc_note}", flush=True)
     http.run()

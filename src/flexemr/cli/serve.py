@@ -17,7 +17,9 @@ import logging
 import os
 import secrets
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
 from flexemr.cluster.child import exit_when_stdin_closes
@@ -40,6 +42,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "local: every table in the ranker's process (served monolithic)",
     )
     parser.add_argument("--spec-out", help="also write the cluster spec (with real ports) to this file")
+    parser.add_argument(
+        "--rankers", type=int, default=1,
+        help="ranker processes behind one HTTP address (SO_REUSEPORT): one dying costs only its requests",
+    )  # fmt: skip
     parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin closes (parent died)")
     parser.add_argument(
         "--ray", nargs="?", const="auto", metavar="ADDRESS",
@@ -74,10 +80,25 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
         logging.getLogger(__name__).info(
             "no secret given: made one for this cluster only (other rankers need --secret-file)"
         )
-    cluster = LocalCluster(spec, progress=True)
+    cluster = LocalCluster(spec, progress=True, supervise=True)
     stack.callback(cluster.stop)
     spec = cluster.start()
     return build_ranker(spec), spec
+
+
+def _start_more_rankers(spec: ClusterSpec, count: int, tier: str, stack: contextlib.ExitStack) -> None:
+    """`count` more `flexemr ranker` processes on the same servers and HTTP port (no gRPC)."""
+    if count <= 0:
+        return
+    if tier != "flexemr":
+        raise ValueError(f"--rankers needs the flexemr embedding tier, not {tier}")
+    from flexemr.cluster.deployment import start_ranker
+
+    folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="flexemr-serve-"))
+    path = Path(folder) / "cluster.json"
+    dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, grpc_port=None)).save(path)
+    for _ in range(count):
+        stack.enter_context(start_ranker(path, reuse_port=True))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -114,15 +135,22 @@ def run(args: argparse.Namespace) -> int:
             return 1
         if grpc is not None:
             stack.callback(grpc.stop)
+        http = HttpServer(ranker, spec.ranker.host, spec.ranker.port, reuse_port=args.rankers > 1)
+        spec = dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, port=http.port))
         if args.spec_out:
             spec.save(args.spec_out)
-        http = HttpServer(ranker, spec.ranker.host, spec.ranker.port)
+        try:
+            _start_more_rankers(spec, args.rankers - 1, args.embedding_tier, stack)
+        except (ValueError, RuntimeError) as exc:
+            print(f"flexemr serve: {exc}", file=sys.stderr)
+            return 1
 
         def announce() -> None:
             http.wait_started()
             print(
                 f"flexemr ready: {http.url} model={spec.ranker.model_name} tier={args.embedding_tier} "
                 f"embedding_servers={spec.sharding.num_servers} sharding={spec.sharding.strategy} "
+                f"replicas={spec.sharding.replicas} rankers={args.rankers} "
                 f"lookup={ranker.config.lookup} device={ranker.device}"
                 + (f" grpc={grpc.address}" if grpc is not None else ""),
                 flush=True,

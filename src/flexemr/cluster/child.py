@@ -8,6 +8,7 @@ parent killed outright leaves nothing running (`exit_when_stdin_closes`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -63,9 +64,13 @@ class AnnouncedProcess:
         return self.proc.pid
 
     def children(self) -> list[int]:
-        """Its child processes' pids (embedding servers, Redis)."""
-        path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
-        return [int(p) for p in path.read_text().split()] if path.exists() else []
+        """Its child processes' pids (embedding servers, Redis), whichever of its threads started
+        them (a supervisor thread restarts servers)."""
+        pids: list[int] = []
+        for path in Path(f"/proc/{self.pid}/task").glob("*/children"):
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                pids.extend(int(p) for p in path.read_text().split())
+        return sorted(pids)
 
     def close(self, grace_s: float = 30.0) -> None:
         """SIGTERM (it stops what it started), then SIGKILL after `grace_s`."""

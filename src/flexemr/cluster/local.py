@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 from types import TracebackType
 
@@ -38,14 +39,54 @@ def _read_ready_line(proc: subprocess.Popen[str], out: list[str]) -> None:
             return
 
 
+def _close_pipes(proc: subprocess.Popen[str]) -> None:
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            stream.close()
+
+
 class LocalCluster:
-    def __init__(self, spec: ClusterSpec, progress: bool = False, cgroup: Path | None = None) -> None:
+    """With `supervise`, a server that dies is started again on the same address (the ranker's
+    reconnect re-admits it once it answers), after a backoff that doubles with each start that
+    fails; after `max_restart_failures` failures in a row it is left down, loudly."""
+
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        progress: bool = False,
+        supervise: bool = False,
+        max_restart_failures: int = 5,
+        cgroup: Path | None = None,
+    ) -> None:
         self.spec = spec
         self.progress = progress
         self.cgroup = cgroup
         """A cgroup (v2) the servers run in, e.g. one with a memory limit."""
+        self.max_restart_failures = max_restart_failures
+        self.restarts = 0
         self._procs: list[subprocess.Popen[str]] = []
         self._dir = tempfile.TemporaryDirectory(prefix="flexemr-cluster-")
+        self._spec_path = Path(self._dir.name) / "cluster.json"
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._supervisor = (
+            threading.Thread(target=self._supervise, daemon=True, name="flexemr-cluster-supervisor")
+            if supervise
+            else None
+        )
+
+    def _spawn(self, index: int) -> subprocess.Popen[str]:
+        command = [
+            sys.executable, "-m", "flexemr.cli.main", "embedding-server",
+            "--spec", str(self._spec_path), "--index", str(index), "--watch-stdin",
+        ]  # fmt: skip
+        if not self.progress:
+            command.append("--quiet")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        if self.cgroup is not None:  # before it loads: the child is still importing
+            (self.cgroup / "cgroup.procs").write_text(str(proc.pid))
+        return proc
 
     def start(self, timeout: float = 300.0) -> ClusterSpec:
         """Start every server; return the spec with the ports they actually bound."""
@@ -57,21 +98,9 @@ class LocalCluster:
         except NotEnoughMemory:
             self.stop()
             raise
-        spec_path = Path(self._dir.name) / "cluster.json"
-        self.spec.save(spec_path)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.spec.save(self._spec_path)
         for index in range(len(self.spec.embedding_servers)):
-            command = [
-                sys.executable, "-m", "flexemr.cli.main", "embedding-server",
-                "--spec", str(spec_path), "--index", str(index), "--watch-stdin",
-            ]  # fmt: skip
-            if not self.progress:
-                command.append("--quiet")
-            self._procs.append(
-                subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-            )
-            if self.cgroup is not None:  # before it loads: the child is still importing
-                (self.cgroup / "cgroup.procs").write_text(str(self._procs[-1].pid))
+            self._procs.append(self._spawn(index))
         endpoints = []
         for index, proc in enumerate(self._procs):
             got: list[str] = []
@@ -86,7 +115,47 @@ class LocalCluster:
             host, port = got[0].rsplit(":", 1)
             endpoints.append(Endpoint(host, int(port)))
         self.spec = dataclasses.replace(self.spec, embedding_servers=tuple(endpoints))
+        self.spec.save(self._spec_path)  # restarted servers bind the same ports
+        if self._supervisor is not None:
+            self._supervisor.start()
         return self.spec
+
+    def _supervise(self, poll_s: float = 0.2, load_timeout_s: float = 300.0) -> None:
+        failures = [0] * len(self._procs)
+        retry_at = [0.0] * len(self._procs)
+        while not self._stopping.wait(poll_s):
+            for index, proc in enumerate(list(self._procs)):
+                if proc.poll() is None or failures[index] >= self.max_restart_failures:
+                    continue
+                if time.monotonic() < retry_at[index]:
+                    continue
+                _close_pipes(proc)
+                log.warning(
+                    "embedding server %d exited with code %s; restarting it on %s",
+                    index, proc.returncode, self.spec.embedding_servers[index],
+                )  # fmt: skip
+                with self._lock:
+                    if self._stopping.is_set():
+                        return
+                    fresh = self._spawn(index)
+                    self._procs[index] = fresh
+                got: list[str] = []
+                reader = threading.Thread(target=_read_ready_line, args=(fresh, got), daemon=True)
+                reader.start()
+                reader.join(load_timeout_s)
+                if got:
+                    failures[index] = 0
+                    self.restarts += 1
+                    log.info("embedding server %d is back on %s", index, got[0])
+                    continue
+                failures[index] += 1
+                retry_at[index] = time.monotonic() + min(0.5 * 2 ** failures[index], 30.0)
+                if failures[index] >= self.max_restart_failures:
+                    log.error(
+                        "embedding server %d failed to restart %d times; leaving it down",
+                        index,
+                        failures[index],
+                    )
 
     @property
     def pids(self) -> list[int]:
@@ -98,6 +167,13 @@ class LocalCluster:
         self._procs[index].wait()
 
     def stop(self, grace_s: float = 5.0) -> None:
+        with self._lock:
+            self._stopping.set()
+        if self._supervisor is not None and self._supervisor.is_alive():
+            for proc in self._procs:  # also ends the wait for a restarted server to load
+                if proc.poll() is None:
+                    proc.terminate()
+            self._supervisor.join(30)
         for proc in self._procs:
             if proc.poll() is None:
                 proc.terminate()
@@ -107,9 +183,7 @@ class LocalCluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            for stream in (proc.stdin, proc.stdout):
-                if stream is not None:
-                    stream.close()
+            _close_pipes(proc)
         self._procs.clear()
         self._dir.cleanup()
 

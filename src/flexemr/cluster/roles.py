@@ -128,12 +128,13 @@ def _raise_system_exit(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def http_listener(host: str, port: int) -> socket.socket:
+def http_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """The HTTP listening socket, with TCP_NODELAY. Without it Nagle holds each response body back
     until the client's delayed ACK of the headers (+40 ms per keep-alive request). asyncio sets it
     only on sockets whose protocol number is IPPROTO_TCP (create_server's is 0); accepted sockets
-    inherit it from the listener."""
-    listener = socket.create_server((host, port), backlog=1024)
+    inherit it from the listener. With `reuse_port`, several rankers listen on one address and the
+    kernel spreads new connections over them (SO_REUSEPORT)."""
+    listener = socket.create_server((host, port), backlog=1024, reuse_port=reuse_port)
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return listener
 
@@ -141,8 +142,8 @@ def http_listener(host: str, port: int) -> socket.socket:
 class HttpServer:
     """uvicorn on a socket we bind ourselves, so port 0 works and the real port is known at once."""
 
-    def __init__(self, ranker: Ranker, host: str, port: int) -> None:
-        self.socket = http_listener(host, port)
+    def __init__(self, ranker: Ranker, host: str, port: int, reuse_port: bool = False) -> None:
+        self.socket = http_listener(host, port, reuse_port)
         self.host = host
         self.port = self.socket.getsockname()[1]
         app = create_app(ranker, ranker.config.model_name)

@@ -4,14 +4,17 @@
             -> gather: index_add partial sums (or raw rows) into [T*B, D] -> mean? divide
             -> dense forward on the device -> scores
 
-A lookup that fails or times out fails the whole request: a score is never computed from a
-partial set of rows.
+Each subrequest goes to one replica of the rows it needs (`ranker.replicas`); one that fails or
+times out is sent again, whole, to another replica. A lookup that still cannot complete fails the
+whole request: a score is never computed from a partial set of rows.
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
+import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -28,11 +31,21 @@ from flexemr.model.spec import ModelSpec
 from flexemr.ranker.admission import Admission, Ticket
 from flexemr.ranker.batch import SparseBatch, validate_batch
 from flexemr.ranker.batcher import DynamicBatcher
+from flexemr.ranker.replicas import ReplicaLoad
 from flexemr.ranker.turns import Turns
 from flexemr.sharding.plan import ShardingPlan
-from flexemr.sharding.router import RangeRouter, Subrequest
+from flexemr.sharding.router import RangeRouter, Subrequest, Uncovered
 from flexemr.stats import counts
-from flexemr.transport.base import LookupFailed, LookupRequest, LookupTransport, ServerUnavailable
+from flexemr.transport.base import (
+    LookupFailed,
+    LookupRequest,
+    LookupTransport,
+    NoReplica,
+    ServerUnavailable,
+    SubrequestRefused,
+)
+
+log = logging.getLogger(__name__)
 
 MAX_REQUESTS_BEING_READ = 64
 """Requests whose bodies are being received or parsed at once (each at most the body limit)."""
@@ -60,6 +73,9 @@ class Ranker:
         self.device = resolve_device(config.device)
         self.dense = dense.to(self.device).eval()
         self.samples = self.requests = 0
+        self.load = ReplicaLoad(plan.num_servers)
+        self.failovers = 0
+        """Subrequests sent again to another replica after theirs failed or did not answer."""
         self._waiting = 0  # samples accepted and not yet scored: the load monitor's queue depth
         self._lock = threading.Lock()
         self.turns = Turns()
@@ -88,7 +104,8 @@ class Ranker:
         return AdaptiveCacheManager.for_model(cache_config, self.dense, self.device, start=time.monotonic())
 
     def ready(self) -> bool:
-        return all(self.transport.connected())
+        """Every row has a usable replica (with replicas, some servers may be down)."""
+        return self.router.coverable(np.array(self.transport.connected(), dtype=bool))
 
     def score(
         self, dense: np.ndarray, indices: np.ndarray, lengths: np.ndarray, ticket: Ticket | None = None
@@ -168,23 +185,79 @@ class Ranker:
     def _lookup(
         self, keys: np.ndarray, lengths: np.ndarray, raw: bool
     ) -> Iterator[tuple[Subrequest, np.ndarray]]:
-        """Send one subrequest per server holding any of `keys` (in bags of `lengths`), all in
-        flight at once; yield each with its answer. Fails the whole lookup if any server fails or
-        times out."""
-        in_flight = [
-            (sub, self.transport.submit(sub.server, LookupRequest(sub.rows, sub.offsets, raw=raw)))
-            for sub in self.router.route(keys, lengths)
-        ]
-        deadline = time.monotonic() + self.config.request_timeout_s
-        for sub, future in in_flight:
+        """Send one subrequest per server holding any of `keys` (in bags of `lengths`), each to one
+        replica of the rows it needs, all in flight at once; yield each with its answer. A
+        subrequest whose replica fails, is stalled or does not answer in time is sent again, whole,
+        to another replica (its late answer, if any, is never used); the lookup fails only when no
+        replica of some rows is left, or the time runs out."""
+        timeout = self.config.request_timeout_s
+        deadline = time.monotonic() + timeout
+        failed: set[int] = set()
+        pending = collections.deque(self._send(self.router.route(keys, lengths, self._rank(failed)), raw))
+        while pending:
+            sub, future = pending.popleft()
+            left = max(deadline - time.monotonic(), 0.0)
+            # With a replica to fall back on, one try may take half of what is left.
+            wait = left / 2 if self.router.replicas > 1 else left
             try:
                 with self.turns.waiting():
-                    values = future.result(timeout=max(deadline - time.monotonic(), 0.0))
-            except concurrent.futures.TimeoutError:
-                raise ServerUnavailable(
-                    sub.server, f"#{sub.server}", f"no answer within {self.config.request_timeout_s} s"
-                ) from None
+                    values = future.result(timeout=wait)
+            except (ServerUnavailable, SubrequestRefused, concurrent.futures.TimeoutError) as exc:
+                reason = str(exc) or f"no answer within {wait:.3g} s"
+                if self.router.replicas == 1 or time.monotonic() >= deadline:  # nothing to fall back on
+                    if isinstance(exc, concurrent.futures.TimeoutError):
+                        raise ServerUnavailable(
+                            sub.server, f"#{sub.server}", f"no answer within {timeout} s"
+                        ) from None
+                    raise
+                failed.add(sub.server)
+                with self._lock:
+                    self.failovers += 1
+                log.info(
+                    "subrequest to embedding server %d failed (%s); trying another replica",
+                    sub.server,
+                    reason,
+                )
+                pending.extend(self._send(self._reroute(sub, failed), raw))
+                continue
             yield sub, values
+
+    def _rank(self, failed: set[int]) -> np.ndarray:
+        usable = np.array(self.transport.connected(), dtype=bool)
+        usable[list(failed)] = False
+        return self.load.rank(usable)
+
+    def _reroute(self, sub: Subrequest, failed: set[int]) -> Iterator[Subrequest]:
+        """`sub`'s keys, routed again away from the `failed` servers, with their batch bag ids."""
+        lengths = np.diff(sub.offsets, append=sub.rows.size)
+        for again in self.router.route(sub.keys, lengths, self._rank(failed)):
+            yield dataclasses.replace(again, bags=sub.bags[again.bags])
+
+    def _send(
+        self, subs: Iterator[Subrequest], raw: bool
+    ) -> list[tuple[Subrequest, concurrent.futures.Future[np.ndarray]]]:
+        try:
+            routed = list(subs)
+        except Uncovered as exc:
+            raise NoReplica(exc.servers, str(exc)) from None
+        sent = []
+        for sub in routed:
+            future = self.transport.submit(sub.server, LookupRequest(sub.rows, sub.offsets, raw=raw))
+            self.load.sent(sub.server, future)
+            sent.append((sub, future))
+        return sent
+
+    def replica_health(self) -> dict[str, Any]:
+        """Which servers are usable, and whether every row still has a usable replica."""
+        connected = self.transport.connected()
+        down = [i for i, up in enumerate(connected) if not up]
+        return {
+            "replicas": self.router.replicas,
+            "servers_up": len(connected) - len(down),
+            "servers_down": down,
+            "degraded": bool(down),
+            "every_shard_served": self.router.coverable(np.array(connected, dtype=bool)),
+        }
 
     def _warm_loop(self) -> None:
         """Fill the cache's free room with the hottest rows it misses, fetched raw in the
@@ -203,7 +276,11 @@ class Ranker:
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {
-            **counts({"requests": self.requests, "samples": self.samples}),
+            **counts({"requests": self.requests, "samples": self.samples, "failovers": self.failovers}),
+            "replicas": {
+                **{k: v for k, v in self.replica_health().items() if k != "servers_down"},
+                "outstanding": self.load.outstanding(),  # per server (the transport says which is down)
+            },
             "transport": self.transport.stats(),
             "admission": self.admission.stats(),
         }

@@ -46,7 +46,7 @@ class ShardingPlan:
     shards: tuple[Shard, ...]
     strategy: str = "custom"
     replicas: int = 1
-    """Copies of every row. Serving runs one copy only; plans with more are refused by `serve`."""
+    """Copies of every row, each on a distinct server; the ranker asks one per subrequest."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -148,6 +148,18 @@ def row_wise(table_rows: tuple[int, ...], dim: int, num_servers: int) -> Shardin
             Shard(t, int(cuts[s]), int(cuts[s + 1]), s) for s in range(num_servers) if cuts[s + 1] > cuts[s]
         )
     return ShardingPlan(num_servers, table_rows, dim, with_local_offsets(shards), strategy="row")
+
+
+def replicated(plan: ShardingPlan, copies: int) -> ShardingPlan:
+    """`copies` replica sets of `plan`: set r holds, on servers r*n .. r*n+n-1, what servers
+    0 .. n-1 hold in `plan`, at the same local offsets."""
+    if copies < 1:
+        raise ValueError(f"replicas must be at least 1, got {copies}")
+    n = plan.num_servers
+    shards = tuple(
+        dataclasses.replace(s, server=s.server + r * n) for r in range(copies) for s in plan.shards
+    )
+    return dataclasses.replace(plan, num_servers=n * copies, shards=shards, replicas=plan.replicas * copies)
 
 
 def make_plan(strategy: Strategy, table_rows: tuple[int, ...], dim: int, num_servers: int) -> ShardingPlan:

@@ -29,6 +29,14 @@ _Piece = tuple[np.ndarray, np.ndarray | np.int64, np.ndarray, np.ndarray]
 local rows, one or one per key, the bag id of each bag, where each bag starts in the keys)."""
 
 
+class Uncovered(LookupError):
+    """Some keys' rows have no usable holder (every replica is down, stalled or excluded)."""
+
+    def __init__(self, message: str, servers: list[int]) -> None:
+        super().__init__(message)
+        self.servers = servers
+
+
 @dataclass(frozen=True)
 class Subrequest:
     """The part of a batch one server answers. Its bags appear in batch order."""
@@ -56,34 +64,71 @@ class Subrequest:
 
 
 class RangeRouter:
+    """Routes keys to servers. With replicas, the key space is cut at every shard boundary into
+    pieces, each held by `plan.replicas` servers; a batch sends each piece's keys to the one holder
+    that the caller's per-server `rank` (lower is better, inf: unusable) prefers, so a subrequest's
+    answer always comes whole from one replica."""
+
     def __init__(self, plan: ShardingPlan) -> None:
         self.plan = plan
+        self.replicas = plan.replicas
         self.table_base = np.concatenate([[0], np.cumsum(plan.table_rows)[:-1]]).astype(np.int64)
-        shards = sorted(plan.shards, key=lambda s: (s.table, s.row_start))
-        self._starts = np.array([self.table_base[s.table] + s.row_start for s in shards], dtype=np.int64)
-        self._server = np.array([s.server for s in shards], dtype=np.int32)
-        # local row = global key + shift
-        self._shift = np.array(
-            [s.local_start - s.row_start - self.table_base[s.table] for s in shards], dtype=np.int64
-        )
-        self._bucket_bits, self._bucket_shard, self._starts_in_bucket = self._buckets(
-            int(sum(plan.table_rows))
-        )
+        total = int(sum(plan.table_rows))
+        bounds = {
+            int(self.table_base[s.table]) + edge for s in plan.shards for edge in (s.row_start, s.row_end)
+        }
+        self._starts = np.array(sorted(bounds - {total}), dtype=np.int64)
+        # Per piece, its holders' servers and the shift from a global key to their local rows.
+        self._holders = np.full((self._starts.size, plan.replicas), -1, dtype=np.int32)
+        self._holder_shift = np.zeros((self._starts.size, plan.replicas), dtype=np.int64)
+        filled = np.zeros(self._starts.size, dtype=np.int64)
+        for s in plan.shards:
+            base = self.table_base[s.table]
+            pieces = np.arange(*np.searchsorted(self._starts, [base + s.row_start, base + s.row_end]))
+            self._holders[pieces, filled[pieces]] = s.server
+            self._holder_shift[pieces, filled[pieces]] = s.local_start - s.row_start - base
+            filled[pieces] += 1
+        if (np.sort(self._holders, axis=1)[:, 1:] == np.sort(self._holders, axis=1)[:, :-1]).any():
+            raise ValueError(
+                "a server holds two copies of the same rows: replicas must be on distinct servers"
+            )
+        self._bucket_bits, self._bucket_shard, self._starts_in_bucket = self._buckets(total)
         self._next_start = np.append(self._starts[1:], np.iinfo(np.int64).max)
-        self._table_edges = np.append(self.table_base, sum(plan.table_rows))
-        # A table held whole by one server needs no per-key work: its keys go there as a slice.
-        self._table_server = [
-            sorted({s.server for s in shards if s.table == t}) for t in range(len(plan.table_rows))
-        ]
-        self._any_split = any(len(servers) > 1 for servers in self._table_server)
-        self._whole_shift = np.zeros(len(plan.table_rows), dtype=np.int64)
-        for shard, shift in zip(shards, self._shift, strict=True):
-            self._whole_shift[shard.table] = shift  # used only where the table has one shard
+        self._table_edges = np.append(self.table_base, total)
+        # A table that is one piece (held whole by each of its holders) needs no per-key work:
+        # its keys go to the chosen holder as a slice. Then piece t is table t.
+        self._any_split = self._starts.size > len(plan.table_rows)
         # Servers get int32 rows and offsets (half the request bytes) unless they hold 2^31 rows.
         self._index_dtype = [
             np.dtype(np.int32 if plan.server_rows(s) <= np.iinfo(np.int32).max else np.int64)
             for s in range(plan.num_servers)
         ]
+
+    def coverable(self, usable: np.ndarray) -> bool:
+        """Whether every row has a holder among the `usable` servers (bool [servers])."""
+        return bool(usable[self._holders].any(axis=1).all())
+
+    def _choose(self, rank: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Per piece, the server to ask (-1: no usable holder) and the shift to its local rows."""
+        if rank is None:
+            return self._holders[:, 0], self._holder_shift[:, 0]
+        ranks = rank[self._holders]
+        pick = ranks.argmin(axis=1)
+        pieces = np.arange(pick.size)
+        server = np.where(np.isinf(ranks[pieces, pick]), -1, self._holders[pieces, pick])
+        return server, self._holder_shift[pieces, pick]
+
+    def _no_replica(self, piece: int) -> Uncovered:
+        table = int(np.searchsorted(self.table_base, self._starts[piece], side="right") - 1)
+        start = int(self._starts[piece] - self.table_base[table])
+        end = int(min(self._next_start[piece], self._table_edges[table + 1]) - self.table_base[table])
+        servers = [int(s) for s in self._holders[piece]]
+        holders = "embedding server " + ", ".join(map(str, servers))
+        return Uncovered(
+            f"no replica of table {table} rows [{start}, {end}) can answer: {holders} (all that hold "
+            "them) down, stalled or failed this request",
+            servers,
+        )
 
     def _buckets(self, total_rows: int) -> tuple[int, np.ndarray | None, int]:
         """(key bits dropped per bucket, shard of each bucket's first key, most shard starts
@@ -98,7 +143,7 @@ class RangeRouter:
         return bits, first_shard.astype(np.int32), inside
 
     def shards(self, keys: np.ndarray) -> np.ndarray:
-        """The shard (index into the sorted shards) of every key."""
+        """The piece (a shard, or the part of one its replicas share) of every key."""
         if self._bucket_shard is None:
             found: np.ndarray = np.searchsorted(self._starts, keys, side="right") - 1
             return found
@@ -118,15 +163,20 @@ class RangeRouter:
             )
         return keys
 
-    def route(self, keys: np.ndarray, lengths: np.ndarray) -> Iterator[Subrequest]:
+    def route(
+        self, keys: np.ndarray, lengths: np.ndarray, rank: np.ndarray | None = None
+    ) -> Iterator[Subrequest]:
         """Split a batch of bags, KJT style (`keys` grouped by table in table order, bag b being
         the next `lengths[b]` keys, no bag spanning two tables), into one subrequest per server
         that holds any of its rows, its bags (ids b) in batch order. Servers with nothing to do
-        get no subrequest. Where every table is held whole by one server, a table costs O(bags)
-        (its keys go as one slice); once any is split, every key's shard is found at once, a pass
-        over the keys per server instead of numpy calls per (table, server) slice."""
+        get no subrequest. `rank` (float [servers], lower preferred, inf unusable) picks each
+        piece's replica; without it, the first. Raises `Uncovered` when a piece with keys has no
+        usable holder, before anything is yielded. Where every table is one piece, a table costs
+        O(bags) (its keys go as one slice); once any is split, every key's piece is found at once,
+        a pass over the keys per server instead of numpy calls per (table, server) slice."""
+        server, shift = self._choose(rank)
         if self._any_split:
-            yield from self._route_keys(keys, lengths)
+            yield from self._route_keys(keys, lengths, server, shift)
             return
         offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -137,27 +187,32 @@ class RangeRouter:
         bag_edges = np.searchsorted(offsets[:-1], edges)
         # Per server, (keys, shift to their local rows, bag ids, where each bag starts) per table.
         parts: list[list[_Piece]] = [[] for _ in self._index_dtype]
-        for t in np.flatnonzero(edges[1:] > edges[:-1]):
+        used = np.flatnonzero(edges[1:] > edges[:-1])
+        missing = used[server[used] < 0]
+        if missing.size:
+            raise self._no_replica(int(missing[0]))
+        for t in used:
             start, end = edges[t], edges[t + 1]
             bags = np.arange(bag_edges[t], bag_edges[t + 1])
             bags = bags[lengths[bags] > 0]
-            parts[self._table_server[t][0]].append(
-                (keys[start:end], self._whole_shift[t], bags, offsets[bags] - start)
-            )
+            parts[server[t]].append((keys[start:end], shift[t], bags, offsets[bags] - start))
         for s, pieces in enumerate(parts):
             if pieces:
                 yield self._subrequest(s, pieces)
 
-    def _route_keys(self, keys: np.ndarray, lengths: np.ndarray) -> Iterator[Subrequest]:
-        shard = self.shards(keys)
-        server = self._server[shard]
+    def _route_keys(
+        self, keys: np.ndarray, lengths: np.ndarray, piece_server: np.ndarray, piece_shift: np.ndarray
+    ) -> Iterator[Subrequest]:
+        piece = self.shards(keys)
+        server = piece_server[piece]
+        if server.size and server.min() < 0:
+            raise self._no_replica(int(piece[np.argmin(server)]))
         key_bags = np.repeat(np.arange(lengths.size), lengths)
-        for s in range(len(self._index_dtype)):
+        for s in np.flatnonzero(np.bincount(server, minlength=len(self._index_dtype))):
             picked = np.flatnonzero(server == s)
-            if picked.size:
-                bags = key_bags[picked]
-                starts = np.flatnonzero(np.concatenate([[True], bags[1:] != bags[:-1]]))
-                yield self._subrequest(s, [(keys[picked], self._shift[shard[picked]], bags[starts], starts)])
+            bags = key_bags[picked]
+            starts = np.flatnonzero(np.concatenate([[True], bags[1:] != bags[:-1]]))
+            yield self._subrequest(int(s), [(keys[picked], piece_shift[piece[picked]], bags[starts], starts)])
 
     def _subrequest(self, server: int, pieces: list[_Piece]) -> Subrequest:
         """Write the pieces' local rows straight into one array of the server's index dtype."""

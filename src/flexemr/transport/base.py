@@ -36,6 +36,15 @@ class ServerUnavailable(ConnectionError):
         self.server = server
 
 
+class NoReplica(ServerUnavailable):
+    """No replica of some rows can answer: every server holding them is down, stalled or failed."""
+
+    def __init__(self, servers: list[int], reason: str) -> None:
+        ConnectionError.__init__(self, reason)
+        self.server = servers[0]
+        self.servers = servers
+
+
 class LookupFailed(RuntimeError):
     """A subrequest could not complete, for a reason other than an unreachable server."""
 
