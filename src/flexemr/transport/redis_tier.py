@@ -33,6 +33,8 @@ class RedisTransport:
     def __init__(self, url: str, plan: ShardingPlan, threads: int = 4) -> None:
         self.url = url
         self.dim = plan.dim
+        self.num_servers = plan.num_servers
+        """The plan's servers, all answered by the one Redis."""
         self._client = redis.Redis.from_url(url)
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="redis")
         self.requests = self.bytes_received = 0
@@ -75,10 +77,12 @@ class RedisTransport:
         return np.frombuffer(b"".join(values), dtype=np.float32).reshape(len(values), self.dim)
 
     def connected(self) -> list[bool]:
+        """Per server of the plan, as the interface asks: the one Redis holds every server's rows."""
         try:
-            return [bool(self._client.ping())]
+            up = bool(self._client.ping())
         except redis.RedisError:
-            return [False]
+            up = False
+        return [up] * self.num_servers
 
     def stats(self) -> dict[str, Any]:
         return {"redis": counts({"requests": self.requests, "bytes_received": self.bytes_received})}
