@@ -24,6 +24,7 @@ import pytest
 from flexemr.cluster.roles import build_ranker
 from flexemr.config import ClusterSpec, Endpoint, ModelSource
 from flexemr.model.weights import build_monolithic
+from flexemr.ranker.admission import Admission
 from flexemr.sharding.plan import make_plan, replicated
 from flexemr.sharding.router import RangeRouter, Uncovered
 from flexemr.transport.base import LookupRequest, NoReplica, ServerUnavailable
@@ -97,6 +98,24 @@ def test_failover_keeps_scores_exact(lookup: str) -> None:
         transport.failing = {0, 2}  # rows of servers 0 and 2 have no replica left
         with pytest.raises(NoReplica, match="embedding server 0, 2"):
             ranker.score(dense, indices, lengths)
+    finally:
+        ranker.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_hung_lookup_gives_up_at_the_requests_deadline_not_the_lookup_timeout() -> None:
+    """The lookup timeout is an hour here: only the ticket's deadline can end the wait (a hang would
+    trip the test's timeout instead)."""
+    plan = make_plan("row", SPEC.table_rows, SPEC.dim, 2)
+    spec = ClusterSpec(SOURCE, plan, tuple(Endpoint() for _ in range(2)))
+    spec = ClusterSpec.from_dict({**spec.to_dict(), "ranker": {"request_timeout_s": 3600.0}})
+    transport = FailingTransport(plan, SOURCE.load())
+    ranker = build_ranker(spec, transport=transport)
+    try:
+        transport.hung = {1}
+        ticket = Admission(max_samples=64, max_pending=4).arrive(timeout_s=0.5)
+        with pytest.raises(ServerUnavailable, match="no answer within"):
+            ranker.score(*random_batch(SPEC, 8, seed=6), ticket=ticket)
     finally:
         ranker.close()
 

@@ -136,7 +136,7 @@ class Ranker:
             return self.score_batch(batch)
 
     def score_batch(self, batch: SparseBatch, ticket: Ticket | None = None) -> np.ndarray:
-        pooled = self.pool(batch)
+        pooled = self.pool(batch, None if ticket is None else ticket.deadline)
         if ticket is not None:
             ticket.check()
         # The dense model runs in torch's kernels (or on the GPU), outside the interpreter lock:
@@ -149,9 +149,10 @@ class Ranker:
             self.samples += batch.batch_size
         return result
 
-    def pool(self, batch: SparseBatch) -> torch.Tensor:
+    def pool(self, batch: SparseBatch, deadline: float | None = None) -> torch.Tensor:
         """Pooled embeddings [B, T, D] on the device: cached rows summed locally, the rest gathered
-        from every server that holds rows of the batch."""
+        from every server that holds rows of the batch, by `deadline` (time.monotonic(); the
+        request's) if it comes before the lookup timeout."""
         keys = self.router.keys(batch.indices, batch.rows_per_table())
         pooled = torch.zeros(batch.lengths.size, self.spec.dim, device=self.device)
         raw = self.config.lookup == "raw"
@@ -170,7 +171,7 @@ class Ranker:
             offsets = offsets_of(torch.from_numpy(batch.lengths))
             part = cache.cached_part(torch.from_numpy(keys), offsets, out=pooled)
             remote_keys, remote_lengths = keys[part.miss.cpu().numpy()], part.miss_lengths.cpu().numpy()
-        for sub, values in self._lookup(remote_keys, remote_lengths, raw):
+        for sub, values in self._lookup(remote_keys, remote_lengths, raw, deadline):
             target = sub.row_bags() if raw else sub.bags
             rows = torch.from_numpy(values).to(self.device)
             pooled.index_add_(0, torch.from_numpy(target).to(self.device), rows)
@@ -183,15 +184,18 @@ class Ranker:
         return pooled.view(batch.num_tables, batch.batch_size, self.spec.dim).transpose(0, 1)
 
     def _lookup(
-        self, keys: np.ndarray, lengths: np.ndarray, raw: bool
+        self, keys: np.ndarray, lengths: np.ndarray, raw: bool, deadline: float | None = None
     ) -> Iterator[tuple[Subrequest, np.ndarray]]:
         """Send one subrequest per server holding any of `keys` (in bags of `lengths`), each to one
         replica of the rows it needs, all in flight at once; yield each with its answer. A
         subrequest whose replica fails, is stalled or does not answer in time is sent again, whole,
         to another replica (its late answer, if any, is never used); the lookup fails only when no
-        replica of some rows is left, or the time runs out."""
-        timeout = self.config.request_timeout_s
-        deadline = time.monotonic() + timeout
+        replica of some rows is left, or the time (the lookup timeout, or the request's earlier
+        `deadline`) runs out."""
+        start = time.monotonic()
+        limit = start + self.config.request_timeout_s
+        deadline = limit if deadline is None else min(limit, deadline)
+        timeout = max(deadline - start, 0.0)
         failed: set[int] = set()
         pending = collections.deque(self._send(self.router.route(keys, lengths, self._rank(failed)), raw))
         while pending:
@@ -207,7 +211,7 @@ class Ranker:
                 if self.router.replicas == 1 or time.monotonic() >= deadline:  # nothing to fall back on
                     if isinstance(exc, concurrent.futures.TimeoutError):
                         raise ServerUnavailable(
-                            sub.server, f"#{sub.server}", f"no answer within {timeout} s"
+                            sub.server, f"#{sub.server}", f"no answer within {timeout:.3g} s"
                         ) from None
                     raise
                 failed.add(sub.server)
