@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from flexemr.planner.inputs import InputError
+from flexemr.planner.inputs import InputError, read_json_object
 
 DEFAULT_CATALOG = "aws_us_east_1.json"
 
@@ -153,12 +153,5 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     if path is None:
         text = resources.files("flexemr.planner").joinpath(DEFAULT_CATALOG).read_text()
         return catalog_from_dict(json.loads(text), where=DEFAULT_CATALOG)
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise InputError(f"catalogue file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise InputError(f"catalogue file {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InputError(f"catalogue file {path} must hold a JSON object")
+    data = read_json_object(path, "catalogue")
     return catalog_from_dict(data, where=str(path))

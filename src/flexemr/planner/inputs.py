@@ -142,7 +142,8 @@ class PlanRequest:
             raise InputError(f"the p99 target must be positive, got {self.p99_ms} ms")
 
 
-def _read_json(path: str | Path, what: str) -> dict[str, Any]:
+def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
+    """The JSON object in `path`; an `InputError` naming the `what` file otherwise."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -197,8 +198,8 @@ def model_from_dict(data: dict[str, Any], where: str = "model") -> ModelProfile:
 
 
 def load_model(path: str | Path) -> ModelProfile:
-    return model_from_dict(_read_json(path, "model"), where=str(path))
+    return model_from_dict(read_json_object(path, "model"), where=str(path))
 
 
 def load_traffic(path: str | Path) -> Traffic:
-    return _build(Traffic, _read_json(path, "traffic"), where=str(path))  # type: ignore[no-any-return]
+    return _build(Traffic, read_json_object(path, "traffic"), where=str(path))  # type: ignore[no-any-return]

@@ -10,7 +10,7 @@ from typing import Any
 
 from flexemr.planner.calibration import Calibration
 from flexemr.planner.catalog import Catalog
-from flexemr.planner.inputs import PlanRequest
+from flexemr.planner.inputs import PlanRequest, read_json_object
 from flexemr.planner.search import Candidate
 from flexemr.sharding.plan import ShardingPlan
 
@@ -110,14 +110,7 @@ def _describe(alt: Candidate | str, disaggregated_cost: float) -> str:
 
 def load_sharding(path: str | Path) -> ShardingPlan:
     """The `ShardingPlan` in a `flexemr plan --out` file (or in a bare ShardingPlan JSON file)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ValueError(f"plan file {path} does not exist") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"plan file {path} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"plan file {path} must hold a JSON object")
+    data = read_json_object(path, "plan")
     try:
         return ShardingPlan.from_dict(data.get("sharding", data))
     except (KeyError, TypeError) as exc:
