@@ -38,6 +38,7 @@ def test_infeasible_plan_exits_nonzero_with_reason(capsys: pytest.CaptureFixture
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(360)  # about 2 minutes on a quiet 2-core machine, much more on a loaded one
 def test_calibrate_quick_writes_a_usable_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cal.json"
     assert main(["calibrate", "--quick", "--out", str(out)]) == 0
