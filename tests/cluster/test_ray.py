@@ -83,13 +83,18 @@ def test_servers_placed_by_memory_serve_exact_and_come_back(cluster: Cluster) ->
         assert env == "s3cret"
         assert_exact(url)
 
-        # node of server 0 dies: Ray places its bundle on the spare node and restarts the server there
-        dead = next(n for n in cluster.worker_nodes if n.node_id == nodes[0])
+        # the node of a server (not the ranker's: the ranker's URL must outlive it) dies: Ray places
+        # its bundle on the spare node and restarts the server there
+        ranker_node = ray.get(
+            deployment.rankers[0].__ray_call__.remote(lambda _: ray.get_runtime_context().get_node_id())
+        )
+        victim = next(i for i, node in enumerate(nodes) if node != ranker_node)
+        dead = next(n for n in cluster.worker_nodes if n.node_id == nodes[victim])
         cluster.remove_node(dead)
 
         def moved() -> bool:
             try:
-                return deployment.server_nodes()[0] not in nodes
+                return deployment.server_nodes()[victim] not in nodes
             except ray.exceptions.RayError:  # restarting: calls fail until it runs again
                 return False
 
