@@ -5,7 +5,7 @@
 For each case (model shape, embedding servers, rankers, sharding, query size) it:
 
 1. builds the planner's own `Deployment` (placement from `flexemr.planner.place`) on a one-node
-   catalogue describing this machine: all processes share its cores (`Deployment.shared_cores`),
+   catalogue describing this machine: all processes share its cores (`Deployment.hosting` "one-host"),
    loopback bandwidth from the calibration; and predicts throughput and p99 with `predict`;
 2. starts the embedding servers and 1-2 `flexemr ranker` processes with that sharding plan and
    drives them over HTTP with the MLPerf LoadGen: Offline (peak queries/s) and Server (Poisson
@@ -228,7 +228,7 @@ def run_case(case: Case, mode: Mode, calibration: Calibration, catalog: Catalog,
 
     node = catalog.node_types[0]
     placement = place(model, case.servers, 1, case.strategy)
-    deployment = Deployment(node, case.rankers, node, placement, shared_cores=node.vcpus)
+    deployment = Deployment(node, case.rankers, node, placement, hosting="one-host")
     offline_traffic = Traffic(1.0, samples_per_query=case.samples, samples_cv=0.0, zipf_skew=ZIPF)
     server_traffic = Traffic(1.0, samples_per_query=sizes.mean, samples_cv=sizes_cv(sizes), zipf_skew=ZIPF)
     closed = dataclasses.replace(deployment, in_flight=settings.workers)
@@ -329,7 +329,7 @@ def markdown(results: list[dict[str, Any]], calibration: Calibration, mode_name:
         f"Every measurement is the median of {MODES[mode_name].repeats} runs (their range in brackets).",
         "",
         "Throughput: LoadGen Offline, queries of a fixed size. Predicted: `predict(...).max_qps` of the "
-        "deployment with `shared_cores` = this machine's cores.",
+        "deployment with `hosting='one-host'` (this machine alone).",
         "",
         "| case | model | servers | rankers | samples/query | predicted q/s | measured q/s (runs) | error "
         "| bottleneck | other load (cores) | predicted on the cores left |",

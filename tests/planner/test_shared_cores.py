@@ -1,4 +1,4 @@
-"""The co-located prediction the validation benchmark compares with real runs on one machine."""
+"""The one-host prediction the validation benchmark compares with real runs on one machine."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ TRAFFIC = Traffic(1.0, samples_per_query=32, samples_cv=0.3)
 
 def local(rankers: int, servers: int = 2, in_flight: int = 0) -> Deployment:
     placement = place(small_model(), servers, 1, "row")
-    return Deployment(LOCAL, rankers, LOCAL, placement, shared_cores=2, in_flight=in_flight)
+    return Deployment(LOCAL, rankers, LOCAL, placement, hosting="one-host", in_flight=in_flight)
 
 
 def demand_s(dep: Deployment, calibration: Calibration) -> float:
@@ -56,11 +56,11 @@ def test_p99_grows_with_load_from_the_demand_to_overload() -> None:
     assert math.isinf(predict(dep, small_model(), TRAFFIC, cal, qps=1.01 * peak).p99_ms)
 
 
-def test_shared_cores_refuses_failures_and_monolithic_modes() -> None:
-    with pytest.raises(ValueError, match="shared_cores"):
+def test_one_host_refuses_failures_and_monolithic_modes() -> None:
+    with pytest.raises(ValueError, match="one-host"):
         dataclasses.replace(local(2), ranker_failures=1)
-    with pytest.raises(ValueError, match="shared_cores"):
-        Deployment(LOCAL, 1, LOCAL, None, shared_cores=2)
+    with pytest.raises(ValueError, match="one-host"):
+        Deployment(LOCAL, 1, LOCAL, None, hosting="one-host")
 
 
 def test_serving_costs_round_trip_and_reject_unknown_fields() -> None:

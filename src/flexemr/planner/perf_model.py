@@ -17,14 +17,24 @@ Every process also spends CPU around the kernels (`ServingCost`): the ranker per
 server reached, per bag and per index; a server per subrequest and per index. On a CPU ranker that
 shares its cores with the dense model; on a GPU ranker it runs on the vCPUs.
 
-Shared cores (`Deployment.shared_cores`, the validation case): every process, the load generator
-included, runs on one host. Capacity is then the least of: the cores over the whole CPU demand of
-a query, busy `ServingCost.ranker_cores` of the time when saturated (hand-offs between processes
-leave gaps, as on the ranker's path); each ranker process's request path, which computes one
-request at a time (its turn, `flexemr.ranker.turns`; at most `ranker_cores` of a core, stretched
-by contention when requests overlap; the dense model runs outside it); and the load generator and
-each server as one core each. The p99 is that of the tighter queue: the whole query on the cores
-(M/G/c), or its ranker's request path (M/G/1) plus the rest of the path; infinite at capacity.
+How processes share nodes is the deployment's `hosting`; one pipeline serves every kind: the
+query's work (`QueryWork`), each server's share of it (`ServerDemand`), the server tier
+(`server_stage`), the ranker tier (`ranker_stage`), then the path (`predict`).
+
+    dedicated   each ranker and each embedding server on a node of its own (disaggregated; the
+                search's plans): tiers are M/G/c queues over their nodes' vCPUs, NICs between
+    colocated   every node ranks and serves (monolithic scale-out; scale-up without a placement):
+                each node's vCPUs split between lookups and the dense model by their work
+    one-host    every process, the load generator included, on one node's cores (the validation
+                benchmark's runs on one machine; no failures, no monolithic modes)
+
+One-host capacity is the least of: the cores over the whole CPU demand of a query, busy
+`ServingCost.ranker_cores` of the time when saturated (hand-offs between processes leave gaps, as
+on the ranker's path); each ranker process's request path, which computes one request at a time
+(its turn, `flexemr.ranker.turns`; at most `ranker_cores` of a core, stretched by contention when
+requests overlap; the dense model runs outside it); and the load generator and each server as one
+core each. The p99 is that of the tighter queue: the whole query on the cores (M/G/c), or its
+ranker's request path (M/G/1) plus the rest of the path; infinite at capacity.
 
 Availability: the degraded case takes the `server_failures` servers whose loss loads a survivor
 most (their chunks' traffic moves to the other copies) and `ranker_failures` rankers away; a plan
@@ -36,7 +46,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -96,15 +106,20 @@ def mgc_quantile(
     return wait + service
 
 
+Hosting = Literal["dedicated", "colocated", "one-host"]
+"""How the processes of a deployment share nodes (see the module docstring)."""
+
+
 @dataclass(frozen=True)
 class Deployment:
-    """Node counts and types, the placement, and which failures to survive.
+    """Node counts and types, the placement, how processes share nodes, and which failures to survive.
 
-    Disaggregated: `rankers` x `ranker_type` and `placement.num_servers` x `server_type`.
-    Monolithic scale-out (`colocated`): the same nodes are rankers and servers, so `server_type`
-    == `ranker_type`, `rankers` == `placement.num_servers`, and the vCPUs are split between
-    lookups and the dense model by their work. Monolithic scale-up: `placement` None, every node
-    holds every table and looks rows up locally.
+    dedicated (disaggregated): `rankers` x `ranker_type` and `placement.num_servers` x `server_type`.
+    colocated, monolithic scale-out: the same nodes are rankers and servers, so `server_type` ==
+    `ranker_type`, `rankers` == `placement.num_servers`, and the vCPUs are split between lookups
+    and the dense model by their work. colocated without a placement, monolithic scale-up: every
+    node holds every table and looks rows up locally. one-host: `rankers` ranker processes, the
+    embedding servers and the load generator all on one node of `ranker_type` (== `server_type`).
     """
 
     ranker_type: NodeType
@@ -114,20 +129,16 @@ class Deployment:
     ranker_failures: int = 0
     server_failures: int = 0
     partial_pooling: bool = True
-    colocated: bool = False
-    shared_cores: int = 0
-    """0: every node has its own cores. N > 0: every process (`rankers` ranker processes, the
-    embedding servers and the load generator) runs on one host with N cores (`ranker_type` ==
-    `server_type` describes it); no failures, no monolithic modes."""
+    hosting: Hosting = "dedicated"
     in_flight: int = 0
-    """With shared cores: a closed loop keeping this many requests in flight (LoadGen Offline's
-    workers); 0: open Poisson arrivals at the traffic's rate (LoadGen Server)."""
+    """One-host: a closed loop keeping this many requests in flight (LoadGen Offline's workers);
+    0: open Poisson arrivals at the traffic's rate (LoadGen Server)."""
 
     def __post_init__(self) -> None:
-        if self.shared_cores and (
-            self.placement is None or self.colocated or self.ranker_failures or self.server_failures
+        if self.hosting == "one-host" and (
+            self.placement is None or self.ranker_failures or self.server_failures
         ):
-            raise ValueError("shared_cores needs a disaggregated placement and no failures to survive")
+            raise ValueError("one-host hosting needs a placement and no failures to survive")
 
     @property
     def servers(self) -> int:
@@ -137,7 +148,7 @@ class Deployment:
 
     @property
     def cost_per_hour(self) -> float:
-        if self.colocated or self.placement is None:
+        if self.hosting != "dedicated" or self.placement is None:
             return self.rankers * self.ranker_type.price_per_hour
         return self.rankers * self.ranker_type.price_per_hour + self.servers * self.server_type.price_per_hour
 
@@ -221,11 +232,15 @@ class StageResult:
     """Request bytes per query the ranker sends to all servers together."""
     split_tables: bool = False
     """The placement splits some table over servers (the router looks up every key's shard)."""
+    cpu_s: float = 0.0
+    """CPU seconds per query the tier spends, all its processes together (one-host only)."""
 
 
 def _split_vcpus(dep: Deployment, work: QueryWork, calibration: Calibration) -> tuple[int, int]:
     """(vCPUs for lookups, vCPUs or GPUs for the dense model) on each node of each role."""
-    if not dep.colocated and dep.placement is not None:
+    if dep.hosting == "one-host":  # every server and every ranker's request path: one process
+        return int(PROCESS_CORES), int(PROCESS_CORES)
+    if dep.hosting == "dedicated" and dep.placement is not None:
         dense_units = (
             dep.ranker_type.accelerator.count
             if dep.ranker_type.accelerator
@@ -295,6 +310,18 @@ def server_stage(
         return StageResult(p99, alive * cores / service, "lookup vCPUs")  # fmt: skip
     demand = ServerDemand.of(dep, work, model, dep.server_failures if degraded else 0)
     load, out_bytes, in_bytes = demand.service_s, demand.out_bytes, demand.in_bytes
+    if dep.hosting == "one-host":  # each server one process; the host's cores queue (`_one_host_path`)
+        slowest = float(load.max())
+        return StageResult(
+            slowest,
+            cores / max(slowest, 1e-30),
+            "embedding-server processes",
+            bytes_to_ranker=float(out_bytes.sum()),
+            subrequests=float(demand.reached.sum()),
+            bytes_to_servers=float(in_bytes.sum()),
+            split_tables=dep.placement.splits_tables,
+            cpu_s=float(load.sum()),
+        )
     fanout = max(1, int(demand.touched.sum()))
     q = QUANTILE ** (1 / fanout)
     nic = node.network_bytes_per_s
@@ -330,6 +357,48 @@ def ranker_cpu_s(dep: Deployment, work: QueryWork, calibration: Calibration, ser
     return handling
 
 
+def _contended_load(rate: float, handling: float, kappa: float) -> float:
+    """The utilisation rho of a ranker's request path solving rho = rate handling (1 + kappa rho);
+    1 where there is no solution below 1 (overloaded)."""
+    base = rate * handling
+    slope = base * kappa
+    return base / (1 - slope) if base + slope < 1 else 1.0
+
+
+def _client_s(work: QueryWork) -> float:
+    """The load generator's CPU seconds per query (counted where it shares the cores)."""
+    return work.serving.client_s(work.lookups) + work.request_bytes * work.byte_s
+
+
+def _one_host_scv(work: QueryWork, calibration: Calibration, total: float) -> float:
+    """Fixed per-request costs dominate small queries, so the service time varies less than the
+    query size: the CV scaled by the share of the work that grows with the samples."""
+    serving = work.serving
+    fixed = serving.client_request_s + serving.ranker_request_s + calibration.dense.call_s
+    return (work.scv - 0.05) * (1 - min(fixed / total, 1)) ** 2 + 0.05
+
+
+def _ranker_processes(
+    dep: Deployment, work: QueryWork, qps: float, calibration: Calibration, servers: StageResult
+) -> StageResult:
+    """One host's ranker processes. A ranker's requests take turns on its request path
+    (`ranker_cores` of a core at most) and contention stretches it; the dense model (a few long
+    torch calls) runs outside the turns. p99: the path's M/G/1 queue, then the dense model."""
+    handling, dense = ranker_cpu_s(dep, work, calibration, servers), work.dense_cpu_s
+    serving = work.serving
+    cores = serving.ranker_cores
+    if dep.in_flight:  # each ranker holds its share of the loop's requests
+        handling *= serving.contention(dep.in_flight / dep.rankers)
+        capacity = dep.rankers * cores / handling
+    else:  # open arrivals: n in a busy ranker is 1 / (1 - rho), so handling grows by kappa x rho
+        kappa, alone = serving.ranker_contention, handling
+        handling = alone * (1 + kappa * _contended_load(qps / dep.rankers / cores, alone, kappa))
+        capacity = dep.rankers * cores / (alone * (1 + kappa))
+    scv = _one_host_scv(work, calibration, _client_s(work) + (handling + dense) + servers.cpu_s)
+    path = mgc_quantile(qps / dep.rankers / cores, handling, 1, scv, QUANTILE)
+    return StageResult(path + dense, capacity, "ranker processes", cpu_s=handling + dense)
+
+
 def ranker_stage(
     dep: Deployment,
     work: QueryWork,
@@ -340,9 +409,11 @@ def ranker_stage(
     servers: StageResult,
 ) -> StageResult:
     """The ranker tier: request handling, the dense model (on the same cores, or on GPUs), the NIC."""
+    if dep.hosting == "one-host":
+        return _ranker_processes(dep, work, qps, calibration, servers)
     node = dep.ranker_type
     alive = dep.rankers - (dep.ranker_failures if degraded else 0)
-    if dep.colocated or dep.placement is None:
+    if dep.hosting == "colocated" or dep.placement is None:
         alive = dep.rankers - (max(dep.ranker_failures, dep.server_failures) if degraded else 0)
     cpu = ranker_cpu_s(dep, work, calibration, servers)
     dense = work.dense_s(node, calibration)
@@ -407,11 +478,11 @@ def memory_fits(dep: Deployment, model: ModelProfile) -> bool:
     dense = 4 * model.dense_param_bytes  # weights plus activations and buffers, generously
     if dep.placement is None:
         return model.embedding_bytes + dense <= usable_memory(dep.ranker_type)
-    if dep.shared_cores:
+    if dep.hosting == "one-host":
         held = float(dep.placement.server_bytes(model).sum())
         return held + dep.rankers * dense <= usable_memory(dep.server_type)
     held = float(dep.placement.server_bytes(model).max())
-    if dep.colocated:
+    if dep.hosting == "colocated":
         return held + dense <= usable_memory(dep.server_type)
     return held <= usable_memory(dep.server_type) and dense <= usable_memory(dep.ranker_type)
 
@@ -420,117 +491,93 @@ def hop_s(calibration: Calibration) -> float:
     return calibration.network.rtt_s + calibration.network.wire_rtt_s
 
 
-def predict(
-    dep: Deployment, model: ModelProfile, traffic: Traffic, calibration: Calibration, qps: float | None = None
-) -> Prediction:
-    """Predicted throughput and p99 of `dep` serving `traffic` (at `qps`, default its peak).
+@dataclass(frozen=True)
+class _Path:
+    """One query's path through both tiers at one load: its p99 and what bounds its throughput."""
 
-    This is the function a validation run compares with measurements of a real deployment.
-    """
-    qps = traffic.peak_qps if qps is None else qps
-    work = QueryWork.of(model, traffic, calibration)
-    if dep.shared_cores:
-        return _predict_shared(dep, model, work, calibration, qps)
-    lookup_units, dense_units = _split_vcpus(dep, work, calibration)
+    p99_s: float
+    capacities: dict[str, float]
+    breakdown_ms: dict[str, float]
+
+    @property
+    def bottleneck(self) -> str:
+        return min(self.capacities, key=lambda k: self.capacities[k])
+
+    @property
+    def max_qps(self) -> float:
+        return self.capacities[self.bottleneck]
+
+
+def _path(
+    dep: Deployment, work: QueryWork, calibration: Calibration, qps: float, es: StageResult, rk: StageResult
+) -> _Path:
+    """The tiers in series: hops, the slowest server reached, the ranker."""
+    if dep.hosting == "one-host":
+        return _one_host_path(dep, work, calibration, qps, es, rk)
     hops = hop_s(calibration) * (1 if dep.placement is None else 2)
-    results = {}
-    for degraded in (False, True):
-        es = server_stage(dep, work, model, qps, degraded, lookup_units)
-        rk = ranker_stage(dep, work, qps, degraded, dense_units, calibration, es)
-        results[degraded] = (es, rk)
-    (es, rk), (es_d, rk_d) = results[False], results[True]
-    return Prediction(
-        qps=qps,
-        p99_ms=1e3 * float(hops + es.p99_s + rk.p99_s),
-        p99_ms_degraded=1e3 * float(hops + es_d.p99_s + rk_d.p99_s),
-        max_qps=min(es.max_qps, rk.max_qps),
-        max_qps_degraded=min(es_d.max_qps, rk_d.max_qps),
-        bottleneck=es.bottleneck if es.max_qps <= rk.max_qps else rk.bottleneck,
-        memory_ok=memory_fits(dep, model),
-        breakdown_ms={
-            "network hops": 1e3 * hops,
-            "lookups": 1e3 * float(es.p99_s),
-            "ranker": 1e3 * float(rk.p99_s),
-        },
+    return _Path(
+        float(hops + es.p99_s + rk.p99_s),
+        {es.bottleneck: es.max_qps, rk.bottleneck: rk.max_qps},
+        {"network hops": 1e3 * hops, "lookups": 1e3 * float(es.p99_s), "ranker": 1e3 * float(rk.p99_s)},
     )
 
 
-def _contended_load(rate: float, handling: float, kappa: float) -> float:
-    """The utilisation rho of a ranker's request path solving rho = rate handling (1 + kappa rho);
-    1 where there is no solution below 1 (overloaded)."""
-    base = rate * handling
-    slope = base * kappa
-    return base / (1 - slope) if base + slope < 1 else 1.0
-
-
-def _predict_shared(
-    dep: Deployment, model: ModelProfile, work: QueryWork, calibration: Calibration, qps: float
-) -> Prediction:
-    """Every process on one host's `shared_cores` cores (see the module docstring)."""
-    assert dep.placement is not None  # Deployment checks it
-    demand = ServerDemand.of(dep, work, model, 0)
-    servers = StageResult(
-        0.0,
-        math.inf,
-        "",
-        bytes_to_ranker=float(demand.out_bytes.sum()),
-        subrequests=float(demand.reached.sum()),
-        bytes_to_servers=float(demand.in_bytes.sum()),
-        split_tables=dep.placement.splits_tables,
-    )
-    # A ranker's requests take turns on its request path (`ranker_cores` of a core at most) and
-    # contention stretches it; the dense model (a few long torch calls) runs outside the turns.
-    handling, dense = ranker_cpu_s(dep, work, calibration, servers), work.dense_cpu_s
-    serving = work.serving
-    cores = serving.ranker_cores
-    if dep.in_flight:  # each ranker holds its share of the loop's requests
-        handling *= serving.contention(dep.in_flight / dep.rankers)
-        ranker_capacity = dep.rankers * cores / handling
-    else:  # open arrivals: n in a busy ranker is 1 / (1 - rho), so handling grows by kappa x rho
-        kappa, alone = serving.ranker_contention, handling
-        handling = alone * (1 + kappa * _contended_load(qps / dep.rankers / cores, alone, kappa))
-        ranker_capacity = dep.rankers * cores / (alone * (1 + kappa))
-    ranker = handling + dense
-    client = serving.client_s(work.lookups) + work.request_bytes * work.byte_s
-    lookups = float(demand.service_s.sum())
-    total = client + ranker + lookups
-    wire = work.request_bytes + float(demand.in_bytes.sum() + demand.out_bytes.sum())
+def _one_host_path(
+    dep: Deployment, work: QueryWork, calibration: Calibration, qps: float, es: StageResult, rk: StageResult
+) -> _Path:
+    """Every process on one host's cores (see the module docstring)."""
+    client = _client_s(work)
+    total = client + rk.cpu_s + es.cpu_s
+    cores = dep.ranker_type.vcpus
+    wire = work.request_bytes + es.bytes_to_servers + es.bytes_to_ranker
     capacities = {
         # A saturated resource of this closed loop stays busy only part of the time: requests
         # handed between threads and processes leave gaps. The calibration measures that share
         # on the ranker's request path (`ranker_cores`); the cores fare the same.
-        "shared cores": dep.shared_cores * serving.ranker_cores / total,
-        "ranker processes": ranker_capacity,
+        "shared cores": cores * work.serving.ranker_cores / total,
+        rk.bottleneck: rk.max_qps,
         "load generator": PROCESS_CORES / client,
-        "embedding-server processes": PROCESS_CORES / max(float(demand.service_s.max()), 1e-30),
+        es.bottleneck: es.max_qps,
         "loopback": dep.server_type.network_bytes_per_s / wire,
     }
-    bottleneck = min(capacities, key=lambda k: capacities[k])
-    # Fixed per-request costs dominate small queries, so the service time varies less than the
-    # query size: scale its CV by the share of the work that grows with the samples.
-    fixed = serving.client_request_s + serving.ranker_request_s + calibration.dense.call_s
-    scv = (work.scv - 0.05) * (1 - min(fixed / total, 1)) ** 2 + 0.05
     # Whichever queue is tighter: the whole query on the shared cores, or its ranker process
     # (requests take turns on its request path) with the rest of the path unqueued.
-    on_cores = mgc_quantile(qps, total, dep.shared_cores, scv, QUANTILE, SHARED_WAIT_SCV)
-    rest = client + float(demand.service_s.max())
-    path = mgc_quantile(qps / dep.rankers / cores, handling, 1, scv, QUANTILE)
-    in_ranker = path + dense + rest
+    scv = _one_host_scv(work, calibration, total)
+    on_cores = mgc_quantile(qps, total, cores, scv, QUANTILE, SHARED_WAIT_SCV)
+    in_ranker = rk.p99_s + (client + es.p99_s)
     hops = 2 * calibration.network.rtt_s
-    p99 = hops + max(on_cores, in_ranker) if qps < capacities[bottleneck] else math.inf
+    p99 = hops + max(on_cores, in_ranker) if qps < min(capacities.values()) else math.inf
+    breakdown = {
+        "network hops": 1e3 * hops,
+        "client": 1e3 * client,
+        "ranker": 1e3 * rk.cpu_s,
+        "lookups": 1e3 * es.cpu_s,
+        "p99 over the mean demand": 1e3 * (p99 - hops - total),
+    }
+    return _Path(p99, capacities, breakdown)
+
+
+def predict(
+    dep: Deployment, model: ModelProfile, traffic: Traffic, calibration: Calibration, qps: float | None = None
+) -> Prediction:
+    """Predicted throughput and p99 of `dep` serving `traffic` (at `qps`, default its peak): the
+    performance model the search, `flexemr plan` and the validation benchmark all use."""
+    qps = traffic.peak_qps if qps is None else qps
+    work = QueryWork.of(model, traffic, calibration)
+    lookup_units, dense_units = _split_vcpus(dep, work, calibration)
+    paths = []
+    for degraded in (False, True):
+        es = server_stage(dep, work, model, qps, degraded, lookup_units)
+        rk = ranker_stage(dep, work, qps, degraded, dense_units, calibration, es)
+        paths.append(_path(dep, work, calibration, qps, es, rk))
+    healthy, worst = paths
     return Prediction(
         qps=qps,
-        p99_ms=1e3 * p99,
-        p99_ms_degraded=1e3 * p99,
-        max_qps=capacities[bottleneck],
-        max_qps_degraded=capacities[bottleneck],
-        bottleneck=bottleneck,
+        p99_ms=1e3 * healthy.p99_s,
+        p99_ms_degraded=1e3 * worst.p99_s,
+        max_qps=healthy.max_qps,
+        max_qps_degraded=worst.max_qps,
+        bottleneck=healthy.bottleneck,
         memory_ok=memory_fits(dep, model),
-        breakdown_ms={
-            "network hops": 1e3 * hops,
-            "client": 1e3 * client,
-            "ranker": 1e3 * ranker,
-            "lookups": 1e3 * lookups,
-            "p99 over the mean demand": 1e3 * (p99 - hops - total),
-        },
+        breakdown_ms=healthy.breakdown_ms,
     )

@@ -350,7 +350,7 @@ def scale_up(request: PlanRequest, catalog: Catalog, calibration: Calibration) -
         for count in range(max(lowest, 1 + failures), min(lowest + WINDOW, MAX_NODES) + 1):
             if best is not None and count * node.price_per_hour >= best.cost_per_hour:
                 break
-            dep = Deployment(node, count, node, None, failures, failures, True, colocated=True)
+            dep = Deployment(node, count, node, None, failures, failures, True, hosting="colocated")
             if not memory_fits(dep, request.model):
                 break
             fits_anywhere = True
@@ -381,7 +381,7 @@ def scale_out(request: PlanRequest, catalog: Catalog, calibration: Calibration) 
                     break
                 placement = place(model, count, failures + 1, strategy)
                 dep = Deployment(
-                    node, count, node, placement, failures, failures, request.partial_pooling, True
+                    node, count, node, placement, failures, failures, request.partial_pooling, "colocated"
                 )
                 if not memory_fits(dep, model):
                     continue
