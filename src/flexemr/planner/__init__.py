@@ -4,7 +4,8 @@ inputs       model, traffic, availability, the request (validated, from JSON fil
 catalog      node types and prices (default: AWS us-east-1 on-demand list prices)
 calibration  the cost model's constants, and their file (`flexemr.calibrate` measures them)
 placement    table-/row-wise chunks with k+1 copies, balanced by load and bytes
-perf_model   throughput and p99 of a deployment (M/G/c queues, fan-out, network)
+perf_model   throughput and p99 of a deployment (M/G/c queues, fan-out, network), however hosted
+page_cache   the SSD tier: which lookups an mmap server finds in its page cache
 search       the fast search, the exhaustive reference, monolithic baselines
 report       the result as text and JSON; `load_sharding`
 """

@@ -36,6 +36,12 @@ class LookupCost:
     """The smallest table measured: smaller ones cost as much per bag as it."""
     size_exponent: float = 0.4
     """Between the two, the cost per bag grows as (table bytes)^this; fitted from both sizes."""
+    ssd_read_s: float = 100e-6
+    """A lookup an mmap server (`--storage mmap`) does not find in its page cache: one random 4 KiB
+    read from the node's local NVMe SSD at low queue depth, during which the faulting core waits.
+    Not measured by `flexemr calibrate` (this machine has no such SSD): 100 us is the order NVMe
+    data sheets give for queue-depth-1 random reads (typically 70-100 us); measure a node with
+    `fio --rw=randread --bs=4k --iodepth=1 --direct=1` and set it in the calibration file."""
 
     def seconds_per_bag(self, dim: int, pooling: float, zipf_skew: float) -> float:
         uniform = self.bag_s + pooling * (self.row_s + dim * self.element_s)

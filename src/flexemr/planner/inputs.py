@@ -39,11 +39,14 @@ class ModelProfile:
         return -(-self.embedding_bytes // sum(self.spec.table_rows))
 
     @property
+    def table_row_bytes(self) -> tuple[int, ...]:
+        """Bytes of one stored row of each table (fp32 4 dim, fp16 2 dim, int8 dim + 8)."""
+        return tuple(row_bytes(fmt, self.spec.dim) for fmt in self.spec.formats)
+
+    @property
     def table_bytes(self) -> tuple[int, ...]:
-        formats = self.spec.formats
         return tuple(
-            rows * row_bytes(fmt, self.spec.dim)
-            for rows, fmt in zip(self.spec.table_rows, formats, strict=True)
+            rows * size for rows, size in zip(self.spec.table_rows, self.table_row_bytes, strict=True)
         )
 
     @property

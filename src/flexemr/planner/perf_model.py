@@ -53,6 +53,7 @@ import numpy as np
 from flexemr.planner.calibration import Calibration, LookupCost, ServingCost
 from flexemr.planner.catalog import NodeType
 from flexemr.planner.inputs import ModelProfile, Traffic
+from flexemr.planner.page_cache import hit_ratio
 from flexemr.planner.placement import Placement
 
 QUANTILE = 0.99
@@ -61,6 +62,8 @@ RESERVED_VCPUS = 1
 RESERVED_MEMORY_FRACTION = 0.1
 RESERVED_MEMORY_BYTES = 2 * 2**30
 """Memory per node left to the OS, the runtime and buffers: 10% plus 2 GiB."""
+USABLE_SSD_FRACTION = 0.9
+"""Share of a node's local SSD the row files may fill (file system, headroom)."""
 INDEX_BYTES = 4
 """Bytes per index and per bag offset in requests (client -> ranker -> servers): int32, which the
 client and the router send wherever the rows fit (int64 only past 2^31 rows)."""
@@ -74,6 +77,14 @@ A ranker's request path is first come, first served (its requests take turns): p
 
 def usable_memory(node: NodeType) -> float:
     return node.memory_bytes * (1 - RESERVED_MEMORY_FRACTION) - RESERVED_MEMORY_BYTES
+
+
+def row_capacity(node: NodeType, storage: Storage) -> float:
+    """Bytes of rows one embedding server on `node` may hold: its usable DRAM, or with `mmap` its
+    local SSD (the DRAM then is page cache)."""
+    if storage == "mmap":
+        return node.ssd_gib * 2**30 * USABLE_SSD_FRACTION
+    return usable_memory(node)
 
 
 def usable_vcpus(node: NodeType) -> int:
@@ -108,6 +119,8 @@ def mgc_quantile(
 
 Hosting = Literal["dedicated", "colocated", "one-host"]
 """How the processes of a deployment share nodes (see the module docstring)."""
+Storage = Literal["dram", "mmap"]
+"""Where embedding servers keep their rows (`serve --storage`)."""
 
 
 @dataclass(frozen=True)
@@ -133,12 +146,23 @@ class Deployment:
     in_flight: int = 0
     """One-host: a closed loop keeping this many requests in flight (LoadGen Offline's workers);
     0: open Poisson arrivals at the traffic's rate (LoadGen Server)."""
+    storage: Storage = "dram"
+    """"dram": servers hold their rows in memory. "mmap": in a file on `server_type`'s local SSD
+    that they memory-map (`serve --storage mmap`); the page cache keeps the hot rows, and a lookup
+    that misses it waits for an SSD read (`flexemr.planner.page_cache`)."""
 
     def __post_init__(self) -> None:
         if self.hosting == "one-host" and (
             self.placement is None or self.ranker_failures or self.server_failures
         ):
             raise ValueError("one-host hosting needs a placement and no failures to survive")
+        if self.storage == "mmap" and (
+            self.hosting != "dedicated" or self.placement is None or self.server_type.ssd_gib <= 0
+        ):
+            raise ValueError(
+                f"mmap storage needs dedicated embedding servers on a node type with local SSD "
+                f"(ssd_gib > 0), got {self.hosting} hosting on {self.server_type.name}"
+            )
 
     @property
     def servers(self) -> int:
@@ -162,6 +186,9 @@ class QueryWork:
     lookup_s_per_table: np.ndarray
     """One core's seconds per query for all of each table's bags, on the calibration's table size
     (`lookup.size_factor` scales it to a server's)."""
+    lookups_per_table: np.ndarray
+    """Rows each table's bags read per query."""
+    zipf_skew: float
     lookup: LookupCost
     dense_cpu_s: float
     dense_flops: float
@@ -191,6 +218,8 @@ class QueryWork:
             samples=s,
             scv=traffic.samples_cv**2 + 0.05,
             lookup_s_per_table=s * per_bag,
+            lookups_per_table=s * bags,
+            zipf_skew=traffic.zipf_skew,
             lookup=calibration.lookup,
             dense_cpu_s=calibration.dense.call_s + flops / calibration.dense.flops_per_s,
             dense_flops=flops,
@@ -272,6 +301,8 @@ class ServerDemand:
     out_bytes: np.ndarray
     touched: np.ndarray
     """Servers holding any of the traffic."""
+    ssd_reads: np.ndarray
+    """Lookups that miss the page cache of an mmap server (0 with rows in DRAM)."""
 
     @classmethod
     def of(cls, dep: Deployment, work: QueryWork, model: ModelProfile, failures: int) -> ServerDemand:
@@ -287,14 +318,22 @@ class ServerDemand:
         in_bytes = shares @ work.index_bytes_per_table
         sizes = np.array([work.lookup.size_factor(b) for b in dep.placement.server_bytes(model)])
         kernels = (shares * work.lookup_s_per_table).sum(axis=1) * sizes
+        ssd_reads = np.zeros(len(sizes))
+        if dep.storage == "mmap":
+            row_bytes = np.asarray(model.table_row_bytes, dtype=np.float64)
+            cache = usable_memory(dep.server_type)
+            hits = hit_ratio(dep.placement.rows_held, row_bytes, cache, work.zipf_skew)
+            ssd_reads = (shares * (1 - hits)) @ work.lookups_per_table
         return cls(
             service_s=kernels
+            + ssd_reads * work.lookup.ssd_read_s
             + reached * work.serving.server_subrequest_s
             + (in_bytes + out_bytes) * work.byte_s,
             reached=reached,
             in_bytes=in_bytes,
             out_bytes=out_bytes,
             touched=np.asarray((touches > 0).any(axis=1)),
+            ssd_reads=ssd_reads,
         )
 
 
@@ -484,7 +523,12 @@ def memory_fits(dep: Deployment, model: ModelProfile) -> bool:
     held = float(dep.placement.server_bytes(model).max())
     if dep.hosting == "colocated":
         return held + dense <= usable_memory(dep.server_type)
-    return held <= usable_memory(dep.server_type) and dense <= usable_memory(dep.ranker_type)
+    page_cache = dep.storage == "dram" or usable_memory(dep.server_type) > 0
+    return (
+        page_cache
+        and held <= row_capacity(dep.server_type, dep.storage)
+        and dense <= usable_memory(dep.ranker_type)
+    )
 
 
 def hop_s(calibration: Calibration) -> float:

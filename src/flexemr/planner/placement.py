@@ -52,9 +52,6 @@ class Placement:
     strategy: Strategy
     chunks: tuple[Chunk, ...]
 
-    def server_rows(self) -> np.ndarray:
-        return self._server_rows
-
     @functools.cached_property
     def splits_tables(self) -> bool:
         """Whether some table's rows lie on more than one server: the router then finds every
@@ -65,17 +62,17 @@ class Placement:
         return any(len(held) > 1 for held in servers.values())
 
     @functools.cached_property
-    def _server_rows(self) -> np.ndarray:
-        # Cached: the search asks for every placement's memory once per ranker type it tries.
-        rows = np.zeros(self.num_servers, dtype=np.int64)
+    def rows_held(self) -> np.ndarray:
+        """[servers, tables]: the rows of each table each server holds. Cached: the search asks
+        for every placement's memory once per ranker type it tries."""
+        rows = np.zeros((self.num_servers, 1 + max(c.table for c in self.chunks)), dtype=np.int64)
         for c in self.chunks:
-            for s in c.servers:
-                rows[s] += c.row_end - c.row_start
+            rows[list(c.servers), c.table] += c.row_end - c.row_start
         rows.flags.writeable = False
         return rows
 
     def server_bytes(self, model: ModelProfile) -> np.ndarray:
-        return self.server_rows() * model.row_bytes
+        return self.rows_held @ np.asarray(model.table_row_bytes, dtype=np.int64)
 
     def load(
         self, model: ModelProfile, failed: frozenset[int] = frozenset()

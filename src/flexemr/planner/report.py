@@ -11,6 +11,7 @@ from typing import Any
 from flexemr.planner.calibration import Calibration
 from flexemr.planner.catalog import Catalog
 from flexemr.planner.inputs import PlanRequest, read_json_object
+from flexemr.planner.placement import Placement
 from flexemr.planner.search import Candidate
 from flexemr.sharding.plan import ShardingPlan
 
@@ -26,10 +27,14 @@ class PlanResult:
     catalog: Catalog
 
     @property
-    def sharding(self) -> ShardingPlan:
+    def _placement(self) -> Placement:
         placement = self.chosen.deployment.placement
         assert placement is not None
-        return placement.to_sharding_plan(self.request.model)
+        return placement
+
+    @property
+    def sharding(self) -> ShardingPlan:
+        return self._placement.to_sharding_plan(self.request.model)
 
     def to_dict(self) -> dict[str, Any]:
         dep = self.chosen.deployment
@@ -45,7 +50,12 @@ class PlanResult:
                 "partial_pooling": self.request.partial_pooling,
             },
             "rankers": {"type": dep.ranker_type.name, "count": dep.rankers},
-            "embedding_servers": {"type": dep.server_type.name, "count": dep.servers},
+            "embedding_servers": {
+                "type": dep.server_type.name,
+                "count": dep.servers,
+                "storage": dep.storage,
+                "max_row_bytes": int(self._placement.server_bytes(self.request.model).max()),
+            },
             "cost_per_hour": dep.cost_per_hour,
             "prediction": self.chosen.prediction.to_dict(),
             "alternatives": {
@@ -71,7 +81,8 @@ class PlanResult:
             f"disaggregated: ${dep.cost_per_hour:.2f}/hour",
             f"  rankers:           {dep.rankers} x {dep.ranker_type.name}",
             f"  embedding servers: {dep.servers} x {dep.server_type.name} "
-            f"({self.sharding.strategy}-wise, {self.sharding.replicas} copies of each row)",
+            f"({self.sharding.strategy}-wise, {self.sharding.replicas} copies of each row; "
+            f"{_storage(dep.storage, float(self._placement.server_bytes(req.model).max()))})",
             f"  predicted: p99 {pred.p99_ms:.2f} ms healthy, {pred.p99_ms_degraded:.2f} ms degraded; "
             f"throughput {pred.max_qps:.0f} QPS ({pred.max_qps_degraded:.0f} degraded), "
             f"bottleneck {pred.bottleneck}",
@@ -83,6 +94,13 @@ class PlanResult:
             f"  scale-out: {_describe(self.scale_out, dep.cost_per_hour)}",
         ]
         return "\n".join(lines)
+
+
+def _storage(storage: str, row_bytes: float) -> str:
+    held = f"up to {row_bytes / 2**30:.2f} GiB of rows a server"
+    if storage == "mmap":
+        return f"{held} on local SSD, hot rows in the page cache: serve with --storage mmap --storage-dir DIR"
+    return f"{held} in DRAM"
 
 
 def _alternative(alt: Candidate | str) -> dict[str, Any]:

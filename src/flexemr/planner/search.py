@@ -3,8 +3,10 @@
 The fast search uses that the two tiers meet only through a sum of latencies and the bytes the
 servers send back:
 
-1. For every server type and sharding strategy, sweep the server count upward from a lower bound
-   (memory for k+1 copies; lookup vCPUs for the peak load with k servers down) and keep each
+1. For every server type, storage (rows in DRAM; or, on types with local SSD, in a file the
+   server memory-maps, the DRAM holding the hot rows: `serve --storage mmap`) and sharding
+   strategy, sweep the server count upward from a lower bound (room for k+1 copies; lookup
+   vCPUs for the peak load with k servers down) and keep each
    count whose tier is not saturated: (cost, p99 healthy, p99 degraded, bytes to the ranker).
    A sweep stops once more servers stop cutting the tier's p99 (by 1%, 3 counts running).
 2. Visit those options cheapest first. For each, for every ranker type, from its lower bound
@@ -30,11 +32,13 @@ from flexemr.planner.perf_model import (
     Prediction,
     QueryWork,
     StageResult,
+    Storage,
     hop_s,
     memory_fits,
     predict,
     ranker_cpu_s,
     ranker_stage,
+    row_capacity,
     server_stage,
     usable_memory,
     usable_vcpus,
@@ -71,6 +75,7 @@ class Candidate:
 @dataclass(frozen=True)
 class _ServerOption:
     node: NodeType
+    storage: Storage
     placement: Placement
     cost: float
     healthy: StageResult
@@ -78,7 +83,11 @@ class _ServerOption:
 
 
 def _probe(
-    request: PlanRequest, ranker: NodeType, server: NodeType, placement: Placement | None
+    request: PlanRequest,
+    ranker: NodeType,
+    server: NodeType,
+    placement: Placement | None,
+    storage: Storage = "dram",
 ) -> Deployment:
     availability = request.availability
     return Deployment(
@@ -89,16 +98,30 @@ def _probe(
         ranker_failures=availability.ranker_failures,
         server_failures=availability.embedding_server_failures,
         partial_pooling=request.partial_pooling,
+        storage=storage,
     )
 
 
+def _server_tiers(catalog: Catalog) -> list[tuple[NodeType, Storage]]:
+    """Every node type with rows in DRAM, and those with local SSD with rows on it, cheapest
+    capacity for rows first."""
+    tiers: list[tuple[NodeType, Storage]] = [(n, "dram") for n in catalog.node_types]
+    tiers += [(n, "mmap") for n in catalog.node_types if n.ssd_gib > 0]
+    return sorted(tiers, key=lambda t: t[0].price_per_hour / max(row_capacity(*t), 1))
+
+
 def _server_options(
-    request: PlanRequest, work: QueryWork, node: NodeType, strategy: Strategy, budget: Callable[[], float]
+    request: PlanRequest,
+    work: QueryWork,
+    node: NodeType,
+    storage: Storage,
+    strategy: Strategy,
+    budget: Callable[[], float],
 ) -> Iterable[_ServerOption]:
     model, qps = request.model, request.traffic.peak_qps
     k, copies = request.availability.embedding_server_failures, request.availability.replicas
-    memory = usable_memory(node)
-    if memory <= 0:
+    memory = row_capacity(node, storage)
+    if memory <= 0 or usable_memory(node) <= 0:
         return
     cores = usable_vcpus(node)
     lowest = max(
@@ -114,12 +137,12 @@ def _server_options(
         placement = place(model, n, copies, strategy)
         if float(placement.server_bytes(model).max()) > memory:
             continue
-        dep = _probe(request, node, node, placement)
+        dep = _probe(request, node, node, placement, storage)
         healthy = server_stage(dep, work, model, qps, False, cores)
         degraded = server_stage(dep, work, model, qps, True, cores)
         if min(healthy.max_qps, degraded.max_qps) < qps:
             continue
-        yield _ServerOption(node, placement, n * node.price_per_hour, healthy, degraded)
+        yield _ServerOption(node, storage, placement, n * node.price_per_hour, healthy, degraded)
         p99 = max(healthy.p99_s, degraded.p99_s)
         stalled = stalled + 1 if p99 > 0.99 * best_p99 else 0
         best_p99 = min(best_p99, p99)
@@ -157,6 +180,7 @@ def _ranker_tier(request: PlanRequest, option: _ServerOption, node: NodeType, co
         availability.ranker_failures,
         availability.embedding_server_failures,
         request.partial_pooling,
+        storage=option.storage,
     )
 
 
@@ -233,9 +257,9 @@ def search_disaggregated(
         return math.inf if best is None else best[0] - cheapest_rankers
 
     any_servers = False
-    for server in sorted(catalog.node_types, key=lambda n: n.price_per_hour / max(usable_memory(n), 1)):
+    for server, storage in _server_tiers(catalog):
         for strategy in strategies:
-            for option in _server_options(request, work, server, strategy, budget):
+            for option in _server_options(request, work, server, storage, strategy, budget):
                 any_servers = True
                 found = _cheapest_rankers(request, work, calibration, option, rankers, best)
                 if found is not None:
@@ -265,14 +289,14 @@ def _explain(
     request: PlanRequest, catalog: Catalog, calibration: Calibration, work: QueryWork, any_servers: bool
 ) -> tuple[list[str], list[str]]:
     reasons, fixes = [], []
-    largest = max(usable_memory(n) for n in catalog.node_types)
+    largest = max(row_capacity(*tier) for tier in _server_tiers(catalog))
     copies = request.availability.replicas
     need = copies * request.model.embedding_bytes
     if not any_servers:
         if need > MAX_NODES * largest:
             reasons.append(
                 f"{copies} copies of the tables need {need / 2**30:.0f} GiB, more than {MAX_NODES} of the "
-                f"largest node ({largest / 2**30:.0f} GiB usable) hold"
+                f"largest node ({largest / 2**30:.0f} GiB usable, in DRAM or on local SSD) hold"
             )
             fixes.append(
                 "lower --availability, shrink the model (--row-scale, fp16/int8 rows) or add bigger nodes"
@@ -312,7 +336,7 @@ def exhaustive_search(
     """Every disaggregated deployment up to the given counts, each through `predict`: the reference."""
     best: Candidate | None = None
     availability = request.availability
-    for server in catalog.node_types:
+    for server, storage in _server_tiers(catalog):
         for strategy in strategies:
             for n in range(availability.replicas, max_servers + 1):
                 placement = place(request.model, n, availability.replicas, strategy)
@@ -326,6 +350,7 @@ def exhaustive_search(
                             availability.ranker_failures,
                             availability.embedding_server_failures,
                             request.partial_pooling,
+                            storage=storage,
                         )
                         if best is not None and dep.cost_per_hour >= best.cost_per_hour:
                             continue
