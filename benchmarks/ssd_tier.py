@@ -5,8 +5,8 @@ rows are drawn uniformly from the first `--hot-fraction` of each table (a workin
 memory) or from all of it (one that does not, when the server's memory is limited). Each is run
 with the rows in DRAM and in a memory-mapped file (`--storage-dir`, on the SSD to measure).
 
-The server's memory is limited with a cgroup v2 `memory.max` (`--memory-max`, needs root and the
-cgroup v2 memory controller); where none can be made the run says so, and the out-of-memory case
+The server's memory is limited with a memory cgroup (`--memory-max`: v2 `memory.max` or v1
+`memory.limit_in_bytes`, needs root); where none can be made the run says so, and the out-of-memory case
 only measures the page cache (the file stays cached). The DRAM run is skipped when the rows do not
 fit under the limit. Scores are checked against the monolithic model on the first batch.
 
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--row-dtype", default="fp32")
     parser.add_argument("--storage-dir", required=True, help="folder for the row file (on the SSD)")
     parser.add_argument(
-        "--memory-max", type=parse_bytes, help="cgroup v2 memory.max of the server (e.g. 2GiB)"
+        "--memory-max", type=parse_bytes, help="memory cgroup limit of the server (e.g. 2GiB)"
     )
     parser.add_argument("--hot-fraction", type=float, default=0.01)
     parser.add_argument("--batch", type=int, default=256)
@@ -113,7 +113,7 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     with memory_cgroup(args.memory_max) if args.memory_max else contextlib.nullcontext() as group:
         if args.memory_max and group is None:
-            print("no cgroup v2 memory controller here: running unlimited (the file stays in the page cache)")
+            print("no memory cgroup can be made here: running unlimited (the file stays in the page cache)")
         if not args.memory_max or spec.embedding_bytes < args.memory_max:
             results += measure(dram, args, group)
         results += measure(mmap, args, group)

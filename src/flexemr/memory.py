@@ -1,10 +1,11 @@
 """What a process may still allocate, checked before it loads rows.
 
-Available memory is the kernel's estimate (`MemAvailable`), capped by the process's cgroup v2 limit
-(`memory.max` less `memory.current`) where it has one: in a container the cgroup is what the OOM
-killer enforces. A process that would not fit refuses at once with the numbers and the flags that
-change them, instead of dying mid-load with an OOM traceback. `FLEXEMR_MEMORY_CHECK=off` skips it
-(for overcommitted hosts that know better).
+Available memory is the kernel's estimate (`MemAvailable`), capped by the limit of the process's
+memory cgroup where it has one (v2 `memory.max` less `memory.current`, v1 `memory.limit_in_bytes`
+less `memory.usage_in_bytes`): in a container the cgroup is what the OOM killer enforces. A process
+that would not fit refuses at once with the numbers and the flags that change them, instead of
+dying mid-load with an OOM traceback. `FLEXEMR_MEMORY_CHECK=off` skips it (for overcommitted hosts
+that know better).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def check_memory(need: int, what: str, advice: str) -> None:
     if have is not None and need + OVERHEAD_BYTES > have:
         raise NotEnoughMemory(
             f"{what} needs {need / 2**30:.2f} GiB (+{OVERHEAD_BYTES >> 20} MiB overhead) but only "
-            f"{have / 2**30:.2f} GiB is available (MemAvailable, cgroup memory.max); {advice} "
+            f"{have / 2**30:.2f} GiB is available (MemAvailable, the memory cgroup's limit); {advice} "
             "(FLEXEMR_MEMORY_CHECK=off skips this check)"
         )
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexemr.bench.cgroup import memory_cgroup
+from flexemr.bench.cgroup import memory_cgroup, oom_kills
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker, local_servers_need
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, StorageConfig
@@ -99,9 +99,30 @@ def test_mmap_server_serves_a_table_larger_than_its_memory_limit(tmp_path: Path)
     assert limit < model.embedding_bytes
     with memory_cgroup(limit) as group:
         if group is None:
-            pytest.skip("no cgroup v2 memory controller to limit the server with on this host")
+            pytest.skip("no cgroup memory controller (v1 or v2) to limit the server with on this host")
         _serve_and_check(spec, cgroup=group)
-        assert int((group / "memory.events").read_text().split("oom_kill ")[1].split()[0]) == 0
+        assert oom_kills(group) == 0
+    assert not group.exists()
+
+
+def test_the_room_check_reads_the_memory_cgroup_limit() -> None:
+    limit = 512 * 2**20
+    with memory_cgroup(limit) as group:
+        if group is None:
+            pytest.skip("no cgroup memory controller (v1 or v2) to limit a process with on this host")
+        code = (
+            "import sys; sys.stdin.readline(); from flexemr.memory import available_bytes, cgroup_room; "
+            "print(cgroup_room(), available_bytes())"
+        )
+        child = subprocess.Popen(
+            [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        (group / "cgroup.procs").write_text(str(child.pid))  # joins before it reads the limit
+        out, _ = child.communicate("go\n", timeout=120)
+    room, available = (int(v) for v in out.split())
+    assert 0 < room < limit  # the limit less what the interpreter already uses
+    assert available <= room
+    assert not group.exists()
 
 
 def test_a_process_that_would_not_fit_refuses_with_the_flags_to_change(tmp_path: Path) -> None:
