@@ -32,7 +32,7 @@ from flexemr.bench.cgroup import memory_cgroup
 from flexemr.cache.sizes import parse_bytes
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker, torch_threads
-from flexemr.config import ClusterSpec, Endpoint, ModelSource, StorageConfig
+from flexemr.config import ClusterSpec, Endpoint, ModelSource, NodeLimits, RankerConfig, StorageConfig
 from flexemr.model.spec import ModelSpec
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
@@ -107,7 +107,9 @@ def main() -> None:
     )
     spec = source.spec()
     plan = make_plan("table", spec.table_rows, spec.dim, 1)
-    dram = ClusterSpec(source, plan, (Endpoint(),))
+    # Out of memory a batch may wait on the SSD for seconds: measure it rather than fail it.
+    patient = RankerConfig(port=0, request_timeout_s=300.0)
+    dram = ClusterSpec(source, plan, (Endpoint(),), patient, limits=NodeLimits(heartbeat_timeout_s=60.0))
     mmap = dataclasses.replace(dram, storage=StorageConfig("mmap", args.storage_dir))
     print(f"rows: {spec.embedding_bytes / 2**30:.2f} GiB; memory limit: {args.memory_max or 'none'}")
     results: list[dict[str, Any]] = []
@@ -123,7 +125,7 @@ def main() -> None:
         "| " + " | ".join(f"{v:.4g}" if isinstance(v, float) else str(v) for v in r.values()) + " |"
         for r in results
     ]
-    report = f"rows {spec.embedding_bytes / 2**30:.2f} GiB, memory.max {args.memory_max}\n\n" + "\n".join(
+    report = f"rows {spec.embedding_bytes / 2**30:.2f} GiB, memory limit {args.memory_max}\n\n" + "\n".join(
         lines
     )
     args.out.mkdir(parents=True, exist_ok=True)

@@ -110,6 +110,14 @@ def _server_tiers(catalog: Catalog) -> list[tuple[NodeType, Storage]]:
     return sorted(tiers, key=lambda t: t[0].price_per_hour / max(row_capacity(*t), 1))
 
 
+def _holds(node: NodeType, storage: Storage, row_bytes: float) -> bool:
+    """Whether a server on `node` holds `row_bytes` of rows with `storage`; rows that fit in its
+    DRAM take no SSD (the DRAM option serves them as fast)."""
+    if storage == "mmap" and row_bytes <= usable_memory(node):
+        return False
+    return row_bytes <= row_capacity(node, storage)
+
+
 def _server_options(
     request: PlanRequest,
     work: QueryWork,
@@ -135,7 +143,7 @@ def _server_options(
         if n * node.price_per_hour >= budget():
             return
         placement = place(model, n, copies, strategy)
-        if float(placement.server_bytes(model).max()) > memory:
+        if not _holds(node, storage, float(placement.server_bytes(model).max())):
             continue
         dep = _probe(request, node, node, placement, storage)
         healthy = server_stage(dep, work, model, qps, False, cores)
@@ -340,6 +348,8 @@ def exhaustive_search(
         for strategy in strategies:
             for n in range(availability.replicas, max_servers + 1):
                 placement = place(request.model, n, availability.replicas, strategy)
+                if not _holds(server, storage, float(placement.server_bytes(request.model).max())):
+                    continue
                 for ranker in catalog.node_types:
                     for count in range(1 + availability.ranker_failures, max_rankers + 1):
                         dep = Deployment(
