@@ -15,7 +15,9 @@ GPUs, NICs) reaches utilisation 1.
 
 Every process also spends CPU around the kernels (`ServingCost`): the ranker per request, per
 server reached, per bag and per index; a server per subrequest and per index. On a CPU ranker that
-shares its cores with the dense model; on a GPU ranker it runs on the vCPUs.
+shares its cores with the dense model; on a GPU ranker it runs on the vCPUs. A server that keeps
+its rows on SSD (`Deployment.storage` "mmap") also waits, on the core, for one SSD read per lookup
+that misses its page cache (`flexemr.planner.page_cache`).
 
 How processes share nodes is the deployment's `hosting`; one pipeline serves every kind: the
 query's work (`QueryWork`), each server's share of it (`ServerDemand`), the server tier
@@ -301,8 +303,6 @@ class ServerDemand:
     out_bytes: np.ndarray
     touched: np.ndarray
     """Servers holding any of the traffic."""
-    ssd_reads: np.ndarray
-    """Lookups that miss the page cache of an mmap server (0 with rows in DRAM)."""
 
     @classmethod
     def of(cls, dep: Deployment, work: QueryWork, model: ModelProfile, failures: int) -> ServerDemand:
@@ -318,7 +318,7 @@ class ServerDemand:
         in_bytes = shares @ work.index_bytes_per_table
         sizes = np.array([work.lookup.size_factor(b) for b in dep.placement.server_bytes(model)])
         kernels = (shares * work.lookup_s_per_table).sum(axis=1) * sizes
-        ssd_reads = np.zeros(len(sizes))
+        ssd_reads = np.zeros(len(sizes))  # lookups that miss an mmap server's page cache
         if dep.storage == "mmap":
             row_bytes = np.asarray(model.table_row_bytes, dtype=np.float64)
             cache = usable_memory(dep.server_type)
@@ -333,7 +333,6 @@ class ServerDemand:
             in_bytes=in_bytes,
             out_bytes=out_bytes,
             touched=np.asarray((touches > 0).any(axis=1)),
-            ssd_reads=ssd_reads,
         )
 
 
