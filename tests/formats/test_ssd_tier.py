@@ -89,6 +89,8 @@ def test_mmap_server_serves_exact_scores_from_file_backed_rows(tmp_path: Path) -
     assert rss_again < rss_dram - 0.8 * model.embedding_bytes
 
 
+@pytest.mark.slow  # a server reading a 600 MB file through a 400 MiB cgroup
+@pytest.mark.timeout(300)
 def test_mmap_server_serves_a_table_larger_than_its_memory_limit(tmp_path: Path) -> None:
     source = ModelSource(preset="rmc1", row_scale=0.15, seed=2)  # 8 tables x 77 MB
     model = source.spec()
