@@ -71,7 +71,7 @@ def main() -> None:
         if not bed.delay_supported():
             print("note: this kernel has no netem: links are rate-limited only, without added delay")
         plan = make_plan(args.sharding, spec.table_rows, spec.dim, args.servers)
-        endpoints = spread([bed.addresses[h] for h in hosts], 7000, args.servers)  # private namespaces
+        endpoints = spread([bed.addresses[h] for h in hosts], 7000, plan)  # private namespaces
         cluster = ClusterSpec(source, plan, endpoints)
         spec_path = Path(tmp) / "cluster.json"
         cluster.save(spec_path)
