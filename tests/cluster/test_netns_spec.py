@@ -32,7 +32,7 @@ def test_spec_places_servers_on_hosts_without_starting_them() -> None:
 
 
 def test_spec_puts_replicas_on_distinct_hosts() -> None:
-    command = [*FLEXEMR, "spec", "--preset", "tiny", "--embedding-servers", "2", "--sharding", "row", "--replicas"]
+    command = [*FLEXEMR, "spec", "--preset", "tiny", "--embedding-servers", "2", "--replicas"]
     out = subprocess.run([*command, "2", "--server-hosts", "a,b"], capture_output=True, text=True, check=True)
     spec = ClusterSpec.from_dict(json.loads(out.stdout))
     # servers i and i + 2 hold the same rows (replicated plan): never on one host
@@ -102,14 +102,14 @@ def test_two_replicas_survive_a_memory_hosts_death_under_load(tmp_path: object) 
         hosts = {ip[h]: h for h in ("mem0", "mem1")}
         start_servers(bed, spec_path, [hosts[e.host] for e in ClusterSpec.load(spec_path).embedding_servers])
         ranker_cmd = bed.command("rank", [*FLEXEMR, "ranker", "--spec", spec_path, "--watch-stdin"])
-        with AnnouncedProcess(ranker_cmd, "flexemr ranker ready:", 120, ENV) as ranker:
-            with bed.entered("client"):  # the load's threads start in here, so they live here too
-                loads = [Load(ranker.url, 60) for _ in range(2)]
-                loads[0].wait_for(15)
-                bed.kill_host("mem0")
-                for load in loads:
-                    load.join()
-                    assert load.statuses == [200] * 60 and load.wrong == 0, load.errors
-                with httpx.Client(base_url=ranker.url, timeout=60) as client:
-                    _wait_until(lambda: _ready(client)["degraded"], "the dead host's servers show as down")
-                    assert len(_ready(client)["servers_down"]) == 2
+        # the load's threads start inside the client host, so they live there too
+        with AnnouncedProcess(ranker_cmd, "flexemr ranker ready:", 120, ENV) as ranker, bed.entered("client"):
+            loads = [Load(ranker.url, 60) for _ in range(2)]
+            loads[0].wait_for(15)
+            bed.kill_host("mem0")
+            for load in loads:
+                load.join()
+                assert load.statuses == [200] * 60 and load.wrong == 0, load.errors
+            with httpx.Client(base_url=ranker.url, timeout=60) as client:
+                _wait_until(lambda: _ready(client)["degraded"], "the dead host's servers show as down")
+                assert len(_ready(client)["servers_down"]) == 2

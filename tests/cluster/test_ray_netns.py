@@ -42,7 +42,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 RAY = str(Path(sys.executable).with_name("ray"))
 GCS_PORT = "6379"  # inside the bed's own namespaces: nothing else listens there
 SOURCE = ModelSource(preset="tiny", seed=3)  # as tests.core.test_replicas' Load expects
-SERVER_BYTES = max(server_memory(replicated(make_plan("row", SOURCE.spec().table_rows, SOURCE.spec().dim, 2), 2)))
+PLAN = replicated(make_plan("row", SOURCE.spec().table_rows, SOURCE.spec().dim, 2), 2)
+SERVER_BYTES = max(server_memory(PLAN))
 # Ray's processes see none of the test's environment: no secret (the driver hands its own to the
 # actors) and none of Ray's settings from other tests.
 RAY_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FLEXEMR_"))}
@@ -55,8 +56,9 @@ def start_ray_node(bed: NetnsBed, host: str, temp_dir: str, *args: str) -> None:
     with Path(temp_dir, f"{host}.log").open("w") as log:
         bed.popen(
             host,
-            [RAY, "start", "--block", f"--node-ip-address={bed.addresses[host]}", f"--temp-dir={temp_dir}/{host}",
-             "--disable-usage-stats", "--object-store-memory=80000000", *args],
+            [RAY, "start", "--block", f"--node-ip-address={bed.addresses[host]}",
+             f"--temp-dir={temp_dir}/{host}", "--disable-usage-stats", "--object-store-memory=80000000",
+             *args],
             env=RAY_ENV, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
@@ -81,9 +83,9 @@ def cluster() -> Iterator[tuple[NetnsBed, str]]:
         head = f"{bed.addresses['head']}:{GCS_PORT}"
         start_ray_node(bed, "head", temp, "--head", f"--port={GCS_PORT}", "--num-cpus=0", "--memory=1",
                        "--include-dashboard=false")  # fmt: skip
-        for host in ("mem0", "mem1"):
-            start_ray_node(bed, host, temp, f"--address={head}", "--num-cpus=2", f"--memory={SERVER_BYTES * 5 // 2}")
-        start_ray_node(bed, "rank", temp, f"--address={head}", "--num-cpus=2", f"--memory={SERVER_BYTES // 2}")
+        workers = {"mem0": SERVER_BYTES * 5 // 2, "mem1": SERVER_BYTES * 5 // 2, "rank": SERVER_BYTES // 2}
+        for host, memory in workers.items():
+            start_ray_node(bed, host, temp, f"--address={head}", "--num-cpus=2", f"--memory={memory}")
         command = bed.command(
             "head",
             [*FLEXEMR, "serve", "--ray", head, "--preset", "tiny", "--seed", "3", "--embedding-servers", "2",
@@ -104,7 +106,8 @@ def test_servers_placed_by_memory_across_namespaces_serve_exact(cluster: tuple[N
     bed, url = cluster
     ip = bed.addresses
     assert url == f"http://{ip['rank']}:8000"
-    assert [len(actors(bed, h, "EmbeddingServerActor")) for h in ("head", "mem0", "mem1", "rank")] == [0, 2, 2, 0]
+    placed = [len(actors(bed, h, "EmbeddingServerActor")) for h in ("head", "mem0", "mem1", "rank")]
+    assert placed == [0, 2, 2, 0]
     assert len(actors(bed, "rank", "RankerActor")) == 1
     monolithic = build_monolithic(SOURCE.load())
     with bed.entered("client"):

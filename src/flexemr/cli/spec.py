@@ -1,9 +1,10 @@
 """`flexemr spec`: write the cluster spec of a deployment across hosts, without starting anything.
 
 Embedding servers go on `--server-hosts` round robin, replicas of one shard on distinct hosts (so a
-host's death leaves a copy); servers sharing a host listen on consecutive ports from `--server-port`. The ranker listens
-on `--host:--port`. Copy the file to every host, then run `flexemr embedding-server --spec FILE
---index i` on each memory node and `flexemr ranker --spec FILE` on the compute node.
+host's death leaves a copy); servers sharing a host listen on consecutive ports from `--server-port`.
+The ranker listens on `--host:--port`. Copy the file to every host, then run `flexemr
+embedding-server --spec FILE --index i` on each memory node and `flexemr ranker --spec FILE` on the
+compute node.
 """
 
 from __future__ import annotations
