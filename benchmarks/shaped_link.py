@@ -57,7 +57,7 @@ def main() -> None:
     spec = source.spec()
     workload = SyntheticWorkload(spec, SyntheticConfig(alpha=args.alpha), seed=0)
     requests = [workload.generate(args.batch) for _ in range(args.batches)]
-    samples = (args.batches + 1) * args.batch  # + the warm-up batch
+    samples = (args.batches + 2) * args.batch  # + the exactness check and the warm-up batch
     monolithic = build_monolithic(source.load())
 
     def mono(r: Request) -> np.ndarray:
@@ -68,10 +68,10 @@ def main() -> None:
     results = {("-", "monolithic (in-process)"): {**measure(mono, requests, args.clients), "bytes": 0.0}}
     hosts = [f"mem{i}" for i in range(args.servers)]
     with NetnsBed([*hosts, "rank"]) as bed, tempfile.TemporaryDirectory() as tmp:
-        if not bed.delay_supported():
-            print("note: this kernel has no netem: links are rate-limited only, without added delay")
+        netem = "netem: available" if bed.delay_supported() else "no netem in this kernel: no added delay"
+        print(f"links: tc tbf rate limits; {netem}", flush=True)
         plan = make_plan(args.sharding, spec.table_rows, spec.dim, args.servers)
-        endpoints = spread([bed.addresses[h] for h in hosts], 7000, args.servers)  # private namespaces
+        endpoints = spread([bed.addresses[h] for h in hosts], 7000, plan)  # private namespaces
         cluster = ClusterSpec(source, plan, endpoints)
         spec_path = Path(tmp) / "cluster.json"
         cluster.save(spec_path)
@@ -93,6 +93,10 @@ def main() -> None:
                         connect_timeout_s=300,
                     )
                     try:
+                        first = requests[0]
+                        np.testing.assert_allclose(  # the servers behind the link serve exact scores
+                            ranker.score(first.dense, first.indices, first.lengths), mono(first), atol=1e-5
+                        )
                         row = measure(
                             lambda r, rk=ranker: rk.score(r.dense, r.indices, r.lengths),
                             requests,
@@ -106,7 +110,7 @@ def main() -> None:
 
     base = results[("-", "monolithic (in-process)")]["samples_per_s"]
     setup = f"batch {args.batch}, {args.batches} batches, {args.clients} clients, {args.servers} servers"
-    print(f"\n{args.preset} x{args.row_scale}, {args.sharding}-wise, {setup}")
+    print(f"\n{args.preset} x{args.row_scale}, {args.sharding}-wise, {setup}; {netem}")
     print("| link | system | samples/s | x monolithic | p50 ms | p99 ms | bytes/sample |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for (rate, name), r in results.items():

@@ -1,11 +1,13 @@
 """`flexemr spec` describes a cluster across hosts without starting it; served from network namespaces
-(servers on two hosts, the ranker on a third, the client on a fourth), its scores are exact."""
+(servers on two hosts, the ranker on a third, the client on a fourth), its scores are exact, and with
+two replicas a memory host's death under load fails no request."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 
+import httpx
 import numpy as np
 import pytest
 
@@ -15,6 +17,7 @@ from flexemr.config import ClusterSpec, ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.cluster.helpers import ENV, FLEXEMR, netns_bed, start_servers
 from tests.core.helpers import random_batch, reference_scores
+from tests.core.test_replicas import Load, _ready, _wait_until
 
 
 def test_spec_places_servers_on_hosts_without_starting_them() -> None:
@@ -26,6 +29,16 @@ def test_spec_places_servers_on_hosts_without_starting_them() -> None:
     spec = ClusterSpec.from_dict(json.loads(out.stdout))
     assert [str(e) for e in spec.embedding_servers] == ["mem-a:7000", "mem-b:7000", "mem-a:7001"]
     assert (spec.ranker.host, spec.ranker.port) == ("rank-a", 8000)
+
+
+def test_spec_puts_replicas_on_distinct_hosts() -> None:
+    command = [*FLEXEMR, "spec", "--preset", "tiny", "--embedding-servers", "2", "--replicas"]
+    out = subprocess.run([*command, "2", "--server-hosts", "a,b"], capture_output=True, text=True, check=True)
+    spec = ClusterSpec.from_dict(json.loads(out.stdout))
+    # servers i and i + 2 hold the same rows (replicated plan): never on one host
+    assert [str(e) for e in spec.embedding_servers] == ["a:7000", "a:7001", "b:7000", "b:7001"]
+    refused = subprocess.run([*command, "3", "--server-hosts", "a,b"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "at least 3 server hosts" in refused.stderr
 
 
 def test_spec_rejects_no_hosts() -> None:
@@ -69,3 +82,34 @@ def test_spec_serves_exact_scores_across_namespaces(tmp_path: object) -> None:
             for proc in servers:
                 proc.terminate()
                 proc.wait(30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_replicas_survive_a_memory_hosts_death_under_load(tmp_path: object) -> None:
+    """Each memory host holds one copy of every shard; killing every process on one of them while two
+    clients send requests fails none of them, and every score stays exact."""
+    bed = netns_bed(["mem0", "mem1", "rank", "client"])
+    with bed:
+        spec_path = f"{tmp_path}/cluster.json"
+        ip = bed.addresses
+        subprocess.run(
+            [*FLEXEMR, "spec", "--preset", "tiny", "--seed", "3", "--embedding-servers", "2",
+             "--sharding", "row", "--replicas", "2", "--server-hosts", f"{ip['mem0']},{ip['mem1']}",
+             "--host", ip["rank"], "--port", "8000", "--cache", "off", "--out", spec_path],
+            check=True, timeout=60, capture_output=True,
+        )  # fmt: skip
+        hosts = {ip[h]: h for h in ("mem0", "mem1")}
+        start_servers(bed, spec_path, [hosts[e.host] for e in ClusterSpec.load(spec_path).embedding_servers])
+        ranker_cmd = bed.command("rank", [*FLEXEMR, "ranker", "--spec", spec_path, "--watch-stdin"])
+        # the load's threads start inside the client host, so they live there too
+        with AnnouncedProcess(ranker_cmd, "flexemr ranker ready:", 120, ENV) as ranker, bed.entered("client"):
+            loads = [Load(ranker.url, 60) for _ in range(2)]
+            loads[0].wait_for(15)
+            bed.kill_host("mem0")
+            for load in loads:
+                load.join()
+                assert load.statuses == [200] * 60 and load.wrong == 0, load.errors
+            with httpx.Client(base_url=ranker.url, timeout=60) as client:
+                _wait_until(lambda: _ready(client)["degraded"], "the dead host's servers show as down")
+                assert len(_ready(client)["servers_down"]) == 2

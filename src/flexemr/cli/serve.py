@@ -114,11 +114,12 @@ def run(args: argparse.Namespace) -> int:
     if args.ray is not None:
         from flexemr.cluster.ray_cluster import RayOptions, serve_on_ray
 
-        # Actors on other nodes bind their node's address, which needs a secret: without one given,
-        # make one for this cluster and hand it to every actor through its environment.
-        env = {}
-        if load_secret(spec.security) is None:
-            env[spec.security.secret_env] = secrets.token_hex(32)
+        # Actors on other nodes bind their node's address, which needs a secret: the one given here
+        # (its file or variable exists on this host only), else one made for this cluster, goes to
+        # every actor through its environment.
+        secret = load_secret(spec.security)
+        env = {spec.security.secret_env: secret.decode() if secret else secrets.token_hex(32)}
+        spec = dataclasses.replace(spec, security=dataclasses.replace(spec.security, secret_file=None))
         try:
             options = RayOptions(address=args.ray, rankers=args.ray_rankers, env=env)
         except ValueError as exc:

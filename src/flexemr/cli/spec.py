@@ -1,9 +1,10 @@
 """`flexemr spec`: write the cluster spec of a deployment across hosts, without starting anything.
 
-Embedding server i goes on the i-th of `--server-hosts` (round robin when there are more servers than
-hosts); servers sharing a host listen on consecutive ports from `--server-port`. The ranker listens
-on `--host:--port`. Copy the file to every host, then run `flexemr embedding-server --spec FILE
---index i` on each memory node and `flexemr ranker --spec FILE` on the compute node.
+Embedding servers go on `--server-hosts` round robin, replicas of one shard on distinct hosts (so a
+host's death leaves a copy); servers sharing a host listen on consecutive ports from `--server-port`.
+The ranker listens on `--host:--port`. Copy the file to every host, then run `flexemr
+embedding-server --spec FILE --index i` on each memory node and `flexemr ranker --spec FILE` on the
+compute node.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import dataclasses
 import sys
 
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
+from flexemr.cluster.ray_resources import replica_groups
 from flexemr.config import Endpoint
+from flexemr.sharding.plan import ShardingPlan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,9 +29,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", help="write the spec here (default: standard output)")
 
 
-def spread(hosts: list[str], first_port: int, count: int) -> tuple[Endpoint, ...]:
-    """`count` endpoints over `hosts` round robin; the k-th server on a host gets `first_port + k`."""
-    return tuple(Endpoint(hosts[i % len(hosts)], first_port + i // len(hosts)) for i in range(count))
+def spread(hosts: list[str], first_port: int, plan: ShardingPlan) -> tuple[Endpoint, ...]:
+    """One endpoint per server of `plan` over `hosts` round robin, taken replica group by replica
+    group so that the copies of a shard sit on consecutive (distinct) hosts; the k-th server on a
+    host gets `first_port + k`."""
+    if plan.replicas > len(hosts):
+        raise ValueError(
+            f"--replicas {plan.replicas} needs at least {plan.replicas} server hosts (one per copy), "
+            f"got {len(hosts)}"
+        )
+    order = [server for group in replica_groups(plan) for server in group]
+    on_host = [hosts[i % len(hosts)] for i in range(len(order))]
+    ports = [first_port + on_host[:i].count(host) for i, host in enumerate(on_host)]
+    placed = dict(zip(order, (Endpoint(h, p) for h, p in zip(on_host, ports, strict=True)), strict=True))
+    return tuple(placed[server] for server in range(plan.num_servers))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         if not 0 < args.server_port < 65536:
             raise ValueError(f"--server-port must be in 1..65535, got {args.server_port}")
         spec = cluster_spec(args)
-        servers = spread(hosts, args.server_port, spec.sharding.num_servers)
+        servers = spread(hosts, args.server_port, spec.sharding)
         spec = dataclasses.replace(spec, embedding_servers=servers)
     except (ValueError, FileNotFoundError) as exc:
         print(f"flexemr spec: {exc}", file=sys.stderr)

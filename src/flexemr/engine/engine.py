@@ -261,6 +261,7 @@ class IoEngine:
             "servers": [
                 {
                     "server": server,
+                    "endpoint": str(self.endpoints[server]),
                     "connected": any(c.alive for c in conns),
                     "health": self.health[server].state,
                     "subrequests": Count(sum(c.stats.subrequests for c in conns)),
