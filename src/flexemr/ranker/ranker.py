@@ -92,6 +92,11 @@ class Ranker:
             else None
         )
 
+    def adopt_front(self, other: Ranker) -> None:
+        """Share `other`'s admission bound and turns (before serving anything): versions of one
+        model loaded side by side in one process are one ranker to its clients."""
+        self.admission, self.turns = other.admission, other.turns
+
     def _make_cache(self) -> AdaptiveCacheManager | None:
         if self.config.cache == "off":
             return None
