@@ -30,7 +30,7 @@ from flexemr.cluster.security import load_secret
 from flexemr.config import ClusterSpec, Endpoint, ModelSource
 from flexemr.ranker.model_versions import Loader
 from flexemr.ranker.ranker import Ranker
-from flexemr.sharding.plan import make_plan, replicated
+from flexemr.sharding.plan import Strategy, make_plan, replicated
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,12 +94,14 @@ def version_spec(spec: ClusterSpec, source: ModelSource) -> ClusterSpec:
     model = source.spec()
     plan = spec.sharding
     if (model.table_rows, model.dim) != (plan.table_rows, plan.dim):
-        if plan.strategy not in ("table", "row"):
+        strategies: dict[str, Strategy] = {"table": "table", "row": "row"}  # a planner's plan is not remade
+        strategy = strategies.get(plan.strategy)
+        if strategy is None:
             raise ValueError(
                 f"parameters: the new model's tables differ from the served one's and its {plan.strategy} "
                 "plan cannot be remade here; serve it with a plan of its own"
             )
-        base = make_plan(plan.strategy, model.table_rows, model.dim, plan.num_servers // plan.replicas)
+        base = make_plan(strategy, model.table_rows, model.dim, plan.num_servers // plan.replicas)
         plan = replicated(base, plan.replicas)
     servers = tuple(Endpoint(spec.embedding_servers[0].host, 0) for _ in range(plan.num_servers))
     return dataclasses.replace(spec, model=source, sharding=plan, embedding_servers=servers)

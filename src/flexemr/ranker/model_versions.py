@@ -79,6 +79,7 @@ class ModelVersions:
         """How long an unload waits for the version's last requests before closing it anyway."""
         self._serving = ModelVersion(1, first, source, stop_first)
         self._versions = {1: self._serving}
+        self._numbered = 1
         self._changed = threading.Condition()
         self._loading = False
         self.loads = self.rollbacks = 0
@@ -145,7 +146,8 @@ class ModelVersions:
                 stop()
                 raise
             with self._changed:
-                number = max(self._versions) + 1
+                self._numbered += 1  # never reused: a number names one model
+                number = self._numbered
                 new = ModelVersion(number, ranker, source, stop)
                 self._versions[number] = new
                 self._serving = new
