@@ -167,9 +167,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                 tensors = decode_inputs(request, self.inputs)
                 dense = tensors["dense_features"]
                 admission.admit(ticket, dense.shape[0])
-                scores = scorer.score(
-                    dense, tensors["sparse_indices"], tensors["sparse_lengths"], ticket
-                )
+                scores = scorer.score(dense, tensors["sparse_indices"], tensors["sparse_lengths"], ticket)
         except InvalidRequest as exc:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Refused as exc:
