@@ -22,6 +22,7 @@ from flexemr.config import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.storage import DramStorage, FileStorage, Storage
 from flexemr.embedding_server.store import ShardStore, store_layout
+from flexemr.embedding_server.versions import RowVersions
 from flexemr.memory import SERVING_ADVICE, check_memory
 from flexemr.model.weights import build_dense
 from flexemr.ranker.model_versions import Loader, ModelVersions
@@ -47,6 +48,9 @@ def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True)
     need = storage.resident_bytes(store_layout(spec.sharding, index, source.spec.formats))
     check_memory(need, f"embedding server {index}", SERVING_ADVICE)
     store = ShardStore(spec.sharding, index, source, progress, storage)
+    updates = spec.updates
+    log_path = None if updates.log_dir is None else Path(updates.log_dir) / f"server-{index}.updates"
+    versions = RowVersions(store, log_path, updates.max_staged_bytes, updates.max_changelog_keys)
     return EmbeddingServer(
         store,
         spec.embedding_servers[index],
@@ -54,6 +58,7 @@ def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True)
         secret,
         spec.limits,
         tls=server_tls(spec.security),
+        versions=versions,
     )
 
 
