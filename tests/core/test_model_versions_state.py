@@ -41,10 +41,10 @@ class FakeRanker:
 
 
 def versions(first: FakeRanker, made: list[FakeRanker]) -> ModelVersions:
-    def loader(source: ModelSource) -> tuple[Ranker, Any]:
+    def loader(source: ModelSource) -> tuple[Ranker, Any, None]:
         ranker = FakeRanker(f"seed{source.seed}", fail=source.seed < 0)
         made.append(ranker)
-        return cast(Ranker, ranker), lambda: None
+        return cast(Ranker, ranker), lambda: None, None
 
     return ModelVersions(cast(Ranker, first), SOURCE, loader, drain_timeout_s=30)
 

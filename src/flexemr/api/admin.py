@@ -23,6 +23,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from flexemr.api.bodies import BodyTooLarge, read_body
 from flexemr.config import ModelSource
 from flexemr.ranker.model_versions import ModelVersion, ModelVersions, UnknownVersion, VersionConflict
 
@@ -49,13 +50,32 @@ def check_admin(request: Request, token: str | None) -> None:
         raise AdminRefused(401, "header Authorization: needs 'Bearer <admin token of the cluster secret>'")
 
 
+def error_response(exc: Exception, failed: str) -> JSONResponse:
+    """The status and message of an admin request's failure; what broke inside (`failed`: what
+    did not happen) is a logged 503, and nothing changed."""
+    if isinstance(exc, AdminRefused):
+        status = exc.status
+    elif isinstance(exc, UnknownVersion):
+        status = 404
+    elif isinstance(exc, VersionConflict):
+        status = 409
+    elif isinstance(exc, ValueError):
+        status = 400
+    else:
+        status = 503
+        log.error("%s", failed, exc_info=exc)
+    response = JSONResponse({"error": str(exc) if status < 503 else f"{failed}: {exc}"}, status_code=status)
+    if status == 401:
+        response.headers["www-authenticate"] = "Bearer"
+    return response
+
+
 async def admin_parameters(request: Request) -> dict[str, Any]:
     """The `parameters` object of a small JSON body (which may be empty)."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > MAX_ADMIN_BODY:
-            raise AdminRefused(413, f"admin request body exceeds {MAX_ADMIN_BODY} bytes")
+    try:
+        body = await read_body(request, MAX_ADMIN_BODY)
+    except BodyTooLarge:
+        raise AdminRefused(413, f"admin request body exceeds {MAX_ADMIN_BODY} bytes") from None
     if not body.strip():
         return {}
     try:
@@ -112,26 +132,8 @@ def admin_routes(models: ModelVersions, model_name: str) -> APIRouter:
             raise AdminRefused(400, "parameters.version must be a string, given alone")
         return {"version": version, **params}
 
-    def refused(exc: Exception) -> JSONResponse:
-        if isinstance(exc, AdminRefused):
-            status = exc.status
-        elif isinstance(exc, UnknownVersion):
-            status = 404
-        elif isinstance(exc, VersionConflict):
-            status = 409
-        elif isinstance(exc, ValueError):
-            status = 400
-        else:  # the new version's servers or ranker did not start: the serving one stays
-            status = 503
-        if status < 503:
-            message = str(exc)
-        else:
-            log.error("loading a model version failed", exc_info=exc)
-            message = f"loading failed, version {models.serving.name} keeps serving: {exc}"
-        response = JSONResponse({"error": message}, status_code=status)
-        if status == 401:
-            response.headers["www-authenticate"] = "Bearer"
-        return response
+    def refused(exc: Exception) -> JSONResponse:  # e.g. the new version's servers did not start
+        return error_response(exc, f"loading failed, version {models.serving.name} keeps serving")
 
     @router.post("/v2/repository/models/{name}/load", response_model=None)
     async def load(name: str, request: Request) -> JSONResponse | dict[str, str]:

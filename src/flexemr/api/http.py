@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from flexemr.api.admin import admin_routes
+from flexemr.api.bodies import BodyTooLarge, read_body
 from flexemr.api.kserve import (
     HEADER_LENGTH,
     encode_infer_response,
@@ -35,6 +36,7 @@ from flexemr.api.kserve import (
     parse_infer_request,
 )
 from flexemr.api.metrics import RequestMetrics
+from flexemr.api.updates import update_routes
 from flexemr.ranker.admission import Dropped, Refused, Ticket
 from flexemr.ranker.batch import InvalidRequest
 from flexemr.ranker.model_versions import ModelVersions, UnknownVersion
@@ -68,20 +70,6 @@ class RateLimitedWarnings(logging.Filter):
                 return False
             self._next = now + self.interval_s
             return True
-
-
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(request: Request, limit: int) -> bytearray:
-    """The body, chunked or not, into one buffer; `BodyTooLarge` as soon as it passes `limit`."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge
-    return body
 
 
 async def watch_disconnect(request: Request, ticket: Ticket) -> None:
@@ -125,6 +113,7 @@ def create_app(models: ModelVersions, model_name: str) -> FastAPI:
 
     metrics = RequestMetrics(models.stats)
     app.include_router(admin_routes(models, model_name))
+    app.include_router(update_routes(models, model_name, metrics.registry))
 
     def failure(status: int, kind: str, message: str) -> JSONResponse:
         metrics.requests.labels(str(status)).inc()

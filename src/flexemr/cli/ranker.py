@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(spec, engine=engine_config(args, spec.engine))
         spec = with_secret_file(spec, args.secret_file)
         ranker = build_ranker(spec, connect_timeout_s=args.connect_timeout)
-        models = served_versions(spec, ranker)  # its servers are started elsewhere: it loads no version
+        models = served_versions(spec, ranker, cluster=spec)  # servers started elsewhere: no loading
     except (ValueError, OSError, ServerUnavailable, ConfigMismatch, NotEnoughMemory) as exc:
         print(f"flexemr ranker: {exc}", file=sys.stderr)
         return 2

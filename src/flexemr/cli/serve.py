@@ -110,14 +110,14 @@ def version_spec(spec: ClusterSpec, source: ModelSource) -> ClusterSpec:
 def _version_loader(spec: ClusterSpec, tier: str) -> Loader:
     """Starts a new model version's embedding tier and ranker beside the serving one."""
 
-    def load(source: ModelSource) -> tuple[Ranker, Callable[[], None]]:
+    def load(source: ModelSource) -> tuple[Ranker, Callable[[], None], ClusterSpec | None]:
         stack = contextlib.ExitStack()
         try:
-            ranker, _ = _start_ranker(version_spec(spec, source), tier, stack)
+            ranker, started = _start_ranker(version_spec(spec, source), tier, stack)
         except BaseException:
             stack.close()
             raise
-        return ranker, stack.close
+        return ranker, stack.close, started if tier == "flexemr" else None
 
     return load
 
@@ -167,7 +167,8 @@ def run(args: argparse.Namespace) -> int:
         loader = _version_loader(spec, args.embedding_tier) if args.rankers == 1 else None
         try:
             ranker, spec = _start_ranker(spec, args.embedding_tier, first)
-            models = served_versions(spec, ranker, loader, first.pop_all().close)
+            cluster = spec if args.embedding_tier == "flexemr" else None
+            models = served_versions(spec, ranker, loader, first.pop_all().close, cluster)
             stack.callback(models.close)
             grpc = start_grpc(models)
         except (ClusterStartError, FileNotFoundError, RuntimeError, OSError, ValueError) as exc:

@@ -115,13 +115,18 @@ def build_ranker(
 
 
 def served_versions(
-    spec: ClusterSpec, ranker: Ranker, loader: Loader | None = None, stop: Callable[[], None] = lambda: None
+    spec: ClusterSpec,
+    ranker: Ranker,
+    loader: Loader | None = None,
+    stop: Callable[[], None] = lambda: None,
+    cluster: ClusterSpec | None = None,
 ) -> ModelVersions:
-    """`ranker` as version 1 of `spec`'s model (stopped by `stop`), further versions started by
-    `loader` (None: this ranker cannot load any); the admin API's token is the cluster secret's."""
+    """`ranker` as version 1 of `spec`'s model (stopped by `stop`; its rows on `cluster`'s servers),
+    further versions started by `loader` (None: this ranker cannot load any); the admin API's token
+    is the cluster secret's."""
     secret = load_secret(spec.security)
     token = admin_token(secret) if secret is not None else None
-    return ModelVersions(ranker, spec.model, loader, stop, admin_token=token)
+    return ModelVersions(ranker, spec.model, loader, stop, cluster, admin_token=token)
 
 
 def start_grpc(models: ModelVersions) -> GrpcServer | None:

@@ -23,16 +23,18 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.config import ModelSource
+from flexemr.config import ClusterSpec, ModelSource
 from flexemr.ranker.ranker import Ranker
+from flexemr.updates import RowUpdates, Updater
 
 log = logging.getLogger(__name__)
 
 MAX_VERSIONS = 2
 """Versions loaded at once (each holds its own embedding servers): the serving one and one more."""
 
-Loader = Callable[[ModelSource], tuple[Ranker, Callable[[], None]]]
-"""Starts a version's embedding tier and ranker; returns the ranker and what stops them both."""
+Loader = Callable[[ModelSource], tuple[Ranker, Callable[[], None], ClusterSpec | None]]
+"""Starts a version's embedding tier and ranker; returns the ranker, what stops them both, and the
+cluster of its embedding servers (None: its rows are not on flexemr servers)."""
 
 
 class VersionConflict(RuntimeError):
@@ -51,13 +53,34 @@ class ModelVersion:
     source: ModelSource | None
     """What it was loaded from (None: not known, for a ranker that cannot load versions)."""
     stop: Callable[[], None]
+    cluster: ClusterSpec | None = None
+    """Its embedding servers, where its row updates go (None: not flexemr servers)."""
     loaded_at: float = field(default_factory=time.time)
     users: int = 0
     """Requests using it now; it is closed only at zero."""
+    _updater: Updater | None = None
+    _updating: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def name(self) -> str:
         return str(self.number)
+
+    def apply(self, updates: RowUpdates) -> int:
+        """Apply row updates to this version's servers as one new row version (one at a time:
+        each is a version); returns it. VersionConflict when its rows are not on flexemr servers."""
+        if self.cluster is None:
+            raise VersionConflict("row updates need the flexemr embedding tier (not redis or local)")
+        with self._updating:
+            if self._updater is None:
+                self._updater = Updater(self.cluster)
+            return self._updater.apply(updates)
+
+    def close(self) -> None:
+        self.ranker.close()
+        with self._updating:
+            if self._updater is not None:
+                self._updater.close()
+        self.stop()
 
 
 class ModelVersions:
@@ -69,6 +92,7 @@ class ModelVersions:
         source: ModelSource | None = None,
         loader: Loader | None = None,
         stop_first: Callable[[], None] = lambda: None,
+        cluster: ClusterSpec | None = None,
         drain_timeout_s: float | None = None,
         admin_token: str | None = None,
     ) -> None:
@@ -77,7 +101,7 @@ class ModelVersions:
         """Bearer token of the admin API (model load/unload, updates); None: the admin API is off."""
         self.drain_timeout_s = drain_timeout_s or first.config.deadline_s + first.config.request_timeout_s
         """How long an unload waits for the version's last requests before closing it anyway."""
-        self._serving = ModelVersion(1, first, source, stop_first)
+        self._serving = ModelVersion(1, first, source, stop_first, cluster)
         self._versions = {1: self._serving}
         self._numbered = 1
         self._changed = threading.Condition()
@@ -137,7 +161,7 @@ class ModelVersions:
             if len(spare) + 1 >= MAX_VERSIONS:  # make room: unload the version not serving
                 for version in spare:
                     self._unload(version)
-            ranker, stop = self.loader(source)
+            ranker, stop, cluster = self.loader(source)
             try:
                 ranker.adopt_front(self._serving.ranker)
                 warm(ranker)
@@ -148,7 +172,7 @@ class ModelVersions:
             with self._changed:
                 self._numbered += 1  # never reused: a number names one model
                 number = self._numbered
-                new = ModelVersion(number, ranker, source, stop)
+                new = ModelVersion(number, ranker, source, stop, cluster)
                 self._versions[number] = new
                 self._serving = new
                 self.loads += 1
@@ -199,8 +223,7 @@ class ModelVersions:
         if not drained:
             log.warning("model version %d still had %d requests after %.0f s; closing it",
                         version.number, version.users, self.drain_timeout_s)  # fmt: skip
-        version.ranker.close()
-        version.stop()
+        version.close()
         log.info("model version %d unloaded", version.number)
 
     def index(self) -> list[dict[str, str]]:
@@ -233,8 +256,7 @@ class ModelVersions:
             versions = list(self._versions.values())
             self._versions.clear()
         for version in versions:
-            version.ranker.close()
-            version.stop()
+            version.close()
 
 
 def check_same_inputs(ranker: Ranker, source: ModelSource) -> None:

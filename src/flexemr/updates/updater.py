@@ -18,7 +18,7 @@ import secrets
 import numpy as np
 
 from flexemr.config import ClusterSpec
-from flexemr.engine.link import ServerLink, links
+from flexemr.engine.link import links
 from flexemr.protocol.frames import MessageType
 from flexemr.protocol.updates import StagedRows
 from flexemr.transport.base import LookupFailed, ServerUnavailable, Stale
