@@ -1,8 +1,11 @@
-"""Whole-model versions on a real `flexemr serve`: load a new version under load with no failed
-request and exact scores, roll back, bounds, and an admin API that refuses what it must."""
+"""The admin API of a real `flexemr serve`: whole-model versions (load one under load with no
+failed request and exact scores, roll back, bounds) and row updates pushed over HTTP; both refuse
+what they must and change nothing then."""
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import secrets
 import sys
@@ -14,6 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 
 from flexemr.cluster.security import admin_token
 from flexemr.config import ModelSource
@@ -34,8 +38,8 @@ UNLOAD = "/v2/repository/models/dlrm/unload"
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[ServeProcess]:
-    command = [sys.executable, "-m", "flexemr.cli.main", "serve", "--port", "0", "--watch-stdin",
-               "--preset", "tiny", "--seed", "3", "--embedding-servers", "2"]  # fmt: skip
+    command = [sys.executable, "-m", "flexemr.cli.main", "serve", "--port", "0", "--watch-stdin", "--preset",
+               "tiny", "--seed", "3", "--embedding-servers", "2", "--max-body", "1048576"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLEXEMR_SECRET": SECRET}
     server = ServeProcess(command, "flexemr ready:", 90.0, env)
     yield server
@@ -198,3 +202,83 @@ def test_swap_under_load_fails_nothing_and_rolls_back(client: httpx.Client, clus
     assert (stats["loads"], stats["rollbacks"], stats["loaded_versions"]) == (2, 2, 1)
     metrics = client.get("/metrics").text
     assert "flexemr_model_serving_version 1.0" in metrics
+
+
+def reference_with(updates: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
+    """Version 1's monolithic scores of `BATCHES` once `updates` are written, in order."""
+    model = build_monolithic(ModelSource(preset="tiny", seed=SEEDS["1"]).load())
+    with torch.no_grad():
+        for update in updates:
+            for table, row, values in zip(update["table"], update["row"], update["values"], strict=True):
+                model.emb_l[int(table)].weight[int(row)] = torch.from_numpy(values)
+    return [reference_scores(model, *b) for b in BATCHES]
+
+
+def scores_now(client: httpx.Client) -> list[np.ndarray]:
+    out = [client.post("/v2/models/dlrm/infer", json=infer_body(*b)).json() for b in BATCHES]
+    return [np.array(o["outputs"][0]["data"], dtype=np.float32) for o in out]
+
+
+def rows_of(seed: int, n: int = 12) -> dict[str, np.ndarray]:
+    """New values for `n` rows the batches read (tables 0 and 1)."""
+    rng = np.random.default_rng(seed)
+    _, indices, lengths = BATCHES[0]
+    table0 = indices[: lengths.reshape(SPEC.num_tables, -1)[0].sum()]
+    rows = np.concatenate([table0[: n // 2], rng.integers(0, SPEC.table_rows[1], n - n // 2)])
+    tables = np.repeat([0, 1], [n // 2, n - n // 2])
+    return {"table": tables.astype(np.int64), "row": rows.astype(np.int64),
+            "values": rng.standard_normal((n, SPEC.dim)).astype(np.float32)}  # fmt: skip
+
+
+def npz(arrays: dict[str, Any]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def push(client: httpx.Client, body: bytes, query: str = "", **headers: str) -> httpx.Response:
+    return client.post(f"/v2/models/dlrm/updates{query}", content=body, headers={**ADMIN, **headers})
+
+
+def test_pushed_updates_are_served_exactly_and_bad_ones_change_nothing(client: httpx.Client) -> None:
+    assert serving(client) == ("1", ["1"])
+    first = rows_of(11)
+    assert client.post("/v2/models/dlrm/updates", content=npz(first)).status_code == 401
+    bad_row = {**first, "row": first["row"] + SPEC.table_rows[0] * 100}
+    nan = {**first, "values": np.full_like(first["values"], np.nan)}
+    cases = [
+        (npz(bad_row), 400, "row"),
+        (npz(nan), 400, "finite"),
+        (npz({"table": first["table"], "row": first["row"]}), 400, "values"),
+        (b"PK\x03\x04 not a zip", 400, "body"),
+        (b"{}", 400, "inputs"),
+        (b"x" * (2 * 2**20), 413, "exceeds"),
+    ]
+    for body, status, named in cases:
+        response = push(client, body)
+        assert response.status_code == status and named in response.json()["error"], response.text
+    assert push(client, npz(first), "?sequence=-1").status_code == 400
+    for got, want in zip(scores_now(client), reference_with([]), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)  # nothing changed
+
+    # As an npz, then as KServe binary tensors; a repeated (source, sequence) is not applied again.
+    done = push(client, npz(first), "?source=trainer&sequence=1")
+    assert done.status_code == 200, done.text
+    assert done.json()["model_version"] == "1" and done.json()["rows"] == 12
+    second = rows_of(12)
+    header = {"inputs": [
+        {"name": name, "datatype": dtype, "shape": list(second[name].shape),
+         "parameters": {"binary_data_size": second[name].nbytes}}
+        for name, dtype in (("table", "INT64"), ("row", "INT64"), ("values", "FP32"))
+    ]}  # fmt: skip
+    head = json.dumps(header).encode()
+    body = head + b"".join(second[name].tobytes() for name in ("table", "row", "values"))
+    binary = {"Inference-Header-Content-Length": str(len(head))}
+    again = push(client, body, "?source=trainer&sequence=2", **binary)
+    assert again.status_code == 200 and again.json()["version"] > done.json()["version"], again.text
+    repeat = push(client, npz(rows_of(13)), "?source=trainer&sequence=2")  # other values, same sequence
+    assert repeat.status_code == 200, repeat.text
+    for got, want in zip(scores_now(client), reference_with([first, second]), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    metrics = client.get("/metrics").text
+    assert "flexemr_updates_rows_total 36.0" in metrics and "flexemr_update_lag_seconds_count 3.0" in metrics
