@@ -41,7 +41,7 @@ def cluster() -> Iterator[ServeProcess]:
     command = [sys.executable, "-m", "flexemr.cli.main", "serve", "--port", "0", "--watch-stdin", "--preset",
                "tiny", "--seed", "3", "--embedding-servers", "2", "--max-body", "1048576"]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLEXEMR_SECRET": SECRET}
-    server = ServeProcess(command, "flexemr ready:", 90.0, env)
+    server = ServeProcess(command, "flexemr ready:", 240.0, env)
     yield server
     server.stop()
 

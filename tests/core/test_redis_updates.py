@@ -4,6 +4,7 @@ nothing twice (the servers' counters say so); the rows served are the stream's l
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import signal
 import subprocess
@@ -44,9 +45,9 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
-def consumer(spec_path: Path, url: str, log: Path) -> subprocess.Popen[bytes]:
+def consumer(spec_path: Path, url: str, log: Path, *more: str) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "flexemr.cli.main", "update", "--spec", str(spec_path),
-               "--redis", url, "--stream", "rows", "--group", "serving", "--batch", "1"]  # fmt: skip
+               "--redis", url, "--stream", "rows", "--group", "serving", "--batch", "1", *more]  # fmt: skip
     env = {**os.environ, "FLEXEMR_SECRET": SECRET, "PYTHONUNBUFFERED": "1"}
     with log.open("ab") as out:  # the child keeps its own copy
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
@@ -73,7 +74,7 @@ def test_a_killed_consumer_resumes_without_loss_or_duplicates(
     spec_path, log = tmp_path / "cluster.json", tmp_path / "consumer.log"
     command = [sys.executable, "-m", "flexemr.cli.main", "serve", "--port", "0", "--watch-stdin", "--preset",
                "tiny", "--seed", "3", "--embedding-servers", "2", "--spec-out", str(spec_path)]  # fmt: skip
-    serve = ServeProcess(command, "flexemr ready:", 90.0, {**os.environ, "FLEXEMR_SECRET": SECRET})
+    serve = ServeProcess(command, "flexemr ready:", 240.0, {**os.environ, "FLEXEMR_SECRET": SECRET})
     client = redis.Redis.from_url(redis_server.url)
     rng = np.random.default_rng(5)
     final = np.zeros((ROWS, SPEC.dim), dtype=np.float32)
@@ -99,11 +100,16 @@ def test_a_killed_consumer_resumes_without_loss_or_duplicates(
         acked = at_kill["read"] - at_kill["pending"]
         assert 0 < acked < ENTRIES, at_kill  # killed mid-way
 
-        second = consumer(spec_path, redis_server.url, log)
+        second = consumer(spec_path, redis_server.url, log, "--metrics-port", "0")
         started.append(second)
         wait_for(
             lambda: group(client) == {"read": ENTRIES + 1, "pending": 0}, 300, "the stream to be consumed"
         )
+        metrics_url = re.search(r"metrics: (http://\S+)", log.read_text())
+        assert metrics_url is not None
+        metrics = httpx.get(metrics_url.group(1), timeout=30).text
+        assert re.search(r"^flexemr_update_lag_seconds_count [1-9]", metrics, re.MULTILINE), metrics
+        assert re.search(r"^flexemr_updates_rows_total [1-9]", metrics, re.MULTILINE)
         second.send_signal(signal.SIGTERM)
         assert second.wait(30) == 0
         assert "stopped:" in log.read_text()
