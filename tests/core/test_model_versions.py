@@ -26,7 +26,8 @@ from tests.conftest import ServeProcess
 from tests.core.helpers import random_batch, reference_scores
 from tests.core.test_http import infer_body
 
-pytestmark = pytest.mark.slow  # multi-process; `make test-fast` leaves it out
+# Multi-process (`make test-fast` leaves them out); clusters start slowly on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SEEDS = {"1": 3, "2": 4, "3": 5}
 """The preset seed of each model version the test loads."""

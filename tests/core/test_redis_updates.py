@@ -28,7 +28,8 @@ from tests.conftest import ServeProcess
 from tests.core.helpers import reference_scores
 from tests.core.test_http import infer_body
 
-pytestmark = pytest.mark.slow  # multi-process; `make test-fast` leaves it out
+# Multi-process (`make test-fast` leaves them out); clusters start slowly on a loaded machine.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SOURCE = ModelSource(preset="tiny", seed=3)
 SPEC = SOURCE.spec()
