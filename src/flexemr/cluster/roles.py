@@ -100,6 +100,7 @@ def build_ranker(
         )
     if transport is None:
         from flexemr.engine import IoEngine
+        from flexemr.engine.link import links
 
         engine = IoEngine(
             spec.embedding_servers,
@@ -110,7 +111,7 @@ def build_ranker(
             tls=client_tls(spec.security),
         )
         engine.start(timeout=connect_timeout_s)
-        transport = engine
+        return Ranker(source.spec, plan, dense, engine, spec.ranker, links(spec))
     return Ranker(source.spec, plan, dense, transport, spec.ranker)
 
 

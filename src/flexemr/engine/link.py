@@ -31,7 +31,9 @@ from flexemr.transport.base import ServerUnavailable, Stale, SubrequestRefused
 
 
 class ServerLink:
-    def __init__(self, dialer: Dialer, endpoint: Endpoint, identity: Identity, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self, dialer: Dialer, endpoint: Endpoint, identity: Identity, timeout_s: float = 30.0
+    ) -> None:
         self.server = identity.server
         self.endpoint = endpoint
         self._dialer = dialer
@@ -56,12 +58,15 @@ class ServerLink:
                 frame = recv_frame(self._sock, self._dialer.limits)
             except (OSError, ProtocolError) as exc:
                 self._close()
-                raise ServerUnavailable(self.server, str(self.endpoint), str(exc) or type(exc).__name__) from None
+                raise ServerUnavailable(
+                    self.server, str(self.endpoint), str(exc) or type(exc).__name__
+                ) from None
         if frame.type == MessageType.ERROR:
             raise SubrequestRefused(error_text(frame))
         if frame.type == MessageType.STALE:
             raise Stale(self.server, int(frame.buffers[0][0]))
-        if frame.type != msg_type or frame.request_id != request_id:
+        answer = MessageType.RESULT if msg_type == MessageType.LOOKUP else msg_type
+        if frame.type != answer or frame.request_id != request_id:
             raise SubrequestRefused(f"embedding server {self.server}: unexpected {frame.type.name} answer")
         return frame
 
@@ -93,7 +98,9 @@ class ServerLink:
 
 def links(spec: ClusterSpec, timeout_s: float = 30.0) -> list[ServerLink]:
     """One link per embedding server of `spec` (nothing is opened yet)."""
-    dialer = Dialer(uuid.uuid4().hex, load_secret(spec.security) or b"", FrameLimits(), client_tls(spec.security))
+    dialer = Dialer(
+        uuid.uuid4().hex, load_secret(spec.security) or b"", FrameLimits(), client_tls(spec.security)
+    )
     return [
         ServerLink(dialer, endpoint, identity, timeout_s)
         for endpoint, identity in zip(spec.embedding_servers, identities(spec), strict=True)

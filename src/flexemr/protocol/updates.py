@@ -21,6 +21,8 @@ import numpy as np
 from flexemr.protocol.frames import Frame, MessageType, encode
 
 MAX_SOURCE_BYTES = 256
+LATEST = 2**62
+"""CHANGES since this: only the server's version."""
 
 
 class BadUpdate(ValueError):

@@ -40,15 +40,21 @@ class RowUpdates:
         for name, array in (("table", self.tables), ("row", self.rows), ("values", self.values)):
             kind = "f" if name == "values" else "iu"
             if array.dtype.kind not in kind:
-                raise ValueError(f"{name} must be {'float' if name == 'values' else 'integer'}, got {array.dtype}")
+                raise ValueError(
+                    f"{name} must be {'float' if name == 'values' else 'integer'}, got {array.dtype}"
+                )
         bad = (self.tables < 0) | (self.tables >= spec.num_tables)
         if bad.any():
-            raise ValueError(f"table {int(self.tables[bad][0])} is not a table of the model (0..{spec.num_tables - 1})")
+            raise ValueError(
+                f"table {int(self.tables[bad][0])} is not a table of the model (0..{spec.num_tables - 1})"
+            )
         limit = np.asarray(spec.table_rows, dtype=np.int64)[self.tables]
         bad = (self.rows < 0) | (self.rows >= limit)
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
-            raise ValueError(f"row {int(self.rows[i])} is outside table {int(self.tables[i])}'s {int(limit[i])} rows")
+            raise ValueError(
+                f"row {int(self.rows[i])} is outside table {int(self.tables[i])}'s {int(limit[i])} rows"
+            )
         if not np.isfinite(self.values).all():
             raise ValueError("values must be finite (no NaN or infinity)")
         if self.sequence is not None and self.sequence < 0:

@@ -20,7 +20,7 @@ import numpy as np
 from flexemr.config import ClusterSpec
 from flexemr.engine.link import links
 from flexemr.protocol.frames import MessageType
-from flexemr.protocol.updates import StagedRows
+from flexemr.protocol.updates import LATEST, StagedRows
 from flexemr.transport.base import LookupFailed, ServerUnavailable, Stale
 from flexemr.updates.rows import RowUpdates
 
@@ -44,7 +44,7 @@ class Updater:
 
     def version(self) -> int:
         """The cluster's latest version (server 0 decides every version first)."""
-        return self._links[0].changes(2**62).version
+        return self._links[0].changes(LATEST).version
 
     def apply(self, updates: RowUpdates) -> int:
         """Stage `updates` on every replica of their rows, commit them everywhere as one version,
@@ -64,7 +64,9 @@ class Updater:
                 continue  # another update decided this version first: stage again at the next
             except (ServerUnavailable, LookupFailed) as exc:
                 raise UpdateFailed(f"update not applied: {exc}") from None
-        raise UpdateFailed(f"update not applied: {MAX_ATTEMPTS} versions in a row were taken by other updates")
+        raise UpdateFailed(
+            f"update not applied: {MAX_ATTEMPTS} versions in a row were taken by other updates"
+        )
 
     def _split(self, updates: RowUpdates) -> dict[int, tuple[np.ndarray, np.ndarray]]:
         """Server-local rows and values for every server holding some (each replica gets its copy);
