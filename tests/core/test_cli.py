@@ -32,5 +32,6 @@ def test_help_shows_the_defaults(command: str, capsys: pytest.CaptureFixture[str
         "calibrate": ["(default: calibration.json)"],
         "plan": ["(default: 1.0)", "(default: 64.0)"],
         "spec": ["(default: 1.0)", "(default: 8000)"],
+        "update": ["(default: default)"],
     }[command]
     assert all(default in text for default in expected), text
