@@ -34,7 +34,7 @@ def test_help_shows_the_defaults(command: str, capsys: pytest.CaptureFixture[str
         "plan": ["(default: 1.0)", "(default: 64.0)"],
         "spec": ["(default: 1.0)", "(default: 8000)"],
         "admin-token": [],
-        "update": ["(default: flexemr-update)", "(default: 64)"],
+        "update": ["(default: default)", "(default: flexemr-update)", "(default: 64)"],
     }[command]
     assert all(default in text for default in expected), text
 

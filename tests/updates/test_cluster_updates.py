@@ -16,10 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from prometheus_client import generate_latest
 
+from flexemr.api.metrics import RequestMetrics
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig, SecurityConfig
+from flexemr.engine import IoEngine
 from flexemr.engine.link import ServerLink, links
 from flexemr.model import rows as stored_rows
 from flexemr.model.dlrm import DLRM
@@ -152,6 +155,13 @@ def test_scores_are_exact_after_updates_on_every_replica(live: Live) -> None:
     assert all(link.changes(0).version == version for link in live.links)
     stats = live.rankers[0].stats()["versions"]
     assert stats["version"] == version and stats["transitions"] >= 1
+    metrics = generate_latest(RequestMetrics(live.rankers[1]).registry).decode()
+    assert f"flexemr_versions_version {version}.0" in metrics
+    assert "flexemr_versions_rows_invalidated_total" in metrics
+    engine = live.rankers[0].transport
+    assert isinstance(engine, IoEngine)
+    server = engine.server_credit_stats(0)["updates"]
+    assert server["version"] == version and server["rows_applied"] >= 1
 
 
 def test_every_request_reads_one_version_while_updates_stream(live: Live) -> None:

@@ -49,18 +49,23 @@ class ServerLink:
         the message names) or SubrequestRefused (an ERROR, with the server's reason)."""
         with self._lock:
             request_id = next(self._ids)
-            try:
-                if self._sock is None:
-                    self._sock = self._dialer.open(
-                        self.endpoint, self._identity, "data", timeout_s=self._timeout_s
-                    )
-                send_frame(self._sock, encode(msg_type, request_id, buffers))
-                frame = recv_frame(self._sock, self._dialer.limits)
-            except (OSError, ProtocolError) as exc:
-                self._close()
-                raise ServerUnavailable(
-                    self.server, str(self.endpoint), str(exc) or type(exc).__name__
-                ) from None
+            # A connection kept from before may have died with its server (restarted since):
+            # one more try on a fresh one (every message is idempotent).
+            for fresh in (self._sock is None, True):
+                try:
+                    if self._sock is None:
+                        self._sock = self._dialer.open(
+                            self.endpoint, self._identity, "data", timeout_s=self._timeout_s
+                        )
+                    send_frame(self._sock, encode(msg_type, request_id, buffers))
+                    frame = recv_frame(self._sock, self._dialer.limits)
+                    break
+                except (OSError, ProtocolError) as exc:
+                    self._close()
+                    if fresh:
+                        raise ServerUnavailable(
+                            self.server, str(self.endpoint), str(exc) or type(exc).__name__
+                        ) from None
         if frame.type == MessageType.ERROR:
             raise SubrequestRefused(error_text(frame))
         if frame.type == MessageType.STALE:

@@ -53,8 +53,8 @@ class Updater:
         updates.check(self.model)
         per_server = self._split(updates)
         for _ in range(MAX_ATTEMPTS):
-            version, token = self.version() + 1, secrets.randbits(63)
             try:
+                version, token = self.version() + 1, secrets.randbits(63)
                 for server, (rows, values) in per_server.items():
                     staged = StagedRows(version, token, rows, values, updates.source, updates.sequence)
                     self._links[server].request(MessageType.UPDATE, staged.buffers())
