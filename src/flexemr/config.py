@@ -285,6 +285,28 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class UpdatesConfig:
+    """Row updates while serving (`flexemr.updates`, `embedding_server.versions`)."""
+
+    log_dir: str | None = None
+    """Folder of the embedding servers' update logs (`server-N.updates`), replayed at start so a
+    restarted server comes back at its version; None: servers refuse updates (a local cluster
+    gives its servers one of its own)."""
+    max_staged_bytes: int = 256 * 2**20
+    """Update bytes a server holds staged (not yet committed); beyond, updates are refused."""
+    max_changelog_keys: int = 1 << 20
+    """Changed row keys a server remembers for rankers' caches; older versions are dropped (a
+    ranker that falls further behind clears its cache)."""
+
+    def __post_init__(self) -> None:
+        if self.max_staged_bytes < 1 or self.max_changelog_keys < 1:
+            raise ValueError(
+                f"max_staged_bytes and max_changelog_keys must be positive, got {self.max_staged_bytes}, "
+                f"{self.max_changelog_keys}"
+            )
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     model: ModelSource
     sharding: ShardingPlan
@@ -298,6 +320,8 @@ class ClusterSpec:
     """Embedding servers' bounds and the heartbeat."""
     storage: StorageConfig = field(default_factory=StorageConfig)
     """Where the embedding servers keep their rows."""
+    updates: UpdatesConfig = field(default_factory=UpdatesConfig)
+    """Row updates: the servers' update logs and bounds."""
 
     def __post_init__(self) -> None:
         if len(self.embedding_servers) != self.sharding.num_servers:
@@ -326,6 +350,7 @@ class ClusterSpec:
             security=SecurityConfig(**data.get("security", {})),
             limits=NodeLimits(**data.get("limits", {})),
             storage=StorageConfig(**data.get("storage", {})),
+            updates=UpdatesConfig(**data.get("updates", {})),
         )
 
     @classmethod

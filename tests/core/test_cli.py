@@ -7,6 +7,7 @@ from importlib.metadata import version
 import pytest
 
 from flexemr.cli.main import COMMANDS, main
+from flexemr.cluster.security import admin_token
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -32,5 +33,18 @@ def test_help_shows_the_defaults(command: str, capsys: pytest.CaptureFixture[str
         "calibrate": ["(default: calibration.json)"],
         "plan": ["(default: 1.0)", "(default: 64.0)"],
         "spec": ["(default: 1.0)", "(default: 8000)"],
+        "admin-token": [],
+        "update": ["(default: default)", "(default: flexemr-update)", "(default: 64)"],
     }[command]
     assert all(default in text for default in expected), text
+
+
+def test_admin_token_is_derived_from_the_secret(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("FLEXEMR_SECRET", raising=False)
+    assert main(["admin-token"]) == 2  # no secret, no token
+    monkeypatch.setenv("FLEXEMR_SECRET", "s3cret")
+    assert main(["admin-token"]) == 0
+    token = capsys.readouterr().out.strip()
+    assert token == admin_token(b"s3cret") and "s3cret" not in token and len(token) == 64

@@ -164,9 +164,11 @@ def test_http_metadata_endpoints_for_tritonclient(cluster: ServeProcess) -> None
         assert client.is_model_ready("dlrm", "1")
         config = client.get_model_config("dlrm")
         assert [t["data_type"] for t in config["input"]] == ["TYPE_FP32", "TYPE_INT64", "TYPE_INT32"]
-        assert client.get_model_repository_index() == [{"name": "dlrm", "version": "1", "state": "READY"}]
+        assert client.get_model_repository_index() == [
+            {"name": "dlrm", "version": "1", "state": "READY", "reason": "serving"}
+        ]
         assert client.get_model_metadata("dlrm", "1")["name"] == "dlrm"
-        with pytest.raises(InferenceServerException, match="has version '1' only"):
+        with pytest.raises(InferenceServerException, match=r"has versions \['1'\], not '2'"):
             client.get_model_metadata("dlrm", "2")
         with pytest.raises(InferenceServerException, match="Not Found"):  # not served: a clean 404
             client.get_inference_statistics("dlrm")

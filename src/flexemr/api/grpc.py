@@ -31,6 +31,7 @@ from flexemr.api.kserve import (
 )
 from flexemr.ranker.admission import Dropped, Refused
 from flexemr.ranker.batch import InvalidRequest
+from flexemr.ranker.model_versions import ModelVersions, UnknownVersion
 from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupFailed, ServerUnavailable
 
@@ -85,35 +86,43 @@ def decode_inputs(request: Any, inputs: list[TensorSpec]) -> dict[str, np.ndarra
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, ranker: Ranker, model_name: str) -> None:
-        self.ranker = ranker
+    def __init__(self, models: ModelVersions, model_name: str) -> None:
+        self.models = models
+        self.ranker = models.ranker  # admission, turns and config: shared by every version
         self.model_name = model_name
-        self.inputs = model_inputs(ranker.spec)
+        self.inputs = model_inputs(self.ranker.spec)
 
     def _check_model(self, name: str, version: str, context: grpc.ServicerContext) -> None:
         if name != self.model_name:
             _abort(context, grpc.StatusCode.NOT_FOUND,
                    f"model_name: unknown model {name!r}; this server serves {self.model_name!r}")  # fmt: skip
-        if version not in ("", "1"):
+        loaded = self.models.names()
+        if version and version not in loaded:
             _abort(context, grpc.StatusCode.NOT_FOUND,
-                   f"model_version: model {name!r} has version '1' only, not {version!r}")  # fmt: skip
+                   f"model_version: model {name!r} has versions {loaded}, not {version!r}")  # fmt: skip
 
     def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:
         return service_pb2.ServerLiveResponse(live=True)
 
     def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
-        return service_pb2.ServerReadyResponse(ready=self.ranker.ready())
+        return service_pb2.ServerReadyResponse(ready=self.models.ranker.ready())
 
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._check_model(request.name, request.version, context)
-        return service_pb2.ModelReadyResponse(ready=self.ranker.ready())
+        return service_pb2.ModelReadyResponse(ready=self.models.ranker.ready())
 
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         return service_pb2.ServerMetadataResponse(name="flexemr", version="0.1.0", extensions=[])
 
     def ModelMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._check_model(request.name, request.version, context)
-        meta = model_metadata(self.ranker.spec, self.model_name, self.ranker.config.max_batch)
+        meta = model_metadata(
+            self.models.ranker.spec,
+            self.model_name,
+            self.ranker.config.max_batch,
+            self.models.names(),
+            self.models.serving.name,
+        )
         tensor = service_pb2.ModelMetadataResponse.TensorMetadata
         return service_pb2.ModelMetadataResponse(
             name=meta["name"],
@@ -126,17 +135,23 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
     def ModelConfig(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._check_model(request.name, request.version, context)
         config = json_format.ParseDict(
-            model_config(self.ranker.spec, self.model_name), model_config_pb2.ModelConfig()
+            model_config(self.models.ranker.spec, self.model_name), model_config_pb2.ModelConfig()
         )
         return service_pb2.ModelConfigResponse(config=config)
 
     def RepositoryIndex(self, request: Any, context: grpc.ServicerContext) -> Any:
-        state = "READY" if self.ranker.ready() else "UNAVAILABLE"
-        model = service_pb2.RepositoryIndexResponse.ModelIndex(name=self.model_name, version="1", state=state)
-        return service_pb2.RepositoryIndexResponse(models=[model])
+        index = service_pb2.RepositoryIndexResponse.ModelIndex
+        return service_pb2.RepositoryIndexResponse(models=[index(**entry) for entry in self.models.index()])
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._check_model(request.model_name, request.model_version, context)
+        try:
+            with self.models.use(request.model_version) as chosen:  # in flight: finishes on its version
+                return self._infer(chosen.ranker, chosen.name, request, context)
+        except UnknownVersion as exc:  # unloaded since `_check_model` looked
+            _abort(context, grpc.StatusCode.NOT_FOUND, f"model_version: {exc}")
+
+    def _infer(self, scorer: Ranker, version: str, request: Any, context: grpc.ServicerContext) -> Any:
         admission = self.ranker.admission
         # The client's gRPC deadline is the request's deadline; without one, the configured default.
         remaining = context.time_remaining()
@@ -152,9 +167,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
                 tensors = decode_inputs(request, self.inputs)
                 dense = tensors["dense_features"]
                 admission.admit(ticket, dense.shape[0])
-                scores = self.ranker.score(
-                    dense, tensors["sparse_indices"], tensors["sparse_lengths"], ticket
-                )
+                scores = scorer.score(dense, tensors["sparse_indices"], tensors["sparse_lengths"], ticket)
         except InvalidRequest as exc:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except Refused as exc:
@@ -177,7 +190,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         )
         return service_pb2.ModelInferResponse(
             model_name=self.model_name,
-            model_version="1",
+            model_version=version,
             id=request.id,
             outputs=[output],
             raw_output_contents=[scores.astype("<f4").tobytes()],
@@ -192,7 +205,7 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
 class GrpcServer:
     """A gRPC server for the ranker on `host:port` (0: any free port; `port` is the real one)."""
 
-    def __init__(self, ranker: Ranker, host: str, port: int, workers: int = 16) -> None:
+    def __init__(self, models: ModelVersions, host: str, port: int, workers: int = 16) -> None:
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             # RPCs beyond this many in flight are refused at once (RESOURCE_EXHAUSTED), not queued.
@@ -204,7 +217,7 @@ class GrpcServer:
             ],
         )
         service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(ranker, ranker.config.model_name), self.server
+            InferenceService(models, models.ranker.config.model_name), self.server
         )
         self.host = host
         self.port = self.server.add_insecure_port(f"{host}:{port}")

@@ -25,6 +25,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from flexemr.api.admin import admin_routes
+from flexemr.api.bodies import BodyTooLarge, read_body
 from flexemr.api.kserve import (
     HEADER_LENGTH,
     encode_infer_response,
@@ -34,8 +36,10 @@ from flexemr.api.kserve import (
     parse_infer_request,
 )
 from flexemr.api.metrics import RequestMetrics
+from flexemr.api.updates import update_routes
 from flexemr.ranker.admission import Dropped, Refused, Ticket
 from flexemr.ranker.batch import InvalidRequest
+from flexemr.ranker.model_versions import ModelVersions, UnknownVersion
 from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupFailed, ServerUnavailable
 
@@ -68,20 +72,6 @@ class RateLimitedWarnings(logging.Filter):
             return True
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
-async def read_body(request: Request, limit: int) -> bytearray:
-    """The body, chunked or not, into one buffer; `BodyTooLarge` as soon as it passes `limit`."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise BodyTooLarge
-    return body
-
-
 async def watch_disconnect(request: Request, ticket: Ticket) -> None:
     """Mark the ticket when the client goes, so its work is dropped rather than computed.
     Runs once the body is read: uvicorn's next message is then the disconnect."""
@@ -109,7 +99,9 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(ranker: Ranker, model_name: str) -> FastAPI:
+def create_app(models: ModelVersions, model_name: str) -> FastAPI:
+    # Admission, turns and config are shared by every version; scoring, health, metadata are each one's.
+    ranker = models.ranker
     spec = ranker.spec
     inputs = model_inputs(spec)
     app = FastAPI(title="flexemr", description="DLRM serving over the KServe v2 protocol")
@@ -119,7 +111,9 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
         # KServe's error shape ({"error": ...}), which tritonclient reads, instead of FastAPI's.
         return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
-    metrics = RequestMetrics(ranker)
+    metrics = RequestMetrics(models.stats)
+    app.include_router(admin_routes(models, model_name))
+    app.include_router(update_routes(models, model_name, metrics.registry))
 
     def failure(status: int, kind: str, message: str) -> JSONResponse:
         metrics.requests.labels(str(status)).inc()
@@ -136,8 +130,9 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
 
     @app.get("/v2/health/ready", response_model=None)
     async def ready() -> JSONResponse | dict[str, Any]:
-        health = ranker.replica_health()
-        if ranker.ready():  # with replicas, still ready (and degraded) while every row has one
+        serving = models.ranker
+        health = serving.replica_health()
+        if serving.ready():  # with replicas, still ready (and degraded) while every row has one
             return {"ready": True, **health}
         return _error(
             503, f"embedding server(s) {health['servers_down']} not connected, and no replica covers them"
@@ -146,14 +141,17 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
     def unknown(name: str, version: str) -> JSONResponse | None:
         if name != model_name:
             return failure(400, "unknown_model", f"unknown model {name!r}; this server serves {model_name!r}")
-        if version not in ("", "1"):
-            return failure(400, "unknown_model", f"model {name!r} has version '1' only, not {version!r}")
+        loaded = models.names()
+        if version and version not in loaded:
+            return failure(400, "unknown_model", f"model {name!r} has versions {loaded}, not {version!r}")
         return None
 
     @app.get("/v2/models/{name}", response_model=None)
     @app.get("/v2/models/{name}/versions/{version}", response_model=None)
     async def get_model_metadata(name: str, version: str = "") -> JSONResponse | dict[str, Any]:
-        return unknown(name, version) or model_metadata(spec, model_name, ranker.config.max_batch)
+        return unknown(name, version) or model_metadata(
+            models.ranker.spec, model_name, ranker.config.max_batch, models.names(), models.serving.name
+        )
 
     @app.get("/v2/models/{name}/ready", response_model=None)
     @app.get("/v2/models/{name}/versions/{version}/ready", response_model=None)
@@ -163,25 +161,33 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
     @app.get("/v2/models/{name}/config", response_model=None)
     @app.get("/v2/models/{name}/versions/{version}/config", response_model=None)
     async def get_model_config(name: str, version: str = "") -> JSONResponse | dict[str, Any]:
-        return unknown(name, version) or model_config(spec, model_name)
+        return unknown(name, version) or model_config(models.ranker.spec, model_name)
 
     @app.post("/v2/repository/index")
     async def repository_index() -> list[dict[str, str]]:
-        state = "READY" if ranker.ready() else "UNAVAILABLE"
-        return [{"name": model_name, "version": "1", "state": state}]
+        return models.index()
 
     @app.get("/v2/stats")
     async def stats() -> dict[str, Any]:
-        return ranker.stats()
+        return models.stats()
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/v2/models/{name}/infer")
-    async def infer(name: str, request: Request) -> Response:
-        if name != model_name:
-            return failure(400, "unknown_model", f"unknown model {name!r}; this server serves {model_name!r}")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(name: str, request: Request, version: str = "") -> Response:
+        refusal = unknown(name, version)
+        if refusal is not None:
+            return refusal
+        try:
+            with models.use(version) as chosen:  # requests in flight finish on the version they took
+                return await infer_with(chosen.ranker, chosen.name, request)
+        except UnknownVersion as exc:  # unloaded since `unknown` looked
+            return failure(400, "unknown_model", str(exc))
+
+    async def infer_with(scorer: Ranker, version: str, request: Request) -> Response:
         limit = ranker.config.max_body_bytes
         json_limit = limit // JSON_EXPANSION
         json_error = (
@@ -206,7 +212,7 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
             body = await read_body(request, limit if header_length is not None else json_limit)
             watcher = asyncio.create_task(watch_disconnect(request, ticket))
             with metrics.latency.time():
-                response = await run_in_threadpool(_infer, body, header_length, ticket)
+                response = await run_in_threadpool(_infer, scorer, version, body, header_length, ticket)
         except BodyTooLarge:
             message = f"request body exceeds {limit} bytes" if header_length is not None else json_error
             return failure(413, "too_large", message)
@@ -245,19 +251,21 @@ def create_app(ranker: Ranker, model_name: str) -> FastAPI:
         response.headers["retry-after"] = "1"
         return response
 
-    def _infer(body: bytearray, header_length: str | None, ticket: Ticket) -> Response:
+    def _infer(
+        scorer: Ranker, version: str, body: bytearray, header_length: str | None, ticket: Ticket
+    ) -> Response:
         with ranker.turns.turn():
             ticket.check()  # the turn may have come late
             parsed = parse_infer_request(body, header_length, inputs)
             body.clear()  # parsed: the raw bytes are not needed while scoring
             dense = parsed.tensors["dense_features"]
             ranker.admission.admit(ticket, dense.shape[0])
-            scores = ranker.score(
+            scores = scorer.score(
                 dense, parsed.tensors["sparse_indices"], parsed.tensors["sparse_lengths"], ticket
             )
             metrics.batch_size.observe(dense.shape[0])
             content, headers = encode_infer_response(
-                model_name, parsed.id, "scores", scores, parsed.binary_output
+                model_name, parsed.id, "scores", scores, parsed.binary_output, version
             )
         return Response(content, headers=headers)
 

@@ -97,11 +97,14 @@ def model_inputs(spec: ModelSpec) -> list[TensorSpec]:
 OUTPUT = TensorSpec("scores", "FP32", (-1,))
 
 
-def model_metadata(spec: ModelSpec, model_name: str, max_batch: int) -> dict[str, Any]:
-    """KServe v2 model metadata (`GET /v2/models/{name}`; gRPC `ModelMetadata` takes the same fields)."""
+def model_metadata(
+    spec: ModelSpec, model_name: str, max_batch: int, versions: list[str], serving: str
+) -> dict[str, Any]:
+    """KServe v2 model metadata (`GET /v2/models/{name}`; gRPC `ModelMetadata` takes the same fields):
+    the loaded `versions`, and the one `serving` new requests."""
     return {
         "name": model_name,
-        "versions": ["1"],
+        "versions": versions,
         "platform": "flexemr-dlrm",
         "inputs": [
             {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in model_inputs(spec)
@@ -112,6 +115,7 @@ def model_metadata(spec: ModelSpec, model_name: str, max_batch: int) -> dict[str
             "table_rows": list(spec.table_rows),
             "dim": spec.dim,
             "max_batch": max_batch,
+            "serving_version": serving,
         },
     }
 
@@ -234,9 +238,9 @@ def parse_infer_request(
 
 
 def encode_infer_response(
-    model_name: str, request_id: str | None, name: str, values: np.ndarray, binary: bool
+    model_name: str, request_id: str | None, name: str, values: np.ndarray, binary: bool, version: str
 ) -> tuple[bytes, dict[str, str]]:
-    """The response body and its extra headers."""
+    """The response body and its extra headers; `version` is the model version that scored."""
     output: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(values.shape)}
     raw = b""
     if binary:
@@ -244,7 +248,7 @@ def encode_infer_response(
         output["parameters"] = {"binary_data_size": len(raw)}
     else:
         output["data"] = values.tolist()
-    response: dict[str, Any] = {"model_name": model_name, "model_version": "1", "outputs": [output]}
+    response: dict[str, Any] = {"model_name": model_name, "model_version": version, "outputs": [output]}
     if request_id is not None:
         response["id"] = request_id
     header = orjson.dumps(response)

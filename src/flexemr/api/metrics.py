@@ -9,26 +9,25 @@ about Prometheus. A number reported as a `flexemr.stats.Count` is a counter, any
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from flexemr.ranker.ranker import Ranker
 from flexemr.stats import Count
 
 _LABEL_KEYS = ("server", "thread", "connection", "table")
 
 
 class StatsCollector(Collector):
-    def __init__(self, ranker: Ranker) -> None:
-        self.ranker = ranker
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
         series: dict[str, _Series] = {}
-        _flatten(self.ranker.stats(), "flexemr", {}, series)
+        _flatten(self.stats(), "flexemr", {}, series)
         for name, (counter, labels, samples) in sorted(series.items()):
             family: CounterMetricFamily | GaugeMetricFamily = (
                 CounterMetricFamily(name, name, labels=labels)
@@ -63,7 +62,8 @@ def _flatten(node: Any, name: str, labels: dict[str, str], out: dict[str, _Serie
 
 
 class RequestMetrics:
-    def __init__(self, ranker: Ranker) -> None:
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        """`stats`: the serving ranker's `stats()` (nested counts), read at every scrape."""
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "flexemr_http_requests", "Inference requests by outcome", ["status"], registry=self.registry
@@ -81,4 +81,4 @@ class RequestMetrics:
             buckets=(1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192),
             registry=self.registry,
         )
-        self.registry.register(StatsCollector(ranker))
+        self.registry.register(StatsCollector(stats))

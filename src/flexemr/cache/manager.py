@@ -419,6 +419,16 @@ class AdaptiveCacheManager:
             self._invalidated += dropped
             return dropped
 
+    def clear(self) -> int:
+        """Any row may have changed at the source: drop them all, and refuse in-flight admits."""
+        with self._lock:
+            self._epoch += 1
+            self._invalidations.clear()  # too short for any earlier token: their admits are dropped
+            dropped = self.cache.num_rows
+            self.cache.clear()
+            self._invalidated += dropped
+            return dropped
+
     def stats(self) -> CacheStats:
         with self._lock:
             cache = self.cache

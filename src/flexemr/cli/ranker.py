@@ -9,7 +9,7 @@ import sys
 
 from flexemr.cli.options import add_engine_arguments, add_secret_argument, engine_config, with_secret_file
 from flexemr.cluster.child import exit_when_stdin_closes
-from flexemr.cluster.roles import HttpServer, build_ranker, start_grpc
+from flexemr.cluster.roles import HttpServer, build_ranker, served_versions, start_grpc
 from flexemr.config import ClusterSpec
 from flexemr.memory import NotEnoughMemory
 from flexemr.transport.base import ConfigMismatch, ServerUnavailable
@@ -35,16 +35,17 @@ def run(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(spec, engine=engine_config(args, spec.engine))
         spec = with_secret_file(spec, args.secret_file)
         ranker = build_ranker(spec, connect_timeout_s=args.connect_timeout)
+        models = served_versions(spec, ranker, cluster=spec)  # servers started elsewhere: no loading
     except (ValueError, OSError, ServerUnavailable, ConfigMismatch, NotEnoughMemory) as exc:
         print(f"flexemr ranker: {exc}", file=sys.stderr)
         return 2
     try:
-        grpc = start_grpc(ranker)
+        grpc = start_grpc(models)
     except (RuntimeError, OSError) as exc:
         print(f"flexemr ranker: {exc}", file=sys.stderr)
         ranker.close()
         return 2
-    http = HttpServer(ranker, spec.ranker.host, spec.ranker.port, args.reuse_port)
+    http = HttpServer(models, spec.ranker.host, spec.ranker.port, args.reuse_port)
     grpc_note = f" grpc={grpc.address}" if grpc is not None else ""
     print(f"flexemr ranker ready: {http.url} model={spec.ranker.model_name}{grpc_note}", flush=True)
     http.run()

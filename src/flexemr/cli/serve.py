@@ -19,16 +19,18 @@ import secrets
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.local import ClusterStartError, LocalCluster
-from flexemr.cluster.roles import HttpServer, build_ranker, start_grpc
+from flexemr.cluster.roles import HttpServer, build_ranker, served_versions, start_grpc
 from flexemr.cluster.security import load_secret
-from flexemr.config import ClusterSpec, Endpoint
+from flexemr.config import ClusterSpec, Endpoint, ModelSource
+from flexemr.ranker.model_versions import Loader
 from flexemr.ranker.ranker import Ranker
-from flexemr.sharding.plan import make_plan
+from flexemr.sharding.plan import Strategy, make_plan, replicated
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +88,40 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
     return build_ranker(spec), spec
 
 
+def version_spec(spec: ClusterSpec, source: ModelSource) -> ClusterSpec:
+    """`spec` serving `source` on servers of its own (new ports); the same plan while the tables
+    keep their shapes, else the same strategy over the new shapes."""
+    model = source.spec()
+    plan = spec.sharding
+    if (model.table_rows, model.dim) != (plan.table_rows, plan.dim):
+        strategies: dict[str, Strategy] = {"table": "table", "row": "row"}  # a planner's plan is not remade
+        strategy = strategies.get(plan.strategy)
+        if strategy is None:
+            raise ValueError(
+                f"parameters: the new model's tables differ from the served one's and its {plan.strategy} "
+                "plan cannot be remade here; serve it with a plan of its own"
+            )
+        base = make_plan(strategy, model.table_rows, model.dim, plan.num_servers // plan.replicas)
+        plan = replicated(base, plan.replicas)
+    servers = tuple(Endpoint(spec.embedding_servers[0].host, 0) for _ in range(plan.num_servers))
+    return dataclasses.replace(spec, model=source, sharding=plan, embedding_servers=servers)
+
+
+def _version_loader(spec: ClusterSpec, tier: str) -> Loader:
+    """Starts a new model version's embedding tier and ranker beside the serving one."""
+
+    def load(source: ModelSource) -> tuple[Ranker, Callable[[], None], ClusterSpec | None]:
+        stack = contextlib.ExitStack()
+        try:
+            ranker, started = _start_ranker(version_spec(spec, source), tier, stack)
+        except BaseException:
+            stack.close()
+            raise
+        return ranker, stack.close, started if tier == "flexemr" else None
+
+    return load
+
+
 def _start_more_rankers(spec: ClusterSpec, count: int, tier: str, stack: contextlib.ExitStack) -> None:
     """`count` more `flexemr ranker` processes on the same servers and HTTP port (no gRPC)."""
     if count <= 0:
@@ -127,16 +163,21 @@ def run(args: argparse.Namespace) -> int:
             return 2
         return serve_on_ray(spec, options)
     with contextlib.ExitStack() as stack:
+        first = stack.enter_context(contextlib.ExitStack())  # version 1's tier: stopped when it is unloaded
+        # Loading more versions needs servers of their own; extra ranker processes use version 1's.
+        loader = _version_loader(spec, args.embedding_tier) if args.rankers == 1 else None
         try:
-            ranker, spec = _start_ranker(spec, args.embedding_tier, stack)
-            stack.callback(ranker.close)
-            grpc = start_grpc(ranker)
-        except (ClusterStartError, FileNotFoundError, RuntimeError, OSError) as exc:
+            ranker, spec = _start_ranker(spec, args.embedding_tier, first)
+            cluster = spec if args.embedding_tier == "flexemr" else None
+            models = served_versions(spec, ranker, loader, first.pop_all().close, cluster)
+            stack.callback(models.close)
+            grpc = start_grpc(models)
+        except (ClusterStartError, FileNotFoundError, RuntimeError, OSError, ValueError) as exc:
             print(f"flexemr serve: {exc}", file=sys.stderr)
             return 1
         if grpc is not None:
             stack.callback(grpc.stop)
-        http = HttpServer(ranker, spec.ranker.host, spec.ranker.port, reuse_port=args.rankers > 1)
+        http = HttpServer(models, spec.ranker.host, spec.ranker.port, reuse_port=args.rankers > 1)
         spec = dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, port=http.port))
         if args.spec_out:
             spec.save(args.spec_out)

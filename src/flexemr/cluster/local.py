@@ -98,6 +98,9 @@ class LocalCluster:
         except NotEnoughMemory:
             self.stop()
             raise
+        if self.spec.updates.log_dir is None:  # stable per server, so a restart replays its updates
+            updates = dataclasses.replace(self.spec.updates, log_dir=str(Path(self._dir.name) / "updates"))
+            self.spec = dataclasses.replace(self.spec, updates=updates)
         self.spec.save(self._spec_path)
         for index in range(len(self.spec.embedding_servers)):
             self._procs.append(self._spawn(index))

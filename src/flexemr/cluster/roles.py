@@ -9,6 +9,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -16,13 +17,15 @@ import uvicorn
 
 from flexemr.api.http import RateLimitedWarnings, create_app
 from flexemr.cache.manager import CacheMode
-from flexemr.cluster.security import check_bind, client_tls, identities, load_secret, server_tls
+from flexemr.cluster.security import admin_token, check_bind, client_tls, identities, load_secret, server_tls
 from flexemr.config import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.storage import DramStorage, FileStorage, Storage
 from flexemr.embedding_server.store import ShardStore, store_layout
+from flexemr.embedding_server.versions import RowVersions
 from flexemr.memory import SERVING_ADVICE, check_memory
 from flexemr.model.weights import build_dense
+from flexemr.ranker.model_versions import Loader, ModelVersions
 from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupTransport
 
@@ -45,6 +48,9 @@ def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True)
     need = storage.resident_bytes(store_layout(spec.sharding, index, source.spec.formats))
     check_memory(need, f"embedding server {index}", SERVING_ADVICE)
     store = ShardStore(spec.sharding, index, source, progress, storage)
+    updates = spec.updates
+    log_path = None if updates.log_dir is None else Path(updates.log_dir) / f"server-{index}.updates"
+    versions = RowVersions(store, log_path, updates.max_staged_bytes, updates.max_changelog_keys)
     return EmbeddingServer(
         store,
         spec.embedding_servers[index],
@@ -52,6 +58,7 @@ def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True)
         secret,
         spec.limits,
         tls=server_tls(spec.security),
+        versions=versions,
     )
 
 
@@ -93,6 +100,7 @@ def build_ranker(
         )
     if transport is None:
         from flexemr.engine import IoEngine
+        from flexemr.engine.link import links
 
         engine = IoEngine(
             spec.embedding_servers,
@@ -103,19 +111,35 @@ def build_ranker(
             tls=client_tls(spec.security),
         )
         engine.start(timeout=connect_timeout_s)
-        transport = engine
+        return Ranker(source.spec, plan, dense, engine, spec.ranker, links(spec))
     return Ranker(source.spec, plan, dense, transport, spec.ranker)
 
 
-def start_grpc(ranker: Ranker) -> GrpcServer | None:
+def served_versions(
+    spec: ClusterSpec,
+    ranker: Ranker,
+    loader: Loader | None = None,
+    stop: Callable[[], None] = lambda: None,
+    cluster: ClusterSpec | None = None,
+) -> ModelVersions:
+    """`ranker` as version 1 of `spec`'s model (stopped by `stop`; its rows on `cluster`'s servers),
+    further versions started by `loader` (None: this ranker cannot load any); the admin API's token
+    is the cluster secret's."""
+    secret = load_secret(spec.security)
+    token = admin_token(secret) if secret is not None else None
+    return ModelVersions(ranker, spec.model, loader, stop, cluster, admin_token=token)
+
+
+def start_grpc(models: ModelVersions) -> GrpcServer | None:
     """The ranker's KServe v2 gRPC front, serving, if its config names a gRPC port."""
+    ranker = models.ranker
     if ranker.config.grpc_port is None:
         return None
     try:
         from flexemr.api.grpc import GrpcServer
     except ImportError as exc:
         raise RuntimeError(f"--grpc-port needs the grpc extra: pip install 'flexemr[grpc]' ({exc})") from None
-    return GrpcServer(ranker, ranker.config.host, ranker.config.grpc_port)
+    return GrpcServer(models, ranker.config.host, ranker.config.grpc_port)
 
 
 def torch_threads(n: int) -> None:
@@ -142,11 +166,14 @@ def http_listener(host: str, port: int, reuse_port: bool = False) -> socket.sock
 class HttpServer:
     """uvicorn on a socket we bind ourselves, so port 0 works and the real port is known at once."""
 
-    def __init__(self, ranker: Ranker, host: str, port: int, reuse_port: bool = False) -> None:
+    def __init__(
+        self, ranker: Ranker | ModelVersions, host: str, port: int, reuse_port: bool = False
+    ) -> None:
         self.socket = http_listener(host, port, reuse_port)
         self.host = host
         self.port = self.socket.getsockname()[1]
-        app = create_app(ranker, ranker.config.model_name)
+        models = ranker if isinstance(ranker, ModelVersions) else ModelVersions(ranker)
+        app = create_app(models, models.ranker.config.model_name)
         logging.getLogger("uvicorn.error").addFilter(RateLimitedWarnings())  # clients' bad HTTP
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
         self.server = uvicorn.Server(config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import hmac
 import ipaddress
 import json
 import os
@@ -26,6 +27,13 @@ def load_secret(config: SecurityConfig) -> bytes | None:
         return secret
     value = os.environ.get(config.secret_env, "").strip()
     return value.encode() if value else None
+
+
+def admin_token(secret: bytes) -> str:
+    """The bearer token of the ranker's admin API (model load/unload, row updates): derived from the
+    cluster secret, so a holder of the secret can compute it, while the token itself, sent over
+    HTTP, does not give away the secret that node links prove."""
+    return hmac.new(secret, b"flexemr admin api v1", hashlib.sha256).hexdigest()
 
 
 def fingerprint(model: ModelSource, plan: ShardingPlan, server: int) -> str:

@@ -36,6 +36,7 @@ import numpy as np
 from flexemr.cluster.security import check_bind
 from flexemr.config import Endpoint, NodeLimits
 from flexemr.embedding_server.store import BadSubrequest, ShardStore
+from flexemr.embedding_server.versions import RowVersions, StaleVersion
 from flexemr.protocol.frames import (
     ConnectionClosed,
     Flags,
@@ -49,6 +50,7 @@ from flexemr.protocol.frames import (
     send_frame,
 )
 from flexemr.protocol.handshake import Identity, NotAuthenticated, server_handshake
+from flexemr.protocol.updates import BadUpdate, StagedRows, int64s, version_buffer
 
 log = logging.getLogger(__name__)
 
@@ -149,9 +151,12 @@ class EmbeddingServer:
         limits: NodeLimits | None = None,
         frame_limits: FrameLimits | None = None,
         tls: ssl.SSLContext | None = None,
+        versions: RowVersions | None = None,
     ) -> None:
+        """`versions`: the rows' versions and update log (default: none, updates refused)."""
         check_bind(endpoint.host, secret)
         self.store = store
+        self.versions = versions or RowVersions(store)
         self.identity = identity
         self._key = secret or b""
         self.node_limits = limits or NodeLimits()
@@ -228,6 +233,7 @@ class EmbeddingServer:
             for gates in self._sessions.values():
                 for gate in gates.values():
                     gate.close()
+        self.versions.close()
 
     def _serve_connection(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         """Handshake (within the handshake timeout), then serve the connection as its HELLO says."""
@@ -340,18 +346,44 @@ class EmbeddingServer:
                 i: {"granted": g.granted, "sent": g.sent, "waits": g.waits} for i, g in gates.items()
             },
             "credit_latency_ns": latencies,
+            "updates": self.versions.stats(),
         }
 
     def answer(self, frame: Frame) -> list[memoryview]:
         """The reply to one well-formed frame."""
-        if frame.type == MessageType.LOOKUP:
-            try:
-                return encode(MessageType.RESULT, frame.request_id, [self._lookup(frame)])
-            except BadSubrequest as exc:
-                return error_frame(frame.request_id, f"embedding server {self.store.server}: {exc}")
-        return error_frame(frame.request_id, f"unexpected message type {frame.type.name}")
+        rid, versions = frame.request_id, self.versions
+        try:
+            if frame.type == MessageType.LOOKUP:
+                return encode(MessageType.RESULT, rid, [self._lookup(frame)])
+            if frame.type == MessageType.UPDATE:
+                staged = versions.stage(StagedRows.parse(frame, self.store.dim))
+                return encode(MessageType.UPDATE, rid, [version_buffer(int(staged))])
+            if frame.type == MessageType.COMMIT:
+                version, token = int64s(frame, 2, "a COMMIT")
+                return encode(MessageType.COMMIT, rid, [version_buffer(versions.commit(version, token))])
+            if frame.type == MessageType.CHANGES:
+                (since,) = int64s(frame, 1, "a CHANGES request")
+                return versions.changes(since).frame(rid)
+        except StaleVersion as exc:
+            return encode(MessageType.STALE, rid, [version_buffer(exc.version)])
+        except (BadSubrequest, BadUpdate) as exc:
+            return error_frame(rid, f"embedding server {self.store.server}: {exc}")
+        return error_frame(rid, f"unexpected message type {frame.type.name}")
 
     def _lookup(self, frame: Frame) -> np.ndarray:
+        """Pooled or raw rows, at the version the lookup names (flag VERSIONED) or, without one, at
+        whatever version is committed; never during a commit."""
+        read = None
+        if frame.flags & Flags.VERSIONED:
+            if not frame.buffers or frame.buffers[-1].dtype != np.int64 or frame.buffers[-1].shape != (1,):
+                raise BadSubrequest("a versioned lookup ends with int64 [version]")
+            read = int(frame.buffers.pop()[0])
+        with self.versions.lock.shared():
+            if read is not None and read != self.versions.version:
+                raise StaleVersion(self.versions.version)
+            return self._rows(frame)
+
+    def _rows(self, frame: Frame) -> np.ndarray:
         weighted = bool(frame.flags & Flags.WEIGHTED)
         index = frame.buffers[0].dtype if frame.buffers else None
         expected = (index, index, np.float32)[: 3 if weighted else 2]

@@ -88,6 +88,7 @@ class ShardStore:
             self._fill(source, arrays, progress)
             storage.commit()
         self.tables = [torch.from_numpy(a) for a in arrays]
+        self._arrays = arrays
         # Remapping local rows to (segment, row): shard starts in local order, per shard its segment
         # and the shift from local to segment row numbers.
         placed = sorted(
@@ -98,6 +99,11 @@ class ShardStore:
         self._starts = np.array([p[0] for p in placed], dtype=np.int64)
         self._segment_of = np.array([p[1] for p in placed], dtype=np.int64)
         self._shift = np.array([p[2] for p in placed], dtype=np.int64)
+        # Local rows to global cache keys (the router's: table base + row), per shard in local order.
+        table_base = np.concatenate([[0], np.cumsum(plan.table_rows)[:-1]]).astype(np.int64)
+        self._key_shift = np.array(
+            [table_base[s.table] + s.row_start - s.local_start for s in self.shards], dtype=np.int64
+        )
 
     def _fill(self, source: WeightSource, arrays: list[np.ndarray], progress: bool) -> None:
         total = sum(s.rows for s in self.shards)
@@ -135,6 +141,38 @@ class ShardStore:
         """Segment and row within it of each server-local row."""
         shard = np.searchsorted(self._starts, rows, side="right") - 1
         return self._segment_of[shard], rows + self._shift[shard]
+
+    def keys(self, rows: np.ndarray) -> np.ndarray:
+        """The global cache keys (int64) of server-local `rows`."""
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        keys: np.ndarray = rows + self._key_shift[shard]
+        return keys
+
+    def write(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Store float32 `values` [n, dim] as server-local `rows` [n], encoded in each row's format
+        as at load (so an int8 row's bytes equal those a checkpoint of these values would load)."""
+        self.check_write(rows, values)
+        if len(self.segments) == 1:
+            self._write_segment(0, rows, values)
+            return
+        segment, at = self._locate(rows)
+        for s in np.unique(segment).tolist():
+            mine = segment == s
+            self._write_segment(s, at[mine], values[mine])
+
+    def check_write(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Raise BadSubrequest unless `write(rows, values)` can store them."""
+        self._check(rows, None, None)
+        if values.shape != (rows.size, self.dim) or values.dtype != np.float32:
+            raise BadSubrequest(f"values of shape {values.shape} for {rows.size} rows of dim {self.dim}")
+        if not np.isfinite(values).all():
+            raise BadSubrequest("values must be finite (no NaN or infinity)")
+
+    def _write_segment(self, s: int, rows: np.ndarray, values: np.ndarray) -> None:
+        array = self._arrays[s]
+        encoded = np.empty((rows.size, array.shape[1]), dtype=array.dtype)
+        stored_rows.encode(np.ascontiguousarray(values), self.segments[s].fmt, encoded)
+        array[rows] = encoded
 
     def pooled(self, rows: np.ndarray, offsets: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
         """Per-bag sums of this server's rows, in float32: [len(offsets), dim]."""

@@ -44,7 +44,7 @@ from flexemr.protocol.frames import (
     parse_header,
 )
 from flexemr.stats import Count
-from flexemr.transport.base import LookupRequest, ServerUnavailable, SubrequestRefused
+from flexemr.transport.base import LookupRequest, ServerUnavailable, Stale, SubrequestRefused
 
 WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
@@ -163,6 +163,9 @@ class Connection:
         if request.weights is not None:
             flags |= Flags.WEIGHTED
             buffers.append(request.weights)
+        if request.version is not None:
+            flags |= Flags.VERSIONED
+            buffers.append(np.array([request.version], dtype=np.int64))
         if self.piggyback and self.credits is not None and self.credits.owed:
             flags |= Flags.CREDIT
             buffers.append(np.array([self.credits.take(), time.monotonic_ns()], dtype=np.int64))
@@ -292,6 +295,8 @@ class Connection:
         elif frame.type == MessageType.ERROR:
             self.stats.failures += 1
             entry.future.set_exception(SubrequestRefused(error_text(frame)))
+        elif frame.type == MessageType.STALE and len(frame.buffers) == 1 and frame.buffers[0].shape == (1,):
+            entry.future.set_exception(Stale(self.server, int(frame.buffers[0][0])))
         elif frame.type != MessageType.RESULT or len(frame.buffers) != 1:
             self.stats.failures += 1
             entry.future.set_exception(SubrequestRefused(f"unexpected {frame.type.name} frame"))

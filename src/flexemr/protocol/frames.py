@@ -20,7 +20,7 @@ import enum
 import socket
 import ssl
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +53,20 @@ class MessageType(enum.IntEnum):
     answered."""
     AUTH = 8
     """ranker -> server: `handshake` proof of the secret; server -> ranker, empty: accepted."""
+    UPDATE = 9
+    """updater -> server: stage rows for a version (`protocol.updates`); answered UPDATE [int64
+    (1): 1 staged, 0 a duplicate of a committed (source, sequence)], STALE or ERROR."""
+    COMMIT = 10
+    """updater or ranker -> server: [int64 (2): version, token], apply what that update staged;
+    answered COMMIT [int64 (1): the server's version], or STALE when the version is taken by another
+    update or the server is behind it (it must commit the versions before first)."""
+    STALE = 11
+    """server -> ranker or updater: [int64 (1): the server's committed version]; the request named
+    another version than the server's (a LOOKUP with flag VERSIONED), or a version already decided."""
+    CHANGES = 12
+    """ranker or updater -> server: [int64 (1): since]; answered CHANGES [int64 (2): version,
+    truncated (1: the changelog no longer reaches back to `since`), versions int64 (k), tokens int64
+    (k): the versions committed after `since`, keys int64 (m): the global cache keys they changed]."""
 
 
 class Flags(enum.IntFlag):
@@ -65,6 +79,9 @@ class Flags(enum.IntFlag):
     """LOOKUP: the last buffer, int64 [credits] or [credits, sent at ns], grants response credits."""
     STATS = 8
     """PING: answer with this session's credit statistics."""
+    VERSIONED = 16
+    """LOOKUP: the buffer after the weights, int64 [version], is the version the ranker reads; a
+    server at another version answers STALE."""
 
 
 _DTYPES: dict[int, np.dtype[np.generic]] = {
@@ -134,11 +151,15 @@ def send_frame(sock: socket.socket, views: list[memoryview]) -> None:
             views[0] = views[0][sent:]
 
 
-def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+ReadInto = Callable[[memoryview], int | None]
+"""`socket.recv_into`, or a file's `readinto`: fills a view, returns the bytes read (0: the end)."""
+
+
+def _recv_exact(read_into: ReadInto, view: memoryview) -> None:
     got = 0
     while got < view.nbytes:
-        n = sock.recv_into(view[got:])
-        if n == 0:
+        n = read_into(view[got:])
+        if not n:
             raise ConnectionClosed("connection closed by peer")
         got += n
 
@@ -185,16 +206,21 @@ def parse_descriptors(
 
 def recv_frame(sock: socket.socket, limits: FrameLimits) -> Frame:
     """Read one frame, validating everything before allocating the buffers it declares."""
+    return read_frame(sock.recv_into, limits)
+
+
+def read_frame(read_into: ReadInto, limits: FrameLimits) -> Frame:
+    """`recv_frame` from any source of bytes (a socket, a file)."""
     header = bytearray(HEADER.size)
-    _recv_exact(sock, memoryview(header))
+    _recv_exact(read_into, memoryview(header))
     kind, flags, request_id, count, body = parse_header(header, limits)
     raw = bytearray(DESCRIPTOR.size * count)
-    _recv_exact(sock, memoryview(raw))
+    _recv_exact(read_into, memoryview(raw))
     buffers = []
     for dtype, shape in parse_descriptors(raw, count, body, limits):
         array = np.empty(shape, dtype=dtype)
         if array.size:
-            _recv_exact(sock, array.data.cast("B"))
+            _recv_exact(read_into, array.data.cast("B"))
         buffers.append(array)
     return Frame(kind, request_id, flags, buffers)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -26,6 +27,7 @@ import torch
 from flexemr.cache import AdaptiveCacheManager, CacheConfig, LoadMonitorConfig
 from flexemr.cache.pooling import offsets_of
 from flexemr.config import RankerConfig
+from flexemr.engine.link import ServerLink
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
 from flexemr.ranker.admission import Admission, Ticket
@@ -33,6 +35,7 @@ from flexemr.ranker.batch import SparseBatch, validate_batch
 from flexemr.ranker.batcher import DynamicBatcher
 from flexemr.ranker.replicas import ReplicaLoad
 from flexemr.ranker.turns import Turns
+from flexemr.ranker.versions import ReadVersion
 from flexemr.sharding.plan import ShardingPlan
 from flexemr.sharding.router import RangeRouter, Subrequest, Uncovered
 from flexemr.stats import counts
@@ -42,6 +45,7 @@ from flexemr.transport.base import (
     LookupTransport,
     NoReplica,
     ServerUnavailable,
+    Stale,
     SubrequestRefused,
 )
 
@@ -49,6 +53,8 @@ log = logging.getLogger(__name__)
 
 MAX_REQUESTS_BEING_READ = 64
 """Requests whose bodies are being received or parsed at once (each at most the body limit)."""
+MAX_VERSION_RETRIES = 4
+"""Times a request is pooled again after the rows' version moved under it, before it fails."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,7 +71,10 @@ class Ranker:
         dense: DenseArch,
         transport: LookupTransport,
         config: RankerConfig,
+        links: list[ServerLink] | None = None,
     ) -> None:
+        """`links`: control links to the embedding servers; with them the ranker reads one version
+        of every row per request (`ranker.versions`), without them whatever servers hold."""
         self.spec = spec
         self.config = config
         self.router = RangeRouter(plan)
@@ -81,6 +90,7 @@ class Ranker:
         self.turns = Turns()
         self.admission = Admission(config.in_flight_limit, MAX_REQUESTS_BEING_READ)
         self.cache = self._make_cache()
+        self.versions = None if links is None else ReadVersion(links, self.cache)
         self._stop = threading.Event()
         self._warmer: threading.Thread | None = None
         if self.cache is not None:
@@ -91,6 +101,11 @@ class Ranker:
             if config.batch_window_ms > 0
             else None
         )
+
+    def adopt_front(self, other: Ranker) -> None:
+        """Share `other`'s admission bound and turns (before serving anything): versions of one
+        model loaded side by side in one process are one ranker to its clients."""
+        self.admission, self.turns = other.admission, other.turns
 
     def _make_cache(self) -> AdaptiveCacheManager | None:
         if self.config.cache == "off":
@@ -136,7 +151,7 @@ class Ranker:
             return self.score_batch(batch)
 
     def score_batch(self, batch: SparseBatch, ticket: Ticket | None = None) -> np.ndarray:
-        pooled = self.pool(batch, None if ticket is None else ticket.deadline)
+        pooled = self._pool_one_version(batch, None if ticket is None else ticket.deadline)
         if ticket is not None:
             ticket.check()
         # The dense model runs in torch's kernels (or on the GPU), outside the interpreter lock:
@@ -149,10 +164,35 @@ class Ranker:
             self.samples += batch.batch_size
         return result
 
-    def pool(self, batch: SparseBatch, deadline: float | None = None) -> torch.Tensor:
+    def _pool_one_version(self, batch: SparseBatch, deadline: float | None) -> torch.Tensor:
+        """`pool` with every row at one version: pooled again, whole, after a server answers
+        STALE and the read version moves (a few times at most, then the request fails)."""
+        for _ in range(MAX_VERSION_RETRIES):
+            with contextlib.ExitStack() as reading:
+                with self.turns.waiting():  # a version change may be waiting for a turn to finish
+                    version = reading.enter_context(self._reading())
+                try:
+                    return self.pool(batch, deadline, version)
+                except Stale as exc:  # only a versioned lookup gets one
+                    stale = exc
+            assert self.versions is not None
+            with self.turns.waiting():
+                self.versions.stale(stale)
+        raise LookupFailed(
+            f"the rows' version changed {MAX_VERSION_RETRIES} times during the request (last: {stale})"
+        )
+
+    def _reading(self) -> contextlib.AbstractContextManager[int | None]:
+        """The version to read, the same until the block ends (None: whatever servers hold)."""
+        return contextlib.nullcontext() if self.versions is None else self.versions.reading()
+
+    def pool(
+        self, batch: SparseBatch, deadline: float | None = None, version: int | None = None
+    ) -> torch.Tensor:
         """Pooled embeddings [B, T, D] on the device: cached rows summed locally, the rest gathered
         from every server that holds rows of the batch, by `deadline` (time.monotonic(); the
-        request's) if it comes before the lookup timeout."""
+        request's) if it comes before the lookup timeout, at `version` (`Stale` if a server is
+        at another)."""
         keys = self.router.keys(batch.indices, batch.rows_per_table())
         pooled = torch.zeros(batch.lengths.size, self.spec.dim, device=self.device)
         raw = self.config.lookup == "raw"
@@ -171,7 +211,7 @@ class Ranker:
             offsets = offsets_of(torch.from_numpy(batch.lengths))
             part = cache.cached_part(torch.from_numpy(keys), offsets, out=pooled)
             remote_keys, remote_lengths = keys[part.miss.cpu().numpy()], part.miss_lengths.cpu().numpy()
-        for sub, values in self._lookup(remote_keys, remote_lengths, raw, deadline):
+        for sub, values in self._lookup(remote_keys, remote_lengths, raw, deadline, version):
             target = sub.row_bags() if raw else sub.bags
             rows = torch.from_numpy(values).to(self.device)
             pooled.index_add_(0, torch.from_numpy(target).to(self.device), rows)
@@ -184,7 +224,12 @@ class Ranker:
         return pooled.view(batch.num_tables, batch.batch_size, self.spec.dim).transpose(0, 1)
 
     def _lookup(
-        self, keys: np.ndarray, lengths: np.ndarray, raw: bool, deadline: float | None = None
+        self,
+        keys: np.ndarray,
+        lengths: np.ndarray,
+        raw: bool,
+        deadline: float | None = None,
+        version: int | None = None,
     ) -> Iterator[tuple[Subrequest, np.ndarray]]:
         """Send one subrequest per server holding any of `keys` (in bags of `lengths`), each to one
         replica of the rows it needs, all in flight at once; yield each with its answer. A
@@ -197,7 +242,9 @@ class Ranker:
         deadline = limit if deadline is None else min(limit, deadline)
         timeout = max(deadline - start, 0.0)
         failed: set[int] = set()
-        pending = collections.deque(self._send(self.router.route(keys, lengths, self._rank(failed)), raw))
+        pending = collections.deque(
+            self._send(self.router.route(keys, lengths, self._rank(failed)), raw, version)
+        )
         while pending:
             sub, future = pending.popleft()
             left = max(deadline - time.monotonic(), 0.0)
@@ -222,7 +269,7 @@ class Ranker:
                     sub.server,
                     reason,
                 )
-                pending.extend(self._send(self._reroute(sub, failed), raw))
+                pending.extend(self._send(self._reroute(sub, failed), raw, version))
                 continue
             yield sub, values
 
@@ -238,7 +285,7 @@ class Ranker:
             yield dataclasses.replace(again, bags=sub.bags[again.bags])
 
     def _send(
-        self, subs: Iterator[Subrequest], raw: bool
+        self, subs: Iterator[Subrequest], raw: bool, version: int | None
     ) -> list[tuple[Subrequest, concurrent.futures.Future[np.ndarray]]]:
         try:
             routed = list(subs)
@@ -246,7 +293,8 @@ class Ranker:
             raise NoReplica(exc.servers, str(exc)) from None
         sent = []
         for sub in routed:
-            future = self.transport.submit(sub.server, LookupRequest(sub.rows, sub.offsets, raw=raw))
+            request = LookupRequest(sub.rows, sub.offsets, raw=raw, version=version)
+            future = self.transport.submit(sub.server, request)
             self.load.sent(sub.server, future)
             sent.append((sub, future))
         return sent
@@ -272,11 +320,14 @@ class Ranker:
             if request.keys.numel() == 0:
                 continue
             keys = np.sort(request.keys.cpu().numpy())
-            try:
-                for sub, rows in self._lookup(keys, np.ones(keys.size, dtype=np.int64), raw=True):
-                    self.cache.admit(torch.from_numpy(sub.keys), torch.from_numpy(rows), request.token)
-            except (ServerUnavailable, LookupFailed):
-                continue  # a later round retries; requests report the failure themselves
+            # At the read version, admitted before it can move: no cached row is of another one.
+            with self._reading() as version:
+                lengths = np.ones(keys.size, dtype=np.int64)
+                try:
+                    for sub, rows in self._lookup(keys, lengths, True, None, version):
+                        self.cache.admit(torch.from_numpy(sub.keys), torch.from_numpy(rows), request.token)
+                except (ServerUnavailable, LookupFailed):
+                    continue  # a later round retries; requests report failures (and move the version)
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {
@@ -293,6 +344,8 @@ class Ranker:
             stats["cache"] = {
                 k: v for k, v in dataclasses.asdict(cache).items() if isinstance(v, int | float)
             }
+        if self.versions is not None:
+            stats["versions"] = self.versions.stats()
         if self.batcher is not None:
             stats["batcher"] = counts(
                 {"batches": self.batcher.merged_batches, "requests": self.batcher.merged_requests}
@@ -306,3 +359,5 @@ class Ranker:
         if self.batcher is not None:
             self.batcher.close()
         self.transport.close()
+        if self.versions is not None:
+            self.versions.close()

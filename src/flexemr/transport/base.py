@@ -23,6 +23,9 @@ class LookupRequest:
     """Ask for the rows themselves instead of per-bag partial sums."""
     weights: np.ndarray | None = None
     """float32 [n]: optional per-index weights (partial mode only)."""
+    version: int | None = None
+    """The version of the rows to read (`ranker.versions`); a server at another one answers
+    `Stale`. None: whatever the server has committed."""
 
     def expected_shape(self, dim: int) -> tuple[int, int]:
         return (self.rows.size if self.raw else self.offsets.size, dim)
@@ -52,6 +55,15 @@ class LookupFailed(RuntimeError):
 class SubrequestRefused(LookupFailed):
     """The server refused the subrequest (it named rows it does not hold...) or answered it with
     a malformed result."""
+
+
+class Stale(LookupFailed):
+    """The server is at another version than the subrequest reads: nothing was looked up."""
+
+    def __init__(self, server: int, version: int) -> None:
+        super().__init__(f"embedding server {server} is at version {version}")
+        self.server = server
+        self.version = version
 
 
 class TransportOverloaded(LookupFailed):

@@ -1,0 +1,115 @@
+"""The update messages (UPDATE, COMMIT, CHANGES, STALE), typed, and their buffers.
+
+    UPDATE   [int64 (3): version, token, sequence (-1: none), rows int64 (n): server-local,
+              values float32 (n, dim), source uint8 (utf-8)]
+    COMMIT   [int64 (2): version, token]
+    CHANGES  [int64 (1): since]  ->  [int64 (2): version, truncated, versions int64 (k),
+                                      tokens int64 (k), keys int64 (m)]
+    STALE    [int64 (1): the server's version]
+
+A version is decided by the first COMMIT of (version, token) that any server accepts, embedding
+server 0 always first; `token` (random, per attempt) tells two updates that picked the same
+version apart, so a server never applies rows that another attempt staged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from flexemr.protocol.frames import Frame, MessageType, encode
+
+MAX_SOURCE_BYTES = 256
+LATEST = 2**62
+"""CHANGES since this: only the server's version."""
+
+
+class BadUpdate(ValueError):
+    """An update message a server refuses (bad rows, values, dims); sent back as an ERROR frame."""
+
+
+@dataclass(frozen=True)
+class StagedRows:
+    """One UPDATE: rows of one server, for one version and attempt (`token`)."""
+
+    version: int
+    token: int
+    rows: np.ndarray
+    """int64 [n]: server-local rows."""
+    values: np.ndarray
+    """float32 [n, dim]."""
+    source: str = "default"
+    sequence: int | None = None
+
+    def buffers(self) -> list[np.ndarray]:
+        head = np.array([self.version, self.token, -1 if self.sequence is None else self.sequence])
+        return [head.astype(np.int64), self.rows, self.values, np.frombuffer(self.source.encode(), np.uint8)]
+
+    def frame(self, request_id: int) -> list[memoryview]:
+        return encode(MessageType.UPDATE, request_id, self.buffers())
+
+    @classmethod
+    def parse(cls, frame: Frame, dim: int) -> StagedRows:
+        b = frame.buffers
+        if not (
+            len(b) == 4
+            and b[0].dtype == np.int64
+            and b[0].shape == (3,)
+            and b[1].dtype == np.int64
+            and b[1].ndim == 1
+            and b[2].dtype == np.float32
+            and b[3].dtype == np.uint8
+            and b[3].ndim == 1
+        ):
+            raise BadUpdate(
+                "an update carries int64 [version, token, sequence], int64 rows [n], float32 values "
+                "[n, dim] and a utf-8 source"
+            )
+        if b[2].shape != (b[1].size, dim):
+            raise BadUpdate(f"values of shape {b[2].shape} for {b[1].size} rows of dim {dim}")
+        if b[3].size > MAX_SOURCE_BYTES:
+            raise BadUpdate(f"source name of {b[3].size} bytes exceeds {MAX_SOURCE_BYTES}")
+        version, token, sequence = (int(x) for x in b[0])
+        if version < 1:
+            raise BadUpdate(f"version must be at least 1, got {version}")
+        source = b[3].tobytes().decode(errors="replace")
+        return cls(version, token, b[1], b[2], source, None if sequence < 0 else sequence)
+
+
+def version_buffer(*values: int) -> np.ndarray:
+    return np.array(values, dtype=np.int64)
+
+
+def int64s(frame: Frame, count: int, what: str) -> list[int]:
+    """The first buffer of `frame` as `count` ints; BadUpdate when it is not int64 [count]."""
+    if not frame.buffers or frame.buffers[0].dtype != np.int64 or frame.buffers[0].shape != (count,):
+        raise BadUpdate(f"{what} carries int64 [{count}]")
+    return [int(x) for x in frame.buffers[0]]
+
+
+@dataclass(frozen=True)
+class Changes:
+    """A server's answer to CHANGES: its version, and what changed after `since`."""
+
+    version: int
+    truncated: bool
+    versions: np.ndarray
+    """int64 [k]: the versions committed after `since`, in order."""
+    tokens: np.ndarray
+    """int64 [k]: the token each was committed with."""
+    keys: np.ndarray
+    """int64 [m]: the global cache keys those versions changed."""
+
+    def frame(self, request_id: int) -> list[memoryview]:
+        head = version_buffer(self.version, int(self.truncated))
+        return encode(MessageType.CHANGES, request_id, [head, self.versions, self.tokens, self.keys])
+
+    @classmethod
+    def parse(cls, frame: Frame) -> Changes:
+        b = frame.buffers
+        if not (len(b) == 4 and all(x.dtype == np.int64 and x.ndim == 1 for x in b) and b[0].size == 2):
+            raise BadUpdate("a CHANGES answer carries int64 [version, truncated], versions, tokens, keys")
+        if b[1].size != b[2].size:
+            raise BadUpdate(f"{b[1].size} versions but {b[2].size} tokens")
+        return cls(int(b[0][0]), bool(b[0][1]), b[1], b[2], b[3])
