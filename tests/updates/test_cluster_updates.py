@@ -155,7 +155,7 @@ def test_scores_are_exact_after_updates_on_every_replica(live: Live) -> None:
     assert all(link.changes(0).version == version for link in live.links)
     stats = live.rankers[0].stats()["versions"]
     assert stats["version"] == version and stats["transitions"] >= 1
-    metrics = generate_latest(RequestMetrics(live.rankers[1]).registry).decode()
+    metrics = generate_latest(RequestMetrics(live.rankers[1].stats).registry).decode()
     assert f"flexemr_versions_version {version}.0" in metrics
     assert "flexemr_versions_rows_invalidated_total" in metrics
     engine = live.rankers[0].transport
