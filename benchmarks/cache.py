@@ -52,6 +52,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from flexemr.batch import SparseBatch
 from flexemr.bench.report import machine
 from flexemr.cache import CacheConfig, MemoryModel, parse_bytes
 from flexemr.cache.sizes import format_bytes
@@ -64,7 +65,6 @@ from flexemr.model.weights import build_dense, build_monolithic
 from flexemr.ranker.ranker import Ranker, resolve_device
 from flexemr.sharding.plan import make_plan
 from flexemr.workload import MLPERF_QUERY_SIZES, QuerySizes, data_dir
-from flexemr.workload.request import Request
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
 
 MAX_ABS_DIFF = 1e-4
@@ -118,7 +118,7 @@ class Bench:
         keys = torch.from_numpy(self.hot_keys[~cached][: 2 * ranker.cache.free_rows()])
         return ranker.cache.admit(keys, self.rows[keys])
 
-    def check(self, ranker: Ranker, request: Request) -> float:
+    def check(self, ranker: Ranker, request: SparseBatch) -> float:
         """Max abs difference between the ranker's and the monolithic model's scores."""
         scores = ranker.score(request.dense, request.indices, request.lengths)
         with torch.inference_mode():
@@ -208,7 +208,7 @@ class Fig7Row:
     max_abs_diff: float
 
 
-def closed_loop(ranker: Ranker, requests: list[Request]) -> tuple[float, float, float]:
+def closed_loop(ranker: Ranker, requests: list[SparseBatch]) -> tuple[float, float, float]:
     """(samples/s, p50 batch ms, hit rate) of `requests` scored back to back, one in flight."""
     lookups, hits = cache_counts(ranker)
     times = []
@@ -393,7 +393,7 @@ backlog stays bounded and the day ends on time."""
 
 
 def run_day(
-    ranker: Ranker, pool: list[Request], arrival: np.ndarray
+    ranker: Ranker, pool: list[SparseBatch], arrival: np.ndarray
 ) -> tuple[np.ndarray, int, int, np.ndarray]:
     """Send `pool[i % len(pool)]` at `arrival[i]` s (open loop). Returns (finish times, NaN where
     dropped or failed; dropped; failed; cache samples)."""
@@ -486,7 +486,7 @@ def diurnal(bench: Bench) -> None:
     report_diurnal(bench, days, rates, sizes.mean)
 
 
-def probe_capacity(bench: Bench, pool: list[Request], max_batch: int) -> float:
+def probe_capacity(bench: Bench, pool: list[SparseBatch], max_batch: int) -> float:
     """Samples/s of `off` with dynamic batching, saturated by closed-loop clients."""
     args = bench.args
     done = 0

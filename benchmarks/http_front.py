@@ -30,10 +30,10 @@ import httpx
 import numpy as np
 import orjson
 
+from flexemr.batch import SparseBatch
 from flexemr.client import Client
 from flexemr.cluster.child import AnnouncedProcess
 from flexemr.config import ModelSource
-from flexemr.workload.request import Request
 from flexemr.workload.synthetic import SyntheticWorkload
 
 URL_PATH = "/v2/models/dlrm/infer"
@@ -45,12 +45,12 @@ def start_serve(preset: str, extra: list[str]) -> AnnouncedProcess:
     return AnnouncedProcess(command, "flexemr ready:", 180, {**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def requests(preset: str, batch: int, count: int) -> list[Request]:
+def requests(preset: str, batch: int, count: int) -> list[SparseBatch]:
     workload = SyntheticWorkload(ModelSource(preset=preset).spec(), seed=0)
     return [workload.generate(batch) for _ in range(count)]
 
 
-def binary_body(request: Request) -> tuple[bytes, dict[str, str]]:
+def binary_body(request: SparseBatch) -> tuple[bytes, dict[str, str]]:
     """A KServe binary-tensor body and its header, encoded once so the load costs no encoding."""
     arrays = [
         ("dense_features", "FP32", request.dense.astype("<f4")),

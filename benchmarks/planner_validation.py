@@ -40,6 +40,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from flexemr.batch import SparseBatch
 from flexemr.bench.loadgen_sut import (
     LoadGenResult,
     RunSettings,
@@ -66,7 +67,6 @@ from flexemr.planner import (
 )
 from flexemr.planner.placement import Strategy
 from flexemr.workload.query_sizes import QuerySizes
-from flexemr.workload.request import Request
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
 
 TARGET = 0.15
@@ -191,7 +191,7 @@ class NullBackend:
     name = "null"
     transport: Transport = "in-process"
 
-    def infer(self, request: Request) -> np.ndarray:
+    def infer(self, request: SparseBatch) -> np.ndarray:
         return np.zeros(request.batch_size, dtype=np.float32)
 
 

@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from flexemr.batch import SparseBatch
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
 from flexemr.config import ClusterSpec, Endpoint, ModelSource
@@ -27,12 +28,15 @@ from flexemr.model.weights import build_monolithic
 from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import make_plan, replicated
 from flexemr.transport.base import LookupFailed, ServerUnavailable
-from flexemr.workload.request import Request
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
 
 
 def run_loop(
-    ranker: Ranker, requests: list[Request], expected: list[np.ndarray], clients: int, kill: threading.Event
+    ranker: Ranker,
+    requests: list[SparseBatch],
+    expected: list[np.ndarray],
+    clients: int,
+    kill: threading.Event,
 ) -> dict[str, float]:
     """Score every request from `clients` threads; `kill` is set when a third of them are done."""
     latencies: list[float] = []

@@ -17,21 +17,21 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from flexemr.batch import SparseBatch
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
-from flexemr.workload.request import Request
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
 
 
 def measure(
-    score: Callable[[Request], np.ndarray], requests: list[Request], clients: int
+    score: Callable[[SparseBatch], np.ndarray], requests: list[SparseBatch], clients: int
 ) -> dict[str, float]:
     latencies: list[float] = []
 
-    def one(request: Request) -> None:
+    def one(request: SparseBatch) -> None:
         start = time.perf_counter()
         score(request)
         latencies.append(time.perf_counter() - start)
@@ -67,7 +67,7 @@ def main() -> None:
 
     monolithic = build_monolithic(source.load())
 
-    def mono(r: Request) -> np.ndarray:
+    def mono(r: SparseBatch) -> np.ndarray:
         with torch.inference_mode():
             out = monolithic.forward_sparse(*(torch.from_numpy(a) for a in (r.dense, r.indices, r.lengths)))
         return out.numpy()

@@ -23,13 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flexemr.batch import SparseBatch
 from flexemr.cli.spec import spread
 from flexemr.cluster.netns import NetnsBed
 from flexemr.cluster.roles import build_ranker
 from flexemr.config import ClusterSpec, EngineConfig, ModelSource, RankerConfig
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
-from flexemr.workload.request import Request
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
 from serving import measure  # benchmarks/serving.py, beside this script
 
@@ -60,7 +60,7 @@ def main() -> None:
     samples = (args.batches + 2) * args.batch  # + the exactness check and the warm-up batch
     monolithic = build_monolithic(source.load())
 
-    def mono(r: Request) -> np.ndarray:
+    def mono(r: SparseBatch) -> np.ndarray:
         with torch.inference_mode():
             out = monolithic.forward_sparse(*(torch.from_numpy(a) for a in (r.dense, r.indices, r.lengths)))
         return out.numpy()

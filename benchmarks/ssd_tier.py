@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flexemr.batch import SparseBatch
 from flexemr.bench.cgroup import memory_cgroup
 from flexemr.cache.sizes import parse_bytes
 from flexemr.cluster.local import LocalCluster
@@ -36,16 +37,15 @@ from flexemr.config import ClusterSpec, Endpoint, ModelSource, NodeLimits, Ranke
 from flexemr.model.spec import ModelSpec
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
-from flexemr.workload.request import Request
 
 
-def batch(spec: ModelSpec, size: int, fraction: float, rng: np.random.Generator) -> Request:
+def batch(spec: ModelSpec, size: int, fraction: float, rng: np.random.Generator) -> SparseBatch:
     """Bags of each table's pooling factor, rows uniform over the table's first `fraction`."""
     lengths = np.repeat(np.asarray(spec.bag_sizes, dtype=np.int32), size)
     per_table = np.maximum((np.asarray(spec.table_rows) * fraction).astype(np.int64), 1)
     limits = np.repeat(per_table, np.asarray(spec.bag_sizes) * size)
     indices = (rng.random(limits.size) * limits).astype(np.int64)
-    return Request(rng.standard_normal((size, spec.num_dense), dtype=np.float32), indices, lengths)
+    return SparseBatch(rng.standard_normal((size, spec.num_dense), dtype=np.float32), indices, lengths)
 
 
 def measure(cluster: ClusterSpec, args: argparse.Namespace, group: Path | None) -> list[dict[str, Any]]:

@@ -74,3 +74,9 @@ def test_the_memory_check_is_a_leaf() -> None:
     """`flexemr.memory` (host memory against a process's needs) may be used by any layer because it
     imports nothing of flexemr."""
     assert GRAPH["flexemr.memory"] == set()
+
+
+def test_the_batch_type_sits_below_its_users() -> None:
+    """`flexemr.batch` is what clients send, workloads generate and the ranker scores: it needs
+    the model's shape only, so the ranker, the APIs and the workloads can all use it."""
+    assert GRAPH["flexemr.batch"] == {"flexemr.model.spec"}

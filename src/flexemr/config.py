@@ -27,26 +27,52 @@ CreditMode = Literal["priority", "piggyback", "off"]
 
 
 @dataclass(frozen=True)
+class Flag:
+    """A config field's command-line flag. `cli.flags` makes the argparse flag from it and the
+    field (type, choices of a Literal, default), so each default is written once, here."""
+
+    name: str
+    """The flag, e.g. `--io-threads`."""
+    help: str
+    unit: Literal["bytes", "ms"] | None = None
+    """`bytes`: the flag takes sizes like 64MiB; `ms`: milliseconds, for a field in seconds."""
+
+
+def flag(name: str, help: str, unit: Literal["bytes", "ms"] | None = None) -> dict[str, Flag]:
+    """Field metadata giving the field a command-line flag: `field(default=..., metadata=flag(...))`."""
+    return {"flag": Flag(name, help, unit)}
+
+
+@dataclass(frozen=True)
 class ModelSource:
     """Where the weights come from: a seeded preset or a reference checkpoint (exactly one)."""
 
     preset: str | None = None
     """Preset name (tiny, rmc1, rmc2, rmc3, dlrm-v2)."""
-    row_scale: float = 1.0
+    row_scale: float = field(default=1.0, metadata=flag("--row-scale", "scale a preset's table rows (0, 1]"))
     """Preset tables' rows are multiplied by this, to fit the machine."""
-    seed: int = 0
+    seed: int = field(default=0, metadata=flag("--seed", "seed of a preset's weights"))
     """Seed of a preset's random weights; every process derives the same weights from it."""
     checkpoint: str | None = None
     """Path to a `torch.save`d state_dict of Meta's reference DLRM_Net."""
-    interaction: Interaction | None = None
+    interaction: Interaction | None = field(
+        default=None, metadata=flag("--interaction", "default: the preset's, or dot")
+    )
     """Override the interaction (a checkpoint does not record it; default `dot`)."""
-    interaction_itself: bool | None = None
+    interaction_itself: bool | None = field(
+        default=None, metadata=flag("--interaction-itself", "dot: include self-interactions")
+    )
     """Override self-interaction for `dot` (default off)."""
-    pooling: Pooling | None = None
+    pooling: Pooling | None = field(default=None, metadata=flag("--pooling", "default: the preset's, or sum"))
     """Override the pooling (default `sum`)."""
-    row_dtype: str | None = None
-    """How tables' rows are stored: fp32, fp16 or int8 for all, or one per table comma-separated
-    (default: fp32; a checkpoint's fp16 tables stay fp16)."""
+    row_dtype: str | None = field(
+        default=None,
+        metadata=flag(
+            "--row-dtype",
+            "how rows are stored: fp32, fp16 or int8 (row-wise quantised), or one per table "
+            "comma-separated (default fp32; a checkpoint's fp16 tables stay fp16)",
+        ),
+    )
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.checkpoint is None):
@@ -107,36 +133,73 @@ class Endpoint:
 
 @dataclass(frozen=True)
 class RankerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    grpc_port: int | None = None
+    host: str = field(default="127.0.0.1", metadata=flag("--host", "the ranker's HTTP address"))
+    port: int = field(default=8000, metadata=flag("--port", "HTTP port (0: any free port)"))
+    grpc_port: int | None = field(
+        default=None, metadata=flag("--grpc-port", "also serve KServe v2 gRPC here (0: any free port)")
+    )
     """KServe v2 gRPC port (0: any free port); None: no gRPC front."""
-    model_name: str = "dlrm"
-    """The name clients use in /v2/models/{name}."""
-    lookup: LookupMode = "partial"
+    model_name: str = field(
+        default="dlrm", metadata=flag("--model-name", "the name clients use in /v2/models/NAME")
+    )
+    lookup: LookupMode = field(
+        default="partial", metadata=flag("--lookup", "server-side pooling (partial) or raw rows")
+    )
     """`partial`: servers pool their rows per bag; `raw`: servers return rows, the ranker pools."""
-    max_batch: int = 8192
+    max_batch: int = field(
+        default=8192, metadata=flag("--max-batch", "largest batch accepted (samples per request)")
+    )
     """Largest batch (samples per request) accepted; larger ones get HTTP 400."""
     max_indices_per_sample: int = 4096
     """Largest number of indices per sample on average; bounds request memory."""
     request_timeout_s: float = 10.0
     """A lookup that has not completed by then fails the request (HTTP 503)."""
-    device: str = "auto"
+    device: str = field(
+        default="auto", metadata=flag("--device", "dense model device: auto, cpu, cuda, cuda:1")
+    )
     """Where the dense model runs: `auto` picks `cuda` when available, else `cpu`."""
-    batch_window_ms: float = 0.0
+    batch_window_ms: float = field(
+        default=0.0, metadata=flag("--batch-window-ms", "dynamic batching window (0: off)")
+    )
     """Dynamic batching: merge requests arriving within this window, up to `max_batch`; 0 = off."""
-    cache: str = "off"
+    cache: str = field(
+        default="off",
+        metadata=flag("--cache", "embedding cache on the ranker: off, fixed:BYTES (fixed:64MiB), adaptive"),
+    )
     """Embedding cache on the ranker's device: `off`, `fixed:BYTES` (e.g. fixed:64MiB) or `adaptive`."""
-    device_memory_bytes: int | None = None
+    device_memory_bytes: int | None = field(
+        default=None,
+        metadata=flag(
+            "--device-memory",
+            "bytes the dense model and cache share (default: GPU free memory, or 1/4 of RAM on CPU)",
+            "bytes",
+        ),
+    )
     """Memory budget the dense model's activations and the cache share; None: the GPU's free memory,
     or a quarter of RAM on a CPU."""
-    max_in_flight_samples: int | None = None
+    max_in_flight_samples: int | None = field(
+        default=None,
+        metadata=flag(
+            "--max-in-flight",
+            "admission bound: samples in flight before requests get 429 (default: 2 x --max-batch)",
+        ),
+    )
     """Admission bound: samples admitted and not yet answered; a request beyond it gets HTTP 429 at
     once. None: 2 x max_batch."""
-    deadline_s: float = 10.0
+    deadline_s: float = field(
+        default=10.0,
+        metadata=flag(
+            "--deadline-ms",
+            "a request's default deadline (header Flexemr-Timeout-Ms overrides); expired work is dropped",
+            "ms",
+        ),
+    )
     """A request's time budget from arrival, unless its `Flexemr-Timeout-Ms` header sets one; work
     not yet started when it passes is dropped (HTTP 504)."""
-    max_body_bytes: int = 256 * 2**20
+    max_body_bytes: int = field(
+        default=256 * 2**20,
+        metadata=flag("--max-body", "largest request body, chunked too (413 beyond it)", "bytes"),
+    )
     """Largest request body, chunked or not (HTTP 413 as soon as a body passes it); its JSON part
     may be 1/16 of it (parsed JSON numbers take about 16 times their text)."""
 
@@ -168,18 +231,33 @@ class RankerConfig:
 class EngineConfig:
     """The ranker's I/O engine (`flexemr.engine`): threads, connections, credits, migration."""
 
-    mode: EngineMode = "mapped"
+    mode: EngineMode = field(
+        default="mapped",
+        metadata=flag(
+            "--engine", "I/O engine: mapped (thread-owned connections), shared (locked), single (one thread)"
+        ),
+    )
     """`mapped`: each connection owned by one I/O thread, no locks; `single`: one I/O thread;
     `shared`: threads share all connections under per-connection locks (the naive baseline)."""
-    io_threads: int = 2
+    io_threads: int = field(default=2, metadata=flag("--io-threads", "I/O threads"))
     """I/O threads (`single` uses one whatever this says)."""
-    connections_per_server: int = 0
+    connections_per_server: int = field(
+        default=0,
+        metadata=flag("--connections-per-server", "data connections per embedding server (0: auto)"),
+    )
     """Data connections per server; 0 = enough to give every thread one, at least 2."""
-    credits: CreditMode = "priority"
+    credits: CreditMode = field(
+        default="priority",
+        metadata=flag(
+            "--credits", "flow control: credits on a priority control channel, piggybacked on lookups, or off"
+        ),
+    )
     """Flow control: credits on a high-priority control connection, piggybacked on lookups, or off."""
     credit_capacity: int = 64
     """Response slots per data connection: the most responses a server may send ahead."""
-    migration: bool = True
+    migration: bool = field(
+        default=True, metadata=flag("--migration", "move connections between I/O threads under skew")
+    )
     """Move connections from busy to idle I/O threads under skew (`mapped` mode only)."""
     migration_interval_s: float = 0.005
     """How often the migration policy samples per-connection queues."""
@@ -219,7 +297,13 @@ class SecurityConfig:
     `secret_file`, else from the environment variable `secret_env`. Without one, links still check
     identities but prove nothing, and embedding servers bind loopback addresses only."""
 
-    secret_file: str | None = None
+    secret_file: str | None = field(
+        default=None,
+        metadata=flag(
+            "--secret-file",
+            "file holding the shared secret of node links (default: $FLEXEMR_SECRET; serve makes one)",
+        ),
+    )
     """File holding the cluster's shared secret (surrounding whitespace ignored)."""
     secret_env: str = "FLEXEMR_SECRET"
     """Environment variable holding the secret when there is no `secret_file`."""
@@ -272,9 +356,17 @@ class NodeLimits:
 class StorageConfig:
     """Where embedding servers keep their rows (`flexemr.embedding_server.storage`)."""
 
-    kind: Literal["dram", "mmap"] = "dram"
+    kind: Literal["dram", "mmap"] = field(
+        default="dram",
+        metadata=flag(
+            "--storage", "embedding servers keep rows in memory, or in a file they memory-map (SSD tier)"
+        ),
+    )
     """`dram`: in memory; `mmap`: in a file each server memory-maps (the SSD tier)."""
-    directory: str | None = None
+    directory: str | None = field(
+        default=None,
+        metadata=flag("--storage-dir", "--storage mmap: folder of the row files (reused on restart)"),
+    )
     """`mmap`: the folder of the row files (one per server, reused across restarts)."""
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 
+from flexemr.batch import SparseBatch
 from flexemr.bench.loadgen_sut import (
     LoadGenResult,
     RunSettings,
@@ -18,7 +19,7 @@ from flexemr.bench.loadgen_sut import (
 )
 from flexemr.model.presets import preset
 from flexemr.model.weights import PresetWeights, build_monolithic
-from flexemr.workload import MLPERF_QUERY_SIZES, QuerySizes, Request, SyntheticWorkload, data_dir
+from flexemr.workload import MLPERF_QUERY_SIZES, QuerySizes, SyntheticWorkload, data_dir
 
 
 class RecordingBackend(TorchBackend):
@@ -26,15 +27,15 @@ class RecordingBackend(TorchBackend):
 
     def __init__(self) -> None:
         super().__init__(build_monolithic(PresetWeights(preset("tiny"), seed=0)))
-        self.calls: list[Request] = []
+        self.calls: list[SparseBatch] = []
 
-    def infer(self, request: Request) -> np.ndarray:
+    def infer(self, request: SparseBatch) -> np.ndarray:
         self.calls.append(request)
         return super().infer(request)
 
 
 @pytest.fixture(scope="module")
-def pool_request() -> Request:
+def pool_request() -> SparseBatch:
     return SyntheticWorkload(preset("tiny"), seed=0).generate(2048)
 
 
@@ -52,7 +53,7 @@ def _check_answers(
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
-def test_offline_answers_every_sample_with_its_scores(pool_request: Request, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_offline_answers_every_sample_with_its_scores(pool_request: SparseBatch, tmp_path) -> None:  # type: ignore[no-untyped-def]
     backend = RecordingBackend()
     pool = SamplePool.build(pool_request, num_samples=512)
     settings = RunSettings(min_duration_s=0.5, batch_size=128, offline_expected_qps=1000, log_dir=tmp_path)
@@ -68,7 +69,7 @@ def test_offline_answers_every_sample_with_its_scores(pool_request: Request, tmp
     assert tmp_path.joinpath("mlperf_log_detail.txt").exists()
 
 
-def test_server_queries_carry_mlperf_sizes_and_their_scores(pool_request: Request) -> None:
+def test_server_queries_carry_mlperf_sizes_and_their_scores(pool_request: SparseBatch) -> None:
     backend = RecordingBackend()
     sizes = QuerySizes.load(data_dir() / MLPERF_QUERY_SIZES)
     pool = SamplePool.build(pool_request, num_samples=32, sizes=sizes, seed=1)
@@ -84,9 +85,9 @@ def test_server_queries_carry_mlperf_sizes_and_their_scores(pool_request: Reques
     _check_answers(backend, pool, result, sut.record.scores)
 
 
-def test_failing_backend_is_counted_not_hung(pool_request: Request) -> None:
+def test_failing_backend_is_counted_not_hung(pool_request: SparseBatch) -> None:
     class Broken(RecordingBackend):
-        def infer(self, request: Request) -> np.ndarray:
+        def infer(self, request: SparseBatch) -> np.ndarray:
             raise RuntimeError("boom")
 
     pool = SamplePool.build(pool_request, num_samples=64)
@@ -95,7 +96,7 @@ def test_failing_backend_is_counted_not_hung(pool_request: Request) -> None:
     assert result.pairs == 0 and not result.meets_target
 
 
-def test_qps_search_is_bounded_and_brackets(pool_request: Request) -> None:
+def test_qps_search_is_bounded_and_brackets(pool_request: SparseBatch) -> None:
     backend = RecordingBackend()
     pool = SamplePool.build(pool_request, num_samples=64)
     settings = RunSettings(min_duration_s=0.3, min_query_count=10, p99_target_ms=60.0)
@@ -106,7 +107,7 @@ def test_qps_search_is_bounded_and_brackets(pool_request: Request) -> None:
     assert search.best_qps == (max(passed) if passed else 0.0)
 
 
-def test_loadgen_verdict_decides_a_server_run(pool_request: Request) -> None:
+def test_loadgen_verdict_decides_a_server_run(pool_request: SparseBatch) -> None:
     backend = RecordingBackend()
     pool = SamplePool.build(pool_request, num_samples=64)
     short, _ = run_server(
@@ -123,7 +124,7 @@ def test_loadgen_verdict_decides_a_server_run(pool_request: Request) -> None:
     assert enough.verdict == "VALID"
 
 
-def test_qps_search_starts_from_known_runs_and_never_loses_a_passing_load(pool_request: Request) -> None:
+def test_qps_search_starts_from_known_runs_and_never_loses_a_passing_load(pool_request: SparseBatch) -> None:
     backend = RecordingBackend()
     pool = SamplePool.build(pool_request, num_samples=64)
     settings = RunSettings(min_duration_s=0.3, min_query_count=10, p99_target_ms=60.0)

@@ -50,7 +50,8 @@ def test_raycluster_fits_its_serve_command() -> None:
     add_arguments(parser)
     args = parser.parse_args(command[2:])
     assert args.ray == "auto"
-    plan = cluster_spec(args).sharding
+    spec = cluster_spec(args)
+    plan = spec.sharding
     need = server_memory(plan)
 
     groups = {g["groupName"]: g for g in cluster["spec"]["workerGroupSpecs"]}
@@ -67,8 +68,8 @@ def test_raycluster_fits_its_serve_command() -> None:
 
     compute = groups["compute-nodes"]
     assert compute["replicas"] >= args.ray_rankers
-    if args.device.startswith("cuda"):
+    if spec.ranker.device.startswith("cuda"):
         assert quantity(limits(compute)["nvidia.com/gpu"]) >= 1
     assert cluster["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # nothing placed on the head
     assert service["spec"]["selector"]["ray.io/group"] == "compute-nodes"
-    assert service["spec"]["ports"][0]["targetPort"] == args.port
+    assert service["spec"]["ports"][0]["targetPort"] == spec.ranker.port

@@ -7,10 +7,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from flexemr.batch import SparseBatch, concat
 from flexemr.model.presets import preset
 from flexemr.model.weights import PresetWeights, build_monolithic
-from flexemr.ranker.batch import SparseBatch, validate_batch
-from flexemr.ranker.batcher import DynamicBatcher, merge
+from flexemr.ranker.batcher import DynamicBatcher
 from tests.core.helpers import random_batch, reference_scores
 
 SPEC = preset("tiny")
@@ -22,12 +22,14 @@ def score(batch: SparseBatch) -> np.ndarray:
 
 
 def make(batch: int, seed: int) -> SparseBatch:
-    return validate_batch(SPEC, *random_batch(SPEC, batch, seed), max_batch=64, max_indices_per_sample=64)
+    made = SparseBatch(*random_batch(SPEC, batch, seed))
+    made.check(SPEC, max_batch=64, max_per_sample=64)
+    return made
 
 
-def test_merge_keeps_each_requests_bags() -> None:
+def test_concat_keeps_each_requests_bags() -> None:
     parts = [make(b, seed) for seed, b in enumerate([1, 3, 2])]
-    merged = merge(parts)
+    merged = concat(parts)
     assert merged.batch_size == 6
     np.testing.assert_allclose(score(merged), np.concatenate([score(p) for p in parts]), atol=1e-6)
 

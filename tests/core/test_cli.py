@@ -24,7 +24,7 @@ def test_help_shows_the_defaults(command: str, capsys: pytest.CaptureFixture[str
     assert exit_.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # unwrapped
     expected = {
-        "serve": ["(default: 1.0)", "(default: mapped, or a spec file's)", "(default: partial)"],
+        "serve": ["(default: 1.0)", "(default: mapped)", "(default: partial)"],
         "embedding-server": [],
         "ranker": ["(default: 120.0)", "(default: 2, or a spec file's)"],
         "demo": ["(default: 0.01)", "(default: 1.0)"],

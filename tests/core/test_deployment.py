@@ -6,11 +6,11 @@ import httpx
 import numpy as np
 import pytest
 
+from flexemr.batch import SparseBatch
 from flexemr.cluster.deployment import LocalDeployment
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
 from flexemr.model.weights import build_monolithic
 from flexemr.planner import ModelProfile, place
-from flexemr.workload.request import Request
 from tests.core.helpers import random_batch, reference_scores
 
 pytestmark = pytest.mark.slow  # multi-process; `make test-fast` leaves it out
@@ -27,7 +27,7 @@ def test_two_rankers_share_the_servers_and_score_like_the_monolithic_model() -> 
         assert set(deployment.pids()) == {"ranker-0", "ranker-1", "server-0", "server-1"}
         backend = deployment.backend()
         for _ in range(4):
-            np.testing.assert_allclose(backend.infer(Request(*batch)), expected, atol=1e-5)
+            np.testing.assert_allclose(backend.infer(SparseBatch(*batch)), expected, atol=1e-5)
         backend.close()
         # Each ranker bound its own port (not the spec's 8000) and took every other request.
         served = [httpx.get(f"{r.url}/v2/stats").json()["requests"] for r in deployment.rankers]

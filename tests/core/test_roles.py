@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from flexemr.client import Client
+from flexemr.client import Client, InferenceError
 from flexemr.cluster.local import LocalCluster
 from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, RankerConfig
 from flexemr.model.weights import build_monolithic
@@ -23,8 +23,9 @@ from tests.core.helpers import random_batch, reference_scores
 
 
 @pytest.mark.slow
-def test_ranker_role_serves_from_a_spec_file_honouring_its_engine_section(tmp_path: Path) -> None:
-    """The spec file's engine section reaches the ranker, and only the engine flags given override it."""
+def test_ranker_role_serves_from_a_spec_file_honouring_its_engine_and_ranker_sections(tmp_path: Path) -> None:
+    """The spec file's engine and ranker sections reach the ranker, and only the flags given
+    override them."""
     source = ModelSource(preset="tiny", seed=9)
     spec = source.spec()
     plan = make_plan("table", spec.table_rows, spec.dim, 2)
@@ -32,9 +33,11 @@ def test_ranker_role_serves_from_a_spec_file_honouring_its_engine_section(tmp_pa
     with LocalCluster(cluster_spec) as cluster:  # runs `flexemr embedding-server --spec ... --index i`
         path = tmp_path / "cluster.json"
         engine = EngineConfig(mode="shared", io_threads=3, credits="piggyback", migration=False)
-        dataclasses.replace(cluster.spec, engine=engine).save(path)
+        ranker_section = RankerConfig(port=0, model_name="ctr", max_batch=64)
+        dataclasses.replace(cluster.spec, engine=engine, ranker=ranker_section).save(path)
+        flags = ["--io-threads", "2", "--max-batch", "4"]
         ranker = subprocess.Popen(
-            [sys.executable, "-m", "flexemr.cli.main", "ranker", "--spec", str(path), "--io-threads", "2"],
+            [sys.executable, "-m", "flexemr.cli.main", "ranker", "--spec", str(path), *flags],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -43,14 +46,16 @@ def test_ranker_role_serves_from_a_spec_file_honouring_its_engine_section(tmp_pa
             assert ranker.stdout is not None
             url = None
             for line in ranker.stdout:
-                match = re.search(r"ranker ready: (http://\S+)", line)
+                match = re.search(r"ranker ready: (http://\S+) model=ctr", line)
                 if match:
                     url = match.group(1)
                     break
             assert url is not None
             batch = random_batch(spec, 4, seed=1)
-            with Client(url) as client:
+            with Client(url, model="ctr") as client:
                 scores = client.infer(*batch)
+                with pytest.raises(InferenceError, match="exceeds the maximum of 4"):
+                    client.infer(*random_batch(spec, 5, seed=2))
             served_engine = httpx.get(f"{url}/v2/stats", timeout=30).json()["transport"]["engine"]
             np.testing.assert_allclose(
                 scores, reference_scores(build_monolithic(source.load()), *batch), atol=1e-5

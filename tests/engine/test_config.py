@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 
 import pytest
 
-from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec, engine_config
-from flexemr.config import ClusterSpec, EngineConfig, NodeLimits, SecurityConfig
+from flexemr.cli import ranker
+from flexemr.cli.flags import over
+from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
+from flexemr.config import ClusterSpec, EngineConfig, NodeLimits, RankerConfig, SecurityConfig, StorageConfig
 
 
 def parse(*flags: str) -> argparse.Namespace:
@@ -35,7 +38,7 @@ def test_flags_reach_the_spec_and_survive_a_round_trip() -> None:
 
 def test_flags_override_a_base_config() -> None:
     base = EngineConfig(io_threads=8, credit_capacity=16)
-    config = engine_config(argparse.Namespace(engine="single", credits="off"), base)
+    config = over(base, argparse.Namespace(engine="single", credits="off"))
     assert (config.mode, config.credits, config.io_threads, config.credit_capacity) == (
         "single",
         "off",
@@ -71,3 +74,38 @@ def test_node_limits_and_tls_settings_are_validated() -> None:
         NodeLimits(max_connections=0)
     with pytest.raises(ValueError, match="together"):
         SecurityConfig(tls_cert="cert.pem")
+
+
+def test_ranker_flags_override_only_what_they_name_in_a_spec_file(tmp_path: Path) -> None:
+    """`flexemr ranker --spec`: the file's ranker and engine sections stand unless a flag is given."""
+    path = tmp_path / "cluster.json"
+    ranker_section = RankerConfig(port=0, model_name="ctr", max_batch=64, cache="fixed:1MiB", deadline_s=3.0)
+    engine_section = EngineConfig(mode="shared", io_threads=3, migration=False)
+    base = cluster_spec(parse())
+    dataclasses.replace(base, ranker=ranker_section, engine=engine_section).save(path)
+    parser = argparse.ArgumentParser()
+    ranker.add_arguments(parser)
+
+    untouched = ranker.load_spec(parser.parse_args(["--spec", str(path)]))
+    assert (untouched.ranker, untouched.engine) == (ranker_section, engine_section)
+
+    flags = ["--spec", str(path), "--max-batch", "32", "--deadline-ms", "500", "--io-threads", "2"]
+    changed = ranker.load_spec(parser.parse_args(flags))
+    assert changed.ranker == dataclasses.replace(ranker_section, max_batch=32, deadline_s=0.5)
+    assert changed.engine == dataclasses.replace(engine_section, io_threads=2)
+
+
+def test_flags_not_given_leave_every_default_of_its_dataclass() -> None:
+    spec = cluster_spec(parse())
+    assert (spec.ranker, spec.engine, spec.security, spec.storage) == (
+        RankerConfig(),
+        EngineConfig(),
+        SecurityConfig(),
+        StorageConfig(),
+    )
+    assert spec.model.row_scale == 1.0 and spec.model.interaction_itself is None
+    given = cluster_spec(
+        parse("--max-body", "1MiB", "--storage", "mmap", "--storage-dir", "/ssd", "--interaction-itself")
+    )
+    assert given.ranker.max_body_bytes == 2**20 and given.model.interaction_itself is True
+    assert given.storage == StorageConfig("mmap", "/ssd")

@@ -3,9 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from flexemr.batch import SparseBatch
 from flexemr.model.presets import preset
 from flexemr.model.spec import ModelSpec
-from flexemr.workload import Request, SyntheticConfig, SyntheticWorkload
+from flexemr.workload import SyntheticConfig, SyntheticWorkload
 from flexemr.workload.powerlaw import RowPermutation
 
 SPEC = ModelSpec(
@@ -51,7 +52,7 @@ def test_table_mix_and_empty_bags() -> None:
 
 
 def test_same_seed_same_requests() -> None:
-    def draw(seed: int) -> list[Request]:
+    def draw(seed: int) -> list[SparseBatch]:
         workload = SyntheticWorkload(SPEC, SyntheticConfig(cooccurrence=0.3), seed)
         return [workload.generate(64) for _ in range(3)]
 
@@ -85,7 +86,7 @@ def test_row_permutation_is_a_bijection() -> None:
     assert np.array_equal(perm.inverse(ids), ranks)
 
 
-def _repeated_pair_share(request: Request, table: int) -> float:
+def _repeated_pair_share(request: SparseBatch, table: int) -> float:
     """Share of within-bag row pairs (first two rows of each bag) that occur more than once."""
     lengths = request.table_lengths()[table]
     ids = request.table_indices(table)

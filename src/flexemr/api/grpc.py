@@ -29,8 +29,8 @@ from flexemr.api.kserve import (
     model_inputs,
     model_metadata,
 )
+from flexemr.batch import InvalidRequest
 from flexemr.ranker.admission import Dropped, Refused
-from flexemr.ranker.batch import InvalidRequest
 from flexemr.ranker.model_versions import ModelVersions, UnknownVersion
 from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupFailed, ServerUnavailable

@@ -37,8 +37,8 @@ from flexemr.api.kserve import (
 )
 from flexemr.api.metrics import RequestMetrics
 from flexemr.api.updates import update_routes
+from flexemr.batch import InvalidRequest
 from flexemr.ranker.admission import Dropped, Refused, Ticket
-from flexemr.ranker.batch import InvalidRequest
 from flexemr.ranker.model_versions import ModelVersions, UnknownVersion
 from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupFailed, ServerUnavailable

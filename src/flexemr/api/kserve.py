@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import orjson
 
+from flexemr.batch import InvalidRequest
 from flexemr.model.spec import ModelSpec
-from flexemr.ranker.batch import InvalidRequest
 
 DATATYPES: dict[str, np.dtype[Any]] = {
     "FP32": np.dtype("<f4"),

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from flexemr.api.admin import AdminRefused, check_admin, error_response
 from flexemr.api.bodies import BodyTooLarge, read_body
 from flexemr.api.kserve import HEADER_LENGTH, TensorSpec, parse_infer_request
-from flexemr.ranker.batch import InvalidRequest
+from flexemr.batch import InvalidRequest
 from flexemr.ranker.model_versions import ModelVersions
 from flexemr.updates import RowUpdates
 from flexemr.updates.metrics import UpdateMetrics

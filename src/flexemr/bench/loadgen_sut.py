@@ -31,9 +31,9 @@ import mlperf_loadgen as lg
 import numpy as np
 import torch
 
+from flexemr.batch import SparseBatch
 from flexemr.model.dlrm import DLRM
 from flexemr.workload.query_sizes import QuerySizes
-from flexemr.workload.request import Request
 
 Transport = Literal["in-process", "http", "grpc"]
 DEFAULT_P99_MS = 60.0
@@ -46,7 +46,7 @@ class Backend(Protocol):
     transport: Transport
     """How the benchmark reaches it; reports print it, so in-process baselines say so."""
 
-    def infer(self, request: Request) -> np.ndarray:
+    def infer(self, request: SparseBatch) -> np.ndarray:
         """Scores, float32 [request.batch_size]."""
         ...
 
@@ -60,7 +60,7 @@ class TorchBackend:
         self.model = model
         self.name = name
 
-    def infer(self, request: Request) -> np.ndarray:
+    def infer(self, request: SparseBatch) -> np.ndarray:
         with torch.no_grad():
             scores = self.model.forward_sparse(
                 torch.from_numpy(request.dense),
@@ -74,7 +74,7 @@ class TorchBackend:
 class SamplePool:
     """LoadGen's sample library: `len(sizes)` samples, each a run of pairs of one pre-drawn request."""
 
-    request: Request
+    request: SparseBatch
     sizes: np.ndarray
     """Pairs per LoadGen sample."""
     starts: np.ndarray
@@ -82,7 +82,7 @@ class SamplePool:
 
     @classmethod
     def build(
-        cls, request: Request, num_samples: int, sizes: QuerySizes | None = None, seed: int = 0
+        cls, request: SparseBatch, num_samples: int, sizes: QuerySizes | None = None, seed: int = 0
     ) -> SamplePool:
         """`num_samples` samples over `request`'s pairs: one pair each, or sizes from `sizes`."""
         rng = np.random.default_rng(seed)
@@ -101,7 +101,7 @@ class SamplePool:
         pairs: np.ndarray = (np.repeat(self.starts[idx], counts) + within) % self.request.batch_size
         return pairs
 
-    def take(self, samples: Sequence[int] | np.ndarray) -> Request:
+    def take(self, samples: Sequence[int] | np.ndarray) -> SparseBatch:
         return self.request.take(self.pairs(samples))
 
 

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import httpx
 import numpy as np
 
+from flexemr.batch import SparseBatch
 from flexemr.client import Client
 from flexemr.cluster.child import AnnouncedProcess
-from flexemr.workload.request import Request
 
 if TYPE_CHECKING:
     from flexemr.bench.loadgen_sut import Transport
@@ -94,7 +94,7 @@ class ServedSystem:
                 raise RuntimeError("flexemr serve announced no gRPC address")
             self._grpc = GrpcClient(match.group(1))
 
-    def infer(self, request: Request) -> Any:
+    def infer(self, request: SparseBatch) -> Any:
         if self._grpc is not None:
             return self._grpc.infer(request)
         return self.client.infer(request.dense, request.indices, request.lengths)
@@ -139,7 +139,7 @@ class GrpcClient:
         self.model = model
         self.timeout_s = timeout_s
 
-    def infer(self, request: Request) -> np.ndarray:
+    def infer(self, request: SparseBatch) -> np.ndarray:
         tensor = self._pb.ModelInferRequest.InferInputTensor
         indices = request.indices
         index_type = "INT32" if indices.size == 0 or indices.max() < 2**31 else "INT64"

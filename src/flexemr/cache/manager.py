@@ -1,11 +1,13 @@
 """The ranker's adaptive embedding cache: a `RowCache` sized by load, filled with hot rows.
 
-    before_batch(B, queue, now)  LoadMonitor -> planned batch -> MemoryModel -> cache budget
-                                 -> shrink now (evict LRU) or grow (allocate empty room)
-    use_cache(n)                 CostGate: does consulting the cache speed lookups up here?
-    cached_part(keys, offsets)   hits summed per bag on the device; misses go to the servers
-    record_lookup(used, n, s)    the batch's lookup phase timed, for the CostGate
-    observe(keys)                queue a sample of the batch's keys (hits and misses) ...
+    plan_batch(keys, offsets, B, queue)   a request's batch, before its remote lookup:
+      before_batch(B, queue, now)  LoadMonitor -> planned batch -> MemoryModel -> cache budget
+                                   -> shrink now (evict LRU) or grow (allocate empty room)
+      observe(keys)                queue a sample of the batch's keys (hits and misses) ...
+      CostGate                     does consulting the cache speed lookups up here? if so:
+      cached_part(keys, offsets)   hits summed per bag on the device; misses go to the servers
+    finish(plan, keys, rows)      after it: raw-mode misses admitted, the lookup phase timed
+                                  for the CostGate
     warm_candidates(k)           ... count it in the FrequencySketch; the hottest missing keys,
                                  for a background fetch ...
     admit(keys, rows, token)     ... whose rows are cached here (or raw-mode misses)
@@ -19,8 +21,8 @@ the counters; it is held only for the tensor ops on them (no I/O, no waiting), a
 copies of admitted rows happen before it is taken. The sketch has a lock of its own: counting a
 batch (a sort of its distinct keys) takes as long as a lookup, so the request thread only queues
 a sample of its keys and the warming thread counts the queue in `warm_candidates`, off the
-request path. Intended use: the request thread calls `before_batch`, `cached_part`, `observe` (and
-`admit` in raw mode); one background thread calls `warm_candidates` and, after fetching, `admit`;
+request path. Intended use: the request thread calls `plan_batch` and `finish` once per batch;
+one background thread calls `warm_candidates` and, after fetching, `admit`;
 the update stream calls `invalidate`; anyone calls `stats`.
 
 Consistency: a fetch races with updates (a row read before an update can arrive after it). So
@@ -38,6 +40,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -152,6 +155,26 @@ class ResizeEvent:
     plan_batch: int
     seconds: float
     """How long the resize took (lookups wait for it)."""
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What `plan_batch` did for one batch, for its remote lookup and `finish`."""
+
+    token: int
+    """Taken before the lookup: `finish` admits only rows not invalidated since."""
+    keys: int
+    """The batch's key count."""
+    started: float
+    """perf_counter() when the lookup phase began."""
+    miss: tuple[np.ndarray, np.ndarray] | None = None
+    """The keys the cache lacks, to look up remotely: a bool mask [N] and each bag's count, int64
+    [num_bags] (the bags the servers still see); None: the cache was bypassed (every key goes to
+    the servers)."""
+
+    def remote(self, keys: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The keys (of `keys` [N] in bags of `lengths`) to look up remotely, in bags of lengths."""
+        return (keys, lengths) if self.miss is None else (keys[self.miss[0]], self.miss[1])
 
 
 @dataclass(frozen=True)
@@ -309,21 +332,39 @@ class AdaptiveCacheManager:
             self.events.append(event)
             return event
 
-    def use_cache(self, keys: int) -> bool:
-        """Whether the coming batch, of `keys` keys, should consult the cache (`cached_part`), or
-        send every key to the servers. Report its lookup phase with `record_lookup` either way."""
+    def plan_batch(
+        self, keys: Tensor, offsets: Tensor, batch_size: int, queue_depth: int, out: Tensor
+    ) -> BatchPlan:
+        """A request's batch of `batch_size` samples, `queue_depth` more waiting, its `keys` [N]
+        in bags of KJT `offsets` [num_bags + 1], before its remote lookup: resize (`before_batch`),
+        count its keys, and (unless the cost gate bypasses the cache) add each bag's cached rows
+        into `out` [num_bags, dim]. Look up what `BatchPlan.remote` says; then call `finish`."""
+        self.before_batch(batch_size, queue_depth, time.monotonic())
+        token = self.fetch_token()
+        self.observe(keys)
         with self._lock:
-            if self.mode.kind == "off" or self.cache.capacity_rows == 0:
-                return False
-            return True if self.gate is None else self.gate.use_cache(keys)
+            use = self.mode.kind != "off" and self.cache.capacity_rows > 0
+            use = use and (self.gate is None or self.gate.use_cache(keys.numel()))
+        started = time.perf_counter()
+        if not use:
+            return BatchPlan(token, keys.numel(), started)
+        part = self.cached_part(keys, offsets, out)
+        return BatchPlan(
+            token, keys.numel(), started, (part.miss.cpu().numpy(), part.miss_lengths.cpu().numpy())
+        )
 
-    def record_lookup(self, used_cache: bool, keys: int, seconds: float) -> None:
-        """The lookup phase (cache, remote lookups, pooling) of a batch of `keys` keys took
-        `seconds`: the cost gate's measurement."""
+    def finish(self, plan: BatchPlan, keys: list[Tensor], rows: list[Tensor]) -> None:
+        """The batch's remote lookup is done: admit the rows it fetched raw (`rows[i]` [n_i, dim]
+        of `keys[i]` [n_i], one pair per subrequest; none for partial sums) and time its lookup
+        phase (cache, remote lookups, pooling) for the cost gate."""
+        if keys:
+            self.admit(torch.cat(keys), torch.cat(rows), plan.token)
+        seconds = time.perf_counter() - plan.started
+        used = plan.miss is not None
         with self._lock:
-            self._bypassed += not used_cache
+            self._bypassed += not used
             if self.gate is not None:
-                self.gate.record(used_cache, keys, seconds)
+                self.gate.record(used, plan.keys, seconds)
 
     def cached_part(self, keys: Tensor, offsets: Tensor, out: Tensor | None = None) -> CachedPart:
         """Look up a batch's keys [N] in bags of KJT `offsets` [num_bags + 1]: `hit` [N] and, per

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
+from flexemr.batch import SparseBatch
 from flexemr.cluster.deployment import LocalDeployment, RoundRobinBackend, cpu_seconds
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
 from flexemr.model.dlrm import DenseArch
@@ -40,7 +41,6 @@ from flexemr.planner.perf_model import INDEX_BYTES
 from flexemr.planner.placement import Strategy, place
 from flexemr.sharding.plan import ShardingPlan
 from flexemr.sharding.router import RangeRouter
-from flexemr.workload.request import Request
 
 
 @dataclass(frozen=True)
@@ -284,7 +284,7 @@ def _serving_request(
     pooling: int,
     reach: int,
     tables: int,
-) -> Request:
+) -> SparseBatch:
     """`batch` samples whose bags of `pooling` uniform rows fall on servers 0..reach-1 only, in the
     first `tables` tables with rows there (the others' bags are empty)."""
     held = sorted({s.table for s in plan.shards if s.server < reach})[:tables]
@@ -301,7 +301,7 @@ def _serving_request(
     lengths = np.zeros((len(plan.table_rows), batch), dtype=np.int32)
     lengths[held] = pooling
     dense = rng.standard_normal((batch, num_dense), dtype=np.float32)
-    return Request(dense, np.concatenate(indices).astype(np.int64), lengths.reshape(-1))
+    return SparseBatch(dense, np.concatenate(indices).astype(np.int64), lengths.reshape(-1))
 
 
 def _fit(design: list[list[float]], target: list[float], measured: list[float]) -> np.ndarray:
@@ -314,7 +314,7 @@ def _fit(design: list[list[float]], target: list[float], measured: list[float]) 
 def _cpu_per_request(
     backend: RoundRobinBackend,
     pids: dict[str, int],
-    requests: list[Request],
+    requests: list[SparseBatch],
     settings: BenchSettings,
     in_flight: int,
 ) -> dict[str, float]:
@@ -331,7 +331,11 @@ def _cpu_per_request(
 
 
 def _cpu_run(
-    backend: RoundRobinBackend, pids: dict[str, int], requests: list[Request], seconds: float, in_flight: int
+    backend: RoundRobinBackend,
+    pids: dict[str, int],
+    requests: list[SparseBatch],
+    seconds: float,
+    in_flight: int,
 ) -> dict[str, float]:
     counts = [0] * in_flight
     stop = time.perf_counter() + seconds
@@ -380,7 +384,7 @@ def _serving_points(
         ]
         cpu = _cpu_per_request(backend, pids, requests, settings, 1)
         request = requests[0]  # all of one shape
-        keys = router.keys(request.indices, request.table_lengths().sum(axis=1))
+        keys = router.keys(request.indices, request.rows_per_table)
         subrequests = {sub.server: sub for sub in router.route(keys, request.lengths)}
         sent = (request.indices.size * INDEX_BYTES + (request.lengths.size + request.dense.size) * 4) * byte_s
         point = {

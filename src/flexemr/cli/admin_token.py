@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flexemr.cli.flags import over
 from flexemr.cli.options import add_secret_argument
 from flexemr.cluster.security import admin_token, load_secret
 from flexemr.config import SecurityConfig
@@ -17,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        secret = load_secret(SecurityConfig(secret_file=args.secret_file))
+        secret = load_secret(over(SecurityConfig(), args))
     except (OSError, ValueError) as exc:
         print(f"flexemr admin-token: {exc}", file=sys.stderr)
         return 2

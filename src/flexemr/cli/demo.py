@@ -12,20 +12,20 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from flexemr.cli.options import add_sharding_arguments
 from flexemr.client import Client
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import HttpServer, build_ranker
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
 from flexemr.model.weights import build_monolithic
-from flexemr.sharding.plan import STRATEGIES, make_plan
+from flexemr.sharding.plan import make_plan
 from flexemr.workload.synthetic import DEFAULT_ALPHA, SyntheticConfig, SyntheticWorkload
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="rmc2", help="model shape (scaled by --row-scale)")
     parser.add_argument("--row-scale", type=float, default=0.01)
-    parser.add_argument("--embedding-servers", type=int, default=2)
-    parser.add_argument("--sharding", choices=STRATEGIES, default="auto")
+    add_sharding_arguments(parser)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--batch", type=int, default=32, help="samples per request")
     parser.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")

@@ -30,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     if args.watch_stdin:
         exit_when_stdin_closes()
     try:
-        spec = with_secret_file(ClusterSpec.load(args.spec), args.secret_file)
+        spec = with_secret_file(ClusterSpec.load(args.spec), args)
         server = build_embedding_server(spec, args.index, progress=not args.quiet)
     except (ValueError, OSError, NotEnoughMemory) as exc:
         print(f"flexemr embedding-server: {exc}", file=sys.stderr)

@@ -7,10 +7,10 @@ import dataclasses
 import logging
 import sys
 
-from flexemr.cli.options import add_engine_arguments, add_secret_argument, engine_config, with_secret_file
+from flexemr.cli.flags import add_flags, over
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.roles import HttpServer, build_ranker, served_versions, start_grpc
-from flexemr.config import ClusterSpec
+from flexemr.config import ClusterSpec, EngineConfig, RankerConfig, SecurityConfig
 from flexemr.memory import NotEnoughMemory
 from flexemr.transport.base import ConfigMismatch, ServerUnavailable
 
@@ -22,8 +22,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--reuse-port", action="store_true", help="share the HTTP port with other rankers (SO_REUSEPORT)"
     )
-    add_engine_arguments(parser)
-    add_secret_argument(parser)
+    for family in (RankerConfig, EngineConfig, SecurityConfig):
+        add_flags(parser, family, note=", or a spec file's")
+
+
+def load_spec(args: argparse.Namespace) -> ClusterSpec:
+    """The spec file, with the flags given on the command line in place of its values."""
+    spec = ClusterSpec.load(args.spec)
+    return dataclasses.replace(
+        spec,
+        ranker=over(spec.ranker, args),
+        engine=over(spec.engine, args),
+        security=over(spec.security, args),
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,9 +42,7 @@ def run(args: argparse.Namespace) -> int:
     if args.watch_stdin:
         exit_when_stdin_closes()
     try:
-        spec = ClusterSpec.load(args.spec)
-        spec = dataclasses.replace(spec, engine=engine_config(args, spec.engine))
-        spec = with_secret_file(spec, args.secret_file)
+        spec = load_spec(args)
         ranker = build_ranker(spec, connect_timeout_s=args.connect_timeout)
         models = served_versions(spec, ranker, cluster=spec)  # servers started elsewhere: no loading
     except (ValueError, OSError, ServerUnavailable, ConfigMismatch, NotEnoughMemory) as exc:

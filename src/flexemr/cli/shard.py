@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from flexemr.cli.options import add_model_arguments, model_source
-from flexemr.sharding.plan import STRATEGIES, make_plan
+from flexemr.cli.options import add_model_arguments, add_sharding_arguments, model_source
+from flexemr.sharding.plan import make_plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_model_arguments(parser)
-    parser.add_argument("--embedding-servers", type=int, default=2)
-    parser.add_argument("--sharding", choices=STRATEGIES, default="auto")
+    add_sharding_arguments(parser)
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 

@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        spec = with_secret_file(ClusterSpec.load(args.spec), args.secret_file)
+        spec = with_secret_file(ClusterSpec.load(args.spec), args)
         if args.redis is not None:
             return run_stream(args, spec)
         if args.file is None:

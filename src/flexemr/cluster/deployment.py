@@ -21,11 +21,11 @@ from typing import Literal
 
 import numpy as np
 
+from flexemr.batch import SparseBatch
 from flexemr.client import Client
 from flexemr.cluster.child import AnnouncedProcess
 from flexemr.cluster.local import LocalCluster
 from flexemr.config import ClusterSpec
-from flexemr.workload.request import Request
 
 
 def start_ranker(
@@ -56,7 +56,7 @@ class RoundRobinBackend:
         self._next = itertools.count()
         self._lock = threading.Lock()
 
-    def infer(self, request: Request) -> np.ndarray:
+    def infer(self, request: SparseBatch) -> np.ndarray:
         with self._lock:
             client = self.clients[next(self._next) % len(self.clients)]
         return client.infer(request.dense, request.indices, request.lengths)

@@ -1,10 +1,7 @@
 """Dynamic batching: requests that arrive within a short window are merged into one batch.
 
-Each request is validated on its own first, so a bad one fails alone. Merging keeps the KJT
-layout: the merged batch's table t holds table t's bags of every request, in arrival order.
-
-    request A (B=2): [tA0 | tA1]   request B (B=1): [tB0 | tB1]
-    merged   (B=3): [tA0 tB0 | tA1 tB1]
+Each request is validated on its own first, so a bad one fails alone. Merging is `batch.concat`:
+the merged batch's table t holds table t's bags of every request, in arrival order.
 """
 
 from __future__ import annotations
@@ -18,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flexemr.batch import SparseBatch, concat
 from flexemr.ranker.admission import Dropped, Refused, Ticket
-from flexemr.ranker.batch import SparseBatch
 
 
 @dataclass
@@ -27,17 +24,6 @@ class _Pending:
     batch: SparseBatch
     future: Future[np.ndarray]
     ticket: Ticket | None
-
-
-def merge(batches: list[SparseBatch]) -> SparseBatch:
-    tables = batches[0].num_tables
-    per_table = [
-        np.split(b.indices, np.cumsum(b.lengths.reshape(tables, -1).sum(axis=1))[:-1]) for b in batches
-    ]
-    indices = np.concatenate([part[t] for t in range(tables) for part in per_table])
-    lengths = np.concatenate([b.lengths.reshape(tables, -1) for b in batches], axis=1).reshape(-1)
-    dense = np.concatenate([b.dense for b in batches])
-    return SparseBatch(dense, indices, lengths, tables)
 
 
 def _still_wanted(pending: _Pending) -> bool:
@@ -108,7 +94,7 @@ class DynamicBatcher:
             if not group:
                 continue
             try:
-                scores = self._run(merge([p.batch for p in group]))
+                scores = self._run(concat([p.batch for p in group]))
             except Exception as exc:
                 for pending in group:
                     pending.future.set_exception(exc)

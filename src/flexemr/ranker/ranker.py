@@ -24,14 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from flexemr.batch import SparseBatch
 from flexemr.cache import AdaptiveCacheManager, CacheConfig, LoadMonitorConfig
-from flexemr.cache.pooling import offsets_of
 from flexemr.config import RankerConfig
 from flexemr.engine.link import ServerLink
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
 from flexemr.ranker.admission import Admission, Ticket
-from flexemr.ranker.batch import SparseBatch, validate_batch
 from flexemr.ranker.batcher import DynamicBatcher
 from flexemr.ranker.replicas import ReplicaLoad
 from flexemr.ranker.turns import Turns
@@ -132,9 +131,8 @@ class Ranker:
         with self.turns.turn():
             if ticket is not None:
                 ticket.check()
-            batch = validate_batch(
-                self.spec, dense, indices, lengths, self.config.max_batch, self.config.max_indices_per_sample
-            )
+            batch = SparseBatch(dense, indices, lengths)
+            batch.check(self.spec, self.config.max_batch, self.config.max_indices_per_sample)
             with self._lock:
                 self._waiting += batch.batch_size
             try:
@@ -193,32 +191,27 @@ class Ranker:
         from every server that holds rows of the batch, by `deadline` (time.monotonic(); the
         request's) if it comes before the lookup timeout, at `version` (`Stale` if a server is
         at another)."""
-        keys = self.router.keys(batch.indices, batch.rows_per_table())
+        keys = self.router.keys(batch.indices, batch.rows_per_table)
         pooled = torch.zeros(batch.lengths.size, self.spec.dim, device=self.device)
         raw = self.config.lookup == "raw"
-        cache, token, use_cache = self.cache, None, False
-        if cache is not None:
+        remote_keys, remote_lengths = keys, batch.lengths
+        cache = self.cache
+        if cache is not None:  # the cached rows are summed into `pooled`; the servers see the rest
             with self._lock:
                 queued = max(self._waiting - batch.batch_size, 0)
-            cache.before_batch(batch.batch_size, queued, time.monotonic())
-            token = cache.fetch_token()
-            cache.observe(torch.from_numpy(keys))
-            use_cache = cache.use_cache(keys.size)
-        start = time.perf_counter()
-        remote_keys, remote_lengths = keys, batch.lengths
-        if use_cache:
-            assert cache is not None
-            offsets = offsets_of(torch.from_numpy(batch.lengths))
-            part = cache.cached_part(torch.from_numpy(keys), offsets, out=pooled)
-            remote_keys, remote_lengths = keys[part.miss.cpu().numpy()], part.miss_lengths.cpu().numpy()
+            offsets = torch.from_numpy(batch.offsets)
+            plan = cache.plan_batch(torch.from_numpy(keys), offsets, batch.batch_size, queued, pooled)
+            remote_keys, remote_lengths = plan.remote(keys, batch.lengths)
+        fetched_keys: list[torch.Tensor] = []
+        fetched_rows: list[torch.Tensor] = []
         for sub, values in self._lookup(remote_keys, remote_lengths, raw, deadline, version):
-            target = sub.row_bags() if raw else sub.bags
             rows = torch.from_numpy(values).to(self.device)
-            pooled.index_add_(0, torch.from_numpy(target).to(self.device), rows)
+            pooled.index_add_(0, torch.from_numpy(sub.row_bags() if raw else sub.bags).to(self.device), rows)
             if raw and cache is not None:
-                cache.admit(torch.from_numpy(sub.keys), rows, token)
-        if cache is not None:
-            cache.record_lookup(use_cache, keys.size, time.perf_counter() - start)
+                fetched_keys.append(torch.from_numpy(sub.keys))
+                fetched_rows.append(rows)
+        if cache is not None:  # raw rows are cached; the lookup is timed for the cost gate
+            cache.finish(plan, fetched_keys, fetched_rows)
         if self.spec.pooling == "mean":
             pooled /= torch.from_numpy(batch.lengths).to(self.device).clamp(min=1).unsqueeze(1)
         return pooled.view(batch.num_tables, batch.batch_size, self.spec.dim).transpose(0, 1)

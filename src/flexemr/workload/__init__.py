@@ -1,6 +1,6 @@
 """Workloads: DLRM requests from synthetic power laws, a Meta-fitted preset, or Criteo replay.
 
-Every generator has `spec` and `generate(batch_size) -> Request`, and is deterministic by seed.
+Every generator has `spec` and `generate(batch_size) -> SparseBatch`, and is deterministic by seed.
 Data files live in the shared data folder (`data_dir()`, overridable with FLEXEMR_DATA_DIR).
 """
 
@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from flexemr.batch import SparseBatch
 from flexemr.model.spec import ModelSpec
 from flexemr.workload.criteo import CriteoReplay, criteo_spec
 from flexemr.workload.meta import (
@@ -24,7 +25,6 @@ from flexemr.workload.meta import (
     total_variation,
 )
 from flexemr.workload.query_sizes import QuerySizes
-from flexemr.workload.request import Request
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
 
 CRITEO_SAMPLE = "criteo_kaggle_sample_1000.tsv"
@@ -35,7 +35,7 @@ MLPERF_QUERY_SIZES = "mlperf_dlrm_v2_dist_quantile.txt"
 class Workload(Protocol):
     spec: ModelSpec
 
-    def generate(self, batch_size: int) -> Request: ...
+    def generate(self, batch_size: int) -> SparseBatch: ...
 
 
 def data_dir() -> Path:
@@ -53,7 +53,6 @@ __all__ = [
     "CriteoReplay",
     "LocalityStats",
     "QuerySizes",
-    "Request",
     "SyntheticConfig",
     "SyntheticWorkload",
     "Workload",

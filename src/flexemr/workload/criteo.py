@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flexemr.batch import SparseBatch
 from flexemr.model.spec import ModelSpec
-from flexemr.workload.request import Request
 
 CRITEO_DENSE = 13
 CRITEO_TABLES = 26
@@ -60,16 +60,16 @@ class CriteoReplay:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def generate(self, batch_size: int) -> Request:
+    def generate(self, batch_size: int) -> SparseBatch:
         """The next `batch_size` rows of the file, wrapping around at its end."""
         picked = (self._next + np.arange(batch_size)) % len(self)
         self._next = int(picked[-1] + 1) % len(self)
         return self.all.take(picked)
 
-    def _request(self, samples: np.ndarray) -> Request:
+    def _request(self, samples: np.ndarray) -> SparseBatch:
         present = self.present[samples].T  # table-major [T, B]
         indices = self.rows[samples].T[present]
-        return Request(self.dense[samples], indices.astype(np.int64), present.astype(np.int32).ravel())
+        return SparseBatch(self.dense[samples], indices.astype(np.int64), present.astype(np.int32).ravel())
 
 
 def _read_fields(path: Path) -> np.ndarray:

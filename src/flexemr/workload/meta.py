@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 from scipy.optimize import minimize_scalar
 
+from flexemr.batch import SparseBatch
 from flexemr.model.spec import ModelSpec
-from flexemr.workload.request import Request
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
 
 REUSE_EDGES = np.array([1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768])
@@ -82,13 +82,13 @@ def _field(block: str, pattern: str) -> str:
     return match.group(1)
 
 
-def reuse_counts(request: Request) -> np.ndarray:
+def reuse_counts(request: SparseBatch) -> np.ndarray:
     """How many times each distinct (table, row) pair occurs in the request."""
     counts = [np.unique(request.table_indices(t), return_counts=True)[1] for t in range(request.num_tables)]
     return np.concatenate(counts)
 
 
-def reuse_histogram(request: Request) -> np.ndarray:
+def reuse_histogram(request: SparseBatch) -> np.ndarray:
     """Fraction of distinct (table, row) pairs in each reuse bin, as in the locality stats files."""
     counts = reuse_counts(request)
     return np.bincount(np.searchsorted(REUSE_EDGES, counts), minlength=len(REUSE_EDGES) + 1) / len(counts)

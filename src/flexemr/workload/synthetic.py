@@ -17,9 +17,9 @@ from typing import Literal
 
 import numpy as np
 
+from flexemr.batch import SparseBatch
 from flexemr.model.spec import ModelSpec
 from flexemr.workload.powerlaw import RowPermutation, zipf_ranks
-from flexemr.workload.request import Request
 
 BagDistribution = Literal["fixed", "poisson", "uniform"]
 DEFAULT_ALPHA = 1.0
@@ -88,7 +88,7 @@ class SyntheticWorkload:
         self._rng = np.random.default_rng(seeds[0])
         self.permutations = [RowPermutation(r, s) for r, s in zip(spec.table_rows, seeds[1:], strict=True)]
 
-    def generate(self, batch_size: int) -> Request:
+    def generate(self, batch_size: int) -> SparseBatch:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         rng, cfg = self._rng, self.config
@@ -96,7 +96,7 @@ class SyntheticWorkload:
         grouped = rng.random(lengths.shape) < cfg.cooccurrence
         indices = [self._table_rows(t, lengths[t], grouped[t]) for t in range(self.spec.num_tables)]
         dense = rng.standard_normal((batch_size, self.spec.num_dense), dtype=np.float32)
-        return Request(dense, np.concatenate(indices), lengths.ravel().astype(np.int32))
+        return SparseBatch(dense, np.concatenate(indices), lengths.ravel().astype(np.int32))
 
     def _bag_lengths(self, batch_size: int) -> np.ndarray:
         rng, cfg = self._rng, self.config
