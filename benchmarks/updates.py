@@ -10,7 +10,8 @@ process (the path HTTP pushes and the Redis consumer both end in). Three measure
   row scored in a loop; the time from the start of the apply to the first score that changed;
 - reads under updates: `--clients` closed-loop readers for `--seconds` at each update rate of
   `--rates` (batches per second, 0 = none): read samples/s, p50/p99, failed requests, and the
-  update rate reached.
+  update rate reached. `--history-mib 0` turns the servers' history off (a lookup at a version
+  other than the newest is then STALE), to show what it buys.
 
     .venv/bin/python benchmarks/updates.py --preset rmc2 --row-scale 0.02 --rates 0,10,100,1000
 """
@@ -26,7 +27,7 @@ import numpy as np
 
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
-from flexemr.config import ClusterSpec, Endpoint, ModelSource
+from flexemr.config import ClusterSpec, Endpoint, ModelSource, UpdatesConfig
 from flexemr.model.spec import ModelSpec
 from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import make_plan
@@ -155,12 +156,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="per rate")
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument(
+        "--history-mib",
+        type=float,
+        default=UpdatesConfig().max_history_bytes / 2**20,
+        help="servers' updates.max_history_bytes in MiB (0: only the newest version is answered)",
+    )
     args = parser.parse_args()
 
     source = ModelSource(preset=args.preset, row_scale=args.row_scale)
     spec = source.spec()
     plan = make_plan(args.sharding, spec.table_rows, spec.dim, args.servers)
-    cluster = LocalCluster(ClusterSpec(source, plan, tuple(Endpoint() for _ in range(plan.num_servers))))
+    updates = UpdatesConfig(max_history_bytes=int(args.history_mib * 2**20))
+    endpoints = tuple(Endpoint() for _ in range(plan.num_servers))
+    cluster = LocalCluster(ClusterSpec(source, plan, endpoints, updates=updates))
     results: dict[str, object] = {}
     try:
         started = cluster.start()

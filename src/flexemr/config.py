@@ -389,8 +389,14 @@ class UpdatesConfig:
     max_changelog_keys: int = 1 << 20
     """Changed row keys a server remembers for rankers' caches; older versions are dropped (a
     ranker that falls further behind clears its cache)."""
+    max_history_bytes: int = 64 * 2**20
+    """Bytes of overwritten rows a server keeps so lookups at recent versions are still answered
+    while commits go on (a ranker reads at its version until it next syncs); 0: only the newest
+    version is answered, and every commit turns the lookups in flight STALE."""
 
     def __post_init__(self) -> None:
+        if self.max_history_bytes < 0:
+            raise ValueError(f"max_history_bytes must be >= 0, got {self.max_history_bytes}")
         if self.max_staged_bytes < 1 or self.max_changelog_keys < 1:
             raise ValueError(
                 f"max_staged_bytes and max_changelog_keys must be positive, got {self.max_staged_bytes}, "

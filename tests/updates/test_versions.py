@@ -111,3 +111,66 @@ def test_bounds_refuse_or_forget(tmp_path: Path) -> None:
     versions.close()
     with pytest.raises(BadUpdate, match="update log"):
         RowVersions(_store()).stage(_staged(1, 1, [0], 1))
+
+
+def _bags(store: ShardStore) -> tuple[np.ndarray, np.ndarray]:
+    """Every server-local row once, in bags of up to 3 rows of one shard (one row format)."""
+    rows, offsets = [], []
+    for shard in sorted(store.shards, key=lambda s: s.local_start):
+        local = np.arange(shard.local_start, shard.local_start + shard.rows, dtype=np.int64)
+        offsets.extend(range(sum(r.size for r in rows), sum(r.size for r in rows) + local.size, 3))
+        rows.append(local)
+    return np.concatenate(rows), np.array(offsets, dtype=np.int64)
+
+
+def test_lookups_at_older_versions_read_the_history_bit_for_bit(tmp_path: Path) -> None:
+    store = _store()
+    rows, offsets = _bags(store)
+    weights = np.random.default_rng(9).random(rows.size).astype(np.float32)
+
+    def now() -> tuple[np.ndarray, ...]:
+        return store.raw(rows), store.pooled(rows, offsets), store.pooled(rows, offsets, weights)
+
+    seen = [now()]
+    versions = RowVersions(store, tmp_path / "log")
+    changed = [[0, 5, 7, store.num_rows - 1], [5, 6, 7, 8]]  # rows of several formats, overlapping
+    for v, written in enumerate(changed, start=1):
+        versions.stage(_staged(v, v, written, v))
+        versions.commit(v, v)
+        seen.append(now())
+    assert not np.array_equal(seen[0][1], seen[1][1]) and not np.array_equal(seen[1][1], seen[2][1])
+    for read, (raw, pooled, weighted) in enumerate(seen):
+        with versions.lock.shared():
+            image = versions.image_at(read)
+            assert (image is None) == (read == versions.version)
+            np.testing.assert_array_equal(store.raw(rows, image), raw)
+            np.testing.assert_array_equal(store.pooled(rows, offsets, None, image), pooled)
+            np.testing.assert_array_equal(store.pooled(rows, offsets, weights, image), weighted)
+            # int32 rows and offsets, as rankers send them
+            np.testing.assert_array_equal(
+                store.pooled(rows.astype(np.int32), offsets.astype(np.int32), None, image), pooled
+            )
+    with pytest.raises(StaleVersion):
+        versions.image_at(3)  # ahead of this server: it is behind
+    versions.close()
+
+
+def test_the_history_is_bounded_and_reads_beyond_it_are_stale(tmp_path: Path) -> None:
+    store = _store()
+    one_row = store.image(np.array([0], dtype=np.int64)).nbytes
+    versions = RowVersions(store, tmp_path / "log", max_history_bytes=2 * one_row)
+    for v in range(1, 4):
+        versions.stage(_staged(v, v, [v], v))
+        versions.commit(v, v)
+    assert versions.readable_from == 1 and versions.stats()["history_bytes"] <= 2 * one_row
+    with versions.lock.shared():
+        with pytest.raises(StaleVersion):
+            versions.image_at(0)  # version 1's overwritten row is forgotten
+        assert versions.image_at(1) is not None
+    versions.close()
+    none = RowVersions(_store(), tmp_path / "log0", max_history_bytes=0)
+    none.stage(_staged(1, 1, [0], 1))
+    none.commit(1, 1)
+    with pytest.raises(StaleVersion):
+        none.image_at(0)
+    none.close()

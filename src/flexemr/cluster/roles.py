@@ -50,7 +50,9 @@ def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True)
     store = ShardStore(spec.sharding, index, source, progress, storage)
     updates = spec.updates
     log_path = None if updates.log_dir is None else Path(updates.log_dir) / f"server-{index}.updates"
-    versions = RowVersions(store, log_path, updates.max_staged_bytes, updates.max_changelog_keys)
+    versions = RowVersions(
+        store, log_path, updates.max_staged_bytes, updates.max_changelog_keys, updates.max_history_bytes
+    )
     return EmbeddingServer(
         store,
         spec.embedding_servers[index],

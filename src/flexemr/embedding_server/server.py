@@ -35,7 +35,7 @@ import numpy as np
 
 from flexemr.cluster.security import check_bind
 from flexemr.config import Endpoint, NodeLimits
-from flexemr.embedding_server.store import BadSubrequest, ShardStore
+from flexemr.embedding_server.store import BadSubrequest, RowImage, ShardStore
 from flexemr.embedding_server.versions import RowVersions, StaleVersion
 from flexemr.protocol.frames import (
     ConnectionClosed,
@@ -379,11 +379,9 @@ class EmbeddingServer:
                 raise BadSubrequest("a versioned lookup ends with int64 [version]")
             read = int(frame.buffers.pop()[0])
         with self.versions.lock.shared():
-            if read is not None and read != self.versions.version:
-                raise StaleVersion(self.versions.version)
-            return self._rows(frame)
+            return self._rows(frame, None if read is None else self.versions.image_at(read))
 
-    def _rows(self, frame: Frame) -> np.ndarray:
+    def _rows(self, frame: Frame, image: RowImage | None) -> np.ndarray:
         weighted = bool(frame.flags & Flags.WEIGHTED)
         index = frame.buffers[0].dtype if frame.buffers else None
         expected = (index, index, np.float32)[: 3 if weighted else 2]
@@ -397,9 +395,9 @@ class EmbeddingServer:
             )
         rows, offsets = frame.buffers[0], frame.buffers[1]
         if frame.flags & Flags.RAW:
-            values = self.store.raw(rows)
+            values = self.store.raw(rows, image)
         else:
-            values = self.store.pooled(rows, offsets, frame.buffers[2] if weighted else None)
+            values = self.store.pooled(rows, offsets, frame.buffers[2] if weighted else None, image)
         self.lookups += 1
         return values
 

@@ -41,6 +41,28 @@ class BadSubrequest(ValueError):
 
 
 @dataclass(frozen=True)
+class RowImage:
+    """Some rows' stored bytes as they were before a write, per segment: (rows within the segment,
+    ascending; their stored bytes). A lookup at an older version reads these in place of the rows
+    written since."""
+
+    parts: tuple[tuple[np.ndarray, np.ndarray], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(rows.nbytes + stored.nbytes for rows, stored in self.parts)
+
+    @staticmethod
+    def earliest(images: list[RowImage]) -> RowImage:
+        """One image of `images` (oldest first): each row as the first of them that holds it."""
+        parts = []
+        for segment in zip(*(image.parts for image in images), strict=True):
+            rows, first = np.unique(np.concatenate([r for r, _ in segment]), return_index=True)
+            parts.append((rows, np.concatenate([b for _, b in segment])[first]))
+        return RowImage(tuple(parts))
+
+
+@dataclass(frozen=True)
 class Segment:
     fmt: RowFormat
     rows: int
@@ -168,52 +190,116 @@ class ShardStore:
         if not np.isfinite(values).all():
             raise BadSubrequest("values must be finite (no NaN or infinity)")
 
+    def image(self, rows: np.ndarray) -> RowImage:
+        """The stored bytes of server-local `rows` now (what writing them overwrites)."""
+        segment, at = self._locate(rows)
+        parts = []
+        for s, array in enumerate(self._arrays):
+            mine = np.unique(at[segment == s])
+            parts.append((mine, array[mine]))
+        return RowImage(tuple(parts))
+
     def _write_segment(self, s: int, rows: np.ndarray, values: np.ndarray) -> None:
         array = self._arrays[s]
         encoded = np.empty((rows.size, array.shape[1]), dtype=array.dtype)
         stored_rows.encode(np.ascontiguousarray(values), self.segments[s].fmt, encoded)
         array[rows] = encoded
 
-    def pooled(self, rows: np.ndarray, offsets: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
-        """Per-bag sums of this server's rows, in float32: [len(offsets), dim]."""
+    def _held(self, s: int, at: np.ndarray, image: RowImage | None) -> tuple[np.ndarray, np.ndarray] | None:
+        """Which of segment `s`'s rows `at` `image` holds (mask), and where in it (positions); None
+        when it holds none of them."""
+        if image is None or at.size == 0 or image.parts[s][0].size == 0:
+            return None
+        old_rows = image.parts[s][0]
+        pos = np.minimum(np.searchsorted(old_rows, at), old_rows.size - 1)
+        hit = old_rows[pos] == at
+        return (hit, pos) if hit.any() else None
+
+    def _pool(
+        self,
+        s: int,
+        at: np.ndarray,
+        offsets: np.ndarray,
+        weights: torch.Tensor | None,
+        image: RowImage | None,
+    ) -> torch.Tensor:
+        """Per-bag sums of segment `s`'s rows `at`. The few bags that read a row `image` holds are
+        summed again from a copy of their rows with the image's bytes: the same kernel over the
+        same values in the same order, so bit for bit what the table gave at that version."""
+        table, fmt, index = self.tables[s], self.segments[s].fmt, torch.from_numpy(at)
+        pooled = stored_rows.pool(table, fmt, index, torch.from_numpy(offsets), weights)
+        held = self._held(s, at, image)
+        if held is None or image is None:
+            return pooled
+        hit, pos = held
+        bag = np.searchsorted(offsets, np.arange(at.size), side="right") - 1
+        bags = np.unique(bag[hit])
+        mine = np.isin(bag, bags)
+        rows = table.index_select(0, index[torch.from_numpy(mine)])
+        again = hit[mine]
+        rows[torch.from_numpy(again)] = torch.from_numpy(image.parts[s][1][pos[mine][again]])
+        lengths = np.diff(offsets, append=at.size)[bags]
+        pooled[torch.from_numpy(bags)] = stored_rows.pool(
+            rows,
+            fmt,
+            torch.arange(rows.shape[0], dtype=index.dtype),
+            torch.from_numpy((np.cumsum(lengths) - lengths).astype(offsets.dtype)),
+            None if weights is None else weights[torch.from_numpy(mine)],
+        )
+        return pooled
+
+    def _raw(self, s: int, at: np.ndarray, image: RowImage | None) -> torch.Tensor:
+        """Segment `s`'s rows `at` as float32; those `image` holds as it holds them."""
+        fmt = self.segments[s].fmt
+        rows = stored_rows.decode(self.tables[s].index_select(0, torch.from_numpy(at)), fmt)
+        held = self._held(s, at, image)
+        if held is not None and image is not None:
+            hit, pos = held
+            old = torch.from_numpy(image.parts[s][1][pos[hit]])
+            rows[torch.from_numpy(hit)] = stored_rows.decode(old, fmt)
+        return rows
+
+    def pooled(
+        self,
+        rows: np.ndarray,
+        offsets: np.ndarray,
+        weights: np.ndarray | None = None,
+        image: RowImage | None = None,
+    ) -> np.ndarray:
+        """Per-bag sums of this server's rows, in float32: [len(offsets), dim]; rows that `image`
+        holds as it holds them (a lookup at an older version)."""
         self._check(rows, offsets, weights)
         if offsets.size == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         w = None if weights is None else torch.from_numpy(weights)
         if len(self.segments) == 1:
-            table, fmt = self.tables[0], self.segments[0].fmt
-            return stored_rows.pool(table, fmt, torch.from_numpy(rows), torch.from_numpy(offsets), w).numpy()
+            return self._pool(0, rows, offsets, w, image).numpy()
         segment, at = self._locate(rows)
         lengths = np.diff(offsets, append=rows.size)
         bag_segment = segment[np.minimum(offsets, max(rows.size - 1, 0))] if rows.size else offsets * 0
         if np.any(segment != np.repeat(bag_segment, lengths)):
             raise BadSubrequest("a bag mixes rows of tables stored in different row formats")
         out = torch.zeros(offsets.size, self.dim)
-        for s, (seg, table) in enumerate(zip(self.segments, self.tables, strict=True)):
+        for s in range(len(self.segments)):
             bags = np.flatnonzero((bag_segment == s) & (lengths > 0))
             if bags.size == 0:
                 continue
             mine = segment == s
             sizes = lengths[bags]
-            out[torch.from_numpy(bags)] = stored_rows.pool(
-                table,
-                seg.fmt,
-                torch.from_numpy(at[mine]),
-                torch.from_numpy(np.cumsum(sizes) - sizes),
-                None if w is None else w[torch.from_numpy(mine)],
-            )
+            starts = np.cumsum(sizes) - sizes
+            weights_s = None if w is None else w[torch.from_numpy(mine)]
+            out[torch.from_numpy(bags)] = self._pool(s, at[mine], starts, weights_s, image)
         return out.numpy()
 
-    def raw(self, rows: np.ndarray) -> np.ndarray:
-        """The rows themselves as float32 (int8 and fp16 rows dequantised): [len(rows), dim]."""
+    def raw(self, rows: np.ndarray, image: RowImage | None = None) -> np.ndarray:
+        """The rows themselves as float32 (int8 and fp16 rows dequantised): [len(rows), dim]; rows
+        that `image` holds as it holds them."""
         self._check(rows, None, None)
         if len(self.segments) == 1:
-            stored = self.tables[0].index_select(0, torch.from_numpy(rows))
-            return stored_rows.decode(stored, self.segments[0].fmt).numpy()
+            return self._raw(0, rows, image).numpy()
         segment, at = self._locate(rows)
         out = np.empty((rows.size, self.dim), dtype=np.float32)
-        for s, (seg, table) in enumerate(zip(self.segments, self.tables, strict=True)):
+        for s in range(len(self.segments)):
             mine = segment == s
-            stored = table.index_select(0, torch.from_numpy(at[mine]))
-            out[mine] = stored_rows.decode(stored, seg.fmt).numpy()
+            out[mine] = self._raw(s, at[mine], image).numpy()
         return out

@@ -3,7 +3,13 @@
     UPDATE (v, token, rows)  -> staged[(v, token)]           (bounded: max_staged_bytes)
     COMMIT (v, token)        -> under the exclusive lock: write staged[(v, token)], version = v,
                                 changelog += (v, token, keys changed), other stages <= v dropped
-    LOOKUP at version r      -> under the shared lock: answered only if r == version, else STALE
+    LOOKUP at version r      -> under the shared lock: answered at r if readable_from <= r <= version
+                                (rows written after r read from the history), else STALE
+
+The history keeps, per recent commit, the stored bytes its writes overwrote (bounded:
+max_history_bytes), so a ranker keeps reading at its version while commits go on, until it next
+syncs; without it every commit would turn the lookups in flight STALE, and a steady stream of
+updates would starve reads.
 
 A commit applies versions one at a time, in order: a server behind (it missed a commit while it
 was down) answers STALE until someone commits the versions it missed (their tokens come from an
@@ -28,7 +34,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from flexemr.embedding_server.store import BadSubrequest, ShardStore
+from flexemr.embedding_server.store import BadSubrequest, RowImage, ShardStore
 from flexemr.protocol.frames import (
     ConnectionClosed,
     FrameLimits,
@@ -42,6 +48,11 @@ from flexemr.rwlock import SharedLock
 from flexemr.stats import counts
 
 log = logging.getLogger(__name__)
+
+
+MAX_HISTORY_VERSIONS = 4096
+"""Versions the history remembers at most, however small their writes (each lookup at an old
+version merges them)."""
 
 
 class StaleVersion(Exception):
@@ -59,6 +70,7 @@ class RowVersions:
         log_path: Path | None = None,
         max_staged_bytes: int = 256 * 2**20,
         max_changelog_keys: int = 1 << 20,
+        max_history_bytes: int = 64 * 2**20,
     ) -> None:
         self.store = store
         self.version = 0
@@ -76,6 +88,14 @@ class RowVersions:
         self._changelog_keys = 0
         self._floor = 0
         """The changelog holds every version after this one."""
+        self._max_history_bytes = max_history_bytes
+        self._history: deque[tuple[int, RowImage]] = deque()
+        """(version, what its commit overwrote) of the versions after `readable_from`."""
+        self._history_bytes = 0
+        self.readable_from = 0
+        """The oldest version a lookup is still answered at."""
+        self._images: dict[int, RowImage] = {}
+        """Per read version, the merged history a lookup at it reads (until the next commit)."""
         self.rows_applied = self.versions_applied = self.duplicates = 0
         self._log: BinaryIO | None = None
         self.log_path = log_path
@@ -170,14 +190,15 @@ class RowVersions:
 
     def _commit(self, version: int, token: int) -> None:
         batches = [b for b in self._staged.pop((version, token), []) if not self._duplicate(b)]
+        rows = np.unique(np.concatenate([b.rows for b in batches])) if batches else np.empty(0, np.int64)
         with self.lock.exclusive():
+            self._remember(version, self.store.image(rows))
             for batch in batches:
                 self.store.write(batch.rows, batch.values)
             self.version = version
         for batch in batches:
             if batch.sequence is not None:
                 self._sequences[batch.source] = max(batch.sequence, self._sequences.get(batch.source, -1))
-        rows = np.unique(np.concatenate([b.rows for b in batches])) if batches else np.empty(0, np.int64)
         keys = self.store.keys(rows)
         self._changelog.append((version, token, keys))
         self._changelog_keys += keys.size
@@ -190,6 +211,33 @@ class RowVersions:
         self._staged_bytes = sum(b.values.nbytes for bs in self._staged.values() for b in bs)
         self.versions_applied += 1
         self.rows_applied += int(rows.size)
+
+    def _remember(self, version: int, image: RowImage) -> None:
+        """Keep what `version`'s commit overwrites; forget the oldest versions beyond the bound.
+        Under the exclusive lock: no lookup is reading the history."""
+        self._history.append((version, image))
+        self._history_bytes += image.nbytes
+        while self._history and (
+            self._history_bytes > self._max_history_bytes or len(self._history) > MAX_HISTORY_VERSIONS
+        ):
+            dropped, old = self._history.popleft()
+            self._history_bytes -= old.nbytes
+            self.readable_from = dropped
+        self._images.clear()
+
+    def image_at(self, read: int) -> RowImage | None:
+        """What a lookup at version `read` reads in place of the rows written since (None: nothing
+        was); StaleVersion when this server is behind `read` or no longer remembers what it needs.
+        Under the shared lock."""
+        if read == self.version:
+            return None
+        if read > self.version or read < self.readable_from:
+            raise StaleVersion(self.version)
+        image = self._images.get(read)
+        if image is None:
+            image = RowImage.earliest([old for v, old in self._history if v > read])
+            self._images[read] = image  # lookups at one version share it (a race only repeats the work)
+        return image
 
     def _token_of(self, version: int) -> int | None:
         for v, token, _ in self._changelog:
@@ -214,6 +262,8 @@ class RowVersions:
             return {
                 "version": self.version,
                 "staged_bytes": self._staged_bytes,
+                "readable_from": self.readable_from,
+                "history_bytes": self._history_bytes,
                 **counts(
                     {
                         "versions_applied": self.versions_applied,
