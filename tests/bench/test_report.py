@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flexemr.bench.loadgen_sut import LoadGenResult, loadgen_verdict
+from flexemr.bench.loadgen_sut import LoadGenResult, loadgen_percentiles_ms, loadgen_verdict
 from flexemr.bench.report import markdown
-from flexemr.bench.suite import SUITES, BenchConfig, SystemResult
+from flexemr.bench.suite import SUITES, BenchConfig, SystemResult, lowest_qps
 
 
 def run(
@@ -45,3 +45,23 @@ def test_verdict_is_read_from_loadgen_summary(tmp_path: Path) -> None:
     )
     assert loadgen_verdict(tmp_path) == (False, ("too short", "early stopping: too few queries for this p99"))
     assert loadgen_verdict(tmp_path / "missing") == (None, ())
+
+
+def test_latencies_are_loadgens_own(tmp_path: Path) -> None:
+    """The percentiles LoadGen judged the run by (from each query's scheduled time), not ours."""
+    (tmp_path / "mlperf_log_summary.txt").write_text(
+        "Result is : INVALID\n50.00 percentile latency (ns)   : 6600000\n"
+        "90.00 percentile latency (ns)   : 9000000\n99.00 percentile latency (ns)   : 174802556\n"
+        "99.90 percentile latency (ns)   : 200000000\n"
+    )
+    assert loadgen_percentiles_ms(tmp_path) == (6.6, 174.802556, 200.0)
+    (tmp_path / "mlperf_log_summary.txt").write_text("Result is : VALID\n")
+    assert loadgen_percentiles_ms(tmp_path) is None  # then the report falls back to ours
+
+
+def test_the_peak_search_never_tries_a_load_too_low_to_finish() -> None:
+    quick = SUITES["quick"]
+    floor = 1.2 * quick.server_queries / quick.server_max_s  # 12 queries/s: 600 queries in 50 s
+    assert lowest_qps(quick, 1000.0) == 1000.0 / 16
+    assert lowest_qps(quick, 100.0) == floor
+    assert lowest_qps(quick, 15.0) == 7.5  # a slow system: half its own rate, the run is cut

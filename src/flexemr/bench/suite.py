@@ -63,7 +63,7 @@ SUITES = {
     # rmc1's small MLPs score a 100-700 pair query in milliseconds: the p99 target is reachable at
     # loads where 600 queries take seconds, not minutes.
     "quick": Suite("quick", ("monolithic", "served-monolithic", "naive", "flexemr"), offline_s=5.0,
-                   server_queries=600, server_min_s=2.0, server_max_s=60.0, search_runs=3,
+                   server_queries=600, server_min_s=2.0, server_max_s=60.0, search_runs=4,
                    preset="rmc1", row_scale=0.01),
     "full": Suite("full", tuple(SYSTEMS), offline_s=10.0, server_queries=1500, server_min_s=5.0,
                   server_max_s=180.0, search_runs=5, preset="dlrm-v2", row_scale=0.001),
@@ -144,15 +144,23 @@ def run_suite(
         with _started(name, config, monolithic) as backend:
             result = _offline(name, backend, offline_pool, settings)
             own_qps = max(result.offline.pairs_per_s / sizes.mean, 1.0)
-            # From own/2 down to own/4 at most: a run needs `server_queries` queries, so lower loads
-            # last too long to be worth it (the report then says no load in range met the target).
             search = find_peak_server_qps(
-                backend, server_pool, own_qps / 4, own_qps, server_settings, max_runs=suite.search_runs
-            )
+                backend, server_pool, lowest_qps(suite, own_qps), own_qps, server_settings,
+                max_runs=suite.search_runs,
+            )  # fmt: skip
             result.server_runs = sorted(search.runs, key=lambda r: r.target_qps or 0.0)
             result.peak_qps = search.best_qps
         results.append(result)
     return results
+
+
+def lowest_qps(suite: Suite, own_qps: float) -> float:
+    """The lowest load the peak search tries: own/16, but no lower than a load that reaches the
+    suite's minimum query count before its Server runs are cut (with 20% to spare), since a run
+    below that is INVALID whatever its latencies (the report then says no load in range met the
+    target)."""
+    finishes = 1.2 * suite.server_queries / suite.server_max_s
+    return min(max(own_qps / 16, finishes), own_qps / 2)
 
 
 def _offline(name: str, backend: Backend, pool: SamplePool, settings: RunSettings) -> SystemResult:
