@@ -73,7 +73,10 @@ class ModelVersion:
         with self._updating:
             if self._updater is None:
                 self._updater = Updater(self.cluster)
-            return self._updater.apply(updates)
+            committed = self._updater.apply(updates)
+        if self.ranker.versions is not None:  # read your writes: requests after this see the rows
+            self.ranker.versions.read_at_least(committed)
+        return committed
 
     def close(self) -> None:
         self.ranker.close()

@@ -1,6 +1,7 @@
 """The version a ranker reads, and moving it when the servers' changes.
 
-Every lookup names the ranker's read version; a server at another one answers STALE and the
+Every lookup names the ranker's read version; servers answer it from their history while they
+can, and a server behind it (or whose history no longer reaches back) answers STALE, and the
 request's pooling runs again after `sync`:
 
     sync (exclusive: no request is pooling meanwhile, so none mixes cached rows of two versions)
@@ -12,8 +13,9 @@ request's pooling runs again after `sync`:
 
 A row that a request reads from the cache was cached at the request's version or before and not
 changed since (it would have been invalidated), so it equals the servers' row at that version.
-A request served from the cache alone meets no server to tell it of a new version, so a thread
-also polls server 0 (every version is committed there first) every `poll_s`.
+Servers answering from their history tell a ranker nothing of a new version, so a thread polls
+server 0 (every version is committed there first) every `poll_s`; an update pushed through this
+ranker moves it at once (`read_at_least`), so its pusher reads its own writes.
 """
 
 from __future__ import annotations
@@ -71,6 +73,16 @@ class ReadVersion:
         """A server answered STALE to a lookup at `self.version` (or at a version since left)."""
         self.stale_answers += 1
         self.sync(answer.version)
+
+    def read_at_least(self, version: int) -> None:
+        """Move to `version` (or beyond) now unless reading it already: the caller committed it,
+        and its next requests are to see it (servers would answer the older version meanwhile)."""
+        with self._lock.exclusive():
+            if self.version < version:
+                try:
+                    self._sync()
+                except (ServerUnavailable, LookupFailed) as exc:
+                    log.warning("version sync failed: %s", exc)
 
     def sync(self, seen: int) -> None:
         """Some server is at version `seen`: catch up with the servers unless that is ours."""
