@@ -16,12 +16,16 @@ install: $(BIN)/flexemr
 demo: install
 	$(BIN)/flexemr demo
 
+# Two workers (pytest-xdist), each given whole files: a module's cluster fixture starts once, and one
+# worker's tests run while the other's wait on processes and sockets.
+PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 # Leaves out the slow multi-process tests (marked `slow`); CI and `make test` run them all.
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy

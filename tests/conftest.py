@@ -26,6 +26,13 @@ def start_serve(*args: str, timeout: float = 90.0) -> ServeProcess:
     return ServeProcess(command, "flexemr ready:", timeout, {**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with slow tests first, each kept whole and in order: `make test`'s two workers take
+    whole files, so the long ones start early and the many short ones even out the end."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture
 def serve() -> Iterator[Callable[..., ServeProcess]]:
     """Start `flexemr serve` with the given flags; everything started is stopped afterwards."""

@@ -5,12 +5,12 @@ two replicas a memory host's death under load fails no request."""
 from __future__ import annotations
 
 import json
-import subprocess
 
 import httpx
 import numpy as np
 import pytest
 
+from flexemr.cli.main import main
 from flexemr.client import Client
 from flexemr.cluster.child import AnnouncedProcess
 from flexemr.config import ClusterSpec, ModelSource
@@ -20,34 +20,28 @@ from tests.core.helpers import random_batch, reference_scores
 from tests.core.test_replicas import Load, _ready, _wait_until
 
 
-def test_spec_places_servers_on_hosts_without_starting_them() -> None:
-    out = subprocess.run(
-        [*FLEXEMR, "spec", "--preset", "tiny", "--embedding-servers", "3", "--sharding", "row",
-         "--server-hosts", "mem-a,mem-b", "--server-port", "7000", "--host", "rank-a", "--port", "8000"],
-        capture_output=True, text=True, check=True, timeout=60,
-    )  # fmt: skip
-    spec = ClusterSpec.from_dict(json.loads(out.stdout))
+def test_spec_places_servers_on_hosts_without_starting_them(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["spec", "--preset", "tiny", "--embedding-servers", "3", "--sharding", "row",
+                 "--server-hosts", "mem-a,mem-b", "--server-port", "7000", "--host", "rank-a",
+                 "--port", "8000"]) == 0  # fmt: skip
+    spec = ClusterSpec.from_dict(json.loads(capsys.readouterr().out))
     assert [str(e) for e in spec.embedding_servers] == ["mem-a:7000", "mem-b:7000", "mem-a:7001"]
     assert (spec.ranker.host, spec.ranker.port) == ("rank-a", 8000)
 
 
-def test_spec_puts_replicas_on_distinct_hosts() -> None:
-    command = [*FLEXEMR, "spec", "--preset", "tiny", "--embedding-servers", "2", "--replicas"]
-    out = subprocess.run([*command, "2", "--server-hosts", "a,b"], capture_output=True, text=True, check=True)
-    spec = ClusterSpec.from_dict(json.loads(out.stdout))
+def test_spec_puts_replicas_on_distinct_hosts(capsys: pytest.CaptureFixture[str]) -> None:
+    command = ["spec", "--preset", "tiny", "--embedding-servers", "2", "--replicas"]
+    assert main([*command, "2", "--server-hosts", "a,b"]) == 0
+    spec = ClusterSpec.from_dict(json.loads(capsys.readouterr().out))
     # servers i and i + 2 hold the same rows (replicated plan): never on one host
     assert [str(e) for e in spec.embedding_servers] == ["a:7000", "a:7001", "b:7000", "b:7001"]
-    refused = subprocess.run([*command, "3", "--server-hosts", "a,b"], capture_output=True, text=True)
-    assert refused.returncode == 2 and "at least 3 server hosts" in refused.stderr
+    assert main([*command, "3", "--server-hosts", "a,b"]) == 2
+    assert "at least 3 server hosts" in capsys.readouterr().err
 
 
-def test_spec_rejects_no_hosts() -> None:
-    out = subprocess.run(
-        [*FLEXEMR, "spec", "--preset", "tiny", "--server-hosts", ","],
-        capture_output=True, text=True, check=False, timeout=60,
-    )  # fmt: skip
-    assert out.returncode == 2
-    assert "--server-hosts" in out.stderr
+def test_spec_rejects_no_hosts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["spec", "--preset", "tiny", "--server-hosts", ","]) == 2
+    assert "--server-hosts" in capsys.readouterr().err
 
 
 @pytest.mark.timeout(300)
@@ -56,12 +50,10 @@ def test_spec_serves_exact_scores_across_namespaces(tmp_path: object) -> None:
     with bed:
         spec_path = f"{tmp_path}/cluster.json"
         ip = bed.addresses
-        subprocess.run(
-            [*FLEXEMR, "spec", "--preset", "tiny", "--seed", "3", "--embedding-servers", "3",
-             "--sharding", "row", "--server-hosts", f"{ip['mem0']},{ip['mem1']}", "--server-port", "7000",
-             "--host", ip["rank"], "--port", "8000", "--out", spec_path],
-            check=True, timeout=60, capture_output=True,
-        )  # fmt: skip
+        assert main(["spec", "--preset", "tiny", "--seed", "3", "--embedding-servers", "3",
+                     "--sharding", "row", "--server-hosts", f"{ip['mem0']},{ip['mem1']}",
+                     "--server-port", "7000", "--host", ip["rank"], "--port", "8000",
+                     "--out", spec_path]) == 0  # fmt: skip
         servers = start_servers(bed, spec_path, ["mem0", "mem1", "mem0"])
         ranker_cmd = bed.command("rank", [*FLEXEMR, "ranker", "--spec", spec_path, "--watch-stdin"])
         try:
@@ -93,12 +85,10 @@ def test_two_replicas_survive_a_memory_hosts_death_under_load(tmp_path: object) 
     with bed:
         spec_path = f"{tmp_path}/cluster.json"
         ip = bed.addresses
-        subprocess.run(
-            [*FLEXEMR, "spec", "--preset", "tiny", "--seed", "3", "--embedding-servers", "2",
-             "--sharding", "row", "--replicas", "2", "--server-hosts", f"{ip['mem0']},{ip['mem1']}",
-             "--host", ip["rank"], "--port", "8000", "--cache", "off", "--out", spec_path],
-            check=True, timeout=60, capture_output=True,
-        )  # fmt: skip
+        assert main(["spec", "--preset", "tiny", "--seed", "3", "--embedding-servers", "2",
+                     "--sharding", "row", "--replicas", "2", "--server-hosts", f"{ip['mem0']},{ip['mem1']}",
+                     "--host", ip["rank"], "--port", "8000", "--cache", "off",
+                     "--out", spec_path]) == 0  # fmt: skip
         hosts = {ip[h]: h for h in ("mem0", "mem1")}
         start_servers(bed, spec_path, [hosts[e.host] for e in ClusterSpec.load(spec_path).embedding_servers])
         ranker_cmd = bed.command("rank", [*FLEXEMR, "ranker", "--spec", spec_path, "--watch-stdin"])

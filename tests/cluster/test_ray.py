@@ -28,7 +28,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from flexemr.cluster.ray_cluster import RayDeployment, RayOptions  # noqa: E402
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a Ray cluster of four nodes
 SOURCE = ModelSource(preset="tiny", seed=5)
 PLAN = make_plan("row", SOURCE.spec().table_rows, SOURCE.spec().dim, 2)
 SPEC = ClusterSpec(SOURCE, PLAN, (Endpoint(), Endpoint()), ranker=RankerConfig(port=0))

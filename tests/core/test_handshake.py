@@ -34,6 +34,8 @@ from flexemr.protocol.handshake import (
 )
 
 IDENTITY = Identity(server=1, rows=100, dim=8, fingerprint="ab" * 32)
+NONCE = b"5a" * 32
+"""A well-formed nonce, fixed: test ids that carry it must be the same in every xdist worker."""
 
 
 def handshake(
@@ -114,10 +116,10 @@ def test_a_server_holding_other_shards_is_a_mismatch() -> None:
         (b"[1, 2]", "JSON object"),
         (b"not json", "JSON object"),
         (b'{"role": "data", "session": "s", "nonce": "00"}', "nonce"),
-        (b'{"role": "boss", "session": "s", "nonce": "%s"}' % new_nonce().encode(), "role"),
-        (b'{"role": "data", "session": "s", "nonce": "%s", "credits": 0}' % new_nonce().encode(), "credits"),
-        (b'{"role": "data", "session": "s", "nonce": "%s", "conn": true}' % new_nonce().encode(), "conn"),
-        (b'{"role": "data", "nonce": "%s"}' % new_nonce().encode(), "Hello"),
+        (b'{"role": "boss", "session": "s", "nonce": "%s"}' % NONCE, "role"),
+        (b'{"role": "data", "session": "s", "nonce": "%s", "credits": 0}' % NONCE, "credits"),
+        (b'{"role": "data", "session": "s", "nonce": "%s", "conn": true}' % NONCE, "conn"),
+        (b'{"role": "data", "nonce": "%s"}' % NONCE, "Hello"),
         (b'{"role": "data", "session": "s", "nonce": "x", "admin": 1}', "fields among"),
     ],
 )

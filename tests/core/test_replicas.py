@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
+from flexemr.cli.main import main
 from flexemr.cluster.roles import build_ranker
 from flexemr.config import ClusterSpec, Endpoint, ModelSource
 from flexemr.model.weights import build_monolithic
@@ -252,17 +253,14 @@ def test_a_replicated_plan_from_the_planner_serves(
     serve: Callable[..., ServeProcess], tmp_path: Path
 ) -> None:
     plan_path = tmp_path / "plan.json"
-    flexemr = [sys.executable, "-m", "flexemr.cli.main"]
-    subprocess.run(
-        [*flexemr, "plan", "--preset", "tiny", "--qps", "100", "--p99-ms", "50", "--availability", "1",
-         "--uncalibrated", "--out", str(plan_path)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
+    assert main(["plan", "--preset", "tiny", "--qps", "100", "--p99-ms", "50", "--availability", "1",
+                 "--uncalibrated", "--out", str(plan_path)]) == 0  # fmt: skip
     assert json.loads(plan_path.read_text())["sharding"]["replicas"] == 2
-    # a plan for another row scale is refused, saying what differs
+    # a plan for another row scale is refused, saying what differs (in a process of its own: a serve
+    # that failed to refuse would start serving)
     refused = subprocess.run(
-        [*flexemr, "serve", "--preset", "tiny", "--row-scale", "0.5", "--plan", str(plan_path),
-         "--port", "0"],
+        [sys.executable, "-m", "flexemr.cli.main", "serve", "--preset", "tiny", "--row-scale", "0.5",
+         "--plan", str(plan_path), "--port", "0"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert refused.returncode == 2 and "same --row-scale" in refused.stderr, refused.stderr

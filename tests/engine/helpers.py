@@ -39,10 +39,14 @@ class Servers:
         return tuple(s.endpoint for s in self.servers)
 
     def engine(self, **config: object) -> IoEngine:
+        """An engine with a lenient heartbeat: these servers answer pings from this process, under
+        its GIL, so a burst on a busy machine delays them past the default 1 s and fails healthy
+        servers. The heartbeat is tested with server processes (`test_server_limits`)."""
         engine = IoEngine(
             self.endpoints,
             [s.identity for s in self.servers],
             EngineConfig(**config),  # type: ignore[arg-type]
+            node_limits=NodeLimits(heartbeat_timeout_s=10.0),
         )
         engine.start(timeout=10)
         return engine

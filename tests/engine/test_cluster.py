@@ -30,14 +30,25 @@ def tiny_spec(servers: int = 2) -> ClusterSpec:
     return ClusterSpec(source, plan, tuple(Endpoint() for _ in range(servers)))
 
 
-@pytest.fixture
-def cluster() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
+def _started() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
     local = LocalCluster(tiny_spec())
     spec = local.start(timeout=60)
     try:
         yield local, spec
     finally:
         local.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
+    """Shared by the tests that leave it as they found it."""
+    yield from _started()
+
+
+@pytest.fixture
+def doomed_cluster() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
+    """A cluster of its own, for a test that kills one of its servers."""
+    yield from _started()
 
 
 @pytest.mark.parametrize("mode", ["mapped", "shared"])
@@ -65,9 +76,9 @@ def test_ranker_on_the_engine_scores_like_the_monolith(
 
 @pytest.mark.slow
 def test_a_dying_server_fails_its_subrequests_fast_and_others_carry_on(
-    cluster: tuple[LocalCluster, ClusterSpec],
+    doomed_cluster: tuple[LocalCluster, ClusterSpec],
 ) -> None:
-    local, spec = cluster
+    local, spec = doomed_cluster
     plan = spec.sharding
     engine = IoEngine(
         spec.embedding_servers,

@@ -48,15 +48,27 @@ def tiny_spec(servers: int = 2, seed: int = 0) -> ClusterSpec:
     return ClusterSpec(source, plan, tuple(Endpoint() for _ in range(servers)))
 
 
+def _secret_cluster() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FLEXEMR_SECRET", SECRET)  # the servers inherit it, the ranker reads it
+        local = LocalCluster(tiny_spec())
+        spec = local.start(timeout=60)
+        try:
+            yield local, spec
+        finally:
+            local.stop()
+
+
+@pytest.fixture(scope="module")
+def secret_cluster() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
+    """Shared by the tests that leave it as they found it."""
+    yield from _secret_cluster()
+
+
 @pytest.fixture
-def secret_cluster(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[LocalCluster, ClusterSpec]]:
-    monkeypatch.setenv("FLEXEMR_SECRET", SECRET)  # the servers inherit it, the ranker reads it
-    local = LocalCluster(tiny_spec())
-    spec = local.start(timeout=60)
-    try:
-        yield local, spec
-    finally:
-        local.stop()
+def doomed_secret_cluster() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
+    """A cluster of its own, for a test that kills one of its servers."""
+    yield from _secret_cluster()
 
 
 def wait_for(condition: Callable[[], bool], bound_s: float = 30.0) -> bool:
@@ -125,9 +137,9 @@ def in_thread_server(
 
 
 def test_fake_and_mismatched_servers_are_refused_and_never_score(
-    secret_cluster: tuple[LocalCluster, ClusterSpec],
+    doomed_secret_cluster: tuple[LocalCluster, ClusterSpec],
 ) -> None:
-    local, spec = secret_cluster
+    local, spec = doomed_secret_cluster
     ranker = build_ranker(spec, connect_timeout_s=30)
     assert isinstance(ranker.transport, IoEngine)
     engine = ranker.transport

@@ -156,7 +156,7 @@ def test_a_dead_io_thread_fails_loudly_and_the_engine_is_not_ready() -> None:
 
 
 def test_idle_connections_are_closed_but_the_engine_keeps_its_own_alive() -> None:
-    limits = NodeLimits(idle_timeout_s=3.0)
+    limits = NodeLimits(idle_timeout_s=1.5)  # the engine's keepalive goes out every 0.5 s
     with thread_servers(1, limits=limits) as servers:
         with dial(servers.endpoints[0]) as silent:  # says nothing after its handshake
             silent.settimeout(60)

@@ -6,8 +6,6 @@ server back at its version; a repeated (source, sequence) applied once; a half-d
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,6 +17,7 @@ import torch
 from prometheus_client import generate_latest
 
 from flexemr.api.metrics import RequestMetrics
+from flexemr.cli.main import main
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig, SecurityConfig
@@ -289,26 +288,22 @@ def test_a_restarted_server_comes_back_at_its_version(live: Live) -> None:
     live.check_scores(seed=13)
 
 
-def test_flexemr_update_applies_a_file(live: Live, tmp_path: Path) -> None:
+def test_flexemr_update_applies_a_file(
+    live: Live, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     updates = random_updates(live.mono.spec, 10, 14)
     path = tmp_path / "rows.pt"
     torch.save({"table": torch.from_numpy(updates.tables), "row": torch.from_numpy(updates.rows),
                 "values": torch.from_numpy(updates.values)}, path)  # fmt: skip
     spec_path = tmp_path / "cluster.json"
     live.spec.save(spec_path)
-    done = subprocess.run(
-        [sys.executable, "-m", "flexemr.cli.main", "update", str(path), "--spec", str(spec_path)],
-        capture_output=True, text=True, timeout=120, check=True,
-    )  # fmt: skip
+    assert main(["update", str(path), "--spec", str(spec_path)]) == 0
     apply_monolithic(live.mono, updates)
     version = live.updater.version()
-    assert done.stdout.startswith(f"version {version}:")
+    assert capsys.readouterr().out.startswith(f"version {version}:")
     live.wait_for(version)
     live.check_scores(seed=15)
     np.savez(tmp_path / "bad.npz", table=updates.tables, row=updates.rows)
     bad_file = str(tmp_path / "bad.npz")
-    bad = subprocess.run(
-        [sys.executable, "-m", "flexemr.cli.main", "update", bad_file, "--spec", str(spec_path)],
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert bad.returncode == 2 and "missing array(s) values" in bad.stderr
+    assert main(["update", bad_file, "--spec", str(spec_path)]) == 2
+    assert "missing array(s) values" in capsys.readouterr().err
