@@ -16,6 +16,7 @@ from flexemr.config import (
     StorageConfig,
 )
 from flexemr.model.presets import PRESET_NAMES
+from flexemr.model.spec import DEFAULT_ZIPF_SKEW
 from flexemr.sharding.plan import STRATEGIES, ShardingPlan, make_plan, replicated
 
 
@@ -38,6 +39,14 @@ def add_sharding_arguments(parser: argparse.ArgumentParser) -> None:
         help="whole tables per server (table), every table split over all servers (row), or table "
         "when that balances bytes within 10%%, else row (auto)",
     )
+
+
+def add_zipf_skew_argument(parser: argparse.ArgumentParser) -> None:
+    """The workload's Zipf exponent, one flag under `plan`'s name and `bench`'s and `demo`'s."""
+    parser.add_argument(
+        "--zipf-skew", "--alpha", dest="zipf_skew", type=float, default=DEFAULT_ZIPF_SKEW,
+        help="Zipf exponent of row popularity, 0: uniform (--alpha and --zipf-skew are the same)",
+    )  # fmt: skip
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
