@@ -19,7 +19,7 @@ from flexemr.model.presets import preset
 from flexemr.model.rows import RowFormat, check_format
 from flexemr.model.spec import Interaction, ModelSpec, Pooling
 from flexemr.model.weights import CheckpointWeights, PresetWeights, WeightSource
-from flexemr.sharding.plan import ShardingPlan
+from flexemr.sharding.plan import STRATEGIES, ShardingPlan, Strategy, make_plan, replicated
 
 LookupMode = Literal["partial", "raw"]
 EngineMode = Literal["single", "shared", "mapped"]
@@ -402,6 +402,44 @@ class UpdatesConfig:
                 f"max_staged_bytes and max_changelog_keys must be positive, got {self.max_staged_bytes}, "
                 f"{self.max_changelog_keys}"
             )
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """How a model is sharded when no plan file is given (`make_plan`), and its copies."""
+
+    embedding_servers: int = field(
+        default=2, metadata=flag("--embedding-servers", "number of embedding servers (per copy)")
+    )
+    strategy: Strategy = field(
+        default="auto",
+        metadata=flag(
+            "--sharding",
+            "whole tables per server (table), every table split over all servers (row), or table when "
+            "that balances bytes within 10% of the mean, else row (auto)",
+        ),
+    )
+    replicas: int = field(
+        default=1,
+        metadata=flag(
+            "--replicas",
+            "copies of each server's shards, each on its own server (R x the servers); the ranker "
+            "balances over them and fails over between them",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"sharding must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.embedding_servers < 1 or self.replicas < 1:
+            raise ValueError(
+                f"embedding_servers and replicas must be at least 1, got {self.embedding_servers}, "
+                f"{self.replicas}"
+            )
+
+    def plan(self, table_rows: tuple[int, ...], dim: int) -> ShardingPlan:
+        """The plan of these settings for tables of `table_rows` rows of `dim` columns."""
+        return replicated(make_plan(self.strategy, table_rows, dim, self.embedding_servers), self.replicas)
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,16 @@ import pytest
 from flexemr.cli import ranker
 from flexemr.cli.flags import over
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
-from flexemr.config import ClusterSpec, EngineConfig, NodeLimits, RankerConfig, SecurityConfig, StorageConfig
+from flexemr.config import (
+    ClusterSpec,
+    EngineConfig,
+    NodeLimits,
+    RankerConfig,
+    SecurityConfig,
+    ShardingConfig,
+    StorageConfig,
+)
+from flexemr.model.presets import preset
 
 
 def parse(*flags: str) -> argparse.Namespace:
@@ -109,3 +118,19 @@ def test_flags_not_given_leave_every_default_of_its_dataclass() -> None:
     )
     assert given.ranker.max_body_bytes == 2**20 and given.model.interaction_itself is True
     assert given.storage == StorageConfig("mmap", "/ssd")
+
+
+def test_sharding_flags_come_from_the_sharding_config() -> None:
+    assert cluster_spec(parse()).sharding == ShardingConfig().plan(
+        preset("tiny").table_rows, preset("tiny").dim
+    )
+    spec = cluster_spec(parse("--embedding-servers", "3", "--sharding", "row", "--replicas", "2"))
+    plan = spec.sharding
+    assert (plan.num_servers, plan.strategy, plan.replicas) == (6, "row", 2)
+    assert plan == ShardingConfig(3, "row", 2).plan(plan.table_rows, plan.dim)
+    assert len(spec.embedding_servers) == 6
+    for bad in (["--sharding", "diagonal"], ["--replicas", "x"]):
+        with pytest.raises(SystemExit):
+            parse(*bad)
+    with pytest.raises(ValueError, match="at least 1, got 0, 1"):
+        cluster_spec(parse("--embedding-servers", "0"))

@@ -28,7 +28,7 @@ from flexemr.bench.loadgen_sut import (
 )
 from flexemr.bench.systems import SYSTEMS, ApiProtocol, ServedSystem, cache_hit_rate, wire_bytes
 from flexemr.cluster.deployment import cpu_seconds
-from flexemr.config import ModelSource
+from flexemr.config import ModelSource, ShardingConfig
 from flexemr.model.spec import DEFAULT_ZIPF_SKEW
 from flexemr.model.weights import build_monolithic
 from flexemr.workload import data_dir
@@ -75,8 +75,8 @@ SUITES = {
 class BenchConfig:
     preset: str = SUITES["full"].preset
     row_scale: float = SUITES["full"].row_scale
-    embedding_servers: int = 2
-    sharding: str = "auto"
+    embedding_servers: int = ShardingConfig.embedding_servers
+    sharding: str = ShardingConfig.strategy
     alpha: float = DEFAULT_ZIPF_SKEW
     """Zipf exponent of the synthetic workload."""
     batch_size: int = 256

@@ -12,13 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from flexemr.cli.options import add_sharding_arguments, add_zipf_skew_argument
+from flexemr.cli.options import add_sharding_arguments, add_zipf_skew_argument, sharding_plan
 from flexemr.client import Client
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import HttpServer, build_ranker
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
 from flexemr.model.weights import build_monolithic
-from flexemr.sharding.plan import make_plan
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
 
 
@@ -35,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     source = ModelSource(preset=args.preset, row_scale=args.row_scale)
     spec = source.spec()
-    plan = make_plan(args.sharding, spec.table_rows, spec.dim, args.embedding_servers)
+    plan = sharding_plan(args, spec.table_rows, spec.dim)
     size_mib = spec.embedding_bytes / 2**20
     print(f"model {args.preset} x{args.row_scale}: {spec.num_tables} tables, {size_mib:.0f} MiB")
     print(plan.describe())
