@@ -14,11 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from flexemr.cache.manager import CacheMode
+from flexemr.cache.cost_gate import CostGateConfig
+from flexemr.cache.load_monitor import LoadMonitorConfig
+from flexemr.cache.manager import CacheConfig, CacheMode
 from flexemr.model.presets import preset
 from flexemr.model.rows import RowFormat, check_format
 from flexemr.model.spec import Interaction, ModelSpec, Pooling
 from flexemr.model.weights import CheckpointWeights, PresetWeights, WeightSource
+from flexemr.protocol.frames import FrameLimits
 from flexemr.sharding.plan import STRATEGIES, ShardingPlan, Strategy, make_plan, replicated
 
 LookupMode = Literal["partial", "raw"]
@@ -442,6 +445,24 @@ class ShardingConfig:
         return replicated(make_plan(self.strategy, table_rows, dim, self.embedding_servers), self.replicas)
 
 
+RANKER_CACHE_FIELDS = ("mode", "wire", "device_budget_bytes")
+"""`CacheConfig` fields set from the ranker section (with `load.max_batch`), not a spec's cache section."""
+
+
+def _ranker_cache_fields(cache: CacheConfig) -> tuple[Any, ...]:
+    return (*(getattr(cache, name) for name in RANKER_CACHE_FIELDS), cache.load.max_batch)
+
+
+def _cache_config(data: dict[str, Any]) -> CacheConfig:
+    """A spec file's cache section, with its nested load monitor and cost gate (null: no gate)."""
+    values = dict(data)
+    if "load" in values:
+        values["load"] = LoadMonitorConfig(**values["load"])
+    if values.get("gate") is not None:
+        values["gate"] = CostGateConfig(**values["gate"])
+    return CacheConfig(**values)
+
+
 @dataclass(frozen=True)
 class ClusterSpec:
     model: ModelSource
@@ -458,6 +479,12 @@ class ClusterSpec:
     """Where the embedding servers keep their rows."""
     updates: UpdatesConfig = field(default_factory=UpdatesConfig)
     """Row updates: the servers' update logs and bounds."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The ranker's embedding cache tuning. Whether there is one and how big (`--cache`), its device
+    budget (`--device-memory`), the wire mode and the largest batch are the ranker section's: the
+    ranker fills them in, and here they keep their defaults (`RANKER_CACHE_FIELDS`)."""
+    frames: FrameLimits = field(default_factory=FrameLimits)
+    """Bounds on the frames of node links, both ends (embedding servers, the ranker's engine)."""
 
     def __post_init__(self) -> None:
         if len(self.embedding_servers) != self.sharding.num_servers:
@@ -465,9 +492,19 @@ class ClusterSpec:
                 f"the plan has {self.sharding.num_servers} servers but {len(self.embedding_servers)} "
                 "embedding server endpoints are listed"
             )
+        if _ranker_cache_fields(self.cache) != _ranker_cache_fields(CacheConfig()):
+            raise ValueError(
+                "the cache section's mode, wire, device_budget_bytes and load.max_batch come from the "
+                "ranker section (cache, lookup, device_memory_bytes, max_batch); set them there, got "
+                f"{_ranker_cache_fields(self.cache)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for name in RANKER_CACHE_FIELDS:  # the ranker section's, not this one's
+            data["cache"].pop(name)
+        data["cache"]["load"].pop("max_batch")
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -487,6 +524,8 @@ class ClusterSpec:
             limits=NodeLimits(**data.get("limits", {})),
             storage=StorageConfig(**data.get("storage", {})),
             updates=UpdatesConfig(**data.get("updates", {})),
+            cache=_cache_config(data.get("cache", {})),
+            frames=FrameLimits(**data.get("frames", {})),
         )
 
     @classmethod
