@@ -60,7 +60,7 @@ from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
 from flexemr.model.dlrm import DLRM
-from flexemr.model.spec import ModelSpec
+from flexemr.model.spec import DEFAULT_ZIPF_SKEW, ModelSpec
 from flexemr.model.weights import build_dense, build_monolithic
 from flexemr.ranker.ranker import Ranker, resolve_device
 from flexemr.sharding.plan import make_plan
@@ -685,7 +685,9 @@ def main() -> None:
     common.add_argument("--preset", default="rmc1")
     common.add_argument("--row-scale", type=float, default=0.05)
     common.add_argument("--servers", type=int, default=2)
-    common.add_argument("--alpha", type=float, default=1.0, help="Zipf exponent of row popularity")
+    common.add_argument(
+        "--alpha", type=float, default=DEFAULT_ZIPF_SKEW, help="Zipf exponent of row popularity"
+    )
     common.add_argument("--device-memory", type=parse_bytes, default=parse_bytes("320MiB"))
     common.add_argument("--seed", type=int, default=0)
     common.add_argument("--out", default="reports/bench-cache")

@@ -21,6 +21,7 @@ from flexemr.batch import SparseBatch
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
+from flexemr.model.spec import DEFAULT_ZIPF_SKEW
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
@@ -55,7 +56,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--batches", type=int, default=40)
     parser.add_argument("--clients", type=int, default=2)
-    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ZIPF_SKEW)
     args = parser.parse_args()
 
     source = ModelSource(preset=args.preset, row_scale=args.row_scale)

@@ -14,12 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from flexemr.cache.manager import CacheMode
+from flexemr.cache.cost_gate import CostGateConfig
+from flexemr.cache.load_monitor import LoadMonitorConfig
+from flexemr.cache.manager import CacheConfig, CacheMode
 from flexemr.model.presets import preset
 from flexemr.model.rows import RowFormat, check_format
 from flexemr.model.spec import Interaction, ModelSpec, Pooling
 from flexemr.model.weights import CheckpointWeights, PresetWeights, WeightSource
-from flexemr.sharding.plan import ShardingPlan
+from flexemr.protocol.frames import FrameLimits
+from flexemr.sharding.plan import STRATEGIES, ShardingPlan, Strategy, make_plan, replicated
 
 LookupMode = Literal["partial", "raw"]
 EngineMode = Literal["single", "shared", "mapped"]
@@ -405,6 +408,62 @@ class UpdatesConfig:
 
 
 @dataclass(frozen=True)
+class ShardingConfig:
+    """How a model is sharded when no plan file is given (`make_plan`), and its copies."""
+
+    embedding_servers: int = field(
+        default=2, metadata=flag("--embedding-servers", "number of embedding servers (per copy)")
+    )
+    strategy: Strategy = field(
+        default="auto",
+        metadata=flag(
+            "--sharding",
+            "whole tables per server (table), every table split over all servers (row), or table when "
+            "that balances bytes within 10% of the mean, else row (auto)",
+        ),
+    )
+    replicas: int = field(
+        default=1,
+        metadata=flag(
+            "--replicas",
+            "copies of each server's shards, each on its own server (R x the servers); the ranker "
+            "balances over them and fails over between them",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"sharding must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.embedding_servers < 1 or self.replicas < 1:
+            raise ValueError(
+                f"embedding_servers and replicas must be at least 1, got {self.embedding_servers}, "
+                f"{self.replicas}"
+            )
+
+    def plan(self, table_rows: tuple[int, ...], dim: int) -> ShardingPlan:
+        """The plan of these settings for tables of `table_rows` rows of `dim` columns."""
+        return replicated(make_plan(self.strategy, table_rows, dim, self.embedding_servers), self.replicas)
+
+
+RANKER_CACHE_FIELDS = ("mode", "wire", "device_budget_bytes")
+"""`CacheConfig` fields set from the ranker section (with `load.max_batch`), not a spec's cache section."""
+
+
+def _ranker_cache_fields(cache: CacheConfig) -> tuple[Any, ...]:
+    return (*(getattr(cache, name) for name in RANKER_CACHE_FIELDS), cache.load.max_batch)
+
+
+def _cache_config(data: dict[str, Any]) -> CacheConfig:
+    """A spec file's cache section, with its nested load monitor and cost gate (null: no gate)."""
+    values = dict(data)
+    if "load" in values:
+        values["load"] = LoadMonitorConfig(**values["load"])
+    if values.get("gate") is not None:
+        values["gate"] = CostGateConfig(**values["gate"])
+    return CacheConfig(**values)
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
     model: ModelSource
     sharding: ShardingPlan
@@ -420,6 +479,12 @@ class ClusterSpec:
     """Where the embedding servers keep their rows."""
     updates: UpdatesConfig = field(default_factory=UpdatesConfig)
     """Row updates: the servers' update logs and bounds."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """The ranker's embedding cache tuning. Whether there is one and how big (`--cache`), its device
+    budget (`--device-memory`), the wire mode and the largest batch are the ranker section's: the
+    ranker fills them in, and here they keep their defaults (`RANKER_CACHE_FIELDS`)."""
+    frames: FrameLimits = field(default_factory=FrameLimits)
+    """Bounds on the frames of node links, both ends (embedding servers, the ranker's engine)."""
 
     def __post_init__(self) -> None:
         if len(self.embedding_servers) != self.sharding.num_servers:
@@ -427,9 +492,19 @@ class ClusterSpec:
                 f"the plan has {self.sharding.num_servers} servers but {len(self.embedding_servers)} "
                 "embedding server endpoints are listed"
             )
+        if _ranker_cache_fields(self.cache) != _ranker_cache_fields(CacheConfig()):
+            raise ValueError(
+                "the cache section's mode, wire, device_budget_bytes and load.max_batch come from the "
+                "ranker section (cache, lookup, device_memory_bytes, max_batch); set them there, got "
+                f"{_ranker_cache_fields(self.cache)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for name in RANKER_CACHE_FIELDS:  # the ranker section's, not this one's
+            data["cache"].pop(name)
+        data["cache"]["load"].pop("max_batch")
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -449,6 +524,8 @@ class ClusterSpec:
             limits=NodeLimits(**data.get("limits", {})),
             storage=StorageConfig(**data.get("storage", {})),
             updates=UpdatesConfig(**data.get("updates", {})),
+            cache=_cache_config(data.get("cache", {})),
+            frames=FrameLimits(**data.get("frames", {})),
         )
 
     @classmethod

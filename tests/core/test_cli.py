@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 from importlib.metadata import version
 
 import pytest
 
+from flexemr.bench.suite import SUITES, BenchConfig
 from flexemr.cli.main import COMMANDS, main
 from flexemr.cluster.security import admin_token
+from flexemr.planner import Traffic
+from flexemr.workload.synthetic import SyntheticConfig
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,3 +53,24 @@ def test_admin_token_is_derived_from_the_secret(
     assert main(["admin-token"]) == 0
     token = capsys.readouterr().out.strip()
     assert token == admin_token(b"s3cret") and "s3cret" not in token and len(token) == 64
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    importlib.import_module("flexemr.cli." + command).add_arguments(parser)
+    return parser
+
+
+@pytest.mark.parametrize("command", ["bench", "demo", "plan"])
+def test_alpha_and_zipf_skew_are_one_flag_with_one_default(command: str) -> None:
+    parser = _parser(command)
+    required = ["--preset", "rmc1", "--p99-ms", "30"] if command == "plan" else []
+    assert parser.parse_args([*required, "--alpha", "0.7"]).zipf_skew == 0.7
+    assert parser.parse_args([*required, "--zipf-skew", "1.3"]).zipf_skew == 1.3
+    default = parser.parse_args(required).zipf_skew
+    assert default == Traffic(1.0).zipf_skew == SyntheticConfig().alpha == BenchConfig().alpha
+
+
+def test_bench_defaults_to_the_full_suites_model() -> None:
+    config, full = BenchConfig(), SUITES["full"]
+    assert (config.preset, config.row_scale) == (full.preset, full.row_scale)

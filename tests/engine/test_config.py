@@ -4,14 +4,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
+from flexemr.cache import CacheConfig, LoadMonitorConfig
 from flexemr.cli import ranker
 from flexemr.cli.flags import over
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
-from flexemr.config import ClusterSpec, EngineConfig, NodeLimits, RankerConfig, SecurityConfig, StorageConfig
+from flexemr.cluster.roles import build_ranker
+from flexemr.config import (
+    ClusterSpec,
+    EngineConfig,
+    NodeLimits,
+    RankerConfig,
+    SecurityConfig,
+    ShardingConfig,
+    StorageConfig,
+)
+from flexemr.engine.link import links
+from flexemr.model.presets import preset
+from flexemr.protocol.frames import FrameLimits
+from flexemr.transport.local import LocalTransport
 
 
 def parse(*flags: str) -> argparse.Namespace:
@@ -109,3 +124,69 @@ def test_flags_not_given_leave_every_default_of_its_dataclass() -> None:
     )
     assert given.ranker.max_body_bytes == 2**20 and given.model.interaction_itself is True
     assert given.storage == StorageConfig("mmap", "/ssd")
+
+
+def test_sharding_flags_come_from_the_sharding_config() -> None:
+    assert cluster_spec(parse()).sharding == ShardingConfig().plan(
+        preset("tiny").table_rows, preset("tiny").dim
+    )
+    spec = cluster_spec(parse("--embedding-servers", "3", "--sharding", "row", "--replicas", "2"))
+    plan = spec.sharding
+    assert (plan.num_servers, plan.strategy, plan.replicas) == (6, "row", 2)
+    assert plan == ShardingConfig(3, "row", 2).plan(plan.table_rows, plan.dim)
+    assert len(spec.embedding_servers) == 6
+    for bad in (["--sharding", "diagonal"], ["--replicas", "x"]):
+        with pytest.raises(SystemExit):
+            parse(*bad)
+    with pytest.raises(ValueError, match="at least 1, got 0, 1"):
+        cluster_spec(parse("--embedding-servers", "0"))
+
+
+TUNED_CACHE = CacheConfig(
+    ways=4, min_bytes=0, grow_after_s=1.0, load=LoadMonitorConfig(window_s=0.5), gate=None
+)
+SMALL_FRAMES = FrameLimits(max_buffers=4, max_frame_bytes=2**20)
+
+
+def test_cache_and_frame_limits_are_spec_file_sections(tmp_path: Path) -> None:
+    base = cluster_spec(parse("--cache", "fixed:1MiB", "--max-batch", "64"))
+    assert (base.cache, base.frames) == (CacheConfig(), FrameLimits())
+    tuned = dataclasses.replace(base, cache=TUNED_CACHE, frames=SMALL_FRAMES)
+    path = tmp_path / "cluster.json"
+    tuned.save(path)
+    data = json.loads(path.read_text())
+    assert data["cache"]["ways"] == 4 and data["cache"]["gate"] is None and data["frames"]["max_buffers"] == 4
+    # what the ranker section sets is written once, there
+    assert "mode" not in data["cache"] and "max_batch" not in data["cache"]["load"]
+    again = ClusterSpec.load(path)
+    assert again == tuned
+    assert ClusterSpec.from_dict(base.to_dict()) == base  # a gate's section round-trips too
+    older = base.to_dict()
+    del older["cache"], older["frames"]
+    assert ClusterSpec.from_dict(older) == base
+
+
+def test_a_cache_section_cannot_set_what_the_ranker_section_sets() -> None:
+    data = cluster_spec(parse()).to_dict()
+    for cache in ({"mode": "adaptive"}, {"device_budget_bytes": 2**30}, {"load": {"max_batch": 3}}):
+        with pytest.raises(ValueError, match="ranker section"):
+            ClusterSpec.from_dict({**data, "cache": cache})
+    with pytest.raises(ValueError, match="positive"):
+        FrameLimits(max_frame_bytes=0)
+
+
+def test_the_ranker_and_its_links_use_the_specs_sections() -> None:
+    base = cluster_spec(parse("--cache", "fixed:1MiB", "--max-batch", "64", "--lookup", "raw"))
+    spec = dataclasses.replace(base, cache=TUNED_CACHE, frames=SMALL_FRAMES)
+    served = build_ranker(spec, transport=LocalTransport(spec.sharding, spec.model.load()))
+    try:
+        assert served.cache is not None
+        assert served.cache.config == dataclasses.replace(
+            TUNED_CACHE,
+            mode="fixed:1MiB",
+            wire="raw",
+            load=dataclasses.replace(TUNED_CACHE.load, max_batch=64),
+        )
+    finally:
+        served.close()
+    assert {link._dialer.limits for link in links(spec)} == {SMALL_FRAMES}

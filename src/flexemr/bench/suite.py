@@ -28,11 +28,12 @@ from flexemr.bench.loadgen_sut import (
 )
 from flexemr.bench.systems import SYSTEMS, ApiProtocol, ServedSystem, cache_hit_rate, wire_bytes
 from flexemr.cluster.deployment import cpu_seconds
-from flexemr.config import ModelSource
+from flexemr.config import ModelSource, ShardingConfig
+from flexemr.model.spec import DEFAULT_ZIPF_SKEW
 from flexemr.model.weights import build_monolithic
 from flexemr.workload import data_dir
 from flexemr.workload.query_sizes import QuerySizes
-from flexemr.workload.synthetic import DEFAULT_ALPHA, SyntheticConfig, SyntheticWorkload
+from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
 
 BASELINES = ("monolithic", "served-monolithic", "naive")
 """Systems every other one is compared with, where they ran."""
@@ -72,11 +73,11 @@ SUITES = {
 
 @dataclass(frozen=True)
 class BenchConfig:
-    preset: str = "dlrm-v2"
-    row_scale: float = 0.001
-    embedding_servers: int = 2
-    sharding: str = "auto"
-    alpha: float = DEFAULT_ALPHA
+    preset: str = SUITES["full"].preset
+    row_scale: float = SUITES["full"].row_scale
+    embedding_servers: int = ShardingConfig.embedding_servers
+    sharding: str = ShardingConfig.strategy
+    alpha: float = DEFAULT_ZIPF_SKEW
     """Zipf exponent of the synthetic workload."""
     batch_size: int = 256
     """Offline: pairs per request."""

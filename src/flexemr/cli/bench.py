@@ -9,24 +9,24 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from flexemr.cli.options import add_zipf_skew_argument
 from flexemr.model.presets import PRESET_NAMES
 from flexemr.sharding.plan import STRATEGIES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from flexemr.bench.suite import BenchConfig
+    from flexemr.bench.suite import SUITES, BenchConfig
 
     defaults = BenchConfig()
-    parser.add_argument("--suite", choices=("quick", "full"), default="quick")
+    suites = ", ".join(f"{s.name}: {s.preset} x{s.row_scale}" for s in SUITES.values())
+    parser.add_argument("--suite", choices=tuple(SUITES), default="quick")
+    parser.add_argument("--preset", choices=PRESET_NAMES, help=f"default: the suite's ({suites})")
     parser.add_argument(
-        "--preset", choices=PRESET_NAMES, help="default: the suite's (quick: rmc1, full: dlrm-v2)"
-    )
-    parser.add_argument(
-        "--row-scale", type=float, help="scale tables to fit this machine (default: quick 0.01, full 0.001)"
+        "--row-scale", type=float, help=f"scale tables to fit this machine (default: the suite's, {suites})"
     )
     parser.add_argument("--embedding-servers", type=int, default=defaults.embedding_servers)
     parser.add_argument("--sharding", choices=STRATEGIES, default=defaults.sharding)
-    parser.add_argument("--alpha", type=float, default=defaults.alpha, help="Zipf exponent of the workload")
+    add_zipf_skew_argument(parser)
     parser.add_argument(
         "--p99-ms", type=float, default=defaults.p99_target_ms, help="Server-scenario latency target"
     )
@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         suite = suite.__class__(**{**suite.__dict__, "systems": chosen})
     config = BenchConfig(args.preset or suite.preset, args.row_scale or suite.row_scale,
-                         args.embedding_servers, args.sharding, args.alpha,
+                         args.embedding_servers, args.sharding, args.zipf_skew,
                          p99_target_ms=args.p99_ms, protocol=args.protocol)  # fmt: skip
     out = Path(args.out or f"reports/bench-{suite.name}-{datetime.now(UTC):%Y%m%d-%H%M%S}")
     with tqdm(total=len(suite.systems), desc=f"bench {suite.name}", unit="system") as bar:

@@ -12,14 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from flexemr.cli.options import add_sharding_arguments
+from flexemr.cli.options import add_sharding_arguments, add_zipf_skew_argument, sharding_plan
 from flexemr.client import Client
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import HttpServer, build_ranker
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
 from flexemr.model.weights import build_monolithic
-from flexemr.sharding.plan import make_plan
-from flexemr.workload.synthetic import DEFAULT_ALPHA, SyntheticConfig, SyntheticWorkload
+from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,17 +28,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--batch", type=int, default=32, help="samples per request")
     parser.add_argument("--clients", type=int, default=4, help="concurrent HTTP clients")
-    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="Zipf exponent of row popularity")
+    add_zipf_skew_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     source = ModelSource(preset=args.preset, row_scale=args.row_scale)
     spec = source.spec()
-    plan = make_plan(args.sharding, spec.table_rows, spec.dim, args.embedding_servers)
+    plan = sharding_plan(args, spec.table_rows, spec.dim)
     size_mib = spec.embedding_bytes / 2**20
     print(f"model {args.preset} x{args.row_scale}: {spec.num_tables} tables, {size_mib:.0f} MiB")
     print(plan.describe())
-    workload = SyntheticWorkload(spec, SyntheticConfig(alpha=args.alpha), seed=1)
+    workload = SyntheticWorkload(spec, SyntheticConfig(alpha=args.zipf_skew), seed=1)
     requests = [workload.generate(args.batch) for _ in range(args.requests)]
     monolithic = build_monolithic(source.load())
     endpoints = tuple(Endpoint() for _ in range(plan.num_servers))

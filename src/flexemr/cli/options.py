@@ -13,10 +13,12 @@ from flexemr.config import (
     ModelSource,
     RankerConfig,
     SecurityConfig,
+    ShardingConfig,
     StorageConfig,
 )
 from flexemr.model.presets import PRESET_NAMES
-from flexemr.sharding.plan import STRATEGIES, ShardingPlan, make_plan, replicated
+from flexemr.model.spec import DEFAULT_ZIPF_SKEW
+from flexemr.sharding.plan import ShardingPlan, replicated
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,24 +32,28 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sharding_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--embedding-servers", type=int, default=2, help="number of embedding servers")
+    add_flags(parser, ShardingConfig)
+
+
+def sharding_plan(args: argparse.Namespace, table_rows: tuple[int, ...], dim: int) -> ShardingPlan:
+    """The plan the sharding flags ask for, for tables of `table_rows` rows of `dim` columns."""
+    return over(ShardingConfig(), args).plan(table_rows, dim)
+
+
+def add_zipf_skew_argument(parser: argparse.ArgumentParser) -> None:
+    """The workload's Zipf exponent, one flag under `plan`'s name and `bench`'s and `demo`'s."""
     parser.add_argument(
-        "--sharding",
-        choices=STRATEGIES,
-        default="auto",
-        help="whole tables per server (table), every table split over all servers (row), or table "
-        "when that balances bytes within 10%%, else row (auto)",
-    )
+        "--zipf-skew", "--alpha", dest="zipf_skew", type=float, default=DEFAULT_ZIPF_SKEW,
+        help="Zipf exponent of row popularity, 0: uniform (--alpha and --zipf-skew are the same)",
+    )  # fmt: skip
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     add_sharding_arguments(parser)
-    parser.add_argument("--plan", help="a sharding plan file (from `flexemr plan`), instead of --sharding")
     parser.add_argument(
-        "--replicas", type=int, default=1,
-        help="copies of each server's shards, each on its own server (R x the servers); the ranker "
-        "balances over them and fails over between them",
-    )  # fmt: skip
+        "--plan",
+        help="a sharding plan file (from `flexemr plan`), instead of --sharding (--replicas still apply)",
+    )
     parser.add_argument(
         "--server-host", default="127.0.0.1", help="address the embedding servers listen on (never --host)"
     )
@@ -96,9 +102,9 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
 
         plan: ShardingPlan = load_sharding(args.plan)
         check_plan_model(plan, spec.table_rows, spec.dim, args.plan)
+        plan = replicated(plan, over(ShardingConfig(), args).replicas)
     else:
-        plan = make_plan(args.sharding, spec.table_rows, spec.dim, args.embedding_servers)
-    plan = replicated(plan, args.replicas)
+        plan = sharding_plan(args, spec.table_rows, spec.dim)
     endpoints = tuple(Endpoint(args.server_host, 0) for _ in range(plan.num_servers))
     return ClusterSpec(
         model=source,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flexemr.cli.options import add_zipf_skew_argument
 from flexemr.config import ModelSource
 from flexemr.model.presets import PRESET_NAMES
 from flexemr.planner.inputs import Traffic
@@ -26,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qps", type=float, help="peak queries per second (or give --traffic)")
     parser.add_argument("--traffic", help="traffic JSON: peak_qps, samples_per_query, samples_cv, zipf_skew")
     parser.add_argument("--samples-per-query", type=float, default=Traffic.samples_per_query)
-    parser.add_argument("--zipf-skew", type=float, default=Traffic.zipf_skew)
+    add_zipf_skew_argument(parser)
     parser.add_argument("--p99-ms", type=float, required=True, help="p99 latency target in milliseconds")
     parser.add_argument(
         "--availability", type=int, default=0, metavar="K", help="embedding-server failures to survive"

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from flexemr.cli.options import add_model_arguments, add_sharding_arguments, model_source
-from flexemr.sharding.plan import make_plan
+from flexemr.cli.options import add_model_arguments, add_sharding_arguments, model_source, sharding_plan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,6 +15,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     spec = model_source(args).spec()
-    plan = make_plan(args.sharding, spec.table_rows, spec.dim, args.embedding_servers)
+    plan = sharding_plan(args, spec.table_rows, spec.dim)
     print(plan.to_json() if args.json else plan.describe())
     return 0

@@ -59,6 +59,7 @@ def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True)
         identities(spec)[index],
         secret,
         spec.limits,
+        frame_limits=spec.frames,
         tls=server_tls(spec.security),
         versions=versions,
     )
@@ -108,13 +109,14 @@ def build_ranker(
             spec.embedding_servers,
             identities(spec),
             spec.engine,
+            limits=spec.frames,
             secret=load_secret(spec.security),
             node_limits=spec.limits,
             tls=client_tls(spec.security),
         )
         engine.start(timeout=connect_timeout_s)
-        return Ranker(source.spec, plan, dense, engine, spec.ranker, links(spec))
-    return Ranker(source.spec, plan, dense, transport, spec.ranker)
+        return Ranker(source.spec, plan, dense, engine, spec.ranker, links(spec), spec.cache)
+    return Ranker(source.spec, plan, dense, transport, spec.ranker, cache=spec.cache)
 
 
 def served_versions(

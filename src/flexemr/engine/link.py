@@ -17,7 +17,6 @@ from flexemr.config import ClusterSpec, Endpoint
 from flexemr.engine.dial import Dialer
 from flexemr.protocol.frames import (
     Frame,
-    FrameLimits,
     MessageType,
     ProtocolError,
     encode,
@@ -104,7 +103,7 @@ class ServerLink:
 def links(spec: ClusterSpec, timeout_s: float = 30.0) -> list[ServerLink]:
     """One link per embedding server of `spec` (nothing is opened yet)."""
     dialer = Dialer(
-        uuid.uuid4().hex, load_secret(spec.security) or b"", FrameLimits(), client_tls(spec.security)
+        uuid.uuid4().hex, load_secret(spec.security) or b"", spec.frames, client_tls(spec.security)
     )
     return [
         ServerLink(dialer, endpoint, identity, timeout_s)

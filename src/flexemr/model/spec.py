@@ -17,6 +17,10 @@ from flexemr.model.rows import RowFormat, check_format, row_bytes
 Interaction = Literal["dot", "cat"]
 Pooling = Literal["sum", "mean"]
 
+DEFAULT_ZIPF_SKEW = 1.0
+"""Zipf exponent of row popularity (0: uniform) wherever none is given: the synthetic workloads'
+`alpha` and the planner's `Traffic.zipf_skew` are this one quantity (`--zipf-skew`, alias `--alpha`)."""
+
 
 @dataclass(frozen=True)
 class ModelSpec:

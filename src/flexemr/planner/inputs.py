@@ -19,7 +19,7 @@ from typing import Any
 
 from flexemr.model.presets import preset
 from flexemr.model.rows import check_format, row_bytes
-from flexemr.model.spec import ModelSpec
+from flexemr.model.spec import DEFAULT_ZIPF_SKEW, ModelSpec
 
 
 class InputError(ValueError):
@@ -89,7 +89,7 @@ class Traffic:
     """Mean candidate items (samples) per query."""
     samples_cv: float = 0.5
     """Coefficient of variation of samples per query (0: every query the same size)."""
-    zipf_skew: float = 1.0
+    zipf_skew: float = DEFAULT_ZIPF_SKEW
     """Zipf exponent of row popularity (0: uniform). Skew makes lookups cache-friendlier."""
 
     def __post_init__(self) -> None:

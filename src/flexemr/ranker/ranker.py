@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from flexemr.batch import SparseBatch
-from flexemr.cache import AdaptiveCacheManager, CacheConfig, LoadMonitorConfig
+from flexemr.cache import AdaptiveCacheManager, CacheConfig
 from flexemr.config import RankerConfig
 from flexemr.engine.link import ServerLink
 from flexemr.model.dlrm import DenseArch
@@ -71,11 +71,14 @@ class Ranker:
         transport: LookupTransport,
         config: RankerConfig,
         links: list[ServerLink] | None = None,
+        cache: CacheConfig | None = None,
     ) -> None:
         """`links`: control links to the embedding servers; with them the ranker reads one version
-        of every row per request (`ranker.versions`), without them whatever servers hold."""
+        of every row per request (`ranker.versions`), without them whatever servers hold. `cache`:
+        the cache's tuning (a spec's cache section); its mode, budget, wire and batch are `config`'s."""
         self.spec = spec
         self.config = config
+        self._cache_tuning = cache or CacheConfig()
         self.router = RangeRouter(plan)
         self.transport = transport
         self.device = resolve_device(config.device)
@@ -109,11 +112,13 @@ class Ranker:
     def _make_cache(self) -> AdaptiveCacheManager | None:
         if self.config.cache == "off":
             return None
-        cache_config = CacheConfig(
+        tuning = self._cache_tuning
+        cache_config = dataclasses.replace(
+            tuning,
             mode=self.config.cache,
             wire=self.config.lookup,
             device_budget_bytes=self.config.device_memory_bytes,
-            load=LoadMonitorConfig(max_batch=self.config.max_batch),
+            load=dataclasses.replace(tuning.load, max_batch=self.config.max_batch),
         )
         return AdaptiveCacheManager.for_model(cache_config, self.dense, self.device, start=time.monotonic())
 

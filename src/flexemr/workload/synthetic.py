@@ -18,19 +18,17 @@ from typing import Literal
 import numpy as np
 
 from flexemr.batch import SparseBatch
-from flexemr.model.spec import ModelSpec
+from flexemr.model.spec import DEFAULT_ZIPF_SKEW, ModelSpec
 from flexemr.workload.powerlaw import RowPermutation, zipf_ranks
 
 BagDistribution = Literal["fixed", "poisson", "uniform"]
-DEFAULT_ALPHA = 1.0
-"""Zipf exponent of row popularity of the synthetic workloads, wherever none is given."""
 
 
 @dataclass(frozen=True)
 class SyntheticConfig:
     """How synthetic requests are drawn. Every field has a default that gives a skewed workload."""
 
-    alpha: float | tuple[float, ...] = DEFAULT_ALPHA
+    alpha: float | tuple[float, ...] = DEFAULT_ZIPF_SKEW
     """Power-law exponent of row popularity: one for all tables, or one per table (0 = uniform)."""
     bag_sizes: BagDistribution = "poisson"
     """Bag size distribution around the mean: exactly the mean, Poisson, or uniform on [0, 2*mean]."""
