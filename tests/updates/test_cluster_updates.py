@@ -303,6 +303,21 @@ def test_flexemr_update_applies_a_file(
     assert capsys.readouterr().out.startswith(f"version {version}:")
     live.wait_for(version)
     live.check_scores(seed=15)
+    # The same from Parquet, as a trainer's pipeline writes it: a list of dim floats per row.
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    again = random_updates(live.mono.spec, 10, 16)
+    values = pa.FixedSizeListArray.from_arrays(pa.array(again.values.ravel()), live.mono.spec.dim)
+    table = pa.table({"table": again.tables, "row": again.rows, "values": values})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    assert main(["update", str(tmp_path / "rows.parquet"), "--spec", str(spec_path)]) == 0
+    apply_monolithic(live.mono, again)
+    capsys.readouterr()
+    live.wait_for(live.updater.version())
+    live.check_scores(seed=17)
+    ragged = pa.table({"table": [0, 0], "row": [1, 2], "values": [[1.0] * live.mono.spec.dim, [1.0]]})
+    pq.write_table(ragged, tmp_path / "ragged.parquet")
+    assert main(["update", str(tmp_path / "ragged.parquet"), "--spec", str(spec_path)]) == 2
+    assert "same length" in capsys.readouterr().err
     np.savez(tmp_path / "bad.npz", table=updates.tables, row=updates.rows)
     bad_file = str(tmp_path / "bad.npz")
     assert main(["update", bad_file, "--spec", str(spec_path)]) == 2

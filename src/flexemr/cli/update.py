@@ -15,7 +15,9 @@ from flexemr.updates import UpdateFailed, Updater, read_updates
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "file", nargs="?", help="rows to write: .npz or torch .pt with arrays table, row [n], values [n, dim]"
+        "file",
+        nargs="?",
+        help="rows to write: .npz or torch .pt with arrays table, row [n], values [n, dim], or .parquet",
     )
     parser.add_argument("--spec", required=True, help="the cluster's spec file (`flexemr serve --spec-out`)")
     parser.add_argument(

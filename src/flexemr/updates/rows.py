@@ -63,11 +63,15 @@ class RowUpdates:
 
 def read_updates(path: Path, source: str = "default", sequence: int | None = None) -> RowUpdates:
     """Rows from `path`: an `.npz` or a `torch.save`d dict (`.pt`), with arrays `table` [n], `row`
-    [n] and `values` [n, dim]. Raises ValueError for a file without them."""
+    [n] and `values` [n, dim], or a Parquet file with columns `table`, `row` and `values` (a list
+    of dim floats per row; needs pyarrow: the `parquet` extra). Raises ValueError for a file
+    without them."""
     path = Path(path)
     if path.suffix == ".npz":
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
+    elif path.suffix == ".parquet":
+        arrays = _read_parquet(path)
     else:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(loaded, dict):
@@ -77,3 +81,21 @@ def read_updates(path: Path, source: str = "default", sequence: int | None = Non
     if missing:
         raise ValueError(f"{path}: missing array(s) {', '.join(missing)} (needs table, row, values)")
     return RowUpdates(arrays["table"], arrays["row"], arrays["values"], source, sequence)
+
+
+def _read_parquet(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise ValueError(f"{path}: Parquet needs pyarrow: pip install 'flexemr[parquet]' ({exc})") from None
+    columns = pq.read_table(path)
+    names = columns.column_names
+    arrays = {name: columns.column(name).to_numpy() for name in ("table", "row") if name in names}
+    if "values" in names:
+        values = columns.column("values").combine_chunks()
+        lengths = np.unique(values.value_lengths().to_numpy(zero_copy_only=False))
+        if lengths.size > 1 or values.null_count:
+            raise ValueError(f"{path}: every row's values must be a list of the same length (dim)")
+        flat = values.flatten().to_numpy(zero_copy_only=False)
+        arrays["values"] = flat.reshape(len(values), int(lengths[0]) if lengths.size else 0)
+    return arrays
