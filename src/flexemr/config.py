@@ -157,6 +157,17 @@ class RankerConfig:
     """Largest number of indices per sample on average; bounds request memory."""
     request_timeout_s: float = 10.0
     """A lookup that has not completed by then fails the request (HTTP 503)."""
+    torch_threads: int = field(
+        default=0,
+        metadata=flag(
+            "--torch-threads",
+            "the ranker's CPU threads per torch op (0: auto, the cores shared with the embedding "
+            "servers a serve starts beside it, else all)",
+        ),
+    )
+    """Intra-op threads of the ranker's torch kernels. An op split over a core another process
+    holds waits for it (queries 20x slower seen on 2 cores shared with the servers), so `auto`
+    divides the cores among the ranker and the servers started on its host."""
     device: str = field(
         default="auto", metadata=flag("--device", "dense model device: auto, cpu, cuda, cuda:1")
     )

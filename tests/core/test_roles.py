@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -122,3 +123,12 @@ def test_a_parent_killed_outright_leaves_no_serve_or_server_behind() -> None:
     while any(_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in pids if _alive(p)], "children outlived their parent"
+
+
+def test_ranker_threads_share_the_cores_with_the_servers_beside_it() -> None:
+    from flexemr.cluster.roles import ranker_threads
+
+    cores = os.cpu_count() or 1
+    assert ranker_threads(3, beside=5) == 3  # asked for
+    assert ranker_threads(0, beside=0) == cores  # alone on its host: all of them
+    assert ranker_threads(0, beside=cores) == max(1, cores // (cores + 1)) == 1

@@ -9,7 +9,14 @@ import sys
 
 from flexemr.cli.flags import add_flags, over
 from flexemr.cluster.child import exit_when_stdin_closes
-from flexemr.cluster.roles import HttpServer, build_ranker, served_versions, start_grpc
+from flexemr.cluster.roles import (
+    HttpServer,
+    build_ranker,
+    ranker_threads,
+    served_versions,
+    start_grpc,
+    torch_threads,
+)
 from flexemr.config import ClusterSpec, EngineConfig, RankerConfig, SecurityConfig
 from flexemr.memory import NotEnoughMemory
 from flexemr.transport.base import ConfigMismatch, ServerUnavailable
@@ -43,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
         exit_when_stdin_closes()
     try:
         spec = load_spec(args)
+        torch_threads(ranker_threads(spec.ranker.torch_threads, beside=0))  # servers run elsewhere
         ranker = build_ranker(spec, connect_timeout_s=args.connect_timeout)
         models = served_versions(spec, ranker, cluster=spec)  # servers started elsewhere: no loading
     except (ValueError, OSError, ServerUnavailable, ConfigMismatch, NotEnoughMemory) as exc:

@@ -25,7 +25,14 @@ from pathlib import Path
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.local import ClusterStartError, LocalCluster
-from flexemr.cluster.roles import HttpServer, build_ranker, served_versions, start_grpc
+from flexemr.cluster.roles import (
+    HttpServer,
+    build_ranker,
+    ranker_threads,
+    served_versions,
+    start_grpc,
+    torch_threads,
+)
 from flexemr.cluster.security import load_secret
 from flexemr.config import ClusterSpec, Endpoint, ModelSource
 from flexemr.ranker.model_versions import Loader
@@ -64,6 +71,7 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
 
         redis_server = RedisServer()
         stack.callback(redis_server.stop)
+        torch_threads(ranker_threads(spec.ranker.torch_threads, beside=1))  # redis-server
         transport = RedisTransport(redis_server.url, spec.sharding)
         transport.load(spec.sharding, spec.model.load())
         print(f"redis tier: {redis_server.url} pid={redis_server.pid}", flush=True)
@@ -75,6 +83,7 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
         # One store with every table whole: the model as one machine would hold it.
         plan = make_plan("table", spec.sharding.table_rows, spec.sharding.dim, 1)
         spec = dataclasses.replace(spec, sharding=plan, embedding_servers=(Endpoint(spec.ranker.host, 0),))
+        torch_threads(ranker_threads(spec.ranker.torch_threads, beside=0))
         local = LocalTransport(plan, spec.model.load(), progress=True)
         return build_ranker(spec, transport=local), spec
     if load_secret(spec.security) is None:  # the children inherit it through the environment
@@ -85,6 +94,7 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
     cluster = LocalCluster(spec, progress=True, supervise=True)
     stack.callback(cluster.stop)
     spec = cluster.start()
+    torch_threads(ranker_threads(spec.ranker.torch_threads, beside=len(spec.embedding_servers)))
     return build_ranker(spec), spec
 
 

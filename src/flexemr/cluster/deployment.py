@@ -31,16 +31,14 @@ from flexemr.config import ClusterSpec
 def start_ranker(
     spec_path: Path, dense_threads: int | None = None, timeout_s: float = 120.0, reuse_port: bool = False
 ) -> AnnouncedProcess:
-    """`flexemr ranker --spec FILE` in a child process. `dense_threads` caps torch's threads
-    (OMP_NUM_THREADS); None leaves torch's default (one per core). `reuse_port`: share the spec's
-    HTTP port with other rankers (SO_REUSEPORT)."""
+    """`flexemr ranker --spec FILE` in a child process. `dense_threads`: its `--torch-threads`
+    (None: the spec's). `reuse_port`: share the spec's HTTP port with other rankers (SO_REUSEPORT)."""
     command = [sys.executable, "-m", "flexemr.cli.main", "ranker", "--spec", str(spec_path), "--watch-stdin"]
     if reuse_port:
         command.append("--reuse-port")
-    env = dict(os.environ)
     if dense_threads is not None:
-        env["OMP_NUM_THREADS"] = str(dense_threads)
-    return AnnouncedProcess(command, "flexemr ranker ready:", timeout_s, env)
+        command += ["--torch-threads", str(dense_threads)]
+    return AnnouncedProcess(command, "flexemr ranker ready:", timeout_s)
 
 
 class RoundRobinBackend:

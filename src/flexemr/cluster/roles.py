@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import signal
 import socket
 import threading
@@ -150,6 +151,14 @@ def torch_threads(n: int) -> None:
     import torch
 
     torch.set_num_threads(n)
+
+
+def ranker_threads(asked: int, beside: int) -> int:
+    """Intra-op threads for a ranker sharing its host with `beside` other busy processes: `asked`,
+    or for 0 (auto) the cores divided among them (all of them when alone)."""
+    if asked > 0:
+        return asked
+    return max(1, (os.cpu_count() or 1) // (1 + beside))
 
 
 def _raise_system_exit(signum: int, frame: object) -> None:
