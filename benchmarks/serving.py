@@ -21,7 +21,7 @@ from flexemr.batch import SparseBatch
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
 from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
-from flexemr.model.spec import DEFAULT_ZIPF_SKEW
+from flexemr.model.spec import DEFAULT_ZIPF_SKEW, ModelSpec
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
@@ -47,32 +47,51 @@ def measure(
     return {"samples_per_s": samples / elapsed, "p50_ms": float(p50), "p99_ms": float(p99)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_deployment_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and its embedding servers, as the serving benchmarks take them."""
     parser.add_argument("--preset", default="rmc2")
     parser.add_argument("--row-scale", type=float, default=0.02)
     parser.add_argument("--servers", type=int, default=2)
     parser.add_argument("--sharding", choices=("table", "row"), default="row")
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, clients: int) -> None:
+    """Closed-loop clients sending synthetic batches."""
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--batches", type=int, default=40)
-    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=clients)
     parser.add_argument("--alpha", type=float, default=DEFAULT_ZIPF_SKEW)
-    args = parser.parse_args()
 
-    source = ModelSource(preset=args.preset, row_scale=args.row_scale)
-    spec = source.spec()
+
+def synthetic_batches(spec: ModelSpec, args: argparse.Namespace) -> list[SparseBatch]:
     workload = SyntheticWorkload(spec, SyntheticConfig(alpha=args.alpha), seed=0)
-    requests = [workload.generate(args.batch) for _ in range(args.batches)]
-    samples = args.batches * args.batch
-    results: dict[str, dict[str, float]] = {}
+    return [workload.generate(args.batch) for _ in range(args.batches)]
 
+
+def monolithic_scorer(source: ModelSource) -> Callable[[SparseBatch], np.ndarray]:
+    """The whole model in this process, called directly: the in-process baseline."""
     monolithic = build_monolithic(source.load())
 
-    def mono(r: SparseBatch) -> np.ndarray:
+    def score(r: SparseBatch) -> np.ndarray:
         with torch.inference_mode():
             out = monolithic.forward_sparse(*(torch.from_numpy(a) for a in (r.dense, r.indices, r.lengths)))
         return out.numpy()
 
+    return score
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_deployment_arguments(parser)
+    add_load_arguments(parser, clients=2)
+    args = parser.parse_args()
+
+    source = ModelSource(preset=args.preset, row_scale=args.row_scale)
+    spec = source.spec()
+    requests = synthetic_batches(spec, args)
+    samples = args.batches * args.batch
+    results: dict[str, dict[str, float]] = {}
+    mono = monolithic_scorer(source)
     results["monolithic (in-process)"] = {**measure(mono, requests, args.clients), "bytes_per_sample": 0.0}
 
     plan = make_plan(args.sharding, spec.table_rows, spec.dim, args.servers)

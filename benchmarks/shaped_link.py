@@ -21,18 +21,19 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from flexemr.batch import SparseBatch
 from flexemr.cli.spec import spread
 from flexemr.cluster.netns import NetnsBed
 from flexemr.cluster.roles import build_ranker
 from flexemr.config import ClusterSpec, EngineConfig, ModelSource, RankerConfig
-from flexemr.model.spec import DEFAULT_ZIPF_SKEW
-from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
-from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
-from serving import measure  # benchmarks/serving.py, beside this script
+from serving import (  # benchmarks/serving.py, beside this script
+    add_deployment_arguments,
+    add_load_arguments,
+    measure,
+    monolithic_scorer,
+    synthetic_batches,
+)
 
 SYSTEMS: dict[str, tuple[RankerConfig, EngineConfig]] = {
     "naive (raw rows, 1 I/O thread)": (RankerConfig(lookup="raw"), EngineConfig(mode="single", io_threads=1)),
@@ -43,28 +44,16 @@ SYSTEMS: dict[str, tuple[RankerConfig, EngineConfig]] = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="rmc2")
-    parser.add_argument("--row-scale", type=float, default=0.02)
-    parser.add_argument("--servers", type=int, default=2)
-    parser.add_argument("--sharding", choices=("table", "row"), default="row")
+    add_deployment_arguments(parser)
     parser.add_argument("--rates", default="10gbit,1gbit", help="link rates to compare (tc units)")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--batches", type=int, default=40)
-    parser.add_argument("--clients", type=int, default=4)
-    parser.add_argument("--alpha", type=float, default=DEFAULT_ZIPF_SKEW)
+    add_load_arguments(parser, clients=4)
     args = parser.parse_args()
 
     source = ModelSource(preset=args.preset, row_scale=args.row_scale)
     spec = source.spec()
-    workload = SyntheticWorkload(spec, SyntheticConfig(alpha=args.alpha), seed=0)
-    requests = [workload.generate(args.batch) for _ in range(args.batches)]
+    requests = synthetic_batches(spec, args)
     samples = (args.batches + 2) * args.batch  # + the exactness check and the warm-up batch
-    monolithic = build_monolithic(source.load())
-
-    def mono(r: SparseBatch) -> np.ndarray:
-        with torch.inference_mode():
-            out = monolithic.forward_sparse(*(torch.from_numpy(a) for a in (r.dense, r.indices, r.lengths)))
-        return out.numpy()
+    mono = monolithic_scorer(source)
 
     results = {("-", "monolithic (in-process)"): {**measure(mono, requests, args.clients), "bytes": 0.0}}
     hosts = [f"mem{i}" for i in range(args.servers)]

@@ -34,6 +34,7 @@ from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import LookupFailed, ServerUnavailable
 from flexemr.updates import RowUpdates, Updater
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
+from serving import add_deployment_arguments  # benchmarks/serving.py, beside this script
 
 
 def random_updates(spec: ModelSpec, rows: int, rng: np.random.Generator) -> RowUpdates:
@@ -145,10 +146,7 @@ def reads_under_updates(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="rmc2")
-    parser.add_argument("--row-scale", type=float, default=0.02)
-    parser.add_argument("--servers", type=int, default=2)
-    parser.add_argument("--sharding", choices=("table", "row"), default="row")
+    add_deployment_arguments(parser)
     parser.add_argument("--updates", type=int, default=200, help="batches for the throughput run")
     parser.add_argument("--rows-per-update", type=int, default=256)
     parser.add_argument("--trials", type=int, default=50, help="visibility trials")
