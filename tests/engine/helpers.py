@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from flexemr.cluster.local import READY_PREFIX
+from flexemr.cluster.local import READY_PREFIX, LocalCluster
 from flexemr.cluster.security import identities
 from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, NodeLimits
 from flexemr.embedding_server.server import EmbeddingServer
@@ -176,3 +177,24 @@ def server_process(
         for pipe in (proc.stdin, proc.stdout):
             if pipe is not None:
                 pipe.close()
+
+
+def tiny_spec(servers: int = 2, seed: int = 0) -> ClusterSpec:
+    source = ModelSource(preset="tiny", seed=seed)
+    spec = source.spec()
+    plan = make_plan("row", spec.table_rows, spec.dim, servers)
+    return ClusterSpec(source, plan, tuple(Endpoint() for _ in range(servers)))
+
+
+def started_cluster(secret: str | None = None) -> Iterator[tuple[LocalCluster, ClusterSpec]]:
+    """A tiny local cluster of 2 servers for a fixture to yield from (with `secret`: its servers
+    inherit it, the ranker reads it)."""
+    with pytest.MonkeyPatch.context() as env:
+        if secret is not None:
+            env.setenv("FLEXEMR_SECRET", secret)
+        local = LocalCluster(tiny_spec())
+        spec = local.start(timeout=60)
+        try:
+            yield local, spec
+        finally:
+            local.stop()

@@ -13,42 +13,25 @@ import pytest
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
 from flexemr.cluster.security import identities
-from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource
+from flexemr.config import ClusterSpec, EngineConfig
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
 from flexemr.model.weights import build_monolithic
-from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import ServerUnavailable
 from tests.core.helpers import random_batch, reference_scores
-from tests.engine.helpers import random_request, reference
-
-
-def tiny_spec(servers: int = 2) -> ClusterSpec:
-    source = ModelSource(preset="tiny")
-    spec = source.spec()
-    plan = make_plan("row", spec.table_rows, spec.dim, servers)
-    return ClusterSpec(source, plan, tuple(Endpoint() for _ in range(servers)))
-
-
-def _started() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
-    local = LocalCluster(tiny_spec())
-    spec = local.start(timeout=60)
-    try:
-        yield local, spec
-    finally:
-        local.stop()
+from tests.engine.helpers import random_request, reference, started_cluster
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
     """Shared by the tests that leave it as they found it."""
-    yield from _started()
+    yield from started_cluster()
 
 
 @pytest.fixture
 def doomed_cluster() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
     """A cluster of its own, for a test that kills one of its servers."""
-    yield from _started()
+    yield from started_cluster()
 
 
 @pytest.mark.parametrize("mode", ["mapped", "shared"])

@@ -33,42 +33,23 @@ from flexemr.protocol.frames import (
     send_frame,
 )
 from flexemr.protocol.handshake import Hello, NotAuthenticated, client_handshake, new_nonce
-from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import ConfigMismatch, LookupRequest, ServerUnavailable
 from tests.core.helpers import random_batch, reference_scores
-from tests.engine.helpers import dial, lookup_frame
+from tests.engine.helpers import dial, lookup_frame, started_cluster, tiny_spec
 
 SECRET = "the-cluster-secret-for-these-tests"
-
-
-def tiny_spec(servers: int = 2, seed: int = 0) -> ClusterSpec:
-    source = ModelSource(preset="tiny", seed=seed)
-    spec = source.spec()
-    plan = make_plan("row", spec.table_rows, spec.dim, servers)
-    return ClusterSpec(source, plan, tuple(Endpoint() for _ in range(servers)))
-
-
-def _secret_cluster() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("FLEXEMR_SECRET", SECRET)  # the servers inherit it, the ranker reads it
-        local = LocalCluster(tiny_spec())
-        spec = local.start(timeout=60)
-        try:
-            yield local, spec
-        finally:
-            local.stop()
 
 
 @pytest.fixture(scope="module")
 def secret_cluster() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
     """Shared by the tests that leave it as they found it."""
-    yield from _secret_cluster()
+    yield from started_cluster(SECRET)
 
 
 @pytest.fixture
 def doomed_secret_cluster() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
     """A cluster of its own, for a test that kills one of its servers."""
-    yield from _secret_cluster()
+    yield from started_cluster(SECRET)
 
 
 def wait_for(condition: Callable[[], bool], bound_s: float = 30.0) -> bool:

@@ -24,8 +24,8 @@ from flexemr.config import ClusterSpec, EngineConfig, NodeLimits
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
 from flexemr.transport.base import ServerUnavailable
-from tests.engine.helpers import dial, random_request, reference, server_process, thread_servers
-from tests.engine.test_node_security import tiny_spec, wait_for
+from tests.engine.helpers import dial, random_request, reference, server_process, thread_servers, tiny_spec
+from tests.engine.test_node_security import wait_for
 
 
 def engine_for(spec: ClusterSpec, **config: object) -> IoEngine:
