@@ -48,13 +48,6 @@ class CachedPart:
         return lengths_of(self.miss, self.offsets)
 
 
-def offsets_of(lengths: Tensor) -> Tensor:
-    """int64 [len(lengths) + 1]: KJT offsets of bag sizes."""
-    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
-    torch.cumsum(lengths, 0, out=offsets[1:])
-    return offsets
-
-
 def lengths_of(mask: Tensor, offsets: Tensor) -> Tensor:
     """int64 [num_bags]: per bag of KJT `offsets`, how many of its keys `mask` [N] selects (e.g.
     the misses: the bags the servers still see)."""

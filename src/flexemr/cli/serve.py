@@ -65,13 +65,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> tuple[Ranker, ClusterSpec]:
     """Start the embedding tier and the ranker; return it and the spec with the ports bound."""
+    beside = {"redis": 1, "local": 0}.get(tier, len(spec.embedding_servers))  # processes on this host
+    torch_threads(ranker_threads(spec.ranker.torch_threads, beside))
     if tier == "redis":
         from flexemr.cluster.redis_server import RedisServer
         from flexemr.transport.redis_tier import RedisTransport
 
         redis_server = RedisServer()
         stack.callback(redis_server.stop)
-        torch_threads(ranker_threads(spec.ranker.torch_threads, beside=1))  # redis-server
         transport = RedisTransport(redis_server.url, spec.sharding)
         transport.load(spec.sharding, spec.model.load())
         print(f"redis tier: {redis_server.url} pid={redis_server.pid}", flush=True)
@@ -83,7 +84,6 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
         # One store with every table whole: the model as one machine would hold it.
         plan = make_plan("table", spec.sharding.table_rows, spec.sharding.dim, 1)
         spec = dataclasses.replace(spec, sharding=plan, embedding_servers=(Endpoint(spec.ranker.host, 0),))
-        torch_threads(ranker_threads(spec.ranker.torch_threads, beside=0))
         local = LocalTransport(plan, spec.model.load(), progress=True)
         return build_ranker(spec, transport=local), spec
     if load_secret(spec.security) is None:  # the children inherit it through the environment
@@ -94,7 +94,6 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
     cluster = LocalCluster(spec, progress=True, supervise=True)
     stack.callback(cluster.stop)
     spec = cluster.start()
-    torch_threads(ranker_threads(spec.ranker.torch_threads, beside=len(spec.embedding_servers)))
     return build_ranker(spec), spec
 
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -77,21 +77,20 @@ class ReadVersion:
     def read_at_least(self, version: int) -> None:
         """Move to `version` (or beyond) now unless reading it already: the caller committed it,
         and its next requests are to see it (servers would answer the older version meanwhile)."""
-        with self._lock.exclusive():
-            if self.version < version:
-                try:
-                    self._sync()
-                except (ServerUnavailable, LookupFailed) as exc:
-                    log.warning("version sync failed: %s", exc)
+        self._sync_unless(lambda: self.version >= version)
 
     def sync(self, seen: int) -> None:
         """Some server is at version `seen`: catch up with the servers unless that is ours."""
+        self._sync_unless(lambda: seen == self.version)
+
+    def _sync_unless(self, current: Callable[[], bool]) -> None:
         with self._lock.exclusive():
-            if seen != self.version:  # else another request has synced meanwhile
-                try:
-                    self._sync()
-                except (ServerUnavailable, LookupFailed) as exc:
-                    log.warning("version sync failed: %s", exc)
+            if current():  # another request has synced meanwhile
+                return
+            try:
+                self._sync()
+            except (ServerUnavailable, LookupFailed) as exc:
+                log.warning("version sync failed: %s", exc)
 
     def _sync(self) -> None:
         seen: dict[int, Changes] = {}
