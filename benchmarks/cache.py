@@ -54,12 +54,13 @@ import torch
 
 from flexemr.batch import SparseBatch
 from flexemr.bench.report import machine
-from flexemr.cache import CacheConfig, MemoryModel, parse_bytes
-from flexemr.cache.sizes import format_bytes
+from flexemr.cache import CacheConfig, MemoryModel
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
-from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint, RankerConfig, format_bytes, parse_bytes
 from flexemr.model.dlrm import DLRM
+from flexemr.model.source import ModelSource
 from flexemr.model.spec import DEFAULT_ZIPF_SKEW, ModelSpec
 from flexemr.model.weights import build_dense, build_monolithic
 from flexemr.ranker.ranker import Ranker, resolve_device

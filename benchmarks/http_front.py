@@ -33,7 +33,7 @@ import orjson
 from flexemr.batch import SparseBatch
 from flexemr.client import Client
 from flexemr.cluster.child import AnnouncedProcess
-from flexemr.config import ModelSource
+from flexemr.model.source import ModelSource
 from flexemr.workload.synthetic import SyntheticWorkload
 
 URL_PATH = "/v2/models/dlrm/infer"

@@ -34,8 +34,10 @@ import numpy as np
 
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.security import identities
-from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint, EngineConfig
 from flexemr.engine import IoEngine
+from flexemr.model.source import ModelSource
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import LookupRequest, LookupTransport
 

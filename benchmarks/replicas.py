@@ -23,7 +23,9 @@ import torch
 from flexemr.batch import SparseBatch
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
-from flexemr.config import ClusterSpec, Endpoint, ModelSource
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import make_plan, replicated

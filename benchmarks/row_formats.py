@@ -29,9 +29,11 @@ import torch
 
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker, torch_threads
-from flexemr.config import ClusterSpec, Endpoint, ModelSource
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint
 from flexemr.model.presets import preset
 from flexemr.model.rows import ROW_FORMATS, row_bytes
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import CheckpointWeights, PresetWeights, WeightSource, build_monolithic
 from flexemr.planner import (
     Availability,

@@ -30,10 +30,11 @@ import torch
 
 from flexemr.batch import SparseBatch
 from flexemr.bench.cgroup import memory_cgroup
-from flexemr.cache.sizes import parse_bytes
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker, torch_threads
-from flexemr.config import ClusterSpec, Endpoint, ModelSource, NodeLimits, RankerConfig, StorageConfig
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint, NodeLimits, RankerConfig, StorageConfig, parse_bytes
+from flexemr.model.source import ModelSource
 from flexemr.model.spec import ModelSpec
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan

@@ -27,7 +27,9 @@ import numpy as np
 
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
-from flexemr.config import ClusterSpec, Endpoint, ModelSource, UpdatesConfig
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint, UpdatesConfig
+from flexemr.model.source import ModelSource
 from flexemr.model.spec import ModelSpec
 from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import make_plan

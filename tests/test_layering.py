@@ -4,6 +4,8 @@ including those inside functions and under TYPE_CHECKING)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +29,7 @@ def _imports() -> dict[str, set[str]]:
 
 
 GRAPH = _imports()
+LEAVES = ("flexemr.config", "flexemr.memory")
 
 
 def _package(module: str) -> str:
@@ -54,9 +57,9 @@ def test_nothing_but_the_cli_imports_the_cli_or_the_benchmark_harness() -> None:
 @pytest.mark.parametrize(
     ("package", "allowed"),
     [
-        ("flexemr.planner", {"flexemr.planner", "flexemr.model", "flexemr.memory", "flexemr.sharding"}),
-        ("flexemr.model", {"flexemr.model", "flexemr.memory"}),
-        ("flexemr.sharding", {"flexemr.sharding"}),
+        ("flexemr.planner", {"flexemr.planner", "flexemr.model", "flexemr.sharding", *LEAVES}),
+        ("flexemr.model", {"flexemr.model", *LEAVES}),
+        ("flexemr.sharding", {"flexemr.sharding", *LEAVES}),
     ],
 )
 def test_the_planner_depends_on_the_model_and_sharding_only(package: str, allowed: set[str]) -> None:
@@ -70,10 +73,19 @@ def test_the_planner_depends_on_the_model_and_sharding_only(package: str, allowe
     assert outside == set()
 
 
-def test_the_memory_check_is_a_leaf() -> None:
-    """`flexemr.memory` (host memory against a process's needs) may be used by any layer because it
-    imports nothing of flexemr."""
-    assert GRAPH["flexemr.memory"] == set()
+@pytest.mark.parametrize("leaf", LEAVES)
+def test_the_leaves_import_nothing_of_flexemr(leaf: str) -> None:
+    """`flexemr.config` (the config sections and their flags) and `flexemr.memory` (host memory
+    against a process's needs) may be used by any layer because they import nothing of flexemr."""
+    assert GRAPH[leaf] == set()
+
+
+def test_importing_the_config_imports_no_torch() -> None:
+    """What a config file or a flag needs loads in a bare interpreter (a spec check, a CLI's --help)."""
+    heavy = "{'torch', 'numpy'}"
+    code = f"import sys, flexemr.config; print(sorted({{m.split('.')[0] for m in sys.modules}} & {heavy}))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
 
 
 def test_the_batch_type_sits_below_its_users() -> None:

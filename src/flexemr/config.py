@@ -1,32 +1,20 @@
-"""Configuration: small dataclasses, validated on construction, gathered in one `ClusterSpec`.
+"""Configuration: small dataclasses, validated on construction, and the flags made from them.
 
-A cluster spec file (JSON) describes one deployment: where the weights come from, how tables are
-sharded, where each embedding server listens, and how the ranker serves. `flexemr serve` writes
-one for its local cluster; `flexemr embedding-server` and `flexemr ranker` read one, so a cluster
-can span hosts.
+This module imports nothing of flexemr, so every layer may use it. `flexemr.cluster.spec.ClusterSpec`
+gathers these sections, the model source and the sharding plan into one cluster spec file.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import re
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
-
-from flexemr.cache.cost_gate import CostGateConfig
-from flexemr.cache.load_monitor import LoadMonitorConfig
-from flexemr.cache.manager import CacheConfig, CacheMode
-from flexemr.model.presets import preset
-from flexemr.model.rows import RowFormat, check_format
-from flexemr.model.spec import Interaction, ModelSpec, Pooling
-from flexemr.model.weights import CheckpointWeights, PresetWeights, WeightSource
-from flexemr.protocol.frames import FrameLimits
-from flexemr.sharding.plan import STRATEGIES, ShardingPlan, Strategy, make_plan, replicated
+from typing import Literal
 
 LookupMode = Literal["partial", "raw"]
 EngineMode = Literal["single", "shared", "mapped"]
 CreditMode = Literal["priority", "piggyback", "off"]
+CacheKind = Literal["off", "fixed", "adaptive"]
 
 
 @dataclass(frozen=True)
@@ -46,82 +34,66 @@ def flag(name: str, help: str, unit: Literal["bytes", "ms"] | None = None) -> di
     return {"flag": Flag(name, help, unit)}
 
 
+# Byte sizes as people write them on a command line or in a spec file: 4096, 64MiB, 1.5GB.
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1024**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+    "t": 1024**4,
+    "tb": 1000**4,
+    "tib": 1024**4,
+}
+_PATTERN = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(text: str) -> int:
+    """`"64MiB"` -> 67108864. KiB/MiB/GiB/TiB and bare K/M/G/T are powers of 1024; KB/MB/GB/TB are
+    powers of 1000 (case-insensitive). Fractions are rounded down to whole bytes."""
+    match = _PATTERN.match(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise ValueError(f"not a byte size: {text!r} (examples: 4096, 64MiB, 1.5GB)")
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+def format_bytes(n: int) -> str:
+    """2147483648 -> '2.0GiB' (for logs and stats)."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(value) < 1024:
+            return f"{value:.1f}{unit}" if unit != "B" else f"{n}B"
+        value /= 1024
+    return f"{value:.1f}TiB"
+
+
 @dataclass(frozen=True)
-class ModelSource:
-    """Where the weights come from: a seeded preset or a reference checkpoint (exactly one)."""
+class CacheMode:
+    """The ranker's `--cache` setting, parsed."""
 
-    preset: str | None = None
-    """Preset name (tiny, rmc1, rmc2, rmc3, dlrm-v2)."""
-    row_scale: float = field(default=1.0, metadata=flag("--row-scale", "scale a preset's table rows (0, 1]"))
-    """Preset tables' rows are multiplied by this, to fit the machine."""
-    seed: int = field(default=0, metadata=flag("--seed", "seed of a preset's weights"))
-    """Seed of a preset's random weights; every process derives the same weights from it."""
-    checkpoint: str | None = None
-    """Path to a `torch.save`d state_dict of Meta's reference DLRM_Net."""
-    interaction: Interaction | None = field(
-        default=None, metadata=flag("--interaction", "default: the preset's, or dot")
-    )
-    """Override the interaction (a checkpoint does not record it; default `dot`)."""
-    interaction_itself: bool | None = field(
-        default=None, metadata=flag("--interaction-itself", "dot: include self-interactions")
-    )
-    """Override self-interaction for `dot` (default off)."""
-    pooling: Pooling | None = field(default=None, metadata=flag("--pooling", "default: the preset's, or sum"))
-    """Override the pooling (default `sum`)."""
-    row_dtype: str | None = field(
-        default=None,
-        metadata=flag(
-            "--row-dtype",
-            "how rows are stored: fp32, fp16 or int8 (row-wise quantised), or one per table "
-            "comma-separated (default fp32; a checkpoint's fp16 tables stay fp16)",
-        ),
-    )
+    kind: CacheKind = "off"
+    fixed_bytes: int = 0
+    """Capacity of the `fixed` mode."""
 
-    def __post_init__(self) -> None:
-        if (self.preset is None) == (self.checkpoint is None):
-            raise ValueError("give exactly one of a preset or a checkpoint")
-        if self.row_dtype is not None:
-            for fmt in self.row_dtype.split(","):
-                check_format(fmt)
+    @classmethod
+    def parse(cls, text: str) -> CacheMode:
+        """`off`, `adaptive` or `fixed:BYTES` (BYTES like 4096, 64MiB, 1.5GB)."""
+        name, _, size = text.strip().partition(":")
+        if name == "fixed" and size:
+            return cls("fixed", parse_bytes(size))
+        if name in ("off", "adaptive") and not size:
+            return cls(name)  # type: ignore[arg-type]
+        raise ValueError(f"cache mode must be off, fixed:BYTES (e.g. fixed:64MiB) or adaptive, got {text!r}")
 
-    def _row_formats(self, num_tables: int) -> tuple[RowFormat, ...]:
-        assert self.row_dtype is not None
-        formats = tuple(check_format(f) for f in self.row_dtype.split(","))
-        if len(formats) == 1:
-            return formats * num_tables
-        if len(formats) != num_tables:
-            raise ValueError(f"--row-dtype lists {len(formats)} formats for {num_tables} tables")
-        return formats
-
-    def load(self) -> WeightSource:
-        if self.checkpoint is not None:
-            weights = CheckpointWeights(
-                self.checkpoint,
-                interaction=self.interaction or "dot",
-                interaction_itself=bool(self.interaction_itself),
-                pooling=self.pooling or "sum",
-            )
-            if self.row_dtype is not None:
-                formats = self._row_formats(weights.spec.num_tables)
-                weights.spec = weights.spec.with_overrides(row_formats=formats)
-            return weights
-        assert self.preset is not None
-        overrides: dict[str, Any] = {
-            k: v
-            for k, v in (
-                ("interaction", self.interaction),
-                ("interaction_itself", self.interaction_itself),
-                ("pooling", self.pooling),
-            )
-            if v is not None
-        }
-        spec = preset(self.preset, self.row_scale)
-        if self.row_dtype is not None:
-            overrides["row_formats"] = self._row_formats(spec.num_tables)
-        return PresetWeights(spec.with_overrides(**overrides), self.seed)
-
-    def spec(self) -> ModelSpec:
-        return self.load().spec
+    def __str__(self) -> str:
+        return f"fixed:{self.fixed_bytes}" if self.kind == "fixed" else self.kind
 
 
 @dataclass(frozen=True)
@@ -416,132 +388,3 @@ class UpdatesConfig:
                 f"max_staged_bytes and max_changelog_keys must be positive, got {self.max_staged_bytes}, "
                 f"{self.max_changelog_keys}"
             )
-
-
-@dataclass(frozen=True)
-class ShardingConfig:
-    """How a model is sharded when no plan file is given (`make_plan`), and its copies."""
-
-    embedding_servers: int = field(
-        default=2, metadata=flag("--embedding-servers", "number of embedding servers (per copy)")
-    )
-    strategy: Strategy = field(
-        default="auto",
-        metadata=flag(
-            "--sharding",
-            "whole tables per server (table), every table split over all servers (row), or table when "
-            "that balances bytes within 10% of the mean, else row (auto)",
-        ),
-    )
-    replicas: int = field(
-        default=1,
-        metadata=flag(
-            "--replicas",
-            "copies of each server's shards, each on its own server (R x the servers); the ranker "
-            "balances over them and fails over between them",
-        ),
-    )
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"sharding must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        if self.embedding_servers < 1 or self.replicas < 1:
-            raise ValueError(
-                f"embedding_servers and replicas must be at least 1, got {self.embedding_servers}, "
-                f"{self.replicas}"
-            )
-
-    def plan(self, table_rows: tuple[int, ...], dim: int) -> ShardingPlan:
-        """The plan of these settings for tables of `table_rows` rows of `dim` columns."""
-        return replicated(make_plan(self.strategy, table_rows, dim, self.embedding_servers), self.replicas)
-
-
-RANKER_CACHE_FIELDS = ("mode", "wire", "device_budget_bytes")
-"""`CacheConfig` fields set from the ranker section (with `load.max_batch`), not a spec's cache section."""
-
-
-def _ranker_cache_fields(cache: CacheConfig) -> tuple[Any, ...]:
-    return (*(getattr(cache, name) for name in RANKER_CACHE_FIELDS), cache.load.max_batch)
-
-
-def _cache_config(data: dict[str, Any]) -> CacheConfig:
-    """A spec file's cache section, with its nested load monitor and cost gate (null: no gate)."""
-    values = dict(data)
-    if "load" in values:
-        values["load"] = LoadMonitorConfig(**values["load"])
-    if values.get("gate") is not None:
-        values["gate"] = CostGateConfig(**values["gate"])
-    return CacheConfig(**values)
-
-
-@dataclass(frozen=True)
-class ClusterSpec:
-    model: ModelSource
-    sharding: ShardingPlan
-    embedding_servers: tuple[Endpoint, ...]
-    ranker: RankerConfig = field(default_factory=RankerConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    """The ranker's I/O engine."""
-    security: SecurityConfig = field(default_factory=SecurityConfig)
-    """Secret and TLS of node links."""
-    limits: NodeLimits = field(default_factory=NodeLimits)
-    """Embedding servers' bounds and the heartbeat."""
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    """Where the embedding servers keep their rows."""
-    updates: UpdatesConfig = field(default_factory=UpdatesConfig)
-    """Row updates: the servers' update logs and bounds."""
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    """The ranker's embedding cache tuning. Whether there is one and how big (`--cache`), its device
-    budget (`--device-memory`), the wire mode and the largest batch are the ranker section's: the
-    ranker fills them in, and here they keep their defaults (`RANKER_CACHE_FIELDS`)."""
-    frames: FrameLimits = field(default_factory=FrameLimits)
-    """Bounds on the frames of node links, both ends (embedding servers, the ranker's engine)."""
-
-    def __post_init__(self) -> None:
-        if len(self.embedding_servers) != self.sharding.num_servers:
-            raise ValueError(
-                f"the plan has {self.sharding.num_servers} servers but {len(self.embedding_servers)} "
-                "embedding server endpoints are listed"
-            )
-        if _ranker_cache_fields(self.cache) != _ranker_cache_fields(CacheConfig()):
-            raise ValueError(
-                "the cache section's mode, wire, device_budget_bytes and load.max_batch come from the "
-                "ranker section (cache, lookup, device_memory_bytes, max_batch); set them there, got "
-                f"{_ranker_cache_fields(self.cache)}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        for name in RANKER_CACHE_FIELDS:  # the ranker section's, not this one's
-            data["cache"].pop(name)
-        data["cache"]["load"].pop("max_batch")
-        return data
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClusterSpec:
-        return cls(
-            model=ModelSource(**data["model"]),
-            sharding=ShardingPlan.from_dict(data["sharding"]),
-            embedding_servers=tuple(Endpoint(**e) for e in data["embedding_servers"]),
-            ranker=RankerConfig(**data.get("ranker", {})),
-            engine=EngineConfig(**data.get("engine", {})),
-            security=SecurityConfig(**data.get("security", {})),
-            limits=NodeLimits(**data.get("limits", {})),
-            storage=StorageConfig(**data.get("storage", {})),
-            updates=UpdatesConfig(**data.get("updates", {})),
-            cache=_cache_config(data.get("cache", {})),
-            frames=FrameLimits(**data.get("frames", {})),
-        )
-
-    @classmethod
-    def load(cls, path: str | Path) -> ClusterSpec:
-        try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path} is not a valid cluster spec: {exc}") from exc

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flexemr.calibrate.microbench import BenchSettings, _serving_request, fit_lookups, measure_lookups
-from flexemr.config import ModelSource
+from flexemr.model.source import ModelSource
 from flexemr.planner import ModelProfile, place
 from flexemr.planner.calibration import LookupCost
 from flexemr.planner.placement import Strategy

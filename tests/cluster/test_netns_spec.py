@@ -13,7 +13,8 @@ import pytest
 from flexemr.cli.main import main
 from flexemr.client import Client
 from flexemr.cluster.child import AnnouncedProcess
-from flexemr.config import ClusterSpec, ModelSource
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.cluster.helpers import ENV, FLEXEMR, netns_bed, start_servers
 from tests.core.helpers import random_batch, reference_scores

@@ -13,7 +13,9 @@ import pytest
 
 from flexemr.client import Client
 from flexemr.cluster.ray_resources import server_memory
-from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint, RankerConfig
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.conftest import start_serve

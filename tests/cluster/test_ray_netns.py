@@ -29,7 +29,7 @@ from flexemr.client import Client
 from flexemr.cluster.child import AnnouncedProcess
 from flexemr.cluster.netns import NetnsBed
 from flexemr.cluster.ray_resources import server_memory
-from flexemr.config import ModelSource
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan, replicated
 from tests.cluster.helpers import ENV, FLEXEMR, netns_bed

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import time
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -30,3 +35,22 @@ def reference_scores(model: DLRM, dense: np.ndarray, indices: np.ndarray, length
             torch.from_numpy(dense), torch.from_numpy(indices), torch.from_numpy(lengths)
         )
     return out.numpy()
+
+
+def freeze(pid: int, timeout: float = 30) -> None:
+    """SIGSTOP `pid` and return once every one of its threads is stopped. `kill` returns before
+    that: the signal stops one thread, which then stops the others, and on a busy machine another
+    thread may still run (and answer a request) for a while."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    tasks = Path(f"/proc/{pid}/task")
+    while not all(_state(stat) == "T" for stat in tasks.glob("*/stat")):
+        assert time.monotonic() < deadline, f"process {pid} did not stop within {timeout} s"
+        time.sleep(0.01)
+
+
+def _state(stat: Path) -> str:
+    try:
+        return stat.read_text().rpartition(")")[2].split()[0]  # the field after the command name
+    except FileNotFoundError:
+        return "T"  # the thread has exited

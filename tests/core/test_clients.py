@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flexemr.client import Client, InferenceError
-from flexemr.config import ModelSource
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess, start_serve
 from tests.core.helpers import random_batch, reference_scores

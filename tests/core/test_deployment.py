@@ -8,7 +8,9 @@ import pytest
 
 from flexemr.batch import SparseBatch
 from flexemr.cluster.deployment import LocalDeployment
-from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint, RankerConfig
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.planner import ModelProfile, place
 from tests.core.helpers import random_batch, reference_scores

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from flexemr.cluster.local import LocalCluster
-from flexemr.config import ClusterSpec, Endpoint, ModelSource
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint
+from flexemr.model.source import ModelSource
 from flexemr.protocol.frames import (
     DESCRIPTOR,
     HEADER,

@@ -17,7 +17,7 @@ import tritonclient.http as triton_http
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from flexemr.config import ModelSource
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess, start_serve
 from tests.core.helpers import random_batch, reference_scores

@@ -15,7 +15,7 @@ import pytest
 
 from flexemr.api.http import RateLimitedWarnings
 from flexemr.cluster.roles import http_listener
-from flexemr.config import ModelSource
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess, start_serve
 from tests.core.helpers import random_batch, reference_scores

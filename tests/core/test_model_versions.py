@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from flexemr.cluster.security import admin_token
-from flexemr.config import ModelSource
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess
 from tests.core.helpers import random_batch, reference_scores

@@ -8,7 +8,8 @@ from typing import Any, cast
 
 import pytest
 
-from flexemr.config import ModelSource, RankerConfig
+from flexemr.config import RankerConfig
+from flexemr.model.source import ModelSource
 from flexemr.ranker.model_versions import ModelVersions, UnknownVersion, VersionConflict
 from flexemr.ranker.ranker import Ranker
 

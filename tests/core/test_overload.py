@@ -19,7 +19,7 @@ import httpx
 import numpy as np
 import pytest
 
-from flexemr.config import ModelSource
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess, start_serve
 from tests.core.helpers import random_batch, reference_scores

@@ -21,11 +21,12 @@ import torch
 
 from flexemr.cluster.redis_server import RedisServer
 from flexemr.cluster.security import identities
-from flexemr.config import ClusterSpec, ModelSource
+from flexemr.cluster.spec import ClusterSpec
 from flexemr.engine import IoEngine
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess
-from tests.core.helpers import reference_scores
+from tests.core.helpers import freeze, reference_scores
 from tests.core.test_http import infer_body
 
 # Multi-process (`make test-fast` leaves them out); clusters start slowly on a loaded machine.
@@ -94,7 +95,7 @@ def test_a_killed_consumer_resumes_without_loss_or_duplicates(
         first = consumer(spec_path, redis_server.url, log)
         started.append(first)
         wait_for(lambda: group(client)["read"] >= ENTRIES // 4, 120, "the consumer to start")
-        first.send_signal(signal.SIGSTOP)  # a still picture of the group, then the kill
+        freeze(first.pid)  # a still picture of the group, then the kill
         at_kill = group(client)
         first.kill()
         first.wait(30)

@@ -23,7 +23,9 @@ import pytest
 
 from flexemr.cli.main import main
 from flexemr.cluster.roles import build_ranker
-from flexemr.config import ClusterSpec, Endpoint, ModelSource
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.ranker.admission import Admission
 from flexemr.sharding.plan import make_plan, replicated
@@ -31,7 +33,7 @@ from flexemr.sharding.router import RangeRouter, Uncovered
 from flexemr.transport.base import LookupRequest, NoReplica, ServerUnavailable
 from flexemr.transport.local import LocalTransport
 from tests.conftest import ServeProcess
-from tests.core.helpers import random_batch, reference_scores
+from tests.core.helpers import freeze, random_batch, reference_scores
 from tests.core.test_http import infer_body
 
 SOURCE = ModelSource(preset="tiny", seed=3)
@@ -191,7 +193,7 @@ def test_two_replicas_survive_a_kill_and_a_stop(serve: Callable[..., ServeProces
     assert len(children) == 4
     with httpx.Client(base_url=server.url, timeout=60) as client:
         # a hung (SIGSTOPped) replica is routed around
-        os.kill(children[1], signal.SIGSTOP)
+        freeze(children[1])
         try:
             stopped = Load(server.url, 20)
             stopped.join()

@@ -17,7 +17,9 @@ import pytest
 
 from flexemr.client import Client, InferenceError
 from flexemr.cluster.local import LocalCluster
-from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, RankerConfig
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint, EngineConfig, RankerConfig
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores

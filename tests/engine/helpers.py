@@ -19,10 +19,12 @@ import pytest
 
 from flexemr.cluster.local import READY_PREFIX, LocalCluster
 from flexemr.cluster.security import identities
-from flexemr.config import ClusterSpec, Endpoint, EngineConfig, ModelSource, NodeLimits
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint, EngineConfig, NodeLimits
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
+from flexemr.model.source import ModelSource
 from flexemr.protocol.frames import Flags, FrameLimits, MessageType, encode
 from flexemr.protocol.handshake import Hello, client_handshake, new_nonce
 from flexemr.sharding.plan import ShardingPlan, make_plan

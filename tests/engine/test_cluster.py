@@ -13,7 +13,8 @@ import pytest
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
 from flexemr.cluster.security import identities
-from flexemr.config import ClusterSpec, EngineConfig
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import EngineConfig
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
 from flexemr.model.weights import build_monolithic

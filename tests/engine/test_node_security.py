@@ -18,10 +18,12 @@ import pytest
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
 from flexemr.cluster.security import identities
-from flexemr.config import ClusterSpec, Endpoint, ModelSource, SecurityConfig
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint, SecurityConfig
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.protocol.frames import (
     ConnectionClosed,

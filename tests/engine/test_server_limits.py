@@ -20,10 +20,12 @@ import pytest
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import HttpServer, build_ranker
 from flexemr.cluster.security import identities
-from flexemr.config import ClusterSpec, EngineConfig, NodeLimits
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import EngineConfig, NodeLimits
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
 from flexemr.transport.base import ServerUnavailable
+from tests.core.helpers import freeze
 from tests.engine.helpers import dial, random_request, reference, server_process, thread_servers, tiny_spec
 from tests.engine.test_node_security import wait_for
 
@@ -118,7 +120,7 @@ def test_a_stopped_server_turns_not_ready_fails_fast_and_comes_back() -> None:
                 c.sock is not None and c.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
                 for c in engine._connections
             )
-            os.kill(pid, signal.SIGSTOP)
+            freeze(pid)
             try:
                 rng = np.random.default_rng(1)
                 stuck = [
@@ -128,7 +130,8 @@ def test_a_stopped_server_turns_not_ready_fails_fast_and_comes_back() -> None:
                 assert engine.connected() == [False, True]
                 _, not_done = wait(stuck, timeout=30)  # no timeout of their own: only the heartbeat ends them
                 assert not not_done
-                assert all(isinstance(f.exception(), ServerUnavailable) for f in stuck)
+                errors = [f.exception() for f in stuck]
+                assert all(isinstance(e, ServerUnavailable) for e in errors), errors
                 assert engine.health[0].state == "stalled"
                 check_lookups(engine, spec, 1, seed=2)  # the other server serves on
             finally:

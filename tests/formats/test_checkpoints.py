@@ -13,8 +13,10 @@ import torch
 
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
-from flexemr.config import ClusterSpec, Endpoint, ModelSource
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint
 from flexemr.model.checkpoints import CheckpointError
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores

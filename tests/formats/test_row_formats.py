@@ -12,10 +12,12 @@ import torch
 
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
-from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint, RankerConfig
 from flexemr.embedding_server.storage import DramStorage
 from flexemr.embedding_server.store import ShardStore
 from flexemr.model import rows as stored_rows
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import Shard, ShardingPlan, make_plan
 from tests.core.helpers import random_batch, reference_scores

@@ -13,10 +13,12 @@ import pytest
 from flexemr.bench.cgroup import memory_cgroup, oom_kills
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker, local_servers_need
-from flexemr.config import ClusterSpec, Endpoint, ModelSource, StorageConfig
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint, StorageConfig
 from flexemr.embedding_server.storage import FileStorage
 from flexemr.embedding_server.store import ShardStore
 from flexemr.memory import NotEnoughMemory
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import WeightSource, build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores

@@ -20,11 +20,13 @@ from flexemr.api.metrics import RequestMetrics
 from flexemr.cli.main import main
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
-from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig, SecurityConfig
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint, RankerConfig, SecurityConfig
 from flexemr.engine import IoEngine
 from flexemr.engine.link import ServerLink, links
 from flexemr.model import rows as stored_rows
 from flexemr.model.dlrm import DLRM
+from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.protocol.frames import MessageType
 from flexemr.protocol.updates import StagedRows

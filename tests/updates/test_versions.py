@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from flexemr.config import ModelSource
 from flexemr.embedding_server.storage import DramStorage, FileStorage
 from flexemr.embedding_server.store import BadSubrequest, ShardStore
 from flexemr.embedding_server.versions import RowVersions, StaleVersion
 from flexemr.model import rows as stored_rows
+from flexemr.model.source import ModelSource
 from flexemr.protocol.updates import BadUpdate, StagedRows
 from flexemr.sharding.plan import make_plan
 

@@ -28,9 +28,10 @@ from flexemr.bench.loadgen_sut import (
 )
 from flexemr.bench.systems import SYSTEMS, ApiProtocol, ServedSystem, cache_hit_rate, wire_bytes
 from flexemr.cluster.deployment import cpu_seconds
-from flexemr.config import ModelSource, ShardingConfig
+from flexemr.model.source import ModelSource
 from flexemr.model.spec import DEFAULT_ZIPF_SKEW
 from flexemr.model.weights import build_monolithic
+from flexemr.sharding.plan import ShardingConfig
 from flexemr.workload import data_dir
 from flexemr.workload.query_sizes import QuerySizes
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload

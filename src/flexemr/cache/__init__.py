@@ -13,24 +13,15 @@ One concept per module:
 
 from flexemr.cache.cost_gate import CostGate, CostGateConfig
 from flexemr.cache.load_monitor import LoadDecision, LoadMonitor, LoadMonitorConfig
-from flexemr.cache.manager import (
-    AdaptiveCacheManager,
-    CacheConfig,
-    CacheMode,
-    CacheStats,
-    ResizeEvent,
-    WarmRequest,
-)
+from flexemr.cache.manager import AdaptiveCacheManager, CacheConfig, CacheStats, ResizeEvent, WarmRequest
 from flexemr.cache.memory_model import MemoryModel
 from flexemr.cache.pooling import CachedPart, cached_partial_sums
 from flexemr.cache.row_cache import RowCache
-from flexemr.cache.sizes import parse_bytes
 from flexemr.cache.sketch import FrequencySketch
 
 __all__ = [
     "AdaptiveCacheManager",
     "CacheConfig",
-    "CacheMode",
     "CacheStats",
     "CachedPart",
     "CostGate",
@@ -44,5 +35,4 @@ __all__ = [
     "RowCache",
     "WarmRequest",
     "cached_partial_sums",
-    "parse_bytes",
 ]

@@ -49,38 +49,17 @@ from flexemr.cache.load_monitor import LoadMonitor, LoadMonitorConfig, LoadState
 from flexemr.cache.memory_model import MemoryModel
 from flexemr.cache.pooling import CachedPart, cached_partial_sums
 from flexemr.cache.row_cache import DEFAULT_WAYS, RowCache
-from flexemr.cache.sizes import parse_bytes
 from flexemr.cache.sketch import FrequencySketch
+from flexemr.config import CacheMode
 from flexemr.model.dlrm import DenseArch
 from flexemr.stats import Count
 
-ModeKind = Literal["off", "fixed", "adaptive"]
 WireMode = Literal["partial", "raw"]
 INVALIDATION_LOG = 256
 """Invalidation batches remembered for checking admits against their fetch token."""
 OBSERVED_BACKLOG = 64
 """Batch samples waiting to be counted; beyond this the oldest are dropped (the warming thread
 is behind, and recent traffic says more about what is hot)."""
-
-
-@dataclass(frozen=True)
-class CacheMode:
-    kind: ModeKind = "off"
-    fixed_bytes: int = 0
-    """Capacity of the `fixed` mode."""
-
-    @classmethod
-    def parse(cls, text: str) -> CacheMode:
-        """`off`, `adaptive` or `fixed:BYTES` (BYTES like 4096, 64MiB, 1.5GB)."""
-        name, _, size = text.strip().partition(":")
-        if name == "fixed" and size:
-            return cls("fixed", parse_bytes(size))
-        if name in ("off", "adaptive") and not size:
-            return cls(name)  # type: ignore[arg-type]
-        raise ValueError(f"cache mode must be off, fixed:BYTES (e.g. fixed:64MiB) or adaptive, got {text!r}")
-
-    def __str__(self) -> str:
-        return f"fixed:{self.fixed_bytes}" if self.kind == "fixed" else self.kind
 
 
 @dataclass(frozen=True)

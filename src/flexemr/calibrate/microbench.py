@@ -32,8 +32,10 @@ from scipy.optimize import nnls
 
 from flexemr.batch import SparseBatch
 from flexemr.cluster.deployment import LocalDeployment, RoundRobinBackend, cpu_seconds
-from flexemr.config import ClusterSpec, Endpoint, ModelSource, RankerConfig
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint, RankerConfig
 from flexemr.model.dlrm import DenseArch
+from flexemr.model.source import ModelSource
 from flexemr.model.spec import ModelSpec
 from flexemr.planner.calibration import Calibration, DenseCost, LookupCost, NetworkCost, ServingCost
 from flexemr.planner.inputs import ModelProfile

@@ -17,8 +17,7 @@ import types
 import typing
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
 
-from flexemr.cache.sizes import parse_bytes
-from flexemr.config import Flag
+from flexemr.config import Flag, parse_bytes
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance

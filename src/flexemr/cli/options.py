@@ -6,19 +6,12 @@ import argparse
 import dataclasses
 
 from flexemr.cli.flags import add_flags, given, over
-from flexemr.config import (
-    ClusterSpec,
-    Endpoint,
-    EngineConfig,
-    ModelSource,
-    RankerConfig,
-    SecurityConfig,
-    ShardingConfig,
-    StorageConfig,
-)
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint, EngineConfig, RankerConfig, SecurityConfig, StorageConfig
 from flexemr.model.presets import PRESET_NAMES
+from flexemr.model.source import ModelSource
 from flexemr.model.spec import DEFAULT_ZIPF_SKEW
-from flexemr.sharding.plan import ShardingPlan, replicated
+from flexemr.sharding.plan import ShardingConfig, ShardingPlan, replicated
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -17,7 +17,8 @@ from flexemr.cluster.roles import (
     start_grpc,
     torch_threads,
 )
-from flexemr.config import ClusterSpec, EngineConfig, RankerConfig, SecurityConfig
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import EngineConfig, RankerConfig, SecurityConfig
 from flexemr.memory import NotEnoughMemory
 from flexemr.transport.base import ConfigMismatch, ServerUnavailable
 

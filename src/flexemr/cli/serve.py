@@ -34,7 +34,9 @@ from flexemr.cluster.roles import (
     torch_threads,
 )
 from flexemr.cluster.security import load_secret
-from flexemr.config import ClusterSpec, Endpoint, ModelSource
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint
+from flexemr.model.source import ModelSource
 from flexemr.ranker.model_versions import Loader
 from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import Strategy, make_plan, replicated

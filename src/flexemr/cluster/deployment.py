@@ -25,7 +25,7 @@ from flexemr.batch import SparseBatch
 from flexemr.client import Client
 from flexemr.cluster.child import AnnouncedProcess
 from flexemr.cluster.local import LocalCluster
-from flexemr.config import ClusterSpec
+from flexemr.cluster.spec import ClusterSpec
 
 
 def start_ranker(

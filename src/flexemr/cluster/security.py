@@ -13,7 +13,9 @@ import socket
 import ssl
 from pathlib import Path
 
-from flexemr.config import ClusterSpec, ModelSource, SecurityConfig
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import SecurityConfig
+from flexemr.model.source import ModelSource
 from flexemr.protocol.handshake import Identity
 from flexemr.sharding.plan import ShardingPlan
 

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from flexemr.cluster.security import client_tls, identities, load_secret
-from flexemr.config import ClusterSpec, Endpoint
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.config import Endpoint
 from flexemr.engine.dial import Dialer
 from flexemr.protocol.frames import (
     Frame,

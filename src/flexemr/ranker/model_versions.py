@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.config import ClusterSpec, ModelSource
+from flexemr.cluster.spec import ClusterSpec
+from flexemr.model.source import ModelSource
 from flexemr.ranker.ranker import Ranker
 from flexemr.updates import RowUpdates, Updater
 

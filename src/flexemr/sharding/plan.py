@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
+
+from flexemr.config import flag
 
 Strategy = Literal["auto", "table", "row"]
 STRATEGIES: tuple[Strategy, ...] = ("auto", "table", "row")
@@ -175,3 +177,41 @@ def make_plan(strategy: Strategy, table_rows: tuple[int, ...], dim: int, num_ser
     if strategy == "row":
         return row_wise(table_rows, dim, num_servers)
     raise ValueError(f"sharding must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """How a model is sharded when no plan file is given (`make_plan`), and its copies."""
+
+    embedding_servers: int = field(
+        default=2, metadata=flag("--embedding-servers", "number of embedding servers (per copy)")
+    )
+    strategy: Strategy = field(
+        default="auto",
+        metadata=flag(
+            "--sharding",
+            "whole tables per server (table), every table split over all servers (row), or table when "
+            "that balances bytes within 10% of the mean, else row (auto)",
+        ),
+    )
+    replicas: int = field(
+        default=1,
+        metadata=flag(
+            "--replicas",
+            "copies of each server's shards, each on its own server (R x the servers); the ranker "
+            "balances over them and fails over between them",
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"sharding must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.embedding_servers < 1 or self.replicas < 1:
+            raise ValueError(
+                f"embedding_servers and replicas must be at least 1, got {self.embedding_servers}, "
+                f"{self.replicas}"
+            )
+
+    def plan(self, table_rows: tuple[int, ...], dim: int) -> ShardingPlan:
+        """The plan of these settings for tables of `table_rows` rows of `dim` columns."""
+        return replicated(make_plan(self.strategy, table_rows, dim, self.embedding_servers), self.replicas)
