@@ -38,7 +38,6 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import torch
@@ -50,11 +49,10 @@ from flexemr.cache.memory_model import MemoryModel
 from flexemr.cache.pooling import CachedPart, cached_partial_sums
 from flexemr.cache.row_cache import DEFAULT_WAYS, RowCache
 from flexemr.cache.sketch import FrequencySketch
-from flexemr.config import CacheMode
+from flexemr.config import CacheMode, LookupMode
 from flexemr.model.dlrm import DenseArch
 from flexemr.stats import Count
 
-WireMode = Literal["partial", "raw"]
 INVALIDATION_LOG = 256
 """Invalidation batches remembered for checking admits against their fetch token."""
 OBSERVED_BACKLOG = 64
@@ -70,7 +68,7 @@ class CacheConfig:
     """`off`, `fixed:BYTES` or `adaptive`."""
     ways: int = DEFAULT_WAYS
     """Associativity: rows one set holds (LRU within a set)."""
-    wire: WireMode = "partial"
+    wire: LookupMode = "partial"
     """The ranker's lookup mode; only changes how `bytes_saved` is counted."""
     max_bytes: int | None = None
     """`adaptive`: never grow beyond this (None: as far as the memory model allows)."""
