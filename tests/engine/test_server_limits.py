@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flexemr.api.http_server import HttpServer
 from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import HttpServer, build_ranker
+from flexemr.cluster.roles import build_ranker
 from flexemr.cluster.security import identities
 from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import EngineConfig, NodeLimits

@@ -12,10 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from flexemr.api.http_server import HttpServer
 from flexemr.cli.options import add_sharding_arguments, add_zipf_skew_argument, sharding_plan
 from flexemr.client import Client
 from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import HttpServer, build_ranker
+from flexemr.cluster.roles import build_ranker
 from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, RankerConfig
 from flexemr.model.source import ModelSource

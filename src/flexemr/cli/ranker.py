@@ -7,10 +7,10 @@ import dataclasses
 import logging
 import sys
 
+from flexemr.api.http_server import HttpServer
 from flexemr.cli.flags import add_flags, over
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.roles import (
-    HttpServer,
     build_ranker,
     ranker_threads,
     served_versions,

@@ -22,11 +22,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from flexemr.api.http_server import HttpServer
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.local import ClusterStartError, LocalCluster
 from flexemr.cluster.roles import (
-    HttpServer,
     build_ranker,
     ranker_threads,
     served_versions,

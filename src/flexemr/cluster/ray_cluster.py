@@ -31,8 +31,9 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from flexemr.api.http_server import HttpServer
 from flexemr.cluster.ray_resources import replica_groups, server_memory
-from flexemr.cluster.roles import HttpServer, build_embedding_server, build_ranker
+from flexemr.cluster.roles import build_embedding_server, build_ranker
 from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
 from flexemr.engine import IoEngine
