@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from flexemr.api.front_door import FrontDoor
 from flexemr.api.http_server import HttpServer
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
@@ -25,6 +26,7 @@ from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import EngineConfig, NodeLimits
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
+from flexemr.ranker.model_versions import ModelVersions
 from flexemr.transport.base import ServerUnavailable
 from tests.core.helpers import freeze
 from tests.engine.helpers import dial, random_request, reference, server_process, thread_servers, tiny_spec
@@ -111,7 +113,7 @@ def test_a_stopped_server_turns_not_ready_fails_fast_and_comes_back() -> None:
         ranker = build_ranker(spec, connect_timeout_s=60)
         assert isinstance(ranker.transport, IoEngine)
         engine = ranker.transport
-        http = HttpServer(ranker, "127.0.0.1", 0)
+        http = HttpServer(FrontDoor(ModelVersions(ranker), ranker.config), "127.0.0.1", 0)
         http.start_in_thread()
         pid = local.pids[0]
         try:

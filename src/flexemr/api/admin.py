@@ -24,8 +24,9 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from flexemr.api.bodies import BodyTooLarge, read_body
+from flexemr.api.front_door import ErrorKind, FrontDoor, Rejected, classify
 from flexemr.model.source import ModelSource
-from flexemr.ranker.model_versions import ModelVersion, ModelVersions, UnknownVersion, VersionConflict
+from flexemr.ranker.model_versions import ModelVersion, VersionConflict
 
 log = logging.getLogger(__name__)
 
@@ -35,34 +36,37 @@ MAX_ADMIN_BODY = 64 * 2**10
 _SOURCE_PARAMETERS = {"checkpoint": str, "preset": str, "seed": int, "row_scale": float}
 
 
-class AdminRefused(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
+STATUS = {
+    ErrorKind.INVALID_INPUT: 400,
+    ErrorKind.UNAUTHORIZED: 401,
+    ErrorKind.FORBIDDEN: 403,
+    ErrorKind.UNKNOWN_MODEL: 404,
+    ErrorKind.CONFLICT: 409,
+    ErrorKind.TOO_LARGE: 413,
+}
+"""HTTP status of each kind of admin failure; any other is a logged 503 and nothing changed."""
 
 
 def check_admin(request: Request, token: str | None) -> None:
-    """`AdminRefused` (401/403) unless the request carries the admin bearer token."""
+    """`Rejected` (401/403) unless the request carries the admin bearer token."""
     if token is None:
-        raise AdminRefused(403, "the admin API is off: this ranker has no cluster secret (--secret-file)")
+        raise Rejected(
+            ErrorKind.FORBIDDEN, "the admin API is off: this ranker has no cluster secret (--secret-file)"
+        )
     scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise AdminRefused(401, "header Authorization: needs 'Bearer <admin token of the cluster secret>'")
+        raise Rejected(
+            ErrorKind.UNAUTHORIZED, "header Authorization: needs 'Bearer <admin token of the cluster secret>'"
+        )
 
 
 def error_response(exc: Exception, failed: str) -> JSONResponse:
     """The status and message of an admin request's failure; what broke inside (`failed`: what
     did not happen) is a logged 503, and nothing changed."""
-    if isinstance(exc, AdminRefused):
-        status = exc.status
-    elif isinstance(exc, UnknownVersion):
-        status = 404
-    elif isinstance(exc, VersionConflict):
-        status = 409
-    elif isinstance(exc, ValueError):
-        status = 400
-    else:
-        status = 503
+    # Parameters are checked by the dataclasses they build: their ValueError names the field.
+    kind = ErrorKind.INVALID_INPUT if isinstance(exc, ValueError) else classify(exc)
+    status = STATUS.get(kind, 503)
+    if status == 503:
         log.error("%s", failed, exc_info=exc)
     response = JSONResponse({"error": str(exc) if status < 503 else f"{failed}: {exc}"}, status_code=status)
     if status == 401:
@@ -75,16 +79,16 @@ async def admin_parameters(request: Request) -> dict[str, Any]:
     try:
         body = await read_body(request, MAX_ADMIN_BODY)
     except BodyTooLarge:
-        raise AdminRefused(413, f"admin request body exceeds {MAX_ADMIN_BODY} bytes") from None
+        raise Rejected(ErrorKind.TOO_LARGE, f"admin request body exceeds {MAX_ADMIN_BODY} bytes") from None
     if not body.strip():
         return {}
     try:
         parsed = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise AdminRefused(400, f"malformed JSON: {exc}") from None
+        raise Rejected(ErrorKind.INVALID_INPUT, f"malformed JSON: {exc}") from None
     params = parsed.get("parameters", {}) if isinstance(parsed, dict) else None
     if not isinstance(params, dict):
-        raise AdminRefused(400, "the body must be a JSON object with a 'parameters' object")
+        raise Rejected(ErrorKind.INVALID_INPUT, "the body must be a JSON object with a 'parameters' object")
     return params
 
 
@@ -92,44 +96,50 @@ def new_source(current: ModelSource, params: dict[str, Any]) -> ModelSource:
     """The served model's source with the weights `params` name (same model options otherwise)."""
     unknown = sorted(set(params) - set(_SOURCE_PARAMETERS))
     if unknown:
-        raise AdminRefused(
-            400, f"parameters: unknown {unknown}; give version, or {sorted(_SOURCE_PARAMETERS)}"
+        raise Rejected(
+            ErrorKind.INVALID_INPUT,
+            f"parameters: unknown {unknown}; give version, or {sorted(_SOURCE_PARAMETERS)}",
         )
     for key, kind in _SOURCE_PARAMETERS.items():
         value = params.get(key)
         if value is not None and (type(value) is not kind and not (kind is float and type(value) is int)):
-            raise AdminRefused(400, f"parameters.{key} must be a {kind.__name__}, got {value!r}")
+            raise Rejected(
+                ErrorKind.INVALID_INPUT, f"parameters.{key} must be a {kind.__name__}, got {value!r}"
+            )
     changes: dict[str, Any] = {k: v for k, v in params.items() if k in ("seed", "row_scale")}
     if "checkpoint" in params:
         if not Path(params["checkpoint"]).is_file():
-            raise AdminRefused(
-                400, f"parameters.checkpoint: no such file {params['checkpoint']!r} on the ranker"
+            raise Rejected(
+                ErrorKind.INVALID_INPUT,
+                f"parameters.checkpoint: no such file {params['checkpoint']!r} on the ranker",
             )
         changes.update(checkpoint=params["checkpoint"], preset=None)
     elif "preset" in params:
         changes.update(preset=params["preset"], checkpoint=None)
     if not changes:
-        raise AdminRefused(400, "parameters: give checkpoint (or preset, seed, row_scale), or version")
+        raise Rejected(
+            ErrorKind.INVALID_INPUT, "parameters: give checkpoint (or preset, seed, row_scale), or version"
+        )
     try:
         return dataclasses.replace(current, **changes)
     except ValueError as exc:
-        raise AdminRefused(400, f"parameters: {exc}") from None
+        raise Rejected(ErrorKind.INVALID_INPUT, f"parameters: {exc}") from None
 
 
-def admin_routes(models: ModelVersions, model_name: str) -> APIRouter:
+def admin_routes(door: FrontDoor) -> APIRouter:
     router = APIRouter()
+    models, model_name = door.models, door.model_name
 
     def answer(version: ModelVersion) -> dict[str, str]:
         return {"name": model_name, "version": version.name, "serving": models.serving.name}
 
     async def admin(request: Request, name: str) -> dict[str, Any]:
         check_admin(request, models.admin_token)
-        if name != model_name:
-            raise AdminRefused(404, f"unknown model {name!r}; this server serves {model_name!r}")
+        door.check_model(name)
         params = await admin_parameters(request)
         version = params.pop("version", None)
         if version is not None and (not isinstance(version, str) or params):
-            raise AdminRefused(400, "parameters.version must be a string, given alone")
+            raise Rejected(ErrorKind.INVALID_INPUT, "parameters.version must be a string, given alone")
         return {"version": version, **params}
 
     def refused(exc: Exception) -> JSONResponse:  # e.g. the new version's servers did not start
@@ -156,7 +166,9 @@ def admin_routes(models: ModelVersions, model_name: str) -> APIRouter:
         try:
             params = await admin(request, name)
             if len(params) > 1:
-                raise AdminRefused(400, f"parameters: unload takes version only, got {sorted(params)}")
+                raise Rejected(
+                    ErrorKind.INVALID_INPUT, f"parameters: unload takes version only, got {sorted(params)}"
+                )
             return answer(await run_in_threadpool(models.unload, params["version"] or ""))
         except Exception as exc:
             return refused(exc)

@@ -4,9 +4,10 @@ as Triton serves it), so `tritonclient.grpc` talks to flexemr unmodified.
 The service definitions are the generated stubs that ship with `tritonclient[grpc]` (Triton's
 `grpc_service.proto`, a superset of KServe's `grpc_predict_v2.proto`): no proto is compiled here.
 Inputs and validation are the HTTP front's (`flexemr.api.kserve`); scoring is the same
-`Ranker.score` call. Client mistakes get INVALID_ARGUMENT naming the field, an unknown model
-NOT_FOUND, a lookup that cannot complete UNAVAILABLE (nothing is scored from partial rows),
-overload RESOURCE_EXHAUSTED; anything else is INTERNAL and logged. RPCs the service defines but
+front door (`flexemr.api.front_door`); each error kind has its status code (`CODE`): client
+mistakes get INVALID_ARGUMENT naming the field, an unknown model NOT_FOUND, a lookup that cannot
+complete UNAVAILABLE (nothing is scored from partial rows), overload RESOURCE_EXHAUSTED; anything
+else is INTERNAL and logged. RPCs the service defines but
 flexemr does not serve (repository control, shared memory, statistics) answer UNIMPLEMENTED.
 """
 
@@ -21,8 +22,10 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
+from flexemr.api.front_door import ErrorKind, FrontDoor
 from flexemr.api.kserve import (
     OUTPUT,
+    InferRequest,
     TensorSpec,
     check_header,
     model_config,
@@ -30,15 +33,23 @@ from flexemr.api.kserve import (
     model_metadata,
 )
 from flexemr.batch import InvalidRequest
-from flexemr.ranker.admission import Dropped, Refused
-from flexemr.ranker.model_versions import ModelVersions, UnknownVersion
-from flexemr.ranker.ranker import Ranker
-from flexemr.transport.base import LookupFailed, ServerUnavailable
 
 log = logging.getLogger(__name__)
 
 MAX_MESSAGE_BYTES = 256 * 2**20
 """Largest request message, the HTTP front's body limit."""
+
+CODE = {
+    ErrorKind.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.UNKNOWN_MODEL: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.TOO_LARGE: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.REFUSED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.DEADLINE: grpc.StatusCode.DEADLINE_EXCEEDED,
+    ErrorKind.DISCONNECTED: grpc.StatusCode.CANCELLED,
+    ErrorKind.SERVER_UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.LOOKUP_FAILED: grpc.StatusCode.UNAVAILABLE,
+}
+"""gRPC status of each kind of failure; any other is INTERNAL."""
 
 _TYPED_CONTENTS = {"FP32": "fp32_contents", "INT32": "int_contents", "INT64": "int64_contents"}
 """Where `InferTensorContents` keeps each datatype's values."""
@@ -86,20 +97,21 @@ def decode_inputs(request: Any, inputs: list[TensorSpec]) -> dict[str, np.ndarra
 
 
 class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    def __init__(self, models: ModelVersions, model_name: str) -> None:
-        self.models = models
-        self.ranker = models.ranker  # admission, turns and config: shared by every version
-        self.model_name = model_name
-        self.inputs = model_inputs(self.ranker.spec)
+    def __init__(self, door: FrontDoor) -> None:
+        self.door = door
+        self.models = door.models
+        self.model_name = door.model_name
+        self.inputs = model_inputs(self.models.ranker.spec)  # every version takes the same inputs
 
     def _check_model(self, name: str, version: str, context: grpc.ServicerContext) -> None:
-        if name != self.model_name:
-            _abort(context, grpc.StatusCode.NOT_FOUND,
-                   f"model_name: unknown model {name!r}; this server serves {self.model_name!r}")  # fmt: skip
-        loaded = self.models.names()
-        if version and version not in loaded:
-            _abort(context, grpc.StatusCode.NOT_FOUND,
-                   f"model_version: model {name!r} has versions {loaded}, not {version!r}")  # fmt: skip
+        try:
+            self.door.check_model(name, version)
+        except Exception as exc:
+            self._fail(exc, context)
+
+    def _fail(self, exc: Exception, context: grpc.ServicerContext) -> NoReturn:
+        failed = self.door.failure(exc)
+        _abort(context, CODE.get(failed.kind, grpc.StatusCode.INTERNAL), failed.message)
 
     def ServerLive(self, request: Any, context: grpc.ServicerContext) -> Any:
         return service_pb2.ServerLiveResponse(live=True)
@@ -119,7 +131,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         meta = model_metadata(
             self.models.ranker.spec,
             self.model_name,
-            self.ranker.config.max_batch,
+            self.door.config.max_batch,
             self.models.names(),
             self.models.serving.name,
         )
@@ -144,57 +156,28 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         return service_pb2.RepositoryIndexResponse(models=[index(**entry) for entry in self.models.index()])
 
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
-        self._check_model(request.model_name, request.model_version, context)
-        try:
-            with self.models.use(request.model_version) as chosen:  # in flight: finishes on its version
-                return self._infer(chosen.ranker, chosen.name, request, context)
-        except UnknownVersion as exc:  # unloaded since `_check_model` looked
-            _abort(context, grpc.StatusCode.NOT_FOUND, f"model_version: {exc}")
-
-    def _infer(self, scorer: Ranker, version: str, request: Any, context: grpc.ServicerContext) -> Any:
-        admission = self.ranker.admission
         # The client's gRPC deadline is the request's deadline; without one, the configured default.
         remaining = context.time_remaining()
-        timeout_s = self.ranker.config.deadline_s if remaining is None else min(remaining, 3600.0)
         try:
-            ticket = admission.arrive(timeout_s)
-        except Refused as exc:
-            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        context.add_callback(ticket.client_gone)  # runs when the RPC ends: cancelled, or answered
-        try:
-            with self.ranker.turns.turn():
-                ticket.check()
-                tensors = decode_inputs(request, self.inputs)
-                dense = tensors["dense_features"]
-                admission.admit(ticket, dense.shape[0])
-                scores = scorer.score(dense, tensors["sparse_indices"], tensors["sparse_lengths"], ticket)
-        except InvalidRequest as exc:
-            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except Refused as exc:
-            _abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except Dropped as exc:
-            admission.dropped(exc)
-            code = (
-                grpc.StatusCode.DEADLINE_EXCEEDED if exc.reason == "deadline" else grpc.StatusCode.CANCELLED
-            )
-            _abort(context, code, f"{exc}; nothing was computed")
-        except (ServerUnavailable, LookupFailed) as exc:
-            _abort(context, grpc.StatusCode.UNAVAILABLE, f"lookup failed, nothing was scored: {exc}")
-        except Exception:
-            log.exception("inference failed")
-            _abort(context, grpc.StatusCode.INTERNAL, "internal error; see the ranker's log")
-        finally:
-            admission.release(ticket)
+            self.door.check_model(request.model_name, request.model_version)
+            with self.door.request(None if remaining is None else min(remaining, 3600.0)) as ticket:
+                context.add_callback(ticket.client_gone)  # runs when the RPC ends: cancelled, or answered
+                scored = self.door.score(ticket, request.model_version, lambda: self._decode(request))
+        except Exception as exc:  # every failure gets its code; internal ones are logged
+            self._fail(exc, context)
         output = service_pb2.ModelInferResponse.InferOutputTensor(
-            name=OUTPUT.name, datatype=OUTPUT.datatype, shape=list(scores.shape)
+            name=OUTPUT.name, datatype=OUTPUT.datatype, shape=list(scored.scores.shape)
         )
         return service_pb2.ModelInferResponse(
             model_name=self.model_name,
-            model_version=version,
+            model_version=scored.version,
             id=request.id,
             outputs=[output],
-            raw_output_contents=[scores.astype("<f4").tobytes()],
+            raw_output_contents=[scored.scores.astype("<f4").tobytes()],
         )
+
+    def _decode(self, request: Any) -> InferRequest:
+        return InferRequest(request.id, decode_inputs(request, self.inputs), binary_output=True)
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
@@ -205,7 +188,7 @@ def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -
 class GrpcServer:
     """A gRPC server for the ranker on `host:port` (0: any free port; `port` is the real one)."""
 
-    def __init__(self, models: ModelVersions, host: str, port: int, workers: int = 16) -> None:
+    def __init__(self, door: FrontDoor, host: str, port: int, workers: int = 16) -> None:
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             # RPCs beyond this many in flight are refused at once (RESOURCE_EXHAUSTED), not queued.
@@ -216,9 +199,7 @@ class GrpcServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceService(models, models.ranker.config.model_name), self.server
-        )
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(door), self.server)
         self.host = host
         self.port = self.server.add_insecure_port(f"{host}:{port}")
         if self.port == 0:

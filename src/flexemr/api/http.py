@@ -1,12 +1,14 @@
 """The ranker's HTTP front end: KServe v2 / Open Inference Protocol.
 
-Client mistakes get a 4xx with a message naming the field and value, and are not logged: 400 for
-bad input, 413 for a body over the limit (chunked too, refused as soon as it passes), 429 with
-Retry-After when admission refuses (`flexemr.ranker.admission`), 504 when the request's deadline
-(`Flexemr-Timeout-Ms` header, or the configured default) passed before its work started. A lookup
-that cannot complete gets 503 (nothing is scored from partial rows); anything else is a 500 logged
-with its traceback. Scoring runs in the thread pool so requests overlap; health, metadata and stats
-run on the event loop, so inference never delays them.
+Requests enter through the process's front door (`flexemr.api.front_door`), which admits, decides
+the deadline and version, and names what went wrong; this module decodes, encodes and maps each
+error kind to its status (`STATUS`): 400 for bad input, 413 for a body over the limit (chunked too,
+refused as soon as it passes), 429 with Retry-After when admission refuses, 504 when the request's
+deadline (`Flexemr-Timeout-Ms` header, or the configured default) passed before its work started,
+503 for a lookup that cannot complete (nothing is scored from partial rows), and a logged 500 for
+anything else. The infer route is served outside FastAPI's middleware and routing (the hot path);
+scoring runs in a worker thread so requests overlap; health, metadata and stats run on the event
+loop, so inference never delays them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import threading
 import time
 from typing import Any
@@ -24,11 +27,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flexemr.api.admin import admin_routes
 from flexemr.api.bodies import BodyTooLarge, read_body
+from flexemr.api.front_door import ErrorKind, FrontDoor, Rejected
 from flexemr.api.kserve import (
     HEADER_LENGTH,
+    InferRequest,
     encode_infer_response,
     model_config,
     model_inputs,
@@ -38,10 +44,7 @@ from flexemr.api.kserve import (
 from flexemr.api.metrics import RequestMetrics
 from flexemr.api.updates import update_routes
 from flexemr.batch import InvalidRequest
-from flexemr.ranker.admission import Dropped, Refused, Ticket
-from flexemr.ranker.model_versions import ModelVersions, UnknownVersion
-from flexemr.ranker.ranker import Ranker
-from flexemr.transport.base import LookupFailed, ServerUnavailable
+from flexemr.ranker.admission import Dropped, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +52,19 @@ TIMEOUT_HEADER = "flexemr-timeout-ms"
 MAX_TIMEOUT_MS = 3_600_000
 JSON_EXPANSION = 16
 """JSON bodies may be this much smaller than binary ones: orjson makes each number a Python object."""
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+STATUS = {
+    ErrorKind.INVALID_INPUT: 400,
+    ErrorKind.UNKNOWN_MODEL: 400,
+    ErrorKind.TOO_LARGE: 413,
+    ErrorKind.REFUSED: 429,
+    ErrorKind.DISCONNECTED: 499,  # nobody reads it
+    ErrorKind.SERVER_UNAVAILABLE: 503,
+    ErrorKind.LOOKUP_FAILED: 503,
+    ErrorKind.DEADLINE: 504,
+}
+"""HTTP status of each kind of failed inference; any other is a 500."""
 
 
 class RateLimitedWarnings(logging.Filter):
@@ -99,11 +115,10 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(models: ModelVersions, model_name: str) -> FastAPI:
-    # Admission, turns and config are shared by every version; scoring, health, metadata are each one's.
-    ranker = models.ranker
-    spec = ranker.spec
-    inputs = model_inputs(spec)
+def create_app(door: FrontDoor) -> ASGIApp:
+    """The KServe v2 HTTP app: the infer route served directly, every other route by FastAPI."""
+    models, model_name, config = door.models, door.model_name, door.config
+    inputs = model_inputs(models.ranker.spec)  # every version takes the same inputs
     app = FastAPI(title="flexemr", description="DLRM serving over the KServe v2 protocol")
 
     @app.exception_handler(StarletteHTTPException)
@@ -111,14 +126,19 @@ def create_app(models: ModelVersions, model_name: str) -> FastAPI:
         # KServe's error shape ({"error": ...}), which tritonclient reads, instead of FastAPI's.
         return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
 
-    metrics = RequestMetrics(models.stats)
-    app.include_router(admin_routes(models, model_name))
-    app.include_router(update_routes(models, model_name, metrics.registry))
+    metrics = RequestMetrics(door.stats)
+    app.include_router(admin_routes(door))
+    app.include_router(update_routes(door, metrics.registry))
 
-    def failure(status: int, kind: str, message: str) -> JSONResponse:
+    def failure(exc: BaseException) -> JSONResponse:
+        failed = door.failure(exc)
+        status = STATUS.get(failed.kind, 500)
         metrics.requests.labels(str(status)).inc()
-        metrics.errors.labels(kind).inc()
-        return _error(status, message)
+        metrics.errors.labels(failed.kind).inc()
+        response = _error(status, failed.message)
+        if failed.kind is ErrorKind.REFUSED:
+            response.headers["retry-after"] = "1"
+        return response
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
@@ -139,18 +159,17 @@ def create_app(models: ModelVersions, model_name: str) -> FastAPI:
         )
 
     def unknown(name: str, version: str) -> JSONResponse | None:
-        if name != model_name:
-            return failure(400, "unknown_model", f"unknown model {name!r}; this server serves {model_name!r}")
-        loaded = models.names()
-        if version and version not in loaded:
-            return failure(400, "unknown_model", f"model {name!r} has versions {loaded}, not {version!r}")
+        try:
+            door.check_model(name, version)
+        except Rejected as exc:
+            return failure(exc)
         return None
 
     @app.get("/v2/models/{name}", response_model=None)
     @app.get("/v2/models/{name}/versions/{version}", response_model=None)
     async def get_model_metadata(name: str, version: str = "") -> JSONResponse | dict[str, Any]:
         return unknown(name, version) or model_metadata(
-            models.ranker.spec, model_name, ranker.config.max_batch, models.names(), models.serving.name
+            models.ranker.spec, model_name, config.max_batch, models.names(), models.serving.name
         )
 
     @app.get("/v2/models/{name}/ready", response_model=None)
@@ -169,26 +188,14 @@ def create_app(models: ModelVersions, model_name: str) -> FastAPI:
 
     @app.get("/v2/stats")
     async def stats() -> dict[str, Any]:
-        return models.stats()
+        return door.stats()
 
     @app.get("/metrics")
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(name: str, request: Request, version: str = "") -> Response:
-        refusal = unknown(name, version)
-        if refusal is not None:
-            return refusal
-        try:
-            with models.use(version) as chosen:  # requests in flight finish on the version they took
-                return await infer_with(chosen.ranker, chosen.name, request)
-        except UnknownVersion as exc:  # unloaded since `unknown` looked
-            return failure(400, "unknown_model", str(exc))
-
-    async def infer_with(scorer: Ranker, version: str, request: Request) -> Response:
-        limit = ranker.config.max_body_bytes
+    async def infer(request: Request, name: str, version: str) -> Response:
+        limit = config.max_body_bytes
         json_limit = limit // JSON_EXPANSION
         json_error = (
             f"the JSON part of a request may be at most {json_limit} bytes (1/{JSON_EXPANSION} of the body "
@@ -196,77 +203,60 @@ def create_app(models: ModelVersions, model_name: str) -> FastAPI:
         )
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return failure(413, "too_large", f"request body of {declared} bytes exceeds {limit}")
+            return failure(Rejected(ErrorKind.TOO_LARGE, f"request body of {declared} bytes exceeds {limit}"))
         header_length = request.headers.get(HEADER_LENGTH)
         if header_length is not None and header_length.isdigit() and int(header_length) > json_limit:
-            return failure(413, "too_large", json_error)
-        try:
-            timeout_s = request_timeout(request.headers.get(TIMEOUT_HEADER), ranker.config.deadline_s)
-            ticket = ranker.admission.arrive(timeout_s)
-        except InvalidRequest as exc:
-            return failure(400, "invalid_input", str(exc))
-        except Refused as exc:
-            return refused(exc)
+            return failure(Rejected(ErrorKind.TOO_LARGE, json_error))
         watcher: asyncio.Task[None] | None = None
         try:
-            body = await read_body(request, limit if header_length is not None else json_limit)
-            watcher = asyncio.create_task(watch_disconnect(request, ticket))
-            with metrics.latency.time():
-                response = await run_in_threadpool(_infer, scorer, version, body, header_length, ticket)
-        except BodyTooLarge:
-            message = f"request body exceeds {limit} bytes" if header_length is not None else json_error
-            return failure(413, "too_large", message)
-        except ClientDisconnect:
-            ranker.admission.dropped(Dropped("disconnected", "the client disconnected"))
-            return failure(499, "disconnected", "the client disconnected")  # nobody reads it
+            door.check_model(name, version)
+            timeout_s = request_timeout(request.headers.get(TIMEOUT_HEADER), config.deadline_s)
+            with door.request(timeout_s) as ticket:
+                try:
+                    body = await read_body(request, limit if header_length is not None else json_limit)
+                except BodyTooLarge:
+                    message = (
+                        f"request body exceeds {limit} bytes" if header_length is not None else json_error
+                    )
+                    raise Rejected(ErrorKind.TOO_LARGE, message) from None
+                except ClientDisconnect:
+                    raise Dropped("disconnected", "the client disconnected") from None
+                watcher = asyncio.create_task(watch_disconnect(request, ticket))
+                with metrics.latency.time():
+                    response = await run_in_threadpool(score, ticket, version, body, header_length)
         except Exception as exc:  # every failure gets its status; internal ones are logged
-            return error_response(exc)
+            return failure(exc)
         finally:
             if watcher is not None:
                 watcher.cancel()
-            ranker.admission.release(ticket)
         metrics.requests.labels("200").inc()
         return response
 
-    def error_response(exc: Exception) -> JSONResponse:
-        """The client's mistakes are 4xx and not logged; failed lookups 503; anything else a logged 500."""
-        if isinstance(exc, InvalidRequest):
-            return failure(400, "invalid_input", str(exc))
-        if isinstance(exc, Refused):
-            return refused(exc)
-        if isinstance(exc, Dropped):
-            ranker.admission.dropped(exc)
-            if exc.reason == "deadline":
-                return failure(504, "deadline", f"{exc}; nothing was computed")
-            return failure(499, "disconnected", str(exc))
-        if isinstance(exc, ServerUnavailable):
-            return failure(503, "server_unavailable", f"lookup failed, nothing was scored: {exc}")
-        if isinstance(exc, LookupFailed):
-            return failure(503, "lookup_failed", f"lookup failed, nothing was scored: {exc}")
-        log.error("inference failed", exc_info=exc)
-        return failure(500, "internal", "internal error; see the ranker's log")
-
-    def refused(exc: Refused) -> JSONResponse:
-        response = failure(429, "refused", str(exc))
-        response.headers["retry-after"] = "1"
-        return response
-
-    def _infer(
-        scorer: Ranker, version: str, body: bytearray, header_length: str | None, ticket: Ticket
-    ) -> Response:
-        with ranker.turns.turn():
-            ticket.check()  # the turn may have come late
+    def score(ticket: Ticket, version: str, body: bytearray, header_length: str | None) -> Response:
+        def decode() -> InferRequest:
             parsed = parse_infer_request(body, header_length, inputs)
             body.clear()  # parsed: the raw bytes are not needed while scoring
-            dense = parsed.tensors["dense_features"]
-            ranker.admission.admit(ticket, dense.shape[0])
-            scores = scorer.score(
-                dense, parsed.tensors["sparse_indices"], parsed.tensors["sparse_lengths"], ticket
-            )
-            metrics.batch_size.observe(dense.shape[0])
-            content, headers = encode_infer_response(
-                model_name, parsed.id, "scores", scores, parsed.binary_output, version
-            )
+            return parsed
+
+        scored = door.score(ticket, version, decode)
+        metrics.batch_size.observe(scored.scores.shape[0])
+        content, headers = encode_infer_response(
+            model_name,
+            scored.request.id,
+            "scores",
+            scored.scores,
+            scored.request.binary_output,
+            scored.version,
+        )
         return Response(content, headers=headers)
 
-    return app
+    async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = INFER_PATH.fullmatch(scope["path"])
+            if route is not None:
+                response = await infer(Request(scope, receive), route[1], route[2] or "")
+                await response(scope, receive, send)
+                return
+        await app(scope, receive, send)
+
+    return serve

@@ -10,9 +10,8 @@ import time
 
 import uvicorn
 
+from flexemr.api.front_door import FrontDoor
 from flexemr.api.http import RateLimitedWarnings, create_app
-from flexemr.ranker.model_versions import ModelVersions
-from flexemr.ranker.ranker import Ranker
 
 
 def _raise_system_exit(signum: int, frame: object) -> None:
@@ -33,14 +32,11 @@ def http_listener(host: str, port: int, reuse_port: bool = False) -> socket.sock
 class HttpServer:
     """uvicorn on a socket we bind ourselves, so port 0 works and the real port is known at once."""
 
-    def __init__(
-        self, ranker: Ranker | ModelVersions, host: str, port: int, reuse_port: bool = False
-    ) -> None:
+    def __init__(self, door: FrontDoor, host: str, port: int, reuse_port: bool = False) -> None:
         self.socket = http_listener(host, port, reuse_port)
         self.host = host
         self.port = self.socket.getsockname()[1]
-        models = ranker if isinstance(ranker, ModelVersions) else ModelVersions(ranker)
-        app = create_app(models, models.ranker.config.model_name)
+        app = create_app(door)
         logging.getLogger("uvicorn.error").addFilter(RateLimitedWarnings())  # clients' bad HTTP
         config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
         self.server = uvicorn.Server(config)

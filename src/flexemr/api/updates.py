@@ -23,11 +23,11 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry
 from starlette.concurrency import run_in_threadpool
 
-from flexemr.api.admin import AdminRefused, check_admin, error_response
+from flexemr.api.admin import check_admin, error_response
 from flexemr.api.bodies import BodyTooLarge, read_body
+from flexemr.api.front_door import ErrorKind, FrontDoor, Rejected
 from flexemr.api.kserve import HEADER_LENGTH, TensorSpec, parse_infer_request
 from flexemr.batch import InvalidRequest
-from flexemr.ranker.model_versions import ModelVersions
 from flexemr.updates import RowUpdates
 from flexemr.updates.metrics import UpdateMetrics
 
@@ -52,7 +52,9 @@ def read_npz(body: bytes | bytearray, limit: int) -> dict[str, np.ndarray]:
                 raise InvalidRequest(f"body: the npz lacks array(s) {missing} (needs {list(ARRAYS)})")
             unpacked = sum(data.zip.getinfo(f"{name}.npy").file_size for name in ARRAYS)
             if unpacked > limit:
-                raise AdminRefused(413, f"body: the npz arrays unpack to {unpacked} bytes, over {limit}")
+                raise Rejected(
+                    ErrorKind.TOO_LARGE, f"body: the npz arrays unpack to {unpacked} bytes, over {limit}"
+                )
             return {name: data[name] for name in ARRAYS}
     except (ValueError, OSError, zipfile.BadZipFile, KeyError) as exc:
         if isinstance(exc, InvalidRequest):
@@ -83,8 +85,9 @@ def idempotency(request: Request) -> tuple[str, int | None]:
     return source, int(sequence)
 
 
-def update_routes(models: ModelVersions, model_name: str, registry: CollectorRegistry) -> APIRouter:
+def update_routes(door: FrontDoor, registry: CollectorRegistry) -> APIRouter:
     router = APIRouter()
+    models, model_name = door.models, door.model_name
     metrics = UpdateMetrics(registry)
 
     @router.post("/v2/models/{name}/updates", response_model=None)
@@ -93,16 +96,15 @@ def update_routes(models: ModelVersions, model_name: str, registry: CollectorReg
         limit = models.ranker.config.max_body_bytes
         try:
             check_admin(request, models.admin_token)
-            if name != model_name:
-                raise AdminRefused(404, f"unknown model {name!r}; this server serves {model_name!r}")
+            door.check_model(name)
             source, sequence = idempotency(request)
             declared = request.headers.get("content-length")
             if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise AdminRefused(413, f"request body of {declared} bytes exceeds {limit}")
+                raise Rejected(ErrorKind.TOO_LARGE, f"request body of {declared} bytes exceeds {limit}")
             try:
                 body = await read_body(request, limit)
             except BodyTooLarge:
-                raise AdminRefused(413, f"request body exceeds {limit} bytes") from None
+                raise Rejected(ErrorKind.TOO_LARGE, f"request body exceeds {limit} bytes") from None
             with models.use() as version:  # its servers stay up until the update is answered
                 dim = version.ranker.spec.dim
                 updates = parse_updates(

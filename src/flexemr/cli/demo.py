@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from flexemr.api.front_door import FrontDoor
 from flexemr.api.http_server import HttpServer
 from flexemr.cli.options import add_sharding_arguments, add_zipf_skew_argument, sharding_plan
 from flexemr.client import Client
@@ -21,6 +22,7 @@ from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, RankerConfig
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
+from flexemr.ranker.model_versions import ModelVersions
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
 
 
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     endpoints = tuple(Endpoint() for _ in range(plan.num_servers))
     with LocalCluster(ClusterSpec(source, plan, endpoints, RankerConfig(port=0))) as cluster:
         ranker = build_ranker(cluster.spec)
-        http = HttpServer(ranker, "127.0.0.1", 0)
+        http = HttpServer(FrontDoor(ModelVersions(ranker), ranker.config), "127.0.0.1", 0)
         http.start_in_thread()
         print(f"cluster ready at {http.url}; sending {args.requests} requests of {args.batch} samples")
         latencies: list[float] = []

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import sys
 
+from flexemr.api.front_door import FrontDoor
 from flexemr.api.http_server import HttpServer
 from flexemr.cli.flags import add_flags, over
 from flexemr.cluster.child import exit_when_stdin_closes
@@ -54,16 +55,17 @@ def run(args: argparse.Namespace) -> int:
         torch_threads(ranker_threads(spec.ranker.torch_threads, beside=0))  # servers run elsewhere
         ranker = build_ranker(spec, connect_timeout_s=args.connect_timeout)
         models = served_versions(spec, ranker, cluster=spec)  # servers started elsewhere: no loading
+        door = FrontDoor(models, ranker.config)
     except (ValueError, OSError, ServerUnavailable, ConfigMismatch, NotEnoughMemory) as exc:
         print(f"flexemr ranker: {exc}", file=sys.stderr)
         return 2
     try:
-        grpc = start_grpc(models)
+        grpc = start_grpc(door)
     except (RuntimeError, OSError) as exc:
         print(f"flexemr ranker: {exc}", file=sys.stderr)
         ranker.close()
         return 2
-    http = HttpServer(models, spec.ranker.host, spec.ranker.port, args.reuse_port)
+    http = HttpServer(door, spec.ranker.host, spec.ranker.port, args.reuse_port)
     grpc_note = f" grpc={grpc.address}" if grpc is not None else ""
     print(f"flexemr ranker ready: {http.url} model={spec.ranker.model_name}{grpc_note}", flush=True)
     http.run()

@@ -22,6 +22,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from flexemr.api.front_door import FrontDoor
 from flexemr.api.http_server import HttpServer
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
 from flexemr.cluster.child import exit_when_stdin_closes
@@ -182,13 +183,14 @@ def run(args: argparse.Namespace) -> int:
             cluster = spec if args.embedding_tier == "flexemr" else None
             models = served_versions(spec, ranker, loader, first.pop_all().close, cluster)
             stack.callback(models.close)
-            grpc = start_grpc(models)
+            door = FrontDoor(models, ranker.config)
+            grpc = start_grpc(door)
         except (ClusterStartError, FileNotFoundError, RuntimeError, OSError, ValueError) as exc:
             print(f"flexemr serve: {exc}", file=sys.stderr)
             return 1
         if grpc is not None:
             stack.callback(grpc.stop)
-        http = HttpServer(models, spec.ranker.host, spec.ranker.port, reuse_port=args.rankers > 1)
+        http = HttpServer(door, spec.ranker.host, spec.ranker.port, reuse_port=args.rankers > 1)
         spec = dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, port=http.port))
         if args.spec_out:
             spec.save(args.spec_out)

@@ -31,12 +31,14 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from flexemr.api.front_door import FrontDoor
 from flexemr.api.http_server import HttpServer
 from flexemr.cluster.ray_resources import replica_groups, server_memory
 from flexemr.cluster.roles import build_embedding_server, build_ranker
 from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
 from flexemr.engine import IoEngine
+from flexemr.ranker.model_versions import ModelVersions
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +111,11 @@ class RankerActor:
                 "a ranker on Ray follows restarted servers through the I/O engine: not --engine tcp"
             )
         self.engine = self.ranker.transport
-        self.http = HttpServer(self.ranker, ray.util.get_node_ip_address(), spec.ranker.port)
+        self.http = HttpServer(
+            FrontDoor(ModelVersions(self.ranker), self.ranker.config),
+            ray.util.get_node_ip_address(),
+            spec.ranker.port,
+        )
         self.http.start_in_thread()
         self._stop = threading.Event()
         threading.Thread(target=self._follow, args=(poll_s,), daemon=True, name="follow-servers").start()

@@ -24,6 +24,7 @@ from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupTransport
 
 if TYPE_CHECKING:
+    from flexemr.api.front_door import FrontDoor
     from flexemr.api.grpc import GrpcServer
 
 log = logging.getLogger(__name__)
@@ -128,16 +129,16 @@ def served_versions(
     return ModelVersions(ranker, spec.model, loader, stop, cluster, admin_token=token)
 
 
-def start_grpc(models: ModelVersions) -> GrpcServer | None:
+def start_grpc(door: FrontDoor) -> GrpcServer | None:
     """The ranker's KServe v2 gRPC front, serving, if its config names a gRPC port."""
-    ranker = models.ranker
-    if ranker.config.grpc_port is None:
+    config = door.config
+    if config.grpc_port is None:
         return None
     try:
         from flexemr.api.grpc import GrpcServer
     except ImportError as exc:
         raise RuntimeError(f"--grpc-port needs the grpc extra: pip install 'flexemr[grpc]' ({exc})") from None
-    return GrpcServer(models, ranker.config.host, ranker.config.grpc_port)
+    return GrpcServer(door, config.host, config.grpc_port)
 
 
 def torch_threads(n: int) -> None:

@@ -7,8 +7,8 @@
 
 Each version is a whole `Ranker` (dense model, router, transport to its own embedding servers,
 cache), so no request ever mixes two versions. Front ends take a version per request with
-`use()`, which counts its users: a version is closed only once nobody uses it. The versions share
-one admission bound and one set of turns, so to clients they are one ranker.
+`use()`, which counts its users: a version is closed only once nobody uses it. The process's front
+door (`flexemr.api.front_door`) admits requests for all of them, so to clients they are one ranker.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from flexemr.batch import InvalidRequest
 from flexemr.cluster.spec import ClusterSpec
 from flexemr.model.source import ModelSource
 from flexemr.ranker.ranker import Ranker
@@ -167,7 +168,6 @@ class ModelVersions:
                     self._unload(version)
             ranker, stop, cluster = self.loader(source)
             try:
-                ranker.adopt_front(self._serving.ranker)
                 warm(ranker)
             except BaseException:
                 ranker.close()
@@ -269,7 +269,7 @@ def check_same_inputs(ranker: Ranker, source: ModelSource) -> None:
     new = source.spec()
     old = ranker.spec
     if (new.num_dense, new.num_tables) != (old.num_dense, old.num_tables):
-        raise ValueError(
+        raise InvalidRequest(
             f"parameters: the new model takes {new.num_dense} dense features and {new.num_tables} "
             f"tables, the served one {old.num_dense} and {old.num_tables}; clients' requests would not fit"
         )

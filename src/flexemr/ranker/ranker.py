@@ -30,10 +30,10 @@ from flexemr.config import RankerConfig
 from flexemr.engine.link import ServerLink
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
-from flexemr.ranker.admission import Admission, Ticket
+from flexemr.ranker.admission import Ticket
 from flexemr.ranker.batcher import DynamicBatcher
 from flexemr.ranker.replicas import ReplicaLoad
-from flexemr.ranker.turns import Turns
+from flexemr.ranker.turns import PROCESS_TURNS
 from flexemr.ranker.versions import ReadVersion
 from flexemr.sharding.plan import ShardingPlan
 from flexemr.sharding.router import RangeRouter, Subrequest, Uncovered
@@ -50,8 +50,6 @@ from flexemr.transport.base import (
 
 log = logging.getLogger(__name__)
 
-MAX_REQUESTS_BEING_READ = 64
-"""Requests whose bodies are being received or parsed at once (each at most the body limit)."""
 MAX_VERSION_RETRIES = 4
 """Times a request is pooled again after the rows' version moved under it, before it fails."""
 
@@ -89,8 +87,7 @@ class Ranker:
         """Subrequests sent again to another replica after theirs failed or did not answer."""
         self._waiting = 0  # samples accepted and not yet scored: the load monitor's queue depth
         self._lock = threading.Lock()
-        self.turns = Turns()
-        self.admission = Admission(config.in_flight_limit, MAX_REQUESTS_BEING_READ)
+        self.turns = PROCESS_TURNS  # given up while waiting; the caller takes one per request
         self.cache = self._make_cache()
         self.versions = None if links is None else ReadVersion(links, self.cache)
         self._stop = threading.Event()
@@ -103,11 +100,6 @@ class Ranker:
             if config.batch_window_ms > 0
             else None
         )
-
-    def adopt_front(self, other: Ranker) -> None:
-        """Share `other`'s admission bound and turns (before serving anything): versions of one
-        model loaded side by side in one process are one ranker to its clients."""
-        self.admission, self.turns = other.admission, other.turns
 
     def _make_cache(self) -> AdaptiveCacheManager | None:
         if self.config.cache == "off":
@@ -132,22 +124,22 @@ class Ranker:
         """Click probabilities float32 [B]. Raises `InvalidRequest` for bad input,
         `ServerUnavailable` / `LookupFailed` when a lookup cannot complete, and `Dropped` when the
         ticket's deadline passes (or its client leaves) before the work starts. With dynamic batching
-        on, the request may be scored together with others that arrive at about the same time."""
-        with self.turns.turn():
-            if ticket is not None:
-                ticket.check()
-            batch = SparseBatch(dense, indices, lengths)
-            batch.check(self.spec, self.config.max_batch, self.config.max_indices_per_sample)
+        on, the request may be scored together with others that arrive at about the same time.
+        A caller holding a turn (the front door takes one per request) gives it up while this waits."""
+        if ticket is not None:
+            ticket.check()
+        batch = SparseBatch(dense, indices, lengths)
+        batch.check(self.spec, self.config.max_batch, self.config.max_indices_per_sample)
+        with self._lock:
+            self._waiting += batch.batch_size
+        try:
+            if self.batcher is None:
+                return self.score_batch(batch, ticket)
+            with self.turns.waiting():
+                return self.batcher.submit(batch, ticket).result()
+        finally:
             with self._lock:
-                self._waiting += batch.batch_size
-            try:
-                if self.batcher is None:
-                    return self.score_batch(batch, ticket)
-                with self.turns.waiting():
-                    return self.batcher.submit(batch, ticket).result()
-            finally:
-                with self._lock:
-                    self._waiting -= batch.batch_size
+                self._waiting -= batch.batch_size
 
     def _score_batch_in_turn(self, batch: SparseBatch) -> np.ndarray:
         with self.turns.turn():
@@ -335,7 +327,6 @@ class Ranker:
                 "outstanding": self.load.outstanding(),  # per server (the transport says which is down)
             },
             "transport": self.transport.stats(),
-            "admission": self.admission.stats(),
         }
         if self.cache is not None:
             cache = self.cache.stats()

@@ -52,3 +52,8 @@ class Turns:
         finally:
             self._lock.acquire()
             self._held.value = True
+
+
+PROCESS_TURNS = Turns()
+"""The process's turns: it has one interpreter lock, so every ranker and model version in it, and
+the front door that takes a turn per request, share one set."""
