@@ -38,7 +38,15 @@ class HttpServer:
         self.port = self.socket.getsockname()[1]
         app = create_app(door)
         logging.getLogger("uvicorn.error").addFilter(RateLimitedWarnings())  # clients' bad HTTP
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
+        loop = "uvloop" if door.config.http_parser == "httptools" else "asyncio"
+        config = uvicorn.Config(
+            app,
+            http=door.config.http_parser,
+            loop=loop,
+            log_level="warning",
+            access_log=False,
+            timeout_keep_alive=30,
+        )
         self.server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
 
