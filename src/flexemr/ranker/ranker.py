@@ -47,6 +47,7 @@ from flexemr.transport.base import (
     Stale,
     SubrequestRefused,
 )
+from flexemr.transport.local import LocalTransport
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,10 @@ class Ranker:
         self._lock = threading.Lock()
         self.turns = PROCESS_TURNS  # given up while waiting; the caller takes one per request
         self.cache = self._make_cache()
+        self._whole_store = (
+            transport.stores[0] if isinstance(transport, LocalTransport) and self.router.identity else None
+        )
+        """The store holding every row at its key, in this process (the local tier), or None."""
         self.versions = None if links is None else ReadVersion(links, self.cache)
         self._stop = threading.Event()
         self._warmer: threading.Thread | None = None
@@ -189,8 +194,12 @@ class Ranker:
         request's) if it comes before the lookup timeout, at `version` (`Stale` if a server is
         at another)."""
         keys = self.router.keys(batch.indices, batch.rows_per_table)
-        pooled = torch.zeros(batch.lengths.size, self.spec.dim, device=self.device)
         raw = self.config.lookup == "raw"
+        if self._whole_store is not None and self.cache is None and not raw:
+            # The local tier: one call pools the batch, in the kernel and order a server would.
+            sums = torch.from_numpy(self._whole_store.pooled(keys, batch.offsets[:-1])).to(self.device)
+            return self._finish_pooling(sums, batch)
+        pooled = torch.zeros(batch.lengths.size, self.spec.dim, device=self.device)
         remote_keys, remote_lengths = keys, batch.lengths
         cache = self.cache
         if cache is not None:  # the cached rows are summed into `pooled`; the servers see the rest
@@ -209,9 +218,13 @@ class Ranker:
                 fetched_rows.append(rows)
         if cache is not None:  # raw rows are cached; the lookup is timed for the cost gate
             cache.finish(plan, fetched_keys, fetched_rows)
+        return self._finish_pooling(pooled, batch)
+
+    def _finish_pooling(self, sums: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
+        """[T*B, D] bag sums -> [B, T, D] pooled embeddings (means, for mean pooling)."""
         if self.spec.pooling == "mean":
-            pooled /= torch.from_numpy(batch.lengths).to(self.device).clamp(min=1).unsqueeze(1)
-        return pooled.view(batch.num_tables, batch.batch_size, self.spec.dim).transpose(0, 1)
+            sums /= torch.from_numpy(batch.lengths).to(self.device).clamp(min=1).unsqueeze(1)
+        return sums.view(batch.num_tables, batch.batch_size, self.spec.dim).transpose(0, 1)
 
     def _lookup(
         self,

@@ -104,6 +104,11 @@ class RangeRouter:
             for s in range(plan.num_servers)
         ]
 
+    @property
+    def identity(self) -> bool:
+        """One server holds every row at its global key (a local tier): routing changes nothing."""
+        return self.plan.num_servers == 1 and self.replicas == 1 and not self._holder_shift.any()
+
     def coverable(self, usable: np.ndarray) -> bool:
         """Whether every row has a holder among the `usable` servers (bool [servers])."""
         return bool(usable[self._holders].any(axis=1).all())
