@@ -19,12 +19,12 @@ import math
 import re
 import threading
 import time
+from concurrent.futures import Executor
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -115,8 +115,9 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(door: FrontDoor) -> ASGIApp:
-    """The KServe v2 HTTP app: the infer route served directly, every other route by FastAPI."""
+def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
+    """The KServe v2 HTTP app: the infer route served directly, every other route by FastAPI;
+    inference is scored on `workers` (one thread hop per request)."""
     models, model_name, config = door.models, door.model_name, door.config
     inputs = model_inputs(models.ranker.spec)  # every version takes the same inputs
     app = FastAPI(title="flexemr", description="DLRM serving over the KServe v2 protocol")
@@ -223,7 +224,10 @@ def create_app(door: FrontDoor) -> ASGIApp:
                     raise Dropped("disconnected", "the client disconnected") from None
                 watcher = asyncio.create_task(watch_disconnect(request, ticket))
                 with metrics.latency.time():
-                    response = await run_in_threadpool(score, ticket, version, body, header_length)
+                    loop = asyncio.get_running_loop()
+                    response = await loop.run_in_executor(
+                        workers, score, ticket, version, body, header_length
+                    )
         except Exception as exc:  # every failure gets its status; internal ones are logged
             return failure(exc)
         finally:

@@ -7,11 +7,15 @@ import signal
 import socket
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import uvicorn
 
 from flexemr.api.front_door import FrontDoor
 from flexemr.api.http import RateLimitedWarnings, create_app
+
+SCORING_THREADS = 16
+"""Requests scored at once (each takes a turn for its Python; waits, such as lookups, overlap)."""
 
 
 def _raise_system_exit(signum: int, frame: object) -> None:
@@ -36,7 +40,8 @@ class HttpServer:
         self.socket = http_listener(host, port, reuse_port)
         self.host = host
         self.port = self.socket.getsockname()[1]
-        app = create_app(door)
+        self.workers = ThreadPoolExecutor(SCORING_THREADS, thread_name_prefix="infer")
+        app = create_app(door, self.workers)
         logging.getLogger("uvicorn.error").addFilter(RateLimitedWarnings())  # clients' bad HTTP
         loop = "uvloop" if door.config.http_parser == "httptools" else "asyncio"
         config = uvicorn.Config(
@@ -83,3 +88,4 @@ class HttpServer:
         if self._thread is not None:
             self._thread.join(10)
         self.socket.close()
+        self.workers.shutdown(wait=False)
