@@ -131,6 +131,7 @@ class FrontDoor:
         holds until it is answered. Call it in a worker thread: it computes."""
         with self.models.use(version) as chosen, self.turns.turn():
             ticket.check()  # the turn may have come late
+            self.admission.started(ticket)
             request = decode()
             dense = request.tensors["dense_features"]
             self.admission.admit(ticket, dense.shape[0])

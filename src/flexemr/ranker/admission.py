@@ -1,9 +1,12 @@
-"""Admission control: a bounded number of samples in flight, and a deadline on every request.
+"""Admission control: a bounded number of samples in flight, requests in flight bounded by their
+queueing delay (`flexemr.ranker.latency_limit`), and a deadline on every request.
 
-Any front end (HTTP, gRPC) drives one `Admission` per ranker the same way:
+The process's front door (`flexemr.api.front_door`) drives its one `Admission`:
 
-    ticket = admission.arrive(timeout_s)  # Refused: too many requests still being read (429)
-    ...read and parse the body...
+    ticket = admission.arrive(timeout_s)  # Refused: full, or too many requests in flight (429)
+    ...read the body; take a turn...
+    admission.started(ticket)             # how long it waited sizes the requests' limit
+    ...parse the body...
     admission.admit(ticket, batch_size)   # Refused: the samples would pass the bound (429)
     ranker.score(..., ticket=ticket)      # Dropped: deadline passed or client gone, not computed
     admission.release(ticket)             # always, in a finally
@@ -20,6 +23,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import Literal
+
+from flexemr.ranker.latency_limit import LatencyLimit
 
 
 class Refused(RuntimeError):
@@ -41,6 +46,7 @@ class Ticket:
     deadline: float
     """time.monotonic() after which the request's work is dropped."""
     timeout_s: float
+    arrived: float = field(default_factory=time.monotonic)
     samples: int = 0
     """Samples admitted (0 while the body is being read)."""
     _gone: threading.Event = field(default_factory=threading.Event)
@@ -60,27 +66,35 @@ class Admission:
     """Counts samples in flight (admitted, not yet answered) and requests still being read.
 
     `max_samples` bounds the work and memory of parsed requests; `max_pending` bounds the bodies
-    being received and parsed (each at most the body limit), whose size is not known yet."""
+    being received and parsed (each at most the body limit), whose size is not known yet; `limit`
+    bounds the requests in flight by their queueing delay (default: a `LatencyLimit` from 8 requests)."""
 
-    def __init__(self, max_samples: int, max_pending: int) -> None:
+    def __init__(self, max_samples: int, max_pending: int, limit: LatencyLimit | None = None) -> None:
         if max_samples < 1 or max_pending < 1:
             raise ValueError(f"need max_samples >= 1 and max_pending >= 1, got {max_samples}, {max_pending}")
         self.max_samples = max_samples
         self.max_pending = max_pending
+        self.limit = limit or LatencyLimit()
         self._lock = threading.Lock()
-        self.samples = self.pending = 0
+        self.samples = self.pending = self.requests = 0
         self.counts = {"admitted": 0, "refused": 0, "dropped_deadline": 0, "dropped_disconnected": 0}
 
     def arrive(self, timeout_s: float) -> Ticket:
         """A ticket for a request that just arrived, or `Refused` when the ranker is full."""
         with self._lock:
-            if self.samples >= self.max_samples or self.pending >= self.max_pending:
+            if (
+                self.samples >= self.max_samples
+                or self.pending >= self.max_pending
+                or self.requests >= self.limit.limit
+            ):
                 self.counts["refused"] += 1
                 raise Refused(
                     f"the ranker is full ({self.samples} of {self.max_samples} samples in flight, "
-                    f"{self.pending} requests being read); retry later"
+                    f"{self.pending} requests being read, {self.requests} requests in flight of "
+                    f"{self.limit.limit} its latency allows); retry later"
                 )
             self.pending += 1
+            self.requests += 1
         return Ticket(time.monotonic() + timeout_s, timeout_s)
 
     def admit(self, ticket: Ticket, samples: int) -> None:
@@ -97,6 +111,12 @@ class Admission:
             ticket.samples = samples
             self.counts["admitted"] += 1
 
+    def started(self, ticket: Ticket) -> None:
+        """The request's work starts (it has its turn): how long it waited sizes the limit."""
+        now = time.monotonic()
+        with self._lock:
+            self.limit.observe(now - ticket.arrived, self.requests, now)
+
     def dropped(self, exc: Dropped) -> None:
         with self._lock:
             self.counts[f"dropped_{exc.reason}"] += 1
@@ -108,6 +128,7 @@ class Admission:
                 self.samples -= ticket.samples
             else:
                 self.pending -= 1
+            self.requests -= 1
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -115,5 +136,7 @@ class Admission:
                 "samples_in_flight": self.samples,
                 "samples_limit": self.max_samples,
                 "requests_being_read": self.pending,
+                "requests_in_flight": self.requests,
+                "requests_limit": self.limit.limit,
                 **{f"{kind}_requests": n for kind, n in self.counts.items()},
             }
