@@ -13,9 +13,10 @@ import re
 from collections import Counter, defaultdict
 
 WAITING = re.compile(
-    r"^(?:\w+\.)?(select|poll|epoll_wait|wait|acquire|sleep|get|run_forever|_run_once|run|accept) \("
+    r"^(?:\w+\.)?(select|poll|epoll_wait|wait|acquire|sleep|get|run_forever|_run_once|run|accept|_worker) \("
 )
-"""Leaf frames that mean the thread is waiting (uvloop's loop waits inside its C `run`)."""
+"""Leaf frames that mean the thread is waiting (uvloop waits inside its C `run`, an idle pool
+thread in `_worker`)."""
 FRAME = re.compile(r"^(?P<name>.*?) \((?P<file>[^:]*):\d+\)$")
 
 
