@@ -27,13 +27,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-import mlperf_loadgen as lg
 import numpy as np
 import torch
 
 from flexemr.batch import SparseBatch
+from flexemr.extras import needs_extra
 from flexemr.model.dlrm import DLRM
 from flexemr.workload.query_sizes import QuerySizes
+
+with needs_extra("bench"):
+    import mlperf_loadgen as lg
 
 Transport = Literal["in-process", "http", "grpc"]
 DEFAULT_P99_MS = 60.0

@@ -9,12 +9,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from flexemr.bench.suite import BASELINES, BenchConfig, Suite, SystemResult, ratios
+from flexemr.extras import needs_extra
+
+with needs_extra("bench"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
 
 def machine() -> str:

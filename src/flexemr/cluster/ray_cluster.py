@@ -27,15 +27,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
 from flexemr.cluster.ray_resources import replica_groups, server_memory
 from flexemr.cluster.roles import HttpServer, build_embedding_server, build_ranker
 from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
 from flexemr.engine import IoEngine
+from flexemr.extras import needs_extra
+
+with needs_extra("ray"):
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 log = logging.getLogger(__name__)
 
