@@ -63,5 +63,5 @@ def test_a_legacy_file_with_other_objects_is_refused_by_name(tmp_path: Path) -> 
 def test_a_file_in_neither_format_is_named_so(tmp_path: Path) -> None:
     path = tmp_path / "notes.pt"
     path.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="not a torch.save checkpoint"):
+    with pytest.raises(CheckpointError, match=r"not a torch\.save checkpoint"):
         ModelSource(checkpoint=str(path)).spec()
