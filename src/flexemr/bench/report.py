@@ -88,7 +88,9 @@ def markdown(results: list[SystemResult], suite: Suite, config: BenchConfig) -> 
         lines.append(f"| {r.name} | {r.peak_qps:.1f} | " + " | ".join(cells) + f" | {at} |")
     lines += [
         "",
-        "A peak of 0 means no Server run in the search was VALID under the target."
+        "A peak of 0 means no Server run in the search was VALID under the target; a system with no "
+        f"Server run at all could not reach {suite.server_queries} queries in {suite.server_max_s:g} s "
+        "even at its Offline rate."
         + (
             " This suite's search stops at a system's first run with the p99 over the target: its peak "
             "is the highest VALID load below that run (a lower bound, within 2x)."

@@ -149,23 +149,28 @@ def run_suite(
         with _started(name, config, monolithic) as backend:
             result = _offline(name, backend, offline_pool, settings)
             own_qps = max(result.offline.pairs_per_s / sizes.mean, 1.0)
-            search = find_peak_server_qps(
-                backend, server_pool, lowest_qps(suite, own_qps), own_qps, server_settings,
-                max_runs=suite.search_runs, stop_over_target=suite.stop_over_target,
-            )  # fmt: skip
-            result.server_runs = sorted(search.runs, key=lambda r: r.target_qps or 0.0)
-            result.peak_qps = search.best_qps
+            if own_qps >= finishing_qps(suite):  # else every Server run would be cut, INVALID
+                search = find_peak_server_qps(
+                    backend, server_pool, lowest_qps(suite, own_qps), own_qps, server_settings,
+                    max_runs=suite.search_runs, stop_over_target=suite.stop_over_target,
+                )  # fmt: skip
+                result.server_runs = sorted(search.runs, key=lambda r: r.target_qps or 0.0)
+                result.peak_qps = search.best_qps
         results.append(result)
     return results
 
 
+def finishing_qps(suite: Suite) -> float:
+    """The lowest load whose Server run reaches the suite's minimum query count before it is cut
+    (with 20% to spare): a run below it is INVALID whatever its latencies."""
+    return 1.2 * suite.server_queries / suite.server_max_s
+
+
 def lowest_qps(suite: Suite, own_qps: float) -> float:
-    """The lowest load the peak search tries: own/16, but no lower than a load that reaches the
-    suite's minimum query count before its Server runs are cut (with 20% to spare), since a run
-    below that is INVALID whatever its latencies (the report then says no load in range met the
-    target)."""
-    finishes = 1.2 * suite.server_queries / suite.server_max_s
-    return min(max(own_qps / 16, finishes), own_qps / 2)
+    """The lowest load the peak search tries: own/16, but no lower than `finishing_qps` (the report
+    then says no load in range met the target). A system whose own Offline rate is below that gets
+    no Server run at all."""
+    return min(max(own_qps / 16, finishing_qps(suite)), own_qps / 2)
 
 
 def _offline(name: str, backend: Backend, pool: SamplePool, settings: RunSettings) -> SystemResult:
