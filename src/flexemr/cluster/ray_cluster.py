@@ -168,7 +168,8 @@ class RayDeployment:
     def start(self, timeout_s: float = 300.0) -> list[str]:
         if not ray.is_initialized():
             if self.options.address in (None, "local"):  # a private Ray on this machine, sized to fit
-                ray.init(namespace="flexemr", log_to_driver=False, include_dashboard=False)
+                # "local": a new Ray even where one runs already (None would join that one)
+                ray.init(address="local", namespace="flexemr", log_to_driver=False, include_dashboard=False)
                 cpus = ray.cluster_resources().get("CPU", 0.0)
                 self.options = fit_cpus(self.options, self.spec.sharding.num_servers, cpus)
             else:
