@@ -63,6 +63,8 @@ def test_serve_ray_local_serves_exact_scores_and_stops_cleanly() -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     serve = ServeProcess(command, "flexemr ready:", 300.0, env)
     try:
+        # its own Ray, even where another runs on this machine (a plain ray.init() would join that one)
+        assert any("Started a local Ray instance" in line for line in serve.output), "".join(serve.output)
         ray_processes = descendants(serve.pid)
         assert ray_processes, "no Ray processes under the driver"
         dense, indices, lengths = random_batch(SOURCE.spec(), 16, seed=1)
