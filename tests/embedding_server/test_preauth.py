@@ -303,6 +303,15 @@ def test_the_two_reported_inputs_get_one_error_and_a_close_logged_at_a_rate(serv
     assert not any("Traceback" in line for line in server.lines), "".join(server.lines[-40:])
 
 
+@pytest.mark.parametrize(
+    "kind", [MessageType.LOOKUP, MessageType.UPDATE, MessageType.COMMIT, MessageType.CHANGES]
+)
+def test_no_request_is_read_before_the_proof(server: ServerProcess, kind: MessageType) -> None:
+    request = declaring(kind, 16) + bytes(16)
+    assert f"expected HELLO, got {kind.name}" in refused_twice(server, b"", request)
+    assert f"expected AUTH, got {kind.name}" in refused_twice(server, None, request)
+
+
 KEYS = ["role", "session", "nonce", "conn", "credits", "proof", "identity"]
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=70) | st.just(new_nonce()),
