@@ -213,18 +213,16 @@ def parse_descriptors(
     return shapes
 
 
-def recv_frame(
-    sock: socket.socket, limits: FrameLimits, expect: Collection[MessageType] | None = None
-) -> Frame:
-    """Read one frame, validating everything before allocating the buffers it declares; with
-    `expect`, a frame of another type is refused from its header, before the rest is read."""
-    return read_frame(sock.recv_into, limits, expect)
+def recv_frame(sock: socket.socket, limits: FrameLimits) -> Frame:
+    """Read one frame, validating everything before allocating the buffers it declares."""
+    return read_frame(sock.recv_into, limits)
 
 
 def read_frame(
     read_into: ReadInto, limits: FrameLimits, expect: Collection[MessageType] | None = None
 ) -> Frame:
-    """`recv_frame` from any source of bytes (a socket, a file)."""
+    """`recv_frame` from any source of bytes (a socket, a file); with `expect`, a frame of another
+    type is refused from its header, before the rest is read."""
     header = bytearray(HEADER.size)
     _recv_exact(read_into, memoryview(header))
     kind, flags, request_id, count, body = parse_header(header, limits)
