@@ -17,10 +17,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
-import grpc
 import numpy as np
-from google.protobuf import json_format
-from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from flexemr.api.front_door import ErrorKind, FrontDoor
 from flexemr.api.kserve import (
@@ -33,6 +30,12 @@ from flexemr.api.kserve import (
     model_metadata,
 )
 from flexemr.batch import InvalidRequest
+from flexemr.extras import needs_extra
+
+with needs_extra("grpc"):
+    import grpc
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from flexemr.api.admin import check_admin, error_response
 from flexemr.api.bodies import BodyTooLarge, read_body
 from flexemr.api.front_door import ErrorKind, FrontDoor, Rejected
-from flexemr.api.kserve import HEADER_LENGTH, TensorSpec, parse_infer_request
+from flexemr.api.kserve import HEADER_LENGTH, TensorSpec, parse_decimal, parse_infer_request
 from flexemr.batch import InvalidRequest
 from flexemr.updates import RowUpdates
 from flexemr.updates.metrics import UpdateMetrics
@@ -80,9 +80,7 @@ def idempotency(request: Request) -> tuple[str, int | None]:
     sequence = request.query_params.get("sequence")
     if sequence is None:
         return source, None
-    if not sequence.isdigit() or int(sequence) >= 2**63:
-        raise InvalidRequest(f"query sequence must be an integer in [0, 2^63), got {sequence!r}")
-    return source, int(sequence)
+    return source, parse_decimal(sequence, "query sequence")
 
 
 def update_routes(door: FrontDoor, registry: CollectorRegistry) -> APIRouter:
@@ -99,7 +97,7 @@ def update_routes(door: FrontDoor, registry: CollectorRegistry) -> APIRouter:
             door.check_model(name)
             source, sequence = idempotency(request)
             declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
+            if declared is not None and parse_decimal(declared, "header Content-Length") > limit:
                 raise Rejected(ErrorKind.TOO_LARGE, f"request body of {declared} bytes exceeds {limit}")
             try:
                 body = await read_body(request, limit)
