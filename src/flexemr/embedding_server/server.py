@@ -38,6 +38,7 @@ from flexemr.config import Endpoint, NodeLimits
 from flexemr.embedding_server.store import BadSubrequest, RowImage, ShardStore
 from flexemr.embedding_server.versions import RowVersions, StaleVersion
 from flexemr.protocol.frames import (
+    MAX_QUEUED_RESPONSES,
     ConnectionClosed,
     Flags,
     Frame,
@@ -53,9 +54,6 @@ from flexemr.protocol.handshake import Identity, NotAuthenticated, server_handsh
 from flexemr.protocol.updates import BadUpdate, StagedRows, int64s, version_buffer
 
 log = logging.getLogger(__name__)
-
-MAX_QUEUED_RESPONSES = 256
-"""Answers a credited connection holds back for want of credits before it stops reading."""
 
 
 class CreditGate:
