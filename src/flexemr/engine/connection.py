@@ -7,14 +7,13 @@ reads the header, then the descriptors, then each buffer straight into an array 
 (after the limits are checked), across as many readable events as it takes. Answers are matched to
 their futures by request id, so any number of subrequests can be in flight.
 
-Ownership: in `mapped` and `single` modes only the owning thread calls these methods, so there is
-no lock. With `debug` on, every socket operation checks that the calling thread is the owner.
-In `shared` mode the caller holds `lock` around each call instead.
+Ownership: only the owning thread calls these methods, so there is no lock. With `debug` on, every
+socket operation checks that the calling thread is the owner. (The `shared` baseline,
+`shared.SharedIoEngine`, calls them from any thread, under a lock of its own per connection.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import ssl
 import threading
@@ -74,7 +73,6 @@ class Connection:
         limits: FrameLimits,
         credits: CreditLedger | None,
         piggyback: bool,
-        shared: bool,
         debug: bool,
     ) -> None:
         self.cid = cid
@@ -84,12 +82,9 @@ class Connection:
         self.limits = limits
         self.credits = credits
         self.piggyback = piggyback
-        self.lock: contextlib.AbstractContextManager[Any] = (
-            threading.Lock() if shared else contextlib.nullcontext()
-        )
         self.debug = debug
         self.owner = 0
-        """Index of the I/O thread that owns this connection (mapped/single modes)."""
+        """Index of the I/O thread that owns this connection."""
         self.owner_ident: int | None = None
         """Thread id of the owner, set when it adopts the connection; checked in debug mode."""
         self.sock: socket.socket | None = None
