@@ -41,13 +41,17 @@ class SharedIoEngine(IoEngine):
         return threads
 
     def _serve_from_start(self, conn: Connection) -> None:
+        """Every thread watches `conn`."""
         for thread in self._threads:
             thread._register(conn)
 
     def _sender(self, conn: Connection) -> IoThread:
+        """The next thread in turn, whichever connection it is."""
         return self._threads[next(self._next_thread) % len(self._threads)]
 
     def _owner(self, conn: Connection) -> IoThread:
+        """Thread 0 (no thread owns a connection): one inbox keeps each connection's Fail and
+        Attach in the order they were posted."""
         return self._threads[0]
 
 
