@@ -33,9 +33,9 @@ from typing import Any
 import numpy as np
 
 from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.security import identities
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, EngineConfig
+from flexemr.config.security import identities
+from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine
 from flexemr.model.source import ModelSource
 from flexemr.sharding.plan import make_plan

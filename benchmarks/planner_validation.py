@@ -51,8 +51,8 @@ from flexemr.bench.loadgen_sut import (
 )
 from flexemr.calibrate.microbench import BenchSettings, run_calibration
 from flexemr.cluster.deployment import LocalDeployment, cpu_seconds
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, RankerConfig
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.source import ModelSource
 from flexemr.model.spec import Pooling
 from flexemr.planner import (

@@ -29,8 +29,8 @@ import torch
 
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker, torch_threads
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.presets import preset
 from flexemr.model.rows import ROW_FORMATS, row_bytes
 from flexemr.model.source import ModelSource

@@ -25,8 +25,8 @@ import numpy as np
 from flexemr.cli.spec import spread
 from flexemr.cluster.netns import NetnsBed
 from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import EngineConfig, RankerConfig
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.source import ModelSource
 from flexemr.sharding.plan import make_plan
 from serving import (  # benchmarks/serving.py, beside this script

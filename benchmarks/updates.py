@@ -27,8 +27,8 @@ import numpy as np
 
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, UpdatesConfig
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.source import ModelSource
 from flexemr.model.spec import ModelSpec
 from flexemr.ranker.ranker import Ranker

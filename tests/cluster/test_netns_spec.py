@@ -13,7 +13,7 @@ import pytest
 from flexemr.cli.main import main
 from flexemr.client import Client
 from flexemr.cluster.child import AnnouncedProcess
-from flexemr.cluster.spec import ClusterSpec
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.cluster.helpers import ENV, FLEXEMR, netns_bed, start_servers

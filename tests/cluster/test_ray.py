@@ -13,8 +13,8 @@ import pytest
 
 from flexemr.client import Client
 from flexemr.cluster.ray_resources import server_memory
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, RankerConfig
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan

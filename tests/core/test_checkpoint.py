@@ -10,8 +10,8 @@ import torch
 
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, RankerConfig
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import CheckpointWeights, build_monolithic
 from flexemr.sharding.plan import make_plan

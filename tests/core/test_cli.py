@@ -10,7 +10,7 @@ import pytest
 
 from flexemr.bench.suite import SUITES, BenchConfig
 from flexemr.cli.main import COMMANDS, main
-from flexemr.cluster.security import admin_token
+from flexemr.config.security import admin_token
 from flexemr.planner import Traffic
 from flexemr.workload.synthetic import SyntheticConfig
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.source import ModelSource
 from flexemr.protocol.frames import (
     DESCRIPTOR,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexemr.cluster.security import admin_token
+from flexemr.config.security import admin_token
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess

@@ -20,8 +20,8 @@ import redis
 import torch
 
 from flexemr.cluster.redis_server import RedisServer
-from flexemr.cluster.security import identities
-from flexemr.cluster.spec import ClusterSpec
+from flexemr.config.security import identities
+from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic

@@ -17,8 +17,8 @@ import pytest
 
 from flexemr.client import Client, InferenceError
 from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, EngineConfig, RankerConfig
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan

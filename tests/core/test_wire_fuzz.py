@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
+from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.store import ShardStore
 from flexemr.model.source import ModelSource
 from flexemr.protocol.frames import (

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from flexemr.cluster.local import READY_PREFIX, LocalCluster
-from flexemr.cluster.security import identities
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, EngineConfig, NodeLimits
+from flexemr.config.security import identities
+from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine

@@ -12,9 +12,9 @@ import pytest
 
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.security import identities
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import EngineConfig
+from flexemr.config.security import identities
+from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
 from flexemr.model.weights import build_monolithic

@@ -19,9 +19,9 @@ import pytest
 
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import HttpServer, build_ranker
-from flexemr.cluster.security import identities
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import EngineConfig, NodeLimits
+from flexemr.config.security import identities
+from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
 from flexemr.transport.base import ServerUnavailable

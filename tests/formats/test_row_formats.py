@@ -12,8 +12,8 @@ import torch
 
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, RankerConfig
+from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.storage import DramStorage
 from flexemr.embedding_server.store import ShardStore
 from flexemr.model import rows as stored_rows

@@ -13,8 +13,8 @@ import pytest
 from flexemr.bench.cgroup import memory_cgroup, oom_kills
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker, local_servers_need
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, StorageConfig
+from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.storage import FileStorage
 from flexemr.embedding_server.store import ShardStore
 from flexemr.memory import NotEnoughMemory

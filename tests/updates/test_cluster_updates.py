@@ -20,8 +20,8 @@ from flexemr.api.metrics import RequestMetrics
 from flexemr.cli.main import main
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, RankerConfig, SecurityConfig
+from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine
 from flexemr.engine.link import ServerLink, links
 from flexemr.model import rows as stored_rows

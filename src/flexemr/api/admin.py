@@ -7,7 +7,7 @@
                                               one, which rolls back to the other)
 
 Every admin request carries `Authorization: Bearer TOKEN`, the token derived from the cluster
-secret (`flexemr.cluster.security.admin_token`); without a secret the admin API is off (403).
+secret (`flexemr.config.security.admin_token`); without a secret the admin API is off (403).
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ from flexemr.cli.options import add_sharding_arguments, add_zipf_skew_argument, 
 from flexemr.client import Client
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import HttpServer, build_ranker
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, RankerConfig
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload

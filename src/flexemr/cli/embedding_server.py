@@ -11,7 +11,7 @@ from flexemr.cli.options import add_secret_argument, with_secret_file
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.local import READY_PREFIX
 from flexemr.cluster.roles import build_embedding_server
-from flexemr.cluster.spec import ClusterSpec
+from flexemr.config.spec import ClusterSpec
 from flexemr.memory import NotEnoughMemory
 
 

@@ -6,8 +6,8 @@ import argparse
 import dataclasses
 
 from flexemr.cli.flags import add_flags, given, over
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, EngineConfig, RankerConfig, SecurityConfig, StorageConfig
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.presets import PRESET_NAMES
 from flexemr.model.source import ModelSource
 from flexemr.model.spec import DEFAULT_ZIPF_SKEW

@@ -17,8 +17,8 @@ from flexemr.cluster.roles import (
     start_grpc,
     torch_threads,
 )
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import EngineConfig, RankerConfig, SecurityConfig
+from flexemr.config.spec import ClusterSpec
 from flexemr.memory import NotEnoughMemory
 from flexemr.transport.base import ConfigMismatch, ServerUnavailable
 

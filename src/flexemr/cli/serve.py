@@ -33,9 +33,9 @@ from flexemr.cluster.roles import (
     start_grpc,
     torch_threads,
 )
-from flexemr.cluster.security import load_secret
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
+from flexemr.config.security import load_secret
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.source import ModelSource
 from flexemr.ranker.model_versions import Loader
 from flexemr.ranker.ranker import Ranker

@@ -12,7 +12,7 @@ import threading
 import prometheus_client
 from prometheus_client import CollectorRegistry
 
-from flexemr.cluster.spec import ClusterSpec
+from flexemr.config.spec import ClusterSpec
 from flexemr.updates import Updater
 from flexemr.updates.metrics import UpdateMetrics
 from flexemr.updates.redis_stream import StreamConfig, StreamConsumer

@@ -25,7 +25,7 @@ from flexemr.batch import SparseBatch
 from flexemr.client import Client
 from flexemr.cluster.child import AnnouncedProcess
 from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.spec import ClusterSpec
+from flexemr.config.spec import ClusterSpec
 
 
 def start_ranker(

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
+from flexemr.config.spec import ClusterSpec
 from flexemr.memory import SERVING_ADVICE, NotEnoughMemory, check_memory
 
 log = logging.getLogger(__name__)

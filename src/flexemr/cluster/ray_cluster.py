@@ -33,8 +33,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from flexemr.cluster.ray_resources import replica_groups, server_memory
 from flexemr.cluster.roles import HttpServer, build_embedding_server, build_ranker
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
+from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine
 
 log = logging.getLogger(__name__)

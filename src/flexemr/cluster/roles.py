@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from flexemr.api.http import RateLimitedWarnings, create_app
-from flexemr.cluster.security import admin_token, check_bind, client_tls, identities, load_secret, server_tls
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import CacheMode
+from flexemr.config.security import admin_token, check_bind, client_tls, identities, load_secret, server_tls
+from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.storage import DramStorage, FileStorage, Storage
 from flexemr.embedding_server.store import ShardStore, store_layout

@@ -33,8 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.cluster.security import check_bind
 from flexemr.config import Endpoint, NodeLimits
+from flexemr.config.security import check_bind
 from flexemr.embedding_server.store import BadSubrequest, RowImage, ShardStore
 from flexemr.embedding_server.versions import RowVersions, StaleVersion
 from flexemr.protocol.frames import (

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from flexemr.cluster.security import client_tls, identities, load_secret
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
+from flexemr.config.security import client_tls, identities, load_secret
+from flexemr.config.spec import ClusterSpec
 from flexemr.engine.dial import Dialer
 from flexemr.protocol.frames import (
     Frame,

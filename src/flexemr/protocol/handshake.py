@@ -61,7 +61,7 @@ class IdentityMismatch(HandshakeRefused):
 @dataclass(frozen=True)
 class Identity:
     """What an embedding server holds: its index in the plan, its rows, and a fingerprint of its
-    shards and weights (`flexemr.cluster.identity.fingerprint`)."""
+    shards and weights (`flexemr.config.security.fingerprint`)."""
 
     server: int
     rows: int

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.cluster.spec import ClusterSpec
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.source import ModelSource
 from flexemr.ranker.ranker import Ranker
 from flexemr.updates import RowUpdates, Updater

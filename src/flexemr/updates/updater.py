@@ -17,7 +17,7 @@ import secrets
 
 import numpy as np
 
-from flexemr.cluster.spec import ClusterSpec
+from flexemr.config.spec import ClusterSpec
 from flexemr.engine.link import links
 from flexemr.protocol.frames import MessageType
 from flexemr.protocol.updates import LATEST, StagedRows

@@ -13,8 +13,8 @@ import socket
 import ssl
 from pathlib import Path
 
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import SecurityConfig
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.source import ModelSource
 from flexemr.protocol.handshake import Identity
 from flexemr.sharding.plan import ShardingPlan

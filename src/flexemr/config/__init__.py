@@ -1,6 +1,6 @@
 """Configuration: small dataclasses, validated on construction, and the flags made from them.
 
-This module imports nothing of flexemr, so every layer may use it. `flexemr.cluster.spec.ClusterSpec`
+This module imports nothing of flexemr, so every layer may use it. `flexemr.config.spec.ClusterSpec`
 gathers these sections, the model source and the sharding plan into one cluster spec file.
 """
 
