@@ -55,10 +55,10 @@ import torch
 from flexemr.batch import SparseBatch
 from flexemr.bench.report import machine
 from flexemr.cache import CacheConfig, MemoryModel
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
 from flexemr.config import Endpoint, RankerConfig, format_bytes, parse_bytes
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.dlrm import DLRM
 from flexemr.model.source import ModelSource
 from flexemr.model.spec import DEFAULT_ZIPF_SKEW, ModelSpec

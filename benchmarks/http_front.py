@@ -32,7 +32,7 @@ import orjson
 
 from flexemr.batch import SparseBatch
 from flexemr.client import Client
-from flexemr.cluster.child import AnnouncedProcess
+from flexemr.entrypoints.child import AnnouncedProcess
 from flexemr.model.source import ModelSource
 from flexemr.workload.synthetic import SyntheticWorkload
 

@@ -32,11 +32,11 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.cluster.local import LocalCluster
 from flexemr.config import Endpoint, EngineConfig
 from flexemr.config.security import identities
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine
+from flexemr.entrypoints.local import LocalCluster
 from flexemr.model.source import ModelSource
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import LookupRequest, LookupTransport

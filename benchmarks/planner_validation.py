@@ -50,9 +50,9 @@ from flexemr.bench.loadgen_sut import (
     run_server,
 )
 from flexemr.calibrate.microbench import BenchSettings, run_calibration
-from flexemr.cluster.deployment import LocalDeployment, cpu_seconds
 from flexemr.config import Endpoint, RankerConfig
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.deployment import LocalDeployment, cpu_seconds
 from flexemr.model.source import ModelSource
 from flexemr.model.spec import Pooling
 from flexemr.planner import (

@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from flexemr.batch import SparseBatch
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
 from flexemr.config import Endpoint
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.ranker.ranker import Ranker

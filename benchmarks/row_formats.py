@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker, torch_threads
 from flexemr.config import Endpoint
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker, torch_threads
 from flexemr.model.presets import preset
 from flexemr.model.rows import ROW_FORMATS, row_bytes
 from flexemr.model.source import ModelSource

@@ -4,7 +4,7 @@ Each embedding server runs in its own network namespace, linked to the ranker's 
 bridge; every server's link is shaped with `tc tbf` to each rate in turn (both directions). The ranker
 and the measuring clients run in this process inside the ranker's namespace, so every lookup crosses a
 shaped link, as between real hosts: bytes saved by partial pooling (and the cache) show up as
-throughput. Needs root and iproute2 (see flexemr.cluster.netns).
+throughput. Needs root and iproute2 (see flexemr.entrypoints.netns).
 
     sudo .venv/bin/python benchmarks/shaped_link.py --preset rmc2 --row-scale 0.02 --rates 10gbit,1gbit
 """
@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from flexemr.cli.spec import spread
-from flexemr.cluster.netns import NetnsBed
-from flexemr.cluster.roles import build_ranker
 from flexemr.config import EngineConfig, RankerConfig
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.netns import NetnsBed
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.source import ModelSource
 from flexemr.sharding.plan import make_plan
 from serving import (  # benchmarks/serving.py, beside this script

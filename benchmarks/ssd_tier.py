@@ -30,10 +30,10 @@ import torch
 
 from flexemr.batch import SparseBatch
 from flexemr.bench.cgroup import memory_cgroup
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker, torch_threads
 from flexemr.config import Endpoint, NodeLimits, RankerConfig, StorageConfig, parse_bytes
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker, torch_threads
 from flexemr.model.source import ModelSource
 from flexemr.model.spec import ModelSpec
 from flexemr.model.weights import build_monolithic

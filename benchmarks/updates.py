@@ -25,10 +25,10 @@ import time
 
 import numpy as np
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
 from flexemr.config import Endpoint, UpdatesConfig
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.source import ModelSource
 from flexemr.model.spec import ModelSpec
 from flexemr.ranker.ranker import Ranker

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
 from flexemr.config import Endpoint, RankerConfig
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import CheckpointWeights, build_monolithic
 from flexemr.sharding.plan import make_plan

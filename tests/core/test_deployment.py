@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from flexemr.batch import SparseBatch
-from flexemr.cluster.deployment import LocalDeployment
 from flexemr.config import Endpoint, RankerConfig
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.deployment import LocalDeployment
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.planner import ModelProfile, place

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from flexemr.cluster.local import LocalCluster
 from flexemr.config import Endpoint
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
 from flexemr.model.source import ModelSource
 from flexemr.protocol.frames import (
     DESCRIPTOR,

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from flexemr.api.http import RateLimitedWarnings
-from flexemr.cluster.roles import http_listener
+from flexemr.api.http_server import http_listener
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess, start_serve

@@ -19,10 +19,10 @@ import pytest
 import redis
 import torch
 
-from flexemr.cluster.redis_server import RedisServer
 from flexemr.config.security import identities
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine
+from flexemr.entrypoints.redis_server import RedisServer
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 
 from flexemr.cli.main import main
-from flexemr.cluster.roles import build_ranker
 from flexemr.config import Endpoint
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.ranker.admission import Admission

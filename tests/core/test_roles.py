@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 from flexemr.client import Client, InferenceError
-from flexemr.cluster.local import LocalCluster
 from flexemr.config import Endpoint, EngineConfig, RankerConfig
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
@@ -128,7 +128,7 @@ def test_a_parent_killed_outright_leaves_no_serve_or_server_behind() -> None:
 
 
 def test_ranker_threads_share_the_cores_with_the_servers_beside_it() -> None:
-    from flexemr.cluster.roles import ranker_threads
+    from flexemr.entrypoints.roles import ranker_threads
 
     cores = os.cpu_count() or 1
     assert ranker_threads(3, beside=5) == 3  # asked for

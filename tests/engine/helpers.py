@@ -17,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexemr.cluster.local import READY_PREFIX, LocalCluster
 from flexemr.config import Endpoint, EngineConfig, NodeLimits
 from flexemr.config.security import identities
 from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
+from flexemr.entrypoints.local import READY_PREFIX, LocalCluster
 from flexemr.model.source import ModelSource
 from flexemr.protocol.frames import Flags, FrameLimits, MessageType, encode
 from flexemr.protocol.handshake import Hello, client_handshake, new_nonce

@@ -10,13 +10,13 @@ from concurrent.futures import wait
 import numpy as np
 import pytest
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
 from flexemr.config import EngineConfig
 from flexemr.config.security import identities
 from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.weights import build_monolithic
 from flexemr.transport.base import ServerUnavailable
 from tests.core.helpers import random_batch, reference_scores

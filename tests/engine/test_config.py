@@ -13,10 +13,10 @@ from flexemr.cache import CacheConfig, LoadMonitorConfig
 from flexemr.cli import ranker
 from flexemr.cli.flags import over
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
-from flexemr.cluster.roles import build_ranker
 from flexemr.config import EngineConfig, NodeLimits, RankerConfig, SecurityConfig, StorageConfig
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine.link import links
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.presets import preset
 from flexemr.protocol.frames import FrameLimits
 from flexemr.sharding.plan import ShardingConfig

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
 from flexemr.config import Endpoint, SecurityConfig
 from flexemr.config.security import identities
 from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.protocol.frames import (

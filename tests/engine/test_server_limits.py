@@ -17,13 +17,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import HttpServer, build_ranker
+from flexemr.api.http_server import HttpServer
 from flexemr.config import EngineConfig, NodeLimits
 from flexemr.config.security import identities
 from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.transport.base import ServerUnavailable
 from tests.core.helpers import freeze
 from tests.engine.helpers import dial, random_request, reference, server_process, thread_servers, tiny_spec

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
 from flexemr.config import Endpoint, RankerConfig
 from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.storage import DramStorage
 from flexemr.embedding_server.store import ShardStore
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model import rows as stored_rows
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic

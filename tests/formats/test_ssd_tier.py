@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from flexemr.bench.cgroup import memory_cgroup, oom_kills
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker, local_servers_need
 from flexemr.config import Endpoint, StorageConfig
 from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.storage import FileStorage
 from flexemr.embedding_server.store import ShardStore
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker, local_servers_need
 from flexemr.memory import NotEnoughMemory
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import WeightSource, build_monolithic

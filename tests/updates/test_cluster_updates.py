@@ -18,12 +18,12 @@ from prometheus_client import generate_latest
 
 from flexemr.api.metrics import RequestMetrics
 from flexemr.cli.main import main
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
 from flexemr.config import Endpoint, RankerConfig, SecurityConfig
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine
 from flexemr.engine.link import ServerLink, links
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model import rows as stored_rows
 from flexemr.model.dlrm import DLRM
 from flexemr.model.source import ModelSource

@@ -27,7 +27,7 @@ from flexemr.bench.loadgen_sut import (
     run_offline,
 )
 from flexemr.bench.systems import SYSTEMS, ApiProtocol, ServedSystem, cache_hit_rate, wire_bytes
-from flexemr.cluster.deployment import cpu_seconds
+from flexemr.entrypoints.deployment import cpu_seconds
 from flexemr.model.source import ModelSource
 from flexemr.model.spec import DEFAULT_ZIPF_SKEW
 from flexemr.model.weights import build_monolithic

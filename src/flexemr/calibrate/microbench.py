@@ -31,9 +31,9 @@ import torch
 from scipy.optimize import nnls
 
 from flexemr.batch import SparseBatch
-from flexemr.cluster.deployment import LocalDeployment, RoundRobinBackend, cpu_seconds
 from flexemr.config import Endpoint, RankerConfig
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.deployment import LocalDeployment, RoundRobinBackend, cpu_seconds
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.source import ModelSource
 from flexemr.model.spec import ModelSpec

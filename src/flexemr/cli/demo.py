@@ -12,12 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from flexemr.api.http_server import HttpServer
 from flexemr.cli.options import add_sharding_arguments, add_zipf_skew_argument, sharding_plan
 from flexemr.client import Client
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import HttpServer, build_ranker
 from flexemr.config import Endpoint, RankerConfig
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload

@@ -8,10 +8,10 @@ import signal
 import sys
 
 from flexemr.cli.options import add_secret_argument, with_secret_file
-from flexemr.cluster.child import exit_when_stdin_closes
-from flexemr.cluster.local import READY_PREFIX
-from flexemr.cluster.roles import build_embedding_server
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.child import exit_when_stdin_closes
+from flexemr.entrypoints.local import READY_PREFIX
+from flexemr.entrypoints.roles import build_embedding_server
 from flexemr.memory import NotEnoughMemory
 
 

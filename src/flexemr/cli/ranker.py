@@ -7,18 +7,18 @@ import dataclasses
 import logging
 import sys
 
+from flexemr.api.http_server import HttpServer
 from flexemr.cli.flags import add_flags, over
-from flexemr.cluster.child import exit_when_stdin_closes
-from flexemr.cluster.roles import (
-    HttpServer,
+from flexemr.config import EngineConfig, RankerConfig, SecurityConfig
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.child import exit_when_stdin_closes
+from flexemr.entrypoints.roles import (
     build_ranker,
     ranker_threads,
     served_versions,
     start_grpc,
     torch_threads,
 )
-from flexemr.config import EngineConfig, RankerConfig, SecurityConfig
-from flexemr.config.spec import ClusterSpec
 from flexemr.memory import NotEnoughMemory
 from flexemr.transport.base import ConfigMismatch, ServerUnavailable
 

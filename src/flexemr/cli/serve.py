@@ -22,20 +22,20 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from flexemr.api.http_server import HttpServer
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
-from flexemr.cluster.child import exit_when_stdin_closes
-from flexemr.cluster.local import ClusterStartError, LocalCluster
-from flexemr.cluster.roles import (
-    HttpServer,
+from flexemr.config import Endpoint
+from flexemr.config.security import load_secret
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.child import exit_when_stdin_closes
+from flexemr.entrypoints.local import ClusterStartError, LocalCluster
+from flexemr.entrypoints.roles import (
     build_ranker,
     ranker_threads,
     served_versions,
     start_grpc,
     torch_threads,
 )
-from flexemr.config import Endpoint
-from flexemr.config.security import load_secret
-from flexemr.config.spec import ClusterSpec
 from flexemr.model.source import ModelSource
 from flexemr.ranker.model_versions import Loader
 from flexemr.ranker.ranker import Ranker
@@ -70,7 +70,7 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
     beside = {"redis": 1, "local": 0}.get(tier, len(spec.embedding_servers))  # processes on this host
     torch_threads(ranker_threads(spec.ranker.torch_threads, beside))
     if tier == "redis":
-        from flexemr.cluster.redis_server import RedisServer
+        from flexemr.entrypoints.redis_server import RedisServer
         from flexemr.transport.redis_tier import RedisTransport
 
         redis_server = RedisServer()
@@ -139,7 +139,7 @@ def _start_more_rankers(spec: ClusterSpec, count: int, tier: str, stack: context
         return
     if tier != "flexemr":
         raise ValueError(f"--rankers needs the flexemr embedding tier, not {tier}")
-    from flexemr.cluster.deployment import start_ranker
+    from flexemr.entrypoints.deployment import start_ranker
 
     folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="flexemr-serve-"))
     path = Path(folder) / "cluster.json"
@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(spec.sharding.describe(), flush=True)
     if args.ray is not None:
-        from flexemr.cluster.ray_cluster import RayOptions, serve_on_ray
+        from flexemr.entrypoints.ray_cluster import RayOptions, serve_on_ray
 
         # Actors on other nodes bind their node's address, which needs a secret: the one given here
         # (its file or variable exists on this host only), else one made for this cluster, goes to

@@ -14,8 +14,8 @@ import dataclasses
 import sys
 
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
-from flexemr.cluster.ray_resources import replica_groups
 from flexemr.config import Endpoint
+from flexemr.entrypoints.ray_resources import replica_groups
 from flexemr.sharding.plan import ShardingPlan
 
 

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from flexemr.cluster.netns import NetnsBed, parse_rate
-from tests.cluster.helpers import netns_bed
+from flexemr.entrypoints.netns import NetnsBed, parse_rate
+from tests.entrypoints.helpers import netns_bed
 
 ECHO = (
     "import socket, time; s = socket.create_server(('{}', 9000)); c, _ = s.accept(); "

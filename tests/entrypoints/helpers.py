@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from flexemr.cluster.netns import NetnsBed, unavailable_reason
+from flexemr.entrypoints.netns import NetnsBed, unavailable_reason
 
 FLEXEMR = [sys.executable, "-m", "flexemr.cli.main"]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "FLEXEMR_SECRET": secrets.token_hex(32)}

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from flexemr.client import Client
-from flexemr.cluster.ray_resources import server_memory
 from flexemr.config import Endpoint, RankerConfig
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.ray_resources import server_memory
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
@@ -28,7 +28,7 @@ os.environ[LOOPBACK] = "0"
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'flexemr[ray]')")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from flexemr.cluster.ray_cluster import RayDeployment, RayOptions  # noqa: E402
+from flexemr.entrypoints.ray_cluster import RayDeployment, RayOptions  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a Ray cluster of four nodes
 SOURCE = ModelSource(preset="tiny", seed=5)

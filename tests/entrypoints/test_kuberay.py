@@ -14,7 +14,7 @@ import pytest
 
 from flexemr.cli.options import cluster_spec
 from flexemr.cli.serve import add_arguments
-from flexemr.cluster.ray_resources import replica_groups, server_memory
+from flexemr.entrypoints.ray_resources import replica_groups, server_memory
 
 yaml = pytest.importorskip("yaml", reason="PyYAML (installed with the ray extra) is not installed")
 

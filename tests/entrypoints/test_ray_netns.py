@@ -26,15 +26,15 @@ import numpy as np
 import pytest
 
 from flexemr.client import Client
-from flexemr.cluster.child import AnnouncedProcess
-from flexemr.cluster.netns import NetnsBed
-from flexemr.cluster.ray_resources import server_memory
+from flexemr.entrypoints.child import AnnouncedProcess
+from flexemr.entrypoints.netns import NetnsBed
+from flexemr.entrypoints.ray_resources import server_memory
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan, replicated
-from tests.cluster.helpers import ENV, FLEXEMR, netns_bed
 from tests.core.helpers import random_batch, reference_scores
 from tests.core.test_replicas import Load, _ready, _subrequests, _wait_until
+from tests.entrypoints.helpers import ENV, FLEXEMR, netns_bed
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install 'flexemr[ray]')")
 

@@ -31,11 +31,12 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from flexemr.cluster.ray_resources import replica_groups, server_memory
-from flexemr.cluster.roles import HttpServer, build_embedding_server, build_ranker
+from flexemr.api.http_server import HttpServer
 from flexemr.config import Endpoint
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine
+from flexemr.entrypoints.ray_resources import replica_groups, server_memory
+from flexemr.entrypoints.roles import build_embedding_server, build_ranker
 
 log = logging.getLogger(__name__)
 

@@ -91,7 +91,7 @@ class LocalCluster:
 
     def start(self, timeout: float = 300.0) -> ClusterSpec:
         """Start every server; return the spec with the ports they actually bound."""
-        from flexemr.cluster.roles import local_servers_need  # roles imports the serving stack
+        from flexemr.entrypoints.roles import local_servers_need  # roles imports the serving stack
 
         servers = f"{len(self.spec.embedding_servers)} embedding servers on this host"
         try:

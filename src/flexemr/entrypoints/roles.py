@@ -6,17 +6,10 @@ import dataclasses
 import json
 import logging
 import os
-import signal
-import socket
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import uvicorn
-
-from flexemr.api.http import RateLimitedWarnings, create_app
 from flexemr.config import CacheMode
 from flexemr.config.security import admin_token, check_bind, client_tls, identities, load_secret, server_tls
 from flexemr.config.spec import ClusterSpec
@@ -159,69 +152,3 @@ def ranker_threads(asked: int, beside: int) -> int:
     if asked > 0:
         return asked
     return max(1, (os.cpu_count() or 1) // (1 + beside))
-
-
-def _raise_system_exit(signum: int, frame: object) -> None:
-    raise SystemExit(0)
-
-
-def http_listener(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    """The HTTP listening socket, with TCP_NODELAY. Without it Nagle holds each response body back
-    until the client's delayed ACK of the headers (+40 ms per keep-alive request). asyncio sets it
-    only on sockets whose protocol number is IPPROTO_TCP (create_server's is 0); accepted sockets
-    inherit it from the listener. With `reuse_port`, several rankers listen on one address and the
-    kernel spreads new connections over them (SO_REUSEPORT)."""
-    listener = socket.create_server((host, port), backlog=1024, reuse_port=reuse_port)
-    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return listener
-
-
-class HttpServer:
-    """uvicorn on a socket we bind ourselves, so port 0 works and the real port is known at once."""
-
-    def __init__(
-        self, ranker: Ranker | ModelVersions, host: str, port: int, reuse_port: bool = False
-    ) -> None:
-        self.socket = http_listener(host, port, reuse_port)
-        self.host = host
-        self.port = self.socket.getsockname()[1]
-        models = ranker if isinstance(ranker, ModelVersions) else ModelVersions(ranker)
-        app = create_app(models, models.ranker.config.model_name)
-        logging.getLogger("uvicorn.error").addFilter(RateLimitedWarnings())  # clients' bad HTTP
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_keep_alive=30)
-        self.server = uvicorn.Server(config)
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    def run(self) -> None:
-        """Serve in this thread until SIGINT/SIGTERM (main thread) or `stop()`.
-
-        uvicorn re-raises the signal that stopped it once it has shut down; SIGTERM then turns into
-        SystemExit here, so the caller's cleanup (stopping child processes) still runs."""
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, _raise_system_exit)
-        try:
-            self.server.run(sockets=[self.socket])
-        except (KeyboardInterrupt, SystemExit):
-            pass
-
-    def start_in_thread(self) -> None:
-        self._thread = threading.Thread(target=self.run, daemon=True, name="http")
-        self._thread.start()
-        self.wait_started()
-
-    def wait_started(self, timeout: float = 30.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if time.monotonic() > deadline:
-                raise TimeoutError("HTTP server did not start")
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(10)
-        self.socket.close()

@@ -23,9 +23,9 @@ import numpy as np
 
 from flexemr.batch import SparseBatch
 from flexemr.client import Client
-from flexemr.cluster.child import AnnouncedProcess
-from flexemr.cluster.local import LocalCluster
 from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.child import AnnouncedProcess
+from flexemr.entrypoints.local import LocalCluster
 
 
 def start_ranker(
