@@ -10,7 +10,7 @@ import pytest
 
 from flexemr.config import RankerConfig
 from flexemr.model.source import ModelSource
-from flexemr.ranker.model_versions import ModelVersions, UnknownVersion, VersionConflict
+from flexemr.ranker.model_versions import ModelVersionConflict, ModelVersions, UnknownModelVersion
 from flexemr.ranker.ranker import Ranker
 
 SOURCE = ModelSource(preset="tiny", seed=3)
@@ -65,7 +65,7 @@ def test_unloading_waits_for_the_requests_using_a_version() -> None:
         unloading.start()
         time.sleep(0.3)
         assert unloading.is_alive() and not first.closed  # a request still uses it
-        with pytest.raises(UnknownVersion), models.use("1"):  # but no new request gets it
+        with pytest.raises(UnknownModelVersion), models.use("1"):  # but no new request gets it
             pass
     unloading.join(10)
     assert first.closed and models.names() == ["2"]
@@ -85,5 +85,5 @@ def test_a_failed_load_changes_nothing_and_at_most_two_versions_are_loaded() -> 
     assert models.names() == ["2", "4"]
     models.unload()  # the serving one: back to 2
     assert models.names() == ["2"] and models.serving.name == "2"
-    with pytest.raises(VersionConflict, match="only one loaded"):
+    with pytest.raises(ModelVersionConflict, match="only one loaded"):
         models.unload()

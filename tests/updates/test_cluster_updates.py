@@ -59,9 +59,11 @@ class Live:
     def wait_for(self, version: int, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
         for ranker in self.rankers:
-            assert ranker.versions is not None
-            while ranker.versions.version < version:
-                assert time.monotonic() < deadline, f"a ranker still reads version {ranker.versions.version}"
+            assert ranker.row_version is not None
+            while ranker.row_version.version < version:
+                assert time.monotonic() < deadline, (
+                    f"a ranker still reads version {ranker.row_version.version}"
+                )
                 time.sleep(0.02)
 
     def check_scores(self, seed: int, batch: int = 16) -> None:

@@ -25,7 +25,12 @@ from starlette.concurrency import run_in_threadpool
 
 from flexemr.api.bodies import BodyTooLarge, read_body
 from flexemr.model.source import ModelSource
-from flexemr.ranker.model_versions import ModelVersion, ModelVersions, UnknownVersion, VersionConflict
+from flexemr.ranker.model_versions import (
+    ModelVersion,
+    ModelVersionConflict,
+    ModelVersions,
+    UnknownModelVersion,
+)
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +60,9 @@ def error_response(exc: Exception, failed: str) -> JSONResponse:
     did not happen) is a logged 503, and nothing changed."""
     if isinstance(exc, AdminRefused):
         status = exc.status
-    elif isinstance(exc, UnknownVersion):
+    elif isinstance(exc, UnknownModelVersion):
         status = 404
-    elif isinstance(exc, VersionConflict):
+    elif isinstance(exc, ModelVersionConflict):
         status = 409
     elif isinstance(exc, ValueError):
         status = 400
@@ -143,7 +148,7 @@ def admin_routes(models: ModelVersions, model_name: str) -> APIRouter:
             if version is not None:
                 return answer(models.serve(version))
             if models.serving.source is None:
-                raise VersionConflict(
+                raise ModelVersionConflict(
                     "this ranker cannot load versions (it does not know its model's source)"
                 )
             source = new_source(models.serving.source, params)

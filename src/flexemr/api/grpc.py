@@ -31,7 +31,7 @@ from flexemr.api.kserve import (
 )
 from flexemr.batch import InvalidRequest
 from flexemr.ranker.admission import Dropped, Refused
-from flexemr.ranker.model_versions import ModelVersions, UnknownVersion
+from flexemr.ranker.model_versions import ModelVersions, UnknownModelVersion
 from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupFailed, ServerUnavailable
 
@@ -148,7 +148,7 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
         try:
             with self.models.use(request.model_version) as chosen:  # in flight: finishes on its version
                 return self._infer(chosen.ranker, chosen.name, request, context)
-        except UnknownVersion as exc:  # unloaded since `_check_model` looked
+        except UnknownModelVersion as exc:  # unloaded since `_check_model` looked
             _abort(context, grpc.StatusCode.NOT_FOUND, f"model_version: {exc}")
 
     def _infer(self, scorer: Ranker, version: str, request: Any, context: grpc.ServicerContext) -> Any:

@@ -39,7 +39,7 @@ from flexemr.api.metrics import RequestMetrics
 from flexemr.api.updates import update_routes
 from flexemr.batch import InvalidRequest
 from flexemr.ranker.admission import Dropped, Refused, Ticket
-from flexemr.ranker.model_versions import ModelVersions, UnknownVersion
+from flexemr.ranker.model_versions import ModelVersions, UnknownModelVersion
 from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupFailed, ServerUnavailable
 
@@ -184,7 +184,7 @@ def create_app(models: ModelVersions, model_name: str) -> FastAPI:
         try:
             with models.use(version) as chosen:  # requests in flight finish on the version they took
                 return await infer_with(chosen.ranker, chosen.name, request)
-        except UnknownVersion as exc:  # unloaded since `unknown` looked
+        except UnknownModelVersion as exc:  # unloaded since `unknown` looked
             return failure(400, "unknown_model", str(exc))
 
     async def infer_with(scorer: Ranker, version: str, request: Request) -> Response:

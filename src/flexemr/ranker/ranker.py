@@ -33,8 +33,8 @@ from flexemr.model.spec import ModelSpec
 from flexemr.ranker.admission import Admission, Ticket
 from flexemr.ranker.batcher import DynamicBatcher
 from flexemr.ranker.replicas import ReplicaLoad
+from flexemr.ranker.row_versions import RowReadVersion
 from flexemr.ranker.turns import Turns
-from flexemr.ranker.versions import ReadVersion
 from flexemr.sharding.plan import ShardingPlan
 from flexemr.sharding.router import RangeRouter, Subrequest, Uncovered
 from flexemr.stats import counts
@@ -74,7 +74,7 @@ class Ranker:
         cache: CacheConfig | None = None,
     ) -> None:
         """`links`: control links to the embedding servers; with them the ranker reads one version
-        of every row per request (`ranker.versions`), without them whatever servers hold. `cache`:
+        of every row per request (`ranker.row_versions`), without them whatever servers hold. `cache`:
         the cache's tuning (a spec's cache section); its mode, budget, wire and batch are `config`'s."""
         self.spec = spec
         self.config = config
@@ -92,7 +92,7 @@ class Ranker:
         self.turns = Turns()
         self.admission = Admission(config.in_flight_limit, MAX_REQUESTS_BEING_READ)
         self.cache = self._make_cache()
-        self.versions = None if links is None else ReadVersion(links, self.cache)
+        self.row_version = None if links is None else RowReadVersion(links, self.cache)
         self._stop = threading.Event()
         self._warmer: threading.Thread | None = None
         if self.cache is not None:
@@ -178,16 +178,16 @@ class Ranker:
                     return self.pool(batch, deadline, version)
                 except Stale as exc:  # only a versioned lookup gets one
                     stale = exc
-            assert self.versions is not None
+            assert self.row_version is not None
             with self.turns.waiting():
-                self.versions.stale(stale)
+                self.row_version.stale(stale)
         raise LookupFailed(
             f"the rows' version changed {MAX_VERSION_RETRIES} times during the request (last: {stale})"
         )
 
     def _reading(self) -> contextlib.AbstractContextManager[int | None]:
         """The version to read, the same until the block ends (None: whatever servers hold)."""
-        return contextlib.nullcontext() if self.versions is None else self.versions.reading()
+        return contextlib.nullcontext() if self.row_version is None else self.row_version.reading()
 
     def pool(
         self, batch: SparseBatch, deadline: float | None = None, version: int | None = None
@@ -342,8 +342,8 @@ class Ranker:
             stats["cache"] = {
                 k: v for k, v in dataclasses.asdict(cache).items() if isinstance(v, int | float)
             }
-        if self.versions is not None:
-            stats["versions"] = self.versions.stats()
+        if self.row_version is not None:
+            stats["versions"] = self.row_version.stats()
         if self.batcher is not None:
             stats["batcher"] = counts(
                 {"batches": self.batcher.merged_batches, "requests": self.batcher.merged_requests}
@@ -357,5 +357,5 @@ class Ranker:
         if self.batcher is not None:
             self.batcher.close()
         self.transport.close()
-        if self.versions is not None:
-            self.versions.close()
+        if self.row_version is not None:
+            self.row_version.close()

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 POLL_S = 0.2
 
 
-class ReadVersion:
+class RowReadVersion:
     def __init__(
         self, links: list[ServerLink], cache: AdaptiveCacheManager | None, poll_s: float = POLL_S
     ) -> None:
