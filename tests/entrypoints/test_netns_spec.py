@@ -17,8 +17,8 @@ from flexemr.entrypoints.child import AnnouncedProcess
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.core.helpers import random_batch, reference_scores
-from tests.core.test_replicas import Load, _ready, _wait_until
 from tests.entrypoints.helpers import ENV, FLEXEMR, netns_bed, start_servers
+from tests.ranker.test_replicas import Load, _ready, _wait_until
 
 
 def test_spec_places_servers_on_hosts_without_starting_them(capsys: pytest.CaptureFixture[str]) -> None:

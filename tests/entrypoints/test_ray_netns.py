@@ -33,15 +33,15 @@ from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan, replicated
 from tests.core.helpers import random_batch, reference_scores
-from tests.core.test_replicas import Load, _ready, _subrequests, _wait_until
 from tests.entrypoints.helpers import ENV, FLEXEMR, netns_bed
+from tests.ranker.test_replicas import Load, _ready, _subrequests, _wait_until
 
 pytest.importorskip("ray", reason="Ray is not installed (pip install 'flexemr[ray]')")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 RAY = str(Path(sys.executable).with_name("ray"))
 GCS_PORT = "6379"  # inside the bed's own namespaces: nothing else listens there
-SOURCE = ModelSource(preset="tiny", seed=3)  # as tests.core.test_replicas' Load expects
+SOURCE = ModelSource(preset="tiny", seed=3)  # as tests.ranker.test_replicas' Load expects
 PLAN = replicated(make_plan("row", SOURCE.spec().table_rows, SOURCE.spec().dim, 2), 2)
 SERVER_BYTES = max(server_memory(PLAN))
 # Ray's processes see none of the test's environment: no secret (the driver hands its own to the

@@ -25,9 +25,9 @@ from flexemr.engine import IoEngine
 from flexemr.entrypoints.redis_server import RedisServer
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
+from tests.api.test_http import infer_body
 from tests.conftest import ServeProcess
 from tests.core.helpers import freeze, reference_scores
-from tests.core.test_http import infer_body
 
 # Multi-process (`make test-fast` leaves them out); clusters start slowly on a loaded machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

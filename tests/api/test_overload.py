@@ -21,9 +21,9 @@ import pytest
 
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
+from tests.api.test_http import infer_body
 from tests.conftest import ServeProcess, start_serve
 from tests.core.helpers import random_batch, reference_scores
-from tests.core.test_http import infer_body
 
 SOURCE = ModelSource(preset="tiny", seed=3)
 SPEC = SOURCE.spec()

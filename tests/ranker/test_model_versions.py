@@ -22,9 +22,9 @@ import torch
 from flexemr.config.security import admin_token
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
+from tests.api.test_http import infer_body
 from tests.conftest import ServeProcess
 from tests.core.helpers import random_batch, reference_scores
-from tests.core.test_http import infer_body
 
 # Multi-process (`make test-fast` leaves them out); clusters start slowly on a loaded machine.
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

@@ -32,9 +32,9 @@ from flexemr.sharding.plan import make_plan, replicated
 from flexemr.sharding.router import RangeRouter, Uncovered
 from flexemr.transport.base import LookupRequest, NoReplica, ServerUnavailable
 from flexemr.transport.local import LocalTransport
+from tests.api.test_http import infer_body
 from tests.conftest import ServeProcess
 from tests.core.helpers import freeze, random_batch, reference_scores
-from tests.core.test_http import infer_body
 
 SOURCE = ModelSource(preset="tiny", seed=3)
 SPEC = SOURCE.spec()
