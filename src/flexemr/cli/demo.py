@@ -12,13 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from flexemr.api.http_server import HttpServer
 from flexemr.cli.options import add_sharding_arguments, add_zipf_skew_argument, sharding_plan
 from flexemr.client import Client
 from flexemr.config import Endpoint, RankerConfig
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.local import LocalCluster
-from flexemr.entrypoints.roles import build_ranker
+from flexemr.entrypoints.roles import RankerProcess
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
@@ -46,13 +45,12 @@ def run(args: argparse.Namespace) -> int:
     monolithic = build_monolithic(source.load())
     endpoints = tuple(Endpoint() for _ in range(plan.num_servers))
     with LocalCluster(ClusterSpec(source, plan, endpoints, RankerConfig(port=0))) as cluster:
-        ranker = build_ranker(cluster.spec)
-        http = HttpServer(ranker, "127.0.0.1", 0)
-        http.start_in_thread()
-        print(f"cluster ready at {http.url}; sending {args.requests} requests of {args.batch} samples")
+        process = RankerProcess.build(cluster.spec)
+        process.start_in_thread()
+        print(f"cluster ready at {process.url}; sending {args.requests} requests of {args.batch} samples")
         latencies: list[float] = []
         try:
-            with Client(http.url) as client:
+            with Client(process.url) as client:
 
                 def send(i: int) -> np.ndarray:
                     start = time.perf_counter()
@@ -65,10 +63,9 @@ def run(args: argparse.Namespace) -> int:
                 with ThreadPoolExecutor(args.clients) as pool:
                     served = list(pool.map(send, range(args.requests)))
                 elapsed = time.perf_counter() - start
-            stats = ranker.stats()
+            stats = process.ranker.stats()
         finally:
-            http.stop()
-            ranker.close()
+            process.close()
     with torch.inference_mode():
         expected = [
             monolithic.forward_sparse(*(torch.from_numpy(a) for a in (r.dense, r.indices, r.lengths))).numpy()

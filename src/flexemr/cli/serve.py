@@ -22,24 +22,18 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from flexemr.api.http_server import HttpServer
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
 from flexemr.config import Endpoint
 from flexemr.config.security import load_secret
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.child import exit_when_stdin_closes
 from flexemr.entrypoints.local import ClusterStartError, LocalCluster
-from flexemr.entrypoints.roles import (
-    build_ranker,
-    ranker_threads,
-    served_versions,
-    start_grpc,
-    torch_threads,
-)
+from flexemr.entrypoints.roles import RankerProcess, build_ranker, ranker_threads, torch_threads
 from flexemr.model.source import ModelSource
 from flexemr.ranker.model_versions import Loader
 from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import Strategy, make_plan, replicated
+from flexemr.transport.base import LookupTransport
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,8 +59,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-rankers", type=int, default=1, help="with --ray: ranker actors")
 
 
-def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> tuple[Ranker, ClusterSpec]:
-    """Start the embedding tier and the ranker; return it and the spec with the ports bound."""
+def _start_tier(
+    spec: ClusterSpec, tier: str, stack: contextlib.ExitStack
+) -> tuple[LookupTransport | None, ClusterSpec]:
+    """Start the embedding tier (stopped by `stack`); return the ranker's transport to it (None: the
+    spec's flexemr servers, through the I/O engine) and the spec with the ports bound."""
     beside = {"redis": 1, "local": 0}.get(tier, len(spec.embedding_servers))  # processes on this host
     torch_threads(ranker_threads(spec.ranker.torch_threads, beside))
     if tier == "redis":
@@ -78,16 +75,14 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
         transport = RedisTransport(redis_server.url, spec.sharding)
         transport.load(spec.sharding, spec.model.load())
         print(f"redis tier: {redis_server.url} pid={redis_server.pid}", flush=True)
-        spec = dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, lookup="raw"))
-        return build_ranker(spec, transport=transport), spec
+        return transport, dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, lookup="raw"))
     if tier == "local":
         from flexemr.transport.local import LocalTransport
 
         # One store with every table whole: the model as one machine would hold it.
         plan = make_plan("table", spec.sharding.table_rows, spec.sharding.dim, 1)
         spec = dataclasses.replace(spec, sharding=plan, embedding_servers=(Endpoint(spec.ranker.host, 0),))
-        local = LocalTransport(plan, spec.model.load(), progress=True)
-        return build_ranker(spec, transport=local), spec
+        return LocalTransport(plan, spec.model.load(), progress=True), spec
     if load_secret(spec.security) is None:  # the children inherit it through the environment
         os.environ[spec.security.secret_env] = secrets.token_hex(32)
         logging.getLogger(__name__).info(
@@ -95,8 +90,7 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
         )
     cluster = LocalCluster(spec, progress=True, supervise=True)
     stack.callback(cluster.stop)
-    spec = cluster.start()
-    return build_ranker(spec), spec
+    return None, cluster.start()
 
 
 def version_spec(spec: ClusterSpec, source: ModelSource) -> ClusterSpec:
@@ -124,11 +118,12 @@ def _version_loader(spec: ClusterSpec, tier: str) -> Loader:
     def load(source: ModelSource) -> tuple[Ranker, Callable[[], None], ClusterSpec | None]:
         stack = contextlib.ExitStack()
         try:
-            ranker, started = _start_ranker(version_spec(spec, source), tier, stack)
+            transport, started = _start_tier(version_spec(spec, source), tier, stack)
+            ranker = build_ranker(started, transport=transport)
         except BaseException:
             stack.close()
             raise
-        return ranker, stack.close, started if tier == "flexemr" else None
+        return ranker, stack.close, started if transport is None else None
 
     return load
 
@@ -178,18 +173,19 @@ def run(args: argparse.Namespace) -> int:
         # Loading more versions needs servers of their own; extra ranker processes use version 1's.
         loader = _version_loader(spec, args.embedding_tier) if args.rankers == 1 else None
         try:
-            ranker, spec = _start_ranker(spec, args.embedding_tier, first)
-            cluster = spec if args.embedding_tier == "flexemr" else None
-            models = served_versions(spec, ranker, loader, first.pop_all().close, cluster)
-            stack.callback(models.close)
-            grpc = start_grpc(models)
+            transport, spec = _start_tier(spec, args.embedding_tier, first)
+            process = RankerProcess.build(
+                spec,
+                transport=transport,
+                loader=loader,
+                stop=first.pop_all().close,
+                reuse_port=args.rankers > 1,
+            )
         except (ClusterStartError, FileNotFoundError, RuntimeError, OSError, ValueError) as exc:
             print(f"flexemr serve: {exc}", file=sys.stderr)
             return 1
-        if grpc is not None:
-            stack.callback(grpc.stop)
-        http = HttpServer(models, spec.ranker.host, spec.ranker.port, reuse_port=args.rankers > 1)
-        spec = dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, port=http.port))
+        stack.callback(process.close)
+        spec = dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, port=process.http.port))
         if args.spec_out:
             spec.save(args.spec_out)
         try:
@@ -199,16 +195,17 @@ def run(args: argparse.Namespace) -> int:
             return 1
 
         def announce() -> None:
-            http.wait_started()
+            process.http.wait_started()
+            ranker = process.ranker
             print(
-                f"flexemr ready: {http.url} model={spec.ranker.model_name} tier={args.embedding_tier} "
+                f"flexemr ready: {process.url} model={spec.ranker.model_name} tier={args.embedding_tier} "
                 f"embedding_servers={spec.sharding.num_servers} sharding={spec.sharding.strategy} "
                 f"replicas={spec.sharding.replicas} rankers={args.rankers} "
                 f"lookup={ranker.config.lookup} device={ranker.device}"
-                + (f" grpc={grpc.address}" if grpc is not None else ""),
+                + (f" grpc={process.grpc.address}" if process.grpc is not None else ""),
                 flush=True,
             )
 
         threading.Thread(target=announce, daemon=True).start()
-        http.run()  # returns on SIGINT / SIGTERM
+        process.run()  # returns on SIGINT / SIGTERM
     return 0

@@ -31,12 +31,11 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from flexemr.api.http_server import HttpServer
 from flexemr.config import Endpoint
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine
 from flexemr.entrypoints.ray_resources import replica_groups, server_memory
-from flexemr.entrypoints.roles import build_embedding_server, build_ranker
+from flexemr.entrypoints.roles import EmbeddingServerProcess, RankerProcess
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +82,11 @@ class EmbeddingServerActor:
         host = ray.util.get_node_ip_address()
         servers = list(spec.embedding_servers)
         servers[index] = Endpoint(host, 0)
-        self.server = build_embedding_server(
+        self.server = EmbeddingServerProcess.build(
             dataclasses.replace(spec, embedding_servers=tuple(servers)), index, progress=False
         )
         self.node: str = ray.get_runtime_context().get_node_id()
-        threading.Thread(target=self.server.serve_forever, daemon=True, name="embedding-server").start()
+        self.server.start_in_thread()
 
     def endpoint(self) -> tuple[str, int]:
         return self.server.endpoint.host, self.server.endpoint.port
@@ -97,20 +96,22 @@ class EmbeddingServerActor:
 
 
 class RankerActor:
-    """A ranker connected to the server actors, serving HTTP on this node's address."""
+    """A ranker connected to the server actors, serving on this node's address: the same
+    `RankerProcess` as `flexemr serve`'s (HTTP, gRPC when the spec names a port, model versions and
+    the admin API behind the cluster secret's token)."""
 
     def __init__(self, spec: ClusterSpec, servers: list[Any], poll_s: float) -> None:
         self.servers = servers
         endpoints = tuple(Endpoint(*ray.get(s.endpoint.remote())) for s in servers)
-        spec = dataclasses.replace(spec, embedding_servers=endpoints)
-        self.ranker = build_ranker(spec)
-        if not isinstance(self.ranker.transport, IoEngine):
-            raise ValueError(
-                "a ranker on Ray follows restarted servers through the I/O engine: not --engine tcp"
-            )
-        self.engine = self.ranker.transport
-        self.http = HttpServer(self.ranker, ray.util.get_node_ip_address(), spec.ranker.port)
-        self.http.start_in_thread()
+        host = ray.util.get_node_ip_address()
+        spec = dataclasses.replace(
+            spec, embedding_servers=endpoints, ranker=dataclasses.replace(spec.ranker, host=host)
+        )
+        self.process = RankerProcess.build(spec)
+        engine = self.process.ranker.transport
+        assert isinstance(engine, IoEngine)  # no transport given: the spec's servers, through the engine
+        self.engine = engine
+        self.process.start_in_thread()
         self._stop = threading.Event()
         threading.Thread(target=self._follow, args=(poll_s,), daemon=True, name="follow-servers").start()
 
@@ -128,7 +129,11 @@ class RankerActor:
                     self.engine.set_endpoint(index, endpoint)
 
     def url(self) -> str:
-        return self.http.url
+        return self.process.url
+
+    def describe(self) -> str:
+        """Where it serves: `http://HOST:PORT model=NAME[ grpc=HOST:PORT]`."""
+        return self.process.describe()
 
 
 class RayDeployment:
@@ -217,7 +222,7 @@ def serve_on_ray(spec: ClusterSpec, options: RayOptions) -> int:
     The actors belong to this driver's Ray job: if it dies outright, Ray ends them too."""
     deployment = RayDeployment(spec, options)
     try:
-        urls = deployment.start()
+        deployment.start()
     except (RuntimeError, ValueError, ConnectionError, ray.exceptions.RayError) as exc:
         print(f"flexemr serve --ray: {exc}", file=sys.stderr)
         return 1
@@ -225,10 +230,10 @@ def serve_on_ray(spec: ClusterSpec, options: RayOptions) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        for url in urls:
+        for ranker in ray.get([r.describe.remote() for r in deployment.rankers]):
             print(
-                f"flexemr ready: {url} model={spec.ranker.model_name} tier=ray "
-                f"embedding_servers={spec.sharding.num_servers} sharding={spec.sharding.strategy}",
+                f"flexemr ready: {ranker} tier=ray embedding_servers={spec.sharding.num_servers} "
+                f"sharding={spec.sharding.strategy}",
                 flush=True,
             )
         stop.wait()

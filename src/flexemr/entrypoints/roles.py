@@ -1,4 +1,5 @@
-"""The two roles a process can play, built from a cluster spec."""
+"""The two roles a process can play, built from a cluster spec: one builder each, which every
+launcher (`flexemr serve`, `flexemr ranker`, `flexemr embedding-server`, the Ray actors) uses."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import dataclasses
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from flexemr.config import CacheMode
+from flexemr.api.http_server import HttpServer
+from flexemr.config import CacheMode, Endpoint
 from flexemr.config.security import admin_token, check_bind, client_tls, identities, load_secret, server_tls
 from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
@@ -29,34 +32,57 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True) -> EmbeddingServer:
-    if not 0 <= index < len(spec.embedding_servers):
-        raise ValueError(
-            f"--index {index} is not a server of this spec (0..{len(spec.embedding_servers) - 1})"
+class EmbeddingServerProcess:
+    """Embedding server `index` of a spec: its shard store, row versions and listener. `flexemr
+    embedding-server` (and so `flexemr serve`'s local servers) and the Ray actors all build it here."""
+
+    def __init__(self, server: EmbeddingServer) -> None:
+        self.server = server
+
+    @classmethod
+    def build(cls, spec: ClusterSpec, index: int, progress: bool = True) -> EmbeddingServerProcess:
+        if not 0 <= index < len(spec.embedding_servers):
+            raise ValueError(
+                f"--index {index} is not a server of this spec (0..{len(spec.embedding_servers) - 1})"
+            )
+        torch_threads(1)
+        secret = load_secret(spec.security)
+        check_bind(spec.embedding_servers[index].host, secret)  # before the minutes of loading
+        source = spec.model.load()
+        storage = server_storage(spec, index)
+        need = storage.resident_bytes(store_layout(spec.sharding, index, source.spec.formats))
+        check_memory(need, f"embedding server {index}", SERVING_ADVICE)
+        store = ShardStore(spec.sharding, index, source, progress, storage)
+        updates = spec.updates
+        log_path = None if updates.log_dir is None else Path(updates.log_dir) / f"server-{index}.updates"
+        versions = RowVersions(
+            store, log_path, updates.max_staged_bytes, updates.max_changelog_keys, updates.max_history_bytes
         )
-    torch_threads(1)
-    secret = load_secret(spec.security)
-    check_bind(spec.embedding_servers[index].host, secret)  # before the minutes of loading
-    source = spec.model.load()
-    storage = server_storage(spec, index)
-    need = storage.resident_bytes(store_layout(spec.sharding, index, source.spec.formats))
-    check_memory(need, f"embedding server {index}", SERVING_ADVICE)
-    store = ShardStore(spec.sharding, index, source, progress, storage)
-    updates = spec.updates
-    log_path = None if updates.log_dir is None else Path(updates.log_dir) / f"server-{index}.updates"
-    versions = RowVersions(
-        store, log_path, updates.max_staged_bytes, updates.max_changelog_keys, updates.max_history_bytes
-    )
-    return EmbeddingServer(
-        store,
-        spec.embedding_servers[index],
-        identities(spec)[index],
-        secret,
-        spec.limits,
-        frame_limits=spec.frames,
-        tls=server_tls(spec.security),
-        versions=versions,
-    )
+        server = EmbeddingServer(
+            store,
+            spec.embedding_servers[index],
+            identities(spec)[index],
+            secret,
+            spec.limits,
+            frame_limits=spec.frames,
+            tls=server_tls(spec.security),
+            versions=versions,
+        )
+        return cls(server)
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """Where it listens (the real port, when the spec said 0)."""
+        return self.server.endpoint
+
+    def serve_forever(self) -> None:
+        self.server.serve_forever()
+
+    def start_in_thread(self) -> None:
+        threading.Thread(target=self.server.serve_forever, daemon=True, name="embedding-server").start()
+
+    def close(self) -> None:
+        self.server.close()
 
 
 def local_servers_need(spec: ClusterSpec) -> int:
@@ -113,22 +139,81 @@ def build_ranker(
     return Ranker(source.spec, plan, dense, transport, spec.ranker, cache=spec.cache)
 
 
-def served_versions(
-    spec: ClusterSpec,
-    ranker: Ranker,
-    loader: Loader | None = None,
-    stop: Callable[[], None] = lambda: None,
-    cluster: ClusterSpec | None = None,
-) -> ModelVersions:
-    """`ranker` as version 1 of `spec`'s model (stopped by `stop`; its rows on `cluster`'s servers),
-    further versions started by `loader` (None: this ranker cannot load any); the admin API's token
-    is the cluster secret's."""
-    secret = load_secret(spec.security)
-    token = admin_token(secret) if secret is not None else None
-    return ModelVersions(ranker, spec.model, loader, stop, cluster, admin_token=token)
+class RankerProcess:
+    """A ranker serving its model versions: KServe v2 over HTTP, and over gRPC when its config names
+    a gRPC port; the admin API (model versions, row updates) behind the token derived from the
+    cluster secret. `flexemr serve`, `flexemr ranker` and the Ray actors all build it here."""
+
+    def __init__(self, models: ModelVersions, http: HttpServer, grpc: GrpcServer | None) -> None:
+        self.models = models
+        self.http = http
+        self.grpc = grpc
+
+    @classmethod
+    def build(
+        cls,
+        spec: ClusterSpec,
+        *,
+        transport: LookupTransport | None = None,
+        connect_timeout_s: float = 60.0,
+        loader: Loader | None = None,
+        stop: Callable[[], None] = lambda: None,
+        reuse_port: bool = False,
+    ) -> RankerProcess:
+        """The ranker of `spec` (on its embedding servers, or on `transport`) as version 1, stopped
+        with `stop` (also when this fails); further versions started by `loader` (None: this process
+        loads none); its fronts bound to the ranker section's host and ports (`reuse_port`: share
+        the HTTP port)."""
+        try:
+            ranker = build_ranker(spec, connect_timeout_s, transport)
+        except BaseException:
+            stop()
+            raise
+        secret = load_secret(spec.security)
+        token = admin_token(secret) if secret is not None else None
+        cluster = spec if transport is None else None  # row updates go to flexemr servers only
+        models = ModelVersions(ranker, spec.model, loader, stop, cluster, admin_token=token)
+        grpc = None
+        try:
+            grpc = _grpc_server(models)
+            http = HttpServer(models, spec.ranker.host, spec.ranker.port, reuse_port)
+        except BaseException:
+            if grpc is not None:
+                grpc.stop()
+            models.close()
+            raise
+        return cls(models, http, grpc)
+
+    @property
+    def ranker(self) -> Ranker:
+        """The serving version's ranker."""
+        return self.models.ranker
+
+    @property
+    def url(self) -> str:
+        return self.http.url
+
+    def describe(self) -> str:
+        """Where it serves, for the ready line: `http://HOST:PORT model=NAME[ grpc=HOST:PORT]`."""
+        grpc = f" grpc={self.grpc.address}" if self.grpc is not None else ""
+        return f"{self.url} model={self.ranker.config.model_name}{grpc}"
+
+    def run(self) -> None:
+        """Serve HTTP in this thread until SIGINT/SIGTERM (then `close()`)."""
+        self.http.run()
+
+    def start_in_thread(self) -> None:
+        self.http.start_in_thread()
+
+    def close(self) -> None:
+        """Stop the fronts, then every loaded version (its ranker, and what its `stop` stops)."""
+        self.http.stop()
+        if self.grpc is not None:
+            self.grpc.stop()
+        self.models.close()
 
 
-def start_grpc(models: ModelVersions) -> GrpcServer | None:
+def _grpc_server(models: ModelVersions) -> GrpcServer | None:
     """The ranker's KServe v2 gRPC front, serving, if its config names a gRPC port."""
     ranker = models.ranker
     if ranker.config.grpc_port is None:
