@@ -24,10 +24,11 @@ import numpy as np
 
 from flexemr.cli.spec import spread
 from flexemr.config import EngineConfig, RankerConfig
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.netns import NetnsBed
 from flexemr.entrypoints.roles import build_ranker
-from flexemr.model.source import ModelSource
+from flexemr.model.source import model_spec
 from flexemr.sharding.plan import make_plan
 from serving import (  # benchmarks/serving.py, beside this script
     add_deployment_arguments,
@@ -52,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
 
     source = ModelSource(preset=args.preset, row_scale=args.row_scale)
-    spec = source.spec()
+    spec = model_spec(source)
     requests = synthetic_batches(spec, args)
     samples = (args.batches + 2) * args.batch  # + the exactness check and the warm-up batch
     mono = monolithic_scorer(source)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from flexemr.client import Client, InferenceError
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess, start_serve
 from tests.core.helpers import random_batch, reference_scores
@@ -20,8 +21,8 @@ from tests.core.helpers import random_batch, reference_scores
 pytestmark = pytest.mark.slow  # multi-process; `make test-fast` leaves it out
 
 SOURCE = ModelSource(preset="tiny", seed=5, pooling="mean")
-SPEC = SOURCE.spec()
-MODEL = build_monolithic(SOURCE.load())
+SPEC = model_spec(SOURCE)
+MODEL = build_monolithic(load_weights(SOURCE))
 
 
 @pytest.fixture(scope="module")

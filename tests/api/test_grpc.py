@@ -17,13 +17,14 @@ import tritonclient.http as triton_http
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess, start_serve
 from tests.core.helpers import random_batch, reference_scores
 
 SOURCE = ModelSource(preset="tiny", seed=3)
-SPEC = SOURCE.spec()
+SPEC = model_spec(SOURCE)
 ARGS = ("--preset", "tiny", "--seed", "3", "--max-batch", "64", "--grpc-port", "0")
 
 
@@ -104,7 +105,7 @@ def test_grpc_infer_equals_http_bit_for_bit(cluster: ServeProcess, client: Any) 
     via_http = http_infer(cluster.url, dense, indices, lengths)
     assert via_grpc.dtype == np.float32 and via_grpc.shape == (16,)
     assert via_grpc.tobytes() == via_http.tobytes()
-    expected = reference_scores(build_monolithic(SOURCE.load()), dense, indices, lengths)
+    expected = reference_scores(build_monolithic(load_weights(SOURCE)), dense, indices, lengths)
     np.testing.assert_allclose(via_grpc, expected, atol=1e-5)
 
 
@@ -187,7 +188,7 @@ def test_served_monolithic_scores_equal_flexemr(cluster: ServeProcess, local: Se
     finally:
         local_client.close()
     np.testing.assert_allclose(in_ranker, over_servers, rtol=1e-6, atol=1e-7)
-    expected = reference_scores(build_monolithic(SOURCE.load()), dense, indices, lengths)
+    expected = reference_scores(build_monolithic(load_weights(SOURCE)), dense, indices, lengths)
     np.testing.assert_allclose(in_ranker, expected, atol=1e-5)
 
 

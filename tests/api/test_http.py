@@ -15,13 +15,14 @@ import pytest
 
 from flexemr.api.http import RateLimitedWarnings
 from flexemr.api.http_server import http_listener
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess, start_serve
 from tests.core.helpers import random_batch, reference_scores
 
 SOURCE = ModelSource(preset="tiny", seed=3)
-SPEC = SOURCE.spec()
+SPEC = model_spec(SOURCE)
 
 
 def infer_body(dense: Any, indices: Any, lengths: Any, **extra: Any) -> dict[str, Any]:
@@ -67,7 +68,7 @@ def test_json_infer_matches_monolithic(client: httpx.Client) -> None:
     body = response.json()
     assert body["id"] == "r1"
     scores = np.array(body["outputs"][0]["data"], dtype=np.float32)
-    expected = reference_scores(build_monolithic(SOURCE.load()), dense, indices, lengths)
+    expected = reference_scores(build_monolithic(load_weights(SOURCE)), dense, indices, lengths)
     np.testing.assert_allclose(scores, expected, atol=1e-5)
 
 

@@ -19,14 +19,15 @@ import httpx
 import numpy as np
 import pytest
 
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from tests.api.test_http import infer_body
 from tests.conftest import ServeProcess, start_serve
 from tests.core.helpers import random_batch, reference_scores
 
 SOURCE = ModelSource(preset="tiny", seed=3)
-SPEC = SOURCE.spec()
+SPEC = model_spec(SOURCE)
 URL = "/v2/models/dlrm/infer"
 
 
@@ -73,7 +74,7 @@ def test_three_times_the_admitted_load_is_refused_while_admitted_requests_score_
     assert all(r is not None for r in results)
     statuses = sorted(r[0] for r in results if r is not None)
     assert statuses == [200, 200, 429, 429, 429, 429], [r[1] for r in results if r is not None]
-    model = build_monolithic(SOURCE.load())
+    model = build_monolithic(load_weights(SOURCE))
     for i, result in enumerate(results):
         assert result is not None
         status, body, headers = result

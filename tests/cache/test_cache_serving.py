@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from flexemr.config import Endpoint, RankerConfig
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.local import LocalCluster
 from flexemr.entrypoints.roles import build_ranker
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
@@ -25,7 +26,7 @@ SOURCE = ModelSource(preset="tiny", seed=21, pooling="mean")
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[ClusterSpec]:
-    spec = SOURCE.spec()
+    spec = model_spec(SOURCE)
     plan = make_plan("row", spec.table_rows, spec.dim, 2)
     with LocalCluster(ClusterSpec(SOURCE, plan, (Endpoint(), Endpoint()))) as local:
         yield local.spec
@@ -38,8 +39,8 @@ def test_cached_scores_are_exact(cluster: ClusterSpec, lookup: str, cache: str) 
     memory = 64 * 2**20 + 2**20 if cache == "adaptive" else None
     config = RankerConfig(lookup=lookup, cache=cache, device_memory_bytes=memory, max_batch=4096)  # type: ignore[arg-type]
     ranker = build_ranker(dataclasses.replace(cluster, ranker=config))
-    monolithic = build_monolithic(SOURCE.load())
-    workload = SyntheticWorkload(SOURCE.spec(), SyntheticConfig(alpha=1.1, empty_prob=0.1), seed=3)
+    monolithic = build_monolithic(load_weights(SOURCE))
+    workload = SyntheticWorkload(model_spec(SOURCE), SyntheticConfig(alpha=1.1, empty_prob=0.1), seed=3)
     try:
         for i, batch_size in enumerate([1, 8, 64, 4096, 2, 16, 4096, 1] * 2):
             request = workload.generate(batch_size)

@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from flexemr.cache.load_monitor import LoadMonitor, LoadMonitorConfig, next_power_of_two
+from flexemr.cache.load_monitor import LoadMonitor, next_power_of_two
+from flexemr.config.cache import LoadMonitorConfig
 
 CONFIG = LoadMonitorConfig(max_batch=1000, window_s=1.0, enter_high=0.8, exit_high=0.4, min_dwell_s=2.0)
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from flexemr.cache.load_monitor import LoadMonitorConfig
-from flexemr.cache.manager import AdaptiveCacheManager, CacheConfig
+from flexemr.cache.manager import AdaptiveCacheManager
 from flexemr.cache.memory_model import MemoryModel
 from flexemr.config import CacheMode, format_bytes, parse_bytes
+from flexemr.config.cache import CacheConfig, LoadMonitorConfig
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.presets import preset
 from tests.cache.helpers import make_batch, make_tables, pool_with_cache, reference_pool, rows_of

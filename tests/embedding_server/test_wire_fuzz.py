@@ -11,20 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexemr.config import Endpoint
+from flexemr.config import Endpoint, FrameLimits
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.store import ShardStore
-from flexemr.model.source import ModelSource
-from flexemr.protocol.frames import (
-    DESCRIPTOR,
-    HEADER,
-    MAGIC,
-    VERSION,
-    FrameLimits,
-    MessageType,
-    recv_frame,
-    send_frame,
-)
+from flexemr.model.source import load_weights, model_spec
+from flexemr.protocol.frames import DESCRIPTOR, HEADER, MAGIC, VERSION, MessageType, recv_frame, send_frame
 from flexemr.protocol.handshake import Hello, client_handshake, new_nonce
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import LookupRequest
@@ -84,14 +76,14 @@ def fuzz_one(endpoint: Endpoint, rng: random.Random) -> None:
 def test_malformed_wire_input_never_kills_the_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEXEMR_SECRET", SECRET.decode())
     source = ModelSource(preset="tiny")
-    plan = make_plan("table", source.spec().table_rows, source.spec().dim, 1)
+    plan = make_plan("table", model_spec(source).table_rows, model_spec(source).dim, 1)
     spec = ClusterSpec(source, plan, (Endpoint(),))
     with server_process(spec, tmp_path, max_fds=1024) as (spec, lines):  # asserts it is alive after
         endpoint = spec.embedding_servers[0]
         rng = random.Random(20261201)
         for _ in range(CASES):
             fuzz_one(endpoint, rng)
-        store = ShardStore(spec.sharding, 0, spec.model.load(), progress=False)
+        store = ShardStore(spec.sharding, 0, load_weights(spec.model), progress=False)
         with dial(endpoint, SECRET) as good:
             request = LookupRequest(np.array([1, 2, 7], np.int64), np.array([0, 1], np.int64))
             send_frame(good, lookup_frame(1, request))

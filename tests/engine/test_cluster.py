@@ -17,6 +17,7 @@ from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
 from flexemr.entrypoints.local import LocalCluster
 from flexemr.entrypoints.roles import build_ranker
+from flexemr.model.source import load_weights
 from flexemr.model.weights import build_monolithic
 from flexemr.transport.base import ServerUnavailable
 from tests.core.helpers import random_batch, reference_scores
@@ -44,7 +45,7 @@ def test_ranker_on_the_engine_scores_like_the_monolith(
     ranker = build_ranker(spec, connect_timeout_s=30)
     try:
         assert isinstance(ranker.transport, IoEngine)
-        model = build_monolithic(spec.model.load())
+        model = build_monolithic(load_weights(spec.model))
         for seed in range(5):
             dense, indices, lengths = random_batch(ranker.spec, 32, seed)
             np.testing.assert_allclose(
@@ -87,7 +88,7 @@ def test_a_dying_server_fails_its_subrequests_fast_and_others_carry_on(
             engine.submit(0, random_request(rng, plan.server_rows(0))).result(5)
         assert engine.connected() == [False, True]
 
-        store = ShardStore(plan, 1, spec.model.load(), progress=False)
+        store = ShardStore(plan, 1, load_weights(spec.model), progress=False)
         requests = [random_request(rng, plan.server_rows(1)) for _ in range(300)]
         futures = [engine.submit(1, r) for r in requests]
         for request, future in zip(requests, futures, strict=True):

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from flexemr.cache import CacheConfig, LoadMonitorConfig
 from flexemr.cli import ranker
 from flexemr.cli.flags import over
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
-from flexemr.config import EngineConfig, NodeLimits, RankerConfig, SecurityConfig, StorageConfig
+from flexemr.config import EngineConfig, FrameLimits, NodeLimits, RankerConfig, SecurityConfig, StorageConfig
+from flexemr.config.cache import CacheConfig, LoadMonitorConfig
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine.link import links
 from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.presets import preset
-from flexemr.protocol.frames import FrameLimits
+from flexemr.model.source import load_weights
 from flexemr.sharding.plan import ShardingConfig
 from flexemr.transport.local import LocalTransport
 
@@ -172,7 +172,7 @@ def test_a_cache_section_cannot_set_what_the_ranker_section_sets() -> None:
 def test_the_ranker_and_its_links_use_the_specs_sections() -> None:
     base = cluster_spec(parse("--cache", "fixed:1MiB", "--max-batch", "64", "--lookup", "raw"))
     spec = dataclasses.replace(base, cache=TUNED_CACHE, frames=SMALL_FRAMES)
-    served = build_ranker(spec, transport=LocalTransport(spec.sharding, spec.model.load()))
+    served = build_ranker(spec, transport=LocalTransport(spec.sharding, load_weights(spec.model)))
     try:
         assert served.cache is not None
         assert served.cache.config == dataclasses.replace(

@@ -25,6 +25,7 @@ from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
 from flexemr.entrypoints.local import LocalCluster
 from flexemr.entrypoints.roles import build_ranker
+from flexemr.model.source import load_weights
 from flexemr.transport.base import ServerUnavailable
 from tests.core.helpers import freeze
 from tests.engine.helpers import dial, random_request, reference, server_process, thread_servers, tiny_spec
@@ -44,7 +45,7 @@ def engine_for(spec: ClusterSpec, **config: object) -> IoEngine:
 
 def check_lookups(engine: IoEngine, spec: ClusterSpec, server: int, seed: int, count: int = 50) -> None:
     """`count` lookups to `server`, each equal to the reference."""
-    store = ShardStore(spec.sharding, server, spec.model.load(), progress=False)
+    store = ShardStore(spec.sharding, server, load_weights(spec.model), progress=False)
     rng = np.random.default_rng(seed)
     requests = [random_request(rng, spec.sharding.server_rows(server)) for _ in range(count)]
     futures = [engine.submit(server, r) for r in requests]

@@ -8,9 +8,10 @@ import pytest
 
 from flexemr.batch import SparseBatch
 from flexemr.config import Endpoint, RankerConfig
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.deployment import LocalDeployment
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.planner import ModelProfile, place
 from tests.core.helpers import random_batch, reference_scores
@@ -20,11 +21,11 @@ pytestmark = pytest.mark.slow  # multi-process; `make test-fast` leaves it out
 
 def test_two_rankers_share_the_servers_and_score_like_the_monolithic_model() -> None:
     source = ModelSource(preset="tiny", seed=3)
-    model = ModelProfile(source.spec())
+    model = ModelProfile(model_spec(source))
     plan = place(model, 2, 1, "table").to_sharding_plan(model)
     spec = ClusterSpec(source, plan, (Endpoint(), Endpoint()), RankerConfig(port=8000))
     batch = random_batch(model.spec, 5, seed=1)
-    expected = reference_scores(build_monolithic(source.load()), *batch)
+    expected = reference_scores(build_monolithic(load_weights(source)), *batch)
     with LocalDeployment(spec, rankers=2) as deployment:
         assert set(deployment.pids()) == {"ranker-0", "ranker-1", "server-0", "server-1"}
         backend = deployment.backend()

@@ -12,9 +12,10 @@ import pytest
 
 from flexemr.cli.main import main
 from flexemr.client import Client
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.child import AnnouncedProcess
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from tests.core.helpers import random_batch, reference_scores
 from tests.entrypoints.helpers import ENV, FLEXEMR, netns_bed, start_servers
@@ -60,12 +61,12 @@ def test_spec_serves_exact_scores_across_namespaces(tmp_path: object) -> None:
         try:
             with AnnouncedProcess(ranker_cmd, "flexemr ranker ready:", 120, ENV) as ranker:
                 assert ranker.url == f"http://{ip['rank']}:8000"
-                monolithic = build_monolithic(ModelSource(preset="tiny", seed=3).load())
+                monolithic = build_monolithic(load_weights(ModelSource(preset="tiny", seed=3)))
                 spec = ClusterSpec.load(spec_path)
                 with bed.entered("client"), Client(ranker.url) as client:
                     assert client.ready()
                     for seed, batch in enumerate([1, 7, 64]):
-                        dense, indices, lengths = random_batch(spec.model.spec(), batch, seed)
+                        dense, indices, lengths = random_batch(model_spec(spec.model), batch, seed)
                         np.testing.assert_allclose(
                             client.infer(dense, indices, lengths),
                             reference_scores(monolithic, dense, indices, lengths),

@@ -13,9 +13,10 @@ import pytest
 
 from flexemr.client import Client
 from flexemr.config import Endpoint, RankerConfig
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.ray_resources import server_memory
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.conftest import start_serve
@@ -32,7 +33,7 @@ from flexemr.entrypoints.ray_cluster import RayDeployment, RayOptions  # noqa: E
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # a Ray cluster of four nodes
 SOURCE = ModelSource(preset="tiny", seed=5)
-PLAN = make_plan("row", SOURCE.spec().table_rows, SOURCE.spec().dim, 2)
+PLAN = make_plan("row", model_spec(SOURCE).table_rows, model_spec(SOURCE).dim, 2)
 SPEC = ClusterSpec(SOURCE, PLAN, (Endpoint(), Endpoint()), ranker=RankerConfig(port=0))
 NODE = {"num_cpus": 1, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1"}
 
@@ -55,10 +56,10 @@ def cluster() -> Iterator[Cluster]:
 
 
 def assert_exact(url: str, seeds: range = range(3)) -> None:
-    monolithic = build_monolithic(SOURCE.load())
+    monolithic = build_monolithic(load_weights(SOURCE))
     with Client(url) as client:
         for seed in seeds:
-            dense, indices, lengths = random_batch(SOURCE.spec(), 16, seed)
+            dense, indices, lengths = random_batch(model_spec(SOURCE), 16, seed)
             np.testing.assert_allclose(
                 client.infer(dense, indices, lengths),
                 reference_scores(monolithic, dense, indices, lengths),

@@ -12,7 +12,8 @@ import httpx
 import numpy as np
 import pytest
 
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.api.test_http import infer_body
@@ -41,7 +42,7 @@ from tests.api.test_grpc import grpc_address, grpc_infer  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 SOURCE = ModelSource(preset="tiny", seed=3)  # the seed of tests.ranker.test_model_versions' version 1
-PLAN = make_plan("table", SOURCE.spec().table_rows, SOURCE.spec().dim, 1)
+PLAN = make_plan("table", model_spec(SOURCE).table_rows, model_spec(SOURCE).dim, 1)
 
 
 @pytest.fixture(scope="module")
@@ -77,12 +78,12 @@ def test_a_ray_ranker_serves_grpc_bit_for_bit_as_http(ray_serve: ServeProcess, c
     import tritonclient.grpc as triton_grpc
 
     assert "tier=ray" in "".join(ray_serve.output)
-    dense, indices, lengths = random_batch(SOURCE.spec(), 16, seed=7)
+    dense, indices, lengths = random_batch(model_spec(SOURCE), 16, seed=7)
     via_grpc = grpc_infer(triton_grpc.InferenceServerClient(grpc_address(ray_serve)), dense, indices, lengths)
     answer = client.post("/v2/models/dlrm/infer", json=infer_body(dense, indices, lengths))
     via_http = np.array(answer.json()["outputs"][0]["data"], dtype=np.float32)
     assert via_grpc.tobytes() == via_http.tobytes()
-    expected = reference_scores(build_monolithic(SOURCE.load()), dense, indices, lengths)
+    expected = reference_scores(build_monolithic(load_weights(SOURCE)), dense, indices, lengths)
     np.testing.assert_allclose(via_grpc, expected, atol=1e-5)
 
 

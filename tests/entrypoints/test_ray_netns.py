@@ -26,10 +26,11 @@ import numpy as np
 import pytest
 
 from flexemr.client import Client
+from flexemr.config.model import ModelSource
 from flexemr.entrypoints.child import AnnouncedProcess
 from flexemr.entrypoints.netns import NetnsBed
 from flexemr.entrypoints.ray_resources import server_memory
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan, replicated
 from tests.core.helpers import random_batch, reference_scores
@@ -42,7 +43,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 RAY = str(Path(sys.executable).with_name("ray"))
 GCS_PORT = "6379"  # inside the bed's own namespaces: nothing else listens there
 SOURCE = ModelSource(preset="tiny", seed=3)  # as tests.ranker.test_replicas' Load expects
-PLAN = replicated(make_plan("row", SOURCE.spec().table_rows, SOURCE.spec().dim, 2), 2)
+PLAN = replicated(make_plan("row", model_spec(SOURCE).table_rows, model_spec(SOURCE).dim, 2), 2)
 SERVER_BYTES = max(server_memory(PLAN))
 # Ray's processes see none of the test's environment: no secret (the driver hands its own to the
 # actors) and none of Ray's settings from other tests.
@@ -109,14 +110,14 @@ def test_servers_placed_by_memory_across_namespaces_serve_exact(cluster: tuple[N
     placed = [len(actors(bed, h, "EmbeddingServerActor")) for h in ("head", "mem0", "mem1", "rank")]
     assert placed == [0, 2, 2, 0]
     assert len(actors(bed, "rank", "RankerActor")) == 1
-    monolithic = build_monolithic(SOURCE.load())
+    monolithic = build_monolithic(load_weights(SOURCE))
     with bed.entered("client"):
         hosts = [str(s["endpoint"]).rsplit(":", 1)[0] for s in servers(url)]
         assert set(hosts) == {ip["mem0"], ip["mem1"]}
         assert hosts[0] != hosts[2] and hosts[1] != hosts[3]  # servers i and i + 2 hold the same rows
         with Client(url) as client:
             for seed, batch in enumerate([1, 16, 64]):
-                dense, indices, lengths = random_batch(SOURCE.spec(), batch, seed)
+                dense, indices, lengths = random_batch(model_spec(SOURCE), batch, seed)
                 np.testing.assert_allclose(
                     client.infer(dense, indices, lengths),
                     reference_scores(monolithic, dense, indices, lengths),

@@ -17,9 +17,10 @@ import pytest
 
 from flexemr.client import Client, InferenceError
 from flexemr.config import Endpoint, EngineConfig, RankerConfig
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.local import LocalCluster
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores
@@ -30,7 +31,7 @@ def test_ranker_role_serves_from_a_spec_file_honouring_its_engine_and_ranker_sec
     """The spec file's engine and ranker sections reach the ranker, and only the flags given
     override them."""
     source = ModelSource(preset="tiny", seed=9)
-    spec = source.spec()
+    spec = model_spec(source)
     plan = make_plan("table", spec.table_rows, spec.dim, 2)
     cluster_spec = ClusterSpec(source, plan, (Endpoint(), Endpoint()), RankerConfig(port=0))
     with LocalCluster(cluster_spec) as cluster:  # runs `flexemr embedding-server --spec ... --index i`
@@ -61,7 +62,7 @@ def test_ranker_role_serves_from_a_spec_file_honouring_its_engine_and_ranker_sec
                     client.infer(*random_batch(spec, 5, seed=2))
             served_engine = httpx.get(f"{url}/v2/stats", timeout=30).json()["transport"]["engine"]
             np.testing.assert_allclose(
-                scores, reference_scores(build_monolithic(source.load()), *batch), atol=1e-5
+                scores, reference_scores(build_monolithic(load_weights(source)), *batch), atol=1e-5
             )
             assert {k: served_engine[k] for k in ("mode", "io_threads", "credits", "migration")} == {
                 "mode": "shared",
@@ -78,7 +79,7 @@ def test_ranker_role_serves_from_a_spec_file_honouring_its_engine_and_ranker_sec
 
 def test_spec_file_mismatch_is_refused(tmp_path: Path) -> None:
     source = ModelSource(preset="tiny")
-    spec = source.spec()
+    spec = model_spec(source)
     plan = make_plan("row", spec.table_rows, spec.dim, 2)
     data = ClusterSpec(source, plan, (Endpoint(), Endpoint())).to_dict()
     data["embedding_servers"] = data["embedding_servers"][:1]

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 from flexemr.config import Endpoint, RankerConfig
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.local import LocalCluster
 from flexemr.entrypoints.roles import build_ranker
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import CheckpointWeights, build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores
@@ -72,12 +73,12 @@ def test_reference_checkpoint_serves_formula_scores(tmp_path: Path, itself: bool
     path = tmp_path / "model.pt"
     torch.save(state, path)
     source = ModelSource(checkpoint=str(path), interaction="dot", interaction_itself=itself)
-    spec = source.spec()
+    spec = model_spec(source)
     assert spec.table_rows == ROWS and spec.bottom_mlp == (5, 6, 4) and spec.top_mlp == (8, 1)
     dense, indices, lengths = random_batch(spec, 6, seed=1)
     expected = formula_forward(state, dense, indices, lengths, itself)
-    np.testing.assert_allclose(reference_scores(build_monolithic(source.load()), dense, indices, lengths),
-                               expected, atol=1e-5)  # fmt: skip
+    monolithic = build_monolithic(load_weights(source))
+    np.testing.assert_allclose(reference_scores(monolithic, dense, indices, lengths), expected, atol=1e-5)
     plan = make_plan("row", spec.table_rows, spec.dim, 2)
     with LocalCluster(ClusterSpec(source, plan, (Endpoint(), Endpoint()), RankerConfig())) as cluster:
         ranker = build_ranker(cluster.spec)

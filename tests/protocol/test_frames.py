@@ -7,16 +7,16 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from flexemr.config import Endpoint
+from flexemr.config import Endpoint, FrameLimits
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.local import LocalCluster
-from flexemr.model.source import ModelSource
+from flexemr.model.source import model_spec
 from flexemr.protocol.frames import (
     DESCRIPTOR,
     HEADER,
     MAGIC,
     VERSION,
-    FrameLimits,
     MessageType,
     ProtocolError,
     encode,
@@ -77,7 +77,7 @@ def test_malformed_headers_are_refused_before_allocation(views: list[memoryview]
 @pytest.fixture(scope="module")
 def server_endpoint() -> Iterator[Endpoint]:
     source = ModelSource(preset="tiny")
-    spec = source.spec()
+    spec = model_spec(source)
     plan = make_plan("table", spec.table_rows, spec.dim, 1)
     with LocalCluster(ClusterSpec(source, plan, (Endpoint(),))) as cluster:
         yield cluster.spec.embedding_servers[0]

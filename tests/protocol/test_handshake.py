@@ -10,19 +10,12 @@ import threading
 import numpy as np
 import pytest
 
+from flexemr.config import FrameLimits
+from flexemr.config.security import Identity
 from flexemr.engine.health import ServerHealth
-from flexemr.protocol.frames import (
-    FrameLimits,
-    MessageType,
-    ProtocolError,
-    encode,
-    error_text,
-    recv_frame,
-    send_frame,
-)
+from flexemr.protocol.frames import MessageType, ProtocolError, encode, error_text, recv_frame, send_frame
 from flexemr.protocol.handshake import (
     Hello,
-    Identity,
     IdentityMismatch,
     NotAuthenticated,
     client_handshake,

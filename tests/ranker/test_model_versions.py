@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
+from flexemr.config.model import ModelSource
 from flexemr.config.security import admin_token
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from tests.api.test_http import infer_body
 from tests.conftest import ServeProcess
@@ -31,7 +32,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SEEDS = {"1": 3, "2": 4, "3": 5}
 """The preset seed of each model version the test loads."""
-SPEC = ModelSource(preset="tiny", seed=3).spec()
+SPEC = model_spec(ModelSource(preset="tiny", seed=3))
 SECRET = secrets.token_hex(16)
 LOAD = "/v2/repository/models/dlrm/load"
 UNLOAD = "/v2/repository/models/dlrm/unload"
@@ -57,7 +58,8 @@ ADMIN = {"Authorization": f"Bearer {admin_token(SECRET.encode())}"}
 BATCHES = [random_batch(SPEC, 8, seed=s) for s in range(3)]
 EXPECTED = {
     version: [
-        reference_scores(build_monolithic(ModelSource(preset="tiny", seed=seed).load()), *b) for b in BATCHES
+        reference_scores(build_monolithic(load_weights(ModelSource(preset="tiny", seed=seed))), *b)
+        for b in BATCHES
     ]
     for version, seed in SEEDS.items()
 }
@@ -207,7 +209,7 @@ def test_swap_under_load_fails_nothing_and_rolls_back(client: httpx.Client, clus
 
 def reference_with(updates: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """Version 1's monolithic scores of `BATCHES` once `updates` are written, in order."""
-    model = build_monolithic(ModelSource(preset="tiny", seed=SEEDS["1"]).load())
+    model = build_monolithic(load_weights(ModelSource(preset="tiny", seed=SEEDS["1"])))
     with torch.no_grad():
         for update in updates:
             for table, row, values in zip(update["table"], update["row"], update["values"], strict=True):

@@ -9,7 +9,8 @@ from typing import Any, cast
 import pytest
 
 from flexemr.config import RankerConfig
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.model.source import model_spec
 from flexemr.ranker.model_versions import ModelVersionConflict, ModelVersions, UnknownModelVersion
 from flexemr.ranker.ranker import Ranker
 
@@ -22,7 +23,7 @@ class FakeRanker:
     def __init__(self, name: str, fail: bool = False) -> None:
         self.name = name
         self.config = RankerConfig()
-        self.spec = SOURCE.spec()
+        self.spec = model_spec(SOURCE)
         self.fail = fail
         self.closed = False
         self.front: FakeRanker | None = None

@@ -23,9 +23,10 @@ import pytest
 
 from flexemr.cli.main import main
 from flexemr.config import Endpoint
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.roles import build_ranker
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.ranker.admission import Admission
 from flexemr.sharding.plan import make_plan, replicated
@@ -37,7 +38,7 @@ from tests.conftest import ServeProcess
 from tests.core.helpers import freeze, random_batch, reference_scores
 
 SOURCE = ModelSource(preset="tiny", seed=3)
-SPEC = SOURCE.spec()
+SPEC = model_spec(SOURCE)
 
 
 class FailingTransport(LocalTransport):
@@ -87,9 +88,9 @@ def test_failover_keeps_scores_exact(lookup: str) -> None:
     plan = replicated(make_plan("row", SPEC.table_rows, SPEC.dim, 2), 2)
     spec = ClusterSpec(SOURCE, plan, tuple(Endpoint() for _ in range(4)))
     spec = ClusterSpec.from_dict({**spec.to_dict(), "ranker": {"lookup": lookup, "request_timeout_s": 2.0}})
-    transport = FailingTransport(plan, SOURCE.load())
+    transport = FailingTransport(plan, load_weights(SOURCE))
     ranker = build_ranker(spec, transport=transport)
-    monolithic = build_monolithic(SOURCE.load())
+    monolithic = build_monolithic(load_weights(SOURCE))
     try:
         dense, indices, lengths = random_batch(SPEC, 16, seed=5)
         expected = reference_scores(monolithic, dense, indices, lengths)
@@ -112,7 +113,7 @@ def test_a_hung_lookup_gives_up_at_the_requests_deadline_not_the_lookup_timeout(
     plan = make_plan("row", SPEC.table_rows, SPEC.dim, 2)
     spec = ClusterSpec(SOURCE, plan, tuple(Endpoint() for _ in range(2)))
     spec = ClusterSpec.from_dict({**spec.to_dict(), "ranker": {"request_timeout_s": 3600.0}})
-    transport = FailingTransport(plan, SOURCE.load())
+    transport = FailingTransport(plan, load_weights(SOURCE))
     ranker = build_ranker(spec, transport=transport)
     try:
         transport.hung = {1}
@@ -126,7 +127,7 @@ def test_a_hung_lookup_gives_up_at_the_requests_deadline_not_the_lookup_timeout(
 # -- real processes -----------------------------------------------------------------------------------
 
 BATCH = random_batch(SPEC, 8, seed=4)
-EXPECTED = reference_scores(build_monolithic(SOURCE.load()), *BATCH)
+EXPECTED = reference_scores(build_monolithic(load_weights(SOURCE)), *BATCH)
 BODY = infer_body(*BATCH)
 
 

@@ -6,8 +6,9 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from flexemr.config.plan import Shard, ShardingPlan
 from flexemr.model.presets import preset
-from flexemr.sharding.plan import Shard, ShardingPlan, make_plan, row_wise, table_wise, with_local_offsets
+from flexemr.sharding.plan import make_plan, row_wise, table_wise, with_local_offsets
 from flexemr.sharding.router import RangeRouter
 
 

@@ -19,6 +19,7 @@ from prometheus_client import generate_latest
 from flexemr.api.metrics import RequestMetrics
 from flexemr.cli.main import main
 from flexemr.config import Endpoint, RankerConfig, SecurityConfig
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine
 from flexemr.engine.link import ServerLink, links
@@ -26,7 +27,7 @@ from flexemr.entrypoints.local import LocalCluster
 from flexemr.entrypoints.roles import build_ranker
 from flexemr.model import rows as stored_rows
 from flexemr.model.dlrm import DLRM
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.protocol.frames import MessageType
 from flexemr.protocol.updates import StagedRows
@@ -78,7 +79,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     secret = tmp_path_factory.mktemp("secret") / "secret"
     secret.write_text("a secret of the update tests")
     source = ModelSource(preset="tiny", seed=11, row_dtype="int8,fp32,fp16,int8")
-    model = source.spec()
+    model = model_spec(source)
     plan = replicated(make_plan("row", model.table_rows, model.dim, 2), 2)
     spec = ClusterSpec(
         source, plan, tuple(Endpoint() for _ in range(4)), security=SecurityConfig(secret_file=str(secret))
@@ -89,7 +90,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         build_ranker(spec),
         build_ranker(dataclasses.replace(spec, ranker=RankerConfig(lookup="raw", cache="fixed:1MiB"))),
     ]
-    state = Live(spec, cluster, rankers, build_monolithic(source.load()), Updater(spec), links(spec))
+    state = Live(spec, cluster, rankers, build_monolithic(load_weights(source)), Updater(spec), links(spec))
     yield state
     state.updater.close()
     for link in state.links:

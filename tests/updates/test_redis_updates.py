@@ -19,11 +19,12 @@ import pytest
 import redis
 import torch
 
+from flexemr.config.model import ModelSource
 from flexemr.config.security import identities
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine
 from flexemr.entrypoints.redis_server import RedisServer
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from tests.api.test_http import infer_body
 from tests.conftest import ServeProcess
@@ -33,7 +34,7 @@ from tests.core.helpers import freeze, reference_scores
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SOURCE = ModelSource(preset="tiny", seed=3)
-SPEC = SOURCE.spec()
+SPEC = model_spec(SOURCE)
 SECRET = secrets.token_hex(16)
 ENTRIES = 120
 ROWS = 20
@@ -119,7 +120,7 @@ def test_a_killed_consumer_resumes_without_loss_or_duplicates(
         assert len(rejected) == 1 and b"field" in rejected[0][1][b"error"]
 
         # The rows served are the last value each got in the stream.
-        model = build_monolithic(SOURCE.load())
+        model = build_monolithic(load_weights(SOURCE))
         with torch.no_grad():
             model.emb_l[0].weight[:ROWS] = torch.from_numpy(final)
         lengths = np.zeros((SPEC.num_tables, ROWS), dtype=np.int32)

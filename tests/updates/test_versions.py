@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from flexemr.config.model import ModelSource
 from flexemr.embedding_server.storage import DramStorage, FileStorage
 from flexemr.embedding_server.store import BadSubrequest, ShardStore
 from flexemr.embedding_server.versions import RowVersions, StaleVersion
 from flexemr.model import rows as stored_rows
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.protocol.updates import BadUpdate, StagedRows
 from flexemr.sharding.plan import make_plan
 
@@ -21,14 +22,14 @@ SOURCE = ModelSource(preset="tiny", seed=5, row_dtype="int8,fp32,fp16,int8")
 
 
 def _store(tmp: Path | None = None, server: int = 1) -> ShardStore:
-    source = SOURCE.load()
+    source = load_weights(SOURCE)
     plan = make_plan("row", source.spec.table_rows, source.spec.dim, 2)
     storage = DramStorage() if tmp is None else FileStorage(tmp / "rows", "f")
     return ShardStore(plan, server, source, progress=False, storage=storage)
 
 
 def _values(n: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).standard_normal((n, SOURCE.spec().dim)).astype(np.float32)
+    return np.random.default_rng(seed).standard_normal((n, model_spec(SOURCE).dim)).astype(np.float32)
 
 
 @pytest.mark.parametrize("storage", ["dram", "mmap"])

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from flexemr.api.bodies import BodyTooLarge, read_body
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
 from flexemr.ranker.model_versions import (
     ModelVersion,
     ModelVersionConflict,

@@ -21,34 +21,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
+from flexemr.config.cache import LoadMonitorConfig
+
 LoadState = Literal["low", "high"]
-
-
-@dataclass(frozen=True)
-class LoadMonitorConfig:
-    max_batch: int = 8192
-    """Largest batch the ranker forms (its `max_batch`); loads are fractions of it."""
-    window_s: float = 1.0
-    """Length of the sliding window over recent batches."""
-    enter_high: float = 0.75
-    """Enter HIGH when the window's mean (batch + queue) reaches this fraction of `max_batch`."""
-    exit_high: float = 0.4
-    """Leave HIGH when it falls to this fraction (below `enter_high`: the hysteresis band)."""
-    min_dwell_s: float = 2.0
-    """Least time in a state before leaving it."""
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be positive, got {self.max_batch}")
-        if self.window_s <= 0:
-            raise ValueError(f"window_s must be positive, got {self.window_s}")
-        if not 0 <= self.exit_high < self.enter_high:
-            raise ValueError(
-                f"need 0 <= exit_high < enter_high, got exit_high={self.exit_high}, "
-                f"enter_high={self.enter_high}"
-            )
-        if self.min_dwell_s < 0:
-            raise ValueError(f"min_dwell_s must be >= 0, got {self.min_dwell_s}")
 
 
 @dataclass(frozen=True)

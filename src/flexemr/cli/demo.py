@@ -15,10 +15,11 @@ import torch
 from flexemr.cli.options import add_sharding_arguments, add_zipf_skew_argument, sharding_plan
 from flexemr.client import Client
 from flexemr.config import Endpoint, RankerConfig
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.local import LocalCluster
 from flexemr.entrypoints.roles import RankerProcess
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
 
@@ -35,14 +36,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     source = ModelSource(preset=args.preset, row_scale=args.row_scale)
-    spec = source.spec()
+    spec = model_spec(source)
     plan = sharding_plan(args, spec.table_rows, spec.dim)
     size_mib = spec.embedding_bytes / 2**20
     print(f"model {args.preset} x{args.row_scale}: {spec.num_tables} tables, {size_mib:.0f} MiB")
     print(plan.describe())
     workload = SyntheticWorkload(spec, SyntheticConfig(alpha=args.zipf_skew), seed=1)
     requests = [workload.generate(args.batch) for _ in range(args.requests)]
-    monolithic = build_monolithic(source.load())
+    monolithic = build_monolithic(load_weights(source))
     endpoints = tuple(Endpoint() for _ in range(plan.num_servers))
     with LocalCluster(ClusterSpec(source, plan, endpoints, RankerConfig(port=0))) as cluster:
         process = RankerProcess.build(cluster.spec)

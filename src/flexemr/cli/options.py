@@ -7,11 +7,13 @@ import dataclasses
 
 from flexemr.cli.flags import add_flags, given, over
 from flexemr.config import Endpoint, EngineConfig, RankerConfig, SecurityConfig, StorageConfig
+from flexemr.config.model import ModelSource
+from flexemr.config.plan import ShardingPlan
 from flexemr.config.spec import ClusterSpec
 from flexemr.model.presets import PRESET_NAMES
-from flexemr.model.source import ModelSource
+from flexemr.model.source import model_spec
 from flexemr.model.spec import DEFAULT_ZIPF_SKEW
-from flexemr.sharding.plan import ShardingConfig, ShardingPlan, replicated
+from flexemr.sharding.plan import ShardingConfig, replicated
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,7 +91,7 @@ def check_plan_model(plan: ShardingPlan, table_rows: tuple[int, ...], dim: int, 
 
 def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     source = model_source(args)
-    spec = source.spec()
+    spec = model_spec(source)
     if args.plan:
         from flexemr.planner import load_sharding
 

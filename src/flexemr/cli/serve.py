@@ -24,12 +24,13 @@ from pathlib import Path
 
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
 from flexemr.config import Endpoint
+from flexemr.config.model import ModelSource
 from flexemr.config.security import load_secret
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.child import exit_when_stdin_closes
 from flexemr.entrypoints.local import ClusterStartError, LocalCluster
 from flexemr.entrypoints.roles import RankerProcess, build_ranker, ranker_threads, torch_threads
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.ranker.model_versions import Loader
 from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import Strategy, make_plan, replicated
@@ -73,7 +74,7 @@ def _start_tier(
         redis_server = RedisServer()
         stack.callback(redis_server.stop)
         transport = RedisTransport(redis_server.url, spec.sharding)
-        transport.load(spec.sharding, spec.model.load())
+        transport.load(spec.sharding, load_weights(spec.model))
         print(f"redis tier: {redis_server.url} pid={redis_server.pid}", flush=True)
         return transport, dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, lookup="raw"))
     if tier == "local":
@@ -82,7 +83,7 @@ def _start_tier(
         # One store with every table whole: the model as one machine would hold it.
         plan = make_plan("table", spec.sharding.table_rows, spec.sharding.dim, 1)
         spec = dataclasses.replace(spec, sharding=plan, embedding_servers=(Endpoint(spec.ranker.host, 0),))
-        return LocalTransport(plan, spec.model.load(), progress=True), spec
+        return LocalTransport(plan, load_weights(spec.model), progress=True), spec
     if load_secret(spec.security) is None:  # the children inherit it through the environment
         os.environ[spec.security.secret_env] = secrets.token_hex(32)
         logging.getLogger(__name__).info(
@@ -96,7 +97,7 @@ def _start_tier(
 def version_spec(spec: ClusterSpec, source: ModelSource) -> ClusterSpec:
     """`spec` serving `source` on servers of its own (new ports); the same plan while the tables
     keep their shapes, else the same strategy over the new shapes."""
-    model = source.spec()
+    model = model_spec(source)
     plan = spec.sharding
     if (model.table_rows, model.dim) != (plan.table_rows, plan.dim):
         strategies: dict[str, Strategy] = {"table": "table", "row": "row"}  # a planner's plan is not remade

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from flexemr.cli.options import add_model_arguments, add_sharding_arguments, model_source, sharding_plan
+from flexemr.model.source import model_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -14,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = model_source(args).spec()
+    spec = model_spec(model_source(args))
     plan = sharding_plan(args, spec.table_rows, spec.dim)
     print(plan.to_json() if args.json else plan.describe())
     return 0

@@ -15,8 +15,8 @@ import sys
 
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
 from flexemr.config import Endpoint
+from flexemr.config.plan import ShardingPlan
 from flexemr.entrypoints.ray_resources import replica_groups
-from flexemr.sharding.plan import ShardingPlan
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,7 +1,12 @@
-"""Configuration: small dataclasses, validated on construction, and the flags made from them.
+"""Configuration, the bottom layer: small dataclasses, validated on construction, and the flags made
+from them. The package imports nothing of flexemr outside itself (nor torch or numpy), so every layer
+may use it. This module holds the sections and their flags; beside it:
 
-This module imports nothing of flexemr, so every layer may use it. `flexemr.config.spec.ClusterSpec`
-gathers these sections, the model source and the sharding plan into one cluster spec file.
+- `model`: `ModelSource`, where the weights come from (loading them is `flexemr.model.source`'s);
+- `plan`: `ShardingPlan`, which server holds which rows (making one is `flexemr.sharding.plan`'s);
+- `cache`: the ranker's cache tuning (`CacheConfig`, its load monitor and cost gate);
+- `security`: the shared secret, what each server proves it holds (`Identity`), TLS contexts;
+- `spec`: `ClusterSpec`, all of the above for one deployment in one JSON file.
 """
 
 from __future__ import annotations
@@ -336,6 +341,22 @@ class NodeLimits:
                 f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must exceed heartbeat_interval_s "
                 f"({self.heartbeat_interval_s})"
             )
+
+
+@dataclass(frozen=True)
+class FrameLimits:
+    """What a received frame may declare before any of its body is read (a spec's `frames`)."""
+
+    max_buffers: int = 8
+    """Arrays per frame."""
+    max_frame_bytes: int = 512 * 2**20
+    """Bytes of a frame's body (all its arrays)."""
+    max_dim: int = 2**31 - 1
+    """Largest extent of an array's dimension."""
+
+    def __post_init__(self) -> None:
+        if min(self.max_buffers, self.max_frame_bytes, self.max_dim) < 1:
+            raise ValueError(f"frame limits must all be positive, got {self}")
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,24 @@ import json
 import os
 import socket
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 
 from flexemr.config import SecurityConfig
+from flexemr.config.model import ModelSource
+from flexemr.config.plan import ShardingPlan
 from flexemr.config.spec import ClusterSpec
-from flexemr.model.source import ModelSource
-from flexemr.protocol.handshake import Identity
-from flexemr.sharding.plan import ShardingPlan
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What an embedding server holds: its index in the plan, its rows, and a fingerprint of its
+    shards and weights (`flexemr.config.security.fingerprint`)."""
+
+    server: int
+    rows: int
+    dim: int
+    fingerprint: str
 
 
 def load_secret(config: SecurityConfig) -> bytes | None:

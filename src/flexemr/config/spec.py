@@ -14,21 +14,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flexemr.cache.cost_gate import CostGateConfig
-from flexemr.cache.load_monitor import LoadMonitorConfig
-from flexemr.cache.manager import CacheConfig
 from flexemr.config import (
     Endpoint,
     EngineConfig,
+    FrameLimits,
     NodeLimits,
     RankerConfig,
     SecurityConfig,
     StorageConfig,
     UpdatesConfig,
 )
-from flexemr.model.source import ModelSource
-from flexemr.protocol.frames import FrameLimits
-from flexemr.sharding.plan import ShardingPlan
+from flexemr.config.cache import CacheConfig, CostGateConfig, LoadMonitorConfig
+from flexemr.config.model import ModelSource
+from flexemr.config.plan import ShardingPlan
 
 RANKER_CACHE_FIELDS = ("mode", "wire", "device_budget_bytes")
 """`CacheConfig` fields set from the ranker section (with `load.max_batch`), not a spec's cache section."""

@@ -33,15 +33,15 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.config import Endpoint, NodeLimits
-from flexemr.config.security import check_bind
+from flexemr.config import Endpoint, FrameLimits, NodeLimits
+from flexemr.config.security import Identity, check_bind
 from flexemr.embedding_server.store import BadSubrequest, RowImage, ShardStore
 from flexemr.embedding_server.versions import RowVersions, StaleVersion
 from flexemr.protocol.frames import (
+    MAX_QUEUED_RESPONSES,
     ConnectionClosed,
     Flags,
     Frame,
-    FrameLimits,
     MessageType,
     ProtocolError,
     encode,
@@ -49,13 +49,10 @@ from flexemr.protocol.frames import (
     recv_frame,
     send_frame,
 )
-from flexemr.protocol.handshake import Identity, NotAuthenticated, server_handshake
+from flexemr.protocol.handshake import NotAuthenticated, server_handshake
 from flexemr.protocol.updates import BadUpdate, StagedRows, int64s, version_buffer
 
 log = logging.getLogger(__name__)
-
-MAX_QUEUED_RESPONSES = 256
-"""Answers a credited connection holds back for want of credits before it stops reading."""
 
 
 class CreditGate:

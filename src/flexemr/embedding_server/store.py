@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from flexemr.config.model import RowFormat
+from flexemr.config.plan import Shard, ShardingPlan
 from flexemr.embedding_server.storage import DramStorage, Layout, Storage
 from flexemr.model import rows as stored_rows
-from flexemr.model.rows import RowFormat
 from flexemr.model.weights import WeightSource, fill_stored
-from flexemr.sharding.plan import Shard, ShardingPlan
 
 log = logging.getLogger(__name__)
 

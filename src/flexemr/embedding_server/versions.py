@@ -34,15 +34,9 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from flexemr.config import FrameLimits
 from flexemr.embedding_server.store import BadSubrequest, RowImage, ShardStore
-from flexemr.protocol.frames import (
-    ConnectionClosed,
-    FrameLimits,
-    MessageType,
-    ProtocolError,
-    encode,
-    read_frame,
-)
+from flexemr.protocol.frames import ConnectionClosed, MessageType, ProtocolError, encode, read_frame
 from flexemr.protocol.updates import BadUpdate, Changes, StagedRows, version_buffer
 from flexemr.rwlock import SharedLock
 from flexemr.stats import counts

@@ -26,16 +26,15 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.config import Endpoint
-from flexemr.embedding_server.server import MAX_QUEUED_RESPONSES
+from flexemr.config import Endpoint, FrameLimits
 from flexemr.engine.credits import CreditLedger
 from flexemr.engine.stats import ConnectionStats
 from flexemr.protocol.frames import (
     DESCRIPTOR,
     HEADER,
+    MAX_QUEUED_RESPONSES,
     Flags,
     Frame,
-    FrameLimits,
     MessageType,
     ProtocolError,
     encode,

@@ -6,10 +6,10 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from flexemr.config import Endpoint
+from flexemr.config import Endpoint, FrameLimits
+from flexemr.config.security import Identity
 from flexemr.engine.credits import mark_high_priority
-from flexemr.protocol.frames import FrameLimits
-from flexemr.protocol.handshake import HandshakeRefused, Hello, Identity, Role, client_handshake, new_nonce
+from flexemr.protocol.handshake import HandshakeRefused, Hello, Role, client_handshake, new_nonce
 from flexemr.transport.base import ConfigMismatch
 
 

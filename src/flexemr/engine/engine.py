@@ -30,15 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.config import Endpoint, EngineConfig, NodeLimits
+from flexemr.config import Endpoint, EngineConfig, FrameLimits, NodeLimits
+from flexemr.config.security import Identity
 from flexemr.engine.connection import Connection
 from flexemr.engine.credits import ControlChannel, CreditLedger
 from flexemr.engine.dial import Dialer
 from flexemr.engine.health import ServerHealth
 from flexemr.engine.io_thread import IoThread
 from flexemr.engine.migration import MigrationPolicy
-from flexemr.protocol.frames import FrameLimits, ProtocolError
-from flexemr.protocol.handshake import Identity
+from flexemr.protocol.frames import ProtocolError
 from flexemr.stats import Count
 from flexemr.transport.base import ConfigMismatch, LookupRequest, ServerUnavailable, TransportOverloaded
 

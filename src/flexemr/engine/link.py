@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from flexemr.config import Endpoint
-from flexemr.config.security import client_tls, identities, load_secret
+from flexemr.config.security import Identity, client_tls, identities, load_secret
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine.dial import Dialer
 from flexemr.protocol.frames import (
@@ -25,7 +25,6 @@ from flexemr.protocol.frames import (
     recv_frame,
     send_frame,
 )
-from flexemr.protocol.handshake import Identity
 from flexemr.protocol.updates import Changes, version_buffer
 from flexemr.transport.base import ServerUnavailable, Stale, SubrequestRefused
 

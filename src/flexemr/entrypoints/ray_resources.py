@@ -3,7 +3,7 @@ test checks its node sizes against these)."""
 
 from __future__ import annotations
 
-from flexemr.sharding.plan import ShardingPlan
+from flexemr.config.plan import ShardingPlan
 
 PROCESS_BYTES = 512 * 2**20
 """Memory an embedding server process needs beyond its rows (interpreter, torch, buffers)."""

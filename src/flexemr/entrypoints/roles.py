@@ -21,6 +21,7 @@ from flexemr.embedding_server.storage import DramStorage, FileStorage, Storage
 from flexemr.embedding_server.store import ShardStore, store_layout
 from flexemr.embedding_server.versions import RowVersions
 from flexemr.memory import SERVING_ADVICE, check_memory
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_dense
 from flexemr.ranker.model_versions import Loader, ModelVersions
 from flexemr.ranker.ranker import Ranker
@@ -48,7 +49,7 @@ class EmbeddingServerProcess:
         torch_threads(1)
         secret = load_secret(spec.security)
         check_bind(spec.embedding_servers[index].host, secret)  # before the minutes of loading
-        source = spec.model.load()
+        source = load_weights(spec.model)
         storage = server_storage(spec, index)
         need = storage.resident_bytes(store_layout(spec.sharding, index, source.spec.formats))
         check_memory(need, f"embedding server {index}", SERVING_ADVICE)
@@ -87,7 +88,7 @@ class EmbeddingServerProcess:
 
 def local_servers_need(spec: ClusterSpec) -> int:
     """Memory all the spec's embedding servers need together (when they share one host)."""
-    formats = spec.model.spec().formats
+    formats = model_spec(spec.model).formats
     return sum(
         server_storage(spec, i).resident_bytes(store_layout(spec.sharding, i, formats))
         for i in range(spec.sharding.num_servers)
@@ -112,7 +113,7 @@ def build_ranker(
     spec: ClusterSpec, connect_timeout_s: float = 60.0, transport: LookupTransport | None = None
 ) -> Ranker:
     """The ranker of `spec`, connected to its embedding servers (or to the given transport)."""
-    source = spec.model.load()
+    source = load_weights(spec.model)
     plan = spec.sharding
     dense = build_dense(source)
     cache = CacheMode.parse(spec.ranker.cache)

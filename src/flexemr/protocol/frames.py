@@ -25,10 +25,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flexemr.config import FrameLimits
+
 MAGIC = b"FXEM"
 VERSION = 1
 HEADER = struct.Struct("<4sBBHQII")
 DESCRIPTOR = struct.Struct("<BBxxII")
+MAX_QUEUED_RESPONSES = 256
+"""Answers a credited connection holds back for want of credits before it stops reading."""
 
 
 class MessageType(enum.IntEnum):
@@ -100,22 +104,6 @@ class ProtocolError(Exception):
 
 class ConnectionClosed(ConnectionError):
     """The peer closed the connection (between frames, or in the middle of one)."""
-
-
-@dataclass(frozen=True)
-class FrameLimits:
-    """What a received frame may declare before any of its body is read (a spec's `frames`)."""
-
-    max_buffers: int = 8
-    """Arrays per frame."""
-    max_frame_bytes: int = 512 * 2**20
-    """Bytes of a frame's body (all its arrays)."""
-    max_dim: int = 2**31 - 1
-    """Largest extent of an array's dimension."""
-
-    def __post_init__(self) -> None:
-        if min(self.max_buffers, self.max_frame_bytes, self.max_dim) < 1:
-            raise ValueError(f"frame limits must all be positive, got {self}")
 
 
 @dataclass

@@ -29,8 +29,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from flexemr.config import FrameLimits
+from flexemr.config.security import Identity
 from flexemr.protocol.frames import (
-    FrameLimits,
     MessageType,
     ProtocolError,
     encode,
@@ -56,17 +57,6 @@ class NotAuthenticated(HandshakeRefused):
 
 class IdentityMismatch(HandshakeRefused):
     """The server proved the secret but holds other shards or another model than the plan says."""
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What an embedding server holds: its index in the plan, its rows, and a fingerprint of its
-    shards and weights (`flexemr.config.security.fingerprint`)."""
-
-    server: int
-    rows: int
-    dim: int
-    fingerprint: str
 
 
 @dataclass(frozen=True)

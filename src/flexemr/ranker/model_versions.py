@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
-from flexemr.model.source import ModelSource
+from flexemr.model.source import model_spec
 from flexemr.ranker.ranker import Ranker
 from flexemr.updates import RowUpdates, Updater
 
@@ -266,7 +267,7 @@ class ModelVersions:
 def check_same_inputs(ranker: Ranker, source: ModelSource) -> None:
     """A new version must take the requests clients send today: the same dense features and tables
     (table sizes, dim and the dense network may change)."""
-    new = source.spec()
+    new = model_spec(source)
     old = ranker.spec
     if (new.num_dense, new.num_tables) != (old.num_dense, old.num_tables):
         raise ValueError(

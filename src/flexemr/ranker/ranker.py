@@ -25,8 +25,10 @@ import numpy as np
 import torch
 
 from flexemr.batch import SparseBatch
-from flexemr.cache import AdaptiveCacheManager, CacheConfig
+from flexemr.cache import AdaptiveCacheManager
 from flexemr.config import RankerConfig
+from flexemr.config.cache import CacheConfig
+from flexemr.config.plan import ShardingPlan
 from flexemr.engine.link import ServerLink
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
@@ -35,7 +37,6 @@ from flexemr.ranker.batcher import DynamicBatcher
 from flexemr.ranker.replicas import ReplicaLoad
 from flexemr.ranker.row_versions import RowReadVersion
 from flexemr.ranker.turns import Turns
-from flexemr.sharding.plan import ShardingPlan
 from flexemr.sharding.router import RangeRouter, Subrequest, Uncovered
 from flexemr.stats import counts
 from flexemr.transport.base import (

@@ -15,9 +15,9 @@ import numpy as np
 import redis
 import torch
 
+from flexemr.config.plan import ShardingPlan
 from flexemr.model import rows as stored_rows
 from flexemr.model.weights import WeightSource, fill_stored
-from flexemr.sharding.plan import ShardingPlan
 from flexemr.stats import counts
 from flexemr.transport.base import LookupFailed, LookupRequest, ServerUnavailable
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine.link import links
+from flexemr.model.source import model_spec
 from flexemr.protocol.frames import MessageType
 from flexemr.protocol.updates import LATEST, StagedRows
 from flexemr.transport.base import LookupFailed, ServerUnavailable, Stale
@@ -37,7 +38,7 @@ class UpdateFailed(RuntimeError):
 class Updater:
     def __init__(self, spec: ClusterSpec) -> None:
         self.spec = spec
-        self.model = spec.model.spec()
+        self.model = model_spec(spec.model)
         self._links = links(spec)
         plan = spec.sharding
         self._table_base = np.concatenate([[0], np.cumsum(plan.table_rows)[:-1]]).astype(np.int64)
