@@ -55,7 +55,7 @@ import torch
 from flexemr.batch import SparseBatch
 from flexemr.bench.report import machine
 from flexemr.cache import MemoryModel
-from flexemr.config import Endpoint, RankerConfig, format_bytes, parse_bytes
+from flexemr.config import CacheMode, Endpoint, RankerConfig, format_bytes, parse_bytes
 from flexemr.config.cache import CacheConfig
 from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
@@ -105,7 +105,7 @@ class Bench:
 
     def ranker(self, cache: str, max_batch: int, batch_window_ms: float = 0.0) -> Ranker:
         config = RankerConfig(
-            cache=cache,
+            cache=CacheMode.parse(cache),
             max_batch=max_batch,
             device_memory_bytes=self.args.device_memory,
             batch_window_ms=batch_window_ms,

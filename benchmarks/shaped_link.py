@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from flexemr.cli.spec import spread
-from flexemr.config import EngineConfig, RankerConfig
+from flexemr.config import CacheMode, EngineConfig, RankerConfig
 from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.netns import NetnsBed
@@ -41,7 +41,7 @@ from serving import (  # benchmarks/serving.py, beside this script
 SYSTEMS: dict[str, tuple[RankerConfig, EngineConfig]] = {
     "naive (raw rows, 1 I/O thread)": (RankerConfig(lookup="raw"), EngineConfig(mode="single", io_threads=1)),
     "flexemr (partial pooling)": (RankerConfig(), EngineConfig()),
-    "flexemr + cache (fixed 64 MiB)": (RankerConfig(cache="fixed:64MiB"), EngineConfig()),
+    "flexemr + cache (fixed 64 MiB)": (RankerConfig(cache=CacheMode.parse("fixed:64MiB")), EngineConfig()),
 }
 
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from flexemr.config import Endpoint, RankerConfig
+from flexemr.config import CacheMode, Endpoint, RankerConfig
 from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.local import LocalCluster
@@ -37,7 +37,12 @@ def cluster() -> Iterator[ClusterSpec]:
 def test_cached_scores_are_exact(cluster: ClusterSpec, lookup: str, cache: str) -> None:
     # adaptive: a budget barely above the safety margin, so big batches squeeze the cache
     memory = 64 * 2**20 + 2**20 if cache == "adaptive" else None
-    config = RankerConfig(lookup=lookup, cache=cache, device_memory_bytes=memory, max_batch=4096)  # type: ignore[arg-type]
+    config = RankerConfig(
+        lookup=lookup,
+        cache=CacheMode.parse(cache),
+        device_memory_bytes=memory,
+        max_batch=4096,  # type: ignore[arg-type]
+    )
     ranker = build_ranker(dataclasses.replace(cluster, ranker=config))
     monolithic = build_monolithic(load_weights(SOURCE))
     workload = SyntheticWorkload(model_spec(SOURCE), SyntheticConfig(alpha=1.1, empty_prob=0.1), seed=3)

@@ -87,6 +87,20 @@ def test_a_ray_ranker_serves_grpc_bit_for_bit_as_http(ray_serve: ServeProcess, c
     np.testing.assert_allclose(via_grpc, expected, atol=1e-5)
 
 
+def test_a_grpc_message_over_the_body_limit_is_refused(ray_serve: ServeProcess) -> None:
+    """gRPC's message cap is the config's `max_body_bytes` (--max-body 1 MiB here), as HTTP's is."""
+    import grpc
+    from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+    request = service_pb2.ModelInferRequest(model_name="dlrm", raw_input_contents=[bytes(2 * 2**20)])
+    with grpc.insecure_channel(grpc_address(ray_serve)) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=30).ready  # still serving
+
+
 def test_a_ray_ranker_serves_the_admin_api_model_versions_and_row_updates(client: httpx.Client) -> None:
     assert client.post(LOAD, json={"parameters": {"version": "1"}}).status_code == 401  # no token
     assert serving(client) == ("1", ["1"])

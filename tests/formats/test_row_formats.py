@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexemr.config import Endpoint, RankerConfig
+from flexemr.config import CacheMode, Endpoint, RankerConfig
 from flexemr.config.model import ModelSource
 from flexemr.config.plan import Shard, ShardingPlan
 from flexemr.config.spec import ClusterSpec
@@ -69,7 +69,10 @@ def test_served_scores_equal_same_format_monolithic(row_dtype: str) -> None:
     monolithic = build_monolithic(load_weights(source))
     fp32 = build_monolithic(load_weights(dataclasses.replace(source, row_dtype=None)))
     with LocalCluster(ClusterSpec(source, plan, (Endpoint(), Endpoint()))) as cluster:
-        for ranker_config in (RankerConfig(), RankerConfig(lookup="raw", cache="fixed:64KiB")):
+        for ranker_config in (
+            RankerConfig(),
+            RankerConfig(lookup="raw", cache=CacheMode.parse("fixed:64KiB")),
+        ):
             ranker = build_ranker(dataclasses.replace(cluster.spec, ranker=ranker_config))
             try:
                 for seed, batch in enumerate([1, 7, 64, 64]):  # the repeat hits the cache

@@ -18,7 +18,7 @@ from prometheus_client import generate_latest
 
 from flexemr.api.metrics import RequestMetrics
 from flexemr.cli.main import main
-from flexemr.config import Endpoint, RankerConfig, SecurityConfig
+from flexemr.config import CacheMode, Endpoint, RankerConfig, SecurityConfig
 from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine
@@ -88,7 +88,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     spec = cluster.start()
     rankers = [
         build_ranker(spec),
-        build_ranker(dataclasses.replace(spec, ranker=RankerConfig(lookup="raw", cache="fixed:1MiB"))),
+        build_ranker(
+            dataclasses.replace(spec, ranker=RankerConfig(lookup="raw", cache=CacheMode.parse("fixed:1MiB")))
+        ),
     ]
     state = Live(spec, cluster, rankers, build_monolithic(load_weights(source)), Updater(spec), links(spec))
     yield state

@@ -37,9 +37,6 @@ from flexemr.transport.base import LookupFailed, ServerUnavailable
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 256 * 2**20
-"""Largest request message, the HTTP front's body limit."""
-
 _TYPED_CONTENTS = {"FP32": "fp32_contents", "INT32": "int_contents", "INT64": "int64_contents"}
 """Where `InferTensorContents` keeps each datatype's values."""
 
@@ -206,13 +203,14 @@ class GrpcServer:
     """A gRPC server for the ranker on `host:port` (0: any free port; `port` is the real one)."""
 
     def __init__(self, models: ModelVersions, host: str, port: int, workers: int = 16) -> None:
+        max_message = models.ranker.config.max_body_bytes  # the HTTP front's body limit too
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             # RPCs beyond this many in flight are refused at once (RESOURCE_EXHAUSTED), not queued.
             maximum_concurrent_rpcs=4 * workers,
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", max_message),
                 ("grpc.so_reuseport", 0),
             ],
         )

@@ -42,8 +42,12 @@ def next_power_of_two(n: int) -> int:
 
 
 class LoadMonitor:
-    def __init__(self, config: LoadMonitorConfig | None = None, start: float = 0.0) -> None:
-        self.config = config or LoadMonitorConfig()
+    def __init__(self, config: LoadMonitorConfig, max_batch: int, start: float = 0.0) -> None:
+        """`max_batch`: the largest batch the ranker forms; loads are fractions of it."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be positive, got {max_batch}")
+        self.config = config
+        self.max_batch = max_batch
         self.state: LoadState = "low"
         self._since = start
         self._now = start
@@ -65,7 +69,7 @@ class LoadMonitor:
         self._window.append((now, batch_size, batch_size + queue_depth))
         while self._window[0][0] < now - cfg.window_s:
             self._window.popleft()
-        load = sum(d for _, _, d in self._window) / len(self._window) / cfg.max_batch
+        load = sum(d for _, _, d in self._window) / len(self._window) / self.max_batch
 
         previous = self.state
         if now - self._since >= cfg.min_dwell_s:
@@ -77,7 +81,7 @@ class LoadMonitor:
             self._since = now
 
         if self.state == "high":
-            plan = cfg.max_batch
+            plan = self.max_batch
         else:
-            plan = min(next_power_of_two(max(b for _, b, _ in self._window)), cfg.max_batch)
+            plan = min(next_power_of_two(max(b for _, b, _ in self._window)), self.max_batch)
         return LoadDecision(self.state, max(plan, batch_size), load, self.state != previous)

@@ -49,6 +49,7 @@ from flexemr.cache.memory_model import MemoryModel
 from flexemr.cache.pooling import CachedPart, cached_partial_sums
 from flexemr.cache.row_cache import RowCache
 from flexemr.cache.sketch import FrequencySketch
+from flexemr.config import CacheMode, LookupMode
 from flexemr.config.cache import CacheConfig
 from flexemr.model.dlrm import DenseArch
 from flexemr.stats import Count
@@ -137,19 +138,28 @@ class CacheStats:
 class AdaptiveCacheManager:
     def __init__(
         self,
-        config: CacheConfig,
+        mode: CacheMode,
         dim: int,
         device: torch.device | str | None = None,
         memory: MemoryModel | None = None,
         start: float = 0.0,
+        *,
+        config: CacheConfig | None = None,
+        wire: LookupMode = "partial",
+        max_batch: int = 8192,
     ) -> None:
+        """A cache of `mode` (the ranker's `--cache`) for rows of `dim` columns, tuned by `config`;
+        `wire`: the ranker's lookup mode (only changes how `bytes_saved` is counted); `max_batch`:
+        the largest batch it forms (loads are fractions of it)."""
+        config = config or CacheConfig()
         self.config = config
-        self.mode = config.cache_mode
+        self.mode = mode
+        self.wire = wire
         if self.mode.kind == "adaptive" and memory is None:
             raise ValueError("the adaptive cache needs a MemoryModel (use AdaptiveCacheManager.for_model)")
         self.memory = memory
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.monitor = LoadMonitor(config.load, start)
+        self.monitor = LoadMonitor(config.load, max_batch, start)
         self.gate = CostGate(config.gate) if self.mode.kind == "adaptive" and config.gate else None
         self.cache = RowCache(dim, self._initial_bytes(), self.device, config.ways)
         self.sketch = FrequencySketch(
@@ -178,27 +188,34 @@ class AdaptiveCacheManager:
     @classmethod
     def for_model(
         cls,
-        config: CacheConfig,
+        mode: CacheMode,
         dense: DenseArch,
         device: torch.device | str | None = None,
         start: float = 0.0,
+        *,
+        config: CacheConfig | None = None,
+        wire: LookupMode = "partial",
+        max_batch: int = 8192,
+        device_budget_bytes: int | None = None,
     ) -> AdaptiveCacheManager:
-        """A manager for `dense` (already on `device`); `adaptive` calibrates a MemoryModel first."""
+        """A manager for `dense` (already on `device`); `adaptive` calibrates a MemoryModel first,
+        within `device_budget_bytes` (None: 90% of GPU memory, or 25% of RAM on CPU)."""
+        config = config or CacheConfig()
         memory = None
-        if config.cache_mode.kind == "adaptive":
+        if mode.kind == "adaptive":
             memory = MemoryModel.calibrate(
                 dense,
                 device,
-                device_budget_bytes=config.device_budget_bytes,
+                device_budget_bytes=device_budget_bytes,
                 safety_margin_bytes=config.safety_margin_bytes,
             )
-        return cls(config, dense.spec.dim, device, memory, start)
+        return cls(mode, dense.spec.dim, device, memory, start, config=config, wire=wire, max_batch=max_batch)
 
     def _initial_bytes(self) -> int:
         if self.mode.kind == "fixed":
             return self.mode.fixed_bytes
         if self.mode.kind == "adaptive":
-            return self._budget(self.config.load.max_batch)  # start safe, grow when load is low
+            return self._budget(self.monitor.max_batch)  # start safe, grow when load is low
         return 0
 
     def _budget(self, plan_batch: int) -> int:
@@ -289,7 +306,7 @@ class AdaptiveCacheManager:
         with self._lock:
             part = cached_partial_sums(self.cache, keys, offsets, out)
         hits = part.hits
-        if self.config.wire == "raw":
+        if self.wire == "raw":
             saved = hits * (4 * self.cache.dim + 8)
         else:
             whole_bags = int(((part.miss_lengths == 0) & (part.offsets.diff() > 0)).sum()) if hits else 0

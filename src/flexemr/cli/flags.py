@@ -60,7 +60,8 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, note: str = "") -> Non
         elif get_origin(kind) is Literal:
             options["choices"] = get_args(kind)
         else:
-            options["type"] = parse_bytes if meta.unit == "bytes" else kind
+            # A type with a `parse` classmethod (CacheMode) is written as text, e.g. fixed:64MiB.
+            options["type"] = parse_bytes if meta.unit == "bytes" else getattr(kind, "parse", kind)
         shown = "" if f.default is None else f" (default: {_shown(f.default, meta)}{note})"
         parser.add_argument(meta.name, help=(meta.help + shown).replace("%", "%%"), **options)
 

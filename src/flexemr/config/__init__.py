@@ -81,7 +81,7 @@ def format_bytes(n: int) -> str:
 
 @dataclass(frozen=True)
 class CacheMode:
-    """The ranker's `--cache` setting, parsed."""
+    """The ranker's `--cache` setting, parsed (once: from its flag, or from a spec file)."""
 
     kind: CacheKind = "off"
     fixed_bytes: int = 0
@@ -153,11 +153,12 @@ class RankerConfig:
         default=0.0, metadata=flag("--batch-window-ms", "dynamic batching window (0: off)")
     )
     """Dynamic batching: merge requests arriving within this window, up to `max_batch`; 0 = off."""
-    cache: str = field(
-        default="off",
+    cache: CacheMode = field(
+        default=CacheMode(),
         metadata=flag("--cache", "embedding cache on the ranker: off, fixed:BYTES (fixed:64MiB), adaptive"),
     )
-    """Embedding cache on the ranker's device: `off`, `fixed:BYTES` (e.g. fixed:64MiB) or `adaptive`."""
+    """Embedding cache on the ranker's device: `off`, `fixed:BYTES` (e.g. fixed:64MiB) or `adaptive`
+    (written so in a spec file); its tuning is the spec's `cache` section (`config.cache`)."""
     device_memory_bytes: int | None = field(
         default=None,
         metadata=flag(
@@ -211,7 +212,6 @@ class RankerConfig:
                 f"deadline_s and max_body_bytes must be positive, got {self.deadline_s}, "
                 f"{self.max_body_bytes}"
             )
-        CacheMode.parse(self.cache)
 
     @property
     def in_flight_limit(self) -> int:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from flexemr.config import CacheMode, LookupMode
-
 DEFAULT_WAYS = 4
 """Ways per set. A lookup costs about 10 ns per key per way on a CPU (gather, compare, max); with
 Zipf traffic 4 ways hit within about a point of 16, at a third of the cost."""
@@ -40,8 +38,6 @@ class CostGateConfig:
 
 @dataclass(frozen=True)
 class LoadMonitorConfig:
-    max_batch: int = 8192
-    """Largest batch the ranker forms (its `max_batch`); loads are fractions of it."""
     window_s: float = 1.0
     """Length of the sliding window over recent batches."""
     enter_high: float = 0.75
@@ -52,8 +48,6 @@ class LoadMonitorConfig:
     """Least time in a state before leaving it."""
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be positive, got {self.max_batch}")
         if self.window_s <= 0:
             raise ValueError(f"window_s must be positive, got {self.window_s}")
         if not 0 <= self.exit_high < self.enter_high:
@@ -67,14 +61,12 @@ class LoadMonitorConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """The ranker's embedding cache (`--cache`)."""
+    """The tuning of the ranker's embedding cache (a spec's `cache` section). Whether there is one
+    and its size (`RankerConfig.cache`), its device budget, the lookup mode and the largest batch
+    are the ranker section's, given to the cache beside this."""
 
-    mode: str = "off"
-    """`off`, `fixed:BYTES` or `adaptive`."""
     ways: int = DEFAULT_WAYS
     """Associativity: rows one set holds (LRU within a set)."""
-    wire: LookupMode = "partial"
-    """The ranker's lookup mode; only changes how `bytes_saved` is counted."""
     max_bytes: int | None = None
     """`adaptive`: never grow beyond this (None: as far as the memory model allows)."""
     min_bytes: int = 256 << 10
@@ -87,8 +79,6 @@ class CacheConfig:
     """`adaptive`: no grow within this long after a shrink. Shrinks are immediate (the batch
     needs the memory now); growing back slowly keeps a bursty load from resizing the cache every
     second (a resize copies the cache and holds up lookups meanwhile)."""
-    device_budget_bytes: int | None = None
-    """Memory the ranker may use on its device; None: 90% of GPU memory, or 25% of RAM on CPU."""
     safety_margin_bytes: int = 64 << 20
     """Held back from the cache beyond parameters and activations."""
     sketch_width: int = 1 << 16
@@ -103,15 +93,12 @@ class CacheConfig:
     """Keys of one batch the sketch counts at most (a strided sample, each weighing
     batch / sample): bounds its cost on big batches."""
     load: LoadMonitorConfig = field(default_factory=LoadMonitorConfig)
-    """Load detection (window, thresholds, dwell, max batch)."""
+    """Load detection (window, thresholds, dwell)."""
     gate: CostGateConfig | None = field(default_factory=CostGateConfig)
     """`adaptive`: the A/B test that bypasses the cache where consulting it makes lookups slower
     (see `cost_gate`); None: always consult it."""
 
     def __post_init__(self) -> None:
-        CacheMode.parse(self.mode)
-        if self.wire not in ("partial", "raw"):
-            raise ValueError(f"wire must be 'partial' or 'raw', got {self.wire!r}")
         if self.grow_threshold < 0:
             raise ValueError(f"grow_threshold must be >= 0, got {self.grow_threshold}")
         if self.max_bytes is not None and self.max_bytes < 0:
@@ -120,7 +107,3 @@ class CacheConfig:
             raise ValueError(f"min_bytes must be >= 0, got {self.min_bytes}")
         if self.grow_after_s < 0:
             raise ValueError(f"grow_after_s must be >= 0, got {self.grow_after_s}")
-
-    @property
-    def cache_mode(self) -> CacheMode:
-        return CacheMode.parse(self.mode)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from flexemr.config import (
+    CacheMode,
     Endpoint,
     EngineConfig,
     FrameLimits,
@@ -28,12 +29,13 @@ from flexemr.config.cache import CacheConfig, CostGateConfig, LoadMonitorConfig
 from flexemr.config.model import ModelSource
 from flexemr.config.plan import ShardingPlan
 
-RANKER_CACHE_FIELDS = ("mode", "wire", "device_budget_bytes")
-"""`CacheConfig` fields set from the ranker section (with `load.max_batch`), not a spec's cache section."""
 
-
-def _ranker_cache_fields(cache: CacheConfig) -> tuple[Any, ...]:
-    return (*(getattr(cache, name) for name in RANKER_CACHE_FIELDS), cache.load.max_batch)
+def _ranker_config(data: dict[str, Any]) -> RankerConfig:
+    """A spec file's ranker section, its cache mode written as text (`fixed:64MiB`)."""
+    values = dict(data)
+    if "cache" in values:
+        values["cache"] = CacheMode.parse(values["cache"])
+    return RankerConfig(**values)
 
 
 def _cache_config(data: dict[str, Any]) -> CacheConfig:
@@ -64,8 +66,7 @@ class ClusterSpec:
     """Row updates: the servers' update logs and bounds."""
     cache: CacheConfig = field(default_factory=CacheConfig)
     """The ranker's embedding cache tuning. Whether there is one and how big (`--cache`), its device
-    budget (`--device-memory`), the wire mode and the largest batch are the ranker section's: the
-    ranker fills them in, and here they keep their defaults (`RANKER_CACHE_FIELDS`)."""
+    budget (`--device-memory`), the lookup mode and the largest batch are the ranker section's."""
     frames: FrameLimits = field(default_factory=FrameLimits)
     """Bounds on the frames of node links, both ends (embedding servers, the ranker's engine)."""
 
@@ -75,18 +76,10 @@ class ClusterSpec:
                 f"the plan has {self.sharding.num_servers} servers but {len(self.embedding_servers)} "
                 "embedding server endpoints are listed"
             )
-        if _ranker_cache_fields(self.cache) != _ranker_cache_fields(CacheConfig()):
-            raise ValueError(
-                "the cache section's mode, wire, device_budget_bytes and load.max_batch come from the "
-                "ranker section (cache, lookup, device_memory_bytes, max_batch); set them there, got "
-                f"{_ranker_cache_fields(self.cache)}"
-            )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for name in RANKER_CACHE_FIELDS:  # the ranker section's, not this one's
-            data["cache"].pop(name)
-        data["cache"]["load"].pop("max_batch")
+        data["ranker"]["cache"] = str(self.ranker.cache)  # as written: off, fixed:BYTES, adaptive
         return data
 
     def to_json(self) -> str:
@@ -101,7 +94,7 @@ class ClusterSpec:
             model=ModelSource(**data["model"]),
             sharding=ShardingPlan.from_dict(data["sharding"]),
             embedding_servers=tuple(Endpoint(**e) for e in data["embedding_servers"]),
-            ranker=RankerConfig(**data.get("ranker", {})),
+            ranker=_ranker_config(data.get("ranker", {})),
             engine=EngineConfig(**data.get("engine", {})),
             security=SecurityConfig(**data.get("security", {})),
             limits=NodeLimits(**data.get("limits", {})),

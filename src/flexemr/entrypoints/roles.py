@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flexemr.api.http_server import HttpServer
-from flexemr.config import CacheMode, Endpoint
+from flexemr.config import Endpoint
 from flexemr.config.security import admin_token, check_bind, client_tls, identities, load_secret, server_tls
 from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
@@ -116,7 +116,7 @@ def build_ranker(
     source = load_weights(spec.model)
     plan = spec.sharding
     dense = build_dense(source)
-    cache = CacheMode.parse(spec.ranker.cache)
+    cache = spec.ranker.cache
     if spec.ranker.device in ("auto", "cpu"):  # a GPU's memory is the cache's memory model's business
         params = sum(p.numel() * p.element_size() for p in dense.parameters())
         check_memory(

@@ -111,17 +111,19 @@ class Ranker:
         self.admission, self.turns = other.admission, other.turns
 
     def _make_cache(self) -> AdaptiveCacheManager | None:
-        if self.config.cache == "off":
+        config = self.config
+        if config.cache.kind == "off":
             return None
-        tuning = self._cache_tuning
-        cache_config = dataclasses.replace(
-            tuning,
-            mode=self.config.cache,
-            wire=self.config.lookup,
-            device_budget_bytes=self.config.device_memory_bytes,
-            load=dataclasses.replace(tuning.load, max_batch=self.config.max_batch),
+        return AdaptiveCacheManager.for_model(
+            config.cache,
+            self.dense,
+            self.device,
+            start=time.monotonic(),
+            config=self._cache_tuning,
+            wire=config.lookup,
+            max_batch=config.max_batch,
+            device_budget_bytes=config.device_memory_bytes,
         )
-        return AdaptiveCacheManager.for_model(cache_config, self.dense, self.device, start=time.monotonic())
 
     def ready(self) -> bool:
         """Every row has a usable replica (with replicas, some servers may be down)."""
