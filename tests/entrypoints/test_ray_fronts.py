@@ -46,7 +46,7 @@ PLAN = make_plan("table", model_spec(SOURCE).table_rows, model_spec(SOURCE).dim,
 
 
 @pytest.fixture(scope="module")
-def ray_serve() -> Iterator[ServeProcess]:
+def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """`flexemr serve --ray ADDRESS --grpc-port 0` on a one-node Ray cluster, with a secret."""
     node = {"num_cpus": 2, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1"}
     cluster = Cluster(
@@ -56,7 +56,8 @@ def ray_serve() -> Iterator[ServeProcess]:
     try:
         command = [sys.executable, "-m", "flexemr.cli.main", "serve", "--port", "0", "--watch-stdin",
                    "--ray", cluster.address, "--preset", "tiny", "--seed", "3", "--embedding-servers", "1",
-                   "--host", "127.0.0.1", "--grpc-port", "0", "--max-body", "1048576"]  # fmt: skip
+                   "--host", "127.0.0.1", "--grpc-port", "0", "--max-body", "1048576",
+                   "--update-log-dir", str(tmp_path_factory.mktemp("updates"))]  # fmt: skip
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "FLEXEMR_SECRET": SECRET}
         serve = ServeProcess(command, "flexemr ready:", 240.0, env)
         try:
@@ -114,9 +115,9 @@ def test_a_ray_ranker_serves_the_admin_api_model_versions_and_row_updates(client
     other = admin(client, LOAD, seed=4)
     assert other.status_code == 409 and "cannot load versions" in other.json()["error"], other.text
 
-    # Row updates go to this ranker's servers (not "the flexemr tier only"); these refuse them with
-    # no update log to replay after a restart (the spec's updates.log_dir), and nothing changes.
-    refused = push(client, npz(rows_of(21)))
-    assert refused.status_code == 503 and "updates.log_dir" in refused.json()["error"], refused.text
-    for got, want in zip(scores_now(client), reference_with([]), strict=True):
+    # Row updates reach this ranker's servers (they log them in --update-log-dir) and are served exactly.
+    update = rows_of(21)
+    done = push(client, npz(update))
+    assert done.status_code == 200 and done.json()["rows"] == 12, done.text
+    for got, want in zip(scores_now(client), reference_with([update]), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 
 from flexemr.cli.flags import add_flags, given, over
-from flexemr.config import Endpoint, EngineConfig, RankerConfig, SecurityConfig, StorageConfig
+from flexemr.config import Endpoint, EngineConfig, RankerConfig, SecurityConfig, StorageConfig, UpdatesConfig
 from flexemr.config.model import ModelSource
 from flexemr.config.plan import ShardingPlan
 from flexemr.config.spec import ClusterSpec
@@ -52,7 +52,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server-host", default="127.0.0.1", help="address the embedding servers listen on (never --host)"
     )
-    for family in (RankerConfig, EngineConfig, StorageConfig, SecurityConfig):
+    for family in (RankerConfig, EngineConfig, StorageConfig, UpdatesConfig, SecurityConfig):
         add_flags(parser, family)
 
 
@@ -109,4 +109,5 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         engine=over(EngineConfig(), args),
         security=over(SecurityConfig(), args),
         storage=over(StorageConfig(), args),
+        updates=over(UpdatesConfig(), args),
     )

@@ -387,7 +387,14 @@ class StorageConfig:
 class UpdatesConfig:
     """Row updates while serving (`flexemr.updates`, `embedding_server.versions`)."""
 
-    log_dir: str | None = None
+    log_dir: str | None = field(
+        default=None,
+        metadata=flag(
+            "--update-log-dir",
+            "folder of the embedding servers' update logs, replayed when one restarts (default: serve's "
+            "own temporary one; on Ray, a folder every node reaches)",
+        ),
+    )
     """Folder of the embedding servers' update logs (`server-N.updates`), replayed at start so a
     restarted server comes back at its version; None: servers refuse updates (a local cluster
     gives its servers one of its own)."""
