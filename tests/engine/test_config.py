@@ -197,3 +197,17 @@ def test_the_ranker_and_its_links_use_the_specs_sections() -> None:
     finally:
         served.close()
     assert {link._dialer.limits for link in links(spec)} == {SMALL_FRAMES}
+
+
+def test_a_flag_is_parsed_once_and_a_bad_value_gets_the_parsers_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    spec = cluster_spec(parse("--cache", "fixed:1MiB", "--max-body", "2MiB"))
+    assert (spec.ranker.cache, spec.ranker.max_body_bytes) == (CacheMode("fixed", 2**20), 2 * 2**20)
+    for flag, value, message in (
+        ("--cache", "bogus", "cache mode must be off, fixed:BYTES"),
+        ("--max-body", "12XB", "not a byte size: '12XB'"),
+    ):
+        with pytest.raises(SystemExit):
+            parse(flag, value)
+        assert message in capsys.readouterr().err
