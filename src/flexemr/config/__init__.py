@@ -158,7 +158,7 @@ class RankerConfig:
         metadata=flag("--cache", "embedding cache on the ranker: off, fixed:BYTES (fixed:64MiB), adaptive"),
     )
     """Embedding cache on the ranker's device: `off`, `fixed:BYTES` (e.g. fixed:64MiB) or `adaptive`
-    (written so in a spec file); its tuning is the spec's `cache` section (`config.cache`)."""
+    (written so in a spec file); its tuning is the spec's `cache` section."""
     device_memory_bytes: int | None = field(
         default=None,
         metadata=flag(
