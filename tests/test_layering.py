@@ -41,7 +41,7 @@ ALLOWED: dict[str, set[str]] = {
     "bench": {"batch", "client", "config", "entrypoints", "model", "sharding", "workload"},
     "calibrate": {"batch", "config", "entrypoints", "model", "planner", "sharding"},
     "entrypoints": {"api", "batch", "client", "config", "embedding_server", "engine", "memory", "model",
-                    "ranker", "transport"},
+                    "ranker", "sharding", "transport"},
     "api": {"batch", "config", "model", "ranker", "stats", "transport", "updates"},
     "ranker": {"batch", "cache", "config", "engine", "model", "protocol", "rwlock", "sharding", "stats",
                "transport", "updates"},

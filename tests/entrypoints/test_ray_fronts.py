@@ -1,6 +1,7 @@
 """`flexemr serve --ray` builds its rankers as `flexemr serve` does (`RankerProcess.build`): gRPC when
 a gRPC port is asked for, the admin API behind the cluster secret's token, model versions and row
-updates. One Ray node (two CPUs: a server and a ranker) keeps it cheap."""
+updates. One Ray node (three logical CPUs: the ranker and a server for each of two model versions)
+keeps it cheap."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ from tests.api.test_http import infer_body
 from tests.conftest import ServeProcess
 from tests.core.helpers import random_batch, reference_scores
 from tests.ranker.test_model_versions import (
+    EXPECTED,
     LOAD,
     SECRET,
+    UNLOAD,
     admin,
     npz,
     push,
@@ -48,10 +51,10 @@ PLAN = make_plan("table", model_spec(SOURCE).table_rows, model_spec(SOURCE).dim,
 @pytest.fixture(scope="module")
 def ray_serve(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     """`flexemr serve --ray ADDRESS --grpc-port 0` on a one-node Ray cluster, with a secret."""
-    node = {"num_cpus": 2, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1"}
+    node = {"num_cpus": 3, "object_store_memory": 80 * 2**20, "node_ip_address": "127.0.0.1"}
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={**node, "memory": int(server_memory(PLAN)[0] * 1.5), "include_dashboard": False},
+        head_node_args={**node, "memory": int(server_memory(PLAN)[0] * 2.5), "include_dashboard": False},
     )
     try:
         command = [sys.executable, "-m", "flexemr.cli.main", "serve", "--port", "0", "--watch-stdin",
@@ -110,14 +113,25 @@ def test_a_ray_ranker_serves_the_admin_api_model_versions_and_row_updates(client
     assert client.post("/v2/repository/index").json() == [
         {"name": "dlrm", "version": "1", "state": "READY", "reason": "serving"}
     ]
-    # A new version needs embedding servers of its own, which this ranker does not start: refused,
-    # and version 1 keeps serving.
-    other = admin(client, LOAD, seed=4)
-    assert other.status_code == 409 and "cannot load versions" in other.json()["error"], other.text
-
     # Row updates reach this ranker's servers (they log them in --update-log-dir) and are served exactly.
     update = rows_of(21)
     done = push(client, npz(update))
     assert done.status_code == 200 and done.json()["rows"] == 12, done.text
     for got, want in zip(scores_now(client), reference_with([update]), strict=True):
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_ray_ranker_loads_a_new_model_version_on_server_actors_of_its_own(client: httpx.Client) -> None:
+    loaded = admin(client, LOAD, seed=4)
+    assert loaded.status_code == 200 and loaded.json()["serving"] == "2", loaded.text
+    assert serving(client) == ("2", ["1", "2"])
+    for got, want in zip(scores_now(client), EXPECTED["2"], strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+    back = admin(client, LOAD, version="1")
+    assert back.status_code == 200 and back.json()["serving"] == "1", back.text
+    unloaded = admin(client, UNLOAD, version="2")
+    assert unloaded.status_code == 200, unloaded.text
+    assert serving(client) == ("1", ["1"])
+    for got, want in zip(scores_now(client), reference_with([rows_of(21)]), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)  # version 1, with the rows pushed before

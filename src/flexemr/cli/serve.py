@@ -29,11 +29,11 @@ from flexemr.config.security import load_secret
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.child import exit_when_stdin_closes
 from flexemr.entrypoints.local import ClusterStartError, LocalCluster
-from flexemr.entrypoints.roles import RankerProcess, build_ranker, ranker_threads, torch_threads
-from flexemr.model.source import load_weights, model_spec
+from flexemr.entrypoints.roles import RankerProcess, build_ranker, ranker_threads, torch_threads, version_spec
+from flexemr.model.source import load_weights
 from flexemr.ranker.model_versions import Loader
 from flexemr.ranker.ranker import Ranker
-from flexemr.sharding.plan import Strategy, make_plan, replicated
+from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import LookupTransport
 
 
@@ -92,25 +92,6 @@ def _start_tier(
     cluster = LocalCluster(spec, progress=True, supervise=True)
     stack.callback(cluster.stop)
     return None, cluster.start()
-
-
-def version_spec(spec: ClusterSpec, source: ModelSource) -> ClusterSpec:
-    """`spec` serving `source` on servers of its own (new ports); the same plan while the tables
-    keep their shapes, else the same strategy over the new shapes."""
-    model = model_spec(source)
-    plan = spec.sharding
-    if (model.table_rows, model.dim) != (plan.table_rows, plan.dim):
-        strategies: dict[str, Strategy] = {"table": "table", "row": "row"}  # a planner's plan is not remade
-        strategy = strategies.get(plan.strategy)
-        if strategy is None:
-            raise ValueError(
-                f"parameters: the new model's tables differ from the served one's and its {plan.strategy} "
-                "plan cannot be remade here; serve it with a plan of its own"
-            )
-        base = make_plan(strategy, model.table_rows, model.dim, plan.num_servers // plan.replicas)
-        plan = replicated(base, plan.replicas)
-    servers = tuple(Endpoint(spec.embedding_servers[0].host, 0) for _ in range(plan.num_servers))
-    return dataclasses.replace(spec, model=source, sharding=plan, embedding_servers=servers)
 
 
 def _version_loader(spec: ClusterSpec, tier: str) -> Loader:

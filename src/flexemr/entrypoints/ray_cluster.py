@@ -23,7 +23,7 @@ import logging
 import signal
 import sys
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,10 +32,12 @@ from ray.util.placement_group import PlacementGroup, placement_group, remove_pla
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from flexemr.config import Endpoint
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine
 from flexemr.entrypoints.ray_resources import replica_groups, server_memory
-from flexemr.entrypoints.roles import EmbeddingServerProcess, RankerProcess
+from flexemr.entrypoints.roles import EmbeddingServerProcess, RankerProcess, build_ranker, version_spec
+from flexemr.ranker.ranker import Ranker
 
 log = logging.getLogger(__name__)
 
@@ -98,35 +100,70 @@ class EmbeddingServerActor:
 class RankerActor:
     """A ranker connected to the server actors, serving on this node's address: the same
     `RankerProcess` as `flexemr serve`'s (HTTP, gRPC when the spec names a port, model versions and
-    the admin API behind the cluster secret's token)."""
+    the admin API behind the cluster secret's token). When it is the only ranker, it loads a new
+    model version on server actors of its own (placed as the first ones were), as `flexemr serve`
+    does on processes of its own."""
 
-    def __init__(self, spec: ClusterSpec, servers: list[Any], poll_s: float) -> None:
-        self.servers = servers
+    def __init__(self, spec: ClusterSpec, servers: list[Any], options: RayOptions) -> None:
         endpoints = tuple(Endpoint(*ray.get(s.endpoint.remote())) for s in servers)
         host = ray.util.get_node_ip_address()
-        spec = dataclasses.replace(
+        self.spec = dataclasses.replace(
             spec, embedding_servers=endpoints, ranker=dataclasses.replace(spec.ranker, host=host)
         )
-        self.process = RankerProcess.build(spec)
-        engine = self.process.ranker.transport
-        assert isinstance(engine, IoEngine)  # no transport given: the spec's servers, through the engine
-        self.engine = engine
+        self.options = options
+        self._lock = threading.Lock()
+        self._followed: list[tuple[list[Any], IoEngine]] = []
+        """The server actors of each loaded version and the engine that reaches them."""
+        loader = self._load if options.rankers == 1 else None  # one ranker's versions, not several's
+        self.process = RankerProcess.build(self.spec, loader=loader)
+        self._follow_servers(servers, self.process.ranker)
         self.process.start_in_thread()
         self._stop = threading.Event()
-        threading.Thread(target=self._follow, args=(poll_s,), daemon=True, name="follow-servers").start()
+        threading.Thread(
+            target=self._follow, args=(options.poll_s,), daemon=True, name="follow-servers"
+        ).start()
+
+    def _follow_servers(self, servers: list[Any], ranker: Ranker) -> IoEngine:
+        engine = ranker.transport
+        assert isinstance(engine, IoEngine)  # no transport given: the spec's servers, through the engine
+        with self._lock:
+            self._followed.append((servers, engine))
+        return engine
+
+    def _load(self, source: ModelSource) -> tuple[Ranker, Callable[[], None], ClusterSpec]:
+        """A new version's server actors and its ranker (the admin API's load)."""
+        deployment = RayDeployment(version_spec(self.spec, source), self.options)
+        try:
+            endpoints = deployment.start_servers()
+            spec = dataclasses.replace(deployment.spec, embedding_servers=endpoints)
+            ranker = build_ranker(spec)
+        except BaseException:
+            deployment.stop()
+            raise
+        engine = self._follow_servers(deployment.servers, ranker)
+
+        def stop() -> None:
+            with self._lock:
+                self._followed = [f for f in self._followed if f[1] is not engine]
+            deployment.stop()
+
+        return ranker, stop, spec
 
     def _follow(self, poll_s: float) -> None:
-        """Point the engine at servers that came back elsewhere (Ray queues calls to a restarting
+        """Point each engine at servers that came back elsewhere (Ray queues calls to a restarting
         actor, so a call returns once it runs again, with its new address)."""
         while not self._stop.wait(poll_s):
-            for index, server in enumerate(self.servers):
-                try:
-                    endpoint = Endpoint(*ray.get(server.endpoint.remote(), timeout=poll_s * 5))
-                except (ray.exceptions.RayError, TimeoutError):
-                    continue
-                if endpoint != self.engine.endpoints[index]:
-                    log.info("embedding server %d moved to %s", index, endpoint)
-                    self.engine.set_endpoint(index, endpoint)
+            with self._lock:
+                followed = list(self._followed)
+            for servers, engine in followed:
+                for index, server in enumerate(servers):
+                    try:
+                        endpoint = Endpoint(*ray.get(server.endpoint.remote(), timeout=poll_s * 5))
+                    except (ray.exceptions.RayError, TimeoutError):
+                        continue
+                    if endpoint != engine.endpoints[index]:
+                        log.info("embedding server %d moved to %s", index, endpoint)
+                        engine.set_endpoint(index, endpoint)
 
     def url(self) -> str:
         return self.process.url
@@ -157,12 +194,14 @@ class RayDeployment:
             address = None if self.options.address == "local" else self.options.address
             ray.init(address=address, namespace="flexemr", log_to_driver=False)
         try:
-            return self._start(timeout_s)
+            self.start_servers(timeout_s)
+            return self._start_rankers(timeout_s)
         except BaseException:
             self.stop()
             raise
 
-    def _start(self, timeout_s: float) -> list[str]:
+    def start_servers(self, timeout_s: float = 300.0) -> tuple[Endpoint, ...]:
+        """The embedding server actors, placed by memory, replicas on distinct nodes; where they listen."""
         memory = server_memory(self.spec.sharding)
         server_cls = ray.remote(EmbeddingServerActor)
         slots: dict[int, tuple[PlacementGroup, int]] = {}
@@ -189,7 +228,10 @@ class RayDeployment:
                     **self._actor_options(),
                 ).remote(self.spec, server)
             )
-        ray.get([s.endpoint.remote() for s in self.servers], timeout=timeout_s)
+        endpoints = ray.get([s.endpoint.remote() for s in self.servers], timeout=timeout_s)
+        return tuple(Endpoint(*e) for e in endpoints)
+
+    def _start_rankers(self, timeout_s: float) -> list[str]:
         ranker_cls = ray.remote(RankerActor)
         gpus = 1 if wants_gpu(self.spec.ranker.device) else 0
         self.rankers = [
@@ -198,7 +240,7 @@ class RayDeployment:
                 num_gpus=gpus,
                 scheduling_strategy="SPREAD",
                 **self._actor_options(),
-            ).remote(self.spec, self.servers, self.options.poll_s)
+            ).remote(self.spec, self.servers, self.options)
             for _ in range(self.options.rankers)
         ]
         urls: list[str] = ray.get([r.url.remote() for r in self.rankers], timeout=timeout_s)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from flexemr.api.http_server import HttpServer
 from flexemr.config import Endpoint
+from flexemr.config.model import ModelSource
 from flexemr.config.security import admin_token, check_bind, client_tls, identities, load_secret, server_tls
 from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
@@ -25,6 +26,7 @@ from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_dense
 from flexemr.ranker.model_versions import Loader, ModelVersions
 from flexemr.ranker.ranker import Ranker
+from flexemr.sharding.plan import Strategy, make_plan, replicated
 from flexemr.transport.base import LookupTransport
 
 if TYPE_CHECKING:
@@ -138,6 +140,25 @@ def build_ranker(
         engine.start(timeout=connect_timeout_s)
         return Ranker(source.spec, plan, dense, engine, spec.ranker, links(spec), spec.cache)
     return Ranker(source.spec, plan, dense, transport, spec.ranker, cache=spec.cache)
+
+
+def version_spec(spec: ClusterSpec, source: ModelSource) -> ClusterSpec:
+    """`spec` serving `source` on servers of its own (new ports); the same plan while the tables
+    keep their shapes, else the same strategy over the new shapes."""
+    model = model_spec(source)
+    plan = spec.sharding
+    if (model.table_rows, model.dim) != (plan.table_rows, plan.dim):
+        strategies: dict[str, Strategy] = {"table": "table", "row": "row"}  # a planner's plan is not remade
+        strategy = strategies.get(plan.strategy)
+        if strategy is None:
+            raise ValueError(
+                f"parameters: the new model's tables differ from the served one's and its {plan.strategy} "
+                "plan cannot be remade here; serve it with a plan of its own"
+            )
+        base = make_plan(strategy, model.table_rows, model.dim, plan.num_servers // plan.replicas)
+        plan = replicated(base, plan.replicas)
+    servers = tuple(Endpoint(spec.embedding_servers[0].host, 0) for _ in range(plan.num_servers))
+    return dataclasses.replace(spec, model=source, sharding=plan, embedding_servers=servers)
 
 
 class RankerProcess:
