@@ -61,7 +61,7 @@ class IoEngine:
         self.config = config = config or EngineConfig()
         self.endpoints = endpoints
         self.identities = identities
-        """What each server must prove it holds (`cluster.security.identities`)."""
+        """What each server must prove it holds (`config.security.identities`)."""
         self.dim = dim = identities[0].dim
         self.limits = limits or FrameLimits()
         self.node_limits = node_limits = node_limits or NodeLimits()
