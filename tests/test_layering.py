@@ -30,26 +30,26 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("planner", "workload", "client"),  # offline planning, generated load, the HTTP client
     ("sharding", "model", "batch"),  # plans and routers; DLRM, weights, row formats; a batch's arrays
     ("protocol",),  # frames, handshake, updates on the wire
-    ("memory", "rwlock", "stats"),  # small helpers every layer may use
+    ("memory", "rwlock", "stats", "logs", "extras"),  # small helpers every layer may use
     ("config",),  # dataclasses only (bottom)
 )
 """DESIGN.md's layers, top first. A package imports only from its own layer or the ones below."""
 
 ALLOWED: dict[str, set[str]] = {
-    "cli": {"bench", "calibrate", "client", "config", "entrypoints", "memory", "model", "planner",
+    "cli": {"bench", "calibrate", "client", "config", "entrypoints", "extras", "memory", "model", "planner",
             "ranker", "sharding", "transport", "updates", "workload"},
-    "bench": {"batch", "client", "config", "entrypoints", "model", "sharding", "workload"},
+    "bench": {"batch", "client", "config", "entrypoints", "extras", "model", "sharding", "workload"},
     "calibrate": {"batch", "config", "entrypoints", "model", "planner", "sharding"},
-    "entrypoints": {"api", "batch", "client", "config", "embedding_server", "engine", "memory", "model",
-                    "ranker", "sharding", "transport"},
-    "api": {"batch", "config", "model", "ranker", "stats", "transport", "updates"},
+    "entrypoints": {"api", "batch", "client", "config", "embedding_server", "engine", "extras", "memory",
+                    "model", "ranker", "sharding", "transport"},
+    "api": {"batch", "config", "extras", "logs", "model", "ranker", "stats", "transport", "updates"},
     "ranker": {"batch", "cache", "config", "engine", "model", "protocol", "rwlock", "sharding", "stats",
                "transport", "updates"},
-    "updates": {"config", "engine", "model", "protocol", "transport"},
+    "updates": {"config", "engine", "extras", "model", "protocol", "transport"},
     "cache": {"config", "model", "stats"},
     "engine": {"config", "protocol", "stats", "transport"},
-    "transport": {"config", "embedding_server", "model", "stats"},
-    "embedding_server": {"config", "model", "protocol", "rwlock", "stats"},
+    "transport": {"config", "embedding_server", "extras", "model", "stats"},
+    "embedding_server": {"config", "logs", "model", "protocol", "rwlock", "stats"},
     "planner": {"config", "model", "sharding"},
     "workload": {"batch", "model"},
     "client": set(),
@@ -60,6 +60,8 @@ ALLOWED: dict[str, set[str]] = {
     "memory": set(),
     "rwlock": set(),
     "stats": set(),
+    "logs": set(),
+    "extras": set(),
     "config": set(),
 }  # fmt: skip
 """What each package imports today: a new arrow is a decision, taken here."""

@@ -28,10 +28,10 @@ from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from tests.api.test_http import infer_body
 from tests.conftest import ServeProcess
-from tests.core.helpers import freeze, reference_scores
+from tests.core.helpers import NEEDS_REDIS_SERVER, freeze, reference_scores
 
 # Multi-process (`make test-fast` leaves them out); clusters start slowly on a loaded machine.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), NEEDS_REDIS_SERVER]
 
 SOURCE = ModelSource(preset="tiny", seed=3)
 SPEC = model_spec(SOURCE)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections import Counter
 
 from flexemr.cli.flags import add_flags, given, over
 from flexemr.config import Endpoint, EngineConfig, RankerConfig, SecurityConfig, StorageConfig, UpdatesConfig
@@ -11,8 +12,9 @@ from flexemr.config.model import ModelSource
 from flexemr.config.plan import ShardingPlan
 from flexemr.config.spec import ClusterSpec
 from flexemr.model.presets import PRESET_NAMES
+from flexemr.model.rows import row_bytes
 from flexemr.model.source import model_spec
-from flexemr.model.spec import DEFAULT_ZIPF_SKEW
+from flexemr.model.spec import DEFAULT_ZIPF_SKEW, ModelSpec
 from flexemr.sharding.plan import ShardingConfig, replicated
 
 
@@ -111,3 +113,14 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         storage=over(StorageConfig(), args),
         updates=over(UpdatesConfig(), args),
     )
+
+
+def describe_plan(plan: ShardingPlan, model: ModelSpec, storage: StorageConfig | None = None) -> str:
+    """The plan with the bytes each server stores, rows in the model's formats, and where (`storage`:
+    in DRAM or in files the servers memory-map; None: not said)."""
+    counts = Counter(model.formats)
+    formats = next(iter(counts)) if len(counts) == 1 else ", ".join(f"{f} x{n}" for f, n in counts.items())
+    stored = f"rows stored as {formats}"
+    if storage is not None:
+        stored += " in DRAM" if storage.kind == "dram" else f" in mmap files under {storage.directory}"
+    return plan.describe([row_bytes(f, model.dim) for f in model.formats], stored)

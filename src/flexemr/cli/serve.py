@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
+from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec, describe_plan
 from flexemr.config import Endpoint
 from flexemr.config.model import ModelSource
 from flexemr.config.security import load_secret
@@ -30,7 +30,7 @@ from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.child import exit_when_stdin_closes
 from flexemr.entrypoints.local import ClusterStartError, LocalCluster
 from flexemr.entrypoints.roles import RankerProcess, build_ranker, ranker_threads, torch_threads, version_spec
-from flexemr.model.source import load_weights
+from flexemr.model.source import load_weights, model_spec
 from flexemr.ranker.model_versions import Loader
 from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import make_plan
@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"flexemr serve: {exc}", file=sys.stderr)
         return 2
-    print(spec.sharding.describe(), flush=True)
+    print(describe_plan(spec.sharding, model_spec(spec.model), spec.storage), flush=True)
     if args.ray is not None:
         from flexemr.entrypoints.ray_cluster import RayOptions, serve_on_ray
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from flexemr.cli.options import add_model_arguments, add_sharding_arguments, model_source, sharding_plan
+from flexemr.cli.options import (
+    add_model_arguments,
+    add_sharding_arguments,
+    describe_plan,
+    model_source,
+    sharding_plan,
+)
 from flexemr.model.source import model_spec
 
 
@@ -17,5 +23,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = model_spec(model_source(args))
     plan = sharding_plan(args, spec.table_rows, spec.dim)
-    print(plan.to_json() if args.json else plan.describe())
+    print(plan.to_json() if args.json else describe_plan(plan, spec))
     return 0

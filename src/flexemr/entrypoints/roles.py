@@ -240,10 +240,8 @@ def _grpc_server(models: ModelVersions) -> GrpcServer | None:
     ranker = models.ranker
     if ranker.config.grpc_port is None:
         return None
-    try:
-        from flexemr.api.grpc import GrpcServer
-    except ImportError as exc:
-        raise RuntimeError(f"--grpc-port needs the grpc extra: pip install 'flexemr[grpc]' ({exc})") from None
+    from flexemr.api.grpc import GrpcServer  # MissingExtra without the grpc extra
+
     return GrpcServer(models, ranker.config.host, ranker.config.grpc_port)
 
 
