@@ -36,7 +36,7 @@ from flexemr.config import Endpoint, EngineConfig
 from flexemr.config.model import ModelSource
 from flexemr.config.security import identities
 from flexemr.config.spec import ClusterSpec
-from flexemr.engine import IoEngine
+from flexemr.engine import IoEngine, make_engine
 from flexemr.entrypoints.local import LocalCluster
 from flexemr.model.source import model_spec
 from flexemr.sharding.plan import make_plan
@@ -54,7 +54,7 @@ class Case:
 
 def make_transport(spec: ClusterSpec, case: Case, credits: str = "priority") -> LookupTransport:
     config = EngineConfig(mode=case.mode, io_threads=case.threads, credits=credits, migration=case.migration)  # type: ignore[arg-type]
-    engine = IoEngine(spec.embedding_servers, identities(spec), config)
+    engine = make_engine(spec.embedding_servers, identities(spec), config)
     engine.start(timeout=30)
     return engine
 

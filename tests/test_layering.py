@@ -48,7 +48,7 @@ ALLOWED: dict[str, set[str]] = {
     "updates": {"config", "engine", "extras", "model", "protocol", "transport"},
     "cache": {"config", "model", "stats"},
     "engine": {"config", "protocol", "stats", "transport"},
-    "transport": {"config", "embedding_server", "extras", "model", "stats"},
+    "transport": {"config", "embedding_server", "extras", "model", "protocol", "stats"},
     "embedding_server": {"config", "logs", "model", "protocol", "rwlock", "stats"},
     "planner": {"config", "model", "sharding"},
     "workload": {"batch", "model"},

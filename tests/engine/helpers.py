@@ -24,7 +24,7 @@ from flexemr.config.security import identities
 from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
-from flexemr.engine import IoEngine
+from flexemr.engine import IoEngine, make_engine
 from flexemr.entrypoints.local import READY_PREFIX, LocalCluster
 from flexemr.model.source import load_weights, model_spec
 from flexemr.protocol.frames import Flags, MessageType, encode
@@ -47,7 +47,7 @@ class Servers:
         """An engine with a lenient heartbeat: these servers answer pings from this process, under
         its GIL, so a burst on a busy machine delays them past the default 1 s and fails healthy
         servers. The heartbeat is tested with server processes (`test_server_limits`)."""
-        engine = IoEngine(
+        engine = make_engine(
             self.endpoints,
             [s.identity for s in self.servers],
             EngineConfig(**config),  # type: ignore[arg-type]
