@@ -51,13 +51,19 @@ def build_embedding_server(spec: ClusterSpec, index: int, progress: bool = True)
     store = ShardStore(spec.sharding, index, source, progress, storage)
     updates = spec.updates
     log_path = None if updates.log_dir is None else Path(updates.log_dir) / f"server-{index}.updates"
+    identity = identities(spec)[index]
     versions = RowVersions(
-        store, log_path, updates.max_staged_bytes, updates.max_changelog_keys, updates.max_history_bytes
+        store,
+        log_path,
+        updates.max_staged_bytes,
+        updates.max_changelog_keys,
+        updates.max_history_bytes,
+        fingerprint=identity.fingerprint,
     )
     return EmbeddingServer(
         store,
         spec.embedding_servers[index],
-        identities(spec)[index],
+        identity,
         secret,
         spec.limits,
         frame_limits=spec.frames,

@@ -1,10 +1,20 @@
-"""Versions of one embedding server's rows: staging, commit, changelog, update log.
+"""Versions of one embedding server's rows: staging, commit, abort, changelog, update log.
 
-    UPDATE (v, token, rows)  -> staged[(v, token)]           (bounded: max_staged_bytes)
-    COMMIT (v, token)        -> under the exclusive lock: write staged[(v, token)], version = v,
-                                changelog += (v, token, keys changed), other stages <= v dropped
-    LOOKUP at version r      -> under the shared lock: answered at r if readable_from <= r <= version
-                                (rows written after r read from the history), else STALE
+    UPDATE (v, token, rows)     -> staged[(v, token)]              (bounded: max_staged_bytes)
+    COMMIT (v, token, written)  -> if this server staged exactly written[me] rows for (v, token):
+                                   under the exclusive lock write them, version = v; changelog +=
+                                   (v, token, written, keys changed); other stages <= v dropped
+    ABORT  (v, token)           -> staged[(v, token)] dropped (answered: committed or not)
+    LOOKUP at version r         -> under the shared lock: answered at r if readable_from <= r <=
+                                   version (rows written after r read from the history), else STALE
+
+Embedding server 0 decides every version (`protocol.updates`): every attempt stages there first
+(with or without rows), it commits only an attempt it holds a stage of, and it keeps the (source,
+sequence) pairs it applied (bounded: max_sequences; a pair older than those it remembers is
+refused rather than guessed): a pair already applied is answered with its version and never
+committed again. The other servers apply what a decided COMMIT names and nothing else: a server
+that has not staged exactly the rows the write set gives it refuses the COMMIT (it stays behind
+and answers STALE) instead of claiming a version it does not hold.
 
 The history keeps, per recent commit, the stored bytes its writes overwrote (bounded:
 max_history_bytes), so a ranker keeps reading at its version while commits go on, until it next
@@ -12,38 +22,55 @@ syncs; without it every commit would turn the lookups in flight STALE, and a ste
 updates would starve reads.
 
 A commit applies versions one at a time, in order: a server behind (it missed a commit while it
-was down) answers STALE until someone commits the versions it missed (their tokens come from an
-up-to-date server's changelog). A version below the server's is a no-op when its token matches,
-and STALE (taken by another update) when it does not.
+was down) answers STALE until someone commits the versions it missed (their tokens and write sets
+come from an up-to-date server's changelog). A version at or below the server's is acknowledged
+when its token is the one it was decided with, and STALE otherwise (taken by another update, or so
+old that the changelog no longer says).
 
-The update log is an append-only file of the UPDATE and COMMIT frames this server accepted
-(`protocol.frames` format), each fsync'ed before it is acknowledged; at start it is replayed, so a
-restarted server comes back with its version, its rows, its staged updates (which a healing commit
-may still need), its changelog and the last sequence of every source. Without a log a server
-refuses updates: it could not come back at its version.
+The update log is an append-only file: a header naming the shards it belongs to (a log written for
+other shards or weights is refused), then the UPDATE, COMMIT and ABORT frames this server accepted
+(`protocol.frames` format), each followed by its CRC32 and fsync'ed before it is acknowledged. At
+start it is replayed, so a restarted server comes back with its version, its rows, its staged
+updates (a decided commit may still need them), its changelog and its applied (source, sequence)
+pairs. A record cut short at the end (a crash while appending, never acknowledged) is dropped; a
+corrupt record anywhere else stops the server: dropping it would drop acknowledged commits. A
+failed append is cut off again before the update is refused. Without a log a server refuses
+updates: it could not come back at its version.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
+import struct
 import threading
-from collections import deque
+import zlib
+from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from flexemr.embedding_server.store import BadSubrequest, RowImage, ShardStore
 from flexemr.protocol.frames import (
     ConnectionClosed,
+    Frame,
     FrameLimits,
     MessageType,
     ProtocolError,
     encode,
     read_frame,
 )
-from flexemr.protocol.updates import BadUpdate, Changes, StagedRows, version_buffer
+from flexemr.protocol.updates import (
+    BadUpdate,
+    Changes,
+    StagedRows,
+    commit_buffer,
+    parse_commit,
+    version_buffer,
+)
 from flexemr.rwlock import SharedLock
 from flexemr.stats import counts
 
@@ -53,6 +80,13 @@ log = logging.getLogger(__name__)
 MAX_HISTORY_VERSIONS = 4096
 """Versions the history remembers at most, however small their writes (each lookup at an old
 version merges them)."""
+MAX_CHANGELOG_VERSIONS = 1 << 16
+"""Versions the changelog remembers at most, however few keys they changed."""
+MAX_DECIDED_TOKENS = 1 << 20
+"""Versions whose token a server remembers (8 bytes each), however many keys they changed: a
+COMMIT or ABORT naming an older version is refused, since whether it won cannot be told."""
+LOG_MAGIC = b"flexemr update log 2\n"
+CRC = struct.Struct("<I")
 
 
 class StaleVersion(Exception):
@@ -63,6 +97,21 @@ class StaleVersion(Exception):
         self.version = version
 
 
+class CorruptLog(RuntimeError):
+    """The update log cannot be replayed without losing acknowledged commits."""
+
+
+class Decided(NamedTuple):
+    """One committed version, as the changelog keeps it."""
+
+    version: int
+    token: int
+    written: np.ndarray
+    """int64 [S]: the rows it staged on each server."""
+    keys: np.ndarray
+    """int64: the global cache keys it changed here."""
+
+
 class RowVersions:
     def __init__(
         self,
@@ -71,20 +120,30 @@ class RowVersions:
         max_staged_bytes: int = 256 * 2**20,
         max_changelog_keys: int = 1 << 20,
         max_history_bytes: int = 64 * 2**20,
+        max_sequences: int = 1 << 20,
+        fingerprint: str = "",
     ) -> None:
         self.store = store
         self.version = 0
         """The committed version (0: the rows as loaded)."""
+        self.decides = store.server == 0
+        """Embedding server 0 decides every version (and keeps the applied (source, sequence))."""
         self.lock = SharedLock()
         """Lookups hold it shared, a commit's writes exclusive."""
         self._mutex = threading.Lock()
-        """Serialises stages and commits (and guards everything below)."""
+        """Serialises stages, commits and aborts (and guards everything below)."""
         self._max_staged_bytes = max_staged_bytes
         self._max_changelog_keys = max_changelog_keys
-        self._staged: dict[tuple[int, int], list[StagedRows]] = {}
+        self._max_sequences = max_sequences
+        self._staged: dict[tuple[int, int], StagedRows] = {}
         self._staged_bytes = 0
-        self._sequences: dict[str, int] = {}
-        self._changelog: deque[tuple[int, int, np.ndarray]] = deque()
+        self._applied: OrderedDict[tuple[str, int], int] = OrderedDict()
+        """(source, sequence) -> the version that applied it, oldest first (server 0 only)."""
+        self._forgotten: dict[str, int] = {}
+        """Per source, the highest sequence dropped from `_applied` (older ones cannot be told)."""
+        self._tokens: deque[int] = deque()
+        """The tokens of the last versions decided here, the newest last."""
+        self._changelog: deque[Decided] = deque()
         self._changelog_keys = 0
         self._floor = 0
         """The changelog holds every version after this one."""
@@ -96,121 +155,230 @@ class RowVersions:
         """The oldest version a lookup is still answered at."""
         self._images: dict[int, RowImage] = {}
         """Per read version, the merged history a lookup at it reads (until the next commit)."""
-        self.rows_applied = self.versions_applied = self.duplicates = 0
-        self._log: BinaryIO | None = None
+        self.rows_applied = self.versions_applied = self.duplicates = self.aborted = 0
+        self._log: int | None = None
+        self._log_failed: str | None = None
         self.log_path = log_path
         if log_path is not None:
-            self._replay(log_path)
-            self._log = open(log_path, "ab")  # noqa: SIM115 (open for the server's lifetime)
+            self._replay(log_path, fingerprint)
+            self._log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
 
     # -- the update log -----------------------------------------------------------------------------
 
-    def _replay(self, path: Path) -> None:
+    def _replay(self, path: Path, fingerprint: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        header = LOG_MAGIC + fingerprint.encode() + b"\n"
+        if not path.exists() or path.stat().st_size == 0:
+            path.write_bytes(header)
+            _fsync_dir(path)
+            return
         limits = FrameLimits(max_frame_bytes=2**40)
-        good = 0
         with open(path, "rb") as f:
+            if f.read(len(header)) != header:
+                raise CorruptLog(
+                    f"update log {path} was not written by this version of flexemr for these shards "
+                    f"(server {self.store.server}, fingerprint {fingerprint!r}): move it away to start "
+                    "from the checkpoint"
+                )
+            good = f.tell()
             while True:
+                checked = _Checksummed(f)
                 try:
-                    frame = read_frame(f.readinto, limits)
-                except (ConnectionClosed, ProtocolError):
-                    break  # the end, or a record cut short by a crash: dropped below
-                if frame.type == MessageType.UPDATE:
-                    self._stage(StagedRows.parse(frame, self.store.dim))
-                else:
-                    self._commit(*(int(x) for x in frame.buffers[0]))
+                    frame = read_frame(checked.readinto, limits)
+                    crc = f.read(CRC.size)
+                    if len(crc) < CRC.size:
+                        raise ConnectionClosed("cut short")
+                except ConnectionClosed:
+                    break  # the end, or a record cut short by a crash (never acknowledged)
+                except ProtocolError as exc:
+                    raise CorruptLog(f"update log {path}: record at byte {good} is corrupt: {exc}") from None
+                if CRC.unpack(crc)[0] != checked.crc:
+                    if f.read(1):
+                        raise CorruptLog(
+                            f"update log {path}: record at byte {good} fails its checksum, and "
+                            "acknowledged records follow it: restore this server from a replica"
+                        )
+                    break  # the last record, torn by a crash: never acknowledged
+                self._redo(frame)
                 good = f.tell()
         if good < path.stat().st_size:
             log.warning("update log %s: dropping a record cut short at byte %d", path, good)
             os.truncate(path, good)
-        if good:
-            log.info("update log %s replayed: version %d", path, self.version)
+        log.info("update log %s replayed: version %d", path, self.version)
+
+    def _redo(self, frame: Frame) -> None:
+        if frame.type == MessageType.UPDATE:
+            self._stage(StagedRows.parse(frame, self.store.dim))
+        elif frame.type == MessageType.COMMIT:
+            self._commit(*parse_commit(frame, self.store.server + 1))
+        else:
+            version, token = (int(x) for x in frame.buffers[0])
+            self._drop((version, token))
 
     def _append(self, views: list[memoryview]) -> None:
+        """Write one record and fsync it; on failure cut the file back (nothing half-written stays
+        in the middle of the log) and refuse, and refuse every later update if even that fails."""
         if self._log is None:
             return  # replaying
-        for view in views:
-            self._log.write(view)
-        self._log.flush()
-        os.fsync(self._log.fileno())
+        if self._log_failed is not None:
+            raise BadUpdate(
+                f"update log {self.log_path} failed earlier ({self._log_failed}): restart the server"
+            )
+        record = b"".join(views)
+        record += CRC.pack(zlib.crc32(record))
+        start = os.lseek(self._log, 0, os.SEEK_END)
+        try:
+            view = memoryview(record)
+            while view:
+                view = view[os.write(self._log, view) :]
+            os.fsync(self._log)
+        except OSError as exc:
+            try:
+                os.ftruncate(self._log, start)
+                os.fsync(self._log)
+            except OSError as again:
+                self._log_failed = str(again)
+            raise BadUpdate(f"update log {self.log_path}: {exc}; nothing applied") from None
 
     def close(self) -> None:
         if self._log is not None:
-            self._log.close()
+            os.close(self._log)
+            self._log = None
 
-    # -- stage, commit, changes ---------------------------------------------------------------------
+    # -- stage, commit, abort, changes --------------------------------------------------------------
 
-    def stage(self, staged: StagedRows) -> bool:
-        """Stage one UPDATE; False when its (source, sequence) is already committed (nothing staged).
-        Raises StaleVersion for a version already decided, BadUpdate for bad rows or values."""
+    def stage(self, staged: StagedRows) -> int:
+        """Stage one UPDATE; returns 0, or (server 0) the version that already applied its (source,
+        sequence) (nothing staged). Raises StaleVersion for a version already decided, BadUpdate
+        for bad rows or values, a full stage or a failed log."""
         if self.log_path is None:
             raise BadUpdate("this embedding server has no update log (updates.log_dir): it refuses updates")
         with self._mutex:
             if staged.version <= self.version:
                 raise StaleVersion(self.version)
-            if self._duplicate(staged):
+            applied = self._applied_at(staged)
+            if applied:
                 self.duplicates += 1
-                return False
+                return applied
             try:
                 self.store.check_write(staged.rows, staged.values)
             except BadSubrequest as exc:
                 raise BadUpdate(str(exc)) from None
-            if self._staged_bytes + staged.values.nbytes > self._max_staged_bytes:
+            again = self._staged.get((staged.version, staged.token))
+            grows = staged.values.nbytes - (0 if again is None else again.values.nbytes)
+            if self._staged_bytes + grows > self._max_staged_bytes:
                 raise BadUpdate(
                     f"staging {staged.values.nbytes} bytes would pass the limit of "
                     f"{self._max_staged_bytes} staged bytes: commit first, or send smaller updates"
                 )
             self._append(staged.frame(0))
             self._stage(staged)
-            return True
+            return 0
 
     def _stage(self, staged: StagedRows) -> None:
-        self._staged.setdefault((staged.version, staged.token), []).append(staged)
+        self._drop((staged.version, staged.token))  # a resend replaces it
+        self._staged[(staged.version, staged.token)] = staged
         self._staged_bytes += staged.values.nbytes
 
-    def _duplicate(self, staged: StagedRows) -> bool:
-        return staged.sequence is not None and staged.sequence <= self._sequences.get(staged.source, -1)
+    def _drop(self, key: tuple[int, int]) -> None:
+        dropped = self._staged.pop(key, None)
+        if dropped is not None:
+            self._staged_bytes -= dropped.values.nbytes
 
-    def commit(self, version: int, token: int) -> int:
-        """Apply what (version, token) staged here; returns the server's version. Raises
-        StaleVersion when the version was decided with another token, or when this server is
-        behind it."""
+    def _applied_at(self, staged: StagedRows) -> int:
+        """(server 0) The version that applied `staged`'s (source, sequence), or 0. BadUpdate for
+        a sequence older than every one this server still remembers of its source."""
+        if not self.decides or staged.sequence is None:
+            return 0
+        applied = self._applied.get((staged.source, staged.sequence), 0)
+        if not applied and staged.sequence <= self._forgotten.get(staged.source, -1):
+            raise BadUpdate(
+                f"sequence {staged.sequence} of source {staged.source!r} is older than the "
+                f"{self._max_sequences} applied sequences remembered: whether it was applied cannot "
+                "be told, so it is refused (send it with a new sequence if it must be applied)"
+            )
+        return applied
+
+    def commit(self, version: int, token: int, written: np.ndarray) -> int:
+        """Apply what (version, token) staged here; returns the version its rows are applied at:
+        `version`, or (server 0) an earlier one that applied its (source, sequence) (then nothing
+        is committed and the stage is dropped). Raises StaleVersion when the version was decided
+        with another token, or when this server is behind it, and BadUpdate when this server has
+        not staged exactly the rows `written` gives it (server 0: no stage, e.g. aborted)."""
+        with self._mutex:
+            if version <= self.version:
+                if self._token_of(version) != token:
+                    raise StaleVersion(self.version)
+                return version
+            if version > self.version + 1:
+                raise StaleVersion(self.version)
+            staged = self._staged.get((version, token))
+            if self.decides:
+                if staged is None:
+                    raise BadUpdate(f"version {version}: no such update is staged (aborted?)")
+                applied = self._applied_at(staged)
+                if applied:
+                    self._append(encode(MessageType.ABORT, 0, [version_buffer(version, token)]))
+                    self._drop((version, token))
+                    self.duplicates += 1
+                    return applied
+            have = 0 if staged is None else staged.rows.size
+            if written.size <= self.store.server or int(written[self.store.server]) != have:
+                raise BadUpdate(
+                    f"embedding server {self.store.server} holds {have} staged rows of version "
+                    f"{version}, not the {written.tolist()} its commit names: it cannot prove it holds "
+                    "that version (a lost stage or log); restore it from a replica"
+                )
+            self._append(encode(MessageType.COMMIT, 0, [commit_buffer(version, token, written)]))
+            self._commit(version, token, written)
+            return version
+
+    def _commit(self, version: int, token: int, written: np.ndarray) -> None:
+        staged = self._staged.get((version, token))
+        self._drop((version, token))
+        rows = np.unique(staged.rows) if staged is not None else np.empty(0, np.int64)
+        with self.lock.exclusive():
+            self._remember(version, self.store.image(rows))
+            if staged is not None:
+                self.store.write(staged.rows, staged.values)
+            self.version = version
+        if self.decides and staged is not None and staged.sequence is not None:
+            self._applied[(staged.source, staged.sequence)] = version
+            while len(self._applied) > self._max_sequences:
+                (source, sequence), _ = self._applied.popitem(last=False)
+                self._forgotten[source] = max(sequence, self._forgotten.get(source, -1))
+        self._tokens.append(token)
+        if len(self._tokens) > MAX_DECIDED_TOKENS:
+            self._tokens.popleft()
+        keys = self.store.keys(rows)
+        self._changelog.append(Decided(version, token, written.copy(), keys))
+        self._changelog_keys += keys.size
+        while len(self._changelog) > 1 and (
+            self._changelog_keys > self._max_changelog_keys or len(self._changelog) > MAX_CHANGELOG_VERSIONS
+        ):
+            dropped = self._changelog.popleft()
+            self._changelog_keys -= dropped.keys.size
+            self._floor = dropped.version
+        for key in [k for k in self._staged if k[0] <= version]:  # other attempts at decided versions
+            self._drop(key)
+        self.versions_applied += 1
+        self.rows_applied += int(rows.size)
+
+    def abort(self, version: int, token: int) -> bool:
+        """Drop what (version, token) staged here (its updater gave up); True when that attempt is
+        committed here already (then nothing changes). On server 0 an aborted attempt is never
+        decided. StaleVersion for a version so old that the changelog no longer tells."""
         with self._mutex:
             if version <= self.version:
                 decided = self._token_of(version)
-                if decided is not None and decided != token:
+                if decided is None:
                     raise StaleVersion(self.version)
-                return self.version
-            if version > self.version + 1:
-                raise StaleVersion(self.version)
-            self._append(encode(MessageType.COMMIT, 0, [version_buffer(version, token)]))
-            self._commit(version, token)
-            return self.version
-
-    def _commit(self, version: int, token: int) -> None:
-        batches = [b for b in self._staged.pop((version, token), []) if not self._duplicate(b)]
-        rows = np.unique(np.concatenate([b.rows for b in batches])) if batches else np.empty(0, np.int64)
-        with self.lock.exclusive():
-            self._remember(version, self.store.image(rows))
-            for batch in batches:
-                self.store.write(batch.rows, batch.values)
-            self.version = version
-        for batch in batches:
-            if batch.sequence is not None:
-                self._sequences[batch.source] = max(batch.sequence, self._sequences.get(batch.source, -1))
-        keys = self.store.keys(rows)
-        self._changelog.append((version, token, keys))
-        self._changelog_keys += keys.size
-        while self._changelog_keys > self._max_changelog_keys and len(self._changelog) > 1:
-            dropped, _, old = self._changelog.popleft()
-            self._changelog_keys -= old.size
-            self._floor = dropped
-        for key in [k for k in self._staged if k[0] <= version]:  # other attempts at decided versions
-            del self._staged[key]
-        self._staged_bytes = sum(b.values.nbytes for bs in self._staged.values() for b in bs)
-        self.versions_applied += 1
-        self.rows_applied += int(rows.size)
+                return decided == token
+            if (version, token) in self._staged:
+                self._append(encode(MessageType.ABORT, 0, [version_buffer(version, token)]))
+                self._drop((version, token))
+                self.aborted += 1
+            return False
 
     def _remember(self, version: int, image: RowImage) -> None:
         """Keep what `version`'s commit overwrites; forget the oldest versions beyond the bound.
@@ -240,21 +408,26 @@ class RowVersions:
         return image
 
     def _token_of(self, version: int) -> int | None:
-        for v, token, _ in self._changelog:
-            if v == version:
-                return token
-        return None
+        """The token `version` (at most ours) was decided with (0: the checkpoint), None once
+        forgotten."""
+        if version == 0:
+            return 0
+        back = self.version - version
+        return self._tokens[-1 - back] if back < len(self._tokens) else None
 
     def changes(self, since: int) -> Changes:
         with self._mutex:
-            after = [entry for entry in self._changelog if entry[0] > since]
-            keys = [k for _, _, k in after]
+            after = [entry for entry in self._changelog if entry.version > since]
+            width = max((e.written.size for e in after), default=0)
             return Changes(
                 self.version,
                 since < self._floor,
-                np.array([v for v, _, _ in after], dtype=np.int64),
-                np.array([t for _, t, _ in after], dtype=np.int64),
-                np.unique(np.concatenate(keys)) if keys else np.empty(0, np.int64),
+                np.array([e.version for e in after], dtype=np.int64),
+                np.array([e.token for e in after], dtype=np.int64),
+                np.array([np.pad(e.written, (0, width - e.written.size)) for e in after], np.int64).reshape(
+                    len(after), width
+                ),  # every COMMIT names the same servers; padding keeps a short one readable
+                np.unique(np.concatenate([e.keys for e in after])) if after else np.empty(0, np.int64),
             )
 
     def stats(self) -> dict[str, Any]:
@@ -269,6 +442,30 @@ class RowVersions:
                         "versions_applied": self.versions_applied,
                         "rows_applied": self.rows_applied,
                         "duplicates": self.duplicates,
+                        "aborted": self.aborted,
                     }
                 ),
             }
+
+
+class _Checksummed:
+    """A file's `readinto` that keeps the CRC32 of what it read."""
+
+    def __init__(self, file: io.BufferedReader) -> None:
+        self._file = file
+        self.crc = 0
+
+    def readinto(self, view: memoryview) -> int:
+        n: int = self._file.readinto(view)
+        self.crc = zlib.crc32(view[:n], self.crc)
+        return n
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a new file's directory entry durable."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
