@@ -28,6 +28,7 @@ from flexemr.memory import SERVING_ADVICE, check_memory
 from flexemr.model.weights import build_dense
 from flexemr.ranker.model_versions import Loader, ModelVersions
 from flexemr.ranker.ranker import Ranker
+from flexemr.ranker.versions import SYNC_TIMEOUT_S
 from flexemr.transport.base import LookupTransport
 
 if TYPE_CHECKING:
@@ -122,7 +123,7 @@ def build_ranker(
             tls=client_tls(spec.security),
         )
         engine.start(timeout=connect_timeout_s)
-        return Ranker(source.spec, plan, dense, engine, spec.ranker, links(spec), spec.cache)
+        return Ranker(source.spec, plan, dense, engine, spec.ranker, links(spec, SYNC_TIMEOUT_S), spec.cache)
     return Ranker(source.spec, plan, dense, transport, spec.ranker, cache=spec.cache)
 
 

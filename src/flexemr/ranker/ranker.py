@@ -123,7 +123,10 @@ class Ranker:
         return AdaptiveCacheManager.for_model(cache_config, self.dense, self.device, start=time.monotonic())
 
     def ready(self) -> bool:
-        """Every row has a usable replica (with replicas, some servers may be down)."""
+        """Every row has a usable replica (with replicas, some servers may be down), and the rows'
+        version is known (a fresh ranker has heard from the servers)."""
+        if self.versions is not None and not self.versions.synced.is_set():
+            return False
         return self.router.coverable(np.array(self.transport.connected(), dtype=bool))
 
     def score(
@@ -180,7 +183,7 @@ class Ranker:
                     stale = exc
             assert self.versions is not None
             with self.turns.waiting():
-                self.versions.stale(stale)
+                self.versions.stale(stale.version)
         raise LookupFailed(
             f"the rows' version changed {MAX_VERSION_RETRIES} times during the request (last: {stale})"
         )
@@ -319,13 +322,13 @@ class Ranker:
                 continue
             keys = np.sort(request.keys.cpu().numpy())
             # At the read version, admitted before it can move: no cached row is of another one.
-            with self._reading() as version:
-                lengths = np.ones(keys.size, dtype=np.int64)
-                try:
+            try:
+                with self._reading() as version:
+                    lengths = np.ones(keys.size, dtype=np.int64)
                     for sub, rows in self._lookup(keys, lengths, True, None, version):
                         self.cache.admit(torch.from_numpy(sub.keys), torch.from_numpy(rows), request.token)
-                except (ServerUnavailable, LookupFailed):
-                    continue  # a later round retries; requests report failures (and move the version)
+            except (ServerUnavailable, LookupFailed):
+                continue  # a later round retries; requests report failures (and move the version)
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {
