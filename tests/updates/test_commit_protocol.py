@@ -6,6 +6,8 @@ version long ago, stages leaked by failed attempts, and a server that lost its l
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -15,15 +17,19 @@ import numpy as np
 import pytest
 
 from flexemr.cluster.local import LocalCluster
+from flexemr.cluster.roles import build_ranker
 from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, SecurityConfig, UpdatesConfig
 from flexemr.engine.link import ServerLink, links
 from flexemr.model.source import ModelSource
+from flexemr.model.weights import build_monolithic
 from flexemr.protocol.frames import MessageType
 from flexemr.protocol.updates import LATEST, StagedRows
 from flexemr.sharding.plan import make_plan, replicated
 from flexemr.transport.base import LookupFailed, ServerUnavailable
 from flexemr.updates import RowUpdates, UpdateFailed, Updater
+from tests.core.helpers import freeze, random_batch, reference_scores
+from tests.updates.helpers import apply_monolithic, rows_of
 
 pytestmark = pytest.mark.slow
 
@@ -200,6 +206,82 @@ def test_failed_attempts_do_not_fill_the_stage_for_good(cluster: Cluster) -> Non
     again = _updates(np.concatenate([t0, t1]), np.concatenate([r0, r1]), 5)
     assert cluster.updater.apply(again) == version + 1
     cluster.assert_everywhere(again)
+
+
+def _first_shard_batch(cluster: Cluster, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A batch whose rows all lie on servers 0 and 2 (the first row shard of every table)."""
+    model = cluster.spec.model.spec()
+    dense, indices, lengths = random_batch(model, 4, seed, max_bag=2)  # <= 32 rows: the stage bound
+    halves = np.repeat(
+        [rows // 2 for rows in model.table_rows], lengths.reshape(model.num_tables, -1).sum(axis=1)
+    )
+    return dense, indices % halves, lengths
+
+
+def test_a_fresh_ranker_serves_the_current_version_from_its_first_request(cluster: Cluster) -> None:
+    """Item 8: a ranker started after updates scores its first request at the current version
+    (before: it read version 0, the checkpoint's rows, until its first poll)."""
+    model = cluster.spec.model.spec()
+    mono = build_monolithic(cluster.spec.model.load())
+    dense, indices, lengths = random_batch(model, 8, 31)
+    update = _updates(*rows_of(model, indices, lengths), 31)  # every row the batch reads
+    cluster.updater.apply(update)
+    apply_monolithic(mono, update)
+    want = reference_scores(mono, dense, indices, lengths)
+    for _ in range(3):
+        ranker = build_ranker(cluster.spec)
+        try:
+            np.testing.assert_allclose(ranker.score(dense, indices, lengths), want, atol=1e-5)
+            assert ranker.ready()
+        finally:
+            ranker.close()
+
+
+def test_a_stalled_server_does_not_freeze_reads(cluster: Cluster) -> None:
+    """Item 9: with server 3 stopped (SIGSTOP), an update is decided; the ranker's sync round
+    waits for server 3 while requests go on at the version they had, then it reads the new one
+    (before: the sync held the read lock for the link timeout and a reconnect, ~60 s)."""
+    model = cluster.spec.model.spec()
+    mono = build_monolithic(cluster.spec.model.load())
+    dense, indices, lengths = _first_shard_batch(cluster, 32)
+    tables, rows = rows_of(model, indices, lengths)
+    before = _updates(tables, rows, 32)
+    cluster.updater.apply(before)
+    apply_monolithic(mono, before)
+    old = reference_scores(mono, dense, indices, lengths)
+    ranker = build_ranker(cluster.spec)
+    pusher = Updater(cluster.spec)
+    stopped = cluster.local.pids[3]
+    try:
+        np.testing.assert_allclose(ranker.score(dense, indices, lengths), old, atol=1e-5)
+        versions = ranker.versions
+        assert versions is not None
+        start = versions.version
+        freeze(stopped)
+        after = _updates(tables, rows, 33)
+        push = threading.Thread(target=pusher.apply, args=(after,))  # waits for server 3's commit
+        push.start()
+        deadline = time.monotonic() + 60
+        while not (
+            cluster.links[0].changes(LATEST).version > start and versions._started > versions._finished
+        ):
+            assert time.monotonic() < deadline, "no sync round started for the new version"
+            time.sleep(0.01)
+        in_flight = versions._started
+        for _ in range(5):
+            np.testing.assert_allclose(ranker.score(dense, indices, lengths), old, atol=1e-5)
+        assert versions._finished < in_flight  # the reads did not wait for the round
+        os.kill(stopped, signal.SIGCONT)
+        push.join(120)
+        apply_monolithic(mono, after)
+        ranker.versions.read_at_least(start + 1)
+        np.testing.assert_allclose(
+            ranker.score(dense, indices, lengths), reference_scores(mono, dense, indices, lengths), atol=1e-5
+        )
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+        pusher.close()
+        ranker.close()
 
 
 def test_a_server_that_lost_its_log_is_not_healed_into_a_version(cluster: Cluster) -> None:
