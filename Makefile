@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast lint install
+.PHONY: demo test test-fast lint docs reference install
 
 $(BIN)/flexemr: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -29,3 +29,11 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
+
+# The docs site (MkDocs, Material theme) into site/, failing on any broken link or anchor.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
+# Rewrites docs/reference/{config,cli}.md from the config dataclasses and the argument parsers.
+reference: install
+	$(BIN)/python -m flexemr.cli.reference
