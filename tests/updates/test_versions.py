@@ -20,10 +20,11 @@ from flexemr.protocol.updates import BadUpdate, StagedRows
 from flexemr.sharding.plan import make_plan
 
 SOURCE = ModelSource(preset="tiny", seed=5, row_dtype="int8,fp32,fp16,int8")
+FP32 = ModelSource(preset="tiny", seed=5, row_dtype="fp32")
 
 
-def _store(tmp: Path | None = None, server: int = 1) -> ShardStore:
-    source = SOURCE.load()
+def _store(tmp: Path | None = None, server: int = 1, model: ModelSource = SOURCE) -> ShardStore:
+    source = model.load()
     plan = make_plan("row", source.spec.table_rows, source.spec.dim, 2)
     storage = DramStorage() if tmp is None else FileStorage(tmp / "rows", "f")
     return ShardStore(plan, server, source, progress=False, storage=storage)
@@ -326,3 +327,66 @@ def test_the_history_is_bounded_and_reads_beyond_it_are_stale(tmp_path: Path) ->
     with pytest.raises(StaleVersion):
         none.image_at(0)
     none.close()
+
+
+def test_the_log_stays_bounded_through_10000_updates_and_replays_from_its_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #27 item 13: compaction by snapshot keeps the disk bounded; a restart from the
+    snapshot and the log after it has the rows, the tokens, the applied (source, sequence) pairs
+    and the live stages; a crash between the snapshot and the fresh log replays correctly."""
+    path, limit, remembered = tmp_path / "log", 16 * 2**10, 1000
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # bounds, not durability: this disk is shared
+    monkeypatch.setattr(versions_module, "MAX_DECIDED_TOKENS", remembered)
+    store = _store(server=0, model=FP32)
+    versions = RowVersions(store, path, max_log_bytes=limit, max_sequences=remembered)
+    rng = np.random.default_rng(0)
+    largest = 0
+    for v in range(1, 10_001):
+        rows = np.unique(rng.integers(0, store.num_rows, 3)).tolist()
+        assert versions.stage(_staged(v, v, rows, v, source="s", sequence=v)) == 0
+        _commit(versions, v, v, len(rows))
+        snapshot = tmp_path / "log.snapshot"
+        disk = path.stat().st_size + (snapshot.stat().st_size if snapshot.exists() else 0)
+        largest = max(largest, disk)
+    assert versions.stats()["compactions"] > 100
+    row_bytes = store.num_rows * (store.dim * 4 + 8)  # every row written, and its number
+    metadata = remembered * (8 + 16 + 4)  # tokens, (sequence, version) pairs and their sources
+    assert largest < limit + row_bytes + metadata + 16 * 2**10  # the log, the snapshot, zip headers
+    assert versions.stage(_staged(10_001, 5, [1, 2], 1)) == 0  # a live stage
+    rows = store.raw(np.arange(store.num_rows))
+    versions.close()
+
+    again = _store(server=0, model=FP32)
+    replayed = RowVersions(again, path, max_log_bytes=limit, max_sequences=remembered)
+    assert replayed.version == 10_000
+    np.testing.assert_array_equal(again.raw(np.arange(again.num_rows)), rows)
+    assert replayed.stage(_staged(10_001, 6, [3], 3, source="s", sequence=9_990)) == 9_990
+    with pytest.raises(BadUpdate, match="cannot be told"):
+        replayed.stage(_staged(10_001, 6, [3], 3, source="s", sequence=17))
+    with pytest.raises(StaleVersion):
+        _commit(replayed, 10_000, 999, 0)  # the token of version 10,000 survived
+    real = versions_module._write_atomically
+    calls: list[Path] = []
+
+    def the_fresh_log_fails(target: Path, data: bytes) -> None:
+        calls.append(target)
+        if target == path:
+            raise OSError(28, "No space left on device")
+        real(target, data)
+
+    monkeypatch.setattr(versions_module, "_write_atomically", the_fresh_log_fails)
+    monkeypatch.setattr(os, "fsync", lambda fd: None)
+    while not calls:  # until the next compaction: its snapshot is written, the log stays
+        v = replayed.version + 1
+        replayed.stage(_staged(v, 5 if v == 10_001 else v, [v % 50], v))
+        _commit(replayed, v, 5 if v == 10_001 else v, 1)
+    monkeypatch.undo()
+    v = replayed.version + 1
+    replayed.stage(_staged(v, v, [7], v))
+    _commit(replayed, v, v, 1)
+    rows = again.raw(np.arange(again.num_rows))
+    replayed.close()
+    third = _store(server=0, model=FP32)
+    assert RowVersions(third, path, max_sequences=remembered).version == v
+    np.testing.assert_array_equal(third.raw(np.arange(third.num_rows)), rows)

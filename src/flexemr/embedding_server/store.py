@@ -199,6 +199,11 @@ class ShardStore:
             parts.append((mine, array[mine]))
         return RowImage(tuple(parts))
 
+    def restore(self, image: RowImage) -> None:
+        """Put back the stored bytes `image` holds (a snapshot's rows), as they were."""
+        for array, (rows, stored) in zip(self._arrays, image.parts, strict=True):
+            array[rows] = stored
+
     def _write_segment(self, s: int, rows: np.ndarray, values: np.ndarray) -> None:
         array = self._arrays[s]
         encoded = np.empty((rows.size, array.shape[1]), dtype=array.dtype)

@@ -36,6 +36,13 @@ pairs. A record cut short at the end (a crash while appending, never acknowledge
 corrupt record anywhere else stops the server: dropping it would drop acknowledged commits. A
 failed append is cut off again before the update is refused. Without a log a server refuses
 updates: it could not come back at its version.
+
+Compaction keeps the log bounded: once it passes max_log_bytes, a commit writes a snapshot (the
+version, the stored bytes of every row written since the checkpoint, the remembered tokens and
+(source, sequence) pairs, the live stages) beside it, atomically (written, fsync'ed, renamed),
+then starts the log afresh the same way. Replay loads the snapshot, then the log's records after
+its version (a crash between the two renames leaves records the snapshot holds: skipped). The
+disk then holds at most the rows written (bounded by the shard) plus max_log_bytes and one record.
 """
 
 from __future__ import annotations
@@ -122,6 +129,7 @@ class RowVersions:
         max_history_bytes: int = 64 * 2**20,
         max_sequences: int = 1 << 20,
         fingerprint: str = "",
+        max_log_bytes: int = 256 * 2**20,
     ) -> None:
         self.store = store
         self.version = 0
@@ -155,7 +163,11 @@ class RowVersions:
         """The oldest version a lookup is still answered at."""
         self._images: dict[int, RowImage] = {}
         """Per read version, the merged history a lookup at it reads (until the next commit)."""
-        self.rows_applied = self.versions_applied = self.duplicates = self.aborted = 0
+        self._written = np.zeros(store.num_rows, dtype=bool)
+        """The rows written since the checkpoint (what a snapshot holds)."""
+        self._max_log_bytes = max_log_bytes
+        self._header = LOG_MAGIC + fingerprint.encode() + b"\n"
+        self.rows_applied = self.versions_applied = self.duplicates = self.aborted = self.compactions = 0
         self._log: int | None = None
         self._log_failed: str | None = None
         self.log_path = log_path
@@ -163,14 +175,20 @@ class RowVersions:
             self._replay(log_path, fingerprint)
             self._log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
 
+    @property
+    def _snapshot_path(self) -> Path:
+        assert self.log_path is not None
+        return self.log_path.with_name(self.log_path.name + ".snapshot")
+
     # -- the update log -----------------------------------------------------------------------------
 
     def _replay(self, path: Path, fingerprint: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        header = LOG_MAGIC + fingerprint.encode() + b"\n"
+        header = self._header
+        if self._snapshot_path.exists():
+            self._restore(self._snapshot_path)
         if not path.exists() or path.stat().st_size == 0:
-            path.write_bytes(header)
-            _fsync_dir(path)
+            _write_atomically(path, header)
             return
         limits = FrameLimits(max_frame_bytes=2**40)
         with open(path, "rb") as f:
@@ -207,10 +225,15 @@ class RowVersions:
         log.info("update log %s replayed: version %d", path, self.version)
 
     def _redo(self, frame: Frame) -> None:
+        """Replay one record (one the snapshot already holds changes nothing)."""
         if frame.type == MessageType.UPDATE:
-            self._stage(StagedRows.parse(frame, self.store.dim))
+            staged = StagedRows.parse(frame, self.store.dim)
+            if staged.version > self.version:
+                self._stage(staged)
         elif frame.type == MessageType.COMMIT:
-            self._commit(*parse_commit(frame, self.store.server + 1))
+            version, token, written = parse_commit(frame, self.store.server + 1)
+            if version > self.version:
+                self._commit(version, token, written)
         else:
             version, token = (int(x) for x in frame.buffers[0])
             self._drop((version, token))
@@ -239,6 +262,75 @@ class RowVersions:
             except OSError as again:
                 self._log_failed = str(again)
             raise BadUpdate(f"update log {self.log_path}: {exc}; nothing applied") from None
+
+    def _compact_if_long(self) -> None:
+        """After a commit or an abort (the state in memory is what the log says)."""
+        if self._log is not None and os.fstat(self._log).st_size > self._max_log_bytes:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Snapshot this server's state, then start the log afresh (both atomically). A failure
+        leaves the old log in place (still correct, only longer), and is logged."""
+        assert self.log_path is not None and self._log is not None
+        try:
+            image = self.store.image(np.flatnonzero(self._written))
+            applied = list(self._applied.items())
+            stages = list(self._staged.values())
+            arrays = {
+                "version": np.array([self.version], dtype=np.int64),
+                "written": np.flatnonzero(self._written),
+                "tokens": np.array(self._tokens, dtype=np.int64),
+                "applied_sources": np.array([s for (s, _), _ in applied], dtype=str),
+                "applied": np.array([[q, v] for (_, q), v in applied], dtype=np.int64).reshape(-1, 2),
+                "forgotten_sources": np.array(list(self._forgotten), dtype=str),
+                "forgotten": np.array(list(self._forgotten.values()), dtype=np.int64),
+                "stage_heads": np.array(
+                    [
+                        [b.version, b.token, -1 if b.sequence is None else b.sequence, b.rows.size]
+                        for b in stages
+                    ],
+                    dtype=np.int64,
+                ).reshape(-1, 4),
+                "stage_sources": np.array([b.source for b in stages], dtype=str),
+                "stage_rows": np.concatenate([b.rows for b in stages] + [np.empty(0, np.int64)]),
+                "stage_values": np.concatenate(
+                    [b.values for b in stages] + [np.empty((0, self.store.dim), np.float32)]
+                ),
+                **{f"rows{s}": rows for s, (rows, _) in enumerate(image.parts)},
+                **{f"stored{s}": stored for s, (_, stored) in enumerate(image.parts)},
+            }
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)  # type: ignore[arg-type]  # (numpy types **kwds as its allow_pickle)
+            _write_atomically(self._snapshot_path, buffer.getvalue())
+            _write_atomically(self.log_path, self._header)
+            os.close(self._log)
+            self._log = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
+            self.compactions += 1
+        except OSError as exc:
+            log.warning("update log %s: compaction failed (the log goes on): %s", self.log_path, exc)
+
+    def _restore(self, path: Path) -> None:
+        """Load a snapshot `_compact` wrote."""
+        with np.load(path, allow_pickle=False) as data:
+            self.version = int(data["version"][0])
+            self._written[data["written"]] = True
+            self._tokens.extend(data["tokens"].tolist())
+            for source, (sequence, version) in zip(data["applied_sources"], data["applied"], strict=True):
+                self._applied[(str(source), int(sequence))] = int(version)
+            self._forgotten = dict(
+                zip(data["forgotten_sources"].tolist(), data["forgotten"].tolist(), strict=True)
+            )
+            starts = np.concatenate([[0], np.cumsum(data["stage_heads"][:, 3])])
+            for i, (version, token, sequence, _) in enumerate(data["stage_heads"].tolist()):
+                rows, values = (data[k][starts[i] : starts[i + 1]] for k in ("stage_rows", "stage_values"))
+                source = str(data["stage_sources"][i])
+                self._stage(
+                    StagedRows(version, token, rows, values, source, None if sequence < 0 else sequence)
+                )
+            parts = tuple((data[f"rows{s}"], data[f"stored{s}"]) for s in range(len(self.store.segments)))
+        self.store.restore(RowImage(parts))
+        self.readable_from = self._floor = self.version
+        log.info("update log snapshot %s loaded: version %d", path, self.version)
 
     def close(self) -> None:
         if self._log is not None:
@@ -331,6 +423,7 @@ class RowVersions:
                 )
             self._append(encode(MessageType.COMMIT, 0, [commit_buffer(version, token, written)]))
             self._commit(version, token, written)
+            self._compact_if_long()
             return version
 
     def _commit(self, version: int, token: int, written: np.ndarray) -> None:
@@ -342,6 +435,7 @@ class RowVersions:
             if staged is not None:
                 self.store.write(staged.rows, staged.values)
             self.version = version
+        self._written[rows] = True
         if self.decides and staged is not None and staged.sequence is not None:
             self._applied[(staged.source, staged.sequence)] = version
             while len(self._applied) > self._max_sequences:
@@ -378,6 +472,7 @@ class RowVersions:
                 self._append(encode(MessageType.ABORT, 0, [version_buffer(version, token)]))
                 self._drop((version, token))
                 self.aborted += 1
+                self._compact_if_long()
             return False
 
     def _remember(self, version: int, image: RowImage) -> None:
@@ -443,6 +538,7 @@ class RowVersions:
                         "rows_applied": self.rows_applied,
                         "duplicates": self.duplicates,
                         "aborted": self.aborted,
+                        "compactions": self.compactions,
                     }
                 ),
             }
@@ -459,6 +555,17 @@ class _Checksummed:
         n: int = self._file.readinto(view)
         self.crc = zlib.crc32(view[:n], self.crc)
         return n
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """`path` holds `data`, or what it held before: never a part of it."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(path)
 
 
 def _fsync_dir(path: Path) -> None:
