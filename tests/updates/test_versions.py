@@ -390,3 +390,28 @@ def test_the_log_stays_bounded_through_10000_updates_and_replays_from_its_snapsh
     third = _store(server=0, model=FP32)
     assert RowVersions(third, path, max_sequences=remembered).version == v
     np.testing.assert_array_equal(third.raw(np.arange(third.num_rows)), rows)
+
+
+def test_a_restarted_mmap_server_starts_from_the_checkpoint_and_its_log(tmp_path: Path) -> None:
+    """Issue #27 item 6: a row file that updates wrote is refilled from the checkpoint at the
+    next start, so a server without its log is at version 0 with the checkpoint's rows (before:
+    the file's updated rows, as `serve` keeps row files and deletes its temporary log), and one
+    with its log replays it from the checkpoint, its history (reads at older versions) exact."""
+    every = np.arange(_store(tmp_path / "a").num_rows)
+    checkpoint = _store(tmp_path / "a").raw(every)
+    store = _store(tmp_path / "a")
+    versions = RowVersions(store, tmp_path / "log")
+    for v, rows in enumerate([[0, 5], [5, 7]], start=1):
+        versions.stage(_staged(v, v, rows, v))
+        _commit(versions, v, v, 2)
+    updated = store.raw(every)
+    versions.close()
+    np.testing.assert_array_equal(_store(tmp_path / "a").raw(every), checkpoint)  # no log: version 0
+
+    replayed_store = _store(tmp_path / "a")
+    replayed = RowVersions(replayed_store, tmp_path / "log")
+    assert replayed.version == 2
+    np.testing.assert_array_equal(replayed_store.raw(every), updated)
+    with replayed.lock.shared():
+        np.testing.assert_array_equal(replayed_store.raw(every, replayed.image_at(0)), checkpoint)
+    replayed.close()
