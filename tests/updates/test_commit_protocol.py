@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import signal
 import threading
 import time
@@ -282,6 +283,47 @@ def test_a_stalled_server_does_not_freeze_reads(cluster: Cluster) -> None:
         os.kill(stopped, signal.SIGCONT)
         pusher.close()
         ranker.close()
+
+
+def test_a_lost_commit_answer_is_resolved_or_reported_as_unknown_never_applied_twice(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Item 7: server 0 commits, but its answer is lost. The updater asks server 0 (ABORT) and
+    acknowledges the version it decided; when server 0 cannot be asked either, the update fails
+    with an unknown outcome naming the (source, sequence) it was given (one is generated when
+    none is), and resending those applies it once (before: "not applied", and a retry without a
+    sequence applied it twice)."""
+    a = Updater(cluster.spec)
+    try:
+        link = a._links[0]
+        commit, abort = link.commit, link.abort
+
+        def answer_lost(version: int, token: int, written: np.ndarray) -> int:
+            commit(version, token, written)
+            raise ServerUnavailable(0, "127.0.0.1", "the answer was lost")
+
+        monkeypatch.setattr(link, "commit", answer_lost)
+        first = _updates(*cluster.rows_on(0, 2), 8)
+        version = a.apply(first)  # resolved by asking server 0
+        assert version == cluster.updater.version()
+        cluster.assert_everywhere(first)
+
+        def unreachable(version: int, token: int) -> bool:
+            raise ServerUnavailable(0, "127.0.0.1", "down")
+
+        monkeypatch.setattr(link, "abort", unreachable)
+        second = _updates(*cluster.rows_on(0, 2), 9)
+        with pytest.raises(UpdateFailed, match="outcome unknown") as failed:
+            a.apply(second)
+        source, sequence = re.search(r"source '(.+)' and sequence (\d+)", str(failed.value)).groups()  # type: ignore[union-attr]
+        assert cluster.updater.version() == version + 1  # it was applied
+        again = dataclasses.replace(second, values=second.values + 1, source=source, sequence=int(sequence))
+        assert cluster.updater.apply(again) == version + 1  # once
+        assert cluster.updater.version() == version + 1
+        cluster.assert_everywhere(second)
+        monkeypatch.setattr(link, "abort", abort)
+    finally:
+        a.close()
 
 
 def test_a_server_that_lost_its_log_is_not_healed_into_a_version(cluster: Cluster) -> None:

@@ -10,16 +10,21 @@
             on failure before the decision: ABORT (v, token) on server 0, then on the rest
 
 If another update decided v first (server 0 answers STALE), the rows are staged again at the next
-version. A server that is down at commit time is committed by the next ranker that finds it
-behind; one that is down at stage time fails the update (nothing is committed, and the stages
-are dropped). When server 0 cannot be asked whether it decided, the update is reported as
-failed with an unknown outcome: resending it with the same (source, sequence) applies it once.
+version. An update given without a sequence gets one (source "<source>/<this updater's id>"), so
+every update is applied at most once. A server that is down at commit time is committed by the
+next ranker that finds it behind; one that is down at stage time fails the update (nothing is
+committed, and the stages are dropped). When server 0 cannot be asked whether it decided, the
+update is reported as failed with an unknown outcome, naming its (source, sequence): resending
+it with those applies it once.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import secrets
+import uuid
 
 import numpy as np
 
@@ -44,6 +49,9 @@ class Updater:
         self.spec = spec
         self.model = spec.model.spec()
         self._links = links(spec)
+        self._anonymous = uuid.uuid4().hex[:12]
+        self._sequences = itertools.count()
+        """(source/_anonymous, sequence) for updates given without a sequence."""
         plan = spec.sharding
         self._table_base = np.concatenate([[0], np.cumsum(plan.table_rows)[:-1]]).astype(np.int64)
 
@@ -57,6 +65,10 @@ class Updater:
         Raises ValueError for rows that do not fit the model (nothing is sent), UpdateFailed when a
         server refuses or cannot be reached (nothing is committed, unless it says otherwise)."""
         updates.check(self.model)
+        if updates.sequence is None:  # exactly once too, and an unknown outcome can be resolved
+            updates = dataclasses.replace(
+                updates, source=f"{updates.source}/{self._anonymous}", sequence=next(self._sequences)
+            )
         per_server = self._split(updates)
         written = np.zeros(len(self._links), dtype=np.int64)
         for server, (rows, _) in per_server.items():
@@ -74,18 +86,20 @@ class Updater:
                     applied = self._links[server].stage(staged)
                     staged_on.append(server)
                     if applied:  # server 0: this (source, sequence) is applied already
+                        self._catch_up(applied)
                         return applied
                 committing = True
                 applied = self._links[0].commit(version, token, written)
             except Stale:
-                self._abort(version, token, staged_on, committing)
+                self._abort(version, token, staged_on, committing, updates)
                 continue  # another update decided this version first: stage again at the next
             except (ServerUnavailable, LookupFailed) as exc:
-                if not self._abort(version, token, staged_on, committing):
+                if not self._abort(version, token, staged_on, committing, updates):
                     raise UpdateFailed(f"update not applied: {exc}") from None
                 applied = version  # server 0 did decide it: its answer was lost
             if applied != version:  # a (source, sequence) applied meanwhile, at `applied`
-                self._abort(version, token, staged_on, committing)
+                self._abort(version, token, staged_on, committing, updates)
+                self._catch_up(applied)
                 return applied
             self._commit(version, token, written)
             return version
@@ -93,7 +107,9 @@ class Updater:
             f"update not applied: {MAX_ATTEMPTS} versions in a row were taken by other updates"
         )
 
-    def _abort(self, version: int, token: int, staged_on: list[int], committing: bool) -> bool:
+    def _abort(
+        self, version: int, token: int, staged_on: list[int], committing: bool, updates: RowUpdates
+    ) -> bool:
         """Drop this attempt's stages, server 0 first (then it is never decided); True when server
         0 answers that it decided it already. UpdateFailed when a COMMIT was sent (`committing`)
         and server 0 cannot say whether it decided."""
@@ -106,8 +122,8 @@ class Updater:
             if committing:
                 raise UpdateFailed(
                     f"update outcome unknown (embedding server 0 did not answer: {exc}); it may be "
-                    f"applied at version {version}: send it again with the same source and sequence "
-                    "to apply it once"
+                    f"applied at version {version}: send it again with source {updates.source!r} and "
+                    f"sequence {updates.sequence} to apply it once"
                 ) from None
             log.warning("version %d: attempt not aborted on server 0: %s", version, exc)
         for server in staged_on[1:]:
@@ -148,6 +164,17 @@ class Updater:
                 except Stale as behind:  # it missed versions: commit those first
                     link.catch_up(behind.version, self._links[0].changes(behind.version))
                     link.commit(version, token, written)
+            except (ServerUnavailable, LookupFailed) as exc:
+                log.warning("version %d: %s; a ranker commits it there when it is back", version, exc)
+
+    def _catch_up(self, version: int) -> None:
+        """Commit on every other server the versions up to `version` it missed (an earlier attempt
+        at this (source, sequence) may have stopped after server 0 decided it)."""
+        for link in self._links[1:]:
+            try:
+                at = link.changes(LATEST).version
+                if at < version:
+                    link.catch_up(at, self._links[0].changes(at))
             except (ServerUnavailable, LookupFailed) as exc:
                 log.warning("version %d: %s; a ranker commits it there when it is back", version, exc)
 
