@@ -4,6 +4,7 @@ commit, changelog, bounds, duplicates and the update log's replay."""
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -194,10 +195,42 @@ def test_aborted_and_expired_attempts_free_the_stage_for_good(tmp_path: Path) ->
     decider.stage(_staged(1, 5, [5], 5))
     decider.close()
     replayed = RowVersions(_store(server=0), tmp_path / "log", max_staged_bytes=3 * one)
-    assert replayed.stats()["staged_bytes"] == one  # only the live attempt
+    assert replayed.stats()["staged_bytes"] == 0  # server 0 decides no attempt from before
+    with pytest.raises(BadUpdate, match="no such update"):
+        _commit(replayed, 1, 5, 1)
+    replayed.stage(_staged(1, 5, [5], 5))
     assert _commit(replayed, 1, 5, 1) == 1
     assert replayed.abort(1, 5)  # committed: an abort changes nothing
     replayed.close()
+    participant = RowVersions(_store(server=1), tmp_path / "log1", max_staged_bytes=3 * one)
+    participant.stage(_staged(1, 5, [5], 5))
+    participant.close()
+    assert RowVersions(_store(server=1), tmp_path / "log1").stats()["staged_bytes"] == one  # kept
+
+
+def test_stages_past_their_ttl_make_room_and_are_never_decided(tmp_path: Path) -> None:
+    """Issue #27 item 2: stages left by attempts whose updater died or whose ABORT never reached
+    a stalled server are dropped (for good) once past the TTL and room is needed; server 0
+    refuses to decide an attempt staged more than half the TTL ago."""
+    one = _staged(1, 0, [0], 0).values.nbytes
+    participant = RowVersions(_store(), tmp_path / "log", max_staged_bytes=2 * one, stage_ttl_s=0.2)
+    participant.stage(_staged(1, 1, [1], 1))
+    participant.stage(_staged(1, 2, [2], 2))
+    with pytest.raises(BadUpdate, match="staged bytes"):
+        participant.stage(_staged(1, 3, [3], 3))  # not old enough to drop
+    time.sleep(0.3)
+    participant.stage(_staged(1, 3, [3], 3))
+    assert participant.stats()["staged_bytes"] == one and participant.stats()["aborted"] == 2
+    participant.close()
+    replayed = RowVersions(_store(), tmp_path / "log", stage_ttl_s=0.2)
+    assert replayed.stats()["staged_bytes"] == one  # the dropped ones stay dropped
+    replayed.close()
+    decider = RowVersions(_store(server=0), tmp_path / "log0", stage_ttl_s=0.2)
+    decider.stage(_staged(1, 1, [1], 1))
+    time.sleep(0.15)
+    with pytest.raises(BadUpdate, match="too long ago"):
+        _commit(decider, 1, 1, 1)
+    decider.close()
 
 
 def test_a_commit_needs_the_rows_its_write_set_names(tmp_path: Path) -> None:

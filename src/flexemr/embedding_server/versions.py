@@ -31,9 +31,11 @@ The update log is an append-only file: a header naming the shards it belongs to 
 other shards or weights is refused), then the UPDATE, COMMIT and ABORT frames this server accepted
 (`protocol.frames` format), each followed by its CRC32 and fsync'ed before it is acknowledged. At
 start it is replayed, so a restarted server comes back with its version, its rows, its staged
-updates (a decided commit may still need them), its changelog and its applied (source, sequence)
-pairs. A record cut short at the end (a crash while appending, never acknowledged) is dropped; a
-corrupt record anywhere else stops the server: dropping it would drop acknowledged commits. A
+updates (a decided commit may still need them; server 0 drops its own: it decides no attempt
+staged before it restarted), its changelog and its applied (source, sequence) pairs. Stages
+older than stage_ttl_s are dropped when room is needed (server 0 decides none that old). A
+record cut short at the end (a crash while appending, never acknowledged) is dropped; a corrupt
+record anywhere else stops the server: dropping it would drop acknowledged commits. A
 failed append is cut off again before the update is refused. Without a log a server refuses
 updates: it could not come back at its version.
 
@@ -53,6 +55,7 @@ import logging
 import os
 import struct
 import threading
+import time
 import zlib
 from collections import OrderedDict, deque
 from pathlib import Path
@@ -89,6 +92,10 @@ MAX_HISTORY_VERSIONS = 4096
 version merges them)."""
 MAX_CHANGELOG_VERSIONS = 1 << 16
 """Versions the changelog remembers at most, however few keys they changed."""
+STAGE_TTL_S = 60.0
+"""A stage older than this may be dropped to make room for new ones; server 0 decides no attempt
+staged on it more than half of it ago (an attempt takes seconds), so no server drops a stage
+whose version may still be decided."""
 MAX_DECIDED_TOKENS = 1 << 20
 """Versions whose token a server remembers (8 bytes each), however many keys they changed: a
 COMMIT or ABORT naming an older version is refused, since whether it won cannot be told."""
@@ -130,6 +137,7 @@ class RowVersions:
         max_sequences: int = 1 << 20,
         fingerprint: str = "",
         max_log_bytes: int = 256 * 2**20,
+        stage_ttl_s: float = STAGE_TTL_S,
     ) -> None:
         self.store = store
         self.version = 0
@@ -144,6 +152,9 @@ class RowVersions:
         self._max_changelog_keys = max_changelog_keys
         self._max_sequences = max_sequences
         self._staged: dict[tuple[int, int], StagedRows] = {}
+        self._staged_at: dict[tuple[int, int], float] = {}
+        """time.monotonic() of each stage (replayed ones: the replay's)."""
+        self._stage_ttl_s = stage_ttl_s
         self._staged_bytes = 0
         self._applied: OrderedDict[tuple[str, int], int] = OrderedDict()
         """(source, sequence) -> the version that applied it, oldest first (server 0 only)."""
@@ -172,7 +183,7 @@ class RowVersions:
         self._log_failed: str | None = None
         self.log_path = log_path
         if log_path is not None:
-            self._replay(log_path, fingerprint)
+            self._replay(log_path)
             self._log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
 
     @property
@@ -182,20 +193,26 @@ class RowVersions:
 
     # -- the update log -----------------------------------------------------------------------------
 
-    def _replay(self, path: Path, fingerprint: str) -> None:
+    def _replay(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         header = self._header
         if self._snapshot_path.exists():
             self._restore(self._snapshot_path)
         if not path.exists() or path.stat().st_size == 0:
             _write_atomically(path, header)
-            return
+        else:
+            self._replay_records(path, header)
+        if self.decides:  # it decides no attempt staged before it restarted
+            for key in list(self._staged):
+                self._drop(key)
+
+    def _replay_records(self, path: Path, header: bytes) -> None:
         limits = FrameLimits(max_frame_bytes=2**40)
         with open(path, "rb") as f:
             if f.read(len(header)) != header:
                 raise CorruptLog(
                     f"update log {path} was not written by this version of flexemr for these shards "
-                    f"(server {self.store.server}, fingerprint {fingerprint!r}): move it away to start "
+                    f"(server {self.store.server}, shards fingerprint {header!r}): move it away to start "
                     "from the checkpoint"
                 )
             good = f.tell()
@@ -359,6 +376,8 @@ class RowVersions:
             again = self._staged.get((staged.version, staged.token))
             grows = staged.values.nbytes - (0 if again is None else again.values.nbytes)
             if self._staged_bytes + grows > self._max_staged_bytes:
+                self._expire()
+            if self._staged_bytes + grows > self._max_staged_bytes:
                 raise BadUpdate(
                     f"staging {staged.values.nbytes} bytes would pass the limit of "
                     f"{self._max_staged_bytes} staged bytes: commit first, or send smaller updates"
@@ -370,12 +389,25 @@ class RowVersions:
     def _stage(self, staged: StagedRows) -> None:
         self._drop((staged.version, staged.token))  # a resend replaces it
         self._staged[(staged.version, staged.token)] = staged
+        self._staged_at[(staged.version, staged.token)] = time.monotonic()
         self._staged_bytes += staged.values.nbytes
 
     def _drop(self, key: tuple[int, int]) -> None:
         dropped = self._staged.pop(key, None)
+        self._staged_at.pop(key, None)
         if dropped is not None:
             self._staged_bytes -= dropped.values.nbytes
+
+    def _age(self, key: tuple[int, int]) -> float:
+        return time.monotonic() - self._staged_at[key]
+
+    def _expire(self) -> None:
+        """Drop (and log as aborted) the stages older than the TTL: attempts whose updater died or
+        whose server stalled past it; none of them can still be decided."""
+        for key in [k for k in self._staged if self._age(k) > self._stage_ttl_s]:
+            self._append(encode(MessageType.ABORT, 0, [version_buffer(*key)]))
+            self._drop(key)
+            self.aborted += 1
 
     def _applied_at(self, staged: StagedRows) -> int:
         """(server 0) The version that applied `staged`'s (source, sequence), or 0. BadUpdate for
@@ -408,6 +440,8 @@ class RowVersions:
             if self.decides:
                 if staged is None:
                     raise BadUpdate(f"version {version}: no such update is staged (aborted?)")
+                if self._age((version, token)) > self._stage_ttl_s / 2:
+                    raise BadUpdate(f"version {version}: the attempt staged too long ago; send it again")
                 applied = self._applied_at(staged)
                 if applied:
                     self._append(encode(MessageType.ABORT, 0, [version_buffer(version, token)]))
