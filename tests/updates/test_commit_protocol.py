@@ -21,6 +21,7 @@ from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import build_ranker
 from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, SecurityConfig, UpdatesConfig
+from flexemr.embedding_server.versions import STAGE_RECORD_BYTES
 from flexemr.engine.link import ServerLink, links
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
@@ -36,6 +37,8 @@ pytestmark = pytest.mark.slow
 
 DIM = 8
 MAX_STAGED_ROWS = 32
+STAGE_BOUND = MAX_STAGED_ROWS * DIM * 4 + 2 * STAGE_RECORD_BYTES
+"""One stage of 32 rows (the filler of server 3 below), and room for one more small one."""
 
 
 @dataclasses.dataclass
@@ -99,7 +102,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     model = source.spec()
     assert model.dim == DIM
     plan = replicated(make_plan("row", model.table_rows, model.dim, 2), 2)
-    bounds = UpdatesConfig(max_changelog_keys=4, max_staged_bytes=MAX_STAGED_ROWS * DIM * 4)
+    bounds = UpdatesConfig(max_changelog_keys=4, max_staged_bytes=STAGE_BOUND)
     spec = ClusterSpec(
         source,
         plan,

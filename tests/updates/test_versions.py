@@ -161,7 +161,7 @@ def test_a_decided_version_needs_its_token_even_once_forgotten(
     """Issue #27 item 1: a COMMIT of another attempt at a version decided long ago (out of the
     changelog) is STALE, never acknowledged as if it were that version; once even its token is
     forgotten, an ABORT cannot be answered either."""
-    monkeypatch.setattr(versions_module, "MAX_DECIDED_TOKENS", 2)
+    monkeypatch.setattr(versions_module, "MAX_DECIDED_VERSIONS", 2)
     decider = RowVersions(_store(server=0), tmp_path / "log", max_changelog_keys=2)
     decider.stage(_staged(1, 7, [0], 1))  # writer A stages version 1, then pauses
     decider.stage(_staged(1, 8, [1], 2))  # writer B takes version 1, then 2 and 3
@@ -182,7 +182,7 @@ def test_a_decided_version_needs_its_token_even_once_forgotten(
 def test_aborted_and_expired_attempts_free_the_stage_for_good(tmp_path: Path) -> None:
     """Issue #27 item 2: failed attempts that filled the stage are dropped by ABORT, server 0
     never decides one, and the log replay does not bring them back."""
-    one = _staged(1, 0, [0], 0).values.nbytes
+    one = _staged(1, 0, [0], 0).values.nbytes + versions_module.STAGE_RECORD_BYTES
     decider = RowVersions(_store(server=0), tmp_path / "log", max_staged_bytes=3 * one)
     for token in (1, 2, 3):  # a producer retrying while a replica is down
         decider.stage(_staged(1, token, [token], token))
@@ -212,7 +212,7 @@ def test_stages_past_their_ttl_make_room_and_are_never_decided(tmp_path: Path) -
     """Issue #27 item 2: stages left by attempts whose updater died or whose ABORT never reached
     a stalled server are dropped (for good) once past the TTL and room is needed; server 0
     refuses to decide an attempt staged more than half the TTL ago."""
-    one = _staged(1, 0, [0], 0).values.nbytes
+    one = _staged(1, 0, [0], 0).values.nbytes + versions_module.STAGE_RECORD_BYTES
     participant = RowVersions(_store(), tmp_path / "log", max_staged_bytes=2 * one, stage_ttl_s=0.2)
     participant.stage(_staged(1, 1, [1], 1))
     participant.stage(_staged(1, 2, [2], 2))
@@ -286,9 +286,9 @@ def test_the_log_is_checksummed_and_belongs_to_its_shards(
 
 
 def test_bounds_refuse_or_forget(tmp_path: Path) -> None:
-    versions = RowVersions(_store(), tmp_path / "log", max_staged_bytes=200, max_changelog_keys=3)
+    versions = RowVersions(_store(), tmp_path / "log", max_staged_bytes=1500, max_changelog_keys=3)
     with pytest.raises(BadUpdate, match="staged bytes"):
-        versions.stage(_staged(1, 1, list(range(10)), 1))
+        versions.stage(_staged(1, 1, list(range(20)), 1))
     for v in range(1, 4):
         versions.stage(_staged(v, v, [v, v + 10], v))
         _commit(versions, v, v, 2)
@@ -370,7 +370,7 @@ def test_the_log_stays_bounded_through_10000_updates_and_replays_from_its_snapsh
     and the live stages; a crash between the snapshot and the fresh log replays correctly."""
     path, limit, remembered = tmp_path / "log", 16 * 2**10, 1000
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # bounds, not durability: this disk is shared
-    monkeypatch.setattr(versions_module, "MAX_DECIDED_TOKENS", remembered)
+    monkeypatch.setattr(versions_module, "MAX_DECIDED_VERSIONS", remembered)
     store = _store(server=0, model=FP32)
     versions = RowVersions(store, path, max_log_bytes=limit, max_sequences=remembered)
     rng = np.random.default_rng(0)
@@ -384,7 +384,7 @@ def test_the_log_stays_bounded_through_10000_updates_and_replays_from_its_snapsh
         largest = max(largest, disk)
     assert versions.stats()["compactions"] > 100
     row_bytes = store.num_rows * (store.dim * 4 + 8)  # every row written, and its number
-    metadata = remembered * (8 + 16 + 4)  # tokens, (sequence, version) pairs and their sources
+    metadata = remembered * (8 + 16 + 16 + 4)  # tokens, write sets, (sequence, version) pairs, sources
     assert largest < limit + row_bytes + metadata + 16 * 2**10  # the log, the snapshot, zip headers
     assert versions.stage(_staged(10_001, 5, [1, 2], 1)) == 0  # a live stage
     rows = store.raw(np.arange(store.num_rows))
@@ -448,3 +448,24 @@ def test_a_restarted_mmap_server_starts_from_the_checkpoint_and_its_log(tmp_path
     with replayed.lock.shared():
         np.testing.assert_array_equal(replayed_store.raw(every, replayed.image_at(0)), checkpoint)
     replayed.close()
+
+
+def test_a_server_behind_the_changelog_window_catches_up_from_the_decided_versions(tmp_path: Path) -> None:
+    """Issue #27 item 4: the changelog's keys reach back 2 versions only, yet a server that
+    missed 50 (none of them wrote its rows: with a replica down, updates to its rows fail)
+    commits them all from server 0's decided versions, tokens and write sets."""
+    decider = RowVersions(_store(server=0), tmp_path / "log0", max_changelog_keys=2)
+    behind = RowVersions(_store(server=1), tmp_path / "log1")
+    for v in range(1, 51):
+        decider.stage(_staged(v, 100 + v, [v], v))
+        decider.commit(v, 100 + v, np.array([1, 0]))
+    changes = decider.changes(0)
+    assert changes.truncated  # the keys no longer reach back: a ranker clears its cache
+    assert changes.versions.tolist() == list(range(1, 51))
+    for v, token, written in zip(
+        changes.versions.tolist(), changes.tokens.tolist(), changes.written, strict=True
+    ):
+        behind.commit(v, token, written)
+    assert behind.version == 50
+    decider.close()
+    behind.close()

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import os
 import struct
@@ -96,9 +97,14 @@ STAGE_TTL_S = 60.0
 """A stage older than this may be dropped to make room for new ones; server 0 decides no attempt
 staged on it more than half of it ago (an attempt takes seconds), so no server drops a stage
 whose version may still be decided."""
-MAX_DECIDED_TOKENS = 1 << 20
-"""Versions whose token a server remembers (8 bytes each), however many keys they changed: a
-COMMIT or ABORT naming an older version is refused, since whether it won cannot be told."""
+STAGE_RECORD_BYTES = 1024
+"""What one stage counts against max_staged_bytes beyond its values (its rows, source, keys)."""
+MAX_DECIDED_VERSIONS = 1 << 18
+"""Versions whose token and write set a server remembers (8 + 8 x servers bytes each), however
+many keys they changed: a server behind by up to this many catches up from it; a COMMIT or
+ABORT naming an older version is refused, since whether it won cannot be told."""
+MAX_CHANGES_VERSIONS = 1 << 16
+"""Versions one CHANGES answer lists at most (a server further behind catches up in steps)."""
 LOG_MAGIC = b"flexemr update log 2\n"
 CRC = struct.Struct("<I")
 
@@ -116,14 +122,11 @@ class CorruptLog(RuntimeError):
 
 
 class Decided(NamedTuple):
-    """One committed version, as the changelog keeps it."""
+    """How one version was decided: what a server behind commits it with."""
 
-    version: int
     token: int
     written: np.ndarray
     """int64 [S]: the rows it staged on each server."""
-    keys: np.ndarray
-    """int64: the global cache keys it changed here."""
 
 
 class RowVersions:
@@ -160,9 +163,10 @@ class RowVersions:
         """(source, sequence) -> the version that applied it, oldest first (server 0 only)."""
         self._forgotten: dict[str, int] = {}
         """Per source, the highest sequence dropped from `_applied` (older ones cannot be told)."""
-        self._tokens: deque[int] = deque()
-        """The tokens of the last versions decided here, the newest last."""
-        self._changelog: deque[Decided] = deque()
+        self._decided: deque[Decided] = deque()
+        """The last versions committed here, the newest (`version`) last."""
+        self._changelog: deque[tuple[int, np.ndarray]] = deque()
+        """(version, the global cache keys it changed here) of the versions after `_floor`."""
         self._changelog_keys = 0
         self._floor = 0
         """The changelog holds every version after this one."""
@@ -292,13 +296,21 @@ class RowVersions:
         try:
             image = self.store.image(np.flatnonzero(self._written))
             applied = list(self._applied.items())
+            index = {source: i for i, source in enumerate(dict.fromkeys(s for (s, _), _ in applied))}
+            sources = list(index)
             stages = list(self._staged.values())
             arrays = {
                 "version": np.array([self.version], dtype=np.int64),
                 "written": np.flatnonzero(self._written),
-                "tokens": np.array(self._tokens, dtype=np.int64),
-                "applied_sources": np.array([s for (s, _), _ in applied], dtype=str),
-                "applied": np.array([[q, v] for (_, q), v in applied], dtype=np.int64).reshape(-1, 2),
+                "tokens": np.array([d.token for d in self._decided], dtype=np.int64),
+                "decided": np.array([d.written for d in self._decided], dtype=np.int64).reshape(
+                    len(self._decided), -1
+                ),
+                "sources": np.array(sources, dtype=str),  # each source once: pairs name its index
+                "applied": np.array(
+                    [[index[s], q, v] for (s, q), v in applied],
+                    dtype=np.int64,
+                ).reshape(-1, 3),
                 "forgotten_sources": np.array(list(self._forgotten), dtype=str),
                 "forgotten": np.array(list(self._forgotten.values()), dtype=np.int64),
                 "stage_heads": np.array(
@@ -331,9 +343,12 @@ class RowVersions:
         with np.load(path, allow_pickle=False) as data:
             self.version = int(data["version"][0])
             self._written[data["written"]] = True
-            self._tokens.extend(data["tokens"].tolist())
-            for source, (sequence, version) in zip(data["applied_sources"], data["applied"], strict=True):
-                self._applied[(str(source), int(sequence))] = int(version)
+            self._decided.extend(
+                Decided(t, w) for t, w in zip(data["tokens"].tolist(), data["decided"], strict=True)
+            )
+            sources = data["sources"].tolist()
+            for source, sequence, version in data["applied"].tolist():
+                self._applied[(sources[source], sequence)] = version
             self._forgotten = dict(
                 zip(data["forgotten_sources"].tolist(), data["forgotten"].tolist(), strict=True)
             )
@@ -374,12 +389,12 @@ class RowVersions:
             except BadSubrequest as exc:
                 raise BadUpdate(str(exc)) from None
             again = self._staged.get((staged.version, staged.token))
-            grows = staged.values.nbytes - (0 if again is None else again.values.nbytes)
+            grows = _cost(staged) - (0 if again is None else _cost(again))
             if self._staged_bytes + grows > self._max_staged_bytes:
                 self._expire()
             if self._staged_bytes + grows > self._max_staged_bytes:
                 raise BadUpdate(
-                    f"staging {staged.values.nbytes} bytes would pass the limit of "
+                    f"staging {_cost(staged)} bytes would pass the limit of "
                     f"{self._max_staged_bytes} staged bytes: commit first, or send smaller updates"
                 )
             self._append(staged.frame(0))
@@ -390,13 +405,13 @@ class RowVersions:
         self._drop((staged.version, staged.token))  # a resend replaces it
         self._staged[(staged.version, staged.token)] = staged
         self._staged_at[(staged.version, staged.token)] = time.monotonic()
-        self._staged_bytes += staged.values.nbytes
+        self._staged_bytes += _cost(staged)
 
     def _drop(self, key: tuple[int, int]) -> None:
         dropped = self._staged.pop(key, None)
         self._staged_at.pop(key, None)
         if dropped is not None:
-            self._staged_bytes -= dropped.values.nbytes
+            self._staged_bytes -= _cost(dropped)
 
     def _age(self, key: tuple[int, int]) -> float:
         return time.monotonic() - self._staged_at[key]
@@ -475,18 +490,18 @@ class RowVersions:
             while len(self._applied) > self._max_sequences:
                 (source, sequence), _ = self._applied.popitem(last=False)
                 self._forgotten[source] = max(sequence, self._forgotten.get(source, -1))
-        self._tokens.append(token)
-        if len(self._tokens) > MAX_DECIDED_TOKENS:
-            self._tokens.popleft()
+        self._decided.append(Decided(token, written.copy()))
+        if len(self._decided) > MAX_DECIDED_VERSIONS:
+            self._decided.popleft()
         keys = self.store.keys(rows)
-        self._changelog.append(Decided(version, token, written.copy(), keys))
+        self._changelog.append((version, keys))
         self._changelog_keys += keys.size
         while len(self._changelog) > 1 and (
             self._changelog_keys > self._max_changelog_keys or len(self._changelog) > MAX_CHANGELOG_VERSIONS
         ):
-            dropped = self._changelog.popleft()
-            self._changelog_keys -= dropped.keys.size
-            self._floor = dropped.version
+            dropped, old = self._changelog.popleft()
+            self._changelog_keys -= old.size
+            self._floor = dropped
         for key in [k for k in self._staged if k[0] <= version]:  # other attempts at decided versions
             self._drop(key)
         self.versions_applied += 1
@@ -542,21 +557,31 @@ class RowVersions:
         if version == 0:
             return 0
         back = self.version - version
-        return self._tokens[-1 - back] if back < len(self._tokens) else None
+        return self._decided[-1 - back].token if back < len(self._decided) else None
 
     def changes(self, since: int) -> Changes:
+        """The versions after `since` (at most MAX_CHANGES_VERSIONS) with their tokens and write
+        sets, and the keys they changed; truncated when the keys or the versions no longer reach
+        back to `since`."""
         with self._mutex:
-            after = [entry for entry in self._changelog if entry.version > since]
-            width = max((e.written.size for e in after), default=0)
+            oldest = self.version - len(self._decided) + 1
+            start = max(since + 1, oldest)
+            listed = (
+                list(itertools.islice(self._decided, start - oldest, start - oldest + MAX_CHANGES_VERSIONS))
+                if start <= self.version
+                else []
+            )
+            width = max((d.written.size for d in listed), default=0)
+            keys = [k for v, k in self._changelog if v > since]
             return Changes(
                 self.version,
-                since < self._floor,
-                np.array([e.version for e in after], dtype=np.int64),
-                np.array([e.token for e in after], dtype=np.int64),
-                np.array([np.pad(e.written, (0, width - e.written.size)) for e in after], np.int64).reshape(
-                    len(after), width
+                since < self._floor or start > since + 1,
+                np.arange(start, start + len(listed), dtype=np.int64),
+                np.array([d.token for d in listed], dtype=np.int64),
+                np.array([np.pad(d.written, (0, width - d.written.size)) for d in listed], np.int64).reshape(
+                    len(listed), width
                 ),  # every COMMIT names the same servers; padding keeps a short one readable
-                np.unique(np.concatenate([e.keys for e in after])) if after else np.empty(0, np.int64),
+                np.unique(np.concatenate(keys)) if keys else np.empty(0, np.int64),
             )
 
     def stats(self) -> dict[str, Any]:
@@ -576,6 +601,12 @@ class RowVersions:
                     }
                 ),
             }
+
+
+def _cost(staged: StagedRows) -> int:
+    """What a stage counts against max_staged_bytes: its values, and its record (so even stages
+    without rows, as every attempt leaves on server 0, are bounded)."""
+    return staged.values.nbytes + STAGE_RECORD_BYTES
 
 
 class _Checksummed:
