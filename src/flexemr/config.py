@@ -315,9 +315,15 @@ class NodeLimits:
     """Bounds of an embedding server, and the ranker's heartbeat to it."""
 
     max_connections: int = 256
-    """Connections a server holds at once (each has a thread); beyond, new ones are closed at once."""
+    """Connections a server holds at once (each has a thread); when all of them have proven the
+    secret, new ones are closed at once."""
+    max_handshakes: int = 128
+    """Of those, connections still in their handshake (not yet proven the secret). When this or
+    `max_connections` is reached, a new connection takes the slot of the oldest one still in its
+    handshake: peers without the secret cannot lock out a ranker that holds it."""
     handshake_timeout_s: float = 5.0
-    """A connection that has not completed its handshake by then is closed."""
+    """A connection that has not completed its whole handshake this long after it was accepted is
+    closed (a deadline, however often the peer sends a byte)."""
     idle_timeout_s: float = 300.0
     """A connection silent for this long is closed (the ranker keeps its own alive)."""
     max_held_bytes: int = 64 * 2**20

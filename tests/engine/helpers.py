@@ -128,6 +128,22 @@ def server_process(
 ) -> Iterator[tuple[ClusterSpec, list[str]]]:
     """Embedding server 0 of `spec` in a process limited to `max_fds` file descriptors; yields the
     spec with its port, and its output lines (kept as they come)."""
+    with embedding_server_process(spec, tmp_path, max_fds) as server:
+        yield server.spec, server.lines
+
+
+@dataclass
+class ServerProcess:
+    spec: ClusterSpec
+    """The spec, with the server's port."""
+    lines: list[str]
+    """Its output (stdout and stderr), kept as it comes."""
+    pid: int
+
+
+@contextmanager
+def embedding_server_process(spec: ClusterSpec, tmp_path: Path, max_fds: int) -> Iterator[ServerProcess]:
+    """`server_process`, with the process id."""
     path = tmp_path / "cluster.json"
     spec.save(path)
 
@@ -170,7 +186,7 @@ def server_process(
         assert ready.wait(60) and proc.poll() is None, "".join(lines)
         port = int(next(x for x in lines if x.startswith(READY_PREFIX)).rsplit(":", 1)[1])
         endpoint = dataclasses.replace(spec.embedding_servers[0], port=port)
-        yield dataclasses.replace(spec, embedding_servers=(endpoint,)), lines
+        yield ServerProcess(dataclasses.replace(spec, embedding_servers=(endpoint,)), lines, proc.pid)
         assert proc.poll() is None, "the server died:\n" + "".join(lines[-30:])
     finally:
         proc.terminate()

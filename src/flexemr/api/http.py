@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import threading
-import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,6 +36,7 @@ from flexemr.api.kserve import (
 from flexemr.api.metrics import RequestMetrics
 from flexemr.api.updates import update_routes
 from flexemr.batch import InvalidRequest
+from flexemr.logs import RateLimitedWarnings as RateLimitedWarnings  # re-exported for the launchers
 from flexemr.ranker.admission import Dropped, Refused, Ticket
 from flexemr.ranker.model_versions import ModelVersions, UnknownVersion
 from flexemr.ranker.ranker import Ranker
@@ -49,27 +48,6 @@ TIMEOUT_HEADER = "flexemr-timeout-ms"
 MAX_TIMEOUT_MS = 3_600_000
 JSON_EXPANSION = 16
 """JSON bodies may be this much smaller than binary ones: orjson makes each number a Python object."""
-
-
-class RateLimitedWarnings(logging.Filter):
-    """Lets at most one warning through per `interval_s`: uvicorn logs one for every malformed HTTP
-    request, which a client can send in a loop. Errors always pass."""
-
-    def __init__(self, interval_s: float = 10.0) -> None:
-        super().__init__()
-        self.interval_s = interval_s
-        self._next = 0.0
-        self._lock = threading.Lock()
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.WARNING:
-            return True
-        with self._lock:
-            now = time.monotonic()
-            if now < self._next:
-                return False
-            self._next = now + self.interval_s
-            return True
 
 
 async def watch_disconnect(request: Request, ticket: Ticket) -> None:

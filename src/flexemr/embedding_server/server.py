@@ -6,10 +6,14 @@ reads frames, runs the lookup kernel (which releases the GIL, so connections use
 parallel) and writes the answer. A bad subrequest gets an ERROR frame and the connection lives on;
 a malformed frame closes that connection only, with its reason logged (rate-limited).
 
-Bounds (`NodeLimits`): at most `max_connections` connections (more are closed at once), a
-handshake timeout, an idle timeout, and `max_held_bytes` of answers held per connection. When
-accept fails for want of file descriptors, the server refuses new connections and backs off; the
-process and the connections it holds carry on.
+Bounds (`NodeLimits`): at most `max_connections` connections, of which at most `max_handshakes`
+not yet authenticated (`slots.py`: a new connection takes the slot of the oldest handshake, so
+peers without the secret never lock out those with it); the whole handshake within
+`handshake_timeout_s` of accept; an idle timeout; and `max_held_bytes` of answers held per
+connection. Before its proof a peer costs a thread, a socket and at most one handshake message of
+`MAX_HANDSHAKE_BYTES`; a broken handshake gets one ERROR and a close, and every refusal is counted
+and logged at most once per 10 s per reason. When accept fails for want of file descriptors, the
+server drops its oldest handshake and backs off; the process and the connections it holds carry on.
 
 Credit-based flow control (the ranker's I/O engine asks for it in its HELLO): a credited data
 connection sends a response only against a credit; answers beyond the credits wait in a bounded
@@ -35,8 +39,10 @@ import numpy as np
 
 from flexemr.cluster.security import check_bind
 from flexemr.config import Endpoint, NodeLimits
+from flexemr.embedding_server.slots import ConnectionSlots, SlotsFull
 from flexemr.embedding_server.store import BadSubrequest, RowImage, ShardStore
 from flexemr.embedding_server.versions import RowVersions, StaleVersion
+from flexemr.logs import RateLimitedWarnings
 from flexemr.protocol.frames import (
     ConnectionClosed,
     Flags,
@@ -49,10 +55,18 @@ from flexemr.protocol.frames import (
     recv_frame,
     send_frame,
 )
-from flexemr.protocol.handshake import Identity, NotAuthenticated, server_handshake
+from flexemr.protocol.handshake import (
+    MAX_REASON_CHARS,
+    Deadline,
+    Hello,
+    Identity,
+    NotAuthenticated,
+    server_handshake,
+)
 from flexemr.protocol.updates import BadUpdate, StagedRows, int64s, parse_commit, version_buffer
 
 log = logging.getLogger(__name__)
+log.addFilter(RateLimitedWarnings())  # peers can cause refusals in a loop
 
 MAX_QUEUED_RESPONSES = 256
 """Answers a credited connection holds back for want of credits before it stops reading."""
@@ -164,7 +178,7 @@ class EmbeddingServer:
         self._tls = tls
         self._listener = socket.create_server((endpoint.host, endpoint.port), backlog=128)
         self.endpoint = Endpoint(endpoint.host, self._listener.getsockname()[1])
-        self._connections: set[socket.socket] = set()
+        self._slots = ConnectionSlots(self.node_limits.max_connections, self.node_limits.max_handshakes)
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._sessions: dict[str, dict[int, CreditGate]] = {}
@@ -173,11 +187,11 @@ class EmbeddingServer:
         self.lookups = 0
         """Lookup subrequests answered with rows (for tests and stats)."""
         self.refused: Counter[str] = Counter()
-        """Connections refused or closed early, by reason (logged at counts 1, 2, 4, 8...)."""
+        """Connections refused or closed early, by reason."""
 
     def serve_forever(self) -> None:
         """Accept connections until `close`. Out of file descriptors (or memory for a socket), it
-        refuses new connections, backing off, while the process and its connections live on."""
+        drops its oldest handshake and backs off, while the process and its connections live on."""
         backoff = 0.0
         while not self._closed.is_set():
             try:
@@ -187,36 +201,40 @@ class EmbeddingServer:
                     break
                 exhausted = exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
                 reason = "out of file descriptors or socket memory" if exhausted else "accept failed"
-                self._refuse(reason, f"{exc}; refusing new connections, backing off")
+                if exhausted and self._slots.drop_oldest_handshake():
+                    self._refuse(reason, f"{exc}; dropped the oldest handshake, backing off")
+                else:
+                    self._refuse(reason, f"{exc}; refusing new connections, backing off")
                 backoff = min(1.0, max(0.01, 2 * backoff))
                 time.sleep(backoff)
                 continue
             backoff = 0.0
-            with self._lock:
-                full = len(self._connections) >= self.node_limits.max_connections
-                if not full:
-                    self._connections.add(conn)
-            if full:
-                conn.close()
-                self._refuse("connection limit", f"{self.node_limits.max_connections} connections held")
-                continue
+            deadline = Deadline.after(self.node_limits.handshake_timeout_s)
             try:
-                threading.Thread(target=self._serve_connection, args=(conn, peer), daemon=True).start()
+                dropped = self._slots.admit(conn)
+            except SlotsFull as exc:
+                conn.close()
+                self._refuse("connection limit", str(exc))
+                continue
+            if dropped is not None:
+                self._refuse(dropped, "dropped the oldest connection still in its handshake")
+            try:
+                threading.Thread(
+                    target=self._serve_connection, args=(conn, peer, deadline), daemon=True
+                ).start()
             except RuntimeError as exc:  # no thread to be had
-                self._forget(conn)
+                self._slots.release(conn)
+                conn.close()
                 self._refuse("no thread for a connection", str(exc))
 
     def _refuse(self, reason: str, detail: str) -> None:
-        """Count a refusal; log it at the 1st, 2nd, 4th, 8th... time (a flood logs a few lines)."""
+        """Count a refusal and log it with the count so far, at most once per 10 s per reason."""
         self.refused[reason] += 1
-        n = self.refused[reason]
-        if n & (n - 1) == 0:
-            log.warning("embedding server %d: %s (%s); %d so far", self.store.server, reason, detail, n)
-
-    def _forget(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._connections.discard(conn)
-        conn.close()
+        log.warning(
+            "embedding server %d: %s (%s); %d so far",
+            self.store.server, reason, detail[:MAX_REASON_CHARS], self.refused[reason],
+            extra={"rate_key": reason},
+        )  # fmt: skip
 
     def close(self) -> None:
         self._closed.set()
@@ -225,28 +243,21 @@ class EmbeddingServer:
         except OSError:
             pass
         self._listener.close()
+        self._slots.shut_all()
         with self._lock:
-            for conn in self._connections:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-                conn.close()
             for gates in self._sessions.values():
                 for gate in gates.values():
                     gate.close()
         self.versions.close()
 
-    def _serve_connection(self, conn: socket.socket, peer: tuple[str, int]) -> None:
-        """Handshake (within the handshake timeout), then serve the connection as its HELLO says."""
+    def _serve_connection(self, conn: socket.socket, peer: tuple[str, int], deadline: Deadline) -> None:
+        """Handshake by the deadline, then serve the connection as its HELLO says."""
         raw = conn
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn.settimeout(self.node_limits.handshake_timeout_s)
-            if self._tls is not None:
-                conn = self._tls.wrap_socket(conn, server_side=True)
-                with self._lock:
-                    self._connections.discard(raw)
-                    self._connections.add(conn)
-            hello = server_handshake(conn, self.identity, self._key, self.limits)
+            conn, hello = self._handshake(conn, f"{peer[0]}:{peer[1]}", deadline)
+            if hello is None or not self._slots.prove(conn):
+                return
             conn.settimeout(self.node_limits.idle_timeout_s)
             if hello.role == "control":
                 self._serve_control(conn, hello.session)
@@ -257,16 +268,35 @@ class EmbeddingServer:
                     frame = recv_frame(conn, self.limits)
                     if frame.type != MessageType.PING:  # a keepalive: never answered
                         send_frame(conn, self.answer(frame))
-        except NotAuthenticated as exc:
-            self._refuse("not authenticated", f"{peer[0]}:{peer[1]}: {exc}")
         except ProtocolError as exc:
             self._refuse("malformed frame", f"{peer[0]}:{peer[1]}: {exc}")
         except (ConnectionClosed, OSError, ValueError):
             pass
         finally:
-            with self._lock:
-                self._connections.discard(raw)
-            self._forget(conn)
+            for sock in {raw, conn}:
+                self._slots.release(sock)
+                sock.close()
+
+    def _handshake(
+        self, conn: socket.socket, peer: str, deadline: Deadline
+    ) -> tuple[socket.socket, Hello | None]:
+        """The connection (in TLS, if configured) and, once the peer has proven the secret, its
+        HELLO; None when it did not by the deadline (a refusal, counted and logged)."""
+        try:
+            if self._tls is not None:
+                deadline.arm(conn)
+                conn = self._slots.replace(conn, self._tls.wrap_socket(conn, server_side=True))
+            return conn, server_handshake(conn, self.identity, self._key, self.limits, deadline)
+        except NotAuthenticated as exc:
+            self._refuse("not authenticated", f"{peer}: {exc}")
+        except ProtocolError as exc:
+            self._refuse("malformed handshake", f"{peer}: {exc}")
+        except TimeoutError:
+            self._refuse(
+                "handshake deadline",
+                f"{peer}: no handshake {self.node_limits.handshake_timeout_s} s after accept",
+            )
+        return conn, None
 
     def _serve_credited(self, conn: socket.socket, session: str, index: int, credits: int) -> None:
         """Read and answer lookups; a writer thread sends the answers as credits allow."""

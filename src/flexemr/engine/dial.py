@@ -9,7 +9,15 @@ from dataclasses import dataclass
 from flexemr.config import Endpoint
 from flexemr.engine.credits import mark_high_priority
 from flexemr.protocol.frames import FrameLimits
-from flexemr.protocol.handshake import HandshakeRefused, Hello, Identity, Role, client_handshake, new_nonce
+from flexemr.protocol.handshake import (
+    Deadline,
+    HandshakeRefused,
+    Hello,
+    Identity,
+    Role,
+    client_handshake,
+    new_nonce,
+)
 from flexemr.transport.base import ConfigMismatch
 
 
@@ -32,18 +40,22 @@ class Dialer:
         credits: int | None = None,
         timeout_s: float = 5.0,
     ) -> socket.socket:
-        """A connected, authenticated socket to the server `expected` describes (blocking, with
-        `timeout_s` on every step). Raises OSError, ProtocolError, or ConfigMismatch when the
-        peer is not that server of this cluster."""
+        """A connected, authenticated socket to the server `expected` describes, blocking with a
+        `timeout_s` timeout; connecting and the whole handshake take at most `timeout_s`, whatever
+        the peer sends. Raises OSError (HandshakeTimeout past that), ProtocolError, or
+        ConfigMismatch when the peer is not that server of this cluster."""
+        deadline = Deadline.after(timeout_s)
         sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout_s)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if role == "control":
                 mark_high_priority(sock)
             if self.tls is not None:
+                deadline.arm(sock)
                 sock = self.tls.wrap_socket(sock, server_hostname=endpoint.host)
             hello = Hello(role, self.session, new_nonce(), conn, credits)
-            client_handshake(sock, hello, self.key, self.limits, expected)
+            client_handshake(sock, hello, self.key, self.limits, expected, deadline)
+            sock.settimeout(timeout_s)
         except HandshakeRefused as exc:
             sock.close()
             raise ConfigMismatch(expected.server, str(endpoint), str(exc)) from exc

@@ -20,7 +20,7 @@ import enum
 import socket
 import ssl
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -223,11 +223,16 @@ def recv_frame(sock: socket.socket, limits: FrameLimits) -> Frame:
     return read_frame(sock.recv_into, limits)
 
 
-def read_frame(read_into: ReadInto, limits: FrameLimits) -> Frame:
-    """`recv_frame` from any source of bytes (a socket, a file)."""
+def read_frame(
+    read_into: ReadInto, limits: FrameLimits, expect: Collection[MessageType] | None = None
+) -> Frame:
+    """`recv_frame` from any source of bytes (a socket, a file); with `expect`, a frame of another
+    type is refused from its header, before the rest is read."""
     header = bytearray(HEADER.size)
     _recv_exact(read_into, memoryview(header))
     kind, flags, request_id, count, body = parse_header(header, limits)
+    if expect is not None and kind not in expect:
+        raise ProtocolError(f"expected {' or '.join(k.name for k in expect)}, got {kind.name}")
     raw = bytearray(DESCRIPTOR.size * count)
     _recv_exact(read_into, memoryview(raw))
     buffers = []

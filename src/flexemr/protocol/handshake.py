@@ -11,10 +11,16 @@ shared secret, then the server's identity checked against the ranker's plan.
                                                      <--  AUTH (accepted), or ERROR and close
 
 Both sides pick a fresh 32-byte nonce, so no proof can be replayed; the two proofs are labelled
-differently, so a server's proof can never be reflected back as a client's. Nothing but HELLO and
-AUTH is read before the client's proof checks out. With no secret configured the key is empty:
-the handshake still checks identities, but proves nothing (servers then bind loopback only).
-The messages are small JSON objects in one uint8 buffer, validated field by field on decode.
+differently, so a server's proof can never be reflected back as a client's. With no secret
+configured the key is empty: the handshake still checks identities, but proves nothing (servers
+then bind loopback only). The messages are small JSON objects in one uint8 buffer, validated field
+by field on decode.
+
+What a peer costs before its proof is bounded on both sides: the whole handshake must end by a
+`Deadline` (every read and write gets only the time left), a message of another type than the step
+expects, or whose header declares more than `MAX_HANDSHAKE_BYTES`, is refused from its header
+before its body is read (so nothing but HELLO and AUTH is ever read before the proof), and a server
+answers a broken handshake with one ERROR and closes.
 """
 
 from __future__ import annotations
@@ -24,19 +30,21 @@ import hmac
 import json
 import secrets
 import socket
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
 
 from flexemr.protocol.frames import (
+    Frame,
     FrameLimits,
     MessageType,
     ProtocolError,
     encode,
     error_frame,
     error_text,
-    recv_frame,
+    read_frame,
     send_frame,
 )
 
@@ -44,6 +52,10 @@ Role = Literal["data", "control"]
 NONCE_BYTES = 32
 MAX_CREDITS = 1 << 16
 """The most response credits a data connection may ask for: bounds what a server holds for it."""
+MAX_HANDSHAKE_BYTES = 4096
+"""The most bytes of a handshake message: a header that declares more is refused from the header."""
+MAX_REASON_CHARS = 256
+"""How much of a refusal's reason goes into the ERROR answer (a peer's own values may be quoted)."""
 
 
 class HandshakeRefused(Exception):
@@ -56,6 +68,29 @@ class NotAuthenticated(HandshakeRefused):
 
 class IdentityMismatch(HandshakeRefused):
     """The server proved the secret but holds other shards or another model than the plan says."""
+
+
+class HandshakeTimeout(TimeoutError):
+    """The handshake did not end by its deadline."""
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a whole handshake must be over (`time.monotonic()` seconds). Every read and write gets
+    only the time left, so a peer that sends a byte now and then cannot stretch the handshake."""
+
+    at: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        return cls(time.monotonic() + seconds)
+
+    def arm(self, sock: socket.socket) -> None:
+        """Give `sock` the time left as its timeout; HandshakeTimeout when none is left."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise HandshakeTimeout("the handshake did not end by its deadline")
+        sock.settimeout(left)
 
 
 @dataclass(frozen=True)
@@ -136,14 +171,18 @@ def client_handshake(
     key: bytes,
     limits: FrameLimits,
     expected: Identity | None = None,
+    deadline: Deadline | None = None,
 ) -> Identity:
     """Open a connection as `hello` says; return the server's identity. Raises NotAuthenticated
-    (the server cannot prove the secret, or refused ours) or IdentityMismatch (not `expected`)."""
-    send_frame(sock, encode(MessageType.HELLO, 0, [_pack(asdict(hello))]))
-    reply = recv_frame(sock, limits)
+    (the server cannot prove the secret, or refused ours), IdentityMismatch (not `expected`),
+    ProtocolError, or HandshakeTimeout past `deadline` (None: the socket's own timeout, per read).
+    The server's messages are held to `limits` and to MAX_HANDSHAKE_BYTES."""
+    messages = _Messages(sock, limits, deadline)
+    messages.send(encode(MessageType.HELLO, 0, [_pack(asdict(hello))]))
+    reply = messages.receive(MessageType.HELLO, MessageType.ERROR)
     if reply.type == MessageType.ERROR:
         raise NotAuthenticated(f"the server refused the handshake: {error_text(reply)}")
-    welcome = decode_welcome(_one(reply.type, MessageType.HELLO, reply.buffers))
+    welcome = decode_welcome(_body(reply))
     if not hmac.compare_digest(welcome.proof, server_proof(key, hello, welcome.nonce, welcome.identity)):
         raise NotAuthenticated(
             "the server could not prove the shared secret: is it a flexemr server of this cluster?"
@@ -153,30 +192,73 @@ def client_handshake(
             f"the server says it is {welcome.identity}, but the plan expects {expected}: "
             "is it serving this model and this sharding plan (the same cluster spec everywhere)?"
         )
-    send_frame(sock, encode(MessageType.AUTH, 0, [_pack({"proof": client_proof(key, hello, welcome)})]))
-    answer = recv_frame(sock, limits)
+    messages.send(encode(MessageType.AUTH, 0, [_pack({"proof": client_proof(key, hello, welcome)})]))
+    answer = messages.receive(MessageType.AUTH, MessageType.ERROR)
     if answer.type == MessageType.ERROR:
         raise NotAuthenticated(f"the server refused our proof: {error_text(answer)}")
-    if answer.type != MessageType.AUTH:
-        raise ProtocolError(f"expected AUTH, got {answer.type.name}")
     return welcome.identity
 
 
-def server_handshake(sock: socket.socket, identity: Identity, key: bytes, limits: FrameLimits) -> Hello:
-    """Answer a client's HELLO and check its proof; return its Hello. Raises NotAuthenticated
-    (after telling the client) or ProtocolError."""
-    frame = recv_frame(sock, limits)
-    hello = decode_hello(_one(frame.type, MessageType.HELLO, frame.buffers))
-    nonce = new_nonce()
-    welcome = Welcome(identity, nonce, server_proof(key, hello, nonce, identity))
-    send_frame(sock, encode(MessageType.HELLO, 0, [_pack(asdict(welcome))]))
-    frame = recv_frame(sock, limits)
-    proof = _fields(_one(frame.type, MessageType.AUTH, frame.buffers), {"proof"})["proof"]
-    if not (_is_nonce(proof) and hmac.compare_digest(proof, client_proof(key, hello, welcome))):
-        send_frame(sock, error_frame(0, "not authenticated: the client could not prove the shared secret"))
-        raise NotAuthenticated("the client could not prove the shared secret")
-    send_frame(sock, encode(MessageType.AUTH, 0, []))
+def server_handshake(
+    sock: socket.socket,
+    identity: Identity,
+    key: bytes,
+    limits: FrameLimits,
+    deadline: Deadline | None = None,
+) -> Hello:
+    """Answer a client's HELLO and check its proof; return its Hello. A client that breaks the
+    handshake gets one ERROR (as far as the deadline allows), then NotAuthenticated or
+    ProtocolError is raised; HandshakeTimeout past `deadline`, ConnectionClosed if it hangs up."""
+    messages = _Messages(sock, limits, deadline)
+    try:
+        hello = decode_hello(_body(messages.receive(MessageType.HELLO)))
+        nonce = new_nonce()
+        welcome = Welcome(identity, nonce, server_proof(key, hello, nonce, identity))
+        messages.send(encode(MessageType.HELLO, 0, [_pack(asdict(welcome))]))
+        proof = decode_proof(_body(messages.receive(MessageType.AUTH)))
+        if not hmac.compare_digest(proof, client_proof(key, hello, welcome)):
+            raise NotAuthenticated("the client could not prove the shared secret")
+    except NotAuthenticated as exc:
+        messages.refuse(f"not authenticated: {exc}")
+        raise
+    except ProtocolError as exc:
+        messages.refuse(f"malformed handshake: {exc}")
+        raise
+    messages.send(encode(MessageType.AUTH, 0, []))
     return hello
+
+
+class _Messages:
+    """The handshake's messages on one socket: every read and write within the deadline, every
+    message of the expected type and at most MAX_HANDSHAKE_BYTES, both checked from its header."""
+
+    def __init__(self, sock: socket.socket, limits: FrameLimits, deadline: Deadline | None) -> None:
+        self._sock = sock
+        self._deadline = deadline
+        most = min(limits.max_frame_bytes, MAX_HANDSHAKE_BYTES)
+        self._limits = FrameLimits(max_buffers=1, max_frame_bytes=most, max_dim=most)
+
+    def send(self, views: list[memoryview]) -> None:
+        self._arm()
+        send_frame(self._sock, views)
+
+    def receive(self, *expected: MessageType) -> Frame:
+        return read_frame(self._read_into, self._limits, expected)
+
+    def refuse(self, reason: str) -> None:
+        """Tell the peer why, if it still listens; the caller closes the connection."""
+        try:
+            self.send(error_frame(0, reason[:MAX_REASON_CHARS]))
+        except OSError:
+            pass
+
+    def _read_into(self, view: memoryview) -> int:
+        self._arm()
+        return self._sock.recv_into(view)
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.arm(self._sock)
 
 
 # -- encoding -------------------------------------------------------------------------------------------
@@ -186,6 +268,13 @@ def decode_hello(raw: bytes) -> Hello:
     fields = _fields(raw, {"role", "session", "nonce", "conn", "credits"})
     hello: Hello = _build(Hello, fields)
     return hello
+
+
+def decode_proof(raw: bytes) -> str:
+    proof = _fields(raw, {"proof"}).get("proof")
+    if not _is_nonce(proof):
+        raise ProtocolError('an AUTH message is {"proof": 64 hex digits}')
+    return str(proof)
 
 
 def decode_welcome(raw: bytes) -> Welcome:
@@ -208,18 +297,17 @@ def _pack(value: dict[str, Any]) -> np.ndarray:
     return np.frombuffer(json.dumps(value).encode(), dtype=np.uint8)
 
 
-def _one(kind: MessageType, expected: MessageType, buffers: list[np.ndarray]) -> bytes:
-    if kind != expected or len(buffers) != 1 or buffers[0].dtype != np.uint8 or buffers[0].ndim != 1:
-        raise ProtocolError(f"expected {expected.name} with one byte buffer, got {kind.name}")
-    if buffers[0].size > 4096:
-        raise ProtocolError(f"a {expected.name} message is at most 4096 bytes")
+def _body(frame: Frame) -> bytes:
+    buffers = frame.buffers
+    if len(buffers) != 1 or buffers[0].dtype != np.uint8 or buffers[0].ndim != 1:
+        raise ProtocolError(f"a {frame.type.name} message is one byte buffer")
     return buffers[0].tobytes()
 
 
 def _fields(raw: bytes, allowed: set[str]) -> dict[str, Any]:
     try:
         value = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise ProtocolError("a handshake message is a JSON object") from None
     if not isinstance(value, dict) or not set(value) <= allowed:
         raise ProtocolError(f"a handshake message is a JSON object with fields among {sorted(allowed)}")
