@@ -353,6 +353,9 @@ def test_the_history_is_bounded_and_reads_beyond_it_are_stale(tmp_path: Path) ->
         with pytest.raises(StaleVersion):
             versions.image_at(0)  # version 1's overwritten row is forgotten
         assert versions.image_at(1) is not None
+        assert versions.image_at(2) is not None
+        # the merged images kept for lookups count against the bound too (issue #27 item 13)
+        assert sum(image.nbytes for image in versions._images.values()) <= 2 * one_row
     versions.close()
     none = RowVersions(_store(), tmp_path / "log0", max_history_bytes=0)
     none.stage(_staged(1, 1, [0], 1))

@@ -177,7 +177,9 @@ class RowVersions:
         self.readable_from = 0
         """The oldest version a lookup is still answered at."""
         self._images: dict[int, RowImage] = {}
-        """Per read version, the merged history a lookup at it reads (until the next commit)."""
+        """Per read version, the merged history a lookup at it reads (until the next commit); they
+        hold at most max_history_bytes together (beyond, a lookup merges its own)."""
+        self._images_bytes = 0
         self._written = np.zeros(store.num_rows, dtype=bool)
         """The rows written since the checkpoint (what a snapshot holds)."""
         self._max_log_bytes = max_log_bytes
@@ -536,6 +538,7 @@ class RowVersions:
             self._history_bytes -= old.nbytes
             self.readable_from = dropped
         self._images.clear()
+        self._images_bytes = 0
 
     def image_at(self, read: int) -> RowImage | None:
         """What a lookup at version `read` reads in place of the rows written since (None: nothing
@@ -548,7 +551,9 @@ class RowVersions:
         image = self._images.get(read)
         if image is None:
             image = RowImage.earliest([old for v, old in self._history if v > read])
-            self._images[read] = image  # lookups at one version share it (a race only repeats the work)
+            if self._images_bytes + image.nbytes <= self._max_history_bytes:
+                self._images[read] = image  # lookups at one version share it (a race repeats the work)
+                self._images_bytes += image.nbytes
         return image
 
     def _token_of(self, version: int) -> int | None:
