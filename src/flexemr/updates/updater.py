@@ -91,8 +91,9 @@ class Updater:
                 committing = True
                 applied = self._links[0].commit(version, token, written)
             except Stale:
-                self._abort(version, token, staged_on, committing, updates)
-                continue  # another update decided this version first: stage again at the next
+                if not self._abort(version, token, staged_on, committing, updates):
+                    continue  # another update decided this version first: stage again at the next
+                applied = version
             except (ServerUnavailable, LookupFailed) as exc:
                 if not self._abort(version, token, staged_on, committing, updates):
                     raise UpdateFailed(f"update not applied: {exc}") from None
