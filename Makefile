@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast lint docs reference install
+.PHONY: demo test test-fast lint docs reference install system-deps
 
 $(BIN)/flexemr: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,11 +20,26 @@ demo: install
 # worker's tests run while the other's wait on processes and sockets.
 PYTEST := $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
-test: install
+# Debian binaries of a few tests: redis-server (the Redis baselines) and promtool (checks /metrics).
+# As root with apt-get (CI, a fresh container) they are installed; otherwise, or if apt-get fails,
+# those tests skip and say why.
+system-deps:
+	@missing=""; for binary in redis-server promtool; do \
+	  command -v $$binary >/dev/null || missing="$$missing $$binary"; done; \
+	if [ -n "$$missing" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing redis-server and prometheus (promtool) with apt-get"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends redis-server prometheus >/dev/null; } \
+	  || echo "apt-get failed: the tests that need$$missing skip"; \
+	elif [ -n "$$missing" ]; then \
+	  echo "not installed:$$missing (Debian: apt-get install redis-server prometheus); the tests that need them skip"; \
+	fi
+
+test: install system-deps
 	$(PYTEST)
 
 # Leaves out the slow multi-process tests (marked `slow`); CI and `make test` run them all.
-test-fast: install
+test-fast: install system-deps
 	$(PYTEST) -m "not slow"
 
 lint: install

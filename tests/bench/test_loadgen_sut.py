@@ -138,3 +138,13 @@ def test_qps_search_starts_from_known_runs_and_never_loses_a_passing_load(pool_r
     search = find_peak_server_qps(backend, pool, 1, 100, impossible, max_runs=2, known=known)
     assert [r.target_qps for r in search.runs] == [25.0, 20.0]  # bisects between the known loads
     assert search.best_qps == 15.0  # the known passing load, though every new run missed
+
+
+def test_qps_search_can_stop_at_the_first_run_over_the_target(pool_request: SparseBatch) -> None:
+    backend = RecordingBackend()
+    pool = SamplePool.build(pool_request, num_samples=64)
+    impossible = RunSettings(min_duration_s=0.3, min_query_count=10, p99_target_ms=1e-6)  # every p99 over
+    full = find_peak_server_qps(backend, pool, 10, 40, impossible, max_runs=3)
+    assert [r.target_qps for r in full.runs] == [20.0, 10.0]  # halves down to the floor, then stops
+    quick = find_peak_server_qps(backend, pool, 10, 40, impossible, max_runs=3, stop_over_target=True)
+    assert [r.target_qps for r in quick.runs] == [20.0] and quick.best_qps == 0.0

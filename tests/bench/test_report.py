@@ -7,7 +7,7 @@ from pathlib import Path
 
 from flexemr.bench.loadgen_sut import LoadGenResult, loadgen_percentiles_ms, loadgen_verdict
 from flexemr.bench.report import markdown
-from flexemr.bench.suite import SUITES, BenchConfig, SystemResult, lowest_qps
+from flexemr.bench.suite import SUITES, BenchConfig, SystemResult, finishing_qps, lowest_qps
 
 
 def run(
@@ -65,3 +65,4 @@ def test_the_peak_search_never_tries_a_load_too_low_to_finish() -> None:
     assert lowest_qps(quick, 1000.0) == 1000.0 / 16
     assert lowest_qps(quick, 100.0) == floor
     assert lowest_qps(quick, 15.0) == 7.5  # a slow system: half its own rate, the run is cut
+    assert finishing_qps(quick) == floor  # below it: no Server run at all

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from flexemr.model.dlrm import DLRM
 from flexemr.model.spec import ModelSpec
+
+NEEDS_REDIS_SERVER = pytest.mark.skipif(
+    shutil.which("redis-server") is None,
+    reason="needs Debian's redis-server: `make test` installs it when run as root (else: apt-get install "
+    "redis-server)",
+)
+"""For tests of the Redis baselines, which start a throwaway redis-server."""
 
 
 def random_batch(

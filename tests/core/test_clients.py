@@ -125,7 +125,7 @@ def test_metrics_are_counters_or_gauges_by_meaning(cluster: ServeProcess) -> Non
 def test_metrics_pass_promtool(cluster: ServeProcess) -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
-        pytest.skip("promtool is not installed (Debian: apt-get install prometheus); .ci/run installs it")
+        pytest.skip("needs promtool: `make test` installs it as root (else: apt-get install prometheus)")
     with Client(cluster.url) as client:
         client.infer(*random_batch(SPEC, 3, seed=3))
     text = httpx.get(f"{cluster.url}/metrics").text

@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 
 import numpy as np
-import pytest
 
 from flexemr.client import Client
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess
-from tests.core.helpers import random_batch, reference_scores
+from tests.core.helpers import NEEDS_REDIS_SERVER, random_batch, reference_scores
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs Debian's redis-server")
+pytestmark = NEEDS_REDIS_SERVER
 
 
 def test_redis_tier_scores_equal_monolithic(serve: Callable[..., ServeProcess]) -> None:

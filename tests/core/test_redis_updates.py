@@ -26,11 +26,11 @@ from flexemr.engine import IoEngine
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from tests.conftest import ServeProcess
-from tests.core.helpers import freeze, reference_scores
+from tests.core.helpers import NEEDS_REDIS_SERVER, freeze, reference_scores
 from tests.core.test_http import infer_body
 
 # Multi-process (`make test-fast` leaves them out); clusters start slowly on a loaded machine.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), NEEDS_REDIS_SERVER]
 
 SOURCE = ModelSource(preset="tiny", seed=3)
 SPEC = SOURCE.spec()

@@ -16,10 +16,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn
 
-import grpc
 import numpy as np
-from google.protobuf import json_format
-from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from flexemr.api.kserve import (
     OUTPUT,
@@ -30,10 +27,16 @@ from flexemr.api.kserve import (
     model_metadata,
 )
 from flexemr.batch import InvalidRequest
+from flexemr.extras import needs_extra
 from flexemr.ranker.admission import Dropped, Refused
 from flexemr.ranker.model_versions import ModelVersions, UnknownVersion
 from flexemr.ranker.ranker import Ranker
 from flexemr.transport.base import LookupFailed, ServerUnavailable
+
+with needs_extra("grpc"):
+    import grpc
+    from google.protobuf import json_format
+    from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,6 +30,7 @@ from flexemr.api.kserve import (
     model_config,
     model_inputs,
     model_metadata,
+    parse_decimal,
     parse_infer_request,
 )
 from flexemr.api.metrics import RequestMetrics
@@ -62,10 +62,7 @@ def request_timeout(header: str | None, default_s: float) -> float:
     """The request's time budget in seconds: its Flexemr-Timeout-Ms header, or the default."""
     if header is None:
         return default_s
-    try:
-        ms = float(header)
-    except ValueError:
-        ms = math.nan
+    ms = parse_decimal(header, "header Flexemr-Timeout-Ms")
     if not 0 < ms <= MAX_TIMEOUT_MS:
         raise InvalidRequest(
             f"header Flexemr-Timeout-Ms must be milliseconds in (0, {MAX_TIMEOUT_MS}], got {header!r}"
@@ -173,12 +170,15 @@ def create_app(models: ModelVersions, model_name: str) -> FastAPI:
             "limit: parsed JSON numbers take about that many times their text); send binary tensors"
         )
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            return failure(413, "too_large", f"request body of {declared} bytes exceeds {limit}")
         header_length = request.headers.get(HEADER_LENGTH)
-        if header_length is not None and header_length.isdigit() and int(header_length) > json_limit:
-            return failure(413, "too_large", json_error)
         try:
+            if declared is not None and parse_decimal(declared, "header Content-Length") > limit:
+                return failure(413, "too_large", f"request body of {declared} bytes exceeds {limit}")
+            if (
+                header_length is not None
+                and parse_decimal(header_length, "header Inference-Header-Content-Length") > json_limit
+            ):
+                return failure(413, "too_large", json_error)
             timeout_s = request_timeout(request.headers.get(TIMEOUT_HEADER), ranker.config.deadline_s)
             ticket = ranker.admission.arrive(timeout_s)
         except InvalidRequest as exc:

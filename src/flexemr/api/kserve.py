@@ -25,6 +25,18 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "INT64": np.dtype("<i8"),
 }
 HEADER_LENGTH = "inference-header-content-length"
+MAX_DECIMAL_DIGITS = 18
+"""Every number a request states in text fits 18 digits (< 2^63)."""
+
+
+def parse_decimal(text: str, what: str) -> int:
+    """A number a request states in a header or query (a length, a timeout, a sequence): ASCII
+    digits only. `str.isdigit` and `int` also take '²', '٣' or '１' (and `int` then fails on '²')."""
+    if not (text.isascii() and text.isdigit() and len(text) <= MAX_DECIMAL_DIGITS):
+        raise InvalidRequest(
+            f"{what} must be a decimal integer of at most {MAX_DECIMAL_DIGITS} digits, got {text!r}"
+        )
+    return int(text)
 
 
 @dataclass(frozen=True)
@@ -190,10 +202,7 @@ def parse_infer_request(
     tensors are views of the body until converted to native byte order."""
     view = memoryview(body)
     if header_length is not None:
-        try:
-            split = int(header_length)
-        except ValueError:
-            raise InvalidRequest(f"bad Inference-Header-Content-Length {header_length!r}") from None
+        split = parse_decimal(header_length, "header Inference-Header-Content-Length")
         if not 0 < split <= len(view):
             raise InvalidRequest(
                 f"Inference-Header-Content-Length {split} outside the body's {len(view)} bytes"

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from flexemr.api.admin import AdminRefused, check_admin, error_response
 from flexemr.api.bodies import BodyTooLarge, read_body
-from flexemr.api.kserve import HEADER_LENGTH, TensorSpec, parse_infer_request
+from flexemr.api.kserve import HEADER_LENGTH, TensorSpec, parse_decimal, parse_infer_request
 from flexemr.batch import InvalidRequest
 from flexemr.ranker.model_versions import ModelVersions
 from flexemr.updates import RowUpdates
@@ -78,9 +78,7 @@ def idempotency(request: Request) -> tuple[str, int | None]:
     sequence = request.query_params.get("sequence")
     if sequence is None:
         return source, None
-    if not sequence.isdigit() or int(sequence) >= 2**63:
-        raise InvalidRequest(f"query sequence must be an integer in [0, 2^63), got {sequence!r}")
-    return source, int(sequence)
+    return source, parse_decimal(sequence, "query sequence")
 
 
 def update_routes(models: ModelVersions, model_name: str, registry: CollectorRegistry) -> APIRouter:
@@ -97,7 +95,7 @@ def update_routes(models: ModelVersions, model_name: str, registry: CollectorReg
                 raise AdminRefused(404, f"unknown model {name!r}; this server serves {model_name!r}")
             source, sequence = idempotency(request)
             declared = request.headers.get("content-length")
-            if declared is not None and declared.isdigit() and int(declared) > limit:
+            if declared is not None and parse_decimal(declared, "header Content-Length") > limit:
                 raise AdminRefused(413, f"request body of {declared} bytes exceeds {limit}")
             try:
                 body = await read_body(request, limit)

@@ -9,12 +9,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
-
 from flexemr.bench.suite import BASELINES, BenchConfig, Suite, SystemResult, ratios
+from flexemr.extras import needs_extra
+
+with needs_extra("bench"):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
 
 def machine() -> str:
@@ -86,7 +88,15 @@ def markdown(results: list[SystemResult], suite: Suite, config: BenchConfig) -> 
         lines.append(f"| {r.name} | {r.peak_qps:.1f} | " + " | ".join(cells) + f" | {at} |")
     lines += [
         "",
-        "A peak of 0 means no Server run in the search was VALID under the target.",
+        "A peak of 0 means no Server run in the search was VALID under the target; a system with no "
+        f"Server run at all could not reach {suite.server_queries} queries in {suite.server_max_s:g} s "
+        "even at its Offline rate."
+        + (
+            " This suite's search stops at a system's first run with the p99 over the target: its peak "
+            "is the highest VALID load below that run (a lower bound, within 2x)."
+            if suite.stop_over_target
+            else ""
+        ),
         "",
         "## Every LoadGen run",
         "",

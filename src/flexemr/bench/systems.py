@@ -22,6 +22,7 @@ import numpy as np
 from flexemr.batch import SparseBatch
 from flexemr.client import Client
 from flexemr.cluster.child import AnnouncedProcess
+from flexemr.extras import needs_extra
 
 if TYPE_CHECKING:
     from flexemr.bench.loadgen_sut import Transport
@@ -128,8 +129,9 @@ class GrpcClient:
     path a production client takes; `tritonclient.grpc` builds the same message)."""
 
     def __init__(self, address: str, model: str = "dlrm", timeout_s: float = 60.0) -> None:
-        import grpc
-        from tritonclient.grpc import service_pb2, service_pb2_grpc
+        with needs_extra("bench"):
+            import grpc
+            from tritonclient.grpc import service_pb2, service_pb2_grpc
 
         self._pb = service_pb2
         self._channel = grpc.insecure_channel(

@@ -12,12 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from flexemr.cli.options import add_sharding_arguments, add_zipf_skew_argument, sharding_plan
+from flexemr.cli.options import add_sharding_arguments, add_zipf_skew_argument, describe_plan, sharding_plan
 from flexemr.client import Client
 from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.roles import HttpServer, build_ranker
 from flexemr.cluster.spec import ClusterSpec
-from flexemr.config import Endpoint, RankerConfig
+from flexemr.config import Endpoint, RankerConfig, StorageConfig
 from flexemr.model.source import ModelSource
 from flexemr.model.weights import build_monolithic
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     plan = sharding_plan(args, spec.table_rows, spec.dim)
     size_mib = spec.embedding_bytes / 2**20
     print(f"model {args.preset} x{args.row_scale}: {spec.num_tables} tables, {size_mib:.0f} MiB")
-    print(plan.describe())
+    print(describe_plan(plan, spec, StorageConfig()))
     workload = SyntheticWorkload(spec, SyntheticConfig(alpha=args.zipf_skew), seed=1)
     requests = [workload.generate(args.batch) for _ in range(args.requests)]
     monolithic = build_monolithic(source.load())

@@ -13,6 +13,8 @@ import os
 import sys
 from importlib.metadata import version
 
+from flexemr.extras import MissingExtra
+
 COMMANDS: dict[str, str] = {
     "serve": "start a local cluster (embedding servers + ranker) and serve over HTTP",
     "embedding-server": "run one embedding server from a cluster spec file",
@@ -57,14 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"%(prog)s {version('flexemr')}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if a in COMMANDS), None)
-    for name, help_text in COMMANDS.items():
-        sub_parser = sub.add_parser(
-            name, help=help_text, description=help_text, formatter_class=HelpFormatter
-        )
-        if name == chosen:
-            importlib.import_module(_module_name(name)).add_arguments(sub_parser)
-    args = parser.parse_args(argv)
-    code: int = importlib.import_module(_module_name(args.command)).run(args)
+    try:
+        for name, help_text in COMMANDS.items():
+            sub_parser = sub.add_parser(
+                name, help=help_text, description=help_text, formatter_class=HelpFormatter
+            )
+            if name == chosen:
+                importlib.import_module(_module_name(name)).add_arguments(sub_parser)
+        args = parser.parse_args(argv)
+        code: int = importlib.import_module(_module_name(args.command)).run(args)
+    except MissingExtra as exc:  # an optional part that is not installed: say which extra has it
+        print(f"flexemr {chosen}: {exc}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections import Counter
 
 from flexemr.cli.flags import add_flags, given, over
 from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, EngineConfig, RankerConfig, SecurityConfig, StorageConfig
 from flexemr.model.presets import PRESET_NAMES
+from flexemr.model.rows import row_bytes
 from flexemr.model.source import ModelSource
-from flexemr.model.spec import DEFAULT_ZIPF_SKEW
+from flexemr.model.spec import DEFAULT_ZIPF_SKEW, ModelSpec
 from flexemr.sharding.plan import ShardingConfig, ShardingPlan, replicated
 
 
@@ -108,3 +110,14 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         security=over(SecurityConfig(), args),
         storage=over(StorageConfig(), args),
     )
+
+
+def describe_plan(plan: ShardingPlan, model: ModelSpec, storage: StorageConfig | None = None) -> str:
+    """The plan with the bytes each server stores, rows in the model's formats, and where (`storage`:
+    in DRAM or in files the servers memory-map; None: not said)."""
+    counts = Counter(model.formats)
+    formats = next(iter(counts)) if len(counts) == 1 else ", ".join(f"{f} x{n}" for f, n in counts.items())
+    stored = f"rows stored as {formats}"
+    if storage is not None:
+        stored += " in DRAM" if storage.kind == "dram" else f" in mmap files under {storage.directory}"
+    return plan.describe([row_bytes(f, model.dim) for f in model.formats], stored)

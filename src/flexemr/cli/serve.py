@@ -22,7 +22,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
+from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec, describe_plan
 from flexemr.cluster.child import exit_when_stdin_closes
 from flexemr.cluster.local import ClusterStartError, LocalCluster
 from flexemr.cluster.roles import (
@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"flexemr serve: {exc}", file=sys.stderr)
         return 2
-    print(spec.sharding.describe(), flush=True)
+    print(describe_plan(spec.sharding, spec.model.spec(), spec.storage), flush=True)
     if args.ray is not None:
         from flexemr.cluster.ray_cluster import RayOptions, serve_on_ray
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import argparse
 
-from flexemr.cli.options import add_model_arguments, add_sharding_arguments, model_source, sharding_plan
+from flexemr.cli.options import (
+    add_model_arguments,
+    add_sharding_arguments,
+    describe_plan,
+    model_source,
+    sharding_plan,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,5 +22,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     spec = model_source(args).spec()
     plan = sharding_plan(args, spec.table_rows, spec.dim)
-    print(plan.to_json() if args.json else plan.describe())
+    print(plan.to_json() if args.json else describe_plan(plan, spec))
     return 0

@@ -13,7 +13,7 @@ import argparse
 import dataclasses
 import sys
 
-from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
+from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec, describe_plan
 from flexemr.cluster.ray_resources import replica_groups
 from flexemr.config import Endpoint
 from flexemr.sharding.plan import ShardingPlan
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.out:
         spec.save(args.out)
-        print(spec.sharding.describe(), file=sys.stderr)
+        print(describe_plan(spec.sharding, spec.model.spec(), spec.storage), file=sys.stderr)
     else:
         print(spec.to_json())
     return 0

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import signal
 import sys
 import threading
@@ -27,15 +28,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
-from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
 from flexemr.cluster.ray_resources import replica_groups, server_memory
 from flexemr.cluster.roles import HttpServer, build_embedding_server, build_ranker
 from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
 from flexemr.engine import IoEngine
+from flexemr.extras import needs_extra
+
+with needs_extra("ray"):
+    import ray
+    from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,22 @@ class RayOptions:
                 f"need rankers >= 1 and CPUs >= 0, got rankers={self.rankers}, "
                 f"server_cpus={self.server_cpus}, ranker_cpus={self.ranker_cpus}"
             )
+
+
+def fit_cpus(options: RayOptions, servers: int, cpus: float) -> RayOptions:
+    """The CPU requests scaled down, if need be, so that `servers` servers and the rankers all fit
+    on a private Ray of `cpus` CPUs (its CPUs are this machine's cores, which they share as the
+    processes of `flexemr serve` without Ray do); on a 2-core machine, 2 servers and a ranker ask
+    for 0.66 CPU each instead of 1 that would leave the ranker unplaced."""
+    wanted = options.server_cpus * servers + options.ranker_cpus * options.rankers
+    if wanted <= cpus:
+        return options
+    scale = cpus / wanted
+    return dataclasses.replace(
+        options,
+        server_cpus=math.floor(options.server_cpus * scale * 1e4) / 1e4,  # Ray's resolution: 1e-4
+        ranker_cpus=math.floor(options.ranker_cpus * scale * 1e4) / 1e4,
+    )
 
 
 def wants_gpu(device: str) -> bool:
@@ -148,8 +167,13 @@ class RayDeployment:
 
     def start(self, timeout_s: float = 300.0) -> list[str]:
         if not ray.is_initialized():
-            address = None if self.options.address == "local" else self.options.address
-            ray.init(address=address, namespace="flexemr", log_to_driver=False)
+            if self.options.address in (None, "local"):  # a private Ray on this machine, sized to fit
+                # "local": a new Ray even where one runs already (None would join that one)
+                ray.init(address="local", namespace="flexemr", log_to_driver=False, include_dashboard=False)
+                cpus = ray.cluster_resources().get("CPU", 0.0)
+                self.options = fit_cpus(self.options, self.spec.sharding.num_servers, cpus)
+            else:
+                ray.init(address=self.options.address, namespace="flexemr", log_to_driver=False)
         try:
             return self._start(timeout_s)
         except BaseException:
@@ -233,4 +257,5 @@ def serve_on_ray(spec: ClusterSpec, options: RayOptions) -> int:
         stop.wait()
     finally:
         deployment.stop()
+        ray.shutdown()  # a private Ray (`local`) stops with it
     return 0

@@ -7,7 +7,10 @@ import socket
 import subprocess
 import time
 
-import redis
+from flexemr.extras import needs_extra
+
+with needs_extra("redis"):
+    import redis
 
 
 class RedisServer:

@@ -147,10 +147,8 @@ def start_grpc(models: ModelVersions) -> GrpcServer | None:
     ranker = models.ranker
     if ranker.config.grpc_port is None:
         return None
-    try:
-        from flexemr.api.grpc import GrpcServer
-    except ImportError as exc:
-        raise RuntimeError(f"--grpc-port needs the grpc extra: pip install 'flexemr[grpc]' ({exc})") from None
+    from flexemr.api.grpc import GrpcServer  # MissingExtra without the grpc extra
+
     return GrpcServer(models, ranker.config.host, ranker.config.grpc_port)
 
 

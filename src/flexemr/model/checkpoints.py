@@ -17,12 +17,18 @@ per table). TorchRec's interaction lists the pairwise dots of the upper triangle
 (`triu_indices(F + 1, F + 1, offset=1)`), the reference the lower triangle row by row: the same
 dots in another order, so the over arch's first layer has its input columns permuted to match.
 TorchRec's DLRM returns logits; flexemr's top MLP ends in a sigmoid, so it serves the probability.
+
+Files are memory-mapped (rows are read on demand). PyTorch wrote another format before 1.6 (and
+later with `_use_new_zipfile_serialization=False`), what 2019-20 DLRM runs saved: it cannot be
+mapped, so it is read whole into memory, and the log says how much.
 """
 
 from __future__ import annotations
 
+import logging
 import pickle
 import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +53,13 @@ def _allowed_names() -> set[str]:
     return {f"{g.__module__}.{g.__qualname__}" if not isinstance(g, tuple) else g[1] for g in _NUMPY_SAFE}
 
 
+log = logging.getLogger(__name__)
+
+_LEGACY_STARTS = [
+    pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=p) for p in range(2, pickle.HIGHEST_PROTOCOL + 1)
+]
+"""How a file in torch.save's pre-1.6 format begins: its magic number, pickled alone."""
+
 _TORCHREC_TABLE = re.compile(r"^(.*)sparse_arch\.embedding_bag_collection\.embedding_bags\.(.+)\.weight$")
 
 
@@ -58,12 +71,11 @@ def load_checkpoint(path: Path) -> dict[str, Tensor]:
     """The model's tensors under the reference's names (memory-mapped: rows are read on demand)."""
     try:
         with torch.serialization.safe_globals(_NUMPY_SAFE):
-            state = torch.load(path, mmap=True, weights_only=True, map_location="cpu")
-    except pickle.UnpicklingError:
-        unsafe = sorted(set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - _allowed_names())
+            state = _load(path)
+    except pickle.UnpicklingError as exc:
         raise CheckpointError(
-            f"{path} holds objects a safe load does not allow: {', '.join(unsafe)} (only tensors, plain "
-            "containers and numpy scalars are; save the model's state_dict alone to serve it)"
+            f"{path} holds objects a safe load does not allow: {_unsafe_globals(path, exc)} (only tensors, "
+            "plain containers and numpy scalars are; save the model's state_dict alone to serve it)"
         ) from None
     except RuntimeError as exc:  # not a torch.save file at all
         raise CheckpointError(f"{path} is not a torch.save checkpoint: {exc}") from None
@@ -74,6 +86,35 @@ def load_checkpoint(path: Path) -> dict[str, Tensor]:
     if any(_TORCHREC_TABLE.match(k) for k in state):
         return from_torchrec(state)
     return state
+
+
+def _load(path: Path) -> Any:
+    """The file's objects, memory-mapped unless it is in the pre-1.6 format."""
+    if zipfile.is_zipfile(path):
+        return torch.load(path, mmap=True, weights_only=True, map_location="cpu")
+    with open(path, "rb") as f:
+        start = f.read(max(len(h) for h in _LEGACY_STARTS))
+    if not any(start.startswith(h) for h in _LEGACY_STARTS):
+        raise CheckpointError(
+            f"{path} is not a torch.save checkpoint (neither a zip archive nor the older format)"
+        )
+    log.warning(
+        "%s is in torch.save's format from before PyTorch 1.6, which cannot be memory-mapped: reading "
+        "all of it into memory (%.1f MiB); torch.save it again with a recent PyTorch to map it instead",
+        path,
+        Path(path).stat().st_size / 2**20,
+    )
+    return torch.load(path, weights_only=True, map_location="cpu")
+
+
+def _unsafe_globals(path: Path, exc: pickle.UnpicklingError) -> str:
+    """What the file holds that a safe load refuses: all of it from a zip archive's index, else the
+    first, from the unpickler's message."""
+    if zipfile.is_zipfile(path):
+        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - _allowed_names()
+        return ", ".join(sorted(unsafe))
+    first = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+    return first.group(1) if first else str(exc).splitlines()[-1]
 
 
 def from_torchrec(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -89,8 +90,14 @@ class ShardingPlan:
         """Length of a server's local array."""
         return max((s.local_start + s.rows for s in self.shards if s.server == server), default=0)
 
-    def server_bytes(self) -> list[int]:
-        return [self.server_rows(s) * self.dim * 4 for s in range(self.num_servers)]
+    def server_bytes(self, row_bytes: Sequence[int] | None = None) -> list[int]:
+        """Bytes of rows each server stores, a row of table t taking `row_bytes[t]` (default: fp32)."""
+        if row_bytes is None:
+            return [self.server_rows(s) * self.dim * 4 for s in range(self.num_servers)]
+        stored = [0] * self.num_servers
+        for shard in self.shards:
+            stored[shard.server] += shard.rows * row_bytes[shard.table]
+        return stored
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -109,10 +116,14 @@ class ShardingPlan:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
-    def describe(self) -> str:
-        """A human-readable table of the plan, for the CLI."""
-        lines = [f"{self.strategy}-wise plan: {len(self.table_rows)} tables over {self.num_servers} servers"]
-        for server, nbytes in enumerate(self.server_bytes()):
+    def describe(self, row_bytes: Sequence[int] | None = None, stored: str = "") -> str:
+        """A human-readable table of the plan, for the CLI: bytes per server with `row_bytes` (see
+        `server_bytes`), and `stored` (the row formats and where they are kept) on the first line."""
+        lines = [
+            f"{self.strategy}-wise plan: {len(self.table_rows)} tables over {self.num_servers} servers"
+            + (f", {stored}" if stored else "")
+        ]
+        for server, nbytes in enumerate(self.server_bytes(row_bytes)):
             held = [f"t{s.table}[{s.row_start}:{s.row_end}]" for s in self.shards_of(server)]
             listed = ", ".join(held[:6]) + (f", ... ({len(held)} shards)" if len(held) > 6 else "")
             lines.append(f"  server {server}: {nbytes / 2**20:9.1f} MiB  {listed or '(empty)'}")

@@ -12,14 +12,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
-import redis
 import torch
 
+from flexemr.extras import needs_extra
 from flexemr.model import rows as stored_rows
 from flexemr.model.weights import WeightSource, fill_stored
 from flexemr.sharding.plan import ShardingPlan
 from flexemr.stats import counts
 from flexemr.transport.base import LookupFailed, LookupRequest, ServerUnavailable
+
+with needs_extra("redis"):
+    import redis
 
 _LOAD_CHUNK_ROWS = 8192
 _MGET_CHUNK = 4096

@@ -27,11 +27,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import redis
 
+from flexemr.extras import needs_extra
 from flexemr.model.spec import ModelSpec
 from flexemr.updates.metrics import UpdateMetrics
 from flexemr.updates.rows import RowUpdates
+
+with needs_extra("redis"):
+    import redis
 
 log = logging.getLogger(__name__)
 

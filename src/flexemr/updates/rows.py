@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flexemr.extras import needs_extra
 from flexemr.model.spec import ModelSpec
 
 
@@ -84,10 +85,8 @@ def read_updates(path: Path, source: str = "default", sequence: int | None = Non
 
 
 def _read_parquet(path: Path) -> dict[str, np.ndarray]:
-    try:
+    with needs_extra("parquet"):
         import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise ValueError(f"{path}: Parquet needs pyarrow: pip install 'flexemr[parquet]' ({exc})") from None
     columns = pq.read_table(path)
     names = columns.column_names
     arrays = {name: columns.column(name).to_numpy() for name in ("table", "row") if name in names}
