@@ -347,5 +347,23 @@ def test_a_server_that_lost_its_log_is_not_healed_into_a_version(cluster: Cluste
     latest = cluster.updater.apply(_updates(*cluster.rows_on(0, 1), 7))  # catch-up runs for server 3
     assert latest == version + 1  # one version (before: each retry committed one more, up to 16)
     assert cluster.links[3].changes(LATEST).version < version  # it claims no version it lacks
+    # Requests reading its rows are answered by its replica, exactly (item 4: STALE fails over).
+    model = cluster.spec.model.spec()
+    dense, indices, lengths = random_batch(model, 4, 51, max_bag=2)
+    second = np.repeat(
+        [rows // 2 for rows in model.table_rows], lengths.reshape(model.num_tables, -1).sum(axis=1)
+    )
+    indices = indices % second + second  # rows of the second shard only: servers 1 and 3
+    mono = build_monolithic(cluster.spec.model.load())
+    tables, rows = rows_of(model, indices, lengths)
+    held = np.stack([cluster.read(1, t, r) for t, r in zip(tables.tolist(), rows.tolist(), strict=True)])
+    apply_monolithic(mono, RowUpdates(tables, rows, held))  # the rows as the up-to-date replica holds them
+    want = reference_scores(mono, dense, indices, lengths)
+    ranker = build_ranker(cluster.spec)
+    try:
+        for _ in range(8):
+            np.testing.assert_allclose(ranker.score(dense, indices, lengths), want, atol=1e-5)
+    finally:
+        ranker.close()
     for i, (table, row) in enumerate(zip(t1.tolist(), r1.tolist(), strict=True)):
         np.testing.assert_array_equal(cluster.read(1, table, row), update.values[i])  # its replica has them

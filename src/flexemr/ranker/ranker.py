@@ -234,10 +234,10 @@ class Ranker:
     ) -> Iterator[tuple[Subrequest, np.ndarray]]:
         """Send one subrequest per server holding any of `keys` (in bags of `lengths`), each to one
         replica of the rows it needs, all in flight at once; yield each with its answer. A
-        subrequest whose replica fails, is stalled or does not answer in time is sent again, whole,
-        to another replica (its late answer, if any, is never used); the lookup fails only when no
-        replica of some rows is left, or the time (the lookup timeout, or the request's earlier
-        `deadline`) runs out."""
+        subrequest whose replica fails, is stalled, does not answer in time or is behind `version`
+        (STALE) is sent again, whole, to another replica (its late answer, if any, is never used);
+        the lookup fails only when no replica of some rows is left, or the time (the lookup
+        timeout, or the request's earlier `deadline`) runs out."""
         start = time.monotonic()
         limit = start + self.config.request_timeout_s
         deadline = limit if deadline is None else min(limit, deadline)
@@ -271,6 +271,19 @@ class Ranker:
                     reason,
                 )
                 pending.extend(self._send(self._reroute(sub, failed), raw, version))
+                continue
+            except Stale as exc:
+                # A replica behind the read version (down while it was decided, or one that cannot
+                # prove it holds it): another replica may be at it. Ahead of it: the version moves.
+                if version is None or exc.version > version or self.router.replicas == 1:
+                    raise
+                failed.add(sub.server)
+                with self._lock:
+                    self.failovers += 1
+                try:
+                    pending.extend(self._send(self._reroute(sub, failed), raw, version))
+                except NoReplica:
+                    raise exc from None
                 continue
             yield sub, values
 
