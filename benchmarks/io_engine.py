@@ -36,7 +36,7 @@ from flexemr.cluster.local import LocalCluster
 from flexemr.cluster.security import identities
 from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, EngineConfig
-from flexemr.engine import IoEngine
+from flexemr.engine import IoEngine, make_engine
 from flexemr.model.source import ModelSource
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import LookupRequest, LookupTransport
@@ -53,7 +53,7 @@ class Case:
 
 def make_transport(spec: ClusterSpec, case: Case, credits: str = "priority") -> LookupTransport:
     config = EngineConfig(mode=case.mode, io_threads=case.threads, credits=credits, migration=case.migration)  # type: ignore[arg-type]
-    engine = IoEngine(spec.embedding_servers, identities(spec), config)
+    engine = make_engine(spec.embedding_servers, identities(spec), config)
     engine.start(timeout=30)
     return engine
 

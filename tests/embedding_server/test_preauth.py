@@ -182,9 +182,7 @@ class Dribbler:
         self._thread.join(30)
 
 
-def test_a_ranker_gets_in_and_scores_exactly_past_1000_unauthenticated_connections(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_ranker_gets_in_and_scores_exactly_past_1000_unauthenticated_connections(tmp_path: Path) -> None:
     raise_open_files(4096)
     # A deadline longer than the test: only the handshake slots can let the ranker in.
     with secret_server(tmp_path, handshake_timeout_s=600.0) as server, ExitStack() as flood:
@@ -198,8 +196,7 @@ def test_a_ranker_gets_in_and_scores_exactly_past_1000_unauthenticated_connectio
         dribbler = Dribbler(dribbling)
         flood.callback(dribbler.stop)
 
-        monkeypatch.setenv("FLEXEMR_SECRET", SECRET)
-        ranker = build_ranker(server.spec, connect_timeout_s=60)
+        ranker = build_ranker(server.spec, connect_timeout_s=60)  # FLEXEMR_SECRET: set by secret_server
         try:
             model = build_monolithic(server.spec.model.load())
             for seed in range(3):

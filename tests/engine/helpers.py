@@ -23,7 +23,7 @@ from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, EngineConfig, NodeLimits
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
-from flexemr.engine import IoEngine
+from flexemr.engine import IoEngine, make_engine
 from flexemr.model.source import ModelSource
 from flexemr.protocol.frames import Flags, FrameLimits, MessageType, encode
 from flexemr.protocol.handshake import Hello, client_handshake, new_nonce
@@ -45,7 +45,7 @@ class Servers:
         """An engine with a lenient heartbeat: these servers answer pings from this process, under
         its GIL, so a burst on a busy machine delays them past the default 1 s and fails healthy
         servers. The heartbeat is tested with server processes (`test_server_limits`)."""
-        engine = IoEngine(
+        engine = make_engine(
             self.endpoints,
             [s.identity for s in self.servers],
             EngineConfig(**config),  # type: ignore[arg-type]

@@ -35,12 +35,27 @@ def doomed_cluster() -> Iterator[tuple[LocalCluster, ClusterSpec]]:
     yield from started_cluster()
 
 
-@pytest.mark.parametrize("mode", ["mapped", "shared"])
+@pytest.mark.parametrize(
+    ("engine", "lookup"),
+    [
+        pytest.param({"mode": "mapped"}, "partial", id="flexemr"),
+        pytest.param({"mode": "shared"}, "partial", id="no-mapped"),
+        pytest.param({"mode": "single", "io_threads": 1}, "raw", id="naive"),
+        pytest.param({"mode": "mapped", "credits": "off"}, "partial", id="no-credits"),
+        pytest.param({"mode": "mapped", "credits": "piggyback", "migration": False}, "raw", id="piggyback"),
+    ],
+)
 def test_ranker_on_the_engine_scores_like_the_monolith(
-    cluster: tuple[LocalCluster, ClusterSpec], mode: str
+    cluster: tuple[LocalCluster, ClusterSpec], engine: dict[str, object], lookup: str
 ) -> None:
+    """The engine configurations of the benchmark's systems (`bench.systems`), end to end."""
     _, spec = cluster
-    spec = dataclasses.replace(spec, engine=EngineConfig(mode=mode, io_threads=2))  # type: ignore[arg-type]
+    spec = dataclasses.replace(
+        spec,
+        engine=EngineConfig(**{"io_threads": 2, **engine}),  # type: ignore[arg-type]
+        ranker=dataclasses.replace(spec.ranker, lookup=lookup),  # type: ignore[arg-type]
+    )
+    mode = engine["mode"]
     ranker = build_ranker(spec, connect_timeout_s=30)
     try:
         assert isinstance(ranker.transport, IoEngine)

@@ -1,11 +1,17 @@
-"""Credit-based flow control: the ledger alone, and servers that never outrun their credits."""
+"""Credit-based flow control: the ledger alone, servers that never outrun their credits, and the
+control channel's reading of the server's answers."""
 
 from __future__ import annotations
+
+import socket
+import time
 
 import numpy as np
 import pytest
 
-from flexemr.engine.credits import CreditLedger
+from flexemr.engine.credits import ControlChannel, CreditLedger
+from flexemr.engine.health import ServerHealth
+from flexemr.protocol.frames import FrameLimits, MessageType, encode, error_frame, recv_frame, send_frame
 from tests.engine.helpers import random_request, reference, thread_servers
 
 
@@ -82,3 +88,22 @@ def test_server_gate_holds_answers_without_credit() -> None:
     thread.join(5)
     assert gate.sent == 1 and gate.granted == 1 and gate.waits == 1
     gate.close()
+
+
+def test_the_control_channel_fails_with_the_servers_reason_when_it_answers_an_error() -> None:
+    ours, server = socket.socketpair()
+    health = ServerHealth(timeout_s=60)
+    channel = ControlChannel(4, ours, FrameLimits(), health, interval_s=0.05)
+    try:
+        ping = recv_frame(server, FrameLimits())
+        assert ping.type == MessageType.PING
+        send_frame(server, encode(MessageType.PONG, ping.request_id, []))
+        send_frame(server, error_frame(ping.request_id + 1, "embedding server 4: no heartbeat for you"))
+        deadline = time.monotonic() + 30
+        while channel.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not channel.alive
+        assert channel.error == "control connection failed: embedding server 4: no heartbeat for you"
+    finally:
+        channel.close()
+        server.close()

@@ -11,7 +11,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flexemr.engine import IoEngine
+from flexemr.config import EngineConfig
+from flexemr.engine import IoEngine, SharedIoEngine, make_engine
 from flexemr.engine.connection import OwnershipError
 from flexemr.transport.base import LookupFailed, LookupRequest
 from tests.engine.helpers import Servers, random_request, reference, thread_servers
@@ -56,6 +57,7 @@ def test_every_mode_answers_exactly(servers: Servers, mode: str, credits: str) -
         assert sum(t["subrequests"] for t in stats["threads"]) == 600
         assert sum(c["responses"] for c in stats["connections"]) == 600
         assert len(stats["threads"]) == (1 if mode == "single" else 3)
+        assert type(engine) is (SharedIoEngine if mode == "shared" else IoEngine)
         assert all(c["in_flight"] == 0 for c in stats["connections"])
         assert sum(s["bytes_received"] for s in stats["servers"]) > 0
     finally:
@@ -156,6 +158,20 @@ def test_policy_migrates_under_skew(servers: Servers) -> None:
         assert owners[0] != owners[1], "server 0's two connections end up on different threads"
     finally:
         engine.close()
+
+
+def test_each_engine_class_runs_only_its_own_modes(servers: Servers) -> None:
+    identities = [s.identity for s in servers.servers]
+    with pytest.raises(ValueError, match="IoEngine runs modes \\('mapped', 'single'\\), not 'shared'"):
+        IoEngine(servers.endpoints, identities, EngineConfig(mode="shared"))
+    with pytest.raises(ValueError, match="SharedIoEngine runs modes \\('shared',\\), not 'mapped'"):
+        SharedIoEngine(servers.endpoints, identities, EngineConfig(mode="mapped"))
+    baseline = make_engine(servers.endpoints, identities, EngineConfig(mode="shared"))
+    try:
+        with pytest.raises(ValueError, match="migrate in mapped mode only"):
+            baseline.migrate(0, 1)
+    finally:
+        baseline.close()
 
 
 def test_ownership_debug_catches_a_foreign_thread(servers: Servers) -> None:

@@ -23,7 +23,8 @@ from flexemr.cluster.security import identities
 from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import EngineConfig, NodeLimits
 from flexemr.embedding_server.store import ShardStore
-from flexemr.engine import IoEngine
+from flexemr.engine import IoEngine, make_engine
+from flexemr.engine.work import Lookup
 from flexemr.transport.base import ServerUnavailable
 from tests.core.helpers import freeze
 from tests.engine.helpers import dial, random_request, reference, server_process, thread_servers, tiny_spec
@@ -31,7 +32,7 @@ from tests.engine.test_node_security import wait_for
 
 
 def engine_for(spec: ClusterSpec, **config: object) -> IoEngine:
-    engine = IoEngine(
+    engine = make_engine(
         spec.embedding_servers,
         identities(spec),
         EngineConfig(**config),  # type: ignore[arg-type]
@@ -149,7 +150,7 @@ def test_a_dead_io_thread_fails_loudly_and_the_engine_is_not_ready() -> None:
         engine = servers.engine(mode="single")
         try:
             conn = engine._by_server[0][0]
-            engine._threads[0].post(("lookup", conn, None, None))  # crashes the thread
+            engine._threads[0].post(Lookup(conn, None, None))  # type: ignore[arg-type]  # crashes the thread
             assert wait_for(lambda: engine.connected() == [False])
             request = random_request(np.random.default_rng(0), servers.stores[0].num_rows)
             with pytest.raises(ServerUnavailable, match="I/O thread 0 died"):

@@ -110,10 +110,10 @@ def build_ranker(
             params + cache.fixed_bytes, "the ranker (dense model and --cache)", "lower --cache fixed:BYTES"
         )
     if transport is None:
-        from flexemr.engine import IoEngine
+        from flexemr.engine import make_engine
         from flexemr.engine.link import links
 
-        engine = IoEngine(
+        engine = make_engine(
             spec.embedding_servers,
             identities(spec),
             spec.engine,

@@ -44,6 +44,7 @@ from flexemr.embedding_server.store import BadSubrequest, RowImage, ShardStore
 from flexemr.embedding_server.versions import RowVersions, StaleVersion
 from flexemr.logs import RateLimitedWarnings
 from flexemr.protocol.frames import (
+    MAX_QUEUED_RESPONSES,
     ConnectionClosed,
     Flags,
     Frame,
@@ -67,9 +68,6 @@ from flexemr.protocol.updates import BadUpdate, StagedRows, int64s, parse_commit
 
 log = logging.getLogger(__name__)
 log.addFilter(RateLimitedWarnings())  # peers can cause refusals in a loop
-
-MAX_QUEUED_RESPONSES = 256
-"""Answers a credited connection holds back for want of credits before it stops reading."""
 
 
 class CreditGate:

@@ -7,14 +7,13 @@ reads the header, then the descriptors, then each buffer straight into an array 
 (after the limits are checked), across as many readable events as it takes. Answers are matched to
 their futures by request id, so any number of subrequests can be in flight.
 
-Ownership: in `mapped` and `single` modes only the owning thread calls these methods, so there is
-no lock. With `debug` on, every socket operation checks that the calling thread is the owner.
-In `shared` mode the caller holds `lock` around each call instead.
+Ownership: only the owning thread calls these methods, so there is no lock. With `debug` on, every
+socket operation checks that the calling thread is the owner. (The `shared` baseline,
+`shared.SharedIoEngine`, calls them from any thread, under a lock of its own per connection.)
 """
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import ssl
 import threading
@@ -27,24 +26,24 @@ from typing import Any
 import numpy as np
 
 from flexemr.config import Endpoint
-from flexemr.embedding_server.server import MAX_QUEUED_RESPONSES
 from flexemr.engine.credits import CreditLedger
 from flexemr.engine.stats import ConnectionStats
+from flexemr.protocol.answers import Stale, SubrequestRefused, answer_or_raise
 from flexemr.protocol.frames import (
     DESCRIPTOR,
     HEADER,
+    MAX_QUEUED_RESPONSES,
     Flags,
     Frame,
     FrameLimits,
     MessageType,
     ProtocolError,
     encode,
-    error_text,
     parse_descriptors,
     parse_header,
 )
 from flexemr.stats import Count
-from flexemr.transport.base import LookupRequest, ServerUnavailable, Stale, SubrequestRefused
+from flexemr.transport.base import LookupRequest, ServerUnavailable
 
 WOULD_BLOCK = (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
@@ -74,7 +73,6 @@ class Connection:
         limits: FrameLimits,
         credits: CreditLedger | None,
         piggyback: bool,
-        shared: bool,
         debug: bool,
     ) -> None:
         self.cid = cid
@@ -84,12 +82,9 @@ class Connection:
         self.limits = limits
         self.credits = credits
         self.piggyback = piggyback
-        self.lock: contextlib.AbstractContextManager[Any] = (
-            threading.Lock() if shared else contextlib.nullcontext()
-        )
         self.debug = debug
         self.owner = 0
-        """Index of the I/O thread that owns this connection (mapped/single modes)."""
+        """Index of the I/O thread that owns this connection."""
         self.owner_ident: int | None = None
         """Thread id of the owner, set when it adopts the connection; checked in debug mode."""
         self.sock: socket.socket | None = None
@@ -290,27 +285,30 @@ class Connection:
         self.stats.responses += 1
         if self.credits is not None:
             self.credits.on_response()
-        if entry.future.cancelled():
-            pass
-        elif frame.type == MessageType.ERROR:
-            self.stats.failures += 1
-            entry.future.set_exception(SubrequestRefused(error_text(frame)))
-        elif frame.type == MessageType.STALE and len(frame.buffers) == 1 and frame.buffers[0].shape == (1,):
-            entry.future.set_exception(Stale(self.server, int(frame.buffers[0][0])))
-        elif frame.type != MessageType.RESULT or len(frame.buffers) != 1:
-            self.stats.failures += 1
-            entry.future.set_exception(SubrequestRefused(f"unexpected {frame.type.name} frame"))
-        elif frame.buffers[0].shape != entry.shape or frame.buffers[0].dtype != np.float32:
-            self.stats.failures += 1
-            entry.future.set_exception(
-                SubrequestRefused(f"result of shape {frame.buffers[0].shape}, expected {entry.shape}")
-            )
-        else:
-            entry.future.set_result(frame.buffers[0])
+        if not entry.future.cancelled():
+            try:
+                values = self._values(answer_or_raise(frame, MessageType.RESULT, self.server), entry)
+            except Stale as exc:  # not a failure: the server is at another version than asked
+                entry.future.set_exception(exc)
+            except SubrequestRefused as exc:
+                self.stats.failures += 1
+                entry.future.set_exception(exc)
+            else:
+                entry.future.set_result(values)
         if self.credits is not None:
             self.credits.on_delivered()
         if self.backlog:
             self._frame_lookup(*self.backlog.popleft())
+
+    def _values(self, frame: Frame, entry: Pending) -> np.ndarray:
+        """The values of a RESULT, checked to be the float32 array of the shape the lookup asked for."""
+        values = frame.buffers[0] if len(frame.buffers) == 1 else None
+        if values is None or values.shape != entry.shape or values.dtype != np.float32:
+            found = "no single array" if values is None else f"{values.dtype} {values.shape}"
+            raise SubrequestRefused(
+                f"embedding server {self.server}: a result of {found}, expected float32 {entry.shape}"
+            )
+        return values
 
     def snapshot(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from flexemr.engine.health import ServerHealth
+from flexemr.protocol.answers import LookupFailed, answer_or_raise
 from flexemr.protocol.frames import (
     Flags,
     FrameLimits,
@@ -168,7 +169,7 @@ class ControlChannel:
                     else:
                         self._send_grants(item)
                 self._read_answers()
-        except (OSError, ValueError, ProtocolError) as exc:
+        except (OSError, ValueError, ProtocolError, LookupFailed) as exc:
             self.error = f"control connection failed: {exc}"
             log.warning("control channel to embedding server %d failed: %s", self.server, exc)
         finally:
@@ -198,9 +199,7 @@ class ControlChannel:
         """Read the PONGs that have arrived (whole frames: the server writes each at once)."""
         pending = isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()
         while pending or select.select([self._sock], [], [], 0)[0]:
-            frame = recv_frame(self._sock, self._limits)
-            if frame.type != MessageType.PONG:
-                raise ProtocolError(f"expected PONG on the control connection, got {frame.type.name}")
+            frame = answer_or_raise(recv_frame(self._sock, self._limits), MessageType.PONG, self.server)
             if self.health.answered():
                 log.info("embedding server %d answers heartbeats again", self.server)
             future = self._stats.pop(frame.request_id, None)

@@ -5,7 +5,9 @@ Modes (`EngineConfig.mode`):
   inbox of the thread that owns the connection chosen for it (round robin over the server's
   connections), and nothing on the send/receive path takes a lock;
 - `single`: `mapped` with one I/O thread;
-- `shared`: the naive baseline: every thread serves every connection, under a per-connection lock.
+- `shared`: the naive baseline, its own class (`shared.SharedIoEngine`, a subclass that replaces
+  the few places where threads meet connections): every thread serves every connection, under a
+  per-connection lock. `make_engine` builds the class the mode names.
 
 Every connection opens with the handshake (`dial.py`, `protocol.handshake`): both ends prove the
 cluster's secret and the server proves it holds the shards the plan gives it. Around the threads: a
@@ -30,13 +32,14 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.config import Endpoint, EngineConfig, NodeLimits
+from flexemr.config import Endpoint, EngineConfig, EngineMode, NodeLimits
 from flexemr.engine.connection import Connection
 from flexemr.engine.credits import ControlChannel, CreditLedger
 from flexemr.engine.dial import Dialer
 from flexemr.engine.health import ServerHealth
-from flexemr.engine.io_thread import IoThread
+from flexemr.engine.io_thread import GrantSink, IoThread
 from flexemr.engine.migration import MigrationPolicy
+from flexemr.engine.work import Attach, Fail, Release
 from flexemr.protocol.frames import FrameLimits, ProtocolError
 from flexemr.protocol.handshake import Identity
 from flexemr.stats import Count
@@ -46,7 +49,10 @@ log = logging.getLogger(__name__)
 
 
 class IoEngine:
-    """`LookupTransport` over several pipelined connections per server, served by I/O threads."""
+    """`LookupTransport` over several pipelined connections per server, each owned by one I/O thread."""
+
+    modes: tuple[EngineMode, ...] = ("mapped", "single")
+    """The `EngineConfig.mode`s this class runs."""
 
     def __init__(
         self,
@@ -59,6 +65,10 @@ class IoEngine:
         tls: ssl.SSLContext | None = None,
     ) -> None:
         self.config = config = config or EngineConfig()
+        if config.mode not in self.modes:
+            raise ValueError(
+                f"{type(self).__name__} runs modes {self.modes}, not {config.mode!r} (use make_engine)"
+            )
         self.endpoints = endpoints
         self.identities = identities
         """What each server must prove it holds (`cluster.security.identities`)."""
@@ -70,11 +80,6 @@ class IoEngine:
         """Per server, what the heartbeat says: readiness reads it, and so may a router."""
         threads = 1 if config.mode == "single" else config.io_threads
         per_server = config.connections_per_server or max(2, math.ceil(threads / len(endpoints)))
-        shared = config.mode == "shared"
-        self._threads: list[IoThread] = []
-        grant = self._grant if config.credits == "priority" else None
-        keepalive = node_limits.idle_timeout_s / 3
-        self._threads.extend(IoThread(i, self._threads, shared, grant, keepalive) for i in range(threads))
         self._connections: list[Connection] = []
         self._by_server: list[list[Connection]] = []
         for server, endpoint in enumerate(endpoints):
@@ -84,15 +89,16 @@ class IoEngine:
                 ledger = CreditLedger(config.credit_capacity) if config.credits != "off" else None
                 conn = Connection(
                     cid, server, endpoint, dim, self.limits, ledger,
-                    piggyback=config.credits == "piggyback", shared=shared, debug=config.debug_ownership,
+                    piggyback=config.credits == "piggyback", debug=config.debug_ownership,
                 )  # fmt: skip
                 conn.owner = cid % threads
                 conns.append(conn)
                 self._connections.append(conn)
             self._by_server.append(conns)
+        grant = self._grant if config.credits == "priority" else None
+        self._threads = self._make_threads(threads, grant, keepalive_s=node_limits.idle_timeout_s / 3)
         self._control: list[ControlChannel | None] = [None] * len(endpoints)
         self._round_robin = [itertools.count() for _ in endpoints]
-        self._thread_round_robin = itertools.count()
         self.policy: MigrationPolicy | None = None
         if config.migration and config.mode == "mapped" and threads > 1:
             self.policy = MigrationPolicy(
@@ -115,6 +121,27 @@ class IoEngine:
             target=self._reconnect_loop, daemon=True, name="flexemr-io-reconnect"
         )
         self._started = False
+
+    # -- where threads meet connections (what the `shared` baseline replaces) ------------------------
+
+    def _make_threads(self, count: int, grant: GrantSink | None, keepalive_s: float) -> list[IoThread]:
+        threads: list[IoThread] = []
+        threads.extend(IoThread(i, threads, grant, keepalive_s) for i in range(count))
+        return threads
+
+    def _serve_from_start(self, conn: Connection) -> None:
+        """Before the threads start: `conn` goes to its owner."""
+        owner = self._threads[conn.owner]
+        owner.owned.add(conn)
+        owner._register(conn)
+
+    def _sender(self, conn: Connection) -> IoThread:
+        """The thread that sends a subrequest on `conn`: its owner."""
+        return self._threads[conn.owner]
+
+    def _owner(self, conn: Connection) -> IoThread:
+        """The thread that closes `conn` or installs a fresh socket on it: its owner."""
+        return self._threads[conn.owner]
 
     # -- start and stop ---------------------------------------------------------------------------------
 
@@ -159,13 +186,7 @@ class IoEngine:
             self.close()
             raise
         for conn in self._connections:
-            if self.config.mode == "shared":
-                for thread in self._threads:
-                    thread._register(conn)
-            else:
-                owner = self._threads[conn.owner]
-                owner.owned.add(conn)
-                owner._register(conn)
+            self._serve_from_start(conn)
         for thread in self._threads:
             thread.thread.start()
         self._supervisor.start()
@@ -219,11 +240,7 @@ class IoEngine:
             )
             return future
         future.add_done_callback(self._finished)
-        if self.config.mode == "shared":
-            thread = self._threads[next(self._thread_round_robin) % len(self._threads)]
-        else:
-            thread = self._threads[conn.owner]
-        thread.submit(conn, request, future)
+        self._sender(conn).submit(conn, request, future)
         return future
 
     def _finished(self, future: Future[np.ndarray]) -> None:
@@ -301,7 +318,7 @@ class IoEngine:
         if not 0 <= target < len(self._threads):
             raise ValueError(f"no I/O thread {target} (0..{len(self._threads) - 1})")
         conn = self._connections[connection]
-        self._threads[conn.owner].post(("release", conn, target))
+        self._threads[conn.owner].post(Release(conn, target))
         self.migrations += 1
 
     def set_endpoint(self, server: int, endpoint: Endpoint) -> None:
@@ -336,8 +353,7 @@ class IoEngine:
         """Fail every subrequest in flight to `server` now (its owners close the connections)."""
         log.warning("embedding server %d at %s is not ready: %s", server, self.endpoints[server], reason)
         for conn in self._by_server[server]:
-            owner = 0 if self.config.mode == "shared" else conn.owner
-            self._threads[owner].post(("fail", conn, reason))
+            self._owner(conn).post(Fail(conn, reason))
 
     def _check_threads(self) -> None:
         """An I/O thread that died leaves its connections unserved: fail them and everything queued
@@ -380,8 +396,7 @@ class IoEngine:
                 conn.last_error = str(exc)
                 continue
             log.info("reconnected connection %d to embedding server %d", conn.cid, conn.server)
-            owner = 0 if self.config.mode == "shared" else conn.owner
-            self._threads[owner].post(("attach", conn, sock))
+            self._owner(conn).post(Attach(conn, sock))
 
     def _refused(self, server: int, exc: ConfigMismatch) -> None:
         """A peer at a server's address failed the handshake: never used; logged once per reason."""

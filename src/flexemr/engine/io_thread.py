@@ -1,18 +1,12 @@
 """One I/O thread: a selectors event loop over the non-blocking connections it owns.
 
-Other threads never touch its connections: they post work items to its inbox (a deque) and wake
-it through a socketpair (one byte, only when it may be asleep). Work items:
-    ("lookup", conn, request, future)   send a subrequest on conn
-    ("release", conn, target)           hand conn over to thread `target` (live migration)
-    ("adopt", conn)                     start serving conn (after a release, or at start)
-    ("attach", conn, sock)              install a fresh socket on conn (reconnect)
-    ("fail", conn, reason)              close conn, failing its subrequests (its server stalled)
-    ("stop",)
-An item for a connection this thread no longer owns is forwarded to the current owner, so a
-subrequest posted while its connection was changing hands is sent exactly once, by the new owner.
+Other threads never touch its connections: they post work items (`work.py`: `Lookup`, `Release`,
+`Adopt`, `Attach`, `Fail`, `Stop`) to its inbox (a deque) and wake it through a socketpair (one
+byte, only when it may be asleep). An item for a connection this thread no longer owns is forwarded
+to the current owner, so a subrequest posted while its connection was changing hands is sent
+exactly once, by the new owner.
 
-In `shared` mode (the naive baseline) every thread watches every connection and takes the
-connection's lock around each operation instead; ownership is not used.
+The `shared` baseline's threads (`shared.SharedIoThread`) run the same loop without ownership.
 """
 
 from __future__ import annotations
@@ -23,14 +17,14 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
-from typing import Any
 
 import numpy as np
 
 from flexemr.engine.connection import Connection
 from flexemr.engine.stats import ThreadStats
+from flexemr.engine.work import Adopt, Attach, Fail, Lookup, Release, Stop, WorkItem
 from flexemr.protocol.frames import ProtocolError
 from flexemr.transport.base import LookupRequest, ServerUnavailable
 
@@ -45,18 +39,16 @@ class IoThread:
         self,
         index: int,
         threads: Sequence[IoThread],
-        shared: bool,
         grant: GrantSink | None,
         keepalive_s: float = 100.0,
     ) -> None:
         self.index = index
         self.threads = threads
         """All the engine's threads, to forward work to the owner of a connection."""
-        self.shared = shared
         self.grant = grant
         self.stats = ThreadStats()
         self.owned: set[Connection] = set()
-        self._inbox: deque[tuple[Any, ...]] = deque()
+        self._inbox: deque[WorkItem] = deque()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
@@ -74,7 +66,7 @@ class IoThread:
     def queue_depth(self) -> int:
         return len(self._inbox)
 
-    def post(self, item: tuple[Any, ...]) -> None:
+    def post(self, item: WorkItem) -> None:
         self._inbox.append(item)
         if not self._wake_pending:
             self._wake_pending = True
@@ -84,7 +76,7 @@ class IoThread:
                 pass
 
     def submit(self, conn: Connection, request: LookupRequest, future: Future[np.ndarray]) -> None:
-        self.post(("lookup", conn, request, future))
+        self.post(Lookup(conn, request, future))
 
     # -- the loop -------------------------------------------------------------------------------------
 
@@ -123,59 +115,57 @@ class IoThread:
         except BlockingIOError:
             pass
 
-    def _handle(self, item: tuple[Any, ...]) -> None:
-        kind = item[0]
-        if kind == "stop":
+    def _handle(self, item: WorkItem) -> None:
+        if isinstance(item, Stop):
             self._running = False
             return
-        conn: Connection = item[1]
-        if not self.shared and conn not in self.owned:
-            if conn.owner != self.index:
+        conn = item.conn
+        if conn not in self.owned:
+            if conn.owner != self.index:  # it changed hands: its new owner carries the item out
                 self.stats.forwarded += 1
                 self.threads[conn.owner].post(item)
                 return
             self._adopt(conn)
-        if kind == "lookup":
-            self._send_lookup(conn, item[2], item[3])
-        elif kind == "release":
-            self._release(conn, item[2])
-        elif kind == "attach":
-            with conn.lock:
-                conn.attach(item[2])
-            if self.shared:
-                for thread in self.threads:
-                    thread.post(("watch", conn))
-            else:
+        match item:
+            case Lookup(_, request, future):
+                self._send_lookup(conn, request, future)
+            case Release(_, target):
+                self._release(conn, target)
+            case Attach(_, sock):
+                conn.attach(sock)
                 self._register(conn)
-        elif kind == "fail":
-            with conn.lock:
+            case Fail(_, reason):
                 if conn.alive:
-                    self._fail(conn, item[2])
-        elif kind == "watch":
-            self._register(conn)
-        elif kind == "unwatch":
-            self._unregister(conn)
+                    self._fail(conn, reason)
+            case Adopt():
+                pass  # adopted above
+            case _:
+                raise AssertionError(f"I/O thread {self.index} cannot carry out {item!r}")
 
     def _send_lookup(self, conn: Connection, request: LookupRequest, future: Future[np.ndarray]) -> None:
-        with conn.lock:
-            if not conn.alive:
-                future.set_exception(ServerUnavailable(conn.server, str(conn.endpoint), conn.last_error))
-                return
-            conn.queue_lookup(request, future)
-            self.stats.subrequests += 1
-            self._touched.add(conn)
+        if not conn.alive:
+            future.set_exception(ServerUnavailable(conn.server, str(conn.endpoint), conn.last_error))
+            return
+        conn.queue_lookup(request, future)
+        self.stats.subrequests += 1
+        self._touched.add(conn)
 
     def _keepalive(self) -> None:
         now = time.monotonic()
         if now < self._next_keepalive:
             return
         self._next_keepalive = now + self._keepalive_s / 4
-        watched = [k.data for k in self._selector.get_map().values() if k.data is not None]
-        for conn in self.owned if not self.shared else watched:
-            with conn.lock:
-                if conn.alive and now - conn.last_sent > self._keepalive_s:
-                    conn.queue_ping()
-                    self._touched.add(conn)
+        for conn in self._served():
+            self._ping_if_idle(conn, now)
+
+    def _served(self) -> Iterable[Connection]:
+        """The connections this thread serves: those it owns."""
+        return self.owned
+
+    def _ping_if_idle(self, conn: Connection, now: float) -> None:
+        if conn.alive and now - conn.last_sent > self._keepalive_s:
+            conn.queue_ping()
+            self._touched.add(conn)
 
     def fail_all(self, reason: str) -> None:
         """This thread died: fail its connections and the work queued for it (from another thread,
@@ -185,51 +175,53 @@ class IoThread:
             conn.fail(reason)
         while self._inbox:
             item = self._inbox.popleft()
-            if item[0] == "lookup" and not item[3].done():
-                item[3].set_exception(ServerUnavailable(item[1].server, str(item[1].endpoint), reason))
+            if isinstance(item, Lookup) and not item.future.done():
+                conn = item.conn
+                item.future.set_exception(ServerUnavailable(conn.server, str(conn.endpoint), reason))
 
     def _on_ready(self, conn: Connection, mask: int) -> None:
-        with conn.lock:
-            if not conn.alive:
-                return
-            try:
-                if mask & selectors.EVENT_READ:
-                    before = conn.stats.bytes_received
-                    self.stats.responses += conn.read()
-                    self.stats.bytes_received += conn.stats.bytes_received - before
-                if mask & selectors.EVENT_WRITE:
-                    self.stats.bytes_sent += conn.flush()
-            except ProtocolError as exc:
-                log.error("embedding server %d: malformed frame: %s", conn.server, exc)
-                self._fail(conn, f"malformed frame from server: {exc}")
-                return
-            except OSError as exc:
-                self._fail(conn, f"connection lost: {exc}")
-                return
-            self._touched.add(conn)
+        if not conn.alive:
+            return
+        try:
+            if mask & selectors.EVENT_READ:
+                before = conn.stats.bytes_received
+                self.stats.responses += conn.read()
+                self.stats.bytes_received += conn.stats.bytes_received - before
+            if mask & selectors.EVENT_WRITE:
+                self.stats.bytes_sent += conn.flush()
+        except ProtocolError as exc:
+            log.error("embedding server %d: malformed frame: %s", conn.server, exc)
+            self._fail(conn, f"malformed frame from server: {exc}")
+            return
+        except OSError as exc:
+            self._fail(conn, f"connection lost: {exc}")
+            return
+        self._touched.add(conn)
 
     def _settle(self) -> None:
         """After a round of events: send due credits, flush, and watch for writability as needed."""
         touched, self._touched = self._touched, set()
         for conn in touched:
-            with conn.lock:
-                if not conn.alive or (not self.shared and conn.owner != self.index):
-                    continue
-                if conn.credits is not None:
-                    waits = conn.credits.waits
-                    due = conn.credits.due(len(conn.pending))
-                    self.stats.credit_waits += conn.credits.waits - waits
-                    if due and conn.piggyback:
-                        conn.queue_credit(due)
-                    elif due and self.grant is not None:
-                        self.grant(conn, due)
-                try:
-                    if conn.wants_write:
-                        self.stats.bytes_sent += conn.flush()
-                except OSError as exc:
-                    self._fail(conn, f"send failed: {exc}")
-                    continue
-                self._watch(conn, conn.wants_write)
+            self._settle_connection(conn)
+
+    def _settle_connection(self, conn: Connection) -> None:
+        if not conn.alive:
+            return
+        if conn.credits is not None:
+            waits = conn.credits.waits
+            due = conn.credits.due(len(conn.pending))
+            self.stats.credit_waits += conn.credits.waits - waits
+            if due and conn.piggyback:
+                conn.queue_credit(due)
+            elif due and self.grant is not None:
+                self.grant(conn, due)
+        try:
+            if conn.wants_write:
+                self.stats.bytes_sent += conn.flush()
+        except OSError as exc:
+            self._fail(conn, f"send failed: {exc}")
+            return
+        self._watch(conn, conn.wants_write)
 
     # -- ownership --------------------------------------------------------------------------------------
 
@@ -279,13 +271,9 @@ class IoThread:
         conn.stats.migrations += 1
         self.stats.migrations_out += 1
         conn.owner = target  # last: from here on, items for conn go to the target
-        self.threads[target].post(("adopt", conn))
+        self.threads[target].post(Adopt(conn))
 
     def _fail(self, conn: Connection, reason: str) -> None:
-        if self.shared:
-            for thread in self.threads:
-                if thread is not self:
-                    thread.post(("unwatch", conn))
         self._unregister(conn)
         conn.fail(reason)
         log.warning(
@@ -293,5 +281,5 @@ class IoThread:
         )
 
     def stop(self) -> None:
-        self.post(("stop",))
+        self.post(Stop())
         self.thread.join(10)

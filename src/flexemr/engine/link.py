@@ -16,18 +16,18 @@ from flexemr.cluster.security import client_tls, identities, load_secret
 from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
 from flexemr.engine.dial import Dialer
+from flexemr.protocol.answers import SubrequestRefused, answer_or_raise
 from flexemr.protocol.frames import (
     Frame,
     MessageType,
     ProtocolError,
     encode,
-    error_text,
     recv_frame,
     send_frame,
 )
 from flexemr.protocol.handshake import Identity
 from flexemr.protocol.updates import Changes, StagedRows, commit_buffer, version_buffer
-from flexemr.transport.base import ServerUnavailable, Stale, SubrequestRefused
+from flexemr.transport.base import ServerUnavailable
 
 
 class ServerLink:
@@ -66,13 +66,12 @@ class ServerLink:
                         raise ServerUnavailable(
                             self.server, str(self.endpoint), str(exc) or type(exc).__name__
                         ) from None
-        if frame.type == MessageType.ERROR:
-            raise SubrequestRefused(error_text(frame))
-        if frame.type == MessageType.STALE:
-            raise Stale(self.server, int(frame.buffers[0][0]))
         answer = MessageType.RESULT if msg_type == MessageType.LOOKUP else msg_type
-        if frame.type != answer or frame.request_id != request_id:
-            raise SubrequestRefused(f"embedding server {self.server}: unexpected {frame.type.name} answer")
+        answer_or_raise(frame, answer, self.server)
+        if frame.request_id != request_id:
+            raise SubrequestRefused(
+                f"embedding server {self.server}: answer to request {frame.request_id}, not {request_id}"
+            )
         return frame
 
     def changes(self, since: int) -> Changes:

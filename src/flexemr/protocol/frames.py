@@ -29,6 +29,8 @@ MAGIC = b"FXEM"
 VERSION = 1
 HEADER = struct.Struct("<4sBBHQII")
 DESCRIPTOR = struct.Struct("<BBxxII")
+MAX_QUEUED_RESPONSES = 256
+"""Answers a credited connection holds back for want of credits before it stops reading."""
 
 
 class MessageType(enum.IntEnum):

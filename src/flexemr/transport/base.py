@@ -12,6 +12,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+# What a server's answers decode to (`protocol.answers`), for the users of a transport:
+from flexemr.protocol.answers import LookupFailed as LookupFailed
+from flexemr.protocol.answers import Stale as Stale
+from flexemr.protocol.answers import SubrequestRefused as SubrequestRefused
+
 
 @dataclass(frozen=True)
 class LookupRequest:
@@ -46,24 +51,6 @@ class NoReplica(ServerUnavailable):
         ConnectionError.__init__(self, reason)
         self.server = servers[0]
         self.servers = servers
-
-
-class LookupFailed(RuntimeError):
-    """A subrequest could not complete, for a reason other than an unreachable server."""
-
-
-class SubrequestRefused(LookupFailed):
-    """The server refused the subrequest (it named rows it does not hold...) or answered it with
-    a malformed result."""
-
-
-class Stale(LookupFailed):
-    """The server is at another version than the subrequest reads: nothing was looked up."""
-
-    def __init__(self, server: int, version: int) -> None:
-        super().__init__(f"embedding server {server} is at version {version}")
-        self.server = server
-        self.version = version
 
 
 class TransportOverloaded(LookupFailed):
