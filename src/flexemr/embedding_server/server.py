@@ -62,7 +62,7 @@ from flexemr.protocol.handshake import (
     NotAuthenticated,
     server_handshake,
 )
-from flexemr.protocol.updates import BadUpdate, StagedRows, int64s, version_buffer
+from flexemr.protocol.updates import BadUpdate, StagedRows, int64s, parse_commit, version_buffer
 
 log = logging.getLogger(__name__)
 log.addFilter(RateLimitedWarnings())  # peers can cause refusals in a loop
@@ -382,11 +382,14 @@ class EmbeddingServer:
             if frame.type == MessageType.LOOKUP:
                 return encode(MessageType.RESULT, rid, [self._lookup(frame)])
             if frame.type == MessageType.UPDATE:
-                staged = versions.stage(StagedRows.parse(frame, self.store.dim))
-                return encode(MessageType.UPDATE, rid, [version_buffer(int(staged))])
+                applied = versions.stage(StagedRows.parse(frame, self.store.dim))
+                return encode(MessageType.UPDATE, rid, [version_buffer(applied)])
             if frame.type == MessageType.COMMIT:
-                version, token = int64s(frame, 2, "a COMMIT")
-                return encode(MessageType.COMMIT, rid, [version_buffer(versions.commit(version, token))])
+                applied = versions.commit(*parse_commit(frame, self.store.server + 1))
+                return encode(MessageType.COMMIT, rid, [version_buffer(versions.version, applied)])
+            if frame.type == MessageType.ABORT:
+                version, token = int64s(frame, 2, "an ABORT")
+                return encode(MessageType.ABORT, rid, [version_buffer(int(versions.abort(version, token)))])
             if frame.type == MessageType.CHANGES:
                 (since,) = int64s(frame, 1, "a CHANGES request")
                 return versions.changes(since).frame(rid)

@@ -26,6 +26,7 @@ from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_dense
 from flexemr.ranker.model_versions import Loader, ModelVersions
 from flexemr.ranker.ranker import Ranker
+from flexemr.ranker.row_versions import SYNC_TIMEOUT_S
 from flexemr.sharding.plan import Strategy, make_plan, replicated
 from flexemr.transport.base import LookupTransport
 
@@ -58,13 +59,19 @@ class EmbeddingServerProcess:
         store = ShardStore(spec.sharding, index, source, progress, storage)
         updates = spec.updates
         log_path = None if updates.log_dir is None else Path(updates.log_dir) / f"server-{index}.updates"
+        identity = identities(spec)[index]
         versions = RowVersions(
-            store, log_path, updates.max_staged_bytes, updates.max_changelog_keys, updates.max_history_bytes
+            store,
+            log_path,
+            updates.max_staged_bytes,
+            updates.max_changelog_keys,
+            updates.max_history_bytes,
+            fingerprint=identity.fingerprint,
         )
         server = EmbeddingServer(
             store,
             spec.embedding_servers[index],
-            identities(spec)[index],
+            identity,
             secret,
             spec.limits,
             frame_limits=spec.frames,
@@ -138,7 +145,7 @@ def build_ranker(
             tls=client_tls(spec.security),
         )
         engine.start(timeout=connect_timeout_s)
-        return Ranker(source.spec, plan, dense, engine, spec.ranker, links(spec), spec.cache)
+        return Ranker(source.spec, plan, dense, engine, spec.ranker, links(spec, SYNC_TIMEOUT_S), spec.cache)
     return Ranker(source.spec, plan, dense, transport, spec.ranker, cache=spec.cache)
 
 

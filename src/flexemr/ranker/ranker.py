@@ -126,7 +126,10 @@ class Ranker:
         )
 
     def ready(self) -> bool:
-        """Every row has a usable replica (with replicas, some servers may be down)."""
+        """Every row has a usable replica (with replicas, some servers may be down), and the rows'
+        version is known (a fresh ranker has heard from the servers)."""
+        if self.row_version is not None and not self.row_version.synced.is_set():
+            return False
         return self.router.coverable(np.array(self.transport.connected(), dtype=bool))
 
     def score(
@@ -183,7 +186,7 @@ class Ranker:
                     stale = exc
             assert self.row_version is not None
             with self.turns.waiting():
-                self.row_version.stale(stale)
+                self.row_version.stale(stale.version)
         raise LookupFailed(
             f"the rows' version changed {MAX_VERSION_RETRIES} times during the request (last: {stale})"
         )
@@ -234,10 +237,10 @@ class Ranker:
     ) -> Iterator[tuple[Subrequest, np.ndarray]]:
         """Send one subrequest per server holding any of `keys` (in bags of `lengths`), each to one
         replica of the rows it needs, all in flight at once; yield each with its answer. A
-        subrequest whose replica fails, is stalled or does not answer in time is sent again, whole,
-        to another replica (its late answer, if any, is never used); the lookup fails only when no
-        replica of some rows is left, or the time (the lookup timeout, or the request's earlier
-        `deadline`) runs out."""
+        subrequest whose replica fails, is stalled, does not answer in time or is behind `version`
+        (STALE) is sent again, whole, to another replica (its late answer, if any, is never used);
+        the lookup fails only when no replica of some rows is left, or the time (the lookup
+        timeout, or the request's earlier `deadline`) runs out."""
         start = time.monotonic()
         limit = start + self.config.request_timeout_s
         deadline = limit if deadline is None else min(limit, deadline)
@@ -271,6 +274,19 @@ class Ranker:
                     reason,
                 )
                 pending.extend(self._send(self._reroute(sub, failed), raw, version))
+                continue
+            except Stale as exc:
+                # A replica behind the read version (down while it was decided, or one that cannot
+                # prove it holds it): another replica may be at it. Ahead of it: the version moves.
+                if version is None or exc.version > version or self.router.replicas == 1:
+                    raise
+                failed.add(sub.server)
+                with self._lock:
+                    self.failovers += 1
+                try:
+                    pending.extend(self._send(self._reroute(sub, failed), raw, version))
+                except NoReplica:
+                    raise exc from None
                 continue
             yield sub, values
 
@@ -322,13 +338,13 @@ class Ranker:
                 continue
             keys = np.sort(request.keys.cpu().numpy())
             # At the read version, admitted before it can move: no cached row is of another one.
-            with self._reading() as version:
-                lengths = np.ones(keys.size, dtype=np.int64)
-                try:
+            try:
+                with self._reading() as version:
+                    lengths = np.ones(keys.size, dtype=np.int64)
                     for sub, rows in self._lookup(keys, lengths, True, None, version):
                         self.cache.admit(torch.from_numpy(sub.keys), torch.from_numpy(rows), request.token)
-                except (ServerUnavailable, LookupFailed):
-                    continue  # a later round retries; requests report failures (and move the version)
+            except (ServerUnavailable, LookupFailed):
+                continue  # a later round retries; requests report failures (and move the version)
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {
