@@ -28,7 +28,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from flexemr.config import Endpoint, RankerConfig, SecurityConfig
+from flexemr.config import CacheMode, Endpoint, RankerConfig, SecurityConfig
 from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine.link import links
@@ -104,7 +104,9 @@ def test_no_mixed_lost_or_non_monotonic_reads_under_faults(cluster: tuple[Cluste
     rng = np.random.default_rng(43)
     rankers: list[Ranker] = [
         build_ranker(spec),
-        build_ranker(dataclasses.replace(spec, ranker=RankerConfig(lookup="raw", cache="fixed:1MiB"))),
+        build_ranker(
+            dataclasses.replace(spec, ranker=RankerConfig(lookup="raw", cache=CacheMode.parse("fixed:1MiB")))
+        ),
     ]
     outcomes: list[Outcome] = []
     reads: list[Read] = []

@@ -207,6 +207,10 @@ class RankerConfig:
                 f"max_in_flight_samples ({self.max_in_flight_samples}) must be at least max_batch "
                 f"({self.max_batch}), or no full batch could ever be admitted"
             )
+        if not isinstance(self.cache, CacheMode):  # parsed once, where the text is read
+            raise TypeError(
+                f"cache must be a CacheMode, e.g. CacheMode.parse('fixed:64MiB'), got {self.cache!r}"
+            )
         if self.deadline_s <= 0 or self.max_body_bytes < 1:
             raise ValueError(
                 f"deadline_s and max_body_bytes must be positive, got {self.deadline_s}, "

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -150,8 +151,9 @@ def build_ranker(
 
 
 def version_spec(spec: ClusterSpec, source: ModelSource) -> ClusterSpec:
-    """`spec` serving `source` on servers of its own (new ports); the same plan while the tables
-    keep their shapes, else the same strategy over the new shapes."""
+    """`spec` serving `source` on servers of its own (new ports, and update logs in a folder of
+    their own under the spec's); the same plan while the tables keep their shapes, else the same
+    strategy over the new shapes."""
     model = model_spec(source)
     plan = spec.sharding
     if (model.table_rows, model.dim) != (plan.table_rows, plan.dim):
@@ -165,7 +167,12 @@ def version_spec(spec: ClusterSpec, source: ModelSource) -> ClusterSpec:
         base = make_plan(strategy, model.table_rows, model.dim, plan.num_servers // plan.replicas)
         plan = replicated(base, plan.replicas)
     servers = tuple(Endpoint(spec.embedding_servers[0].host, 0) for _ in range(plan.num_servers))
-    return dataclasses.replace(spec, model=source, sharding=plan, embedding_servers=servers)
+    updates = spec.updates
+    if updates.log_dir is not None:  # its servers' logs beside, not over, the serving version's
+        updates = dataclasses.replace(
+            updates, log_dir=str(Path(updates.log_dir) / f"model-{secrets.token_hex(4)}")
+        )
+    return dataclasses.replace(spec, model=source, sharding=plan, embedding_servers=servers, updates=updates)
 
 
 class RankerProcess:
