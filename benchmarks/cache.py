@@ -54,13 +54,15 @@ import torch
 
 from flexemr.batch import SparseBatch
 from flexemr.bench.report import machine
-from flexemr.cache import CacheConfig, MemoryModel
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
-from flexemr.config import Endpoint, RankerConfig, format_bytes, parse_bytes
+from flexemr.cache import MemoryModel
+from flexemr.config import CacheMode, Endpoint, RankerConfig, format_bytes, parse_bytes
+from flexemr.config.cache import CacheConfig
+from flexemr.config.model import ModelSource
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.dlrm import DLRM
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights
 from flexemr.model.spec import DEFAULT_ZIPF_SKEW, ModelSpec
 from flexemr.model.weights import build_dense, build_monolithic
 from flexemr.ranker.ranker import Ranker, resolve_device
@@ -103,7 +105,7 @@ class Bench:
 
     def ranker(self, cache: str, max_batch: int, batch_window_ms: float = 0.0) -> Ranker:
         config = RankerConfig(
-            cache=cache,
+            cache=CacheMode.parse(cache),
             max_batch=max_batch,
             device_memory_bytes=self.args.device_memory,
             batch_window_ms=batch_window_ms,
@@ -165,7 +167,7 @@ def hottest_keys(workload: SyntheticWorkload) -> np.ndarray:
 @contextmanager
 def started(args: argparse.Namespace) -> Iterator[Bench]:
     source = ModelSource(preset=args.preset, row_scale=args.row_scale, seed=args.seed)
-    weights = source.load()
+    weights = load_weights(source)
     spec = weights.spec
     device = resolve_device("auto")
     memory = MemoryModel.calibrate(

@@ -32,8 +32,9 @@ import orjson
 
 from flexemr.batch import SparseBatch
 from flexemr.client import Client
-from flexemr.cluster.child import AnnouncedProcess
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.entrypoints.child import AnnouncedProcess
+from flexemr.model.source import model_spec
 from flexemr.workload.synthetic import SyntheticWorkload
 
 URL_PATH = "/v2/models/dlrm/infer"
@@ -46,7 +47,7 @@ def start_serve(preset: str, extra: list[str]) -> AnnouncedProcess:
 
 
 def requests(preset: str, batch: int, count: int) -> list[SparseBatch]:
-    workload = SyntheticWorkload(ModelSource(preset=preset).spec(), seed=0)
+    workload = SyntheticWorkload(model_spec(ModelSource(preset=preset)), seed=0)
     return [workload.generate(batch) for _ in range(count)]
 
 

@@ -32,12 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.security import identities
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, EngineConfig
+from flexemr.config.model import ModelSource
+from flexemr.config.security import identities
+from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine, make_engine
-from flexemr.model.source import ModelSource
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.model.source import model_spec
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import LookupRequest, LookupTransport
 
@@ -154,7 +155,7 @@ def cases(quick: bool, servers: int) -> list[Case]:
 
 def start_cluster(preset: str, row_scale: float, servers: int) -> tuple[LocalCluster, ClusterSpec]:
     source = ModelSource(preset=preset, row_scale=row_scale)
-    model = source.spec()
+    model = model_spec(source)
     plan = make_plan("row", model.table_rows, model.dim, servers)
     local = LocalCluster(ClusterSpec(source, plan, tuple(Endpoint() for _ in range(servers))))
     return local, local.start(timeout=120)

@@ -50,11 +50,11 @@ from flexemr.bench.loadgen_sut import (
     run_server,
 )
 from flexemr.calibrate.microbench import BenchSettings, run_calibration
-from flexemr.cluster.deployment import LocalDeployment, cpu_seconds
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, RankerConfig
-from flexemr.model.source import ModelSource
-from flexemr.model.spec import Pooling
+from flexemr.config.model import ModelSource, Pooling
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.deployment import LocalDeployment, cpu_seconds
+from flexemr.model.source import model_spec
 from flexemr.planner import (
     Calibration,
     Catalog,
@@ -207,7 +207,7 @@ def harness_s(pool: SamplePool, settings: RunSettings) -> float:
 
 def run_case(case: Case, mode: Mode, calibration: Calibration, catalog: Catalog, seed: int) -> dict[str, Any]:
     source = case.source()
-    spec = source.spec()
+    spec = model_spec(source)
     model = ModelProfile(spec)
     sizes = query_sizes(case.samples)
     workload = SyntheticWorkload(spec, SyntheticConfig(alpha=ZIPF), seed=seed)

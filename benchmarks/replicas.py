@@ -21,11 +21,12 @@ import numpy as np
 import torch
 
 from flexemr.batch import SparseBatch
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import make_plan, replicated
@@ -96,10 +97,10 @@ def main() -> None:
     args = parser.parse_args()
 
     source = ModelSource(preset=args.preset, row_scale=args.row_scale)
-    spec = source.spec()
+    spec = model_spec(source)
     workload = SyntheticWorkload(spec, SyntheticConfig(alpha=args.alpha), seed=0)
     requests = [workload.generate(args.batch) for _ in range(args.requests)]
-    monolithic = build_monolithic(source.load())
+    monolithic = build_monolithic(load_weights(source))
     with torch.inference_mode():
         expected = [
             monolithic.forward_sparse(*(torch.from_numpy(a) for a in (r.dense, r.indices, r.lengths))).numpy()

@@ -27,13 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker, torch_threads
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
+from flexemr.config.model import ROW_FORMATS, ModelSource
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker, torch_threads
 from flexemr.model.presets import preset
-from flexemr.model.rows import ROW_FORMATS, row_bytes
-from flexemr.model.source import ModelSource
+from flexemr.model.rows import row_bytes
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import CheckpointWeights, PresetWeights, WeightSource, build_monolithic
 from flexemr.planner import (
     Availability,
@@ -100,7 +101,7 @@ def serving(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     for fmt in ROW_FORMATS:
         source = ModelSource(preset=args.preset, row_scale=args.row_scale, seed=args.seed, row_dtype=fmt)
-        spec = source.spec()
+        spec = model_spec(source)
         plan_ = make_plan("row", spec.table_rows, spec.dim, args.embedding_servers)
         cluster = ClusterSpec(source, plan_, tuple(Endpoint() for _ in range(args.embedding_servers)))
         workload = SyntheticWorkload(spec, seed=args.seed)
@@ -109,7 +110,7 @@ def serving(args: argparse.Namespace) -> list[dict[str, Any]]:
             ranker = build_ranker(local.spec)
             try:
                 first = workload.generate(args.batch)
-                reference = build_monolithic(source.load())
+                reference = build_monolithic(load_weights(source))
                 with torch.no_grad():
                     want = reference.forward_sparse(
                         *(torch.from_numpy(a) for a in (first.dense, first.indices, first.lengths))

@@ -18,11 +18,12 @@ import numpy as np
 import torch
 
 from flexemr.batch import SparseBatch
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, RankerConfig
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.spec import DEFAULT_ZIPF_SKEW, ModelSpec
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
@@ -72,7 +73,7 @@ def synthetic_batches(spec: ModelSpec, args: argparse.Namespace) -> list[SparseB
 
 def monolithic_scorer(source: ModelSource) -> Callable[[SparseBatch], np.ndarray]:
     """The whole model in this process, called directly: the in-process baseline."""
-    monolithic = build_monolithic(source.load())
+    monolithic = build_monolithic(load_weights(source))
 
     def score(r: SparseBatch) -> np.ndarray:
         with torch.inference_mode():
@@ -89,7 +90,7 @@ def main() -> None:
     args = parser.parse_args()
 
     source = ModelSource(preset=args.preset, row_scale=args.row_scale)
-    spec = source.spec()
+    spec = model_spec(source)
     requests = synthetic_batches(spec, args)
     samples = args.batches * args.batch
     results: dict[str, dict[str, float]] = {}

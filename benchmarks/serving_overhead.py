@@ -33,7 +33,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from flexemr.batch import SparseBatch
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.workload.synthetic import SyntheticWorkload
 from http_front import binary_body, start_serve
@@ -116,7 +117,7 @@ def grpc_sender(address: str, requests: list[SparseBatch]) -> Callable[[], Send]
 
 
 def in_process_sender(source: ModelSource, requests: list[SparseBatch]) -> Callable[[], Send]:
-    model = build_monolithic(source.load())
+    model = build_monolithic(load_weights(source))
     lock = threading.Lock()  # one model, one batch at a time: a server's dense model does the same
 
     def make() -> Send:
@@ -230,7 +231,7 @@ def main() -> None:
     args = parser.parse_args()
 
     source = ModelSource(preset=args.preset, row_scale=args.row_scale)
-    workload = SyntheticWorkload(source.spec(), seed=0)
+    workload = SyntheticWorkload(model_spec(source), seed=0)
     requests = [workload.generate(args.batch) for _ in range(32)]
     bodies = [binary_body(r) for r in requests]
     if args.c1_load:  # the load of benchmarks/profile_serving.sh

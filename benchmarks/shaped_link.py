@@ -4,7 +4,7 @@ Each embedding server runs in its own network namespace, linked to the ranker's 
 bridge; every server's link is shaped with `tc tbf` to each rate in turn (both directions). The ranker
 and the measuring clients run in this process inside the ranker's namespace, so every lookup crosses a
 shaped link, as between real hosts: bytes saved by partial pooling (and the cache) show up as
-throughput. Needs root and iproute2 (see flexemr.cluster.netns).
+throughput. Needs root and iproute2 (see flexemr.entrypoints.netns).
 
     sudo .venv/bin/python benchmarks/shaped_link.py --preset rmc2 --row-scale 0.02 --rates 10gbit,1gbit
 """
@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 
 from flexemr.cli.spec import spread
-from flexemr.cluster.netns import NetnsBed
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
-from flexemr.config import EngineConfig, RankerConfig
-from flexemr.model.source import ModelSource
+from flexemr.config import CacheMode, EngineConfig, RankerConfig
+from flexemr.config.model import ModelSource
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.netns import NetnsBed
+from flexemr.entrypoints.roles import build_ranker
+from flexemr.model.source import model_spec
 from flexemr.sharding.plan import make_plan
 from serving import (  # benchmarks/serving.py, beside this script
     add_deployment_arguments,
@@ -40,7 +41,7 @@ from serving import (  # benchmarks/serving.py, beside this script
 SYSTEMS: dict[str, tuple[RankerConfig, EngineConfig]] = {
     "naive (raw rows, 1 I/O thread)": (RankerConfig(lookup="raw"), EngineConfig(mode="single", io_threads=1)),
     "flexemr (partial pooling)": (RankerConfig(), EngineConfig()),
-    "flexemr + cache (fixed 64 MiB)": (RankerConfig(cache="fixed:64MiB"), EngineConfig()),
+    "flexemr + cache (fixed 64 MiB)": (RankerConfig(cache=CacheMode.parse("fixed:64MiB")), EngineConfig()),
 }
 
 
@@ -52,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
 
     source = ModelSource(preset=args.preset, row_scale=args.row_scale)
-    spec = source.spec()
+    spec = model_spec(source)
     requests = synthetic_batches(spec, args)
     samples = (args.batches + 2) * args.batch  # + the exactness check and the warm-up batch
     mono = monolithic_scorer(source)

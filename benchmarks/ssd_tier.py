@@ -30,11 +30,12 @@ import torch
 
 from flexemr.batch import SparseBatch
 from flexemr.bench.cgroup import memory_cgroup
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker, torch_threads
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, NodeLimits, RankerConfig, StorageConfig, parse_bytes
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker, torch_threads
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.spec import ModelSpec
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
@@ -50,7 +51,7 @@ def batch(spec: ModelSpec, size: int, fraction: float, rng: np.random.Generator)
 
 
 def measure(cluster: ClusterSpec, args: argparse.Namespace, group: Path | None) -> list[dict[str, Any]]:
-    spec = cluster.model.spec()
+    spec = model_spec(cluster.model)
     rows = []
     with LocalCluster(cluster, progress=True, cgroup=group) as local:
         ranker = build_ranker(local.spec)
@@ -60,7 +61,7 @@ def measure(cluster: ClusterSpec, args: argparse.Namespace, group: Path | None) 
             got = ranker.score(first.dense, first.indices, first.lengths)
             with torch.no_grad():
                 tensors = (torch.from_numpy(a) for a in (first.dense, first.indices, first.lengths))
-                want = build_monolithic(cluster.model.load()).forward_sparse(*tensors).numpy()
+                want = build_monolithic(load_weights(cluster.model)).forward_sparse(*tensors).numpy()
             error = float(np.abs(got - want).max())
             for working_set, fraction in (("in memory", args.hot_fraction), ("all rows", 1.0)):
                 latencies, looked_up = [], 0
@@ -106,7 +107,7 @@ def main() -> None:
     source = ModelSource(
         preset=args.preset, row_scale=args.row_scale, seed=args.seed, row_dtype=args.row_dtype
     )
-    spec = source.spec()
+    spec = model_spec(source)
     plan = make_plan("table", spec.table_rows, spec.dim, 1)
     # Out of memory a batch may wait on the SSD for seconds: measure it rather than fail it.
     patient = RankerConfig(port=0, request_timeout_s=300.0)

@@ -25,11 +25,12 @@ import time
 
 import numpy as np
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, UpdatesConfig
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
+from flexemr.model.source import model_spec
 from flexemr.model.spec import ModelSpec
 from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import make_plan
@@ -165,7 +166,7 @@ def main() -> None:
     args = parser.parse_args()
 
     source = ModelSource(preset=args.preset, row_scale=args.row_scale)
-    spec = source.spec()
+    spec = model_spec(source)
     plan = make_plan(args.sharding, spec.table_rows, spec.dim, args.servers)
     updates = UpdatesConfig(max_history_bytes=int(args.history_mib * 2**20))
     endpoints = tuple(Endpoint() for _ in range(plan.num_servers))

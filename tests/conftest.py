@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from flexemr.cluster.child import AnnouncedProcess
+from flexemr.entrypoints.child import AnnouncedProcess
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
+from flexemr.config.model import ModelSource
+from flexemr.config.spec import ClusterSpec
 from flexemr.extras import EXTRAS, MissingExtra, needs_extra
-from flexemr.model.source import ModelSource
+from flexemr.model.source import model_spec
 from flexemr.sharding.plan import make_plan
 
 HIDING = textwrap.dedent(
@@ -55,7 +56,7 @@ def run_hiding(hidden: tuple[str, ...], argv: list[str], cwd: Path) -> subproces
 )
 def test_a_command_without_its_extra_names_the_extra(extra: str, argv: list[str], tmp_path: Path) -> None:
     source = ModelSource(preset="tiny")
-    plan = make_plan("row", source.spec().table_rows, source.spec().dim, 1)
+    plan = make_plan("row", model_spec(source).table_rows, model_spec(source).dim, 1)
     ClusterSpec(source, plan, (Endpoint("127.0.0.1", 1),)).save(tmp_path / "cluster.json")
     (tmp_path / "rows.parquet").write_bytes(b"PAR1")
     done = run_hiding(EXTRAS[extra], argv, tmp_path)

@@ -12,13 +12,14 @@ import pytest
 from flexemr.api.front_door import ErrorKind, FrontDoor, Rejected, classify
 from flexemr.api.kserve import InferRequest
 from flexemr.batch import InvalidRequest
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, RankerConfig
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.roles import build_ranker
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.ranker.admission import Dropped, Refused
-from flexemr.ranker.model_versions import ModelVersions, UnknownVersion, VersionConflict
+from flexemr.ranker.model_versions import ModelVersionConflict, ModelVersions, UnknownModelVersion
 from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import LookupFailed, NoReplica, ServerUnavailable
@@ -26,13 +27,13 @@ from flexemr.transport.local import LocalTransport
 from tests.core.helpers import random_batch, reference_scores
 
 SOURCE = ModelSource(preset="tiny", seed=3)
-SPEC = SOURCE.spec()
+SPEC = model_spec(SOURCE)
 
 
 def local_ranker(source: ModelSource, config: RankerConfig) -> Ranker:
     plan = make_plan("row", SPEC.table_rows, SPEC.dim, 2)
     spec = ClusterSpec(source, plan, (Endpoint(), Endpoint()), ranker=config)
-    return build_ranker(spec, transport=LocalTransport(plan, source.load()))
+    return build_ranker(spec, transport=LocalTransport(plan, load_weights(source)))
 
 
 @pytest.fixture
@@ -55,17 +56,17 @@ def request(batch: int, seed: int) -> InferRequest:
 
 def test_scores_are_the_monolithic_models_on_the_version_asked_for(door: FrontDoor) -> None:
     parsed = request(8, seed=1)
-    first = reference_scores(build_monolithic(SOURCE.load()), *parsed.tensors.values())
+    first = reference_scores(build_monolithic(load_weights(SOURCE)), *parsed.tensors.values())
     door.models.load(ModelSource(preset="tiny", seed=4))
     second = reference_scores(
-        build_monolithic(ModelSource(preset="tiny", seed=4).load()), *parsed.tensors.values()
+        build_monolithic(load_weights(ModelSource(preset="tiny", seed=4))), *parsed.tensors.values()
     )
     for version, expected in (("1", first), ("", second), ("2", second)):
         with door.request() as ticket:
             scored = door.score(ticket, version, lambda: parsed)
         np.testing.assert_allclose(scored.scores, expected, atol=1e-5)
         assert scored.version == (version or "2") and scored.request is parsed
-    with door.request() as ticket, pytest.raises(UnknownVersion):
+    with door.request() as ticket, pytest.raises(UnknownModelVersion):
         door.score(ticket, "7", lambda: parsed)
 
 
@@ -138,8 +139,8 @@ def test_check_model_names_what_is_served(door: FrontDoor) -> None:
     ("exc", "kind"),
     [
         (InvalidRequest("x"), ErrorKind.INVALID_INPUT),
-        (UnknownVersion("x"), ErrorKind.UNKNOWN_MODEL),
-        (VersionConflict("x"), ErrorKind.CONFLICT),
+        (UnknownModelVersion("x"), ErrorKind.UNKNOWN_MODEL),
+        (ModelVersionConflict("x"), ErrorKind.CONFLICT),
         (Refused("x"), ErrorKind.REFUSED),
         (Dropped("deadline", "x"), ErrorKind.DEADLINE),
         (Dropped("disconnected", "x"), ErrorKind.DISCONNECTED),

@@ -17,12 +17,13 @@ import pytest
 
 from flexemr.api.kserve import parse_decimal
 from flexemr.batch import InvalidRequest
-from flexemr.cluster.security import admin_token
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.config.security import admin_token
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
+from tests.api.test_http import infer_body
 from tests.conftest import ServeProcess
 from tests.core.helpers import random_batch, reference_scores
-from tests.core.test_http import infer_body
 
 SECRET = "numeric-headers-secret"
 SOURCE = ModelSource(preset="tiny", seed=3)
@@ -82,7 +83,7 @@ def raw_post(url: str, path: str, headers: dict[str, str], body: bytes) -> tuple
 
 
 def test_every_numeric_header_with_other_digits_gets_4xx(ranker: ServeProcess) -> None:
-    dense, indices, lengths = random_batch(SOURCE.spec(), 2, seed=0)
+    dense, indices, lengths = random_batch(model_spec(SOURCE), 2, seed=0)
     body = httpx.Request("POST", "/", json=infer_body(dense, indices, lengths)).content
     admin = {"Authorization": f"Bearer {admin_token(SECRET.encode())}"}
     cases: list[tuple[str, dict[str, str]]] = []
@@ -106,6 +107,6 @@ def test_every_numeric_header_with_other_digits_gets_4xx(ranker: ServeProcess) -
     assert unexplained == []
     answer = httpx.post(ranker.url + "/v2/models/dlrm/infer", content=body, timeout=60)
     scores = answer.json()["outputs"][0]["data"]
-    expected = reference_scores(build_monolithic(SOURCE.load()), dense, indices, lengths)
+    expected = reference_scores(build_monolithic(load_weights(SOURCE)), dense, indices, lengths)
     np.testing.assert_allclose(np.asarray(scores).reshape(expected.shape), expected, atol=1e-5)
     assert not any("Traceback" in line for line in ranker.output), "".join(ranker.output[-40:])

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from flexemr.cache.cost_gate import CostGate, CostGateConfig
+from flexemr.cache.cost_gate import CostGate
+from flexemr.config.cache import CostGateConfig
 
 KEYS = 1000
 

@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import pytest
 
-from flexemr.cache.load_monitor import LoadMonitor, LoadMonitorConfig, next_power_of_two
+from flexemr.cache.load_monitor import LoadMonitor, next_power_of_two
+from flexemr.config.cache import LoadMonitorConfig
 
-CONFIG = LoadMonitorConfig(max_batch=1000, window_s=1.0, enter_high=0.8, exit_high=0.4, min_dwell_s=2.0)
+CONFIG = LoadMonitorConfig(window_s=1.0, enter_high=0.8, exit_high=0.4, min_dwell_s=2.0)
 
 
 def feed(monitor: LoadMonitor, start: float, end: float, batch: int, queue: int = 0) -> str:
@@ -16,7 +17,7 @@ def feed(monitor: LoadMonitor, start: float, end: float, batch: int, queue: int 
 
 
 def test_enters_high_under_load_and_plans_for_the_largest_batch() -> None:
-    monitor = LoadMonitor(CONFIG, start=0.0)
+    monitor = LoadMonitor(CONFIG, 1000, start=0.0)
     assert feed(monitor, 0.0, 3.0, batch=100) == "low"
     decision = monitor.observe(100, 0, 3.0)
     assert decision.plan_batch == 128
@@ -25,7 +26,7 @@ def test_enters_high_under_load_and_plans_for_the_largest_batch() -> None:
 
 
 def test_hysteresis_band_holds_the_state() -> None:
-    monitor = LoadMonitor(CONFIG, start=0.0)
+    monitor = LoadMonitor(CONFIG, 1000, start=0.0)
     feed(monitor, 2.0, 4.0, batch=900)
     assert monitor.state == "high"
     assert feed(monitor, 4.0, 9.0, batch=600) == "high"  # 0.6: between exit and enter
@@ -34,7 +35,7 @@ def test_hysteresis_band_holds_the_state() -> None:
 
 
 def test_minimum_dwell_delays_leaving_a_state() -> None:
-    monitor = LoadMonitor(CONFIG, start=0.0)
+    monitor = LoadMonitor(CONFIG, 1000, start=0.0)
     monitor.observe(1000, 0, 5.0)
     assert monitor.state == "high"
     changed_at = None
@@ -47,21 +48,21 @@ def test_minimum_dwell_delays_leaving_a_state() -> None:
 
 
 def test_plan_never_below_the_batch_about_to_run() -> None:
-    monitor = LoadMonitor(CONFIG, start=0.0)
+    monitor = LoadMonitor(CONFIG, 1000, start=0.0)
     assert monitor.observe(10, 0, 0.0).plan_batch == 16
     assert monitor.observe(1500, 0, 0.1).plan_batch == 1500  # larger than max_batch: still planned
     assert monitor.observe(10, 0, 5.0).plan_batch >= 10
 
 
 def test_window_forgets_old_batches() -> None:
-    monitor = LoadMonitor(CONFIG, start=0.0)
+    monitor = LoadMonitor(CONFIG, 1000, start=0.0)
     monitor.observe(200, 0, 0.0)
     assert monitor.observe(10, 0, 0.5).plan_batch == 256
     assert monitor.observe(10, 0, 1.6).plan_batch == 16
 
 
 def test_bad_input_is_refused() -> None:
-    monitor = LoadMonitor(CONFIG, start=1.0)
+    monitor = LoadMonitor(CONFIG, 1000, start=1.0)
     with pytest.raises(ValueError, match="backwards"):
         monitor.observe(1, 0, 0.5)
     with pytest.raises(ValueError, match=">= 0"):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from flexemr.cache.load_monitor import LoadMonitorConfig
-from flexemr.cache.manager import AdaptiveCacheManager, CacheConfig
+from flexemr.cache.manager import AdaptiveCacheManager
 from flexemr.cache.memory_model import MemoryModel
 from flexemr.config import CacheMode, format_bytes, parse_bytes
+from flexemr.config.cache import CacheConfig, LoadMonitorConfig
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.presets import preset
 from tests.cache.helpers import make_batch, make_tables, pool_with_cache, reference_pool, rows_of
@@ -19,19 +19,20 @@ DIM = 8
 SLOT = 4 * DIM + 16
 
 
+ADAPTIVE = CacheMode("adaptive")
+
+
 def test_parse_modes_and_sizes() -> None:
     assert CacheMode.parse("off") == CacheMode("off")
     assert CacheMode.parse("adaptive") == CacheMode("adaptive")
     assert CacheMode.parse("fixed:64MiB") == CacheMode("fixed", 64 << 20)
     assert CacheMode.parse("fixed:1.5GB") == CacheMode("fixed", 1_500_000_000)
     assert str(CacheMode.parse("fixed:4096")) == "fixed:4096"
-    for bad in ("on", "fixed", "fixed:", "fixed:12XB", "adaptive:3", "off:1"):
+    for bad in ("on", "sometimes", "fixed", "fixed:", "fixed:12XB", "adaptive:3", "off:1"):
         with pytest.raises(ValueError, match=r"cache mode|byte size"):
             CacheMode.parse(bad)
     assert parse_bytes("2k") == 2048 and parse_bytes("3 KiB") == 3072 and parse_bytes("5kb") == 5000
     assert format_bytes(3 << 30) == "3.0GiB"
-    with pytest.raises(ValueError, match="cache mode"):
-        CacheConfig(mode="sometimes")
 
 
 def memory_model(per_sample: int) -> MemoryModel:
@@ -42,9 +43,9 @@ def memory_model(per_sample: int) -> MemoryModel:
 
 
 def adaptive(per_sample: int = SLOT, **load: float) -> AdaptiveCacheManager:
-    load_config = LoadMonitorConfig(max_batch=1024, window_s=1.0, min_dwell_s=0.5, **load)  # type: ignore[arg-type]
-    config = CacheConfig(mode="adaptive", ways=8, load=load_config, sketch_candidates=512, min_bytes=0)
-    return AdaptiveCacheManager(config, DIM, "cpu", memory_model(per_sample))
+    load_config = LoadMonitorConfig(window_s=1.0, min_dwell_s=0.5, **load)  # type: ignore[arg-type]
+    config = CacheConfig(ways=8, load=load_config, sketch_candidates=512, min_bytes=0)
+    return AdaptiveCacheManager(ADAPTIVE, DIM, "cpu", memory_model(per_sample), config=config, max_batch=1024)
 
 
 def run_batch(
@@ -66,7 +67,7 @@ def run_batch(
 
 
 def test_off_misses_everything() -> None:
-    manager = AdaptiveCacheManager(CacheConfig(mode="off"), DIM, "cpu")
+    manager = AdaptiveCacheManager(CacheMode.parse("off"), DIM, "cpu")
     tables = make_tables(TABLE_ROWS, DIM)
     gen = torch.Generator().manual_seed(0)
     for now in range(5):
@@ -79,7 +80,7 @@ def test_off_misses_everything() -> None:
 
 
 def test_fixed_keeps_its_size_and_hits() -> None:
-    manager = AdaptiveCacheManager(CacheConfig(mode="fixed:8KiB", ways=4), DIM, "cpu")
+    manager = AdaptiveCacheManager(CacheMode.parse("fixed:8KiB"), DIM, "cpu", config=CacheConfig(ways=4))
     tables = make_tables(TABLE_ROWS, DIM)
     gen = torch.Generator().manual_seed(1)
     for now in range(10):
@@ -143,7 +144,7 @@ def test_mid_traffic_resizes_stay_exact() -> None:
 
 
 def test_bytes_saved_counts_indices_and_the_partials_of_wholly_cached_bags() -> None:
-    manager = AdaptiveCacheManager(CacheConfig(mode="fixed:64KiB"), DIM, "cpu")
+    manager = AdaptiveCacheManager(CacheMode.parse("fixed:64KiB"), DIM, "cpu")
     manager.admit(torch.tensor([1, 2, 4]), torch.ones(3, DIM))
     part = manager.cached_part(torch.tensor([1, 2, 3, 4, 5]), torch.tensor([0, 2, 3, 3, 5]))
     assert part.hits == 3
@@ -152,7 +153,7 @@ def test_bytes_saved_counts_indices_and_the_partials_of_wholly_cached_bags() -> 
 
 
 def test_invalidated_rows_are_never_served_even_from_a_racing_fetch() -> None:
-    manager = AdaptiveCacheManager(CacheConfig(mode="fixed:64KiB"), DIM, "cpu")
+    manager = AdaptiveCacheManager(CacheMode.parse("fixed:64KiB"), DIM, "cpu")
     keys = torch.tensor([1, 2, 3])
     old = torch.ones(3, DIM)
     manager.admit(keys, old)
@@ -170,7 +171,7 @@ def test_invalidated_rows_are_never_served_even_from_a_racing_fetch() -> None:
 
 
 def test_warm_candidates_are_the_hot_missing_rows() -> None:
-    manager = AdaptiveCacheManager(CacheConfig(mode="fixed:64KiB"), DIM, "cpu")
+    manager = AdaptiveCacheManager(CacheMode.parse("fixed:64KiB"), DIM, "cpu")
     stream = torch.tensor([10] * 50 + [20] * 30 + [30] * 20 + list(range(100, 140)))
     manager.observe(stream)
     manager.admit(torch.tensor([10]), torch.zeros(1, DIM))
@@ -178,7 +179,7 @@ def test_warm_candidates_are_the_hot_missing_rows() -> None:
 
 
 def test_concurrent_warming_keeps_requests_exact() -> None:
-    manager = AdaptiveCacheManager(CacheConfig(mode="fixed:16KiB", ways=4), DIM, "cpu")
+    manager = AdaptiveCacheManager(CacheMode.parse("fixed:16KiB"), DIM, "cpu", config=CacheConfig(ways=4))
     tables = make_tables(TABLE_ROWS, DIM)
     stop = threading.Event()
 
@@ -203,19 +204,23 @@ def test_concurrent_warming_keeps_requests_exact() -> None:
 
 def test_for_model_calibrates_adaptive() -> None:
     dense = DenseArch(preset("tiny")).eval()
-    config = CacheConfig(mode="adaptive", device_budget_bytes=64 << 20, safety_margin_bytes=0)
-    manager = AdaptiveCacheManager.for_model(config, dense, "cpu")
+    config = CacheConfig(safety_margin_bytes=0)
+    manager = AdaptiveCacheManager.for_model(
+        ADAPTIVE, dense, "cpu", config=config, device_budget_bytes=64 << 20
+    )
     assert manager.memory is not None
-    assert 0 < manager.cache.capacity_bytes <= manager.memory.cache_budget(config.load.max_batch)
+    assert 0 < manager.cache.capacity_bytes <= manager.memory.cache_budget(manager.monitor.max_batch)
     with pytest.raises(ValueError, match="MemoryModel"):
-        AdaptiveCacheManager(CacheConfig(mode="adaptive"), DIM, "cpu")
+        AdaptiveCacheManager(CacheMode.parse("adaptive"), DIM, "cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_runs_on_cuda() -> None:
     dense = DenseArch(preset("tiny")).eval().to("cuda")
-    config = CacheConfig(mode="adaptive", device_budget_bytes=256 << 20, safety_margin_bytes=0)
-    manager = AdaptiveCacheManager.for_model(config, dense, "cuda")
+    config = CacheConfig(safety_margin_bytes=0)
+    manager = AdaptiveCacheManager.for_model(
+        ADAPTIVE, dense, "cuda", config=config, device_budget_bytes=256 << 20
+    )
     tables = make_tables(TABLE_ROWS, DIM)
     batch = make_batch(TABLE_ROWS, 16, max_bag=4, gen=torch.Generator().manual_seed(5))
     manager.before_batch(16, 0, 0.0)
@@ -226,8 +231,8 @@ def test_runs_on_cuda() -> None:
 
 
 def test_warming_fills_a_cache_bigger_than_the_candidate_list() -> None:
-    config = CacheConfig(mode="fixed:64KiB", sketch_candidates=64)
-    manager = AdaptiveCacheManager(config, DIM, "cpu")
+    config = CacheConfig(sketch_candidates=64)
+    manager = AdaptiveCacheManager(CacheMode.parse("fixed:64KiB"), DIM, "cpu", config=config)
     tables = make_tables(TABLE_ROWS, DIM)
     gen = torch.Generator().manual_seed(6)
     for _ in range(30):
@@ -239,9 +244,11 @@ def test_warming_fills_a_cache_bigger_than_the_candidate_list() -> None:
 
 
 def test_adaptive_drops_a_cache_smaller_than_min_bytes() -> None:
-    load = LoadMonitorConfig(max_batch=1024, window_s=1.0, min_dwell_s=0.5)
-    config = CacheConfig(mode="adaptive", ways=8, load=load, min_bytes=1000 * SLOT)
-    manager = AdaptiveCacheManager(config, DIM, "cpu", memory_model(per_sample=SLOT))
+    load = LoadMonitorConfig(window_s=1.0, min_dwell_s=0.5)
+    config = CacheConfig(ways=8, load=load, min_bytes=1000 * SLOT)
+    manager = AdaptiveCacheManager(
+        ADAPTIVE, DIM, "cpu", memory_model(per_sample=SLOT), config=config, max_batch=1024
+    )
     assert manager.cache.capacity_rows == 0  # 2000 - 1024 rows would be left: below min_bytes
     tables = make_tables(TABLE_ROWS, DIM)
     gen = torch.Generator().manual_seed(7)

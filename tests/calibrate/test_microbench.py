@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from flexemr.calibrate.microbench import BenchSettings, _serving_request, fit_lookups, measure_lookups
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.model.source import model_spec
 from flexemr.planner import ModelProfile, place
 from flexemr.planner.calibration import LookupCost
 from flexemr.planner.placement import Strategy
@@ -17,7 +18,7 @@ from flexemr.sharding.router import RangeRouter
 
 @pytest.mark.parametrize("strategy", ["row", "table"])
 def test_serving_requests_reach_only_the_servers_and_tables_asked_for(strategy: Strategy) -> None:
-    spec = ModelSource(preset="rmc1", row_scale=0.005).spec()
+    spec = model_spec(ModelSource(preset="rmc1", row_scale=0.005))
     plan = place(ModelProfile(spec), 2, 1, strategy).to_sharding_plan(ModelProfile(spec))  # as calibrated
     router = RangeRouter(plan)
     request = _serving_request(np.random.default_rng(0), plan, spec.num_dense, 16, 4, 1, 3)

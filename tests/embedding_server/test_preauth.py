@@ -22,9 +22,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flexemr.cluster.roles import build_ranker
-from flexemr.config import NodeLimits
+from flexemr.config import FrameLimits, NodeLimits
 from flexemr.embedding_server.store import ShardStore
+from flexemr.entrypoints.roles import build_ranker
+from flexemr.model.source import load_weights
 from flexemr.model.weights import build_monolithic
 from flexemr.protocol.frames import (
     DESCRIPTOR,
@@ -32,7 +33,6 @@ from flexemr.protocol.frames import (
     MAGIC,
     VERSION,
     ConnectionClosed,
-    FrameLimits,
     MessageType,
     encode,
     error_text,
@@ -85,7 +85,7 @@ def address(server: ServerProcess) -> tuple[str, int]:
 
 def assert_serves(server: ServerProcess, seed: int = 0) -> None:
     """A holder of the secret gets exact rows."""
-    store = ShardStore(server.spec.sharding, 0, server.spec.model.load(), progress=False)
+    store = ShardStore(server.spec.sharding, 0, load_weights(server.spec.model), progress=False)
     request = LookupRequest(np.array([1, 2, 7, seed], np.int64), np.array([0, 1], np.int64))
     with dial(server.spec.embedding_servers[0], SECRET.encode()) as sock:
         send_frame(sock, lookup_frame(1, request))
@@ -198,7 +198,7 @@ def test_a_ranker_gets_in_and_scores_exactly_past_1000_unauthenticated_connectio
 
         ranker = build_ranker(server.spec, connect_timeout_s=60)  # FLEXEMR_SECRET: set by secret_server
         try:
-            model = build_monolithic(server.spec.model.load())
+            model = build_monolithic(load_weights(server.spec.model))
             for seed in range(3):
                 dense, indices, lengths = random_batch(ranker.spec, 32, seed)
                 np.testing.assert_allclose(

@@ -17,17 +17,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexemr.cluster.local import READY_PREFIX, LocalCluster
-from flexemr.cluster.security import identities
-from flexemr.cluster.spec import ClusterSpec
-from flexemr.config import Endpoint, EngineConfig, NodeLimits
+from flexemr.config import Endpoint, EngineConfig, FrameLimits, NodeLimits
+from flexemr.config.model import ModelSource
+from flexemr.config.plan import ShardingPlan
+from flexemr.config.security import identities
+from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine, make_engine
-from flexemr.model.source import ModelSource
-from flexemr.protocol.frames import Flags, FrameLimits, MessageType, encode
+from flexemr.entrypoints.local import READY_PREFIX, LocalCluster
+from flexemr.model.source import load_weights, model_spec
+from flexemr.protocol.frames import Flags, MessageType, encode
 from flexemr.protocol.handshake import Hello, client_handshake, new_nonce
-from flexemr.sharding.plan import ShardingPlan, make_plan
+from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import LookupRequest
 
 
@@ -60,7 +62,7 @@ def thread_servers(
     num_servers: int = 2, preset: str = "tiny", limits: NodeLimits | None = None
 ) -> Iterator[Servers]:
     source = ModelSource(preset=preset)
-    weights = source.load()
+    weights = load_weights(source)
     model = weights.spec
     plan = make_plan("row", model.table_rows, model.dim, num_servers)
     stores = [ShardStore(plan, i, weights, progress=False) for i in range(num_servers)]
@@ -199,7 +201,7 @@ def embedding_server_process(spec: ClusterSpec, tmp_path: Path, max_fds: int) ->
 
 def tiny_spec(servers: int = 2, seed: int = 0) -> ClusterSpec:
     source = ModelSource(preset="tiny", seed=seed)
-    spec = source.spec()
+    spec = model_spec(source)
     plan = make_plan("row", spec.table_rows, spec.dim, servers)
     return ClusterSpec(source, plan, tuple(Endpoint() for _ in range(servers)))
 

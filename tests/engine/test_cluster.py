@@ -10,13 +10,14 @@ from concurrent.futures import wait
 import numpy as np
 import pytest
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.security import identities
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import EngineConfig
+from flexemr.config.security import identities
+from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
+from flexemr.model.source import load_weights
 from flexemr.model.weights import build_monolithic
 from flexemr.transport.base import ServerUnavailable
 from tests.core.helpers import random_batch, reference_scores
@@ -59,7 +60,7 @@ def test_ranker_on_the_engine_scores_like_the_monolith(
     ranker = build_ranker(spec, connect_timeout_s=30)
     try:
         assert isinstance(ranker.transport, IoEngine)
-        model = build_monolithic(spec.model.load())
+        model = build_monolithic(load_weights(spec.model))
         for seed in range(5):
             dense, indices, lengths = random_batch(ranker.spec, 32, seed)
             np.testing.assert_allclose(
@@ -102,7 +103,7 @@ def test_a_dying_server_fails_its_subrequests_fast_and_others_carry_on(
             engine.submit(0, random_request(rng, plan.server_rows(0))).result(5)
         assert engine.connected() == [False, True]
 
-        store = ShardStore(plan, 1, spec.model.load(), progress=False)
+        store = ShardStore(plan, 1, load_weights(spec.model), progress=False)
         requests = [random_request(rng, plan.server_rows(1)) for _ in range(300)]
         futures = [engine.submit(1, r) for r in requests]
         for request, future in zip(requests, futures, strict=True):

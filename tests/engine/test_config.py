@@ -9,16 +9,24 @@ from pathlib import Path
 
 import pytest
 
-from flexemr.cache import CacheConfig, LoadMonitorConfig
 from flexemr.cli import ranker
 from flexemr.cli.flags import over
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
-from flexemr.config import EngineConfig, NodeLimits, RankerConfig, SecurityConfig, StorageConfig
+from flexemr.config import (
+    CacheMode,
+    EngineConfig,
+    FrameLimits,
+    NodeLimits,
+    RankerConfig,
+    SecurityConfig,
+    StorageConfig,
+)
+from flexemr.config.cache import CacheConfig, LoadMonitorConfig
+from flexemr.config.spec import ClusterSpec
 from flexemr.engine.link import links
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.presets import preset
-from flexemr.protocol.frames import FrameLimits
+from flexemr.model.source import load_weights
 from flexemr.sharding.plan import ShardingConfig
 from flexemr.transport.local import LocalTransport
 
@@ -88,7 +96,9 @@ def test_node_limits_and_tls_settings_are_validated() -> None:
 def test_ranker_flags_override_only_what_they_name_in_a_spec_file(tmp_path: Path) -> None:
     """`flexemr ranker --spec`: the file's ranker and engine sections stand unless a flag is given."""
     path = tmp_path / "cluster.json"
-    ranker_section = RankerConfig(port=0, model_name="ctr", max_batch=64, cache="fixed:1MiB", deadline_s=3.0)
+    ranker_section = RankerConfig(
+        port=0, model_name="ctr", max_batch=64, cache=CacheMode.parse("fixed:1MiB"), deadline_s=3.0
+    )
     engine_section = EngineConfig(mode="shared", io_threads=3, migration=False)
     base = cluster_spec(parse())
     dataclasses.replace(base, ranker=ranker_section, engine=engine_section).save(path)
@@ -150,8 +160,9 @@ def test_cache_and_frame_limits_are_spec_file_sections(tmp_path: Path) -> None:
     tuned.save(path)
     data = json.loads(path.read_text())
     assert data["cache"]["ways"] == 4 and data["cache"]["gate"] is None and data["frames"]["max_buffers"] == 4
-    # what the ranker section sets is written once, there
+    # what the ranker section sets is written once, there, as text
     assert "mode" not in data["cache"] and "max_batch" not in data["cache"]["load"]
+    assert data["ranker"]["cache"] == "fixed:1048576"
     again = ClusterSpec.load(path)
     assert again == tuned
     assert ClusterSpec.from_dict(base.to_dict()) == base  # a gate's section round-trips too
@@ -163,8 +174,13 @@ def test_cache_and_frame_limits_are_spec_file_sections(tmp_path: Path) -> None:
 def test_a_cache_section_cannot_set_what_the_ranker_section_sets() -> None:
     data = cluster_spec(parse()).to_dict()
     for cache in ({"mode": "adaptive"}, {"device_budget_bytes": 2**30}, {"load": {"max_batch": 3}}):
-        with pytest.raises(ValueError, match="ranker section"):
+        with pytest.raises(TypeError, match="unexpected keyword"):
             ClusterSpec.from_dict({**data, "cache": cache})
+    # a spec file writes the mode in the ranker section as a flag does (older files too)
+    written = {**data, "ranker": {**data["ranker"], "cache": "fixed:64MiB"}}
+    assert ClusterSpec.from_dict(written).ranker.cache == CacheMode("fixed", 64 << 20)
+    with pytest.raises(ValueError, match="cache mode"):
+        ClusterSpec.from_dict({**data, "ranker": {**data["ranker"], "cache": "sometimes"}})
     with pytest.raises(ValueError, match="positive"):
         FrameLimits(max_frame_bytes=0)
 
@@ -172,15 +188,26 @@ def test_a_cache_section_cannot_set_what_the_ranker_section_sets() -> None:
 def test_the_ranker_and_its_links_use_the_specs_sections() -> None:
     base = cluster_spec(parse("--cache", "fixed:1MiB", "--max-batch", "64", "--lookup", "raw"))
     spec = dataclasses.replace(base, cache=TUNED_CACHE, frames=SMALL_FRAMES)
-    served = build_ranker(spec, transport=LocalTransport(spec.sharding, spec.model.load()))
+    served = build_ranker(spec, transport=LocalTransport(spec.sharding, load_weights(spec.model)))
     try:
         assert served.cache is not None
-        assert served.cache.config == dataclasses.replace(
-            TUNED_CACHE,
-            mode="fixed:1MiB",
-            wire="raw",
-            load=dataclasses.replace(TUNED_CACHE.load, max_batch=64),
-        )
+        assert served.cache.config == TUNED_CACHE
+        assert served.cache.mode == CacheMode("fixed", 2**20)
+        assert (served.cache.wire, served.cache.monitor.max_batch) == ("raw", 64)
     finally:
         served.close()
     assert {link._dialer.limits for link in links(spec)} == {SMALL_FRAMES}
+
+
+def test_a_flag_is_parsed_once_and_a_bad_value_gets_the_parsers_message(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    spec = cluster_spec(parse("--cache", "fixed:1MiB", "--max-body", "2MiB"))
+    assert (spec.ranker.cache, spec.ranker.max_body_bytes) == (CacheMode("fixed", 2**20), 2 * 2**20)
+    for flag, value, message in (
+        ("--cache", "bogus", "cache mode must be off, fixed:BYTES"),
+        ("--max-body", "12XB", "not a byte size: '12XB'"),
+    ):
+        with pytest.raises(SystemExit):
+            parse(flag, value)
+        assert message in capsys.readouterr().err

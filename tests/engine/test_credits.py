@@ -9,9 +9,10 @@ import time
 import numpy as np
 import pytest
 
+from flexemr.config import FrameLimits
 from flexemr.engine.credits import ControlChannel, CreditLedger
 from flexemr.engine.health import ServerHealth
-from flexemr.protocol.frames import FrameLimits, MessageType, encode, error_frame, recv_frame, send_frame
+from flexemr.protocol.frames import MessageType, encode, error_frame, recv_frame, send_frame
 from tests.engine.helpers import random_request, reference, thread_servers
 
 

@@ -15,19 +15,11 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from flexemr.config import Endpoint
+from flexemr.config import Endpoint, FrameLimits
+from flexemr.config.security import Identity
 from flexemr.engine.dial import Dialer
-from flexemr.protocol.frames import (
-    DESCRIPTOR,
-    HEADER,
-    MAGIC,
-    VERSION,
-    FrameLimits,
-    MessageType,
-    encode,
-    recv_frame,
-)
-from flexemr.protocol.handshake import Identity, Welcome, new_nonce
+from flexemr.protocol.frames import DESCRIPTOR, HEADER, MAGIC, VERSION, MessageType, encode, recv_frame
+from flexemr.protocol.handshake import Welcome, new_nonce
 
 IDENTITY = Identity(server=0, rows=100, dim=8, fingerprint="ab" * 32)
 

@@ -15,19 +15,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.security import identities
-from flexemr.cluster.spec import ClusterSpec
-from flexemr.config import Endpoint, SecurityConfig
+from flexemr.config import Endpoint, FrameLimits, SecurityConfig
+from flexemr.config.model import ModelSource
+from flexemr.config.security import identities
+from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine
-from flexemr.model.source import ModelSource
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
+from flexemr.model.source import load_weights
 from flexemr.model.weights import build_monolithic
 from flexemr.protocol.frames import (
     ConnectionClosed,
-    FrameLimits,
     MessageType,
     ProtocolError,
     encode,
@@ -126,7 +126,7 @@ def test_fake_and_mismatched_servers_are_refused_and_never_score(
     ranker = build_ranker(spec, connect_timeout_s=30)
     assert isinstance(ranker.transport, IoEngine)
     engine = ranker.transport
-    model = build_monolithic(spec.model.load())
+    model = build_monolithic(load_weights(spec.model))
     dense, indices, lengths = random_batch(ranker.spec, 16, 0)
     expected = reference_scores(model, dense, indices, lengths)
     try:
@@ -138,13 +138,18 @@ def test_fake_and_mismatched_servers_are_refused_and_never_score(
         impostors = [
             # a fake: the right rows and identity, but no secret
             (
-                ShardStore(spec.sharding, 1, spec.model.load(), progress=False),
+                ShardStore(spec.sharding, 1, load_weights(spec.model), progress=False),
                 spec,
                 "not the secret",
                 "prove",
             ),
             # a stale one: the secret, but another model
-            (ShardStore(other.sharding, 1, other.model.load(), progress=False), other, SECRET, "expects"),
+            (
+                ShardStore(other.sharding, 1, load_weights(other.model), progress=False),
+                other,
+                SECRET,
+                "expects",
+            ),
         ]
         for store, claimed, secret, why in impostors:
             server, thread = in_thread_server(store, spot, claimed, secret)
@@ -159,7 +164,7 @@ def test_fake_and_mismatched_servers_are_refused_and_never_score(
                 thread.join(5)
         # the real server back on the spot: re-admitted, exact scores again
         server, thread = in_thread_server(
-            ShardStore(spec.sharding, 1, spec.model.load(), progress=False), spot, spec, SECRET
+            ShardStore(spec.sharding, 1, load_weights(spec.model), progress=False), spot, spec, SECRET
         )
         try:
             assert wait_for(ranker.ready)
@@ -184,7 +189,7 @@ def test_a_ranker_refuses_a_mismatched_cluster_at_start(
 
 def test_without_a_secret_servers_bind_loopback_only() -> None:
     spec = tiny_spec(1)
-    store = ShardStore(spec.sharding, 0, spec.model.load(), progress=False)
+    store = ShardStore(spec.sharding, 0, load_weights(spec.model), progress=False)
     with pytest.raises(ValueError, match="without a shared secret"):
         EmbeddingServer(store, Endpoint("0.0.0.0", 0), identities(spec)[0])
 
@@ -215,7 +220,7 @@ def test_tls_links_score_exactly_and_refuse_plain_clients(
     with LocalCluster(spec) as local:
         ranker = build_ranker(local.spec, connect_timeout_s=30)
         try:
-            model = build_monolithic(spec.model.load())
+            model = build_monolithic(load_weights(spec.model))
             for seed in range(3):
                 dense, indices, lengths = random_batch(ranker.spec, 32, seed)
                 np.testing.assert_allclose(

@@ -19,14 +19,15 @@ import pytest
 
 from flexemr.api.front_door import FrontDoor
 from flexemr.api.http_server import HttpServer
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.security import identities
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import EngineConfig, NodeLimits
+from flexemr.config.security import identities
+from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import IoEngine, make_engine
 from flexemr.engine.work import Lookup
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
+from flexemr.model.source import load_weights
 from flexemr.ranker.model_versions import ModelVersions
 from flexemr.transport.base import ServerUnavailable
 from tests.core.helpers import freeze
@@ -47,7 +48,7 @@ def engine_for(spec: ClusterSpec, **config: object) -> IoEngine:
 
 def check_lookups(engine: IoEngine, spec: ClusterSpec, server: int, seed: int, count: int = 50) -> None:
     """`count` lookups to `server`, each equal to the reference."""
-    store = ShardStore(spec.sharding, server, spec.model.load(), progress=False)
+    store = ShardStore(spec.sharding, server, load_weights(spec.model), progress=False)
     rng = np.random.default_rng(seed)
     requests = [random_request(rng, spec.sharding.server_rows(server)) for _ in range(count)]
     futures = [engine.submit(server, r) for r in requests]

@@ -11,16 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
+from flexemr.config.model import ModelSource
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.checkpoints import CheckpointError
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores
-from tests.core.test_checkpoint import formula_forward, reference_state_dict
+from tests.model.test_checkpoint import formula_forward, reference_state_dict
 
 ROWS = (40, 25, 60)
 DIM = 4
@@ -43,8 +44,8 @@ def test_meta_save_model_file_loads_safely(tmp_path: Path) -> None:
         path,
     )  # fmt: skip
     source = ModelSource(checkpoint=str(path))
-    dense, indices, lengths = random_batch(source.spec(), 9, seed=4)
-    got = reference_scores(build_monolithic(source.load()), dense, indices, lengths)
+    dense, indices, lengths = random_batch(model_spec(source), 9, seed=4)
+    got = reference_scores(build_monolithic(load_weights(source)), dense, indices, lengths)
     np.testing.assert_allclose(got, formula_forward(state, dense, indices, lengths, False), atol=1e-5)
 
 
@@ -56,7 +57,7 @@ def test_a_file_with_other_objects_is_refused_by_name(tmp_path: Path) -> None:
     path = tmp_path / "bad.pt"
     torch.save({"state_dict": reference_state_dict(itself=False), "extra": Payload()}, path)
     with pytest.raises(CheckpointError, match=r"safe load does not allow.*Payload"):
-        ModelSource(checkpoint=str(path)).spec()
+        model_spec(ModelSource(checkpoint=str(path)))
 
 
 def torchrec_state_dict(prefix: str) -> dict[str, torch.Tensor]:
@@ -117,11 +118,11 @@ def test_torchrec_dlrm_state_dict_scores_as_torchrec_computes(tmp_path: Path, pr
     path = tmp_path / "torchrec.pt"
     torch.save(state, path)
     source = ModelSource(checkpoint=str(path))
-    spec = source.spec()
+    spec = model_spec(source)
     assert spec.table_rows == ROWS and spec.bottom_mlp == (5, 6, 4) and spec.top_mlp == (8, 1)
     dense, indices, lengths = random_batch(spec, 12, seed=2)
     expected = torchrec_formula(state, prefix, dense, indices, lengths)
-    got = reference_scores(build_monolithic(source.load()), dense, indices, lengths)
+    got = reference_scores(build_monolithic(load_weights(source)), dense, indices, lengths)
     np.testing.assert_allclose(got, expected, atol=1e-5)
     if prefix:
         return
@@ -131,7 +132,7 @@ def test_torchrec_dlrm_state_dict_scores_as_torchrec_computes(tmp_path: Path, pr
     with LocalCluster(ClusterSpec(fp16, plan, (Endpoint(), Endpoint()))) as cluster:
         ranker = build_ranker(cluster.spec)
         try:
-            want = reference_scores(build_monolithic(fp16.load()), dense, indices, lengths)
+            want = reference_scores(build_monolithic(load_weights(fp16)), dense, indices, lengths)
             np.testing.assert_allclose(ranker.score(dense, indices, lengths), want, atol=1e-5)
         finally:
             ranker.close()
@@ -153,4 +154,4 @@ def test_torchrec_checkpoint_errors_name_what_is_missing(tmp_path: Path, change,
     change(state)
     torch.save(state, tmp_path / "bad.pt")
     with pytest.raises(CheckpointError, match=message):
-        ModelSource(checkpoint=str(tmp_path / "bad.pt")).spec()
+        model_spec(ModelSource(checkpoint=str(tmp_path / "bad.pt")))

@@ -10,16 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
-from flexemr.config import Endpoint, RankerConfig
+from flexemr.config import CacheMode, Endpoint, RankerConfig
+from flexemr.config.model import ModelSource
+from flexemr.config.plan import Shard, ShardingPlan
+from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.storage import DramStorage
 from flexemr.embedding_server.store import ShardStore
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model import rows as stored_rows
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
-from flexemr.sharding.plan import Shard, ShardingPlan, make_plan
+from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores
 
 
@@ -44,7 +46,7 @@ def test_kernels_pool_the_decoded_rows(fmt: stored_rows.RowFormat) -> None:
 
 
 def test_mixed_formats_on_one_server_pool_per_format() -> None:
-    source = ModelSource(preset="tiny", seed=3, row_dtype="int8,fp32,fp16,int8").load()
+    source = load_weights(ModelSource(preset="tiny", seed=3, row_dtype="int8,fp32,fp16,int8"))
     spec = source.spec
     plan = make_plan("row", spec.table_rows, spec.dim, 2)
     store = ShardStore(plan, 1, source, progress=False, storage=DramStorage())
@@ -62,12 +64,15 @@ def test_mixed_formats_on_one_server_pool_per_format() -> None:
 @pytest.mark.parametrize("row_dtype", ["fp16", "int8", "int8,fp16,fp32,int8"])
 def test_served_scores_equal_same_format_monolithic(row_dtype: str) -> None:
     source = ModelSource(preset="tiny", seed=5, row_dtype=row_dtype, pooling="mean")
-    spec = source.spec()
+    spec = model_spec(source)
     plan = make_plan("row", spec.table_rows, spec.dim, 2)
-    monolithic = build_monolithic(source.load())
-    fp32 = build_monolithic(dataclasses.replace(source, row_dtype=None).load())
+    monolithic = build_monolithic(load_weights(source))
+    fp32 = build_monolithic(load_weights(dataclasses.replace(source, row_dtype=None)))
     with LocalCluster(ClusterSpec(source, plan, (Endpoint(), Endpoint()))) as cluster:
-        for ranker_config in (RankerConfig(), RankerConfig(lookup="raw", cache="fixed:64KiB")):
+        for ranker_config in (
+            RankerConfig(),
+            RankerConfig(lookup="raw", cache=CacheMode.parse("fixed:64KiB")),
+        ):
             ranker = build_ranker(dataclasses.replace(cluster.spec, ranker=ranker_config))
             try:
                 for seed, batch in enumerate([1, 7, 64, 64]):  # the repeat hits the cache
@@ -94,7 +99,7 @@ def test_fp16_and_int8_servers_use_half_and_a_quarter_of_the_memory(monkeypatch:
     # A fixed mmap threshold: freed load buffers go back to the kernel instead of staying in the heap.
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     source = ModelSource(preset="rmc1", row_scale=0.25, row_dtype="fp32,fp16,int8,int8,int8,int8,int8,int8")
-    spec = source.spec()
+    spec = model_spec(source)
     rows = spec.table_rows[0]
     shards = [Shard(t, 0, rows, min(t, 2), rows * max(t - 2, 0)) for t in range(spec.num_tables)]
     plan = ShardingPlan(3, spec.table_rows, spec.dim, tuple(shards))
@@ -112,7 +117,7 @@ def test_fp16_and_int8_servers_use_half_and_a_quarter_of_the_memory(monkeypatch:
 def test_store_bytes_per_format() -> None:
     nbytes = {}
     for fmt in ("fp32", "fp16", "int8"):
-        source = ModelSource(preset="tiny", row_dtype=fmt).load()
+        source = load_weights(ModelSource(preset="tiny", row_dtype=fmt))
         plan = make_plan("table", source.spec.table_rows, source.spec.dim, 1)
         nbytes[fmt] = ShardStore(plan, 0, source, progress=False, storage=DramStorage()).nbytes
         assert nbytes[fmt] == source.spec.embedding_bytes

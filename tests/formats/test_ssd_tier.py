@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 
 from flexemr.bench.cgroup import memory_cgroup, oom_kills
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker, local_servers_need
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, StorageConfig
+from flexemr.config.model import ModelSource
+from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.storage import FileStorage
 from flexemr.embedding_server.store import ShardStore
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker, local_servers_need
 from flexemr.memory import NotEnoughMemory
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import WeightSource, build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores
@@ -39,7 +40,7 @@ class _NoRows:
 
 
 def test_row_file_is_reused_and_rewritten_when_stale_or_half_written(tmp_path: Path) -> None:
-    source = ModelSource(preset="tiny", seed=1, row_dtype="int8,fp32,fp16,int8").load()
+    source = load_weights(ModelSource(preset="tiny", seed=1, row_dtype="int8,fp32,fp16,int8"))
     plan = make_plan("row", source.spec.table_rows, source.spec.dim, 2)
     path = tmp_path / "server-0.rows"
     first = ShardStore(plan, 0, source, progress=False, storage=FileStorage(path, "v1"))
@@ -60,12 +61,12 @@ def test_row_file_is_reused_and_rewritten_when_stale_or_half_written(tmp_path: P
 
 def _serve_and_check(spec: ClusterSpec, cgroup: Path | None = None) -> int:
     """Serve `spec`, check scores against the monolithic model; the server's anonymous RSS."""
-    monolithic = build_monolithic(spec.model.load())
+    monolithic = build_monolithic(load_weights(spec.model))
     with LocalCluster(spec, cgroup=cgroup) as cluster:
         ranker = build_ranker(cluster.spec)
         try:
             for seed in range(3):
-                dense, indices, lengths = random_batch(spec.model.spec(), 256, seed, max_bag=20)
+                dense, indices, lengths = random_batch(model_spec(spec.model), 256, seed, max_bag=20)
                 got = ranker.score(dense, indices, lengths)
                 np.testing.assert_allclose(
                     got, reference_scores(monolithic, dense, indices, lengths), atol=1e-5
@@ -77,7 +78,7 @@ def _serve_and_check(spec: ClusterSpec, cgroup: Path | None = None) -> int:
 
 def test_mmap_server_serves_exact_scores_from_file_backed_rows(tmp_path: Path) -> None:
     source = ModelSource(preset="rmc1", row_scale=0.02, seed=2)
-    model = source.spec()
+    model = model_spec(source)
     plan = make_plan("table", model.table_rows, model.dim, 1)
     dram = ClusterSpec(source, plan, (Endpoint(),))
     mmap = dataclasses.replace(dram, storage=StorageConfig("mmap", str(tmp_path)))
@@ -95,7 +96,7 @@ def test_mmap_server_serves_exact_scores_from_file_backed_rows(tmp_path: Path) -
 @pytest.mark.timeout(300)
 def test_mmap_server_serves_a_table_larger_than_its_memory_limit(tmp_path: Path) -> None:
     source = ModelSource(preset="rmc1", row_scale=0.15, seed=2)  # 8 tables x 77 MB
-    model = source.spec()
+    model = model_spec(source)
     plan = make_plan("table", model.table_rows, model.dim, 1)
     spec = ClusterSpec(source, plan, (Endpoint(),), storage=StorageConfig("mmap", str(tmp_path)))
     # the interpreter and torch take ~180 MB; the rows get a quarter of their size beside them
@@ -131,7 +132,7 @@ def test_the_room_check_reads_the_memory_cgroup_limit() -> None:
 
 def test_a_process_that_would_not_fit_refuses_with_the_flags_to_change(tmp_path: Path) -> None:
     source = ModelSource(preset="dlrm-v2")  # ~100 GB of rows at row scale 1
-    model = source.spec()
+    model = model_spec(source)
     plan = make_plan("row", model.table_rows, model.dim, 2)
     spec = ClusterSpec(source, plan, (Endpoint(), Endpoint()))
     with pytest.raises(NotEnoughMemory, match="--row-scale"):
@@ -146,4 +147,4 @@ def test_a_process_that_would_not_fit_refuses_with_the_flags_to_change(tmp_path:
     assert "embedding server 0 needs" in done.stderr and "--storage mmap" in done.stderr
     assert "Traceback" not in done.stderr
     with pytest.raises(NotEnoughMemory, match="monolithic"):
-        build_monolithic(source.load())
+        build_monolithic(load_weights(source))

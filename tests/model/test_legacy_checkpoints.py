@@ -10,15 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
+from flexemr.config.model import ModelSource
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.checkpoints import CheckpointError
-from flexemr.model.source import ModelSource
+from flexemr.model.source import model_spec
 from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch
-from tests.core.test_checkpoint import formula_forward, reference_state_dict
+from tests.model.test_checkpoint import formula_forward, reference_state_dict
 
 
 class Payload:
@@ -39,7 +40,7 @@ def test_a_legacy_save_model_file_serves_exactly(tmp_path: Path, caplog: pytest.
     )  # fmt: skip
     source = ModelSource(checkpoint=str(path))
     with caplog.at_level(logging.WARNING, "flexemr.model.checkpoints"):
-        spec = source.spec()
+        spec = model_spec(source)
     size = f"{path.stat().st_size / 2**20:.1f} MiB"
     assert any("before PyTorch 1.6" in r.message and size in r.message for r in caplog.records)
     dense, indices, lengths = random_batch(spec, 9, seed=4)
@@ -57,11 +58,11 @@ def test_a_legacy_file_with_other_objects_is_refused_by_name(tmp_path: Path) -> 
     path = tmp_path / "bad.pt"
     save_legacy({"state_dict": reference_state_dict(itself=False), "extra": Payload()}, path)
     with pytest.raises(CheckpointError, match=r"safe load does not allow.*Payload"):
-        ModelSource(checkpoint=str(path)).spec()
+        model_spec(ModelSource(checkpoint=str(path)))
 
 
 def test_a_file_in_neither_format_is_named_so(tmp_path: Path) -> None:
     path = tmp_path / "notes.pt"
     path.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match=r"not a torch\.save checkpoint"):
-        ModelSource(checkpoint=str(path)).spec()
+        model_spec(ModelSource(checkpoint=str(path)))

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from flexemr.cli.main import main
+from flexemr.config.plan import ShardingPlan
 from flexemr.planner import load_calibration, load_sharding
-from flexemr.sharding.plan import ShardingPlan
 
 PLAN = ["plan", "--preset", "rmc1", "--row-scale", "0.1", "--qps", "500", "--p99-ms", "30"]
 

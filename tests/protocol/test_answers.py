@@ -7,8 +7,9 @@ import io
 import numpy as np
 import pytest
 
+from flexemr.config import FrameLimits
 from flexemr.protocol.answers import LookupFailed, Stale, SubrequestRefused, answer_or_raise
-from flexemr.protocol.frames import Frame, FrameLimits, MessageType, error_frame, read_frame
+from flexemr.protocol.frames import Frame, MessageType, error_frame, read_frame
 
 
 def frame(kind: MessageType, *buffers: np.ndarray) -> Frame:

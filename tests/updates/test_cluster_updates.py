@@ -18,15 +18,16 @@ from prometheus_client import generate_latest
 
 from flexemr.api.metrics import RequestMetrics
 from flexemr.cli.main import main
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
-from flexemr.config import Endpoint, RankerConfig, SecurityConfig
+from flexemr.config import CacheMode, Endpoint, RankerConfig, SecurityConfig
+from flexemr.config.model import ModelSource
+from flexemr.config.spec import ClusterSpec
 from flexemr.engine import IoEngine
 from flexemr.engine.link import ServerLink, links
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import build_ranker
 from flexemr.model import rows as stored_rows
 from flexemr.model.dlrm import DLRM
-from flexemr.model.source import ModelSource
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.protocol.frames import MessageType
 from flexemr.protocol.updates import StagedRows
@@ -59,9 +60,11 @@ class Live:
     def wait_for(self, version: int, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
         for ranker in self.rankers:
-            assert ranker.versions is not None
-            while ranker.versions.version < version:
-                assert time.monotonic() < deadline, f"a ranker still reads version {ranker.versions.version}"
+            assert ranker.row_version is not None
+            while ranker.row_version.version < version:
+                assert time.monotonic() < deadline, (
+                    f"a ranker still reads version {ranker.row_version.version}"
+                )
                 time.sleep(0.02)
 
     def check_scores(self, seed: int, batch: int = 16) -> None:
@@ -76,7 +79,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     secret = tmp_path_factory.mktemp("secret") / "secret"
     secret.write_text("a secret of the update tests")
     source = ModelSource(preset="tiny", seed=11, row_dtype="int8,fp32,fp16,int8")
-    model = source.spec()
+    model = model_spec(source)
     plan = replicated(make_plan("row", model.table_rows, model.dim, 2), 2)
     spec = ClusterSpec(
         source, plan, tuple(Endpoint() for _ in range(4)), security=SecurityConfig(secret_file=str(secret))
@@ -85,9 +88,11 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     spec = cluster.start()
     rankers = [
         build_ranker(spec),
-        build_ranker(dataclasses.replace(spec, ranker=RankerConfig(lookup="raw", cache="fixed:1MiB"))),
+        build_ranker(
+            dataclasses.replace(spec, ranker=RankerConfig(lookup="raw", cache=CacheMode.parse("fixed:1MiB")))
+        ),
     ]
-    state = Live(spec, cluster, rankers, build_monolithic(source.load()), Updater(spec), links(spec))
+    state = Live(spec, cluster, rankers, build_monolithic(load_weights(source)), Updater(spec), links(spec))
     yield state
     state.updater.close()
     for link in state.links:
@@ -262,9 +267,13 @@ def test_a_commit_left_half_done_is_finished_by_the_rankers(live: Live) -> None:
     on the other servers when they meet them behind, and score it."""
     updates = random_updates(live.mono.spec, 16, 9)
     version, token = live.updater.version() + 1, 12345
-    for server, (rows, values) in live.updater._split(updates).items():
-        live.links[server].request(MessageType.UPDATE, StagedRows(version, token, rows, values).buffers())
-    live.links[0].commit(version, token)
+    split = live.updater._split(updates)
+    written = np.array([split[s][0].size if s in split else 0 for s in range(4)])
+    empty = (np.empty(0, np.int64), np.empty((0, 8), np.float32))
+    for server in sorted({0, *split}):
+        rows, values = split.get(server, empty)
+        live.links[server].stage(StagedRows(version, token, rows, values))
+    live.links[0].commit(version, token, written)
     apply_monolithic(live.mono, updates)
     live.wait_for(version)
     live.check_scores(seed=10)

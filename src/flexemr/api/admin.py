@@ -7,7 +7,7 @@
                                               one, which rolls back to the other)
 
 Every admin request carries `Authorization: Bearer TOKEN`, the token derived from the cluster
-secret (`flexemr.cluster.security.admin_token`); without a secret the admin API is off (403).
+secret (`flexemr.config.security.admin_token`); without a secret the admin API is off (403).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from starlette.concurrency import run_in_threadpool
 
 from flexemr.api.bodies import BodyTooLarge, read_body
 from flexemr.api.front_door import ErrorKind, FrontDoor, Rejected, classify
-from flexemr.model.source import ModelSource
-from flexemr.ranker.model_versions import ModelVersion, VersionConflict
+from flexemr.config.model import ModelSource
+from flexemr.ranker.model_versions import ModelVersion, ModelVersionConflict
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ def admin_routes(door: FrontDoor) -> APIRouter:
             if version is not None:
                 return answer(models.serve(version))
             if models.serving.source is None:
-                raise VersionConflict(
+                raise ModelVersionConflict(
                     "this ranker cannot load versions (it does not know its model's source)"
                 )
             source = new_source(models.serving.source, params)

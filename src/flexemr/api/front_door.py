@@ -29,7 +29,7 @@ from flexemr.api.kserve import InferRequest
 from flexemr.batch import InvalidRequest
 from flexemr.config import RankerConfig
 from flexemr.ranker.admission import Admission, Dropped, Refused, Ticket
-from flexemr.ranker.model_versions import ModelVersions, UnknownVersion, VersionConflict
+from flexemr.ranker.model_versions import ModelVersionConflict, ModelVersions, UnknownModelVersion
 from flexemr.ranker.turns import PROCESS_TURNS
 from flexemr.transport.base import LookupFailed, ServerUnavailable
 
@@ -69,9 +69,9 @@ def classify(exc: BaseException) -> ErrorKind:
         return exc.kind
     if isinstance(exc, InvalidRequest):
         return ErrorKind.INVALID_INPUT
-    if isinstance(exc, UnknownVersion):
+    if isinstance(exc, UnknownModelVersion):
         return ErrorKind.UNKNOWN_MODEL
-    if isinstance(exc, VersionConflict):
+    if isinstance(exc, ModelVersionConflict):
         return ErrorKind.CONFLICT
     if isinstance(exc, Refused):
         return ErrorKind.REFUSED

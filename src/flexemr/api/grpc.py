@@ -39,9 +39,6 @@ with needs_extra("grpc"):
 
 log = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 256 * 2**20
-"""Largest request message, the HTTP front's body limit."""
-
 CODE = {
     ErrorKind.INVALID_INPUT: grpc.StatusCode.INVALID_ARGUMENT,
     ErrorKind.UNKNOWN_MODEL: grpc.StatusCode.NOT_FOUND,
@@ -192,13 +189,14 @@ class GrpcServer:
     """A gRPC server for the ranker on `host:port` (0: any free port; `port` is the real one)."""
 
     def __init__(self, door: FrontDoor, host: str, port: int, workers: int = 16) -> None:
+        max_message = door.config.max_body_bytes  # the HTTP front's body limit too
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
             # RPCs beyond this many in flight are refused at once (RESOURCE_EXHAUSTED), not queued.
             maximum_concurrent_rpcs=4 * workers,
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", max_message),
+                ("grpc.max_send_message_length", max_message),
                 ("grpc.so_reuseport", 0),
             ],
         )

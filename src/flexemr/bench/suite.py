@@ -27,8 +27,9 @@ from flexemr.bench.loadgen_sut import (
     run_offline,
 )
 from flexemr.bench.systems import SYSTEMS, ApiProtocol, ServedSystem, cache_hit_rate, wire_bytes
-from flexemr.cluster.deployment import cpu_seconds
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.entrypoints.deployment import cpu_seconds
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.spec import DEFAULT_ZIPF_SKEW
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import ShardingConfig
@@ -127,8 +128,8 @@ def run_suite(
     suite: Suite, config: BenchConfig, step: Callable[[str], None] = lambda _: None
 ) -> list[SystemResult]:
     source = ModelSource(preset=config.preset, row_scale=config.row_scale, seed=config.seed)
-    spec = source.spec()
-    monolithic = TorchBackend(build_monolithic(source.load()))
+    spec = model_spec(source)
+    monolithic = TorchBackend(build_monolithic(load_weights(source)))
     workload = SyntheticWorkload(spec, SyntheticConfig(alpha=config.alpha), seed=config.seed)
     request = workload.generate(8192)
     offline_pool = SamplePool.build(request, 8192, seed=config.seed)

@@ -21,7 +21,7 @@ import numpy as np
 
 from flexemr.batch import SparseBatch
 from flexemr.client import Client
-from flexemr.cluster.child import AnnouncedProcess
+from flexemr.entrypoints.child import AnnouncedProcess
 from flexemr.extras import needs_extra
 
 if TYPE_CHECKING:

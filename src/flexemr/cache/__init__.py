@@ -9,11 +9,13 @@ One concept per module:
 - `memory_model`: `MemoryModel`, the dense network's memory by batch size; the cache's budget.
 - `cost_gate`: `CostGate`, a pure A/B policy: consult the cache only where it speeds lookups up.
 - `manager`: `AdaptiveCacheManager`, all of the above behind a thread-safe per-batch API.
+
+Its tuning (`CacheConfig`, `LoadMonitorConfig`, `CostGateConfig`) is in `flexemr.config.cache`.
 """
 
-from flexemr.cache.cost_gate import CostGate, CostGateConfig
-from flexemr.cache.load_monitor import LoadDecision, LoadMonitor, LoadMonitorConfig
-from flexemr.cache.manager import AdaptiveCacheManager, CacheConfig, CacheStats, ResizeEvent, WarmRequest
+from flexemr.cache.cost_gate import CostGate
+from flexemr.cache.load_monitor import LoadDecision, LoadMonitor
+from flexemr.cache.manager import AdaptiveCacheManager, CacheStats, ResizeEvent, WarmRequest
 from flexemr.cache.memory_model import MemoryModel
 from flexemr.cache.pooling import CachedPart, cached_partial_sums
 from flexemr.cache.row_cache import RowCache
@@ -21,15 +23,12 @@ from flexemr.cache.sketch import FrequencySketch
 
 __all__ = [
     "AdaptiveCacheManager",
-    "CacheConfig",
     "CacheStats",
     "CachedPart",
     "CostGate",
-    "CostGateConfig",
     "FrequencySketch",
     "LoadDecision",
     "LoadMonitor",
-    "LoadMonitorConfig",
     "MemoryModel",
     "ResizeEvent",
     "RowCache",

@@ -21,33 +21,7 @@ No threads, no clock: the caller times the lookup phase and reports it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-
-@dataclass(frozen=True)
-class CostGateConfig:
-    probe_every: int = 16
-    """Every this many batches, one goes to the arm currently not chosen."""
-    probe_max_keys: int = 1 << 18
-    """Batches with more keys are never probes (nor warm-up batches once both arms are measured)."""
-    warmup: int = 4
-    """Measurements per arm before choosing by cost (alternating until then)."""
-    smoothing: float = 0.2
-    """Weight of the newest measurement in each arm's mean."""
-    margin: float = 0.1
-    """Switch arms only when the other is cheaper by this fraction."""
-
-    def __post_init__(self) -> None:
-        if self.probe_every < 2:
-            raise ValueError(f"probe_every must be >= 2, got {self.probe_every}")
-        if self.probe_max_keys < 1:
-            raise ValueError(f"probe_max_keys must be >= 1, got {self.probe_max_keys}")
-        if self.warmup < 1:
-            raise ValueError(f"warmup must be >= 1, got {self.warmup}")
-        if not 0 < self.smoothing <= 1:
-            raise ValueError(f"smoothing must be in (0, 1], got {self.smoothing}")
-        if self.margin < 0:
-            raise ValueError(f"margin must be >= 0, got {self.margin}")
+from flexemr.config.cache import CostGateConfig
 
 
 class CostGate:

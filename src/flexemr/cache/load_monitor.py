@@ -21,34 +21,9 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
+from flexemr.config.cache import LoadMonitorConfig
+
 LoadState = Literal["low", "high"]
-
-
-@dataclass(frozen=True)
-class LoadMonitorConfig:
-    max_batch: int = 8192
-    """Largest batch the ranker forms (its `max_batch`); loads are fractions of it."""
-    window_s: float = 1.0
-    """Length of the sliding window over recent batches."""
-    enter_high: float = 0.75
-    """Enter HIGH when the window's mean (batch + queue) reaches this fraction of `max_batch`."""
-    exit_high: float = 0.4
-    """Leave HIGH when it falls to this fraction (below `enter_high`: the hysteresis band)."""
-    min_dwell_s: float = 2.0
-    """Least time in a state before leaving it."""
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1:
-            raise ValueError(f"max_batch must be positive, got {self.max_batch}")
-        if self.window_s <= 0:
-            raise ValueError(f"window_s must be positive, got {self.window_s}")
-        if not 0 <= self.exit_high < self.enter_high:
-            raise ValueError(
-                f"need 0 <= exit_high < enter_high, got exit_high={self.exit_high}, "
-                f"enter_high={self.enter_high}"
-            )
-        if self.min_dwell_s < 0:
-            raise ValueError(f"min_dwell_s must be >= 0, got {self.min_dwell_s}")
 
 
 @dataclass(frozen=True)
@@ -67,8 +42,12 @@ def next_power_of_two(n: int) -> int:
 
 
 class LoadMonitor:
-    def __init__(self, config: LoadMonitorConfig | None = None, start: float = 0.0) -> None:
-        self.config = config or LoadMonitorConfig()
+    def __init__(self, config: LoadMonitorConfig, max_batch: int, start: float = 0.0) -> None:
+        """`max_batch`: the largest batch the ranker forms; loads are fractions of it."""
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be positive, got {max_batch}")
+        self.config = config
+        self.max_batch = max_batch
         self.state: LoadState = "low"
         self._since = start
         self._now = start
@@ -90,7 +69,7 @@ class LoadMonitor:
         self._window.append((now, batch_size, batch_size + queue_depth))
         while self._window[0][0] < now - cfg.window_s:
             self._window.popleft()
-        load = sum(d for _, _, d in self._window) / len(self._window) / cfg.max_batch
+        load = sum(d for _, _, d in self._window) / len(self._window) / self.max_batch
 
         previous = self.state
         if now - self._since >= cfg.min_dwell_s:
@@ -102,7 +81,7 @@ class LoadMonitor:
             self._since = now
 
         if self.state == "high":
-            plan = cfg.max_batch
+            plan = self.max_batch
         else:
-            plan = min(next_power_of_two(max(b for _, b, _ in self._window)), cfg.max_batch)
+            plan = min(next_power_of_two(max(b for _, b, _ in self._window)), self.max_batch)
         return LoadDecision(self.state, max(plan, batch_size), load, self.state != previous)

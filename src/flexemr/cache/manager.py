@@ -37,19 +37,20 @@ import math
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from flexemr.cache.cost_gate import CostGate, CostGateConfig
-from flexemr.cache.load_monitor import LoadMonitor, LoadMonitorConfig, LoadState
+from flexemr.cache.cost_gate import CostGate
+from flexemr.cache.load_monitor import LoadMonitor, LoadState
 from flexemr.cache.memory_model import MemoryModel
 from flexemr.cache.pooling import CachedPart, cached_partial_sums
-from flexemr.cache.row_cache import DEFAULT_WAYS, RowCache
+from flexemr.cache.row_cache import RowCache
 from flexemr.cache.sketch import FrequencySketch
 from flexemr.config import CacheMode, LookupMode
+from flexemr.config.cache import CacheConfig
 from flexemr.model.dlrm import DenseArch
 from flexemr.stats import Count
 
@@ -58,67 +59,6 @@ INVALIDATION_LOG = 256
 OBSERVED_BACKLOG = 64
 """Batch samples waiting to be counted; beyond this the oldest are dropped (the warming thread
 is behind, and recent traffic says more about what is hot)."""
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    """The ranker's embedding cache (`--cache`)."""
-
-    mode: str = "off"
-    """`off`, `fixed:BYTES` or `adaptive`."""
-    ways: int = DEFAULT_WAYS
-    """Associativity: rows one set holds (LRU within a set)."""
-    wire: LookupMode = "partial"
-    """The ranker's lookup mode; only changes how `bytes_saved` is counted."""
-    max_bytes: int | None = None
-    """`adaptive`: never grow beyond this (None: as far as the memory model allows)."""
-    min_bytes: int = 256 << 10
-    """`adaptive`: a smaller budget gives no cache at all. A lookup costs the same per key whatever
-    the cache's size, so a sliver (what a full batch leaves) costs more than its few hits save."""
-    grow_threshold: float = 0.1
-    """`adaptive`: grow only when the budget exceeds the capacity by this fraction (shrinks are
-    immediate), so small budget changes do not rebuild the cache."""
-    grow_after_s: float = 5.0
-    """`adaptive`: no grow within this long after a shrink. Shrinks are immediate (the batch
-    needs the memory now); growing back slowly keeps a bursty load from resizing the cache every
-    second (a resize copies the cache and holds up lookups meanwhile)."""
-    device_budget_bytes: int | None = None
-    """Memory the ranker may use on its device; None: 90% of GPU memory, or 25% of RAM on CPU."""
-    safety_margin_bytes: int = 64 << 20
-    """Held back from the cache beyond parameters and activations."""
-    sketch_width: int = 1 << 16
-    """Counters per sketch row (a power of two)."""
-    sketch_depth: int = 4
-    """Sketch rows (independent hashes)."""
-    sketch_candidates: int = 4096
-    """Heavy-hitter candidates tracked for warming."""
-    sketch_half_life: float = 1e6
-    """Observed keys after which a count weighs half."""
-    sketch_sample: int = 1 << 12
-    """Keys of one batch the sketch counts at most (a strided sample, each weighing
-    batch / sample): bounds its cost on big batches."""
-    load: LoadMonitorConfig = field(default_factory=LoadMonitorConfig)
-    """Load detection (window, thresholds, dwell, max batch)."""
-    gate: CostGateConfig | None = field(default_factory=CostGateConfig)
-    """`adaptive`: the A/B test that bypasses the cache where consulting it makes lookups slower
-    (see `cost_gate`); None: always consult it."""
-
-    def __post_init__(self) -> None:
-        CacheMode.parse(self.mode)
-        if self.wire not in ("partial", "raw"):
-            raise ValueError(f"wire must be 'partial' or 'raw', got {self.wire!r}")
-        if self.grow_threshold < 0:
-            raise ValueError(f"grow_threshold must be >= 0, got {self.grow_threshold}")
-        if self.max_bytes is not None and self.max_bytes < 0:
-            raise ValueError(f"max_bytes must be >= 0, got {self.max_bytes}")
-        if self.min_bytes < 0:
-            raise ValueError(f"min_bytes must be >= 0, got {self.min_bytes}")
-        if self.grow_after_s < 0:
-            raise ValueError(f"grow_after_s must be >= 0, got {self.grow_after_s}")
-
-    @property
-    def cache_mode(self) -> CacheMode:
-        return CacheMode.parse(self.mode)
 
 
 @dataclass(frozen=True)
@@ -198,19 +138,28 @@ class CacheStats:
 class AdaptiveCacheManager:
     def __init__(
         self,
-        config: CacheConfig,
+        mode: CacheMode,
         dim: int,
         device: torch.device | str | None = None,
         memory: MemoryModel | None = None,
         start: float = 0.0,
+        *,
+        config: CacheConfig | None = None,
+        wire: LookupMode = "partial",
+        max_batch: int = 8192,
     ) -> None:
+        """A cache of `mode` (the ranker's `--cache`) for rows of `dim` columns, tuned by `config`;
+        `wire`: the ranker's lookup mode (only changes how `bytes_saved` is counted); `max_batch`:
+        the largest batch it forms (loads are fractions of it)."""
+        config = config or CacheConfig()
         self.config = config
-        self.mode = config.cache_mode
+        self.mode = mode
+        self.wire = wire
         if self.mode.kind == "adaptive" and memory is None:
             raise ValueError("the adaptive cache needs a MemoryModel (use AdaptiveCacheManager.for_model)")
         self.memory = memory
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.monitor = LoadMonitor(config.load, start)
+        self.monitor = LoadMonitor(config.load, max_batch, start)
         self.gate = CostGate(config.gate) if self.mode.kind == "adaptive" and config.gate else None
         self.cache = RowCache(dim, self._initial_bytes(), self.device, config.ways)
         self.sketch = FrequencySketch(
@@ -239,27 +188,34 @@ class AdaptiveCacheManager:
     @classmethod
     def for_model(
         cls,
-        config: CacheConfig,
+        mode: CacheMode,
         dense: DenseArch,
         device: torch.device | str | None = None,
         start: float = 0.0,
+        *,
+        config: CacheConfig | None = None,
+        wire: LookupMode = "partial",
+        max_batch: int = 8192,
+        device_budget_bytes: int | None = None,
     ) -> AdaptiveCacheManager:
-        """A manager for `dense` (already on `device`); `adaptive` calibrates a MemoryModel first."""
+        """A manager for `dense` (already on `device`); `adaptive` calibrates a MemoryModel first,
+        within `device_budget_bytes` (None: 90% of GPU memory, or 25% of RAM on CPU)."""
+        config = config or CacheConfig()
         memory = None
-        if config.cache_mode.kind == "adaptive":
+        if mode.kind == "adaptive":
             memory = MemoryModel.calibrate(
                 dense,
                 device,
-                device_budget_bytes=config.device_budget_bytes,
+                device_budget_bytes=device_budget_bytes,
                 safety_margin_bytes=config.safety_margin_bytes,
             )
-        return cls(config, dense.spec.dim, device, memory, start)
+        return cls(mode, dense.spec.dim, device, memory, start, config=config, wire=wire, max_batch=max_batch)
 
     def _initial_bytes(self) -> int:
         if self.mode.kind == "fixed":
             return self.mode.fixed_bytes
         if self.mode.kind == "adaptive":
-            return self._budget(self.config.load.max_batch)  # start safe, grow when load is low
+            return self._budget(self.monitor.max_batch)  # start safe, grow when load is low
         return 0
 
     def _budget(self, plan_batch: int) -> int:
@@ -350,7 +306,7 @@ class AdaptiveCacheManager:
         with self._lock:
             part = cached_partial_sums(self.cache, keys, offsets, out)
         hits = part.hits
-        if self.config.wire == "raw":
+        if self.wire == "raw":
             saved = hits * (4 * self.cache.dim + 8)
         else:
             whole_bags = int(((part.miss_lengths == 0) & (part.offsets.diff() > 0)).sum()) if hits else 0

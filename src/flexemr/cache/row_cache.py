@@ -36,11 +36,9 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from flexemr.cache.hashing import bucket
+from flexemr.config.cache import DEFAULT_WAYS
 
 EMPTY = -1
-DEFAULT_WAYS = 4
-"""Ways per set. A lookup costs about 10 ns per key per way on a CPU (gather, compare, max); with
-Zipf traffic 4 ways hit within about a point of 16, at a third of the cost."""
 FIND_CHUNK = 1 << 15
 """Keys `_find` compares per step."""
 

@@ -31,17 +31,18 @@ import torch
 from scipy.optimize import nnls
 
 from flexemr.batch import SparseBatch
-from flexemr.cluster.deployment import LocalDeployment, RoundRobinBackend, cpu_seconds
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, RankerConfig
+from flexemr.config.model import ModelSource
+from flexemr.config.plan import ShardingPlan
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.deployment import LocalDeployment, RoundRobinBackend, cpu_seconds
 from flexemr.model.dlrm import DenseArch
-from flexemr.model.source import ModelSource
+from flexemr.model.source import model_spec
 from flexemr.model.spec import ModelSpec
 from flexemr.planner.calibration import Calibration, DenseCost, LookupCost, NetworkCost, ServingCost
 from flexemr.planner.inputs import ModelProfile
 from flexemr.planner.perf_model import INDEX_BYTES
 from flexemr.planner.placement import Strategy, place
-from flexemr.sharding.plan import ShardingPlan
 from flexemr.sharding.router import RangeRouter
 
 
@@ -375,7 +376,7 @@ def _serving_points(
     """CPU seconds per request of each process of `deployment` for requests of each shape, and
     what the fit takes as known: the bytes through the sockets (`byte_s` each end), the lookup
     kernels and the dense model (`dense_s` of the batch size)."""
-    spec = _SERVING_MODEL.spec()
+    spec = model_spec(_SERVING_MODEL)
     router = RangeRouter(plan)
     backend, pids = deployment.backend(), deployment.pids()
     points = []
@@ -425,7 +426,7 @@ def measure_serving(
     end of a connection at the loopback stream's rate) are taken away, fitted to the request's
     shape, on a row-wise and a table-wise cluster (the router works differently on each); plus
     the ranker's contention from one point repeated with several requests in flight."""
-    spec = _SERVING_MODEL.spec()
+    spec = model_spec(_SERVING_MODEL)
     profile = ModelProfile(spec)
     flops = profile.dense_flops_per_sample
 

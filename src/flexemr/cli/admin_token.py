@@ -8,8 +8,8 @@ import sys
 
 from flexemr.cli.flags import over
 from flexemr.cli.options import add_secret_argument
-from flexemr.cluster.security import admin_token, load_secret
 from flexemr.config import SecurityConfig
+from flexemr.config.security import admin_token, load_secret
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

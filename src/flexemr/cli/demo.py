@@ -12,17 +12,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-from flexemr.api.front_door import FrontDoor
-from flexemr.api.http_server import HttpServer
 from flexemr.cli.options import add_sharding_arguments, add_zipf_skew_argument, describe_plan, sharding_plan
 from flexemr.client import Client
-from flexemr.cluster.local import LocalCluster
-from flexemr.cluster.roles import build_ranker
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint, RankerConfig, StorageConfig
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.roles import RankerProcess
+from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
-from flexemr.ranker.model_versions import ModelVersions
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
 
 
@@ -38,23 +36,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     source = ModelSource(preset=args.preset, row_scale=args.row_scale)
-    spec = source.spec()
+    spec = model_spec(source)
     plan = sharding_plan(args, spec.table_rows, spec.dim)
     size_mib = spec.embedding_bytes / 2**20
     print(f"model {args.preset} x{args.row_scale}: {spec.num_tables} tables, {size_mib:.0f} MiB")
     print(describe_plan(plan, spec, StorageConfig()))
     workload = SyntheticWorkload(spec, SyntheticConfig(alpha=args.zipf_skew), seed=1)
     requests = [workload.generate(args.batch) for _ in range(args.requests)]
-    monolithic = build_monolithic(source.load())
+    monolithic = build_monolithic(load_weights(source))
     endpoints = tuple(Endpoint() for _ in range(plan.num_servers))
     with LocalCluster(ClusterSpec(source, plan, endpoints, RankerConfig(port=0))) as cluster:
-        ranker = build_ranker(cluster.spec)
-        http = HttpServer(FrontDoor(ModelVersions(ranker), ranker.config), "127.0.0.1", 0)
-        http.start_in_thread()
-        print(f"cluster ready at {http.url}; sending {args.requests} requests of {args.batch} samples")
+        process = RankerProcess.build(cluster.spec)
+        process.start_in_thread()
+        print(f"cluster ready at {process.url}; sending {args.requests} requests of {args.batch} samples")
         latencies: list[float] = []
         try:
-            with Client(http.url) as client:
+            with Client(process.url) as client:
 
                 def send(i: int) -> np.ndarray:
                     start = time.perf_counter()
@@ -67,10 +64,9 @@ def run(args: argparse.Namespace) -> int:
                 with ThreadPoolExecutor(args.clients) as pool:
                     served = list(pool.map(send, range(args.requests)))
                 elapsed = time.perf_counter() - start
-            stats = ranker.stats()
+            stats = process.ranker.stats()
         finally:
-            http.stop()
-            ranker.close()
+            process.close()
     with torch.inference_mode():
         expected = [
             monolithic.forward_sparse(*(torch.from_numpy(a) for a in (r.dense, r.indices, r.lengths))).numpy()

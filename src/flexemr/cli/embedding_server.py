@@ -8,10 +8,10 @@ import signal
 import sys
 
 from flexemr.cli.options import add_secret_argument, with_secret_file
-from flexemr.cluster.child import exit_when_stdin_closes
-from flexemr.cluster.local import READY_PREFIX
-from flexemr.cluster.roles import build_embedding_server
-from flexemr.cluster.spec import ClusterSpec
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.child import exit_when_stdin_closes
+from flexemr.entrypoints.local import READY_PREFIX
+from flexemr.entrypoints.roles import EmbeddingServerProcess
 from flexemr.memory import NotEnoughMemory
 
 
@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         exit_when_stdin_closes()
     try:
         spec = with_secret_file(ClusterSpec.load(args.spec), args)
-        server = build_embedding_server(spec, args.index, progress=not args.quiet)
+        server = EmbeddingServerProcess.build(spec, args.index, progress=not args.quiet)
     except (ValueError, OSError, NotEnoughMemory) as exc:
         print(f"flexemr embedding-server: {exc}", file=sys.stderr)
         return 2

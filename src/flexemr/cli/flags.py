@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, get_args, get_origin
 
 from flexemr.config import Flag, parse_bytes
@@ -48,6 +49,18 @@ def _shown(value: Any, meta: Flag) -> str:
     return str(value * 1000 if meta.unit == "ms" else value)
 
 
+def _precise(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse`, its ValueError's message shown by argparse (not "invalid parse value")."""
+
+    def parsed(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parsed
+
+
 def add_flags(parser: argparse.ArgumentParser, cls: type, note: str = "") -> None:
     """A flag for each field of dataclass `cls` that has one; `note` follows each default in --help
     (e.g. ", or the spec file's")."""
@@ -60,7 +73,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, note: str = "") -> Non
         elif get_origin(kind) is Literal:
             options["choices"] = get_args(kind)
         else:
-            options["type"] = parse_bytes if meta.unit == "bytes" else kind
+            # A type with a `parse` classmethod (CacheMode) is written as text, e.g. fixed:64MiB.
+            parse = parse_bytes if meta.unit == "bytes" else getattr(kind, "parse", None)
+            options["type"] = kind if parse is None else _precise(parse)
         shown = "" if f.default is None else f" (default: {_shown(f.default, meta)}{note})"
         parser.add_argument(meta.name, help=(meta.help + shown).replace("%", "%%"), **options)
 

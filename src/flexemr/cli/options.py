@@ -7,13 +7,15 @@ import dataclasses
 from collections import Counter
 
 from flexemr.cli.flags import add_flags, given, over
-from flexemr.cluster.spec import ClusterSpec
-from flexemr.config import Endpoint, EngineConfig, RankerConfig, SecurityConfig, StorageConfig
+from flexemr.config import Endpoint, EngineConfig, RankerConfig, SecurityConfig, StorageConfig, UpdatesConfig
+from flexemr.config.model import ModelSource
+from flexemr.config.plan import ShardingPlan
+from flexemr.config.spec import ClusterSpec
 from flexemr.model.presets import PRESET_NAMES
 from flexemr.model.rows import row_bytes
-from flexemr.model.source import ModelSource
+from flexemr.model.source import model_spec
 from flexemr.model.spec import DEFAULT_ZIPF_SKEW, ModelSpec
-from flexemr.sharding.plan import ShardingConfig, ShardingPlan, replicated
+from flexemr.sharding.plan import ShardingConfig, replicated
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +54,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server-host", default="127.0.0.1", help="address the embedding servers listen on (never --host)"
     )
-    for family in (RankerConfig, EngineConfig, StorageConfig, SecurityConfig):
+    for family in (RankerConfig, EngineConfig, StorageConfig, UpdatesConfig, SecurityConfig):
         add_flags(parser, family)
 
 
@@ -91,7 +93,7 @@ def check_plan_model(plan: ShardingPlan, table_rows: tuple[int, ...], dim: int, 
 
 def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
     source = model_source(args)
-    spec = source.spec()
+    spec = model_spec(source)
     if args.plan:
         from flexemr.planner import load_sharding
 
@@ -109,6 +111,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         engine=over(EngineConfig(), args),
         security=over(SecurityConfig(), args),
         storage=over(StorageConfig(), args),
+        updates=over(UpdatesConfig(), args),
     )
 
 

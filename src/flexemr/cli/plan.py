@@ -6,8 +6,8 @@ import argparse
 import sys
 
 from flexemr.cli.options import add_zipf_skew_argument
+from flexemr.config.model import ModelSource
 from flexemr.model.presets import PRESET_NAMES
-from flexemr.model.source import ModelSource
 from flexemr.planner.inputs import Traffic
 
 

@@ -7,19 +7,11 @@ import dataclasses
 import logging
 import sys
 
-from flexemr.api.front_door import FrontDoor
-from flexemr.api.http_server import HttpServer
 from flexemr.cli.flags import add_flags, over
-from flexemr.cluster.child import exit_when_stdin_closes
-from flexemr.cluster.roles import (
-    build_ranker,
-    ranker_threads,
-    served_versions,
-    start_grpc,
-    torch_threads,
-)
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import EngineConfig, RankerConfig, SecurityConfig
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.child import exit_when_stdin_closes
+from flexemr.entrypoints.roles import RankerProcess, ranker_threads, torch_threads
 from flexemr.memory import NotEnoughMemory
 from flexemr.transport.base import ConfigMismatch, ServerUnavailable
 
@@ -53,23 +45,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         spec = load_spec(args)
         torch_threads(ranker_threads(spec.ranker.torch_threads, beside=0))  # servers run elsewhere
-        ranker = build_ranker(spec, connect_timeout_s=args.connect_timeout)
-        models = served_versions(spec, ranker, cluster=spec)  # servers started elsewhere: no loading
-        door = FrontDoor(models, ranker.config)
-    except (ValueError, OSError, ServerUnavailable, ConfigMismatch, NotEnoughMemory) as exc:
+        # servers started elsewhere: it loads no other model version
+        process = RankerProcess.build(
+            spec, connect_timeout_s=args.connect_timeout, reuse_port=args.reuse_port
+        )
+    except (ValueError, OSError, RuntimeError, ServerUnavailable, ConfigMismatch, NotEnoughMemory) as exc:
         print(f"flexemr ranker: {exc}", file=sys.stderr)
         return 2
+    print(f"flexemr ranker ready: {process.describe()}", flush=True)
     try:
-        grpc = start_grpc(door)
-    except (RuntimeError, OSError) as exc:
-        print(f"flexemr ranker: {exc}", file=sys.stderr)
-        ranker.close()
-        return 2
-    http = HttpServer(door, spec.ranker.host, spec.ranker.port, args.reuse_port)
-    grpc_note = f" grpc={grpc.address}" if grpc is not None else ""
-    print(f"flexemr ranker ready: {http.url} model={spec.ranker.model_name}{grpc_note}", flush=True)
-    http.run()
-    if grpc is not None:
-        grpc.stop()
-    ranker.close()
+        process.run()
+    finally:
+        process.close()
     return 0

@@ -22,25 +22,19 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from flexemr.api.front_door import FrontDoor
-from flexemr.api.http_server import HttpServer
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec, describe_plan
-from flexemr.cluster.child import exit_when_stdin_closes
-from flexemr.cluster.local import ClusterStartError, LocalCluster
-from flexemr.cluster.roles import (
-    build_ranker,
-    ranker_threads,
-    served_versions,
-    start_grpc,
-    torch_threads,
-)
-from flexemr.cluster.security import load_secret
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.config.security import load_secret
+from flexemr.config.spec import ClusterSpec
+from flexemr.entrypoints.child import exit_when_stdin_closes
+from flexemr.entrypoints.local import ClusterStartError, LocalCluster
+from flexemr.entrypoints.roles import RankerProcess, build_ranker, ranker_threads, torch_threads, version_spec
+from flexemr.model.source import load_weights, model_spec
 from flexemr.ranker.model_versions import Loader
 from flexemr.ranker.ranker import Ranker
-from flexemr.sharding.plan import Strategy, make_plan, replicated
+from flexemr.sharding.plan import make_plan
+from flexemr.transport.base import LookupTransport
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,29 +60,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ray-rankers", type=int, default=1, help="with --ray: ranker actors")
 
 
-def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> tuple[Ranker, ClusterSpec]:
-    """Start the embedding tier and the ranker; return it and the spec with the ports bound."""
+def _start_tier(
+    spec: ClusterSpec, tier: str, stack: contextlib.ExitStack
+) -> tuple[LookupTransport | None, ClusterSpec]:
+    """Start the embedding tier (stopped by `stack`); return the ranker's transport to it (None: the
+    spec's flexemr servers, through the I/O engine) and the spec with the ports bound."""
     beside = {"redis": 1, "local": 0}.get(tier, len(spec.embedding_servers))  # processes on this host
     torch_threads(ranker_threads(spec.ranker.torch_threads, beside))
     if tier == "redis":
-        from flexemr.cluster.redis_server import RedisServer
+        from flexemr.entrypoints.redis_server import RedisServer
         from flexemr.transport.redis_tier import RedisTransport
 
         redis_server = RedisServer()
         stack.callback(redis_server.stop)
         transport = RedisTransport(redis_server.url, spec.sharding)
-        transport.load(spec.sharding, spec.model.load())
+        transport.load(spec.sharding, load_weights(spec.model))
         print(f"redis tier: {redis_server.url} pid={redis_server.pid}", flush=True)
-        spec = dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, lookup="raw"))
-        return build_ranker(spec, transport=transport), spec
+        return transport, dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, lookup="raw"))
     if tier == "local":
         from flexemr.transport.local import LocalTransport
 
         # One store with every table whole: the model as one machine would hold it.
         plan = make_plan("table", spec.sharding.table_rows, spec.sharding.dim, 1)
         spec = dataclasses.replace(spec, sharding=plan, embedding_servers=(Endpoint(spec.ranker.host, 0),))
-        local = LocalTransport(plan, spec.model.load(), progress=True)
-        return build_ranker(spec, transport=local), spec
+        return LocalTransport(plan, load_weights(spec.model), progress=True), spec
     if load_secret(spec.security) is None:  # the children inherit it through the environment
         os.environ[spec.security.secret_env] = secrets.token_hex(32)
         logging.getLogger(__name__).info(
@@ -96,27 +91,7 @@ def _start_ranker(spec: ClusterSpec, tier: str, stack: contextlib.ExitStack) -> 
         )
     cluster = LocalCluster(spec, progress=True, supervise=True)
     stack.callback(cluster.stop)
-    spec = cluster.start()
-    return build_ranker(spec), spec
-
-
-def version_spec(spec: ClusterSpec, source: ModelSource) -> ClusterSpec:
-    """`spec` serving `source` on servers of its own (new ports); the same plan while the tables
-    keep their shapes, else the same strategy over the new shapes."""
-    model = source.spec()
-    plan = spec.sharding
-    if (model.table_rows, model.dim) != (plan.table_rows, plan.dim):
-        strategies: dict[str, Strategy] = {"table": "table", "row": "row"}  # a planner's plan is not remade
-        strategy = strategies.get(plan.strategy)
-        if strategy is None:
-            raise ValueError(
-                f"parameters: the new model's tables differ from the served one's and its {plan.strategy} "
-                "plan cannot be remade here; serve it with a plan of its own"
-            )
-        base = make_plan(strategy, model.table_rows, model.dim, plan.num_servers // plan.replicas)
-        plan = replicated(base, plan.replicas)
-    servers = tuple(Endpoint(spec.embedding_servers[0].host, 0) for _ in range(plan.num_servers))
-    return dataclasses.replace(spec, model=source, sharding=plan, embedding_servers=servers)
+    return None, cluster.start()
 
 
 def _version_loader(spec: ClusterSpec, tier: str) -> Loader:
@@ -125,11 +100,12 @@ def _version_loader(spec: ClusterSpec, tier: str) -> Loader:
     def load(source: ModelSource) -> tuple[Ranker, Callable[[], None], ClusterSpec | None]:
         stack = contextlib.ExitStack()
         try:
-            ranker, started = _start_ranker(version_spec(spec, source), tier, stack)
+            transport, started = _start_tier(version_spec(spec, source), tier, stack)
+            ranker = build_ranker(started, transport=transport)
         except BaseException:
             stack.close()
             raise
-        return ranker, stack.close, started if tier == "flexemr" else None
+        return ranker, stack.close, started if transport is None else None
 
     return load
 
@@ -140,7 +116,7 @@ def _start_more_rankers(spec: ClusterSpec, count: int, tier: str, stack: context
         return
     if tier != "flexemr":
         raise ValueError(f"--rankers needs the flexemr embedding tier, not {tier}")
-    from flexemr.cluster.deployment import start_ranker
+    from flexemr.entrypoints.deployment import start_ranker
 
     folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="flexemr-serve-"))
     path = Path(folder) / "cluster.json"
@@ -158,9 +134,9 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"flexemr serve: {exc}", file=sys.stderr)
         return 2
-    print(describe_plan(spec.sharding, spec.model.spec(), spec.storage), flush=True)
+    print(describe_plan(spec.sharding, model_spec(spec.model), spec.storage), flush=True)
     if args.ray is not None:
-        from flexemr.cluster.ray_cluster import RayOptions, serve_on_ray
+        from flexemr.entrypoints.ray_cluster import RayOptions, serve_on_ray
 
         # Actors on other nodes bind their node's address, which needs a secret: the one given here
         # (its file or variable exists on this host only), else one made for this cluster, goes to
@@ -179,19 +155,19 @@ def run(args: argparse.Namespace) -> int:
         # Loading more versions needs servers of their own; extra ranker processes use version 1's.
         loader = _version_loader(spec, args.embedding_tier) if args.rankers == 1 else None
         try:
-            ranker, spec = _start_ranker(spec, args.embedding_tier, first)
-            cluster = spec if args.embedding_tier == "flexemr" else None
-            models = served_versions(spec, ranker, loader, first.pop_all().close, cluster)
-            stack.callback(models.close)
-            door = FrontDoor(models, ranker.config)
-            grpc = start_grpc(door)
+            transport, spec = _start_tier(spec, args.embedding_tier, first)
+            process = RankerProcess.build(
+                spec,
+                transport=transport,
+                loader=loader,
+                stop=first.pop_all().close,
+                reuse_port=args.rankers > 1,
+            )
         except (ClusterStartError, FileNotFoundError, RuntimeError, OSError, ValueError) as exc:
             print(f"flexemr serve: {exc}", file=sys.stderr)
             return 1
-        if grpc is not None:
-            stack.callback(grpc.stop)
-        http = HttpServer(door, spec.ranker.host, spec.ranker.port, reuse_port=args.rankers > 1)
-        spec = dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, port=http.port))
+        stack.callback(process.close)
+        spec = dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, port=process.http.port))
         if args.spec_out:
             spec.save(args.spec_out)
         try:
@@ -201,16 +177,17 @@ def run(args: argparse.Namespace) -> int:
             return 1
 
         def announce() -> None:
-            http.wait_started()
+            process.http.wait_started()
+            ranker = process.ranker
             print(
-                f"flexemr ready: {http.url} model={spec.ranker.model_name} tier={args.embedding_tier} "
+                f"flexemr ready: {process.url} model={spec.ranker.model_name} tier={args.embedding_tier} "
                 f"embedding_servers={spec.sharding.num_servers} sharding={spec.sharding.strategy} "
                 f"replicas={spec.sharding.replicas} rankers={args.rankers} "
                 f"lookup={ranker.config.lookup} device={ranker.device}"
-                + (f" grpc={grpc.address}" if grpc is not None else ""),
+                + (f" grpc={process.grpc.address}" if process.grpc is not None else ""),
                 flush=True,
             )
 
         threading.Thread(target=announce, daemon=True).start()
-        http.run()  # returns on SIGINT / SIGTERM
+        process.run()  # returns on SIGINT / SIGTERM
     return 0

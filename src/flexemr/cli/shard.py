@@ -11,6 +11,7 @@ from flexemr.cli.options import (
     model_source,
     sharding_plan,
 )
+from flexemr.model.source import model_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = model_source(args).spec()
+    spec = model_spec(model_source(args))
     plan = sharding_plan(args, spec.table_rows, spec.dim)
     print(plan.to_json() if args.json else describe_plan(plan, spec))
     return 0

@@ -14,9 +14,10 @@ import dataclasses
 import sys
 
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec, describe_plan
-from flexemr.cluster.ray_resources import replica_groups
 from flexemr.config import Endpoint
-from flexemr.sharding.plan import ShardingPlan
+from flexemr.config.plan import ShardingPlan
+from flexemr.entrypoints.ray_resources import replica_groups
+from flexemr.model.source import model_spec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.out:
         spec.save(args.out)
-        print(describe_plan(spec.sharding, spec.model.spec(), spec.storage), file=sys.stderr)
+        print(describe_plan(spec.sharding, model_spec(spec.model), spec.storage), file=sys.stderr)
     else:
         print(spec.to_json())
     return 0

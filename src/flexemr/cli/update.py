@@ -9,7 +9,7 @@ from pathlib import Path
 
 from flexemr.cli.options import add_secret_argument, with_secret_file
 from flexemr.cli.update_stream import add_stream_arguments, run_stream
-from flexemr.cluster.spec import ClusterSpec
+from flexemr.config.spec import ClusterSpec
 from flexemr.updates import UpdateFailed, Updater, read_updates
 
 

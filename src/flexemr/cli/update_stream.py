@@ -12,7 +12,8 @@ import threading
 import prometheus_client
 from prometheus_client import CollectorRegistry
 
-from flexemr.cluster.spec import ClusterSpec
+from flexemr.config.spec import ClusterSpec
+from flexemr.model.source import model_spec
 from flexemr.updates import Updater
 from flexemr.updates.metrics import UpdateMetrics
 from flexemr.updates.redis_stream import StreamConfig, StreamConsumer
@@ -51,7 +52,7 @@ def run_stream(args: argparse.Namespace, spec: ClusterSpec) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     updater = Updater(spec)
-    consumer = StreamConsumer(config, spec.model.spec(), updater.apply, metrics)
+    consumer = StreamConsumer(config, model_spec(spec.model), updater.apply, metrics)
     try:
         consumer.ensure_group()
         print(f"consuming {config.stream} as {config.group}/{config.consumer}", flush=True)

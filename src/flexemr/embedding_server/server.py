@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.cluster.security import check_bind
-from flexemr.config import Endpoint, NodeLimits
+from flexemr.config import Endpoint, FrameLimits, NodeLimits
+from flexemr.config.security import Identity, check_bind
 from flexemr.embedding_server.slots import ConnectionSlots, SlotsFull
 from flexemr.embedding_server.store import BadSubrequest, RowImage, ShardStore
 from flexemr.embedding_server.versions import RowVersions, StaleVersion
@@ -48,7 +48,6 @@ from flexemr.protocol.frames import (
     ConnectionClosed,
     Flags,
     Frame,
-    FrameLimits,
     MessageType,
     ProtocolError,
     encode,
@@ -60,11 +59,10 @@ from flexemr.protocol.handshake import (
     MAX_REASON_CHARS,
     Deadline,
     Hello,
-    Identity,
     NotAuthenticated,
     server_handshake,
 )
-from flexemr.protocol.updates import BadUpdate, StagedRows, int64s, version_buffer
+from flexemr.protocol.updates import BadUpdate, StagedRows, int64s, parse_commit, version_buffer
 
 log = logging.getLogger(__name__)
 log.addFilter(RateLimitedWarnings())  # peers can cause refusals in a loop
@@ -384,11 +382,14 @@ class EmbeddingServer:
             if frame.type == MessageType.LOOKUP:
                 return encode(MessageType.RESULT, rid, [self._lookup(frame)])
             if frame.type == MessageType.UPDATE:
-                staged = versions.stage(StagedRows.parse(frame, self.store.dim))
-                return encode(MessageType.UPDATE, rid, [version_buffer(int(staged))])
+                applied = versions.stage(StagedRows.parse(frame, self.store.dim))
+                return encode(MessageType.UPDATE, rid, [version_buffer(applied)])
             if frame.type == MessageType.COMMIT:
-                version, token = int64s(frame, 2, "a COMMIT")
-                return encode(MessageType.COMMIT, rid, [version_buffer(versions.commit(version, token))])
+                applied = versions.commit(*parse_commit(frame, self.store.server + 1))
+                return encode(MessageType.COMMIT, rid, [version_buffer(versions.version, applied)])
+            if frame.type == MessageType.ABORT:
+                version, token = int64s(frame, 2, "an ABORT")
+                return encode(MessageType.ABORT, rid, [version_buffer(int(versions.abort(version, token)))])
             if frame.type == MessageType.CHANGES:
                 (since,) = int64s(frame, 1, "a CHANGES request")
                 return versions.changes(since).frame(rid)

@@ -45,6 +45,11 @@ class Storage(Protocol):
         """The arrays are filled: make them durable (a file tier) before serving."""
         ...
 
+    def modified(self) -> None:
+        """A row update is about to write the arrays: they stop being the checkpoint's rows (a file
+        tier refills them at its next open; the update log brings the updates back)."""
+        ...
+
     def resident_bytes(self, layout: Layout) -> int:
         """Memory this storage must have for `layout` (the page cache of a file tier is not counted:
         the kernel drops it under pressure)."""
@@ -60,6 +65,9 @@ class DramStorage:
         return [_huge_page_array(*segment) for segment in layout], True
 
     def commit(self) -> None:
+        pass
+
+    def modified(self) -> None:
         pass
 
     def resident_bytes(self, layout: Layout) -> int:
@@ -83,6 +91,7 @@ class FileStorage:
         self.path = Path(path)
         self.fingerprint = fingerprint
         self._header = b""
+        self._wiped = False
         self._mmap: mmap.mmap | None = None
 
     def open(self, layout: Layout) -> tuple[list[np.ndarray], bool]:
@@ -126,6 +135,17 @@ class FileStorage:
             f.write(self._header)
             f.flush()
             os.fsync(f.fileno())
+
+    def modified(self) -> None:
+        """Wipe the header (durably, before the first write): a restart refills the rows from the
+        checkpoint rather than reuse rows holding updates whose log may be gone."""
+        if self._wiped:
+            return
+        with open(self.path, "r+b") as f:
+            f.write(b"\0" * _HEADER)
+            f.flush()
+            os.fsync(f.fileno())
+        self._wiped = True
 
     def resident_bytes(self, layout: Layout) -> int:
         return 0

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from flexemr.config.model import RowFormat
+from flexemr.config.plan import Shard, ShardingPlan
 from flexemr.embedding_server.storage import DramStorage, Layout, Storage
 from flexemr.model import rows as stored_rows
-from flexemr.model.rows import RowFormat
 from flexemr.model.weights import WeightSource, fill_stored
-from flexemr.sharding.plan import Shard, ShardingPlan
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class ShardStore:
             storage.commit()
         self.tables = [torch.from_numpy(a) for a in arrays]
         self._arrays = arrays
+        self._storage = storage
         # Remapping local rows to (segment, row): shard starts in local order, per shard its segment
         # and the shift from local to segment row numbers.
         placed = sorted(
@@ -174,6 +175,7 @@ class ShardStore:
         """Store float32 `values` [n, dim] as server-local `rows` [n], encoded in each row's format
         as at load (so an int8 row's bytes equal those a checkpoint of these values would load)."""
         self.check_write(rows, values)
+        self._storage.modified()
         if len(self.segments) == 1:
             self._write_segment(0, rows, values)
             return
@@ -198,6 +200,12 @@ class ShardStore:
             mine = np.unique(at[segment == s])
             parts.append((mine, array[mine]))
         return RowImage(tuple(parts))
+
+    def restore(self, image: RowImage) -> None:
+        """Put back the stored bytes `image` holds (a snapshot's rows), as they were."""
+        self._storage.modified()
+        for array, (rows, stored) in zip(self._arrays, image.parts, strict=True):
+            array[rows] = stored
 
     def _write_segment(self, s: int, rows: np.ndarray, values: np.ndarray) -> None:
         array = self._arrays[s]

@@ -1,10 +1,20 @@
-"""Versions of one embedding server's rows: staging, commit, changelog, update log.
+"""Versions of one embedding server's rows: staging, commit, abort, changelog, update log.
 
-    UPDATE (v, token, rows)  -> staged[(v, token)]           (bounded: max_staged_bytes)
-    COMMIT (v, token)        -> under the exclusive lock: write staged[(v, token)], version = v,
-                                changelog += (v, token, keys changed), other stages <= v dropped
-    LOOKUP at version r      -> under the shared lock: answered at r if readable_from <= r <= version
-                                (rows written after r read from the history), else STALE
+    UPDATE (v, token, rows)     -> staged[(v, token)]              (bounded: max_staged_bytes)
+    COMMIT (v, token, written)  -> if this server staged exactly written[me] rows for (v, token):
+                                   under the exclusive lock write them, version = v; changelog +=
+                                   (v, token, written, keys changed); other stages <= v dropped
+    ABORT  (v, token)           -> staged[(v, token)] dropped (answered: committed or not)
+    LOOKUP at version r         -> under the shared lock: answered at r if readable_from <= r <=
+                                   version (rows written after r read from the history), else STALE
+
+Embedding server 0 decides every version (`protocol.updates`): every attempt stages there first
+(with or without rows), it commits only an attempt it holds a stage of, and it keeps the (source,
+sequence) pairs it applied (bounded: max_sequences; a pair older than those it remembers is
+refused rather than guessed): a pair already applied is answered with its version and never
+committed again. The other servers apply what a decided COMMIT names and nothing else: a server
+that has not staged exactly the rows the write set gives it refuses the COMMIT (it stays behind
+and answers STALE) instead of claiming a version it does not hold.
 
 The history keeps, per recent commit, the stored bytes its writes overwrote (bounded:
 max_history_bytes), so a ranker keeps reading at its version while commits go on, until it next
@@ -12,38 +22,59 @@ syncs; without it every commit would turn the lookups in flight STALE, and a ste
 updates would starve reads.
 
 A commit applies versions one at a time, in order: a server behind (it missed a commit while it
-was down) answers STALE until someone commits the versions it missed (their tokens come from an
-up-to-date server's changelog). A version below the server's is a no-op when its token matches,
-and STALE (taken by another update) when it does not.
+was down) answers STALE until someone commits the versions it missed (their tokens and write sets
+come from an up-to-date server's changelog). A version at or below the server's is acknowledged
+when its token is the one it was decided with, and STALE otherwise (taken by another update, or so
+old that the changelog no longer says).
 
-The update log is an append-only file of the UPDATE and COMMIT frames this server accepted
-(`protocol.frames` format), each fsync'ed before it is acknowledged; at start it is replayed, so a
-restarted server comes back with its version, its rows, its staged updates (which a healing commit
-may still need), its changelog and the last sequence of every source. Without a log a server
-refuses updates: it could not come back at its version.
+The update log is an append-only file: a header naming the shards it belongs to (a log written for
+other shards or weights is refused), then the UPDATE, COMMIT and ABORT frames this server accepted
+(`protocol.frames` format), each followed by its CRC32 and fsync'ed before it is acknowledged. At
+start it is replayed, so a restarted server comes back with its version, its rows, its staged
+updates (a decided commit may still need them; server 0 drops its own: it decides no attempt
+staged before it restarted), its changelog and its applied (source, sequence) pairs. Stages
+older than stage_ttl_s are dropped when room is needed (server 0 decides none that old). A
+record cut short at the end (a crash while appending, never acknowledged) is dropped; a corrupt
+record anywhere else stops the server: dropping it would drop acknowledged commits. A
+failed append is cut off again before the update is refused. Without a log a server refuses
+updates: it could not come back at its version.
+
+Compaction keeps the log bounded: once it passes max_log_bytes, a commit writes a snapshot (the
+version, the stored bytes of every row written since the checkpoint, the remembered tokens and
+(source, sequence) pairs, the live stages) beside it, atomically (written, fsync'ed, renamed),
+then starts the log afresh the same way. Replay loads the snapshot, then the log's records after
+its version (a crash between the two renames leaves records the snapshot holds: skipped). The
+disk then holds at most the rows written (bounded by the shard) plus max_log_bytes and one record.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import itertools
 import logging
 import os
+import struct
 import threading
-from collections import deque
+import time
+import zlib
+from collections import OrderedDict, deque
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, NamedTuple
 
 import numpy as np
 
+from flexemr.config import FrameLimits
 from flexemr.embedding_server.store import BadSubrequest, RowImage, ShardStore
-from flexemr.protocol.frames import (
-    ConnectionClosed,
-    FrameLimits,
-    MessageType,
-    ProtocolError,
-    encode,
-    read_frame,
+from flexemr.protocol.frames import ConnectionClosed, Frame, MessageType, ProtocolError, encode, read_frame
+from flexemr.protocol.updates import (
+    BadUpdate,
+    Changes,
+    StagedRows,
+    commit_buffer,
+    parse_commit,
+    version_buffer,
 )
-from flexemr.protocol.updates import BadUpdate, Changes, StagedRows, version_buffer
 from flexemr.rwlock import SharedLock
 from flexemr.stats import counts
 
@@ -53,6 +84,22 @@ log = logging.getLogger(__name__)
 MAX_HISTORY_VERSIONS = 4096
 """Versions the history remembers at most, however small their writes (each lookup at an old
 version merges them)."""
+MAX_CHANGELOG_VERSIONS = 1 << 16
+"""Versions the changelog remembers at most, however few keys they changed."""
+STAGE_TTL_S = 60.0
+"""A stage older than this may be dropped to make room for new ones; server 0 decides no attempt
+staged on it more than half of it ago (an attempt takes seconds), so no server drops a stage
+whose version may still be decided."""
+STAGE_RECORD_BYTES = 1024
+"""What one stage counts against max_staged_bytes beyond its values (its rows, source, keys)."""
+MAX_DECIDED_VERSIONS = 1 << 18
+"""Versions whose token and write set a server remembers (8 + 8 x servers bytes each), however
+many keys they changed: a server behind by up to this many catches up from it; a COMMIT or
+ABORT naming an older version is refused, since whether it won cannot be told."""
+MAX_CHANGES_VERSIONS = 1 << 16
+"""Versions one CHANGES answer lists at most (a server further behind catches up in steps)."""
+LOG_MAGIC = b"flexemr update log 2\n"
+CRC = struct.Struct("<I")
 
 
 class StaleVersion(Exception):
@@ -63,6 +110,18 @@ class StaleVersion(Exception):
         self.version = version
 
 
+class CorruptLog(RuntimeError):
+    """The update log cannot be replayed without losing acknowledged commits."""
+
+
+class Decided(NamedTuple):
+    """How one version was decided: what a server behind commits it with."""
+
+    token: int
+    written: np.ndarray
+    """int64 [S]: the rows it staged on each server."""
+
+
 class RowVersions:
     def __init__(
         self,
@@ -71,20 +130,36 @@ class RowVersions:
         max_staged_bytes: int = 256 * 2**20,
         max_changelog_keys: int = 1 << 20,
         max_history_bytes: int = 64 * 2**20,
+        max_sequences: int = 1 << 20,
+        fingerprint: str = "",
+        max_log_bytes: int = 256 * 2**20,
+        stage_ttl_s: float = STAGE_TTL_S,
     ) -> None:
         self.store = store
         self.version = 0
         """The committed version (0: the rows as loaded)."""
+        self.decides = store.server == 0
+        """Embedding server 0 decides every version (and keeps the applied (source, sequence))."""
         self.lock = SharedLock()
         """Lookups hold it shared, a commit's writes exclusive."""
         self._mutex = threading.Lock()
-        """Serialises stages and commits (and guards everything below)."""
+        """Serialises stages, commits and aborts (and guards everything below)."""
         self._max_staged_bytes = max_staged_bytes
         self._max_changelog_keys = max_changelog_keys
-        self._staged: dict[tuple[int, int], list[StagedRows]] = {}
+        self._max_sequences = max_sequences
+        self._staged: dict[tuple[int, int], StagedRows] = {}
+        self._staged_at: dict[tuple[int, int], float] = {}
+        """time.monotonic() of each stage (replayed ones: the replay's)."""
+        self._stage_ttl_s = stage_ttl_s
         self._staged_bytes = 0
-        self._sequences: dict[str, int] = {}
-        self._changelog: deque[tuple[int, int, np.ndarray]] = deque()
+        self._applied: OrderedDict[tuple[str, int], int] = OrderedDict()
+        """(source, sequence) -> the version that applied it, oldest first (server 0 only)."""
+        self._forgotten: dict[str, int] = {}
+        """Per source, the highest sequence dropped from `_applied` (older ones cannot be told)."""
+        self._decided: deque[Decided] = deque()
+        """The last versions committed here, the newest (`version`) last."""
+        self._changelog: deque[tuple[int, np.ndarray]] = deque()
+        """(version, the global cache keys it changed here) of the versions after `_floor`."""
         self._changelog_keys = 0
         self._floor = 0
         """The changelog holds every version after this one."""
@@ -95,122 +170,354 @@ class RowVersions:
         self.readable_from = 0
         """The oldest version a lookup is still answered at."""
         self._images: dict[int, RowImage] = {}
-        """Per read version, the merged history a lookup at it reads (until the next commit)."""
-        self.rows_applied = self.versions_applied = self.duplicates = 0
-        self._log: BinaryIO | None = None
+        """Per read version, the merged history a lookup at it reads (until the next commit); they
+        hold at most max_history_bytes together (beyond, a lookup merges its own)."""
+        self._images_bytes = 0
+        self._written = np.zeros(store.num_rows, dtype=bool)
+        """The rows written since the checkpoint (what a snapshot holds)."""
+        self._max_log_bytes = max_log_bytes
+        self._header = LOG_MAGIC + fingerprint.encode() + b"\n"
+        self.rows_applied = self.versions_applied = self.duplicates = self.aborted = self.compactions = 0
+        self._log: int | None = None
+        self._log_failed: str | None = None
         self.log_path = log_path
         if log_path is not None:
             self._replay(log_path)
-            self._log = open(log_path, "ab")  # noqa: SIM115 (open for the server's lifetime)
+            self._log = os.open(log_path, os.O_WRONLY | os.O_APPEND)
+
+    @property
+    def _snapshot_path(self) -> Path:
+        assert self.log_path is not None
+        return self.log_path.with_name(self.log_path.name + ".snapshot")
 
     # -- the update log -----------------------------------------------------------------------------
 
     def _replay(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch()
+        header = self._header
+        if self._snapshot_path.exists():
+            self._restore(self._snapshot_path)
+        if not path.exists() or path.stat().st_size == 0:
+            _write_atomically(path, header)
+        else:
+            self._replay_records(path, header)
+        if self.decides:  # it decides no attempt staged before it restarted
+            for key in list(self._staged):
+                self._drop(key)
+
+    def _replay_records(self, path: Path, header: bytes) -> None:
         limits = FrameLimits(max_frame_bytes=2**40)
-        good = 0
         with open(path, "rb") as f:
+            if f.read(len(header)) != header:
+                raise CorruptLog(
+                    f"update log {path} was not written by this version of flexemr for these shards "
+                    f"(server {self.store.server}, shards fingerprint {header!r}): move it away to start "
+                    "from the checkpoint"
+                )
+            good = f.tell()
             while True:
+                checked = _Checksummed(f)
                 try:
-                    frame = read_frame(f.readinto, limits)
-                except (ConnectionClosed, ProtocolError):
-                    break  # the end, or a record cut short by a crash: dropped below
-                if frame.type == MessageType.UPDATE:
-                    self._stage(StagedRows.parse(frame, self.store.dim))
-                else:
-                    self._commit(*(int(x) for x in frame.buffers[0]))
+                    frame = read_frame(checked.readinto, limits)
+                    crc = f.read(CRC.size)
+                    if len(crc) < CRC.size:
+                        raise ConnectionClosed("cut short")
+                except ConnectionClosed:
+                    break  # the end, or a record cut short by a crash (never acknowledged)
+                except ProtocolError as exc:
+                    raise CorruptLog(f"update log {path}: record at byte {good} is corrupt: {exc}") from None
+                if CRC.unpack(crc)[0] != checked.crc:
+                    if f.read(1):
+                        raise CorruptLog(
+                            f"update log {path}: record at byte {good} fails its checksum, and "
+                            "acknowledged records follow it: restore this server from a replica"
+                        )
+                    break  # the last record, torn by a crash: never acknowledged
+                self._redo(frame)
                 good = f.tell()
         if good < path.stat().st_size:
             log.warning("update log %s: dropping a record cut short at byte %d", path, good)
             os.truncate(path, good)
-        if good:
-            log.info("update log %s replayed: version %d", path, self.version)
+        log.info("update log %s replayed: version %d", path, self.version)
+
+    def _redo(self, frame: Frame) -> None:
+        """Replay one record (one the snapshot already holds changes nothing)."""
+        if frame.type == MessageType.UPDATE:
+            staged = StagedRows.parse(frame, self.store.dim)
+            if staged.version > self.version:
+                self._stage(staged)
+        elif frame.type == MessageType.COMMIT:
+            version, token, written = parse_commit(frame, self.store.server + 1)
+            if version > self.version:
+                self._commit(version, token, written)
+        else:
+            version, token = (int(x) for x in frame.buffers[0])
+            self._drop((version, token))
 
     def _append(self, views: list[memoryview]) -> None:
+        """Write one record and fsync it; on failure cut the file back (nothing half-written stays
+        in the middle of the log) and refuse, and refuse every later update if even that fails."""
         if self._log is None:
             return  # replaying
-        for view in views:
-            self._log.write(view)
-        self._log.flush()
-        os.fsync(self._log.fileno())
+        if self._log_failed is not None:
+            raise BadUpdate(
+                f"update log {self.log_path} failed earlier ({self._log_failed}): restart the server"
+            )
+        record = b"".join(views)
+        record += CRC.pack(zlib.crc32(record))
+        start = os.lseek(self._log, 0, os.SEEK_END)
+        try:
+            view = memoryview(record)
+            while view:
+                view = view[os.write(self._log, view) :]
+            os.fsync(self._log)
+        except OSError as exc:
+            try:
+                os.ftruncate(self._log, start)
+                os.fsync(self._log)
+            except OSError as again:
+                self._log_failed = str(again)
+            raise BadUpdate(f"update log {self.log_path}: {exc}; nothing applied") from None
+
+    def _compact_if_long(self) -> None:
+        """After a commit or an abort (the state in memory is what the log says)."""
+        if self._log is not None and os.fstat(self._log).st_size > self._max_log_bytes:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Snapshot this server's state, then start the log afresh (both atomically). A failure
+        leaves the old log in place (still correct, only longer), and is logged."""
+        assert self.log_path is not None and self._log is not None
+        try:
+            image = self.store.image(np.flatnonzero(self._written))
+            applied = list(self._applied.items())
+            index = {source: i for i, source in enumerate(dict.fromkeys(s for (s, _), _ in applied))}
+            sources = list(index)
+            stages = list(self._staged.values())
+            arrays = {
+                "version": np.array([self.version], dtype=np.int64),
+                "written": np.flatnonzero(self._written),
+                "tokens": np.array([d.token for d in self._decided], dtype=np.int64),
+                "decided": np.array([d.written for d in self._decided], dtype=np.int64).reshape(
+                    len(self._decided), -1
+                ),
+                "sources": np.array(sources, dtype=str),  # each source once: pairs name its index
+                "applied": np.array(
+                    [[index[s], q, v] for (s, q), v in applied],
+                    dtype=np.int64,
+                ).reshape(-1, 3),
+                "forgotten_sources": np.array(list(self._forgotten), dtype=str),
+                "forgotten": np.array(list(self._forgotten.values()), dtype=np.int64),
+                "stage_heads": np.array(
+                    [
+                        [b.version, b.token, -1 if b.sequence is None else b.sequence, b.rows.size]
+                        for b in stages
+                    ],
+                    dtype=np.int64,
+                ).reshape(-1, 4),
+                "stage_sources": np.array([b.source for b in stages], dtype=str),
+                "stage_rows": np.concatenate([b.rows for b in stages] + [np.empty(0, np.int64)]),
+                "stage_values": np.concatenate(
+                    [b.values for b in stages] + [np.empty((0, self.store.dim), np.float32)]
+                ),
+                **{f"rows{s}": rows for s, (rows, _) in enumerate(image.parts)},
+                **{f"stored{s}": stored for s, (_, stored) in enumerate(image.parts)},
+            }
+            buffer = io.BytesIO()
+            np.savez(buffer, **arrays)  # type: ignore[arg-type]  # (numpy types **kwds as its allow_pickle)
+            _write_atomically(self._snapshot_path, buffer.getvalue())
+            _write_atomically(self.log_path, self._header)
+            os.close(self._log)
+            self._log = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
+            self.compactions += 1
+        except OSError as exc:
+            log.warning("update log %s: compaction failed (the log goes on): %s", self.log_path, exc)
+
+    def _restore(self, path: Path) -> None:
+        """Load a snapshot `_compact` wrote."""
+        with np.load(path, allow_pickle=False) as data:
+            self.version = int(data["version"][0])
+            self._written[data["written"]] = True
+            self._decided.extend(
+                Decided(t, w) for t, w in zip(data["tokens"].tolist(), data["decided"], strict=True)
+            )
+            sources = data["sources"].tolist()
+            for source, sequence, version in data["applied"].tolist():
+                self._applied[(sources[source], sequence)] = version
+            self._forgotten = dict(
+                zip(data["forgotten_sources"].tolist(), data["forgotten"].tolist(), strict=True)
+            )
+            starts = np.concatenate([[0], np.cumsum(data["stage_heads"][:, 3])])
+            for i, (version, token, sequence, _) in enumerate(data["stage_heads"].tolist()):
+                rows, values = (data[k][starts[i] : starts[i + 1]] for k in ("stage_rows", "stage_values"))
+                source = str(data["stage_sources"][i])
+                self._stage(
+                    StagedRows(version, token, rows, values, source, None if sequence < 0 else sequence)
+                )
+            parts = tuple((data[f"rows{s}"], data[f"stored{s}"]) for s in range(len(self.store.segments)))
+        self.store.restore(RowImage(parts))
+        self.readable_from = self._floor = self.version
+        log.info("update log snapshot %s loaded: version %d", path, self.version)
 
     def close(self) -> None:
         if self._log is not None:
-            self._log.close()
+            os.close(self._log)
+            self._log = None
 
-    # -- stage, commit, changes ---------------------------------------------------------------------
+    # -- stage, commit, abort, changes --------------------------------------------------------------
 
-    def stage(self, staged: StagedRows) -> bool:
-        """Stage one UPDATE; False when its (source, sequence) is already committed (nothing staged).
-        Raises StaleVersion for a version already decided, BadUpdate for bad rows or values."""
+    def stage(self, staged: StagedRows) -> int:
+        """Stage one UPDATE; returns 0, or (server 0) the version that already applied its (source,
+        sequence) (nothing staged). Raises StaleVersion for a version already decided, BadUpdate
+        for bad rows or values, a full stage or a failed log."""
         if self.log_path is None:
             raise BadUpdate("this embedding server has no update log (updates.log_dir): it refuses updates")
         with self._mutex:
             if staged.version <= self.version:
                 raise StaleVersion(self.version)
-            if self._duplicate(staged):
+            applied = self._applied_at(staged)
+            if applied:
                 self.duplicates += 1
-                return False
+                return applied
             try:
                 self.store.check_write(staged.rows, staged.values)
             except BadSubrequest as exc:
                 raise BadUpdate(str(exc)) from None
-            if self._staged_bytes + staged.values.nbytes > self._max_staged_bytes:
+            again = self._staged.get((staged.version, staged.token))
+            grows = _cost(staged) - (0 if again is None else _cost(again))
+            if self._staged_bytes + grows > self._max_staged_bytes:
+                self._expire()
+            if self._staged_bytes + grows > self._max_staged_bytes:
                 raise BadUpdate(
-                    f"staging {staged.values.nbytes} bytes would pass the limit of "
+                    f"staging {_cost(staged)} bytes would pass the limit of "
                     f"{self._max_staged_bytes} staged bytes: commit first, or send smaller updates"
                 )
             self._append(staged.frame(0))
             self._stage(staged)
-            return True
+            return 0
 
     def _stage(self, staged: StagedRows) -> None:
-        self._staged.setdefault((staged.version, staged.token), []).append(staged)
-        self._staged_bytes += staged.values.nbytes
+        self._drop((staged.version, staged.token))  # a resend replaces it
+        self._staged[(staged.version, staged.token)] = staged
+        self._staged_at[(staged.version, staged.token)] = time.monotonic()
+        self._staged_bytes += _cost(staged)
 
-    def _duplicate(self, staged: StagedRows) -> bool:
-        return staged.sequence is not None and staged.sequence <= self._sequences.get(staged.source, -1)
+    def _drop(self, key: tuple[int, int]) -> None:
+        dropped = self._staged.pop(key, None)
+        self._staged_at.pop(key, None)
+        if dropped is not None:
+            self._staged_bytes -= _cost(dropped)
 
-    def commit(self, version: int, token: int) -> int:
-        """Apply what (version, token) staged here; returns the server's version. Raises
-        StaleVersion when the version was decided with another token, or when this server is
-        behind it."""
+    def _age(self, key: tuple[int, int]) -> float:
+        return time.monotonic() - self._staged_at[key]
+
+    def _expire(self) -> None:
+        """Drop (and log as aborted) the stages older than the TTL: attempts whose updater died or
+        whose server stalled past it; none of them can still be decided."""
+        for key in [k for k in self._staged if self._age(k) > self._stage_ttl_s]:
+            self._append(encode(MessageType.ABORT, 0, [version_buffer(*key)]))
+            self._drop(key)
+            self.aborted += 1
+
+    def _applied_at(self, staged: StagedRows) -> int:
+        """(server 0) The version that applied `staged`'s (source, sequence), or 0. BadUpdate for
+        a sequence older than every one this server still remembers of its source."""
+        if not self.decides or staged.sequence is None:
+            return 0
+        applied = self._applied.get((staged.source, staged.sequence), 0)
+        if not applied and staged.sequence <= self._forgotten.get(staged.source, -1):
+            raise BadUpdate(
+                f"sequence {staged.sequence} of source {staged.source!r} is older than the "
+                f"{self._max_sequences} applied sequences remembered: whether it was applied cannot "
+                "be told, so it is refused (send it with a new sequence if it must be applied)"
+            )
+        return applied
+
+    def commit(self, version: int, token: int, written: np.ndarray) -> int:
+        """Apply what (version, token) staged here; returns the version its rows are applied at:
+        `version`, or (server 0) an earlier one that applied its (source, sequence) (then nothing
+        is committed and the stage is dropped). Raises StaleVersion when the version was decided
+        with another token, or when this server is behind it, and BadUpdate when this server has
+        not staged exactly the rows `written` gives it (server 0: no stage, e.g. aborted)."""
         with self._mutex:
             if version <= self.version:
-                decided = self._token_of(version)
-                if decided is not None and decided != token:
+                if self._token_of(version) != token:
                     raise StaleVersion(self.version)
-                return self.version
+                return version
             if version > self.version + 1:
                 raise StaleVersion(self.version)
-            self._append(encode(MessageType.COMMIT, 0, [version_buffer(version, token)]))
-            self._commit(version, token)
-            return self.version
+            staged = self._staged.get((version, token))
+            if self.decides:
+                if staged is None:
+                    raise BadUpdate(f"version {version}: no such update is staged (aborted?)")
+                if self._age((version, token)) > self._stage_ttl_s / 2:
+                    raise BadUpdate(f"version {version}: the attempt staged too long ago; send it again")
+                applied = self._applied_at(staged)
+                if applied:
+                    self._append(encode(MessageType.ABORT, 0, [version_buffer(version, token)]))
+                    self._drop((version, token))
+                    self.duplicates += 1
+                    return applied
+            have = 0 if staged is None else staged.rows.size
+            if written.size <= self.store.server or int(written[self.store.server]) != have:
+                raise BadUpdate(
+                    f"embedding server {self.store.server} holds {have} staged rows of version "
+                    f"{version}, not the {written.tolist()} its commit names: it cannot prove it holds "
+                    "that version (a lost stage or log); restore it from a replica"
+                )
+            self._append(encode(MessageType.COMMIT, 0, [commit_buffer(version, token, written)]))
+            self._commit(version, token, written)
+            self._compact_if_long()
+            return version
 
-    def _commit(self, version: int, token: int) -> None:
-        batches = [b for b in self._staged.pop((version, token), []) if not self._duplicate(b)]
-        rows = np.unique(np.concatenate([b.rows for b in batches])) if batches else np.empty(0, np.int64)
+    def _commit(self, version: int, token: int, written: np.ndarray) -> None:
+        staged = self._staged.get((version, token))
+        self._drop((version, token))
+        rows = np.unique(staged.rows) if staged is not None else np.empty(0, np.int64)
         with self.lock.exclusive():
             self._remember(version, self.store.image(rows))
-            for batch in batches:
-                self.store.write(batch.rows, batch.values)
+            if staged is not None:
+                self.store.write(staged.rows, staged.values)
             self.version = version
-        for batch in batches:
-            if batch.sequence is not None:
-                self._sequences[batch.source] = max(batch.sequence, self._sequences.get(batch.source, -1))
+        self._written[rows] = True
+        if self.decides and staged is not None and staged.sequence is not None:
+            self._applied[(staged.source, staged.sequence)] = version
+            while len(self._applied) > self._max_sequences:
+                (source, sequence), _ = self._applied.popitem(last=False)
+                self._forgotten[source] = max(sequence, self._forgotten.get(source, -1))
+        self._decided.append(Decided(token, written.copy()))
+        if len(self._decided) > MAX_DECIDED_VERSIONS:
+            self._decided.popleft()
         keys = self.store.keys(rows)
-        self._changelog.append((version, token, keys))
+        self._changelog.append((version, keys))
         self._changelog_keys += keys.size
-        while self._changelog_keys > self._max_changelog_keys and len(self._changelog) > 1:
-            dropped, _, old = self._changelog.popleft()
+        while len(self._changelog) > 1 and (
+            self._changelog_keys > self._max_changelog_keys or len(self._changelog) > MAX_CHANGELOG_VERSIONS
+        ):
+            dropped, old = self._changelog.popleft()
             self._changelog_keys -= old.size
             self._floor = dropped
         for key in [k for k in self._staged if k[0] <= version]:  # other attempts at decided versions
-            del self._staged[key]
-        self._staged_bytes = sum(b.values.nbytes for bs in self._staged.values() for b in bs)
+            self._drop(key)
         self.versions_applied += 1
         self.rows_applied += int(rows.size)
+
+    def abort(self, version: int, token: int) -> bool:
+        """Drop what (version, token) staged here (its updater gave up); True when that attempt is
+        committed here already (then nothing changes). On server 0 an aborted attempt is never
+        decided. StaleVersion for a version so old that the changelog no longer tells."""
+        with self._mutex:
+            if version <= self.version:
+                decided = self._token_of(version)
+                if decided is None:
+                    raise StaleVersion(self.version)
+                return decided == token
+            if (version, token) in self._staged:
+                self._append(encode(MessageType.ABORT, 0, [version_buffer(version, token)]))
+                self._drop((version, token))
+                self.aborted += 1
+                self._compact_if_long()
+            return False
 
     def _remember(self, version: int, image: RowImage) -> None:
         """Keep what `version`'s commit overwrites; forget the oldest versions beyond the bound.
@@ -224,6 +531,7 @@ class RowVersions:
             self._history_bytes -= old.nbytes
             self.readable_from = dropped
         self._images.clear()
+        self._images_bytes = 0
 
     def image_at(self, read: int) -> RowImage | None:
         """What a lookup at version `read` reads in place of the rows written since (None: nothing
@@ -236,24 +544,41 @@ class RowVersions:
         image = self._images.get(read)
         if image is None:
             image = RowImage.earliest([old for v, old in self._history if v > read])
-            self._images[read] = image  # lookups at one version share it (a race only repeats the work)
+            if self._images_bytes + image.nbytes <= self._max_history_bytes:
+                self._images[read] = image  # lookups at one version share it (a race repeats the work)
+                self._images_bytes += image.nbytes
         return image
 
     def _token_of(self, version: int) -> int | None:
-        for v, token, _ in self._changelog:
-            if v == version:
-                return token
-        return None
+        """The token `version` (at most ours) was decided with (0: the checkpoint), None once
+        forgotten."""
+        if version == 0:
+            return 0
+        back = self.version - version
+        return self._decided[-1 - back].token if back < len(self._decided) else None
 
     def changes(self, since: int) -> Changes:
+        """The versions after `since` (at most MAX_CHANGES_VERSIONS) with their tokens and write
+        sets, and the keys they changed; truncated when the keys or the versions no longer reach
+        back to `since`."""
         with self._mutex:
-            after = [entry for entry in self._changelog if entry[0] > since]
-            keys = [k for _, _, k in after]
+            oldest = self.version - len(self._decided) + 1
+            start = max(since + 1, oldest)
+            listed = (
+                list(itertools.islice(self._decided, start - oldest, start - oldest + MAX_CHANGES_VERSIONS))
+                if start <= self.version
+                else []
+            )
+            width = max((d.written.size for d in listed), default=0)
+            keys = [k for v, k in self._changelog if v > since]
             return Changes(
                 self.version,
-                since < self._floor,
-                np.array([v for v, _, _ in after], dtype=np.int64),
-                np.array([t for _, t, _ in after], dtype=np.int64),
+                since < self._floor or start > since + 1,
+                np.arange(start, start + len(listed), dtype=np.int64),
+                np.array([d.token for d in listed], dtype=np.int64),
+                np.array([np.pad(d.written, (0, width - d.written.size)) for d in listed], np.int64).reshape(
+                    len(listed), width
+                ),  # every COMMIT names the same servers; padding keeps a short one readable
                 np.unique(np.concatenate(keys)) if keys else np.empty(0, np.int64),
             )
 
@@ -269,6 +594,48 @@ class RowVersions:
                         "versions_applied": self.versions_applied,
                         "rows_applied": self.rows_applied,
                         "duplicates": self.duplicates,
+                        "aborted": self.aborted,
+                        "compactions": self.compactions,
                     }
                 ),
             }
+
+
+def _cost(staged: StagedRows) -> int:
+    """What a stage counts against max_staged_bytes: its values, and its record (so even stages
+    without rows, as every attempt leaves on server 0, are bounded)."""
+    return staged.values.nbytes + STAGE_RECORD_BYTES
+
+
+class _Checksummed:
+    """A file's `readinto` that keeps the CRC32 of what it read."""
+
+    def __init__(self, file: io.BufferedReader) -> None:
+        self._file = file
+        self.crc = 0
+
+    def readinto(self, view: memoryview) -> int:
+        n: int = self._file.readinto(view)
+        self.crc = zlib.crc32(view[:n], self.crc)
+        return n
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """`path` holds `data`, or what it held before: never a part of it."""
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a new file's directory entry durable."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import ssl
 
-from flexemr.config import Endpoint, EngineConfig, NodeLimits
+from flexemr.config import Endpoint, EngineConfig, FrameLimits, NodeLimits
+from flexemr.config.security import Identity
 from flexemr.engine.engine import IoEngine
 from flexemr.engine.migration import MigrationPolicy, Move
 from flexemr.engine.shared import SharedIoEngine
-from flexemr.protocol.frames import FrameLimits
-from flexemr.protocol.handshake import Identity
 
 __all__ = ["IoEngine", "MigrationPolicy", "Move", "SharedIoEngine", "make_engine"]
 

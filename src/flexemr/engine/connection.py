@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.config import Endpoint
+from flexemr.config import Endpoint, FrameLimits
 from flexemr.engine.credits import CreditLedger
 from flexemr.engine.stats import ConnectionStats
 from flexemr.protocol.answers import Stale, SubrequestRefused, answer_or_raise
@@ -35,7 +35,6 @@ from flexemr.protocol.frames import (
     MAX_QUEUED_RESPONSES,
     Flags,
     Frame,
-    FrameLimits,
     MessageType,
     ProtocolError,
     encode,

@@ -29,17 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from flexemr.config import FrameLimits
 from flexemr.engine.health import ServerHealth
 from flexemr.protocol.answers import LookupFailed, answer_or_raise
-from flexemr.protocol.frames import (
-    Flags,
-    FrameLimits,
-    MessageType,
-    ProtocolError,
-    encode,
-    recv_frame,
-    send_frame,
-)
+from flexemr.protocol.frames import Flags, MessageType, ProtocolError, encode, recv_frame, send_frame
 
 log = logging.getLogger(__name__)
 

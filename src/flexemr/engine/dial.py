@@ -6,14 +6,13 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from flexemr.config import Endpoint
+from flexemr.config import Endpoint, FrameLimits
+from flexemr.config.security import Identity
 from flexemr.engine.credits import mark_high_priority
-from flexemr.protocol.frames import FrameLimits
 from flexemr.protocol.handshake import (
     Deadline,
     HandshakeRefused,
     Hello,
-    Identity,
     Role,
     client_handshake,
     new_nonce,

@@ -32,7 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.config import Endpoint, EngineConfig, EngineMode, NodeLimits
+from flexemr.config import Endpoint, EngineConfig, EngineMode, FrameLimits, NodeLimits
+from flexemr.config.security import Identity
 from flexemr.engine.connection import Connection
 from flexemr.engine.credits import ControlChannel, CreditLedger
 from flexemr.engine.dial import Dialer
@@ -40,8 +41,7 @@ from flexemr.engine.health import ServerHealth
 from flexemr.engine.io_thread import GrantSink, IoThread
 from flexemr.engine.migration import MigrationPolicy
 from flexemr.engine.work import Attach, Fail, Release
-from flexemr.protocol.frames import FrameLimits, ProtocolError
-from flexemr.protocol.handshake import Identity
+from flexemr.protocol.frames import ProtocolError
 from flexemr.stats import Count
 from flexemr.transport.base import ConfigMismatch, LookupRequest, ServerUnavailable, TransportOverloaded
 
@@ -71,7 +71,7 @@ class IoEngine:
             )
         self.endpoints = endpoints
         self.identities = identities
-        """What each server must prove it holds (`cluster.security.identities`)."""
+        """What each server must prove it holds (`config.security.identities`)."""
         self.dim = dim = identities[0].dim
         self.limits = limits or FrameLimits()
         self.node_limits = node_limits = node_limits or NodeLimits()

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from flexemr.cluster.security import client_tls, identities, load_secret
-from flexemr.cluster.spec import ClusterSpec
 from flexemr.config import Endpoint
+from flexemr.config.security import Identity, client_tls, identities, load_secret
+from flexemr.config.spec import ClusterSpec
 from flexemr.engine.dial import Dialer
 from flexemr.protocol.answers import SubrequestRefused, answer_or_raise
 from flexemr.protocol.frames import (
@@ -25,8 +25,7 @@ from flexemr.protocol.frames import (
     recv_frame,
     send_frame,
 )
-from flexemr.protocol.handshake import Identity
-from flexemr.protocol.updates import Changes, version_buffer
+from flexemr.protocol.updates import Changes, StagedRows, commit_buffer, version_buffer
 from flexemr.transport.base import ServerUnavailable
 
 
@@ -78,17 +77,26 @@ class ServerLink:
         """The server's version and what its commits after `since` changed."""
         return Changes.parse(self.request(MessageType.CHANGES, [version_buffer(since)]))
 
-    def commit(self, version: int, token: int) -> int:
-        """COMMIT (version, token); returns the server's version (Stale: taken, or behind)."""
-        return int(self.request(MessageType.COMMIT, [version_buffer(version, token)]).buffers[0][0])
+    def stage(self, staged: StagedRows) -> int:
+        """UPDATE; 0 (staged), or the version that already applied its (source, sequence)."""
+        return int(self.request(MessageType.UPDATE, staged.buffers()).buffers[0][0])
+
+    def commit(self, version: int, token: int, written: np.ndarray) -> int:
+        """COMMIT (version, token) with its write set; returns the version the update is applied
+        at (Stale: taken, or behind; SubrequestRefused: this server cannot commit it)."""
+        return int(self.request(MessageType.COMMIT, [commit_buffer(version, token, written)]).buffers[0][1])
+
+    def abort(self, version: int, token: int) -> bool:
+        """ABORT (version, token); True when that attempt is committed on this server."""
+        return bool(self.request(MessageType.ABORT, [version_buffer(version, token)]).buffers[0][0])
 
     def catch_up(self, version: int, decided: Changes) -> None:
         """Commit on this server, at `version`, the versions after it that `decided` (an up-to-date
         server's changelog since at most `version`) lists, in order: what a committer that died
         half-way, or this server's downtime, left undone."""
-        for v, token in zip(decided.versions.tolist(), decided.tokens.tolist(), strict=True):
+        for i, v in enumerate(decided.versions.tolist()):
             if v > version:
-                self.commit(v, token)
+                self.commit(v, int(decided.tokens[i]), decided.written[i])
 
     def _close(self) -> None:
         if self._sock is not None:

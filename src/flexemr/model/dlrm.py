@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flexemr.config.model import RowFormat
 from flexemr.model import rows as stored_rows
-from flexemr.model.rows import RowFormat
 from flexemr.model.spec import ModelSpec
 
 

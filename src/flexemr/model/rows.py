@@ -15,24 +15,15 @@ float32 values of stored rows (raw lookups, the ranker's cache).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-RowFormat = Literal["fp32", "fp16", "int8"]
-ROW_FORMATS: tuple[RowFormat, ...] = ("fp32", "fp16", "int8")
+from flexemr.config.model import RowFormat
+
 _INT8_TAIL = 8
 """Bytes after an int8 row's values: its fp32 scale and bias."""
-
-
-def check_format(name: str) -> RowFormat:
-    for fmt in ROW_FORMATS:
-        if name == fmt:
-            return fmt
-    raise ValueError(f"row format must be one of {', '.join(ROW_FORMATS)}, got {name!r}")
 
 
 def row_bytes(fmt: RowFormat, dim: int) -> int:

@@ -10,12 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from flexemr.model.rows import RowFormat, check_format, row_bytes
-
-Interaction = Literal["dot", "cat"]
-Pooling = Literal["sum", "mean"]
+from flexemr.config.model import Interaction, Pooling, RowFormat, check_format
+from flexemr.model.rows import row_bytes
 
 DEFAULT_ZIPF_SKEW = 1.0
 """Zipf exponent of row popularity (0: uniform) wherever none is given: the synthetic workloads'

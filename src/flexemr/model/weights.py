@@ -15,11 +15,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from flexemr.config.model import Interaction, Pooling
 from flexemr.memory import SERVING_ADVICE, check_memory
 from flexemr.model import rows as stored_rows
 from flexemr.model.checkpoints import load_checkpoint
 from flexemr.model.dlrm import DLRM, DenseArch, init_dense
-from flexemr.model.spec import Interaction, ModelSpec, Pooling
+from flexemr.model.spec import ModelSpec
 
 _BLOCK_ROWS = 1 << 16
 

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flexemr.config.model import check_format
 from flexemr.model.presets import preset
-from flexemr.model.rows import check_format, row_bytes
+from flexemr.model.rows import row_bytes
 from flexemr.model.spec import DEFAULT_ZIPF_SKEW, ModelSpec
 
 

@@ -26,8 +26,9 @@ from typing import Literal
 
 import numpy as np
 
+from flexemr.config.plan import Shard, ShardingPlan
 from flexemr.planner.inputs import ModelProfile
-from flexemr.sharding.plan import Shard, ShardingPlan, with_local_offsets
+from flexemr.sharding.plan import with_local_offsets
 
 Strategy = Literal["table", "row"]
 STRATEGIES: tuple[Strategy, ...] = ("table", "row")

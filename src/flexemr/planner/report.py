@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flexemr.config.plan import ShardingPlan
 from flexemr.planner.calibration import Calibration
 from flexemr.planner.catalog import Catalog
 from flexemr.planner.inputs import PlanRequest, read_json_object
 from flexemr.planner.placement import Placement
 from flexemr.planner.search import Candidate
-from flexemr.sharding.plan import ShardingPlan
 
 
 @dataclass(frozen=True)

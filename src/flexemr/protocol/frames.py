@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from flexemr.config import FrameLimits
+
 MAGIC = b"FXEM"
 VERSION = 1
 HEADER = struct.Struct("<4sBBHQII")
@@ -59,16 +61,21 @@ class MessageType(enum.IntEnum):
     """updater -> server: stage rows for a version (`protocol.updates`); answered UPDATE [int64
     (1): 1 staged, 0 a duplicate of a committed (source, sequence)], STALE or ERROR."""
     COMMIT = 10
-    """updater or ranker -> server: [int64 (2): version, token], apply what that update staged;
-    answered COMMIT [int64 (1): the server's version], or STALE when the version is taken by another
-    update or the server is behind it (it must commit the versions before first)."""
+    """updater or ranker -> server: [int64 (2 + S): version, token, rows staged per server], apply
+    what that update staged; answered COMMIT [int64 (2): the server's version, the version the
+    update is applied at], STALE when the version is taken by another update or the server is
+    behind it (it must commit the versions before first), or ERROR (`protocol.updates`)."""
     STALE = 11
     """server -> ranker or updater: [int64 (1): the server's committed version]; the request named
     another version than the server's (a LOOKUP with flag VERSIONED), or a version already decided."""
     CHANGES = 12
     """ranker or updater -> server: [int64 (1): since]; answered CHANGES [int64 (2): version,
     truncated (1: the changelog no longer reaches back to `since`), versions int64 (k), tokens int64
-    (k): the versions committed after `since`, keys int64 (m): the global cache keys they changed]."""
+    (k): the versions committed after `since`, written int64 (k, S): rows each staged per server,
+    keys int64 (m): the global cache keys they changed]."""
+    ABORT = 13
+    """updater -> server: [int64 (2): version, token], drop that attempt's stage; answered ABORT
+    [int64 (1): 1 that attempt is committed here, 0 it is not (and, on server 0, never will be)]."""
 
 
 class Flags(enum.IntFlag):
@@ -102,22 +109,6 @@ class ProtocolError(Exception):
 
 class ConnectionClosed(ConnectionError):
     """The peer closed the connection (between frames, or in the middle of one)."""
-
-
-@dataclass(frozen=True)
-class FrameLimits:
-    """What a received frame may declare before any of its body is read (a spec's `frames`)."""
-
-    max_buffers: int = 8
-    """Arrays per frame."""
-    max_frame_bytes: int = 512 * 2**20
-    """Bytes of a frame's body (all its arrays)."""
-    max_dim: int = 2**31 - 1
-    """Largest extent of an array's dimension."""
-
-    def __post_init__(self) -> None:
-        if min(self.max_buffers, self.max_frame_bytes, self.max_dim) < 1:
-            raise ValueError(f"frame limits must all be positive, got {self}")
 
 
 @dataclass

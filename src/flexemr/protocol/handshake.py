@@ -36,9 +36,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from flexemr.config import FrameLimits
+from flexemr.config.security import Identity
 from flexemr.protocol.frames import (
     Frame,
-    FrameLimits,
     MessageType,
     ProtocolError,
     encode,
@@ -91,17 +92,6 @@ class Deadline:
         if left <= 0:
             raise HandshakeTimeout("the handshake did not end by its deadline")
         sock.settimeout(left)
-
-
-@dataclass(frozen=True)
-class Identity:
-    """What an embedding server holds: its index in the plan, its rows, and a fingerprint of its
-    shards and weights (`flexemr.cluster.identity.fingerprint`)."""
-
-    server: int
-    rows: int
-    dim: int
-    fingerprint: str
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,24 @@
-"""The update messages (UPDATE, COMMIT, CHANGES, STALE), typed, and their buffers.
+"""The update messages (UPDATE, COMMIT, ABORT, CHANGES, STALE), typed, and their buffers.
 
     UPDATE   [int64 (3): version, token, sequence (-1: none), rows int64 (n): server-local,
               values float32 (n, dim), source uint8 (utf-8)]
-    COMMIT   [int64 (2): version, token]
+             ->  [int64 (1): 0 staged, or w > 0: (source, sequence) was applied at version w]
+    COMMIT   [int64 (2 + S): version, token, rows the update staged on each of the S servers]
+             ->  [int64 (2): the server's version, the version the update's rows are applied at]
+    ABORT    [int64 (2): version, token]  ->  [int64 (1): 1 that attempt is committed, 0 it never
+             will be here (its stage is dropped)]
     CHANGES  [int64 (1): since]  ->  [int64 (2): version, truncated, versions int64 (k),
-                                      tokens int64 (k), keys int64 (m)]
+                                      tokens int64 (k), written int64 (k, S), keys int64 (m)]
     STALE    [int64 (1): the server's version]
 
-A version is decided by the first COMMIT of (version, token) that any server accepts, embedding
-server 0 always first; `token` (random, per attempt) tells two updates that picked the same
-version apart, so a server never applies rows that another attempt staged.
+A version is decided by embedding server 0 alone: the first COMMIT of (version, token) it accepts.
+It accepts one only for an attempt staged on it (every attempt stages there, with or without rows)
+and not aborted, and whose (source, sequence) it has not applied before, so each (source,
+sequence) is applied at most once whatever the order. `token` (random, per attempt) tells two
+updates that picked the same version apart: a server never applies rows another attempt staged,
+and a COMMIT for a version already decided succeeds only with the token it was decided with.
+`written` is the update's write set: a server commits a version only holding exactly the rows the
+write set gives it, so one that lost its stage (or its log) refuses instead of claiming the version.
 """
 
 from __future__ import annotations
@@ -81,6 +90,24 @@ def version_buffer(*values: int) -> np.ndarray:
     return np.array(values, dtype=np.int64)
 
 
+def commit_buffer(version: int, token: int, written: np.ndarray) -> np.ndarray:
+    """A COMMIT's buffer: version, token, then the rows the update staged on each server."""
+    return np.concatenate([version_buffer(version, token), written.astype(np.int64)])
+
+
+def parse_commit(frame: Frame, servers_at_least: int) -> tuple[int, int, np.ndarray]:
+    """(version, token, written) of a COMMIT; BadUpdate when malformed."""
+    b = frame.buffers
+    if not (b and b[0].dtype == np.int64 and b[0].ndim == 1 and b[0].size >= 2 + servers_at_least):
+        raise BadUpdate(
+            f"a COMMIT carries int64 [version, token, rows per server (at least {servers_at_least})]"
+        )
+    written = b[0][2:]
+    if (written < 0).any():
+        raise BadUpdate("a COMMIT's rows per server must be non-negative")
+    return int(b[0][0]), int(b[0][1]), written
+
+
 def int64s(frame: Frame, count: int, what: str) -> list[int]:
     """The first buffer of `frame` as `count` ints; BadUpdate when it is not int64 [count]."""
     if not frame.buffers or frame.buffers[0].dtype != np.int64 or frame.buffers[0].shape != (count,):
@@ -98,18 +125,29 @@ class Changes:
     """int64 [k]: the versions committed after `since`, in order."""
     tokens: np.ndarray
     """int64 [k]: the token each was committed with."""
+    written: np.ndarray
+    """int64 [k, S]: the rows each staged on each server (what a COMMIT of it carries)."""
     keys: np.ndarray
     """int64 [m]: the global cache keys those versions changed."""
 
     def frame(self, request_id: int) -> list[memoryview]:
         head = version_buffer(self.version, int(self.truncated))
-        return encode(MessageType.CHANGES, request_id, [head, self.versions, self.tokens, self.keys])
+        buffers = [head, self.versions, self.tokens, self.written, self.keys]
+        return encode(MessageType.CHANGES, request_id, buffers)
 
     @classmethod
     def parse(cls, frame: Frame) -> Changes:
         b = frame.buffers
-        if not (len(b) == 4 and all(x.dtype == np.int64 and x.ndim == 1 for x in b) and b[0].size == 2):
-            raise BadUpdate("a CHANGES answer carries int64 [version, truncated], versions, tokens, keys")
-        if b[1].size != b[2].size:
-            raise BadUpdate(f"{b[1].size} versions but {b[2].size} tokens")
-        return cls(int(b[0][0]), bool(b[0][1]), b[1], b[2], b[3])
+        if not (
+            len(b) == 5
+            and all(x.dtype == np.int64 for x in b)
+            and all(b[i].ndim == 1 for i in (0, 1, 2, 4))
+            and b[0].size == 2
+            and b[3].ndim == 2
+        ):
+            raise BadUpdate(
+                "a CHANGES answer carries int64 [version, truncated], versions, tokens, written [k, S], keys"
+            )
+        if not b[1].size == b[2].size == b[3].shape[0]:
+            raise BadUpdate(f"{b[1].size} versions but {b[2].size} tokens and {b[3].shape[0]} write sets")
+        return cls(int(b[0][0]), bool(b[0][1]), b[1], b[2], b[3], b[4])

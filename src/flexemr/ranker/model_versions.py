@@ -24,8 +24,9 @@ from typing import Any
 import numpy as np
 
 from flexemr.batch import InvalidRequest
-from flexemr.cluster.spec import ClusterSpec
-from flexemr.model.source import ModelSource
+from flexemr.config.model import ModelSource
+from flexemr.config.spec import ClusterSpec
+from flexemr.model.source import model_spec
 from flexemr.ranker.ranker import Ranker
 from flexemr.updates import RowUpdates, Updater
 
@@ -39,12 +40,12 @@ Loader = Callable[[ModelSource], tuple[Ranker, Callable[[], None], ClusterSpec |
 cluster of its embedding servers (None: its rows are not on flexemr servers)."""
 
 
-class VersionConflict(RuntimeError):
+class ModelVersionConflict(RuntimeError):
     """The request does not fit the versions' state (HTTP 409): a load under way, an unknown or
     only version to unload, no loader."""
 
 
-class UnknownVersion(LookupError):
+class UnknownModelVersion(LookupError):
     """No such version is loaded (HTTP 400/404 naming the versions that are)."""
 
 
@@ -69,15 +70,15 @@ class ModelVersion:
 
     def apply(self, updates: RowUpdates) -> int:
         """Apply row updates to this version's servers as one new row version (one at a time:
-        each is a version); returns it. VersionConflict when its rows are not on flexemr servers."""
+        each is a version); returns it. ModelVersionConflict when its rows are not on flexemr servers."""
         if self.cluster is None:
-            raise VersionConflict("row updates need the flexemr embedding tier (not redis or local)")
+            raise ModelVersionConflict("row updates need the flexemr embedding tier (not redis or local)")
         with self._updating:
             if self._updater is None:
                 self._updater = Updater(self.cluster)
             committed = self._updater.apply(updates)
-        if self.ranker.versions is not None:  # read your writes: requests after this see the rows
-            self.ranker.versions.read_at_least(committed)
+        if self.ranker.row_version is not None:  # read your writes: requests after this see the rows
+            self.ranker.row_version.read_at_least(committed)
         return committed
 
     def close(self) -> None:
@@ -127,12 +128,12 @@ class ModelVersions:
             return [str(n) for n in sorted(self._versions)]
 
     def _get(self, version: str) -> ModelVersion:
-        """The version named (""/None: the serving one); `UnknownVersion` if not loaded."""
+        """The version named (""/None: the serving one); `UnknownModelVersion` if not loaded."""
         if not version:
             return self._serving
         if version.isdigit() and int(version) in self._versions:
             return self._versions[int(version)]
-        raise UnknownVersion(f"version {version!r} is not loaded; loaded: {self.names()}")
+        raise UnknownModelVersion(f"version {version!r} is not loaded; loaded: {self.names()}")
 
     @contextmanager
     def use(self, version: str = "") -> Iterator[ModelVersion]:
@@ -152,14 +153,14 @@ class ModelVersions:
         """Load `source` as a new version beside the serving one, warm it, and serve it. Serving
         goes on meanwhile; if anything fails, the serving version stays and nothing changes."""
         if self.loader is None:
-            raise VersionConflict(
+            raise ModelVersionConflict(
                 "this ranker cannot load versions: its embedding servers are started elsewhere "
                 "(model loading needs `flexemr serve` with one ranker process)"
             )
         check_same_inputs(self._serving.ranker, source)
         with self._changed:
             if self._loading:
-                raise VersionConflict("another version is being loaded; retry when it is done")
+                raise ModelVersionConflict("another version is being loaded; retry when it is done")
             self._loading = True
             spare = [v for v in self._versions.values() if v is not self._serving]
         try:
@@ -202,10 +203,10 @@ class ModelVersions:
         the other one; the only loaded version cannot be unloaded. Returns the serving version."""
         with self._changed:
             if self._loading:
-                raise VersionConflict("a version is being loaded; retry when it is done")
+                raise ModelVersionConflict("a version is being loaded; retry when it is done")
             chosen = self._get(version)
             if len(self._versions) == 1:
-                raise VersionConflict(
+                raise ModelVersionConflict(
                     f"version {chosen.name} is the only one loaded and keeps serving; load another first"
                 )
             if chosen is self._serving:
@@ -266,7 +267,7 @@ class ModelVersions:
 def check_same_inputs(ranker: Ranker, source: ModelSource) -> None:
     """A new version must take the requests clients send today: the same dense features and tables
     (table sizes, dim and the dense network may change)."""
-    new = source.spec()
+    new = model_spec(source)
     old = ranker.spec
     if (new.num_dense, new.num_tables) != (old.num_dense, old.num_tables):
         raise InvalidRequest(

@@ -25,17 +25,18 @@ import numpy as np
 import torch
 
 from flexemr.batch import SparseBatch
-from flexemr.cache import AdaptiveCacheManager, CacheConfig
+from flexemr.cache import AdaptiveCacheManager
 from flexemr.config import RankerConfig
+from flexemr.config.cache import CacheConfig
+from flexemr.config.plan import ShardingPlan
 from flexemr.engine.link import ServerLink
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
 from flexemr.ranker.admission import Ticket
 from flexemr.ranker.batcher import DynamicBatcher
 from flexemr.ranker.replicas import ReplicaLoad
+from flexemr.ranker.row_versions import RowReadVersion
 from flexemr.ranker.turns import PROCESS_TURNS
-from flexemr.ranker.versions import ReadVersion
-from flexemr.sharding.plan import ShardingPlan
 from flexemr.sharding.router import RangeRouter, Subrequest, Uncovered
 from flexemr.stats import counts
 from flexemr.transport.base import (
@@ -73,7 +74,7 @@ class Ranker:
         cache: CacheConfig | None = None,
     ) -> None:
         """`links`: control links to the embedding servers; with them the ranker reads one version
-        of every row per request (`ranker.versions`), without them whatever servers hold. `cache`:
+        of every row per request (`ranker.row_versions`), without them whatever servers hold. `cache`:
         the cache's tuning (a spec's cache section); its mode, budget, wire and batch are `config`'s."""
         self.spec = spec
         self.config = config
@@ -94,7 +95,7 @@ class Ranker:
             transport.stores[0] if isinstance(transport, LocalTransport) and self.router.identity else None
         )
         """The store holding every row at its key, in this process (the local tier), or None."""
-        self.versions = None if links is None else ReadVersion(links, self.cache)
+        self.row_version = None if links is None else RowReadVersion(links, self.cache)
         self._stop = threading.Event()
         self._warmer: threading.Thread | None = None
         if self.cache is not None:
@@ -107,20 +108,25 @@ class Ranker:
         )
 
     def _make_cache(self) -> AdaptiveCacheManager | None:
-        if self.config.cache == "off":
+        config = self.config
+        if config.cache.kind == "off":
             return None
-        tuning = self._cache_tuning
-        cache_config = dataclasses.replace(
-            tuning,
-            mode=self.config.cache,
-            wire=self.config.lookup,
-            device_budget_bytes=self.config.device_memory_bytes,
-            load=dataclasses.replace(tuning.load, max_batch=self.config.max_batch),
+        return AdaptiveCacheManager.for_model(
+            config.cache,
+            self.dense,
+            self.device,
+            start=time.monotonic(),
+            config=self._cache_tuning,
+            wire=config.lookup,
+            max_batch=config.max_batch,
+            device_budget_bytes=config.device_memory_bytes,
         )
-        return AdaptiveCacheManager.for_model(cache_config, self.dense, self.device, start=time.monotonic())
 
     def ready(self) -> bool:
-        """Every row has a usable replica (with replicas, some servers may be down)."""
+        """Every row has a usable replica (with replicas, some servers may be down), and the rows'
+        version is known (a fresh ranker has heard from the servers)."""
+        if self.row_version is not None and not self.row_version.synced.is_set():
+            return False
         return self.router.coverable(np.array(self.transport.connected(), dtype=bool))
 
     def score(
@@ -175,16 +181,16 @@ class Ranker:
                     return self.pool(batch, deadline, version)
                 except Stale as exc:  # only a versioned lookup gets one
                     stale = exc
-            assert self.versions is not None
+            assert self.row_version is not None
             with self.turns.waiting():
-                self.versions.stale(stale)
+                self.row_version.stale(stale.version)
         raise LookupFailed(
             f"the rows' version changed {MAX_VERSION_RETRIES} times during the request (last: {stale})"
         )
 
     def _reading(self) -> contextlib.AbstractContextManager[int | None]:
         """The version to read, the same until the block ends (None: whatever servers hold)."""
-        return contextlib.nullcontext() if self.versions is None else self.versions.reading()
+        return contextlib.nullcontext() if self.row_version is None else self.row_version.reading()
 
     def pool(
         self, batch: SparseBatch, deadline: float | None = None, version: int | None = None
@@ -236,10 +242,10 @@ class Ranker:
     ) -> Iterator[tuple[Subrequest, np.ndarray]]:
         """Send one subrequest per server holding any of `keys` (in bags of `lengths`), each to one
         replica of the rows it needs, all in flight at once; yield each with its answer. A
-        subrequest whose replica fails, is stalled or does not answer in time is sent again, whole,
-        to another replica (its late answer, if any, is never used); the lookup fails only when no
-        replica of some rows is left, or the time (the lookup timeout, or the request's earlier
-        `deadline`) runs out."""
+        subrequest whose replica fails, is stalled, does not answer in time or is behind `version`
+        (STALE) is sent again, whole, to another replica (its late answer, if any, is never used);
+        the lookup fails only when no replica of some rows is left, or the time (the lookup
+        timeout, or the request's earlier `deadline`) runs out."""
         start = time.monotonic()
         limit = start + self.config.request_timeout_s
         deadline = limit if deadline is None else min(limit, deadline)
@@ -273,6 +279,19 @@ class Ranker:
                     reason,
                 )
                 pending.extend(self._send(self._reroute(sub, failed), raw, version))
+                continue
+            except Stale as exc:
+                # A replica behind the read version (down while it was decided, or one that cannot
+                # prove it holds it): another replica may be at it. Ahead of it: the version moves.
+                if version is None or exc.version > version or self.router.replicas == 1:
+                    raise
+                failed.add(sub.server)
+                with self._lock:
+                    self.failovers += 1
+                try:
+                    pending.extend(self._send(self._reroute(sub, failed), raw, version))
+                except NoReplica:
+                    raise exc from None
                 continue
             yield sub, values
 
@@ -324,13 +343,13 @@ class Ranker:
                 continue
             keys = np.sort(request.keys.cpu().numpy())
             # At the read version, admitted before it can move: no cached row is of another one.
-            with self._reading() as version:
-                lengths = np.ones(keys.size, dtype=np.int64)
-                try:
+            try:
+                with self._reading() as version:
+                    lengths = np.ones(keys.size, dtype=np.int64)
                     for sub, rows in self._lookup(keys, lengths, True, None, version):
                         self.cache.admit(torch.from_numpy(sub.keys), torch.from_numpy(rows), request.token)
-                except (ServerUnavailable, LookupFailed):
-                    continue  # a later round retries; requests report failures (and move the version)
+            except (ServerUnavailable, LookupFailed):
+                continue  # a later round retries; requests report failures (and move the version)
 
     def stats(self) -> dict[str, Any]:
         stats: dict[str, Any] = {
@@ -346,8 +365,8 @@ class Ranker:
             stats["cache"] = {
                 k: v for k, v in dataclasses.asdict(cache).items() if isinstance(v, int | float)
             }
-        if self.versions is not None:
-            stats["versions"] = self.versions.stats()
+        if self.row_version is not None:
+            stats["versions"] = self.row_version.stats()
         if self.batcher is not None:
             stats["batcher"] = counts(
                 {"batches": self.batcher.merged_batches, "requests": self.batcher.merged_requests}
@@ -361,5 +380,5 @@ class Ranker:
         if self.batcher is not None:
             self.batcher.close()
         self.transport.close()
-        if self.versions is not None:
-            self.versions.close()
+        if self.row_version is not None:
+            self.row_version.close()

@@ -19,7 +19,7 @@ from functools import cached_property
 
 import numpy as np
 
-from flexemr.sharding.plan import ShardingPlan
+from flexemr.config.plan import ShardingPlan
 
 MAX_BUCKETS = 2**20
 MAX_STARTS_PER_BUCKET = 4

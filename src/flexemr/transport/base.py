@@ -29,7 +29,7 @@ class LookupRequest:
     weights: np.ndarray | None = None
     """float32 [n]: optional per-index weights (partial mode only)."""
     version: int | None = None
-    """The version of the rows to read (`ranker.versions`); a server at another one answers
+    """The version of the rows to read (`ranker.row_versions`); a server at another one answers
     `Stale`. None: whatever the server has committed."""
 
     def expected_shape(self, dim: int) -> tuple[int, int]:

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from flexemr.config.plan import ShardingPlan
 from flexemr.embedding_server.store import BadSubrequest, ShardStore
 from flexemr.model.weights import WeightSource
-from flexemr.sharding.plan import ShardingPlan
 from flexemr.transport.base import LookupFailed, LookupRequest
 
 

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from flexemr.config.plan import ShardingPlan
 from flexemr.extras import needs_extra
 from flexemr.model import rows as stored_rows
 from flexemr.model.weights import WeightSource, fill_stored
-from flexemr.sharding.plan import ShardingPlan
 from flexemr.stats import counts
 from flexemr.transport.base import LookupFailed, LookupRequest, ServerUnavailable
 
