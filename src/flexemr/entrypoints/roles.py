@@ -179,7 +179,8 @@ def version_spec(spec: ClusterSpec, source: ModelSource) -> ClusterSpec:
 class RankerProcess:
     """A ranker serving its model versions: KServe v2 over HTTP, and over gRPC when its config names
     a gRPC port; the admin API (model versions, row updates) behind the token derived from the
-    cluster secret. `flexemr serve`, `flexemr ranker` and the Ray actors all build it here."""
+    cluster secret. Both fronts enter through its one `FrontDoor` (admission, turns, deadlines).
+    `flexemr serve`, `flexemr ranker` and the Ray actors all build it here."""
 
     def __init__(self, door: FrontDoor, http: HttpServer, grpc: GrpcServer | None) -> None:
         self.door = door
