@@ -46,8 +46,11 @@ SOURCE = ModelSource(preset="tiny", seed=3)  # as tests.ranker.test_replicas' Lo
 PLAN = replicated(make_plan("row", model_spec(SOURCE).table_rows, model_spec(SOURCE).dim, 2), 2)
 SERVER_BYTES = max(server_memory(PLAN))
 # Ray's processes see none of the test's environment: no secret (the driver hands its own to the
-# actors) and none of Ray's settings from other tests.
-RAY_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FLEXEMR_"))}
+# actors) and none of Ray's settings from other tests. Ray's token auth is off on both sides: a node
+# started by `ray start` turns it on when ~/.ray/auth_token exists (any local `ray.init()`, e.g.
+# `serve --ray local`, writes one), while a driver joining by address turns it on only when told.
+NO_RAY_AUTH = {"RAY_AUTH_MODE": "disabled"}
+RAY_ENV = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "FLEXEMR_"))} | NO_RAY_AUTH
 
 
 def start_ray_node(bed: NetnsBed, host: str, temp_dir: str, *args: str) -> None:
@@ -92,7 +95,7 @@ def cluster() -> Iterator[tuple[NetnsBed, str]]:
             [*FLEXEMR, "serve", "--ray", head, "--preset", "tiny", "--seed", "3", "--embedding-servers", "2",
              "--sharding", "row", "--replicas", "2", "--cache", "off", "--port", "8000", "--watch-stdin"],
         )  # fmt: skip
-        with AnnouncedProcess(command, "flexemr ready:", 400, ENV) as serve:
+        with AnnouncedProcess(command, "flexemr ready:", 400, ENV | NO_RAY_AUTH) as serve:
             yield bed, serve.url
 
 
