@@ -24,6 +24,7 @@ from flexemr.api.kserve import (
     OUTPUT,
     InferRequest,
     TensorSpec,
+    binary_tensor,
     check_header,
     model_config,
     model_inputs,
@@ -83,7 +84,7 @@ def decode_inputs(request: Any, inputs: list[TensorSpec]) -> dict[str, np.ndarra
                     f"input {tensor.name}: raw_input_contents[{position}] holds {len(data)} bytes, "
                     f"shape {shape} needs {count} x {dtype.itemsize}"
                 )
-            values = np.frombuffer(data, dtype=dtype).astype(dtype.newbyteorder("="))
+            values = binary_tensor(data, dtype)
         else:
             field = _TYPED_CONTENTS[tensor.datatype]
             values = np.array(getattr(tensor.contents, field), dtype=dtype.newbyteorder("="))

@@ -31,7 +31,6 @@ from flexemr.api.bodies import BodyTooLarge, read_body
 from flexemr.api.front_door import ErrorKind, FrontDoor, Rejected
 from flexemr.api.kserve import (
     HEADER_LENGTH,
-    InferRequest,
     encode_infer_response,
     model_config,
     model_inputs,
@@ -215,12 +214,8 @@ def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
         return response
 
     def score(ticket: Ticket, version: str, body: bytearray, header_length: str | None) -> Response:
-        def decode() -> InferRequest:
-            parsed = parse_infer_request(body, header_length, inputs)
-            body.clear()  # parsed: the raw bytes are not needed while scoring
-            return parsed
-
-        scored = door.score(ticket, version, decode)
+        # Binary tensors are views of `body`: it lives (unresized) until they are scored.
+        scored = door.score(ticket, version, lambda: parse_infer_request(body, header_length, inputs))
         metrics.batch_size.observe(scored.scores.shape[0])
         content, headers = encode_infer_response(
             model_name,

@@ -166,6 +166,17 @@ def check_header(expected: TensorSpec, datatype: Any, shape: Any) -> tuple[np.dt
     return DATATYPES[datatype], shape
 
 
+def binary_tensor(data: Any, dtype: np.dtype[Any]) -> np.ndarray:
+    """Little-endian `data` (a buffer of whole values) as a flat array of `dtype` in native byte
+    order: a view of the bytes, not a copy, unless they are read-only (`bytes`: the model's tensors
+    must be writable), misaligned for `dtype` (a JSON header of any length sits before them) or not
+    in native order."""
+    array = np.frombuffer(data, dtype=dtype)
+    if array.dtype.isnative and array.flags.aligned and array.flags.writeable:
+        return array
+    return array.astype(dtype.newbyteorder("="))
+
+
 def _decode_tensor(entry: Any, binary: memoryview, pos: int, expected: TensorSpec) -> tuple[np.ndarray, int]:
     name = expected.name
     datatype = entry.get("datatype")
@@ -179,8 +190,7 @@ def _decode_tensor(entry: Any, binary: memoryview, pos: int, expected: TensorSpe
             )
         if pos + size > binary.nbytes:
             raise InvalidRequest(f"input {name}: the body holds fewer binary bytes than declared")
-        array = np.frombuffer(binary[pos : pos + size], dtype=dtype).astype(dtype.newbyteorder("="))
-        return array.reshape(shape), pos + size
+        return binary_tensor(binary[pos : pos + size], dtype).reshape(shape), pos + size
     if "data" not in entry:
         raise InvalidRequest(f"input {name} has neither data nor binary_data_size")
     values = _json_values(entry, expected, datatype)
@@ -199,7 +209,8 @@ def parse_infer_request(
     body: bytes | bytearray, header_length: str | None, inputs: list[TensorSpec]
 ) -> InferRequest:
     """Parse a request body without copying it: JSON is read from a view of the header, binary
-    tensors are views of the body until converted to native byte order."""
+    tensors are views of the body where `binary_tensor` can (the body then cannot be resized while
+    they live)."""
     view = memoryview(body)
     if header_length is not None:
         split = parse_decimal(header_length, "header Inference-Header-Content-Length")

@@ -108,7 +108,6 @@ def update_routes(door: FrontDoor, registry: CollectorRegistry) -> APIRouter:
                 updates = parse_updates(
                     body, request.headers.get(HEADER_LENGTH), dim, limit, source, sequence
                 )
-                body.clear()
                 committed = await run_in_threadpool(version.apply, updates)
         except Exception as exc:  # every refusal has its status (`error_response`)
             metrics.refused.labels(type(exc).__name__).inc()
