@@ -28,10 +28,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import orjson
 
 from flexemr.batch import SparseBatch
 from flexemr.client import Client
+from flexemr.client import binary_body as client_binary_body
 from flexemr.config.model import ModelSource
 from flexemr.entrypoints.child import AnnouncedProcess
 from flexemr.model.source import model_spec
@@ -53,21 +53,14 @@ def requests(preset: str, batch: int, count: int) -> list[SparseBatch]:
 
 def binary_body(request: SparseBatch) -> tuple[bytes, dict[str, str]]:
     """A KServe binary-tensor body and its header, encoded once so the load costs no encoding."""
-    arrays = [
-        ("dense_features", "FP32", request.dense.astype("<f4")),
-        ("sparse_indices", "INT64", request.indices.astype("<i8")),
-        ("sparse_lengths", "INT32", request.lengths.astype("<i4")),
-    ]
-    inputs = [
-        {"name": n, "datatype": d, "shape": list(a.shape), "parameters": {"binary_data_size": a.nbytes}}
-        for n, d, a in arrays
-    ]
-    header = orjson.dumps(
-        {"inputs": inputs, "outputs": [{"name": "scores", "parameters": {"binary_data": True}}]}
+    body, header_length = client_binary_body(
+        [
+            ("dense_features", "FP32", request.dense.astype("<f4")),
+            ("sparse_indices", "INT64", request.indices.astype("<i8")),
+            ("sparse_lengths", "INT32", request.lengths.astype("<i4")),
+        ]
     )
-    return header + b"".join(a.tobytes() for _, _, a in arrays), {
-        "Inference-Header-Content-Length": str(len(header))
-    }
+    return body, {"Inference-Header-Content-Length": str(header_length)}
 
 
 def keepalive(url: str, args: argparse.Namespace) -> None:

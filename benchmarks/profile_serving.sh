@@ -17,5 +17,5 @@ url=$(grep -o "http://[0-9.:]*" "$out.serve.log" | head -1)
 "$bin/python" "$(dirname "$0")/serving_overhead.py" --c1-load "$url" --seconds 25 >"$out.load.log" &
 load=$!
 sleep 3
-"$bin/py-spy" record --pid "$serve" --duration 20 --rate 200 --format raw --threads --idle -o "$out.raw"
+"$bin/py-spy" record --pid "$serve" --duration 20 --rate 200 --format raw --threads --idle ${PYSPY_ARGS:-} -o "$out.raw"
 wait $load
