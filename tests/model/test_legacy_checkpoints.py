@@ -19,7 +19,7 @@ from flexemr.model.checkpoints import CheckpointError
 from flexemr.model.source import model_spec
 from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch
-from tests.model.test_checkpoint import formula_forward, reference_state_dict
+from tests.model.test_reference_checkpoint import formula_forward, reference_state_dict
 
 
 class Payload:

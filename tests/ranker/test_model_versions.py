@@ -207,9 +207,10 @@ def test_swap_under_load_fails_nothing_and_rolls_back(client: httpx.Client, clus
     assert "flexemr_model_serving_version 1.0" in metrics
 
 
-def reference_with(updates: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
-    """Version 1's monolithic scores of `BATCHES` once `updates` are written, in order."""
-    model = build_monolithic(load_weights(ModelSource(preset="tiny", seed=SEEDS["1"])))
+def reference_with(updates: list[dict[str, np.ndarray]], seed: int = SEEDS["1"]) -> list[np.ndarray]:
+    """The monolithic scores of `BATCHES` by the preset of `seed` (version 1's) once `updates` are
+    written, in order."""
+    model = build_monolithic(load_weights(ModelSource(preset="tiny", seed=seed)))
     with torch.no_grad():
         for update in updates:
             for table, row, values in zip(update["table"], update["row"], update["values"], strict=True):

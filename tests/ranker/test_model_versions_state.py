@@ -83,3 +83,23 @@ def test_a_failed_load_changes_nothing_and_at_most_two_versions_are_loaded() -> 
     assert models.names() == ["2"] and models.serving.name == "2"
     with pytest.raises(ModelVersionConflict, match="only one loaded"):
         models.unload()
+
+
+def test_before_switch_sees_every_switch_first_and_a_failure_stops_it() -> None:
+    first, made = FakeRanker("v1"), []
+    models = versions(first, made)
+    seen: list[tuple[str, str]] = []  # (version about to serve, version serving then)
+    models.before_switch = lambda version: seen.append((version.name, models.serving.name))
+    models.load(seed(4))
+    models.serve("1")
+    models.unload("1")  # the serving one: version 2 serves again
+    assert seen == [("2", "1"), ("1", "2"), ("2", "1")]
+
+    def refuse(version: Any) -> None:
+        raise OSError("disk full")
+
+    models.before_switch = refuse
+    with pytest.raises(OSError, match="disk full"):
+        models.load(seed(5))
+    assert made[-1].closed and models.serving.name == "2" and models.names() == ["2"]
+    assert models.loads == 1

@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 import time
 
-from flexemr.ranker.turns import Turns
+from flexemr.ranker.turns import InterpreterTurns
 
 
 def test_one_thread_computes_at_a_time() -> None:
-    turns = Turns()
+    turns = InterpreterTurns()
     inside, most = 0, 0
     guard = threading.Lock()
 
@@ -33,7 +33,7 @@ def test_one_thread_computes_at_a_time() -> None:
 
 
 def test_waiting_gives_the_turn_to_another_thread() -> None:
-    turns = Turns()
+    turns = InterpreterTurns()
     answered = threading.Event()
     served = []
 
@@ -53,7 +53,7 @@ def test_waiting_gives_the_turn_to_another_thread() -> None:
 
 
 def test_turns_are_reentrant_and_waiting_without_a_turn_is_harmless() -> None:
-    turns = Turns()
+    turns = InterpreterTurns()
     with turns.waiting():  # holds nothing: nothing to give up
         pass
     with turns.turn():

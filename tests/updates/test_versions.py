@@ -473,3 +473,40 @@ def test_a_server_behind_the_changelog_window_catches_up_from_the_decided_versio
     assert behind.version == 50
     decider.close()
     behind.close()
+
+
+def test_a_server_down_through_compactions_catches_up_or_stays_behind_loudly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue #27 item 13, its last part (in process): server 0's log is compacted many times and
+    server 0 restarted from its snapshot while server 1 was down; server 1 (no row of its written
+    meanwhile: with it down, updates to its rows fail) commits every version it missed from the
+    decided versions server 0 kept. Missed more than those: it refuses the commit (StaleVersion)
+    and stays at its version, never guessed forward."""
+    monkeypatch.setattr(os, "fsync", lambda fd: None)  # bounds, not durability: this disk is shared
+    monkeypatch.setattr(versions_module, "MAX_DECIDED_VERSIONS", 500)
+    decider = RowVersions(_store(server=0), tmp_path / "log0", max_log_bytes=4 * 2**10)
+    for v in range(1, 401):
+        decider.stage(_staged(v, 100 + v, [v % 50], v))
+        decider.commit(v, 100 + v, np.array([1, 0]))
+    assert decider.stats()["compactions"] > 10
+    decider.close()
+    decider = RowVersions(_store(server=0), tmp_path / "log0", max_log_bytes=4 * 2**10)  # from its snapshot
+    rejoining = RowVersions(_store(server=1), tmp_path / "log1")
+    changes = decider.changes(0)
+    for v, token, written in zip(
+        changes.versions.tolist(), changes.tokens.tolist(), changes.written, strict=True
+    ):
+        rejoining.commit(v, token, written)
+    assert rejoining.version == 400
+
+    for v in range(401, 1001):  # 600 more: the first 100 of them are forgotten
+        decider.stage(_staged(v, 100 + v, [v % 50], v))
+        decider.commit(v, 100 + v, np.array([1, 0]))
+    changes = decider.changes(400)
+    assert changes.truncated and changes.versions[0] > 401
+    with pytest.raises(StaleVersion):
+        rejoining.commit(int(changes.versions[0]), int(changes.tokens[0]), changes.written[0])
+    assert rejoining.version == 400
+    decider.close()
+    rejoining.close()

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from flexemr.cli.options import add_cluster_arguments, add_model_arguments, cluster_spec, describe_plan
-from flexemr.config import Endpoint
+from flexemr.config import Endpoint, RankerConfig
 from flexemr.config.model import ModelSource
 from flexemr.config.security import load_secret
 from flexemr.config.spec import ClusterSpec
@@ -31,7 +31,7 @@ from flexemr.entrypoints.child import exit_when_stdin_closes
 from flexemr.entrypoints.local import ClusterStartError, LocalCluster
 from flexemr.entrypoints.roles import RankerProcess, build_ranker, ranker_threads, torch_threads, version_spec
 from flexemr.model.source import load_weights, model_spec
-from flexemr.ranker.model_versions import Loader
+from flexemr.ranker.model_versions import Loader, ModelVersion
 from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import LookupTransport
@@ -110,6 +110,17 @@ def _version_loader(spec: ClusterSpec, tier: str) -> Loader:
     return load
 
 
+def _spec_writer(path: str, ranker: RankerConfig) -> Callable[[ModelVersion], None]:
+    """Rewrites `path` (atomically) with the embedding servers of a model version about to serve,
+    so that `flexemr update --spec PATH` and its Redis consumer update the serving version."""
+
+    def write(version: ModelVersion) -> None:
+        if version.cluster is not None:  # redis and local tiers take no row updates
+            dataclasses.replace(version.cluster, ranker=ranker).save(path)
+
+    return write
+
+
 def _start_more_rankers(spec: ClusterSpec, count: int, tier: str, stack: contextlib.ExitStack) -> None:
     """`count` more `flexemr ranker` processes on the same servers and HTTP port (no gRPC)."""
     if count <= 0:
@@ -170,6 +181,7 @@ def run(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(spec, ranker=dataclasses.replace(spec.ranker, port=process.http.port))
         if args.spec_out:
             spec.save(args.spec_out)
+            process.models.before_switch = _spec_writer(args.spec_out, spec.ranker)
         try:
             _start_more_rankers(spec, args.rankers - 1, args.embedding_tier, stack)
         except (ValueError, RuntimeError) as exc:

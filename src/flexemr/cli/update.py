@@ -1,5 +1,6 @@
 """`flexemr update FILE --spec CLUSTER.json`: apply a file of rows to a running cluster as one new
-version, and print it."""
+version, and print it. The rows go to the servers the spec file names when they are committed: with
+`flexemr serve --spec-out`'s file, the serving model version's (`ServingUpdater`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 from flexemr.cli.options import add_secret_argument, with_secret_file
 from flexemr.cli.update_stream import add_stream_arguments, run_stream
-from flexemr.config.spec import ClusterSpec
-from flexemr.updates import UpdateFailed, Updater, read_updates
+from flexemr.updates import UpdateFailed, read_updates
+from flexemr.updates.serving_updater import ServingUpdater
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,17 +32,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+
+    def serving() -> ServingUpdater:
+        return ServingUpdater(args.spec, lambda spec: with_secret_file(spec, args))
+
     try:
-        spec = with_secret_file(ClusterSpec.load(args.spec), args)
         if args.redis is not None:
-            return run_stream(args, spec)
+            return run_stream(args, serving)
         if args.file is None:
             raise ValueError("give a FILE of rows, or --redis to consume a stream")
         updates = read_updates(Path(args.file), args.source, args.sequence)
+        updater = serving()
     except (ValueError, OSError) as exc:
         print(f"flexemr update: {exc}", file=sys.stderr)
         return 2
-    updater = Updater(spec)
     try:
         version = updater.apply(updates)
     except ValueError as exc:

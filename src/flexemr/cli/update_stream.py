@@ -8,15 +8,14 @@ import argparse
 import logging
 import signal
 import threading
+from collections.abc import Callable
 
 import prometheus_client
 from prometheus_client import CollectorRegistry
 
-from flexemr.config.spec import ClusterSpec
-from flexemr.model.source import model_spec
-from flexemr.updates import Updater
 from flexemr.updates.metrics import UpdateMetrics
 from flexemr.updates.redis_stream import StreamConfig, StreamConsumer
+from flexemr.updates.serving_updater import ServingUpdater
 
 
 def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +37,8 @@ def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_stream(args: argparse.Namespace, spec: ClusterSpec) -> int:
+def run_stream(args: argparse.Namespace, serving: Callable[[], ServingUpdater]) -> int:
+    """Consume the stream into the servers `serving()`'s updater follows (the serving version's)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s update %(levelname)s: %(message)s")
     if not (args.stream and args.group):
         raise ValueError("--redis needs --stream and --group")
@@ -51,8 +51,8 @@ def run_stream(args: argparse.Namespace, spec: ClusterSpec) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    updater = Updater(spec)
-    consumer = StreamConsumer(config, model_spec(spec.model), updater.apply, metrics)
+    updater = serving()
+    consumer = StreamConsumer(config, lambda: updater.model, updater.apply, metrics)
     try:
         consumer.ensure_group()
         print(f"consuming {config.stream} as {config.group}/{config.consumer}", flush=True)

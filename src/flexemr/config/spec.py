@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,7 +87,14 @@ class ClusterSpec:
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        """Write the spec to `path` atomically: a reader sees the old file or the new, whole."""
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with temporary.open("w") as out:
+            out.write(self.to_json())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ClusterSpec:
@@ -106,7 +114,12 @@ class ClusterSpec:
 
     @classmethod
     def load(cls, path: str | Path) -> ClusterSpec:
+        return cls.from_text(Path(path).read_text(), path)
+
+    @classmethod
+    def from_text(cls, text: str, path: str | Path) -> ClusterSpec:
+        """The spec in `text`, read from `path` (named in the error if it is not a valid one)."""
         try:
-            return cls.from_dict(json.loads(Path(path).read_text()))
+            return cls.from_dict(json.loads(text))
         except (KeyError, TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path} is not a valid cluster spec: {exc}") from exc

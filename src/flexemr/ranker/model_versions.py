@@ -107,6 +107,9 @@ class ModelVersions:
         """Bearer token of the admin API (model load/unload, updates); None: the admin API is off."""
         self.drain_timeout_s = drain_timeout_s or first.config.deadline_s + first.config.request_timeout_s
         """How long an unload waits for the version's last requests before closing it anyway."""
+        self.before_switch: Callable[[ModelVersion], None] = lambda version: None
+        """Called with a version about to serve, before it does (under the versions' lock; if it
+        raises, the switch does not happen): `flexemr serve` rewrites its `--spec-out` file there."""
         self._serving = ModelVersion(1, first, source, stop_first, cluster)
         self._versions = {1: self._serving}
         self._numbered = 1
@@ -170,17 +173,16 @@ class ModelVersions:
             ranker, stop, cluster = self.loader(source)
             try:
                 warm(ranker)
+                with self._changed:
+                    new = ModelVersion(self._numbered + 1, ranker, source, stop, cluster)
+                    self._switch(new)
+                    self._numbered = number = new.number  # never reused: a number names one model
+                    self._versions[number] = new
+                    self.loads += 1
             except BaseException:
                 ranker.close()
                 stop()
                 raise
-            with self._changed:
-                self._numbered += 1  # never reused: a number names one model
-                number = self._numbered
-                new = ModelVersion(number, ranker, source, stop, cluster)
-                self._versions[number] = new
-                self._serving = new
-                self.loads += 1
             log.info("model version %d loaded and serving (%s)", number, source)
             return new
         finally:
@@ -192,9 +194,9 @@ class ModelVersions:
         with self._changed:
             chosen = self._get(version)
             if chosen is not self._serving:
-                if chosen.number < self._serving.number:
-                    self.rollbacks += 1
-                self._serving = chosen
+                rollback = chosen.number < self._serving.number
+                self._switch(chosen)
+                self.rollbacks += rollback
                 log.info("model version %d serving again", chosen.number)
             return chosen
 
@@ -210,12 +212,17 @@ class ModelVersions:
                     f"version {chosen.name} is the only one loaded and keeps serving; load another first"
                 )
             if chosen is self._serving:
-                self._serving = next(v for v in self._versions.values() if v is not chosen)
+                self._switch(next(v for v in self._versions.values() if v is not chosen))
                 self.rollbacks += 1
                 log.info("model version %d serving again (rollback)", self._serving.number)
             del self._versions[chosen.number]  # no new request takes it
         self._drain_and_stop(chosen)
         return self._serving
+
+    def _switch(self, version: ModelVersion) -> None:
+        """Serve `version` from now on (under `_changed`), once `before_switch` has taken it."""
+        self.before_switch(version)
+        self._serving = version
 
     def _unload(self, version: ModelVersion) -> None:
         with self._changed:

@@ -20,7 +20,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
-class Turns:
+class InterpreterTurns:
+    """Who may run Python now: one request thread at a time (reentrant), given up while it waits."""
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._held = threading.local()
@@ -54,6 +56,6 @@ class Turns:
             self._held.value = True
 
 
-PROCESS_TURNS = Turns()
+PROCESS_TURNS = InterpreterTurns()
 """The process's turns: it has one interpreter lock, so every ranker and model version in it, and
 the front door that takes a turn per request, share one set."""

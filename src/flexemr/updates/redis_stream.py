@@ -98,12 +98,14 @@ class StreamConsumer:
     def __init__(
         self,
         config: StreamConfig,
-        spec: ModelSpec,
+        model: Callable[[], ModelSpec],
         apply: Callable[[RowUpdates], int],
         metrics: UpdateMetrics,
     ) -> None:
+        """`model`: the model entries are checked against now (the serving version's); `apply`:
+        applies a batch as one row version and returns it."""
         self.config = config
-        self.spec = spec
+        self.model = model
         self.apply = apply
         self.metrics = metrics
         self.client = redis.Redis.from_url(config.url)
@@ -126,9 +128,10 @@ class StreamConsumer:
     def handle(self, entries: list[Entry]) -> None:
         """Apply `entries` as one version, then ack them; bad entries are set aside and acked."""
         good: list[RowUpdates] = []
+        model = self.model()
         for entry_id, fields in entries:
             try:
-                good.append(decode_entry(entry_id, fields, self.spec, self.config.stream))
+                good.append(decode_entry(entry_id, fields, model, self.config.stream))
             except ValueError as exc:
                 log.warning("stream %s entry %s rejected: %s", self.config.stream, entry_id.decode(), exc)
                 self.client.xadd(f"{self.config.stream}:rejected", {"id": entry_id, "error": str(exc)})

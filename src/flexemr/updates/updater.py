@@ -45,14 +45,26 @@ class UpdateFailed(RuntimeError):
     """The update was not applied (a server holding its rows refused it, or was down)."""
 
 
+class Sequences:
+    """Names updates given without a sequence `(source/<this object's id>, n)`, n = 0, 1, ...: so
+    every update is applied at most once, and an unknown outcome can be resolved by resending."""
+
+    def __init__(self) -> None:
+        self._id = uuid.uuid4().hex[:12]
+        self._next = itertools.count()
+
+    def identify(self, updates: RowUpdates) -> RowUpdates:
+        if updates.sequence is not None:
+            return updates
+        return dataclasses.replace(updates, source=f"{updates.source}/{self._id}", sequence=next(self._next))
+
+
 class Updater:
     def __init__(self, spec: ClusterSpec) -> None:
         self.spec = spec
         self.model = model_spec(spec.model)
         self._links = links(spec)
-        self._anonymous = uuid.uuid4().hex[:12]
-        self._sequences = itertools.count()
-        """(source/_anonymous, sequence) for updates given without a sequence."""
+        self._sequences = Sequences()
         plan = spec.sharding
         self._table_base = np.concatenate([[0], np.cumsum(plan.table_rows)[:-1]]).astype(np.int64)
 
@@ -66,10 +78,7 @@ class Updater:
         Raises ValueError for rows that do not fit the model (nothing is sent), UpdateFailed when a
         server refuses or cannot be reached (nothing is committed, unless it says otherwise)."""
         updates.check(self.model)
-        if updates.sequence is None:  # exactly once too, and an unknown outcome can be resolved
-            updates = dataclasses.replace(
-                updates, source=f"{updates.source}/{self._anonymous}", sequence=next(self._sequences)
-            )
+        updates = self._sequences.identify(updates)
         per_server = self._split(updates)
         written = np.zeros(len(self._links), dtype=np.int64)
         for server, (rows, _) in per_server.items():

@@ -23,7 +23,7 @@ from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import WeightSource, build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores
-from tests.formats.test_row_formats import _rss_anon
+from tests.model.test_row_formats import _rss_anon
 
 
 class _NoRows:

@@ -21,7 +21,7 @@ from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores
-from tests.model.test_checkpoint import formula_forward, reference_state_dict
+from tests.model.test_reference_checkpoint import formula_forward, reference_state_dict
 
 ROWS = (40, 25, 60)
 DIM = 4
