@@ -4,6 +4,9 @@
 #
 #   benchmarks/profile_serving.sh /tmp/serving [extra `flexemr serve` flags, e.g. --http-parser h11]
 #   .venv/bin/python benchmarks/profile_summary.py /tmp/serving.raw
+#
+# flexemr with embedding servers, every process: PYSPY_ARGS=--subprocesses benchmarks/profile_serving.sh
+#   /tmp/flexemr --embedding-tier flexemr --embedding-servers 2   (the last --embedding-tier wins)
 set -euo pipefail
 out=$1
 shift
