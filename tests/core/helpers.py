@@ -6,6 +6,7 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,20 @@ def reference_scores(model: DLRM, dense: np.ndarray, indices: np.ndarray, length
             torch.from_numpy(dense), torch.from_numpy(indices), torch.from_numpy(lengths)
         )
     return out.numpy()
+
+
+def assert_scores_like_the_monolith(
+    score: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray], model: DLRM, seeds: int = 3
+) -> None:
+    """`score` (a ranker's, a client's) gives the monolithic model's scores on random batches of 32."""
+    for seed in range(seeds):
+        dense, indices, lengths = random_batch(model.spec, 32, seed)
+        np.testing.assert_allclose(
+            score(dense, indices, lengths),
+            reference_scores(model, dense, indices, lengths),
+            rtol=1e-4,
+            atol=1e-5,
+        )
 
 
 def freeze(pid: int, timeout: float = 30) -> None:

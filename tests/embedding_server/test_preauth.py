@@ -41,7 +41,7 @@ from flexemr.protocol.frames import (
 )
 from flexemr.protocol.handshake import Hello, new_nonce
 from flexemr.transport.base import LookupRequest
-from tests.core.helpers import random_batch, reference_scores
+from tests.core.helpers import assert_scores_like_the_monolith
 from tests.engine.helpers import (
     ServerProcess,
     dial,
@@ -199,14 +199,7 @@ def test_a_ranker_gets_in_and_scores_exactly_past_1000_unauthenticated_connectio
         ranker = build_ranker(server.spec, connect_timeout_s=60)  # FLEXEMR_SECRET: set by secret_server
         try:
             model = build_monolithic(load_weights(server.spec.model))
-            for seed in range(3):
-                dense, indices, lengths = random_batch(ranker.spec, 32, seed)
-                np.testing.assert_allclose(
-                    ranker.score(dense, indices, lengths),
-                    reference_scores(model, dense, indices, lengths),
-                    rtol=1e-4,
-                    atol=1e-5,
-                )
+            assert_scores_like_the_monolith(ranker.score, model)
         finally:
             ranker.close()
         assert refusal_lines(server, "handshake slots full") > 0  # the flood took every slot it could

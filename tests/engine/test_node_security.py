@@ -36,7 +36,7 @@ from flexemr.protocol.frames import (
 )
 from flexemr.protocol.handshake import Hello, NotAuthenticated, client_handshake, new_nonce
 from flexemr.transport.base import ConfigMismatch, LookupRequest, ServerUnavailable
-from tests.core.helpers import random_batch, reference_scores
+from tests.core.helpers import assert_scores_like_the_monolith, random_batch, reference_scores
 from tests.engine.helpers import dial, lookup_frame, started_cluster, tiny_spec
 
 SECRET = "the-cluster-secret-for-these-tests"
@@ -221,14 +221,7 @@ def test_tls_links_score_exactly_and_refuse_plain_clients(
         ranker = build_ranker(local.spec, connect_timeout_s=30)
         try:
             model = build_monolithic(load_weights(spec.model))
-            for seed in range(3):
-                dense, indices, lengths = random_batch(ranker.spec, 32, seed)
-                np.testing.assert_allclose(
-                    ranker.score(dense, indices, lengths),
-                    reference_scores(model, dense, indices, lengths),
-                    rtol=1e-4,
-                    atol=1e-5,
-                )
+            assert_scores_like_the_monolith(ranker.score, model)
         finally:
             ranker.close()
         endpoint = local.spec.embedding_servers[0]
