@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/flexemr: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,bench,ray,parquet]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,bench,ray,parquet,ucx]"
 	touch $@
 
 install: $(BIN)/flexemr

@@ -15,6 +15,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "grpc": ("grpc", "tritonclient", "google"),
     "parquet": ("pyarrow",),
     "redis": ("redis",),
+    "ucx": ("ucxx", "libucxx", "libucx"),
     "bench": ("mlperf_loadgen", "matplotlib", "redis", "grpc", "tritonclient", "google"),
 }
 """Each extra of pyproject.toml and the top-level modules it installs."""

@@ -19,6 +19,7 @@ from typing import Literal
 LookupMode = Literal["partial", "raw"]
 EngineMode = Literal["single", "shared", "mapped"]
 CreditMode = Literal["priority", "piggyback", "off"]
+TransportKind = Literal["tcp", "ucx"]
 CacheKind = Literal["off", "fixed", "adaptive"]
 HttpParser = Literal["httptools", "h11"]
 
@@ -241,6 +242,15 @@ class EngineConfig:
     )
     """`mapped`: each connection owned by one I/O thread, no locks; `single`: one I/O thread;
     `shared`: threads share all connections under per-connection locks (the naive baseline)."""
+    transport: TransportKind = field(
+        default="tcp",
+        metadata=flag(
+            "--transport", "node links: tcp, or ucx (UCX: RDMA, shared memory or TCP; the ucx extra)"
+        ),
+    )
+    """What every node link runs over (ranker and updaters to embedding servers; the servers listen
+    with it): `tcp` sockets, or `ucx` (`protocol.ucx_stream`: UCX picks RDMA, shared memory or TCP,
+    as `UCX_TLS` allows; needs the `ucx` extra and a shared secret; no TLS)."""
     io_threads: int = field(default=2, metadata=flag("--io-threads", "I/O threads"))
     """I/O threads (`single` uses one whatever this says)."""
     connections_per_server: int = field(

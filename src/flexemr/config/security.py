@@ -87,10 +87,17 @@ def identities(spec: ClusterSpec) -> list[Identity]:
     ]
 
 
-def check_bind(host: str, secret: bytes | None) -> None:
-    """Without a secret a server proves nothing, so it may listen on loopback only."""
+def check_bind(host: str, secret: bytes | None, transport: str = "tcp") -> None:
+    """Without a secret a server proves nothing, so it may listen on loopback only; a UCX
+    listener accepts on every interface (ucxx has no bind address), so it needs the secret."""
     if secret is not None:
         return
+    if transport == "ucx":
+        raise ValueError(
+            "refusing to serve --transport ucx without a shared secret: a UCX listener accepts on "
+            "every interface (it has no bind address); set one (--secret-file, or the FLEXEMR_SECRET "
+            "environment variable)"
+        )
     addresses = {str(info[4][0]).split("%")[0] for info in socket.getaddrinfo(host, None)}
     if not all(ipaddress.ip_address(a).is_loopback for a in addresses):
         raise ValueError(

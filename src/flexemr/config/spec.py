@@ -77,6 +77,11 @@ class ClusterSpec:
                 f"the plan has {self.sharding.num_servers} servers but {len(self.embedding_servers)} "
                 "embedding server endpoints are listed"
             )
+        if self.engine.transport == "ucx" and self.security.tls:
+            raise ValueError(
+                "--transport ucx has no TLS (UCX does not encrypt): use tcp with TLS, or ucx on a "
+                "private fabric without tls_cert/tls_key/tls_ca"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

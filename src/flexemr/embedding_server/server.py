@@ -33,11 +33,11 @@ import ssl
 import threading
 import time
 from collections import Counter, deque
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
-from flexemr.config import Endpoint, FrameLimits, NodeLimits
+from flexemr.config import Endpoint, FrameLimits, NodeLimits, TransportKind
 from flexemr.config.security import Identity, check_bind
 from flexemr.embedding_server.slots import ConnectionSlots, SlotsFull
 from flexemr.embedding_server.store import BadSubrequest, RowImage, ShardStore
@@ -162,9 +162,11 @@ class EmbeddingServer:
         frame_limits: FrameLimits | None = None,
         tls: ssl.SSLContext | None = None,
         versions: RowVersions | None = None,
+        transport: TransportKind = "tcp",
     ) -> None:
-        """`versions`: the rows' versions and update log (default: none, updates refused)."""
-        check_bind(endpoint.host, secret)
+        """`versions`: the rows' versions and update log (default: none, updates refused);
+        `transport`: tcp, or ucx (`protocol.ucx_stream`; a secret is required, TLS refused)."""
+        check_bind(endpoint.host, secret, transport)
         self.store = store
         self.versions = versions or RowVersions(store)
         self.identity = identity
@@ -172,7 +174,7 @@ class EmbeddingServer:
         self.node_limits = limits or NodeLimits()
         self.limits = frame_limits or FrameLimits()
         self._tls = tls
-        self._listener = socket.create_server((endpoint.host, endpoint.port), backlog=128)
+        self._listener = self._listen(endpoint, transport)
         self.endpoint = Endpoint(endpoint.host, self._listener.getsockname()[1])
         self._slots = ConnectionSlots(self.node_limits.max_connections, self.node_limits.max_handshakes)
         self._lock = threading.Lock()
@@ -184,6 +186,16 @@ class EmbeddingServer:
         """Lookup subrequests answered with rows (for tests and stats)."""
         self.refused: Counter[str] = Counter()
         """Connections refused or closed early, by reason."""
+
+    def _listen(self, endpoint: Endpoint, transport: TransportKind) -> socket.socket:
+        if transport == "tcp":
+            return socket.create_server((endpoint.host, endpoint.port), backlog=128)
+        from flexemr.protocol import ucx_stream
+
+        if self._tls is not None:
+            raise ValueError("--transport ucx has no TLS: serve it on a private fabric, without TLS")
+        # The listener and its endpoints have every socket method this class uses.
+        return cast(socket.socket, ucx_stream.UcxListener(endpoint.port))
 
     def serve_forever(self) -> None:
         """Accept connections until `close`. Out of file descriptors (or memory for a socket), it

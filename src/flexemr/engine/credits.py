@@ -190,17 +190,25 @@ class ControlChannel:
 
     def _read_answers(self) -> None:
         """Read the PONGs that have arrived (whole frames: the server writes each at once)."""
-        pending = isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()
-        while pending or select.select([self._sock], [], [], 0)[0]:
+        while _readable(self._sock):
             frame = answer_or_raise(recv_frame(self._sock, self._limits), MessageType.PONG, self.server)
             if self.health.answered():
                 log.info("embedding server %d answers heartbeats again", self.server)
             future = self._stats.pop(frame.request_id, None)
             if future is not None:
                 future.set_result(json.loads(frame.buffers[0].tobytes()) if frame.buffers else {})
-            pending = isinstance(self._sock, ssl.SSLSocket) and self._sock.pending()
 
     def close(self) -> None:
         self._queue.put(None)
         self._thread.join(5)
         self._sock.close()
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Bytes can be read now: buffered by TLS, or waiting in the socket; a UCX link
+    (`protocol.ucx_stream`, no socket underneath) says so itself with `pending`."""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    if isinstance(sock, socket.socket):
+        return bool(select.select([sock], [], [], 0)[0])
+    return bool(sock.pending())

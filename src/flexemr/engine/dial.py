@@ -5,8 +5,9 @@ from __future__ import annotations
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import cast
 
-from flexemr.config import Endpoint, FrameLimits
+from flexemr.config import Endpoint, FrameLimits, TransportKind
 from flexemr.config.security import Identity
 from flexemr.engine.credits import mark_high_priority
 from flexemr.protocol.handshake import (
@@ -29,6 +30,7 @@ class Dialer:
     """The cluster's shared secret (empty: none configured; identities are still checked)."""
     limits: FrameLimits
     tls: ssl.SSLContext | None = None
+    transport: TransportKind = "tcp"
 
     def open(
         self,
@@ -44,9 +46,8 @@ class Dialer:
         the peer sends. Raises OSError (HandshakeTimeout past that), ProtocolError, or
         ConfigMismatch when the peer is not that server of this cluster."""
         deadline = Deadline.after(timeout_s)
-        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout_s)
+        sock = self._connect(endpoint, timeout_s)
         try:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if role == "control":
                 mark_high_priority(sock)
             if self.tls is not None:
@@ -61,4 +62,14 @@ class Dialer:
         except BaseException:
             sock.close()
             raise
+        return sock
+
+    def _connect(self, endpoint: Endpoint, timeout_s: float) -> socket.socket:
+        if self.transport == "ucx":
+            from flexemr.protocol import ucx_stream
+
+            # A UcxSocket has every socket method the frames, the handshake and the engine use.
+            return cast(socket.socket, ucx_stream.connect(endpoint, timeout_s))
+        sock = socket.create_connection((endpoint.host, endpoint.port), timeout=timeout_s)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return sock

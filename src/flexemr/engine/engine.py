@@ -75,7 +75,7 @@ class IoEngine:
         self.dim = dim = identities[0].dim
         self.limits = limits or FrameLimits()
         self.node_limits = node_limits = node_limits or NodeLimits()
-        self.dialer = Dialer(uuid.uuid4().hex, secret or b"", self.limits, tls)
+        self.dialer = Dialer(uuid.uuid4().hex, secret or b"", self.limits, tls, config.transport)
         self.health = [ServerHealth(node_limits.heartbeat_timeout_s) for _ in endpoints]
         """Per server, what the heartbeat says: readiness reads it, and so may a router."""
         threads = 1 if config.mode == "single" else config.io_threads

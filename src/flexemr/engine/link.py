@@ -111,7 +111,11 @@ class ServerLink:
 def links(spec: ClusterSpec, timeout_s: float = 30.0) -> list[ServerLink]:
     """One link per embedding server of `spec` (nothing is opened yet)."""
     dialer = Dialer(
-        uuid.uuid4().hex, load_secret(spec.security) or b"", spec.frames, client_tls(spec.security)
+        uuid.uuid4().hex,
+        load_secret(spec.security) or b"",
+        spec.frames,
+        client_tls(spec.security),
+        spec.engine.transport,
     )
     return [
         ServerLink(dialer, endpoint, identity, timeout_s)

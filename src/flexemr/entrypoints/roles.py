@@ -53,7 +53,8 @@ class EmbeddingServerProcess:
             )
         torch_threads(1)
         secret = load_secret(spec.security)
-        check_bind(spec.embedding_servers[index].host, secret)  # before the minutes of loading
+        # before the minutes of loading:
+        check_bind(spec.embedding_servers[index].host, secret, spec.engine.transport)
         source = load_weights(spec.model)
         storage = server_storage(spec, index)
         need = storage.resident_bytes(store_layout(spec.sharding, index, source.spec.formats))
@@ -79,6 +80,7 @@ class EmbeddingServerProcess:
             frame_limits=spec.frames,
             tls=server_tls(spec.security),
             versions=versions,
+            transport=spec.engine.transport,
         )
         return cls(server)
 
