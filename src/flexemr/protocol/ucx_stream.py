@@ -131,7 +131,10 @@ class WorkerDriver:
                     self.worker.progress()
                     armed = not done() and bool(self.worker.arm())
                 if armed:
-                    select.select([self.fileno(), self._wake_r], [], [], left)
+                    poll = select.poll()  # not select(): a process with many workers has fds over 1024
+                    poll.register(self.fileno(), select.POLLIN)
+                    poll.register(self._wake_r, select.POLLIN)
+                    poll.poll(left * 1000)
                     try:
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
@@ -304,9 +307,7 @@ def connect(endpoint: Endpoint, timeout_s: float) -> UcxSocket:
     driver = WorkerDriver()
     try:
         with driver.lock:
-            ep = _ucx().UCXEndpoint.create(
-                driver.worker, endpoint.host, endpoint.port, peer_error_handling()
-            )
+            ep = _ucx().UCXEndpoint.create(driver.worker, endpoint.host, endpoint.port, peer_error_handling())
     except Exception as exc:
         driver.close()
         raise ConnectionRefusedError(f"UCX connect to {endpoint}: {exc}") from None
