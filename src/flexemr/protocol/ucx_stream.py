@@ -261,7 +261,8 @@ class UcxSocket:
             return
         self.shutdown()
         with self._driver.lock:
-            self._endpoint.close()
+            if self._endpoint.alive:  # closing one that failed (the peer closed it) crashes ucxx
+                self._endpoint.close()
         self._endpoint = None
         if self._owns_driver:
             self._driver.close()
