@@ -56,7 +56,7 @@ ALLOWED: dict[str, set[str]] = {
     "sharding": {"config"},
     "model": {"config", "memory"},
     "batch": {"model"},
-    "protocol": {"config"},
+    "protocol": {"config", "extras"},  # protocol.ucx_stream: the UCX link (the ucx extra), under both ends
     "memory": set(),
     "rwlock": set(),
     "stats": set(),
