@@ -1,5 +1,6 @@
-"""UCX node links under faults, with real processes, over UCX's TCP and over shared memory: a
-stopped server (the heartbeat), a killed replica (failover, exact scores), a wire fuzz."""
+"""UCX node links under faults and updates, with real processes, over UCX's TCP and over shared
+memory: a stopped server (the heartbeat), a killed replica (failover, exact scores), a wire fuzz,
+row updates applied to every replica."""
 
 from __future__ import annotations
 
@@ -17,22 +18,29 @@ import pytest
 
 pytest.importorskip("ucxx", reason="the ucx extra is not installed (pip install 'flexemr[ucx]')")
 
-from flexemr.config import Endpoint, FrameLimits, NodeLimits
+from flexemr.config import Endpoint, EngineConfig, FrameLimits, NodeLimits
+from flexemr.config.model import ModelSource
 from flexemr.config.security import identities
+from flexemr.config.spec import ClusterSpec
 from flexemr.embedding_server.store import ShardStore
 from flexemr.engine import make_engine
 from flexemr.entrypoints.local import LocalCluster
-from flexemr.model.source import load_weights
+from flexemr.entrypoints.roles import build_ranker
+from flexemr.model.source import load_weights, model_spec
+from flexemr.model.weights import build_monolithic
 from flexemr.protocol import ucx_stream
 from flexemr.protocol.frames import MessageType, recv_frame, send_frame
 from flexemr.protocol.handshake import Hello, client_handshake, new_nonce
+from flexemr.sharding.plan import make_plan, replicated
 from flexemr.transport.base import LookupRequest, ServerUnavailable
+from flexemr.updates import Updater
 from tests.conftest import ServeProcess
-from tests.core.helpers import freeze
+from tests.core.helpers import freeze, random_batch, reference_scores
 from tests.embedding_server.test_wire_fuzz import random_frame, random_json
 from tests.engine.helpers import lookup_frame, random_request, reference, server_process
 from tests.ranker.test_replicas import Load
 from tests.transport.ucx_helpers import SECRET, ucx_spec
+from tests.updates.helpers import apply_monolithic, random_updates
 
 
 def test_a_stopped_ucx_server_fails_fast_by_the_heartbeat_and_comes_back(link: str) -> None:
@@ -143,3 +151,35 @@ def test_replicas_over_ucx_survive_a_kill_9_with_exact_scores(
     with httpx.Client(base_url=server.url, timeout=60) as client:
         servers = client.get("/v2/stats").json()["transport"]["servers"]
     assert all(s["subrequests"] > 0 for s in servers[1:])  # the replicas carried the load
+
+
+@pytest.mark.slow
+def test_row_updates_over_ucx_reach_every_replica_and_scores_stay_exact(link: str) -> None:
+    source = ModelSource(preset="tiny", seed=11)
+    model = model_spec(source)
+    plan = replicated(make_plan("row", model.table_rows, model.dim, 2), 2)
+    endpoints = tuple(Endpoint() for _ in range(4))
+    spec = ClusterSpec(source, plan, endpoints, engine=EngineConfig(transport="ucx"))
+    with LocalCluster(spec) as local:
+        ranker = build_ranker(local.spec, connect_timeout_s=60)
+        updater = Updater(local.spec)
+        try:
+            mono = build_monolithic(load_weights(source))
+            for seed in range(2):
+                updates = random_updates(model, 20, seed)
+                version = updater.apply(updates)
+                apply_monolithic(mono, updates)
+                deadline = time.monotonic() + 30
+                assert ranker.row_version is not None
+                while ranker.row_version.version < version:
+                    assert time.monotonic() < deadline, "the ranker did not reach the new version"
+                    time.sleep(0.05)
+                dense, indices, lengths = random_batch(model, 16, seed)
+                np.testing.assert_allclose(
+                    ranker.score(dense, indices, lengths),
+                    reference_scores(mono, dense, indices, lengths),
+                    atol=1e-5,
+                )
+        finally:
+            updater.close()
+            ranker.close()
