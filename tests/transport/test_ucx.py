@@ -5,6 +5,8 @@ sharding, migration, and the handshake's security (faults: `test_ucx_faults.py`)
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -121,3 +123,13 @@ def test_ucx_is_refused_without_a_secret_and_with_tls() -> None:
         EmbeddingServer(store, Endpoint(), identities(spec)[0], secret=None, transport="ucx")
     with pytest.raises(ValueError, match="has no TLS"):
         dataclasses.replace(spec, security=SecurityConfig(tls_cert="c", tls_key="k", tls_ca="a"))
+
+
+def test_nothing_imports_ucxx_unless_ucx_is_asked_for() -> None:
+    code = (
+        "import sys\n"
+        "import flexemr.cli.main, flexemr.entrypoints.roles, flexemr.engine, flexemr.engine.link\n"
+        "import flexemr.embedding_server.server, flexemr.protocol.ucx_stream\n"
+        "assert not [m for m in sys.modules if m.startswith(('ucxx', 'libucx'))], sorted(sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
