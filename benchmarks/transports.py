@@ -158,7 +158,7 @@ def measure(name: str, spec: ClusterSpec, pids: list[int], args: argparse.Namesp
                     for rows, n in zip(model.table_rows, per_table, strict=True)
                 ]
             ).astype(np.int64)
-            lengths = lengths.reshape(-1).astype(np.int64)
+            lengths = lengths.reshape(-1).astype(np.int32)
             dense = rng.standard_normal((args.batch, model.num_dense)).astype(np.float32)
             batches.append((dense, indices, lengths))
         for batch in batches:

@@ -107,22 +107,24 @@ class WorkerDriver:
 
     def poke(self) -> None:
         """Wake the thread asleep on the event fd (new work was posted, or a socket shut down)."""
+        if not self._sleeping:
+            return
         try:
             os.write(self._wake_w, b"\0")
         except (BlockingIOError, OSError):
             pass
 
     def wait(self, done: Callable[[], bool], deadline: float | None) -> bool:
-        """Progress the worker until `done()` or `deadline` (time.monotonic); returns `done()`."""
-        while True:
-            self.progress()
-            if done():
-                return True
+        """Progress the worker until `done()` or `deadline` (time.monotonic); returns `done()`.
+        One waiting thread at a time progresses the worker and sleeps on its event fd; the others
+        sleep on a condition and look again after each of its rounds (they never progress it
+        themselves: what they took off the worker could be what the sleeper waits for)."""
+        while not done():
             left = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
             if left <= 0:
                 return False
             with self._turn:
-                if self._sleeping:  # another thread sleeps on the fd: it wakes us after its round
+                if self._sleeping:
                     self._turn.wait(left)
                     continue
                 self._sleeping = True
@@ -139,10 +141,12 @@ class WorkerDriver:
                         os.read(self._wake_r, 4096)
                     except BlockingIOError:
                         pass
+                    self.progress()
             finally:
                 with self._turn:
                     self._sleeping = False
                     self._turn.notify_all()
+        return True
 
     def close(self) -> None:
         if not self.closed:
@@ -209,6 +213,7 @@ class UcxSocket:
         if self._recv is None:
             with self._driver.lock:
                 self._recv = _Posted(self._endpoint.stream_recv(_array(view)), view)
+            self._driver.poke()  # a thread asleep on the worker progresses what was just posted
         elif self._recv.keep.nbytes != view.nbytes:
             raise AssertionError("a UCX stream receive resumed with another buffer")
         request = self._recv.request
@@ -240,12 +245,11 @@ class UcxSocket:
                 if view.nbytes:
                     posted.append(_Posted(self._endpoint.stream_send(_array(view)), view))
         self._sends.extend(posted)
+        self._driver.poke()
         if self._blocking:
             self._wait(lambda: all(p.request.completed for p in posted) or self._shut, "send")
             self._check_open()
             self._reap_sends()
-        else:
-            self._driver.poke()
         return sum(v.nbytes for v in views)
 
     def sendall(self, data: bytes) -> None:
