@@ -91,10 +91,14 @@ class WorkerDriver:
         self._turn = threading.Condition()
         self._sleeping = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._events = select.epoll()
+        """The worker's event fd and the wake-up pipe: what a thread (or a selectors loop) sleeps on."""
+        self._events.register(int(self.worker.epoll_file_descriptor), select.EPOLLIN)
+        self._events.register(self._wake_r, select.EPOLLIN)
         self.closed = False
 
     def fileno(self) -> int:
-        return int(self.worker.epoll_file_descriptor)
+        return self._events.fileno()
 
     def progress(self) -> None:
         with self.lock:
@@ -107,11 +111,20 @@ class WorkerDriver:
 
     def poke(self) -> None:
         """Wake the thread asleep on the event fd (new work was posted, or a socket shut down)."""
-        if not self._sleeping:
-            return
+        if self._sleeping:
+            self.wake()
+
+    def wake(self) -> None:
+        """Make the event fd readable now (until `drain`)."""
         try:
             os.write(self._wake_w, b"\0")
         except (BlockingIOError, OSError):
+            pass
+
+    def drain(self) -> None:
+        try:
+            os.read(self._wake_r, 4096)
+        except BlockingIOError:
             pass
 
     def wait(self, done: Callable[[], bool], deadline: float | None) -> bool:
@@ -135,12 +148,8 @@ class WorkerDriver:
                 if armed:
                     poll = select.poll()  # not select(): a process with many workers has fds over 1024
                     poll.register(self.fileno(), select.POLLIN)
-                    poll.register(self._wake_r, select.POLLIN)
                     poll.poll(left * 1000)
-                    try:
-                        os.read(self._wake_r, 4096)
-                    except BlockingIOError:
-                        pass
+                    self.drain()
                     self.progress()
             finally:
                 with self._turn:
@@ -151,6 +160,7 @@ class WorkerDriver:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self._events.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
 
@@ -250,6 +260,12 @@ class UcxSocket:
             self._wait(lambda: all(p.request.completed for p in posted) or self._shut, "send")
             self._check_open()
             self._reap_sends()
+        else:
+            # An I/O thread: push the sends now; if that completed the receive or left events
+            # pending, make the event fd readable so its loop comes back to read before sleeping.
+            self._driver.progress()
+            if (self._recv is not None and self._recv.request.completed) or not self._driver.arm():
+                self._driver.wake()
         return sum(v.nbytes for v in views)
 
     def sendall(self, data: bytes) -> None:
@@ -276,6 +292,7 @@ class UcxSocket:
     def _wait(self, done: Callable[[], bool], what: str) -> None:
         if not self._blocking:
             # An I/O thread's loop: progress, and arm the event fd before it may sleep on it.
+            self._driver.drain()
             while True:
                 self._driver.progress()
                 if done():
