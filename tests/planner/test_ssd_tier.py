@@ -92,6 +92,7 @@ def test_plans_account_memory_per_row_format() -> None:
         dim = model.spec.dim
         np.testing.assert_array_equal(per_server, placement.rows_held.sum(axis=1) * row_bytes(fmt, dim))
         assert result.to_dict()["embedding_servers"]["max_row_bytes"] == per_server.max()
+        assert f"server 0: {per_server[0] / 2**20:9.1f} MiB" in result.describe()  # the plan in this format
         held[fmt] = model.embedding_bytes
         costs[fmt] = result.chosen.cost_per_hour
     assert held["fp16"] * 2 == held["fp32"]
