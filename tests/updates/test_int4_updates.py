@@ -13,7 +13,7 @@ import torch
 
 from flexemr.config.model import ModelSource
 from flexemr.embedding_server.storage import DramStorage, FileStorage
-from flexemr.embedding_server.store import BadSubrequest, ShardStore
+from flexemr.embedding_server.store import BadSubrequest, RowImage, ShardStore
 from flexemr.model.source import load_weights
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
@@ -85,3 +85,27 @@ def test_values_int4_or_fp16_rows_cannot_hold_are_refused() -> None:
     np.testing.assert_array_equal(store.raw(local), before)  # nothing was written
     store.write(local, fine)
     np.testing.assert_array_equal(store.raw(local[[0, 3]])[:, :2], [[-60_000, 60_000]] * 2)
+
+
+def test_a_lookup_at_the_version_before_an_int4_write_reads_the_old_rows_bit_for_bit() -> None:
+    source = load_weights(ModelSource(preset="tiny", seed=4, row_dtype=ROW_DTYPE))
+    plan = make_plan("table", source.spec.table_rows, source.spec.dim, 1)
+    store = ShardStore(plan, 0, source, progress=False, storage=DramStorage())
+    rng = np.random.default_rng(1)
+    # 3 bags of 10 rows in each table (a bag's rows come from one table, so one format)
+    rows = np.concatenate([rng.integers(s.local_start, s.local_start + s.rows, 30) for s in plan.shards])
+    offsets = np.arange(0, rows.size, 10)
+    weights = rng.random(rows.size).astype(np.float32)
+
+    def now(image: RowImage | None = None) -> list[np.ndarray]:
+        return [store.raw(rows, image), store.pooled(rows, offsets, None, image),
+                store.pooled(rows, offsets, weights, image),
+                store.pooled(rows.astype(np.int32), offsets.astype(np.int32), None, image)]  # fmt: skip
+
+    before = now()
+    written = np.arange(0, store.num_rows, 3)  # rows of every table and format
+    image = store.image(written)
+    store.write(written, rng.standard_normal((written.size, store.dim)).astype(np.float32))
+    assert not np.array_equal(now()[1], before[1])
+    for old, want in zip(now(image), before, strict=True):
+        np.testing.assert_array_equal(old, want)
