@@ -212,7 +212,8 @@ def pooling(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rates[fmt].append(done * indices.numel() / (time.perf_counter() - start))
         for fmt in ROW_FORMATS:
             mib = tables[fmt].numel() * tables[fmt].element_size() / 2**20
-            rows.append({"dim": dim, "format": fmt, "table_mib": mib, "rows_per_s": float(np.median(rates[fmt])),
+            rate = float(np.median(rates[fmt]))
+            rows.append({"dim": dim, "format": fmt, "table_mib": mib, "rows_per_s": rate,
                          "min": min(rates[fmt]), "max": max(rates[fmt])})  # fmt: skip
     return rows
 
