@@ -58,6 +58,15 @@ def _checkpoint(tmp_path: Path) -> str:
     return str(path)
 
 
+def test_a_checkpoint_row_int4_cannot_hold_is_refused_at_load(tmp_path: Path) -> None:
+    state = build_monolithic(load_weights(ModelSource(preset="tiny", seed=9))).state_dict()
+    state["emb_l.2.weight"][17, 3] = 1e6  # (max - min) / 15 beyond fp16's 65504
+    torch.save(state, tmp_path / "big.pt")
+    with pytest.raises(ValueError, match="row 17 of table 2 cannot be stored as int4"):
+        build_monolithic(load_weights(ModelSource(checkpoint=str(tmp_path / "big.pt"), row_dtype="int4")))
+    build_monolithic(load_weights(ModelSource(checkpoint=str(tmp_path / "big.pt"), row_dtype="int8")))
+
+
 @pytest.mark.parametrize(
     ("sharding", "row_dtype", "pooling"),
     [("row", "int4", "mean"), ("table", "int4,fp16,int4,int8", "sum")],
