@@ -706,7 +706,8 @@ class RowVersions:
 
 def _bytes(stored: np.ndarray) -> np.ndarray:
     """Stored rows [k, width] of any dtype as their bytes, uint8 [k, row bytes] (as ROWS carries them)."""
-    return np.ascontiguousarray(stored).view(np.uint8).reshape(stored.shape[0], -1)
+    row_bytes = stored.dtype.itemsize * int(np.prod(stored.shape[1:]))
+    return np.ascontiguousarray(stored).view(np.uint8).reshape(stored.shape[0], row_bytes)
 
 
 def _cost(staged: StagedRows) -> int:
