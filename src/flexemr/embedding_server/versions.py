@@ -7,6 +7,7 @@
     ABORT  (v, token)           -> staged[(v, token)] dropped (answered: committed or not)
     LOOKUP at version r         -> under the shared lock: answered at r if readable_from <= r <=
                                    version (rows written after r read from the history), else STALE
+    ROWS (v, start, stop)       -> (a replica) those rows' stored bytes at v, for a server resyncing
 
 Embedding server 0 decides every version (`protocol.updates`): every attempt stages there first
 (with or without rows), it commits only an attempt it holds a stage of, and it keeps the (source,
@@ -38,6 +39,11 @@ record cut short at the end (a crash while appending, never acknowledged) is dro
 record anywhere else stops the server: dropping it would drop acknowledged commits. A
 failed append is cut off again before the update is refused. Without a log a server refuses
 updates: it could not come back at its version.
+
+A server that cannot prove it holds a version (`Unproven`: a lost log) or whose missed versions
+server 0 forgot resyncs (`embedding_server.resync`): `begin_resync` turns every lookup and commit
+STALE, `copy_in` writes a replica's rows, `finish_resync` claims the replica's version (its decided
+record from server 0), snapshots the state and answers again. Stages go on meanwhile.
 
 Compaction keeps the log bounded: once it passes max_log_bytes, a commit writes a snapshot (the
 version, the stored bytes of every row written since the checkpoint, the remembered tokens and
