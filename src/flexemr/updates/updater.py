@@ -11,10 +11,11 @@
             on failure before the decision: ABORT (v, token) on server 0, then on the rest
 
 If another update decided v first (server 0 answers STALE), the rows are staged again at the next
-version (asking server 0 for it). An update given without a sequence gets one (source "<source>/<this updater's id>"), so
-every update is applied at most once. A server that is down at commit time is committed by the
-next ranker that finds it behind; one that is down at stage time fails the update (nothing is
-committed, and the stages are dropped). When server 0 cannot be asked whether it decided, the
+version (asking server 0 for it). An update given without a sequence gets one (source
+"<source>/<this updater's id>"), so every update is applied at most once. A server that is down
+at commit time is committed by the next ranker that finds it behind (or by itself when it is
+back); one that is down at stage time fails the update (nothing is committed, and the stages are
+dropped). When server 0 cannot be asked whether it decided, the
 update is reported as failed with an unknown outcome, naming its (source, sequence): resending
 it with those applies it once.
 """
