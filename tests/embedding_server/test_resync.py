@@ -45,6 +45,9 @@ class Peer:
     def changes(self, since: int) -> Changes:
         return self.versions.changes(since)
 
+    def close(self) -> None:
+        pass
+
     def rows(self, version: int, start: int, stop: int) -> RowsCopy:
         self.before_rows()
         try:

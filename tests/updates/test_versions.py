@@ -510,3 +510,19 @@ def test_a_server_down_through_compactions_catches_up_or_stays_behind_loudly(
     assert rejoining.version == 400
     decider.close()
     rejoining.close()
+
+
+def test_a_snapshot_belongs_to_its_shards(tmp_path: Path) -> None:
+    """Issue #27 item 3: a snapshot left by other shards (a re-planned cluster reusing log_dir,
+    its log deleted) is refused, never restored into these shards' rows."""
+    versions = RowVersions(_store(), tmp_path / "log", max_log_bytes=1, fingerprint="old plan")
+    versions.stage(_staged(1, 1, [3], 1))
+    _commit(versions, 1, 1, 1)
+    versions.close()
+    assert (tmp_path / "log.snapshot").exists()
+    (tmp_path / "log").unlink()
+    with pytest.raises(CorruptLog, match="snapshot"):
+        RowVersions(_store(), tmp_path / "log", fingerprint="new plan")
+    again = RowVersions(_store(), tmp_path / "log", fingerprint="old plan")
+    assert again.version == 1
+    again.close()

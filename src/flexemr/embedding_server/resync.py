@@ -51,6 +51,8 @@ class Peer(Protocol):
 
     def rows(self, version: int, start: int, stop: int) -> RowsCopy: ...
 
+    def close(self) -> None: ...
+
 
 class Resync:
     def __init__(
@@ -68,9 +70,12 @@ class Resync:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop the thread (a round blocked on a peer ends with the process: it is a daemon)."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(30)
+            self._thread.join(2)
+        for peer in {id(p): p for p in [self._decider, *self._replicas]}.values():
+            peer.close()
 
     def _run(self) -> None:
         while not self._stop.wait(self._poll_s):

@@ -316,6 +316,7 @@ class RowVersions:
         sources = list(index)
         stages = list(self._staged.values())
         arrays = {
+            "header": np.frombuffer(self._header, dtype=np.uint8),  # the shards it belongs to
             "version": np.array([self.version], dtype=np.int64),
             "written": np.flatnonzero(self._written),
             "tokens": np.array([d.token for d in self._decided], dtype=np.int64),
@@ -350,8 +351,13 @@ class RowVersions:
         self.compactions += 1
 
     def _restore(self, path: Path) -> None:
-        """Load a snapshot `_compact` wrote."""
+        """Load a snapshot `_compact` wrote (for these shards: a log's header may be gone)."""
         with np.load(path, allow_pickle=False) as data:
+            if "header" not in data.files or data["header"].tobytes() != self._header:
+                raise CorruptLog(
+                    f"update log snapshot {path} was not written by this version of flexemr for these "
+                    f"shards (server {self.store.server}): move it away to start from the checkpoint"
+                )
             self.version = int(data["version"][0])
             self._written[data["written"]] = True
             self._decided.extend(
