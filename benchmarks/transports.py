@@ -48,8 +48,9 @@ SECRET = "transports-benchmark-secret"
 
 @contextlib.contextmanager
 def environment(ucx_tls: str | None) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in ("UCX_TLS", "FLEXEMR_SECRET")}
+    saved = {k: os.environ.get(k) for k in ("UCX_TLS", "UCX_NET_DEVICES", "FLEXEMR_SECRET")}
     os.environ["FLEXEMR_SECRET"] = SECRET
+    os.environ["UCX_NET_DEVICES"] = "lo"  # UCX's TCP transport listens on every device it may use
     if ucx_tls is None:
         os.environ.pop("UCX_TLS", None)
     else:

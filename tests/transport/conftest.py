@@ -14,5 +14,6 @@ def link(request: pytest.FixtureRequest) -> Iterator[str]:
     """Every process of a test (the servers inherit it) runs UCX with this link's UCX_TLS."""
     with pytest.MonkeyPatch.context() as env:
         env.setenv("UCX_TLS", LINKS[request.param])
+        env.setenv("UCX_NET_DEVICES", "lo")  # UCX's TCP transport listens on every device it may use
         env.setenv("FLEXEMR_SECRET", SECRET)
         yield request.param
