@@ -210,5 +210,7 @@ def _readable(sock: socket.socket) -> bool:
     if isinstance(sock, ssl.SSLSocket) and sock.pending():
         return True
     if isinstance(sock, socket.socket):
-        return bool(select.select([sock], [], [], 0)[0])
+        poll = select.poll()  # not select(): it fails on descriptors over 1024
+        poll.register(sock, select.POLLIN)
+        return bool(poll.poll(0))
     return bool(sock.pending())

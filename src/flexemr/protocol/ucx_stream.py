@@ -41,6 +41,8 @@ from flexemr.extras import needs_extra
 from flexemr.protocol.frames import HEADER
 
 SHARED_MEMORY_TRANSPORTS = ("sm", "shm", "posix", "sysv", "cma", "xpmem", "knem")
+CLOSE_PERIOD_NS, CLOSE_ATTEMPTS = 10_000_000, 10
+"""How long closing a ranker's endpoint waits for UCX to finish (then its worker is freed)."""
 POLL_S = 0.1
 """The longest a waiting thread sleeps before it checks its own deadline and the socket's state."""
 
@@ -160,6 +162,7 @@ class WorkerDriver:
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self.worker = None  # its file descriptors go with it
             self._events.close()
             os.close(self._wake_r)
             os.close(self._wake_w)
@@ -281,7 +284,11 @@ class UcxSocket:
             return
         self.shutdown()
         with self._driver.lock:
-            if self._endpoint.alive:  # closing one that failed (the peer closed it) crashes ucxx
+            if not self._endpoint.alive:
+                pass  # closing one that failed (the peer closed it) crashes ucxx
+            elif self._owns_driver:  # wait (100 ms at most) for the close: else UCX keeps the
+                self._endpoint.close_blocking(CLOSE_PERIOD_NS, CLOSE_ATTEMPTS)  # worker's fds
+            else:  # a server's shared worker: its waiting threads progress the close
                 self._endpoint.close()
         self._endpoint = None
         if self._owns_driver:
