@@ -184,6 +184,7 @@ class UcxSocket:
         self._endpoint = endpoint
         self.peer = peer
         self._owns_driver = owns_driver
+        self._error_handling = peer_error_handling()
         self._timeout: float | None = None
         self._blocking = True
         self._recv: _Posted | None = None
@@ -286,8 +287,11 @@ class UcxSocket:
         with self._driver.lock:
             if not self._endpoint.alive:
                 pass  # closing one that failed (the peer closed it) crashes ucxx
-            elif self._owns_driver:  # wait (100 ms at most) for the close: else UCX keeps the
-                self._endpoint.close_blocking(CLOSE_PERIOD_NS, CLOSE_ATTEMPTS)  # worker's fds
+            elif self._owns_driver and self._error_handling:
+                # Wait for the close, else UCX keeps the worker and its descriptors. Not without
+                # peer error handling (shared memory): there a stopped peer makes it wait forever,
+                # and each closed connection leaks its worker's descriptors (a known limitation).
+                self._endpoint.close_blocking(CLOSE_PERIOD_NS, CLOSE_ATTEMPTS)
             else:  # a server's shared worker: its waiting threads progress the close
                 self._endpoint.close()
         self._endpoint = None
