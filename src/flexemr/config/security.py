@@ -22,8 +22,9 @@ from flexemr.config.spec import ClusterSpec
 
 @dataclass(frozen=True)
 class Identity:
-    """What an embedding server holds: its index in the plan, its rows, and a fingerprint of its
-    shards and weights (`flexemr.config.security.fingerprint`)."""
+    """What an embedding server holds: its index in the plan, its rows, the columns of its answers
+    (its widest shard's), and a fingerprint of its shards and weights
+    (`flexemr.config.security.fingerprint`)."""
 
     server: int
     rows: int
@@ -82,7 +83,7 @@ def identities(spec: ClusterSpec) -> list[Identity]:
     """What each embedding server of `spec` must prove it holds."""
     plan = spec.sharding
     return [
-        Identity(s, plan.server_rows(s), plan.dim, fingerprint(spec.model, plan, s))
+        Identity(s, plan.server_rows(s), plan.server_width(s), fingerprint(spec.model, plan, s))
         for s in range(plan.num_servers)
     ]
 

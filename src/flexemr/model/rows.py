@@ -46,6 +46,14 @@ def encode(rows: np.ndarray, fmt: RowFormat, out: np.ndarray) -> None:
         out[:] = rows  # numpy rounds to nearest for fp16
 
 
+def columns(stored: np.ndarray, fmt: RowFormat, start: int, end: int) -> np.ndarray:
+    """Stored rows [n, width] cut to their columns `[start, end)`, still in `fmt`. An int8 row keeps
+    its own scale and bias, so the slice holds exactly the whole row's values in those columns."""
+    if fmt == "int8":
+        return np.concatenate([stored[:, start:end], stored[:, stored.shape[1] - _INT8_TAIL :]], axis=1)
+    return stored[:, start:end]
+
+
 def decode(stored: Tensor, fmt: RowFormat) -> Tensor:
     """The float32 values [n, dim] of stored rows [n, width]."""
     if fmt == "int8":

@@ -214,16 +214,18 @@ class Ranker:
             offsets = torch.from_numpy(batch.offsets)
             plan = cache.plan_batch(torch.from_numpy(keys), offsets, batch.batch_size, queued, pooled)
             remote_keys, remote_lengths = plan.remote(keys, batch.lengths)
-        fetched_keys: list[torch.Tensor] = []
-        fetched_rows: list[torch.Tensor] = []
+        fetched: list[tuple[Subrequest, np.ndarray]] = []
         for sub, values in self._lookup(remote_keys, remote_lengths, raw, deadline, version):
             rows = torch.from_numpy(values).to(self.device)
-            pooled.index_add_(0, torch.from_numpy(sub.row_bags() if raw else sub.bags).to(self.device), rows)
+            bags = torch.from_numpy(sub.row_bags() if raw else sub.bags).to(self.device)
+            # Each column block's sums into its columns (one block of all columns, unless split).
+            for part, first, last in self.router.column_runs(sub, raw):
+                pooled[:, first:last].index_add_(0, bags[part], rows[part, : last - first])
             if raw and cache is not None:
-                fetched_keys.append(torch.from_numpy(sub.keys))
-                fetched_rows.append(rows)
-        if cache is not None:  # raw rows are cached; the lookup is timed for the cost gate
-            cache.finish(plan, fetched_keys, fetched_rows)
+                fetched.append((sub, values))
+        if cache is not None:  # raw rows are cached whole; the lookup is timed for the cost gate
+            whole_keys, whole_rows = self.router.whole_rows(fetched)
+            cache.finish(plan, [torch.from_numpy(whole_keys)], [torch.from_numpy(whole_rows)])
         return self._finish_pooling(pooled, batch)
 
     def _finish_pooling(self, sums: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
@@ -302,9 +304,7 @@ class Ranker:
 
     def _reroute(self, sub: Subrequest, failed: set[int]) -> Iterator[Subrequest]:
         """`sub`'s keys, routed again away from the `failed` servers, with their batch bag ids."""
-        lengths = np.diff(sub.offsets, append=sub.rows.size)
-        for again in self.router.route(sub.keys, lengths, self._rank(failed)):
-            yield dataclasses.replace(again, bags=sub.bags[again.bags])
+        yield from self.router.route_again(sub, self._rank(failed))
 
     def _send(
         self, subs: Iterator[Subrequest], raw: bool, version: int | None
@@ -346,8 +346,11 @@ class Ranker:
             try:
                 with self._reading() as version:
                     lengths = np.ones(keys.size, dtype=np.int64)
-                    for sub, rows in self._lookup(keys, lengths, True, None, version):
-                        self.cache.admit(torch.from_numpy(sub.keys), torch.from_numpy(rows), request.token)
+                    answers = list(self._lookup(keys, lengths, True, None, version))
+                    whole_keys, whole_rows = self.router.whole_rows(answers)  # slices side by side
+                    self.cache.admit(
+                        torch.from_numpy(whole_keys), torch.from_numpy(whole_rows), request.token
+                    )
             except (ServerUnavailable, LookupFailed):
                 continue  # a later round retries; requests report failures (and move the version)
 
