@@ -146,19 +146,20 @@ class ShardingConfig:
             "over the g-th group of servers (column-row)",
         ),
     )
-    column_shards: int = field(
-        default=2,
-        metadata=flag(
-            "--column-shards",
-            "column blocks per table with --sharding column or column-row (near-equal widths)",
-        ),
-    )
     replicas: int = field(
         default=1,
         metadata=flag(
             "--replicas",
             "copies of each server's shards, each on its own server (R x the servers); the ranker "
             "balances over them and fails over between them",
+        ),
+    )
+
+    column_shards: int = field(
+        default=2,
+        metadata=flag(
+            "--column-shards",
+            "column blocks per table with --sharding column or column-row (near-equal widths)",
         ),
     )
 
