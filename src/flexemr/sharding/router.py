@@ -275,20 +275,20 @@ class RangeRouter:
     def whole_rows(self, answers: list[tuple[Subrequest, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
         """Raw answers (`values` [rows, width] per subrequest) as global keys [k] and whole rows
         [k, dim]: a key's column slices side by side (every key must have all its blocks)."""
+        no_keys, no_rows = np.empty(0, np.int64), np.empty((0, self.plan.dim), np.float32)
         if not self.split:
-            keys = [sub.keys for sub, _ in answers]
-            values = [v for _, v in answers]
-            return np.concatenate(keys or [np.empty(0, np.int64)]), np.concatenate(
-                values or [np.empty((0, self.plan.dim), np.float32)]
+            return (
+                np.concatenate([sub.keys for sub, _ in answers] or [no_keys]),
+                np.concatenate([rows for _, rows in answers] or [no_rows]),
             )
         cache_keys = [self.cache_keys(sub) for sub, _ in answers]
-        unique = np.unique(np.concatenate(cache_keys or [np.empty(0, np.int64)]))
-        rows = np.empty((unique.size, self.plan.dim), dtype=np.float32)
+        unique = np.unique(np.concatenate(cache_keys or [no_keys]))
+        whole = np.empty((unique.size, self.plan.dim), dtype=np.float32)
         for (sub, values), keys in zip(answers, cache_keys, strict=True):
             at = np.searchsorted(unique, keys)
             for part, first, last in self.column_runs(sub, raw=True):
-                rows[at[part], first:last] = values[part, : last - first]
-        return unique, rows
+                whole[at[part], first:last] = values[part, : last - first]
+        return unique, whole
 
     def _route(self, keys: np.ndarray, lengths: np.ndarray, rank: np.ndarray | None) -> Iterator[Subrequest]:
         """`route` over routing keys (global keys, or per column block where tables are split).
