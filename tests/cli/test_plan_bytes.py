@@ -22,7 +22,7 @@ def printed_mib(text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("row_dtype", ["fp32", "fp16", "int8", "int8,fp16,fp32,int8,fp16,fp32,int8,fp16"])
-@pytest.mark.parametrize("strategy", ["table", "row"])
+@pytest.mark.parametrize("strategy", ["table", "row", "column", "column-row"])
 def test_each_server_shows_the_bytes_its_store_allocates(row_dtype: str, strategy: str) -> None:
     spec = model_spec(ModelSource(preset="rmc1", row_scale=0.01, row_dtype=row_dtype))
     plan = make_plan(strategy, spec.table_rows, spec.dim, 3)  # type: ignore[arg-type]
