@@ -1,7 +1,8 @@
 """The ranker: validate, route, look up remotely, pool globally, run the dense model.
 
     request -> validate -> route (one searchsorted) -> one subrequest per server, all in flight
-            -> gather: index_add partial sums (or raw rows) into [T*B, D] -> mean? divide
+            -> gather: index_add partial sums (or raw rows) into [T*B, D], each column block's
+               answers into its columns where tables are split by column -> mean? divide
             -> dense forward on the device -> scores
 
 Each subrequest goes to one replica of the rows it needs (`ranker.replicas`); one that fails or
