@@ -23,11 +23,11 @@ from flexemr.config.model import ModelSource
 from flexemr.config.plan import Shard, ShardingPlan
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.local import LocalCluster
-from flexemr.entrypoints.roles import build_ranker
+from flexemr.entrypoints.roles import build_ranker, version_spec
 from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_dense, build_monolithic
 from flexemr.ranker.ranker import Ranker
-from flexemr.sharding.plan import ShardingConfig, make_plan
+from flexemr.sharding.plan import ShardingConfig, make_plan, replicated
 from flexemr.sharding.router import RangeRouter
 from flexemr.transport.local import LocalTransport
 from tests.core.helpers import assert_scores_like_the_monolith, random_batch
@@ -210,3 +210,14 @@ def test_column_sharded_scores_equal_the_monolith(cluster: ClusterSpec) -> None:
                     assert ranker.stats()["cache"]["hits"] > 0
             finally:
                 ranker.close()
+
+
+def test_a_model_of_other_shapes_gets_the_same_column_strategy() -> None:
+    """A model switch to tables of other shapes remakes a column plan with as many column shards."""
+    old, new = ModelSource(preset="rmc1", row_scale=0.001), ModelSource(preset="rmc1", row_scale=0.01)
+    spec = model_spec(old)
+    plan = replicated(make_plan("column-row", spec.table_rows, spec.dim, 3, column_shards=3), 2)
+    remade = version_spec(ClusterSpec(old, plan, tuple(Endpoint() for _ in range(6))), new).sharding
+    assert remade.table_rows == model_spec(new).table_rows != plan.table_rows
+    assert (remade.strategy, remade.num_servers, remade.replicas) == ("column-row", 6, 2)
+    assert {s.columns(remade.dim) for s in remade.shards} == {s.columns(plan.dim) for s in plan.shards}
