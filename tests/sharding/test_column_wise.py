@@ -23,6 +23,7 @@ from flexemr.config.model import ModelSource
 from flexemr.config.plan import Shard, ShardingPlan
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.ray_resources import replica_groups
 from flexemr.entrypoints.roles import build_ranker, version_spec
 from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_dense, build_monolithic
@@ -69,6 +70,10 @@ def test_column_plans_hold_every_row_and_column_replicas_times(
     # the plan file round-trips, and the bytes counted are the slices'
     assert ShardingPlan.from_dict(json.loads(plan.to_json())) == plan
     assert sum(plan.server_bytes()) == replicas * 4 * spec.dim * sum(spec.table_rows)
+    # copies of a server's shards, not the other column blocks of its rows, are its replicas
+    assert sorted(map(sorted, replica_groups(plan))) == [
+        [s, s + servers] if replicas == 2 else [s] for s in range(servers)
+    ]
     if strategy == "column-row":  # a bag goes to one server per block
         for t in range(spec.num_tables):
             per_block = {s.col_start for s in plan.shards if s.table == t and s.server < servers}
