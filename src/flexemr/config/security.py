@@ -62,7 +62,12 @@ def fingerprint(model: ModelSource, plan: ShardingPlan, server: int) -> str:
         path = Path(model.checkpoint).resolve()
         stat = path.stat()
         weights = {"checkpoint": _file_digest(str(path), stat.st_size, stat.st_mtime_ns)}
-    shards = [dataclasses.astuple(s) for s in plan.shards_of(server)]
+    # A whole-width shard is fingerprinted without its columns, as before column-wise sharding, so
+    # update logs written by then still match.
+    shards = [
+        dataclasses.astuple(s)[: 5 if (s.col_start, s.col_end) == (0, None) else None]
+        for s in plan.shards_of(server)
+    ]
     facts = {
         "weights": weights,
         "row_dtype": model.row_dtype,

@@ -152,7 +152,15 @@ def server_storage(spec: ClusterSpec, index: int) -> Storage:
     if spec.model.checkpoint is not None:
         stat = Path(spec.model.checkpoint).stat()
         model["checkpoint_file"] = [stat.st_size, stat.st_mtime_ns]
-    shards = [dataclasses.asdict(s) for s in spec.sharding.shards_of(index)]
+    # A whole-width shard without its columns, as before column-wise sharding (row files still match).
+    shards = [
+        {
+            k: v
+            for k, v in dataclasses.asdict(s).items()
+            if not (k.startswith("col_") and (s.col_start, s.col_end) == (0, None))
+        }
+        for s in spec.sharding.shards_of(index)
+    ]
     fingerprint = json.dumps({"model": model, "dim": spec.sharding.dim, "shards": shards}, sort_keys=True)
     return FileStorage(Path(spec.storage.directory) / f"server-{index}.rows", fingerprint)
 
