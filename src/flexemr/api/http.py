@@ -47,6 +47,9 @@ from flexemr.ranker.admission import Dropped, Ticket
 log = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "flexemr-timeout-ms"
+MIN_ROW_VERSION_HEADER = "flexemr-min-row-version"
+"""Score with rows at this row version or later (the `version` a push answered): the ranker syncs
+first, within the request's deadline (10 s at most), else 503."""
 MAX_TIMEOUT_MS = 3_600_000
 JSON_EXPANSION = 16
 """JSON bodies may be this much smaller than binary ones: orjson makes each number a Python object."""
@@ -83,6 +86,11 @@ def request_timeout(header: str | None, default_s: float) -> float:
             f"header Flexemr-Timeout-Ms must be milliseconds in (0, {MAX_TIMEOUT_MS}], got {header!r}"
         )
     return ms / 1000
+
+
+def min_row_version_of(header: str | None) -> int | None:
+    """The row version a request needs at least: its Flexemr-Min-Row-Version header, or None."""
+    return None if header is None else parse_decimal(header, "header Flexemr-Min-Row-Version")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -189,6 +197,7 @@ def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
             ):
                 raise Rejected(ErrorKind.TOO_LARGE, json_error)
             timeout_s = request_timeout(request.headers.get(TIMEOUT_HEADER), config.deadline_s)
+            min_row_version = min_row_version_of(request.headers.get(MIN_ROW_VERSION_HEADER))
             with door.request(timeout_s) as ticket:
                 try:
                     body = await read_body(request, limit if header_length is not None else json_limit)
@@ -203,7 +212,7 @@ def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
                 with metrics.latency.time():
                     loop = asyncio.get_running_loop()
                     response = await loop.run_in_executor(
-                        workers, score, ticket, version, body, header_length
+                        workers, score, ticket, version, body, header_length, min_row_version
                     )
         except Exception as exc:  # every failure gets its status; internal ones are logged
             return failure(exc)
@@ -213,9 +222,13 @@ def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
         metrics.requests.labels("200").inc()
         return response
 
-    def score(ticket: Ticket, version: str, body: bytearray, header_length: str | None) -> Response:
+    def score(
+        ticket: Ticket, version: str, body: bytearray, header_length: str | None, min_row_version: int | None
+    ) -> Response:
         # Binary tensors are views of `body`: it lives (unresized) until they are scored.
-        scored = door.score(ticket, version, lambda: parse_infer_request(body, header_length, inputs))
+        scored = door.score(
+            ticket, version, lambda: parse_infer_request(body, header_length, inputs), min_row_version
+        )
         metrics.batch_size.observe(scored.scores.shape[0])
         content, headers = encode_infer_response(
             model_name,
