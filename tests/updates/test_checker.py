@@ -16,7 +16,7 @@ import pytest
 
 from flexemr.bench.update_checker import CheckerConfig, check
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 SHORT = CheckerConfig(
     faults=(
