@@ -188,7 +188,8 @@ class Report:
         )
         lines += [
             "",
-            f"{self.versions} versions, {self.states_seen} states seen by readers; "
+            f"{self.versions} versions (the resends of unacknowledged updates included), "
+            f"{self.states_seen} states seen by readers; "
             f"bounds: {bounds or 'defaults'}; after healing: "
             + ("live, exact" if self.live else "NOT LIVE: " + "; ".join(self.liveness))
             + (f"; skipped: {'; '.join(self.skipped)}" if self.skipped else ""),
@@ -480,6 +481,10 @@ class Run:
             if update.outcome == "acknowledged" and update.version is not None:
                 self.acknowledged = max(self.acknowledged, update.version)
 
+    def pause(self, update: Update) -> None:
+        """Between updates; longer after a refusal (a producer backing off while a server is away)."""
+        time.sleep(self.config.pause_s * (1 if update.outcome == "acknowledged" else 5))
+
     def keep_writing(self, done: int, least: int | None = None) -> bool:
         return done < (self.config.min_updates if least is None else least) or self.faulting.is_set()
 
@@ -508,7 +513,7 @@ class Run:
                 except httpx.HTTPError as exc:  # the ranker may have taken it: no answer
                     update.outcome, update.note = "unknown", f"no answer: {exc!r}"
                 self.record(update)
-                time.sleep(self.config.pause_s)
+                self.pause(update)
 
     def cli_writer(self, w: int) -> None:
         rng = np.random.default_rng(2000 + w)
@@ -538,7 +543,7 @@ class Run:
             else:
                 update.outcome, update.note = "failed", f"rc {proc.returncode}: {output[-300:]}"
             self.record(update)
-            time.sleep(self.config.pause_s)
+            self.pause(update)
 
     def redis_writer(self) -> None:
         import redis
