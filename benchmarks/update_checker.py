@@ -22,7 +22,7 @@ from flexemr.bench.update_checker import CheckerConfig, check
 ALL_FAULTS = (
     "kill-server-0", "kill-server-1", "kill-server-2", "kill-server-3",
     "stop-server-1", "stop-server-2", "stop-server-3",
-    "kill-cli", "kill-consumer", "restart-ranker", "full-disk", "kill-cli", "kill-server-0",
+    "kill-cli", "kill-consumer", "restart-ranker", "full-disk",
 )  # fmt: skip
 
 

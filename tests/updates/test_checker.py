@@ -3,9 +3,9 @@ form is `benchmarks/update_checker.py`), over real processes on 127.0.0.1: `flex
 --rankers 2` over 2 row shards x 2 replicas with small bounds, one more ranker with a cache, HTTP
 pushes through serve's rankers, `flexemr update` subprocesses and a Redis stream consumer writing
 concurrently, readers through every ranker carrying the highest acknowledged version, and the
-faults one at a time: kill -9 of server 1, SIGSTOP of server 3, kill -9 of a `flexemr update`
-mid-update and of the stream consumer, kill -9 and restart of the extra ranker, a full disk under
-the update logs (a tmpfs, where root), kill -9 of server 0 (the decider).
+faults one at a time: SIGSTOP of server 3, kill -9 of a `flexemr update` mid-update and of the
+stream consumer, kill -9 and restart of the extra ranker, a full disk under the update logs (a
+tmpfs, where root), kill -9 of server 0 (the decider). The long form kills and stops every server.
 
 It asserts zero MIXED, stale, non-monotonic, lost or visible-failed reads and updates, and a
 cluster live and exact after healing; refusals are allowed (counted, never a wrong score)."""
@@ -16,13 +16,10 @@ import pytest
 
 from flexemr.bench.update_checker import CheckerConfig, check
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SHORT = CheckerConfig(
-    faults=(
-        "kill-server-1", "stop-server-3", "kill-cli", "kill-consumer", "restart-ranker", "full-disk",
-        "kill-server-0",
-    ),
+    faults=("stop-server-3", "kill-cli", "kill-consumer", "restart-ranker", "full-disk", "kill-server-0"),
     min_updates=6,
     pause_s=0.5,
     hold_s=1.5,
@@ -42,5 +39,4 @@ def test_no_violation_under_writers_over_http_cli_and_redis_and_faults() -> None
     acknowledged = sum(p.acknowledged for p in report.phases.values())
     assert reads > 100 and acknowledged > 10 and report.states_seen > 5, summary
     # The faults happened with writers and readers at work (else the check proves little).
-    for fault in ("kill-server-1", "kill-server-0"):
-        assert report.phases[fault].reads > 0 and report.phases[fault].updates > 0, summary
+    assert report.phases["kill-server-0"].reads > 0 and report.phases["kill-server-0"].updates > 0, summary
