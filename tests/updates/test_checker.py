@@ -3,9 +3,11 @@ form is `benchmarks/update_checker.py`), over real processes on 127.0.0.1: `flex
 --rankers 2` over 2 row shards x 2 replicas with small bounds, one more ranker with a cache, HTTP
 pushes through serve's rankers, `flexemr update` subprocesses and a Redis stream consumer writing
 concurrently, readers through every ranker carrying the highest acknowledged version, and the
-faults one at a time: SIGSTOP of server 3, kill -9 of a `flexemr update` mid-update and of the
-stream consumer, kill -9 and restart of the extra ranker, a full disk under the update logs (a
-tmpfs, where root), kill -9 of server 0 (the decider). The long form kills and stops every server.
+faults one at a time: SIGSTOP of server 3, kill -9 of a `flexemr update` mid-update, a full disk
+under the update logs (a tmpfs, where root), kill -9 of server 0 (the decider). Each fault that
+starts a process costs a minute or more on a loaded machine, so the long form
+(`benchmarks/update_checker.py`) has the rest: kill -9 and SIGSTOP of every server, kill -9 of the
+stream consumer, kill -9 and restart of the extra ranker, and a run with default bounds.
 
 It asserts zero MIXED, stale, non-monotonic, lost or visible-failed reads and updates, and a
 cluster live and exact after healing; refusals are allowed (counted, never a wrong score)."""
@@ -19,7 +21,7 @@ from flexemr.bench.update_checker import CheckerConfig, check
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 SHORT = CheckerConfig(
-    faults=("stop-server-3", "kill-cli", "kill-consumer", "restart-ranker", "full-disk", "kill-server-0"),
+    faults=("stop-server-3", "kill-cli", "full-disk", "kill-server-0"),
     min_updates=6,
     pause_s=0.5,
     hold_s=1.5,
