@@ -4,8 +4,8 @@ form is `benchmarks/update_checker.py`), over real processes on 127.0.0.1: `flex
 pushes through serve's rankers, `flexemr update` subprocesses and a Redis stream consumer writing
 concurrently, readers through every ranker carrying the highest acknowledged version, and the
 faults one at a time: SIGSTOP of server 3, kill -9 of a `flexemr update` mid-update, a full disk
-under the update logs (a tmpfs, where root), kill -9 of server 0 (the decider). Each fault that
-starts a process costs a minute or more on a loaded machine, so the long form
+under the update logs (a tmpfs, where root), kill -9 of server 0 (the decider). A fault that starts
+another ranker or consumer costs a minute or more on a loaded machine, so the long form
 (`benchmarks/update_checker.py`) has the rest: kill -9 and SIGSTOP of every server, kill -9 of the
 stream consumer, kill -9 and restart of the extra ranker, and a run with default bounds.
 
