@@ -443,7 +443,7 @@ class Cluster:
             self.mounted = False
 
 
-# -- the run ----------------------------------------------------------------------------------------------
+# -- the run ----------------------------------------------------------------------------------------
 
 
 class Run:
@@ -467,9 +467,9 @@ class Run:
         self.cli: subprocess.Popen[str] | None = None
         self.cli_started = 0.0
         self.end = 0
+        """The cluster's version once the writers and readers stopped (set when healing)."""
         self.unhealed: list[str] = []
         """Faults the cluster did not recover from (a server not restarted): not live."""
-        """The cluster's version once the writers and readers stopped (set when healing)."""
 
     def random_update(self, rng: np.random.Generator, source: str, sequence: int) -> RowUpdates:
         n = min(self.config.rows_per_update, self.hot_tables.size)
