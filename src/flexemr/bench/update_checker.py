@@ -744,7 +744,7 @@ def _check(config: CheckerConfig, cluster: Cluster, log: Callable[[str], None]) 
         liveness.append("the stream consumer did not apply every entry within 120 s")
     history, last = heal(run, liveness, problems)
     expected = expected_scores(cluster.spec.model, history, run.dense, run.indices, run.lengths)
-    phases, seen = judge(run, expected, problems)
+    phases, seen = judge(config.faults, run.updates, run.reads, run.end, expected, problems)
     if not liveness:
         final_reads(run, last, expected[-1], liveness)
     outcomes = Counter(f"{u.kind} {u.outcome}" for u in run.updates)
@@ -810,10 +810,17 @@ def heal(run: Run, liveness: list[str], problems: list[str]) -> tuple[list[RowUp
     return [by_version[v] for v in sorted(by_version)], last
 
 
-def judge(run: Run, expected: np.ndarray, problems: list[str]) -> tuple[dict[str, PhaseCounts], set[int]]:
+def judge(
+    faults: tuple[str, ...],
+    updates: list[Update],
+    reads: list[Read],
+    end: int,
+    expected: np.ndarray,
+    problems: list[str],
+) -> tuple[dict[str, PhaseCounts], set[int]]:
     """Count updates and reads per phase, and every violation; the states the readers saw."""
-    phases = {name: PhaseCounts() for name in ("none", *run.config.faults)}
-    for update in run.updates:
+    phases = {name: PhaseCounts() for name in ("none", *faults)}
+    for update in updates:
         counts = phases[update.phase]
         counts.updates += 1
         counts.acknowledged += update.outcome in ("acknowledged", "lost")
@@ -821,7 +828,7 @@ def judge(run: Run, expected: np.ndarray, problems: list[str]) -> tuple[dict[str
         counts.visible_failed += update.outcome == "visible failed"
     seen: set[int] = set()
     last_pinned = 0
-    for read in run.reads:
+    for read in reads:
         counts = phases[read.phase]
         if read.score is None:
             counts.refused_reads += 1
@@ -836,11 +843,9 @@ def judge(run: Run, expected: np.ndarray, problems: list[str]) -> tuple[dict[str
         if match.max() < read.floor:
             counts.stale += 1
             problems.append(f"stale: {read.reader} needed {read.floor}, read {match.tolist()}")
-        if match.min() > run.end:
+        if match.min() > end:
             counts.visible_failed += 1
-            problems.append(
-                f"visible: {read.reader} read {match.tolist()}, beyond the last committed {run.end}"
-            )
+            problems.append(f"visible: {read.reader} read {match.tolist()}, beyond the last committed {end}")
         if read.pinned:
             if match.max() < last_pinned:
                 counts.backwards += 1
