@@ -15,6 +15,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as triton_grpc
 
 from flexemr.bench.update_checker import CheckerConfig, Cluster, expected_scores, read_batch
 from flexemr.client import Client, binary_body
@@ -66,6 +67,30 @@ def test_a_push_through_one_ranker_is_read_through_every_other(cluster: Cluster)
     expected = expected_scores(cluster.spec.model, history, dense, indices, lengths)
     for version, score in reads:  # every update rewrote every row read: only its state matches
         np.testing.assert_allclose(score, expected[version], atol=1e-5, rtol=0, err_msg=f"version {version}")
+
+
+def test_read_your_writes_over_grpc(cluster: Cluster) -> None:
+    """The same over gRPC: the version as `flexemr-min-row-version` metadata, to serve's first ranker."""
+    assert cluster.extra is not None and cluster.grpc is not None
+    model = model_spec(cluster.spec.model)
+    dense, indices, lengths, tables, rows = read_batch(model, 7)
+    values = np.random.default_rng(8).standard_normal((tables.size, model.dim)).astype(np.float32)
+    updates = RowUpdates(tables, rows, values)
+    version = push(cluster.extra.url, cluster.token, updates)
+    inputs = []
+    for name, dtype, array in [("dense_features", "FP32", dense), ("sparse_indices", "INT64", indices),
+                               ("sparse_lengths", "INT32", lengths)]:  # fmt: skip
+        tensor = triton_grpc.InferInput(name, list(array.shape), dtype)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    client = triton_grpc.InferenceServerClient(cluster.grpc)
+    try:
+        result = client.infer("dlrm", inputs, headers={"flexemr-min-row-version": str(version)})
+    finally:
+        client.close()
+    # Every row the batch reads has `updates`' values now, whatever other tests wrote before.
+    want = expected_scores(cluster.spec.model, [updates], dense, indices, lengths)[1]
+    np.testing.assert_allclose(result.as_numpy("scores"), want, atol=1e-5, rtol=0)
 
 
 def test_a_version_not_committed_is_refused_and_a_bad_header_is_400(cluster: Cluster) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.api.kserve import InferRequest
+from flexemr.api.kserve import InferRequest, parse_decimal
 from flexemr.batch import InvalidRequest
 from flexemr.config import RankerConfig
 from flexemr.ranker.admission import Admission, Dropped, Refused, Ticket
@@ -99,6 +99,17 @@ class Scored:
     scores: np.ndarray
     version: str
     """The model version that scored them."""
+
+
+MIN_ROW_VERSION = "flexemr-min-row-version"
+"""HTTP header and gRPC metadata key: score with rows at this row version or later (the `version`
+a row update answered); the ranker syncs first, within the request's deadline (10 s at most),
+else 503 / UNAVAILABLE."""
+
+
+def min_row_version_of(text: str | None) -> int | None:
+    """The row version a request needs at least (its Flexemr-Min-Row-Version), or None."""
+    return None if text is None else parse_decimal(text, "header Flexemr-Min-Row-Version")
 
 
 def _await_rows(ranker: Ranker, min_row_version: int, ticket: Ticket) -> None:

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flexemr.api.admin import admin_routes
 from flexemr.api.bodies import BodyTooLarge, read_body
-from flexemr.api.front_door import ErrorKind, FrontDoor, Rejected
+from flexemr.api.front_door import MIN_ROW_VERSION, ErrorKind, FrontDoor, Rejected, min_row_version_of
 from flexemr.api.kserve import (
     HEADER_LENGTH,
     encode_infer_response,
@@ -47,9 +47,6 @@ from flexemr.ranker.admission import Dropped, Ticket
 log = logging.getLogger(__name__)
 
 TIMEOUT_HEADER = "flexemr-timeout-ms"
-MIN_ROW_VERSION_HEADER = "flexemr-min-row-version"
-"""Score with rows at this row version or later (the `version` a push answered): the ranker syncs
-first, within the request's deadline (10 s at most), else 503."""
 MAX_TIMEOUT_MS = 3_600_000
 JSON_EXPANSION = 16
 """JSON bodies may be this much smaller than binary ones: orjson makes each number a Python object."""
@@ -86,11 +83,6 @@ def request_timeout(header: str | None, default_s: float) -> float:
             f"header Flexemr-Timeout-Ms must be milliseconds in (0, {MAX_TIMEOUT_MS}], got {header!r}"
         )
     return ms / 1000
-
-
-def min_row_version_of(header: str | None) -> int | None:
-    """The row version a request needs at least: its Flexemr-Min-Row-Version header, or None."""
-    return None if header is None else parse_decimal(header, "header Flexemr-Min-Row-Version")
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -197,7 +189,7 @@ def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
             ):
                 raise Rejected(ErrorKind.TOO_LARGE, json_error)
             timeout_s = request_timeout(request.headers.get(TIMEOUT_HEADER), config.deadline_s)
-            min_row_version = min_row_version_of(request.headers.get(MIN_ROW_VERSION_HEADER))
+            min_row_version = min_row_version_of(request.headers.get(MIN_ROW_VERSION))
             with door.request(timeout_s) as ticket:
                 try:
                     body = await read_body(request, limit if header_length is not None else json_limit)

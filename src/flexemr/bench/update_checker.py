@@ -335,7 +335,8 @@ class Cluster:
             *PYTHON, "serve", "--preset", "tiny", "--seed", str(c.seed), "--row-dtype", "fp32",
             "--sharding", "row", "--embedding-servers", str(c.shards), "--replicas", str(c.replicas),
             "--rankers", "2", "--port", "0", "--secret-file", str(self.secret),
-            "--spec-out", str(self.spec_path), "--update-log-dir", str(self.log_dir), "--watch-stdin",
+            "--spec-out", str(self.spec_path), "--update-log-dir", str(self.log_dir), "--grpc-port", "0",
+            "--watch-stdin",
         ]  # fmt: skip
         if c.max_staged_bytes is not None:
             command += ["--max-staged-bytes", str(c.max_staged_bytes)]
@@ -343,6 +344,9 @@ class Cluster:
             command += ["--max-changelog-keys", str(c.max_changelog_keys)]
         self.serve = self.stack.enter_context(AnnouncedProcess(command, "flexemr ready:", 300))
         self.url = self.serve.url
+        grpc = re.search(r"grpc=(\S+)", "".join(self.serve.output))
+        self.grpc = grpc.group(1) if grpc else None
+        """gRPC address of serve's first ranker (the others serve HTTP only)."""
         self.spec = ClusterSpec.load(self.spec_path)
         self.token = admin_token(self.secret.read_bytes())
         extra = dataclasses.replace(
