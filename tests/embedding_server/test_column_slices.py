@@ -78,3 +78,28 @@ def test_a_write_of_whole_rows_keeps_each_shards_columns() -> None:
     left, right = (store.image(rows).parts[0][1] for store in stores)
     np.testing.assert_array_equal(np.concatenate([left[:, :3], right], axis=1), encoded)
     np.testing.assert_array_equal(left[:, 3:], encoded[:, plan.dim :])
+
+
+def test_int4_tables_are_cut_at_even_columns() -> None:
+    """An int4 slice is the row's packed bytes of its columns with the row's scale and bias; a cut
+    inside a byte (an odd column) is refused, naming the table and columns."""
+    source = ModelSource(preset="tiny", seed=2, row_dtype="int4")
+    spec = model_spec(source)
+    rows = spec.table_rows
+
+    def plan(cut: int) -> ShardingPlan:
+        left = [Shard(t, 0, rows[t], 0, sum(rows[:t]), col_start=0, col_end=cut) for t in range(4)]
+        right = [Shard(t, 0, rows[t], 1, sum(rows[:t]), col_start=cut, col_end=8) for t in range(4)]
+        return ShardingPlan(2, rows, spec.dim, (*left, *right))
+
+    values = np.empty((rows[2], spec.dim), dtype=np.float32)
+    load_weights(source).fill_rows(2, 0, values)
+    stored = np.empty((rows[2], spec.dim // 2 + 4), dtype=np.uint8)
+    stored_rows.encode(values, "int4", stored)
+    want = stored_rows.decode(torch.from_numpy(stored), "int4").numpy()
+    for server, (first, last) in enumerate([(0, 4), (4, 8)]):
+        store = ShardStore(plan(4), server, load_weights(source), progress=False)
+        local = np.arange(rows[2]) + sum(rows[:2])
+        np.testing.assert_array_equal(store.raw(local), want[:, first:last])
+    with pytest.raises(ValueError, match=r"table 0 is stored as int4 .* got \[0, 3\)"):
+        ShardStore(plan(3), 0, load_weights(source), progress=False)

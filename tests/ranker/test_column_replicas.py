@@ -32,7 +32,7 @@ def test_a_killed_column_replica_is_failed_over_exactly() -> None:
     with one server killed every score is still the monolith's, from partial sums and from raw rows
     into a cache of whole rows; with both copies of its rows killed the request fails, naming the
     rows and columns that no server can give."""
-    source = ModelSource(preset="tiny", seed=9, row_dtype="int8,fp16,int8,fp32")
+    source = ModelSource(preset="tiny", seed=9, row_dtype="int8,fp16,int4,fp32")
     spec = model_spec(source)
     plan = replicated(make_plan("column-row", spec.table_rows, spec.dim, 3, 2), 2)
     monolithic = build_monolithic(load_weights(source))

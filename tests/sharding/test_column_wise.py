@@ -33,13 +33,13 @@ from flexemr.sharding.router import RangeRouter
 from flexemr.transport.local import LocalTransport
 from tests.core.helpers import assert_scores_like_the_monolith, random_batch
 
-FORMATS = ["fp32", "fp16", "int8", "int8,fp32,fp16,int8"]
+FORMATS = ["fp32", "fp16", "int8", "int4", "int8,fp32,fp16,int4"]
 LAYOUTS = [
-    # (strategy, servers, column shards): CW (one block per server), TWCW (5 uneven blocks of
-    # 4 tables over 3 servers: several widths and formats on one server), CW+RW (2 groups of 2,
-    # and uneven groups of 2 and 1)
+    # (strategy, servers, column shards): CW (one block per server), TWCW (3 uneven blocks, widths
+    # 2, 4 and 2, of 4 tables over 3 servers: several widths and formats on one server), CW+RW (2
+    # groups of 2, and uneven groups of 2 and 1)
     ("column", 2, 2),
-    ("column", 3, 5),
+    ("column", 3, 3),
     ("column-row", 4, 2),
     ("column-row", 3, 2),
 ]
@@ -116,8 +116,8 @@ def test_plans_that_miss_or_straddle_columns_are_refused() -> None:
         ShardingPlan(2, (10, 20), 8, (left, dataclasses.replace(right, col_end=9), whole))
     with pytest.raises(ValueError, match="at least 3 servers"):
         make_plan("column-row", (10, 20), 8, 2, column_shards=3)
-    with pytest.raises(ValueError, match="between 1 and the dim"):
-        make_plan("column", (10, 20), 8, 2, column_shards=9)
+    with pytest.raises(ValueError, match="column shards must be between 1 and 4 for dim 8"):
+        make_plan("column", (10, 20), 8, 2, column_shards=5)
 
 
 def test_flexemr_shard_prints_a_column_plan(capsys: pytest.CaptureFixture[str]) -> None:

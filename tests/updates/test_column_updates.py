@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def live() -> Iterator[Live]:
-    source = ModelSource(preset="tiny", seed=13, row_dtype="int8,fp32,fp16,int8")
+    source = ModelSource(preset="tiny", seed=13, row_dtype="int8,fp32,fp16,int4")
     model = model_spec(source)
     plan = replicated(make_plan("column", model.table_rows, model.dim, 2, column_shards=2), 2)
     with LocalCluster(ClusterSpec(source, plan, tuple(Endpoint() for _ in range(4)))) as cluster:

@@ -415,9 +415,15 @@ class UpdatesConfig:
     """Folder of the embedding servers' update logs (`server-N.updates`), replayed at start so a
     restarted server comes back at its version; None: servers refuse updates (a local cluster
     gives its servers one of its own)."""
-    max_staged_bytes: int = 256 * 2**20
+    max_staged_bytes: int = field(
+        default=256 * 2**20,
+        metadata=flag("--max-staged-bytes", "update bytes a server holds staged, not yet committed", "bytes"),
+    )
     """Update bytes a server holds staged (not yet committed); beyond, updates are refused."""
-    max_changelog_keys: int = 1 << 20
+    max_changelog_keys: int = field(
+        default=1 << 20,
+        metadata=flag("--max-changelog-keys", "changed row keys a server remembers for caches"),
+    )
     """Changed row keys a server remembers for rankers' caches; older versions are dropped (a
     ranker that falls further behind clears its cache)."""
     max_history_bytes: int = 64 * 2**20

@@ -84,6 +84,11 @@ def segments_of(plan: ShardingPlan, server: int, formats: tuple[RowFormat, ...])
 
     def kind(shard: Shard) -> tuple[RowFormat, int]:
         start, end = shard.columns(plan.dim)
+        if formats[shard.table] == "int4" and (start % 2 or end % 2):
+            raise ValueError(
+                f"table {shard.table} is stored as int4 (two values a byte): its column shards must "
+                f"start and end at even columns, got [{start}, {end})"
+            )
         return formats[shard.table], end - start
 
     if len({kind(s) for s in shards}) <= 1:  # keep local row numbers: no remapping
@@ -221,6 +226,14 @@ class ShardStore:
             raise BadSubrequest(f"values of shape {values.shape} for {rows.size} rows of dim {self.dim}")
         if not np.isfinite(values).all():
             raise BadSubrequest("values must be finite (no NaN or infinity)")
+        segment = np.zeros(rows.size, dtype=np.int64) if len(self.segments) == 1 else self._locate(rows)[0]
+        for s, seg in enumerate(self.segments):
+            mine = np.flatnonzero(segment == s)
+            bad = mine[stored_rows.overflowing(values[mine], seg.fmt)]
+            if bad.size:
+                raise BadSubrequest(
+                    f"row {rows[bad[0]]} cannot be stored as {seg.fmt}: {stored_rows.OVERFLOW_HINT}"
+                )
 
     def image(self, rows: np.ndarray) -> RowImage:
         """The stored bytes of server-local `rows` now (what writing them overwrites)."""

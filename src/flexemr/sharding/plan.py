@@ -54,10 +54,12 @@ def row_wise(table_rows: tuple[int, ...], dim: int, num_servers: int) -> Shardin
 
 
 def column_cuts(dim: int, blocks: int) -> list[tuple[int, int]]:
-    """`blocks` near-equal column ranges of rows `dim` wide."""
-    if not 1 <= blocks <= dim:
-        raise ValueError(f"column shards must be between 1 and the dim ({dim}), got {blocks}")
-    cuts = np.linspace(0, dim, blocks + 1).round().astype(np.int64).tolist()
+    """`blocks` near-equal column ranges of rows `dim` wide, cut at even columns where `dim` is even
+    (so that int4 rows, two values a byte, can be cut too)."""
+    step = 2 if dim % 2 == 0 else 1
+    if not 1 <= blocks <= dim // step:
+        raise ValueError(f"column shards must be between 1 and {dim // step} for dim {dim}, got {blocks}")
+    cuts = (np.linspace(0, dim // step, blocks + 1).round().astype(np.int64) * step).tolist()
     return list(zip(cuts[:-1], cuts[1:], strict=True))
 
 
