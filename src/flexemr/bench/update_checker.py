@@ -216,7 +216,7 @@ def apply_monolithic(model: DLRM, updates: RowUpdates) -> None:
         mine = updates.tables == t
         if not mine.any():
             continue
-        assert isinstance(bag, torch.nn.EmbeddingBag)
+        assert isinstance(bag.weight, torch.Tensor)  # fp32: an EmbeddingBag's; else a StoredBag's bytes
         weight = bag.weight.detach().numpy()
         encoded = np.empty((int(mine.sum()), weight.shape[1]), dtype=weight.dtype)
         stored_rows.encode(updates.values[mine], model.spec.formats[t], encoded)
