@@ -126,6 +126,11 @@ class FrontDoor:
         finally:
             self.admission.release(ticket)
 
+    def refusal(self) -> Refused | None:
+        """The refusal a request arriving now gets (counted), when the process is full: front ends
+        answer it before reading the body. None: `request` may still refuse it."""
+        return self.admission.refusal()
+
     def score(self, ticket: Ticket, version: str, decode: Callable[[], InferRequest]) -> Scored:
         """Decode and score one request in one turn, on `version` ("": the serving one), which it
         holds until it is answered. Call it in a worker thread: it computes."""

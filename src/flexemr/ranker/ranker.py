@@ -251,6 +251,7 @@ class Ranker:
         deadline = limit if deadline is None else min(limit, deadline)
         timeout = max(deadline - start, 0.0)
         failed: set[int] = set()
+        waited_out: set[concurrent.futures.Future[np.ndarray]] = set()  # had their share of time
         pending = collections.deque(
             self._send(self.router.route(keys, lengths, self._rank(failed)), raw, version)
         )
@@ -260,8 +261,9 @@ class Ranker:
             # With a replica to fall back on, one try may take half of what is left.
             wait = left / 2 if self.router.replicas > 1 else left
             try:
-                with self.turns.waiting():
-                    values = future.result(timeout=wait)
+                if not future.done() and future not in waited_out:
+                    waited_out |= self._await_answers(future, [f for _, f in pending], wait)
+                values = future.result(timeout=0)
             except (ServerUnavailable, SubrequestRefused, concurrent.futures.TimeoutError) as exc:
                 reason = str(exc) or f"no answer within {wait:.3g} s"
                 if self.router.replicas == 1 or time.monotonic() >= deadline:  # nothing to fall back on
@@ -294,6 +296,24 @@ class Ranker:
                     raise exc from None
                 continue
             yield sub, values
+
+    def _await_answers(
+        self,
+        first: concurrent.futures.Future[np.ndarray],
+        others: list[concurrent.futures.Future[np.ndarray]],
+        wait: float,
+    ) -> set[concurrent.futures.Future[np.ndarray]]:
+        """Wait up to `wait` for `first`, waking once when every answer is in rather than once per
+        answer (or earlier when one fails); the turn is given up meanwhile. Returns the futures that
+        were waited on for all of `wait` and are still out: each has had its share of the time."""
+        start = time.monotonic()
+        with self.turns.waiting():
+            concurrent.futures.wait([first, *others], wait, concurrent.futures.FIRST_EXCEPTION)
+            if not first.done():  # another one failed early: `first` still has the rest of its time
+                concurrent.futures.wait([first], max(start + wait - time.monotonic(), 0.0))
+        if time.monotonic() - start < wait:
+            return set()
+        return {f for f in (first, *others) if not f.done()}
 
     def _rank(self, failed: set[int]) -> np.ndarray:
         usable = np.array(self.transport.connected(), dtype=bool)
