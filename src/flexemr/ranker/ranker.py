@@ -15,7 +15,9 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -54,6 +56,15 @@ log = logging.getLogger(__name__)
 
 MAX_VERSION_RETRIES = 4
 """Times a request is pooled again after the rows' version moved under it, before it fails."""
+
+
+@functools.cache
+def dense_slots() -> threading.BoundedSemaphore:
+    """The process's dense forwards that may run at once: as many as its cores hold at torch's
+    intra-op thread count (set before the first ranker is built). Overlapping requests would
+    otherwise split each op over more threads than there are cores, and every op waits for its
+    slowest thread."""
+    return threading.BoundedSemaphore(max(1, (os.cpu_count() or 1) // torch.get_num_threads()))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,7 +114,7 @@ class Ranker:
             self._warmer.start()
         self.batcher = (
             DynamicBatcher(self._score_batch_in_turn, config.max_batch, config.batch_window_ms / 1000)
-            if config.batch_window_ms > 0
+            if config.batching or config.batch_window_ms > 0
             else None
         )
 
@@ -162,7 +173,7 @@ class Ranker:
             ticket.check()
         # The dense model runs in torch's kernels (or on the GPU), outside the interpreter lock:
         # other requests take their turn meanwhile.
-        with self.turns.waiting(), torch.inference_mode():
+        with self.turns.waiting(), dense_slots(), torch.inference_mode():
             scores = self.dense(torch.from_numpy(batch.dense).to(self.device), pooled)
             result: np.ndarray = scores.float().cpu().numpy()
         with self._lock:
