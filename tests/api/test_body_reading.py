@@ -121,3 +121,17 @@ def test_a_declared_body_over_its_cap_gets_413_before_a_byte_of_it_is_sent(
         sock.sendall(f"POST {URL} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode())
         status, answer = read_response(sock)
     assert status == 413 and message in answer.decode()
+
+
+def test_a_client_that_expects_100_continue_is_told_to_send_its_body(ranker: ServeProcess) -> None:
+    head, body, expected = request_bytes(ranker.url, 16, seed=12)
+    with connect(ranker.url) as sock:  # as curl sends a large body: it waits for the 100 first
+        sock.sendall(head.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n", 1))
+        interim = b""
+        while b"\r\n\r\n" not in interim:
+            interim += sock.recv(64)
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        status, answer = read_response(sock)
+    assert status == 200
+    np.testing.assert_allclose(np.frombuffer(answer[-4 * len(expected) :], dtype="<f4"), expected, atol=1e-5)

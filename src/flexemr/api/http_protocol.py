@@ -14,12 +14,13 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.flow_control import FlowControl
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 HIGH_WATER = 65536
 """Body bytes held before the app claims the body (then reading pauses, as uvicorn's does)."""
@@ -32,9 +33,10 @@ class ClientGone(Exception):
 class BodyReader:
     """One request's body, received into one preallocated buffer once the app claims it."""
 
-    def __init__(self, length: int, flow: FlowControl) -> None:
+    def __init__(self, length: int, flow: FlowControl, claimed: Callable[[], None]) -> None:
         self.length = length
         self._flow = flow
+        self._claimed = claimed
         self._early: list[bytes] = []  # bytes that came before the claim (at most HIGH_WATER + one read)
         self._early_size = 0
         self._buffer: bytearray | None = None
@@ -68,6 +70,7 @@ class BodyReader:
         early, self._early = self._early, []
         for data in early:
             self.feed(data)
+        self._claimed()
         self._flow.resume_reading()
         try:
             await self._done
@@ -106,9 +109,16 @@ class InferProtocol(HttpToolsProtocol):
         super().on_headers_complete()
         length = content_length(self.headers)
         if length is not None:
-            self.reader = BodyReader(length, self.flow)
+            self.reader = BodyReader(length, self.flow, functools.partial(self._continue, self.cycle))
             extensions: dict[str, Any] = {**self.scope.get("extensions", {}), "flexemr.body": self.reader}
             self.scope["extensions"] = extensions
+
+    def _continue(self, cycle: RequestResponseCycle) -> None:
+        """Tell a client that waits for it (`Expect: 100-continue`) to send the body, as uvicorn
+        does when an app first asks for the body."""
+        if cycle.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            cycle.waiting_for_100_continue = False
 
     def on_body(self, body: bytes) -> None:
         if self.reader is None or self.cycle.response_complete:
