@@ -206,6 +206,7 @@ def create_app(door: FrontDoor, workers: Executor) -> HttpApp:
                 raise Rejected(ErrorKind.TOO_LARGE, json_error)
             timeout_s = request_timeout(request.headers.get(TIMEOUT_HEADER), config.deadline_s)
             with door.request(timeout_s) as ticket:
+                body: bytearray | memoryview
                 try:
                     if reader is not None:  # one buffer of the declared length (`api.http_protocol`)
                         body = await reader.read()
@@ -232,7 +233,9 @@ def create_app(door: FrontDoor, workers: Executor) -> HttpApp:
         metrics.requests.labels("200").inc()
         return response
 
-    def score(ticket: Ticket, version: str, body: bytearray, header_length: str | None) -> Response:
+    def score(
+        ticket: Ticket, version: str, body: bytearray | memoryview, header_length: str | None
+    ) -> Response:
         # Binary tensors are views of `body`: it lives (unresized) until they are scored.
         scored = door.score(ticket, version, lambda: parse_infer_request(body, header_length, inputs))
         metrics.batch_size.observe(scored.scores.shape[0])

@@ -18,6 +18,7 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from starlette.types import ASGIApp
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -39,20 +40,19 @@ class BodyReader:
         self._claimed = claimed
         self._early: list[bytes] = []  # bytes that came before the claim (at most HIGH_WATER + one read)
         self._early_size = 0
-        self._buffer: bytearray | None = None
-        self._view: memoryview | None = None
+        self._buffer: memoryview | None = None  # set once the app claims the body
         self._filled = 0
         self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def feed(self, data: bytes) -> None:
-        if self._view is None:
+        if self._buffer is None:
             self._early.append(data)
             self._early_size += len(data)
             if self._early_size > HIGH_WATER:
                 self._flow.pause_reading()
             return
         end = min(self._filled + len(data), self.length)
-        self._view[self._filled : end] = data[: end - self._filled]
+        self._buffer[self._filled : end] = data[: end - self._filled]
         self._filled = end
 
     def complete(self) -> None:
@@ -63,10 +63,11 @@ class BodyReader:
         if not self._done.done():
             self._done.set_exception(ClientGone())
 
-    async def read(self) -> bytearray:
-        """The whole body (`ClientGone` if the client left first)."""
-        self._buffer = bytearray(self.length)
-        self._view = memoryview(self._buffer)
+    async def read(self) -> memoryview:
+        """The whole body, writable (`ClientGone` if the client left first). Its memory is not
+        zeroed first (a 1.4 MB memset per request): every byte is written before it is returned."""
+        buffer = np.empty(self.length, dtype=np.uint8).data
+        self._buffer = buffer
         early, self._early = self._early, []
         for data in early:
             self.feed(data)
@@ -75,11 +76,10 @@ class BodyReader:
         try:
             await self._done
         finally:
-            self._view.release()
-            self._view = None
+            self._buffer = None
         if self._filled != self.length:
             raise ClientGone
-        return self._buffer
+        return buffer
 
 
 class InferProtocol(HttpToolsProtocol):
