@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flexemr.api.admin import admin_routes
 from flexemr.api.bodies import BodyTooLarge, read_body
-from flexemr.api.front_door import ErrorKind, FrontDoor, Rejected
+from flexemr.api.front_door import MIN_ROW_VERSION, ErrorKind, FrontDoor, Rejected, min_row_version_of
 from flexemr.api.http_protocol import BodyReader, ClientGone
 from flexemr.api.kserve import (
     HEADER_LENGTH,
@@ -205,6 +205,7 @@ def create_app(door: FrontDoor, workers: Executor) -> HttpApp:
             ):
                 raise Rejected(ErrorKind.TOO_LARGE, json_error)
             timeout_s = request_timeout(request.headers.get(TIMEOUT_HEADER), config.deadline_s)
+            min_row_version = min_row_version_of(request.headers.get(MIN_ROW_VERSION))
             with door.request(timeout_s) as ticket:
                 body: bytearray | memoryview
                 try:
@@ -223,7 +224,7 @@ def create_app(door: FrontDoor, workers: Executor) -> HttpApp:
                 with metrics.latency.time():
                     loop = asyncio.get_running_loop()
                     response = await loop.run_in_executor(
-                        workers, score, ticket, version, body, header_length
+                        workers, score, ticket, version, body, header_length, min_row_version
                     )
         except Exception as exc:  # every failure gets its status; internal ones are logged
             return failure(exc)
@@ -234,10 +235,16 @@ def create_app(door: FrontDoor, workers: Executor) -> HttpApp:
         return response
 
     def score(
-        ticket: Ticket, version: str, body: bytearray | memoryview, header_length: str | None
+        ticket: Ticket,
+        version: str,
+        body: bytearray | memoryview,
+        header_length: str | None,
+        min_row_version: int | None,
     ) -> Response:
         # Binary tensors are views of `body`: it lives (unresized) until they are scored.
-        scored = door.score(ticket, version, lambda: parse_infer_request(body, header_length, inputs))
+        scored = door.score(
+            ticket, version, lambda: parse_infer_request(body, header_length, inputs), min_row_version
+        )
         metrics.batch_size.observe(scored.scores.shape[0])
         content, headers = encode_infer_response(
             model_name,
