@@ -152,6 +152,11 @@ class FrontDoor:
         finally:
             self.admission.release(ticket)
 
+    def refusal(self) -> Refused | None:
+        """The refusal a request arriving now gets (counted), when the process is full: front ends
+        answer it before reading the body. None: `request` may still refuse it."""
+        return self.admission.refusal()
+
     def score(
         self,
         ticket: Ticket,

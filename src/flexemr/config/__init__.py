@@ -156,10 +156,20 @@ class RankerConfig:
         default="auto", metadata=flag("--device", "dense model device: auto, cpu, cuda, cuda:1")
     )
     """Where the dense model runs: `auto` picks `cuda` when available, else `cpu`."""
-    batch_window_ms: float = field(
-        default=0.0, metadata=flag("--batch-window-ms", "dynamic batching window (0: off)")
+    batching: bool = field(
+        default=False,
+        metadata=flag(
+            "--batching", "dynamic batching: requests that wait for the model are merged into its next batch"
+        ),
     )
-    """Dynamic batching: merge requests arriving within this window, up to `max_batch`; 0 = off."""
+    """Dynamic batching: the model runs one batch at a time, and the requests that arrived meanwhile
+    are merged into the next one (up to `max_batch`). A `batch_window_ms` above 0 turns it on."""
+    batch_window_ms: float = field(
+        default=0.0,
+        metadata=flag("--batch-window-ms", "dynamic batching: wait this long for more requests (0: none)"),
+    )
+    """With dynamic batching, how long a batch waits for more requests after its first (0: it takes
+    only those already waiting); above 0 it turns batching on."""
     cache: CacheMode = field(
         default=CacheMode(),
         metadata=flag("--cache", "embedding cache on the ranker: off, fixed:BYTES (fixed:64MiB), adaptive"),

@@ -16,7 +16,9 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -55,6 +57,15 @@ log = logging.getLogger(__name__)
 
 MAX_VERSION_RETRIES = 4
 """Times a request is pooled again after the rows' version moved under it, before it fails."""
+
+
+@functools.cache
+def dense_slots() -> threading.BoundedSemaphore:
+    """The process's dense forwards that may run at once: as many as its cores hold at torch's
+    intra-op thread count (set before the first ranker is built). Overlapping requests would
+    otherwise split each op over more threads than there are cores, and every op waits for its
+    slowest thread."""
+    return threading.BoundedSemaphore(max(1, (os.cpu_count() or 1) // torch.get_num_threads()))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,7 +115,7 @@ class Ranker:
             self._warmer.start()
         self.batcher = (
             DynamicBatcher(self._score_batch_in_turn, config.max_batch, config.batch_window_ms / 1000)
-            if config.batch_window_ms > 0
+            if config.batching or config.batch_window_ms > 0
             else None
         )
 
@@ -163,7 +174,7 @@ class Ranker:
             ticket.check()
         # The dense model runs in torch's kernels (or on the GPU), outside the interpreter lock:
         # other requests take their turn meanwhile.
-        with self.turns.waiting(), torch.inference_mode():
+        with self.turns.waiting(), dense_slots(), torch.inference_mode():
             scores = self.dense(torch.from_numpy(batch.dense).to(self.device), pooled)
             result: np.ndarray = scores.float().cpu().numpy()
         with self._lock:
@@ -254,6 +265,7 @@ class Ranker:
         deadline = limit if deadline is None else min(limit, deadline)
         timeout = max(deadline - start, 0.0)
         failed: set[int] = set()
+        waited_out: set[concurrent.futures.Future[np.ndarray]] = set()  # had their share of time
         pending = collections.deque(
             self._send(self.router.route(keys, lengths, self._rank(failed)), raw, version)
         )
@@ -263,8 +275,9 @@ class Ranker:
             # With a replica to fall back on, one try may take half of what is left.
             wait = left / 2 if self.router.replicas > 1 else left
             try:
-                with self.turns.waiting():
-                    values = future.result(timeout=wait)
+                if not future.done() and future not in waited_out:
+                    waited_out |= self._await_answers(future, [f for _, f in pending], wait)
+                values = future.result(timeout=0)
             except (ServerUnavailable, SubrequestRefused, concurrent.futures.TimeoutError) as exc:
                 reason = str(exc) or f"no answer within {wait:.3g} s"
                 if self.router.replicas == 1 or time.monotonic() >= deadline:  # nothing to fall back on
@@ -297,6 +310,24 @@ class Ranker:
                     raise exc from None
                 continue
             yield sub, values
+
+    def _await_answers(
+        self,
+        first: concurrent.futures.Future[np.ndarray],
+        others: list[concurrent.futures.Future[np.ndarray]],
+        wait: float,
+    ) -> set[concurrent.futures.Future[np.ndarray]]:
+        """Wait up to `wait` for `first`, waking once when every answer is in rather than once per
+        answer (or earlier when one fails); the turn is given up meanwhile. Returns the futures that
+        were waited on for all of `wait` and are still out: each has had its share of the time."""
+        start = time.monotonic()
+        with self.turns.waiting():
+            concurrent.futures.wait([first, *others], wait, concurrent.futures.FIRST_EXCEPTION)
+            if not first.done():  # another one failed early: `first` still has the rest of its time
+                concurrent.futures.wait([first], max(start + wait - time.monotonic(), 0.0))
+        if time.monotonic() - start < wait:
+            return set()
+        return {f for f in (first, *others) if not f.done()}
 
     def _rank(self, failed: set[int]) -> np.ndarray:
         usable = np.array(self.transport.connected(), dtype=bool)
