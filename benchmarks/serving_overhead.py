@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import os
+import shlex
 import sys
 import threading
 import time
@@ -207,6 +208,7 @@ def poisson(make: Callable[[], Send], rate: float, seconds: float, threads: int)
 def served(args: argparse.Namespace, extra: list[str]) -> Iterator[tuple[str, str | None, int]]:
     """(HTTP url, gRPC address or None, pid) of a `flexemr serve` started for this run."""
     common = ["--row-scale", str(args.row_scale), "--torch-threads", str(args.torch_threads)]
+    common += shlex.split(args.serve_args)
     process = start_serve(args.preset, [*common, *extra])
     try:
         line = next(line for line in process.output if "flexemr ready:" in line)
@@ -227,6 +229,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="closed loop for the capacity")
     parser.add_argument("--seconds", type=float, default=8.0, help="per capacity or Poisson run")
     parser.add_argument("--systems", default="in-process,monolithic,monolithic-h11,flexemr-http,flexemr-grpc")
+    parser.add_argument("--serve-args", default="", help="extra flags for every `flexemr serve`")
     parser.add_argument("--c1-load", metavar="URL", help="only send C=1 requests to URL for --seconds")
     args = parser.parse_args()
 
@@ -272,7 +275,8 @@ def main() -> None:
 
     base = results.get("in-process")
     print(f"\n{args.preset} x{args.row_scale}, batch {args.batch}, {args.torch_threads} torch thread(s), "
-          f"{os.cpu_count()} cores")  # fmt: skip
+          f"{os.cpu_count()} cores, serve flags {args.serve_args!r}, "
+          f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print("| system | C=1 p50 ms | C=1 p99 ms | CPU ms/request | x in-process CPU | capacity req/s "
           "| p50/p99 ms at 25% | at 50% | at 75% |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")

@@ -139,3 +139,48 @@ def test_a_chunked_body_over_the_limit_is_refused_before_it_ends(cluster: ServeP
         assert client.get("/v2/health/live").status_code == 200
         response = client.post(URL, json=infer_body(*random_batch(SPEC, 2, seed=9)))
         assert response.status_code == 200, response.text
+
+
+def test_a_request_arriving_while_the_ranker_is_full_is_refused_from_its_headers(
+    cluster: ServeProcess,
+) -> None:
+    """Requests of one sample wait in the batch window until as many are in flight as the latency
+    limit allows; one more is answered 429 though its body never comes (a server that waited for
+    it would never answer: the probe gives up after 10 s and tries again with a fresh window)."""
+    host, port = httpx.URL(cluster.url).host, httpx.URL(cluster.url).port
+    before = admission_stats(cluster.url)
+    holders: list[threading.Thread] = []
+
+    def hold(seed: int) -> None:
+        with httpx.Client(base_url=cluster.url, timeout=60) as client:
+            client.post(URL, json=infer_body(*random_batch(SPEC, 1, seed=seed)))
+
+    def probe() -> bytes:
+        with socket.create_connection((host, port)) as sock:
+            sock.sendall(f"POST {URL} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 900000\r\n\r\n".encode())
+            sock.settimeout(10)
+            answer = b""
+            try:
+                while b"retry later" not in answer and (part := sock.recv(65536)):
+                    answer += part
+            except TimeoutError:
+                pass
+            return answer
+
+    answer = b""
+    for _ in range(5):
+        while (now := admission_stats(cluster.url))["requests_in_flight"] < now["requests_limit"]:
+            missing = now["requests_limit"] - sum(h.is_alive() for h in holders)
+            for _ in range(max(missing, 0)):
+                holders.append(threading.Thread(target=hold, args=(200 + len(holders),)))
+                holders[-1].start()
+            threading.Event().wait(0.01)
+        if (answer := probe()).startswith(b"HTTP/1.1 429"):
+            break
+    assert answer.startswith(b"HTTP/1.1 429"), answer[:200]
+    assert b"retry-after: 1" in answer.lower()
+    for holder in holders:
+        holder.join(120)
+    after = admission_stats(cluster.url)
+    assert after["refused_requests"] > before["refused_requests"]
+    assert after["requests_in_flight"] == 0 and after["samples_in_flight"] == 0

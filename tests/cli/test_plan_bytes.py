@@ -24,14 +24,14 @@ def printed_mib(text: str) -> list[str]:
 @pytest.mark.parametrize(
     "row_dtype", ["fp32", "fp16", "int8", "int4", "int8,fp16,fp32,int4,fp16,fp32,int8,int4"]
 )
-@pytest.mark.parametrize("strategy", ["table", "row"])
+@pytest.mark.parametrize("strategy", ["table", "row", "column", "column-row"])
 def test_each_server_shows_the_bytes_its_store_allocates(row_dtype: str, strategy: str) -> None:
     spec = model_spec(ModelSource(preset="rmc1", row_scale=0.01, row_dtype=row_dtype))
     plan = make_plan(strategy, spec.table_rows, spec.dim, 3)  # type: ignore[arg-type]
     allocated = [DramStorage().resident_bytes(store_layout(plan, s, spec.formats)) for s in range(3)]
     text = describe_plan(plan, spec, StorageConfig())
     assert printed_mib(text) == [f"{b / 2**20:.1f}" for b in allocated]
-    assert plan.server_bytes([4 * spec.dim] * spec.num_tables) == plan.server_bytes()  # fp32: as before
+    assert plan.server_bytes(lambda table, width: 4 * width) == plan.server_bytes()  # fp32: as before
     if row_dtype != "fp32":
         assert sum(allocated) < sum(plan.server_bytes())
 

@@ -66,3 +66,29 @@ def test_a_failing_batch_fails_its_requests_only() -> None:
         assert isinstance(future.exception(timeout=10), RuntimeError)
     finally:
         batcher.close()
+
+
+def test_without_a_window_requests_that_wait_for_a_running_batch_are_merged_into_the_next() -> None:
+    running, release = threading.Event(), threading.Event()
+    calls: list[int] = []
+
+    def slow_first(batch: SparseBatch) -> np.ndarray:
+        calls.append(batch.batch_size)
+        if len(calls) == 1:  # holds the first batch until the others have queued behind it
+            running.set()
+            release.wait(30)
+        return score(batch)
+
+    batcher = DynamicBatcher(slow_first, max_batch=16, window_s=0.0, workers=1)
+    try:
+        first = batcher.submit(make(2, 0))
+        running.wait(30)
+        waiting = [make(1 + i % 3, 10 + i) for i in range(5)]
+        futures = [batcher.submit(b) for b in waiting]
+        release.set()
+        np.testing.assert_allclose(first.result(30), score(make(2, 0)), atol=1e-6)
+        for request, future in zip(waiting, futures, strict=True):
+            np.testing.assert_allclose(future.result(30), score(request), atol=1e-6)
+    finally:
+        batcher.close()
+    assert calls == [2, sum(b.batch_size for b in waiting)]  # alone, then the five merged at once

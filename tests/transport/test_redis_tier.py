@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import pytest
 
 from flexemr.client import Client
 from flexemr.config.model import ModelSource
@@ -16,8 +17,14 @@ from tests.core.helpers import NEEDS_REDIS_SERVER, random_batch, reference_score
 pytestmark = NEEDS_REDIS_SERVER
 
 
-def test_redis_tier_scores_equal_monolithic(serve: Callable[..., ServeProcess]) -> None:
-    server = serve("--preset", "tiny", "--seed", "4", "--embedding-tier", "redis", "--embedding-servers", "2")
+@pytest.mark.parametrize(
+    "sharding", [["--sharding", "auto"], ["--sharding", "column", "--column-shards", "3"]]
+)
+def test_redis_tier_scores_equal_monolithic(serve: Callable[..., ServeProcess], sharding: list[str]) -> None:
+    """Whole rows, and column slices of uneven widths (each server's keys hold its slices)."""
+    server = serve(
+        "--preset", "tiny", "--seed", "4", "--embedding-tier", "redis", "--embedding-servers", "2", *sharding
+    )  # fmt: skip
     source = ModelSource(preset="tiny", seed=4)
     model = build_monolithic(load_weights(source))
     with Client(server.url) as client:

@@ -16,7 +16,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -28,7 +30,8 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flexemr.api.admin import admin_routes
 from flexemr.api.bodies import BodyTooLarge, read_body
-from flexemr.api.front_door import ErrorKind, FrontDoor, Rejected
+from flexemr.api.front_door import MIN_ROW_VERSION, ErrorKind, FrontDoor, Rejected, min_row_version_of
+from flexemr.api.http_protocol import BodyReader, ClientGone
 from flexemr.api.kserve import (
     HEADER_LENGTH,
     encode_infer_response,
@@ -89,7 +92,17 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
+@dataclass(frozen=True)
+class HttpApp:
+    asgi: ASGIApp
+    is_infer: Callable[[str], bool]
+    """Whether a path is the infer route."""
+    refusal: Callable[[], ASGIApp | None]
+    """The 429 response an infer request arriving now gets when the process is full (counted as
+    refused), else None: the protocol answers with it before reading the body."""
+
+
+def create_app(door: FrontDoor, workers: Executor) -> HttpApp:
     """The KServe v2 HTTP app: the infer route served directly, every other route by FastAPI;
     inference is scored on `workers` (one thread hop per request)."""
     models, model_name, config = door.models, door.model_name, door.config
@@ -179,31 +192,39 @@ def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
         declared = request.headers.get("content-length")
         header_length = request.headers.get(HEADER_LENGTH)
         watcher: asyncio.Task[None] | None = None
+        reader: BodyReader | None = request.scope.get("extensions", {}).get("flexemr.body")
         try:
             door.check_model(name, version)
             if declared is not None and parse_decimal(declared, "header Content-Length") > limit:
                 raise Rejected(ErrorKind.TOO_LARGE, f"request body of {declared} bytes exceeds {limit}")
+            if header_length is None and reader is not None and reader.length > json_limit:
+                raise Rejected(ErrorKind.TOO_LARGE, json_error)
             if (
                 header_length is not None
                 and parse_decimal(header_length, "header Inference-Header-Content-Length") > json_limit
             ):
                 raise Rejected(ErrorKind.TOO_LARGE, json_error)
             timeout_s = request_timeout(request.headers.get(TIMEOUT_HEADER), config.deadline_s)
+            min_row_version = min_row_version_of(request.headers.get(MIN_ROW_VERSION))
             with door.request(timeout_s) as ticket:
+                body: bytearray | memoryview
                 try:
-                    body = await read_body(request, limit if header_length is not None else json_limit)
+                    if reader is not None:  # one buffer of the declared length (`api.http_protocol`)
+                        body = await reader.read()
+                    else:
+                        body = await read_body(request, limit if header_length is not None else json_limit)
                 except BodyTooLarge:
                     message = (
                         f"request body exceeds {limit} bytes" if header_length is not None else json_error
                     )
                     raise Rejected(ErrorKind.TOO_LARGE, message) from None
-                except ClientDisconnect:
+                except (ClientDisconnect, ClientGone):
                     raise Dropped("disconnected", "the client disconnected") from None
                 watcher = asyncio.create_task(watch_disconnect(request, ticket))
                 with metrics.latency.time():
                     loop = asyncio.get_running_loop()
                     response = await loop.run_in_executor(
-                        workers, score, ticket, version, body, header_length
+                        workers, score, ticket, version, body, header_length, min_row_version
                     )
         except Exception as exc:  # every failure gets its status; internal ones are logged
             return failure(exc)
@@ -213,9 +234,17 @@ def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
         metrics.requests.labels("200").inc()
         return response
 
-    def score(ticket: Ticket, version: str, body: bytearray, header_length: str | None) -> Response:
+    def score(
+        ticket: Ticket,
+        version: str,
+        body: bytearray | memoryview,
+        header_length: str | None,
+        min_row_version: int | None,
+    ) -> Response:
         # Binary tensors are views of `body`: it lives (unresized) until they are scored.
-        scored = door.score(ticket, version, lambda: parse_infer_request(body, header_length, inputs))
+        scored = door.score(
+            ticket, version, lambda: parse_infer_request(body, header_length, inputs), min_row_version
+        )
         metrics.batch_size.observe(scored.scores.shape[0])
         content, headers = encode_infer_response(
             model_name,
@@ -227,6 +256,10 @@ def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
         )
         return Response(content, headers=headers)
 
+    def refusal() -> ASGIApp | None:
+        refused = door.refusal()
+        return None if refused is None else failure(refused)
+
     async def serve(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             route = INFER_PATH.fullmatch(scope["path"])
@@ -236,4 +269,4 @@ def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
                 return
         await app(scope, receive, send)
 
-    return serve
+    return HttpApp(serve, lambda path: INFER_PATH.fullmatch(path) is not None, refusal)

@@ -13,6 +13,7 @@ import uvicorn
 
 from flexemr.api.front_door import FrontDoor
 from flexemr.api.http import RateLimitedWarnings, create_app
+from flexemr.api.http_protocol import infer_protocol
 
 SCORING_THREADS = 16
 """Requests scored at once (each takes a turn for its Python; waits, such as lookups, overlap)."""
@@ -43,11 +44,11 @@ class HttpServer:
         self.workers = ThreadPoolExecutor(SCORING_THREADS, thread_name_prefix="infer")
         app = create_app(door, self.workers)
         logging.getLogger("uvicorn.error").addFilter(RateLimitedWarnings())  # clients' bad HTTP
-        loop = "uvloop" if door.config.http_parser == "httptools" else "asyncio"
+        httptools = door.config.http_parser == "httptools"
         config = uvicorn.Config(
-            app,
-            http=door.config.http_parser,
-            loop=loop,
+            app.asgi,
+            http=infer_protocol(app.is_infer, app.refusal) if httptools else "h11",
+            loop="uvloop" if httptools else "asyncio",
             log_level="warning",
             access_log=False,
             timeout_keep_alive=30,

@@ -206,7 +206,7 @@ def _decode_tensor(entry: Any, binary: memoryview, pos: int, expected: TensorSpe
 
 
 def parse_infer_request(
-    body: bytes | bytearray, header_length: str | None, inputs: list[TensorSpec]
+    body: bytes | bytearray | memoryview, header_length: str | None, inputs: list[TensorSpec]
 ) -> InferRequest:
     """Parse a request body without copying it: JSON is read from a view of the header, binary
     tensors are views of the body where `binary_tensor` can (the body then cannot be resized while

@@ -123,4 +123,4 @@ def describe_plan(plan: ShardingPlan, model: ModelSpec, storage: StorageConfig |
     stored = f"rows stored as {formats}"
     if storage is not None:
         stored += " in DRAM" if storage.kind == "dram" else f" in mmap files under {storage.directory}"
-    return plan.describe([row_bytes(f, model.dim) for f in model.formats], stored)
+    return plan.describe(lambda table, width: row_bytes(model.formats[table], width), stored)

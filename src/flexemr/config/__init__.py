@@ -157,10 +157,20 @@ class RankerConfig:
         default="auto", metadata=flag("--device", "dense model device: auto, cpu, cuda, cuda:1")
     )
     """Where the dense model runs: `auto` picks `cuda` when available, else `cpu`."""
-    batch_window_ms: float = field(
-        default=0.0, metadata=flag("--batch-window-ms", "dynamic batching window (0: off)")
+    batching: bool = field(
+        default=False,
+        metadata=flag(
+            "--batching", "dynamic batching: requests that wait for the model are merged into its next batch"
+        ),
     )
-    """Dynamic batching: merge requests arriving within this window, up to `max_batch`; 0 = off."""
+    """Dynamic batching: the model runs one batch at a time, and the requests that arrived meanwhile
+    are merged into the next one (up to `max_batch`). A `batch_window_ms` above 0 turns it on."""
+    batch_window_ms: float = field(
+        default=0.0,
+        metadata=flag("--batch-window-ms", "dynamic batching: wait this long for more requests (0: none)"),
+    )
+    """With dynamic batching, how long a batch waits for more requests after its first (0: it takes
+    only those already waiting); above 0 it turns batching on."""
     cache: CacheMode = field(
         default=CacheMode(),
         metadata=flag("--cache", "embedding cache on the ranker: off, fixed:BYTES (fixed:64MiB), adaptive"),
@@ -425,9 +435,15 @@ class UpdatesConfig:
     """Folder of the embedding servers' update logs (`server-N.updates`), replayed at start so a
     restarted server comes back at its version; None: servers refuse updates (a local cluster
     gives its servers one of its own)."""
-    max_staged_bytes: int = 256 * 2**20
+    max_staged_bytes: int = field(
+        default=256 * 2**20,
+        metadata=flag("--max-staged-bytes", "update bytes a server holds staged, not yet committed", "bytes"),
+    )
     """Update bytes a server holds staged (not yet committed); beyond, updates are refused."""
-    max_changelog_keys: int = 1 << 20
+    max_changelog_keys: int = field(
+        default=1 << 20,
+        metadata=flag("--max-changelog-keys", "changed row keys a server remembers for caches"),
+    )
     """Changed row keys a server remembers for rankers' caches; older versions are dropped (a
     ranker that falls further behind clears its cache)."""
     max_history_bytes: int = 64 * 2**20

@@ -22,8 +22,9 @@ from flexemr.config.spec import ClusterSpec
 
 @dataclass(frozen=True)
 class Identity:
-    """What an embedding server holds: its index in the plan, its rows, and a fingerprint of its
-    shards and weights (`flexemr.config.security.fingerprint`)."""
+    """What an embedding server holds: its index in the plan, its rows, the columns of its answers
+    (its widest shard's), and a fingerprint of its shards and weights
+    (`flexemr.config.security.fingerprint`)."""
 
     server: int
     rows: int
@@ -61,7 +62,12 @@ def fingerprint(model: ModelSource, plan: ShardingPlan, server: int) -> str:
         path = Path(model.checkpoint).resolve()
         stat = path.stat()
         weights = {"checkpoint": _file_digest(str(path), stat.st_size, stat.st_mtime_ns)}
-    shards = [dataclasses.astuple(s) for s in plan.shards_of(server)]
+    # A whole-width shard is fingerprinted without its columns, as before column-wise sharding, so
+    # update logs written by then still match.
+    shards = [
+        dataclasses.astuple(s)[: 5 if (s.col_start, s.col_end) == (0, None) else None]
+        for s in plan.shards_of(server)
+    ]
     facts = {
         "weights": weights,
         "row_dtype": model.row_dtype,
@@ -82,7 +88,7 @@ def identities(spec: ClusterSpec) -> list[Identity]:
     """What each embedding server of `spec` must prove it holds."""
     plan = spec.sharding
     return [
-        Identity(s, plan.server_rows(s), plan.dim, fingerprint(spec.model, plan, s))
+        Identity(s, plan.server_rows(s), plan.server_width(s), fingerprint(spec.model, plan, s))
         for s in range(plan.num_servers)
     ]
 

@@ -11,6 +11,12 @@ With one format (the usual case) the segment is the local array itself. Otherwis
 rows are mapped to (segment, row) with one `searchsorted`, bags are grouped by format and each
 group pooled by its kernel (a bag's rows all come from one table, so from one segment).
 
+A shard that holds some columns of its rows (column-wise sharding) stores just those: its rows
+are the whole rows' stored bytes cut to its columns (`rows.columns`; an int8 slice keeps the row's
+scale and bias), so it pools and decodes to exactly the whole rows' values in those columns.
+Segments are per (format, width); answers are as wide as the server's widest shard, narrower
+shards' bags zero-filled on the right. Writes take whole rows and keep each shard's columns.
+
 Where the segments live is a `Storage`: anonymous memory advised for transparent huge pages (DRAM),
 or a file this server memory-maps (the SSD tier: the page cache is the DRAM tier, so hot rows stay
 resident and a server can hold more rows than it has RAM). Kernels release the GIL while they run.
@@ -65,28 +71,43 @@ class RowImage:
 @dataclass(frozen=True)
 class Segment:
     fmt: RowFormat
+    width: int
+    """Columns of each row."""
     rows: int
     shards: tuple[tuple[Shard, int], ...]
     """Each shard of this format with the row where it starts in the segment."""
 
 
 def segments_of(plan: ShardingPlan, server: int, formats: tuple[RowFormat, ...]) -> list[Segment]:
-    """One segment per row format among the server's shards, shards in local order."""
+    """One segment per (row format, width) among the server's shards, shards in local order."""
     shards = sorted(plan.shards_of(server), key=lambda s: s.local_start)
-    if len({formats[s.table] for s in shards}) <= 1:  # keep local row numbers: no remapping
-        fmt = formats[shards[0].table] if shards else "fp32"
-        return [Segment(fmt, plan.server_rows(server), tuple((s, s.local_start) for s in shards))]
+
+    def kind(shard: Shard) -> tuple[RowFormat, int]:
+        start, end = shard.columns(plan.dim)
+        if formats[shard.table] == "int4" and (start % 2 or end % 2):
+            raise ValueError(
+                f"table {shard.table} is stored as int4 (two values a byte): its column shards must "
+                f"start and end at even columns, got [{start}, {end})"
+            )
+        return formats[shard.table], end - start
+
+    if len({kind(s) for s in shards}) <= 1:  # keep local row numbers: no remapping
+        fmt, width = kind(shards[0]) if shards else ("fp32", plan.dim)
+        return [Segment(fmt, width, plan.server_rows(server), tuple((s, s.local_start) for s in shards))]
     segments = []
-    for fmt in dict.fromkeys(formats[s.table] for s in shards):
-        mine = [s for s in shards if formats[s.table] == fmt]
+    for fmt, width in dict.fromkeys(kind(s) for s in shards):
+        mine = [s for s in shards if kind(s) == (fmt, width)]
         starts = np.cumsum([0] + [s.rows for s in mine])
-        segments.append(Segment(fmt, int(starts[-1]), tuple(zip(mine, starts[:-1].tolist(), strict=True))))
+        placed = tuple(zip(mine, starts[:-1].tolist(), strict=True))
+        segments.append(Segment(fmt, width, int(starts[-1]), placed))
     return segments
 
 
 def store_layout(plan: ShardingPlan, server: int, formats: tuple[RowFormat, ...]) -> Layout:
     """What a server's segments need: dtype, row width and rows of each."""
-    return [(*stored_rows.storage(seg.fmt, plan.dim), seg.rows) for seg in segments_of(plan, server, formats)]
+    return [
+        (*stored_rows.storage(seg.fmt, seg.width), seg.rows) for seg in segments_of(plan, server, formats)
+    ]
 
 
 class ShardStore:
@@ -102,6 +123,9 @@ class ShardStore:
         storage = storage or DramStorage()
         self.server = server
         self.dim = plan.dim
+        """Columns of the rows a write gives (whole rows)."""
+        self.width = plan.server_width(server)
+        """Columns of a lookup's answer (the widest shard's; narrower ones zero-filled)."""
         self.num_rows = plan.server_rows(server)
         self.shards = plan.shards_of(server)
         self.segments = segments_of(plan, server, source.spec.formats)
@@ -112,16 +136,17 @@ class ShardStore:
         self.tables = [torch.from_numpy(a) for a in arrays]
         self._arrays = arrays
         self._storage = storage
-        # Remapping local rows to (segment, row): shard starts in local order, per shard its segment
-        # and the shift from local to segment row numbers.
+        # Remapping local rows to (segment, row): shard starts in local order, per shard its segment,
+        # the shift from local to segment row numbers and its first column.
         placed = sorted(
-            (shard.local_start, i, at - shard.local_start)
+            (shard.local_start, i, at - shard.local_start, shard.col_start)
             for i, seg in enumerate(self.segments)
             for shard, at in seg.shards
         )
         self._starts = np.array([p[0] for p in placed], dtype=np.int64)
         self._segment_of = np.array([p[1] for p in placed], dtype=np.int64)
         self._shift = np.array([p[2] for p in placed], dtype=np.int64)
+        self._col_start = np.array([p[3] for p in placed], dtype=np.int64)
         # Local rows to global cache keys (the router's: table base + row), per shard in local order.
         table_base = np.concatenate([[0], np.cumsum(plan.table_rows)[:-1]]).astype(np.int64)
         self._key_shift = np.array(
@@ -141,9 +166,16 @@ class ShardStore:
                 for shard, at in seg.shards:
                     for start in range(0, shard.rows, _LOAD_CHUNK_ROWS):
                         n = min(_LOAD_CHUNK_ROWS, shard.rows - start)
-                        fill_stored(
-                            source, shard.table, shard.row_start + start, array[at + start : at + start + n]
-                        )
+                        out = array[at + start : at + start + n]
+                        if seg.width == self.dim:
+                            fill_stored(source, shard.table, shard.row_start + start, out)
+                        else:  # whole rows, as stored, cut to the shard's columns
+                            dtype, width = stored_rows.storage(seg.fmt, self.dim)
+                            whole = np.empty((n, width), dtype=dtype)
+                            fill_stored(source, shard.table, shard.row_start + start, whole)
+                            out[:] = stored_rows.columns(
+                                whole, seg.fmt, shard.col_start, shard.col_start + seg.width
+                            )
                         bar.update(n)
 
     @property
@@ -172,17 +204,20 @@ class ShardStore:
         return keys
 
     def write(self, rows: np.ndarray, values: np.ndarray) -> None:
-        """Store float32 `values` [n, dim] as server-local `rows` [n], encoded in each row's format
-        as at load (so an int8 row's bytes equal those a checkpoint of these values would load)."""
+        """Store float32 `values` [n, dim] (whole rows) as server-local `rows` [n], encoded in each
+        row's format as at load (so an int8 row's bytes equal those a checkpoint of these values
+        would load), each cut to its shard's columns."""
         self.check_write(rows, values)
         self._storage.modified()
-        if len(self.segments) == 1:
-            self._write_segment(0, rows, values)
+        if len(self.segments) == 1 and not self._col_start.any():
+            self._write_segment(0, rows, values, 0)
             return
-        segment, at = self._locate(rows)
-        for s in np.unique(segment).tolist():
-            mine = segment == s
-            self._write_segment(s, at[mine], values[mine])
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        segment, at, first = self._segment_of[shard], rows + self._shift[shard], self._col_start[shard]
+        group = segment * (self.dim + 1) + first
+        for g in np.unique(group).tolist():
+            mine = group == g
+            self._write_segment(g // (self.dim + 1), at[mine], values[mine], g % (self.dim + 1))
 
     def check_write(self, rows: np.ndarray, values: np.ndarray) -> None:
         """Raise BadSubrequest unless `write(rows, values)` can store them."""
@@ -215,11 +250,13 @@ class ShardStore:
         for array, (rows, stored) in zip(self._arrays, image.parts, strict=True):
             array[rows] = stored
 
-    def _write_segment(self, s: int, rows: np.ndarray, values: np.ndarray) -> None:
-        array = self._arrays[s]
-        encoded = np.empty((rows.size, array.shape[1]), dtype=array.dtype)
-        stored_rows.encode(np.ascontiguousarray(values), self.segments[s].fmt, encoded)
-        array[rows] = encoded
+    def _write_segment(self, s: int, rows: np.ndarray, values: np.ndarray, first: int) -> None:
+        """Whole rows `values` encoded, cut to columns `first` on, into segment `s`'s `rows`."""
+        array, seg = self._arrays[s], self.segments[s]
+        dtype, width = stored_rows.storage(seg.fmt, self.dim)
+        encoded = np.empty((rows.size, width), dtype=dtype)
+        stored_rows.encode(np.ascontiguousarray(values), seg.fmt, encoded)
+        array[rows] = stored_rows.columns(encoded, seg.fmt, first, first + seg.width)
 
     def _held(self, s: int, at: np.ndarray, image: RowImage | None) -> tuple[np.ndarray, np.ndarray] | None:
         """Which of segment `s`'s rows `at` `image` holds (mask), and where in it (positions); None
@@ -282,11 +319,11 @@ class ShardStore:
         weights: np.ndarray | None = None,
         image: RowImage | None = None,
     ) -> np.ndarray:
-        """Per-bag sums of this server's rows, in float32: [len(offsets), dim]; rows that `image`
+        """Per-bag sums of this server's rows, in float32: [len(offsets), width]; rows that `image`
         holds as it holds them (a lookup at an older version)."""
         self._check(rows, offsets, weights)
         if offsets.size == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
+            return np.zeros((0, self.width), dtype=np.float32)
         w = None if weights is None else torch.from_numpy(weights)
         if len(self.segments) == 1:
             return self._pool(0, rows, offsets, w, image).numpy()
@@ -295,7 +332,7 @@ class ShardStore:
         bag_segment = segment[np.minimum(offsets, max(rows.size - 1, 0))] if rows.size else offsets * 0
         if np.any(segment != np.repeat(bag_segment, lengths)):
             raise BadSubrequest("a bag mixes rows of tables stored in different row formats")
-        out = torch.zeros(offsets.size, self.dim)
+        out = torch.zeros(offsets.size, self.width)
         for s in range(len(self.segments)):
             bags = np.flatnonzero((bag_segment == s) & (lengths > 0))
             if bags.size == 0:
@@ -304,18 +341,20 @@ class ShardStore:
             sizes = lengths[bags]
             starts = np.cumsum(sizes) - sizes
             weights_s = None if w is None else w[torch.from_numpy(mine)]
-            out[torch.from_numpy(bags)] = self._pool(s, at[mine], starts, weights_s, image)
+            out[torch.from_numpy(bags), : self.segments[s].width] = self._pool(
+                s, at[mine], starts, weights_s, image
+            )
         return out.numpy()
 
     def raw(self, rows: np.ndarray, image: RowImage | None = None) -> np.ndarray:
-        """The rows themselves as float32 (int8 and fp16 rows dequantised): [len(rows), dim]; rows
+        """The rows themselves as float32 (int8 and fp16 rows dequantised): [len(rows), width]; rows
         that `image` holds as it holds them."""
         self._check(rows, None, None)
         if len(self.segments) == 1:
             return self._raw(0, rows, image).numpy()
         segment, at = self._locate(rows)
-        out = np.empty((rows.size, self.dim), dtype=np.float32)
+        out = np.zeros((rows.size, self.width), dtype=np.float32)
         for s in range(len(self.segments)):
             mine = segment == s
-            out[mine] = self._raw(s, at[mine], image).numpy()
+            out[mine, : self.segments[s].width] = self._raw(s, at[mine], image).numpy()
         return out

@@ -72,7 +72,6 @@ class IoEngine:
         self.endpoints = endpoints
         self.identities = identities
         """What each server must prove it holds (`config.security.identities`)."""
-        self.dim = dim = identities[0].dim
         self.limits = limits or FrameLimits()
         self.node_limits = node_limits = node_limits or NodeLimits()
         self.dialer = Dialer(uuid.uuid4().hex, secret or b"", self.limits, tls, config.transport)
@@ -88,7 +87,7 @@ class IoEngine:
                 cid = len(self._connections)
                 ledger = CreditLedger(config.credit_capacity) if config.credits != "off" else None
                 conn = Connection(
-                    cid, server, endpoint, dim, self.limits, ledger,
+                    cid, server, endpoint, identities[server].dim, self.limits, ledger,
                     piggyback=config.credits == "piggyback", debug=config.debug_ownership,
                 )  # fmt: skip
                 conn.owner = cid % threads

@@ -18,8 +18,10 @@ def server_memory(plan: ShardingPlan) -> list[int]:
 
 def replica_groups(plan: ShardingPlan) -> list[list[int]]:
     """Servers holding the same shards (replicas of each other), which must land on distinct nodes."""
-    groups: dict[tuple[tuple[int, int, int], ...], list[int]] = {}
+    groups: dict[tuple[tuple[int, ...], ...], list[int]] = {}
     for server in range(plan.num_servers):
-        key = tuple(sorted((s.table, s.row_start, s.row_end) for s in plan.shards_of(server)))
+        key = tuple(
+            sorted((s.table, s.row_start, s.row_end, *s.columns(plan.dim)) for s in plan.shards_of(server))
+        )
         groups.setdefault(key, []).append(server)
     return list(groups.values())

@@ -154,7 +154,15 @@ def server_storage(spec: ClusterSpec, index: int) -> Storage:
     if spec.model.checkpoint is not None:
         stat = Path(spec.model.checkpoint).stat()
         model["checkpoint_file"] = [stat.st_size, stat.st_mtime_ns]
-    shards = [dataclasses.asdict(s) for s in spec.sharding.shards_of(index)]
+    # A whole-width shard without its columns, as before column-wise sharding (row files still match).
+    shards = [
+        {
+            k: v
+            for k, v in dataclasses.asdict(s).items()
+            if not (k.startswith("col_") and (s.col_start, s.col_end) == (0, None))
+        }
+        for s in spec.sharding.shards_of(index)
+    ]
     fingerprint = json.dumps({"model": model, "dim": spec.sharding.dim, "shards": shards}, sort_keys=True)
     return FileStorage(Path(spec.storage.directory) / f"server-{index}.rows", fingerprint)
 
@@ -197,14 +205,20 @@ def version_spec(spec: ClusterSpec, source: ModelSource) -> ClusterSpec:
     model = model_spec(source)
     plan = spec.sharding
     if (model.table_rows, model.dim) != (plan.table_rows, plan.dim):
-        strategies: dict[str, Strategy] = {"table": "table", "row": "row"}  # a planner's plan is not remade
+        strategies: dict[str, Strategy] = {  # a planner's plan is not remade
+            "table": "table",
+            "row": "row",
+            "column": "column",
+            "column-row": "column-row",
+        }
         strategy = strategies.get(plan.strategy)
         if strategy is None:
             raise ValueError(
                 f"parameters: the new model's tables differ from the served one's and its {plan.strategy} "
                 "plan cannot be remade here; serve it with a plan of its own"
             )
-        base = make_plan(strategy, model.table_rows, model.dim, plan.num_servers // plan.replicas)
+        blocks = len({s.col_start for s in plan.shards if s.table == 0})  # column shards per table
+        base = make_plan(strategy, model.table_rows, model.dim, plan.num_servers // plan.replicas, blocks)
         plan = replicated(base, plan.replicas)
     servers = tuple(Endpoint(spec.embedding_servers[0].host, 0) for _ in range(plan.num_servers))
     updates = spec.updates

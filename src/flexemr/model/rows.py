@@ -80,6 +80,24 @@ def encode(rows: np.ndarray, fmt: RowFormat, out: np.ndarray) -> None:
         out[:] = rows  # numpy rounds to nearest for fp16
 
 
+def columns(stored: np.ndarray, fmt: RowFormat, start: int, end: int) -> np.ndarray:
+    """Stored rows [n, width] cut to their columns `[start, end)`, still in `fmt`. An int8 or int4
+    row keeps its own scale and bias, so the slice holds exactly the whole row's values in those
+    columns; an int4 slice starts and ends at even columns (two values a byte)."""
+    if fmt == "int8":
+        return np.concatenate([stored[:, start:end], stored[:, stored.shape[1] - _INT8_TAIL :]], axis=1)
+    if fmt == "int4":
+        if start % 2 or end % 2:
+            raise ValueError(
+                f"int4 rows pack two values a byte: a column shard must start and end at even columns, "
+                f"got [{start}, {end})"
+            )
+        return np.concatenate(
+            [stored[:, start // 2 : end // 2], stored[:, stored.shape[1] - _INT4_TAIL :]], axis=1
+        )
+    return stored[:, start:end]
+
+
 def decode(stored: Tensor, fmt: RowFormat) -> Tensor:
     """The float32 values [n, dim] of stored rows [n, width]."""
     if fmt == "int8":

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from flexemr.config.plan import ShardingPlan
+from flexemr.model.rows import row_bytes
 from flexemr.planner.calibration import Calibration
 from flexemr.planner.catalog import Catalog
 from flexemr.planner.inputs import PlanRequest, read_json_object
@@ -87,7 +88,7 @@ class PlanResult:
             f"throughput {pred.max_qps:.0f} QPS ({pred.max_qps_degraded:.0f} degraded), "
             f"bottleneck {pred.bottleneck}",
             "",
-            self.sharding.describe(req.model.table_row_bytes),
+            self.sharding.describe(lambda table, width: row_bytes(req.model.spec.formats[table], width)),
             "",
             "monolithic alternatives:",
             f"  scale-up:  {_describe(self.scale_up, dep.cost_per_hour)}",

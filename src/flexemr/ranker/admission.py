@@ -79,20 +79,30 @@ class Admission:
         self.samples = self.pending = self.requests = 0
         self.counts = {"admitted": 0, "refused": 0, "dropped_deadline": 0, "dropped_disconnected": 0}
 
+    def refusal(self) -> Refused | None:
+        """The refusal (counted) of a request arriving now when the ranker is full, else None."""
+        with self._lock:
+            return self._refusal()
+
+    def _refusal(self) -> Refused | None:
+        if (
+            self.samples < self.max_samples
+            and self.pending < self.max_pending
+            and self.requests < self.limit.limit
+        ):
+            return None
+        self.counts["refused"] += 1
+        return Refused(
+            f"the ranker is full ({self.samples} of {self.max_samples} samples in flight, "
+            f"{self.pending} requests being read, {self.requests} requests in flight of "
+            f"{self.limit.limit} its latency allows); retry later"
+        )
+
     def arrive(self, timeout_s: float) -> Ticket:
         """A ticket for a request that just arrived, or `Refused` when the ranker is full."""
         with self._lock:
-            if (
-                self.samples >= self.max_samples
-                or self.pending >= self.max_pending
-                or self.requests >= self.limit.limit
-            ):
-                self.counts["refused"] += 1
-                raise Refused(
-                    f"the ranker is full ({self.samples} of {self.max_samples} samples in flight, "
-                    f"{self.pending} requests being read, {self.requests} requests in flight of "
-                    f"{self.limit.limit} its latency allows); retry later"
-                )
+            if (refused := self._refusal()) is not None:
+                raise refused
             self.pending += 1
             self.requests += 1
         return Ticket(time.monotonic() + timeout_s, timeout_s)

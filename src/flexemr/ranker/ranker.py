@@ -1,7 +1,8 @@
 """The ranker: validate, route, look up remotely, pool globally, run the dense model.
 
     request -> validate -> route (one searchsorted) -> one subrequest per server, all in flight
-            -> gather: index_add partial sums (or raw rows) into [T*B, D] -> mean? divide
+            -> gather: index_add partial sums (or raw rows) into [T*B, D], each column block's
+               answers into its columns where tables are split by column -> mean? divide
             -> dense forward on the device -> scores
 
 Each subrequest goes to one replica of the rows it needs (`ranker.replicas`); one that fails or
@@ -15,7 +16,9 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -54,6 +57,15 @@ log = logging.getLogger(__name__)
 
 MAX_VERSION_RETRIES = 4
 """Times a request is pooled again after the rows' version moved under it, before it fails."""
+
+
+@functools.cache
+def dense_slots() -> threading.BoundedSemaphore:
+    """The process's dense forwards that may run at once: as many as its cores hold at torch's
+    intra-op thread count (set before the first ranker is built). Overlapping requests would
+    otherwise split each op over more threads than there are cores, and every op waits for its
+    slowest thread."""
+    return threading.BoundedSemaphore(max(1, (os.cpu_count() or 1) // torch.get_num_threads()))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,7 +115,7 @@ class Ranker:
             self._warmer.start()
         self.batcher = (
             DynamicBatcher(self._score_batch_in_turn, config.max_batch, config.batch_window_ms / 1000)
-            if config.batch_window_ms > 0
+            if config.batching or config.batch_window_ms > 0
             else None
         )
 
@@ -162,7 +174,7 @@ class Ranker:
             ticket.check()
         # The dense model runs in torch's kernels (or on the GPU), outside the interpreter lock:
         # other requests take their turn meanwhile.
-        with self.turns.waiting(), torch.inference_mode():
+        with self.turns.waiting(), dense_slots(), torch.inference_mode():
             scores = self.dense(torch.from_numpy(batch.dense).to(self.device), pooled)
             result: np.ndarray = scores.float().cpu().numpy()
         with self._lock:
@@ -214,16 +226,18 @@ class Ranker:
             offsets = torch.from_numpy(batch.offsets)
             plan = cache.plan_batch(torch.from_numpy(keys), offsets, batch.batch_size, queued, pooled)
             remote_keys, remote_lengths = plan.remote(keys, batch.lengths)
-        fetched_keys: list[torch.Tensor] = []
-        fetched_rows: list[torch.Tensor] = []
+        fetched: list[tuple[Subrequest, np.ndarray]] = []
         for sub, values in self._lookup(remote_keys, remote_lengths, raw, deadline, version):
             rows = torch.from_numpy(values).to(self.device)
-            pooled.index_add_(0, torch.from_numpy(sub.row_bags() if raw else sub.bags).to(self.device), rows)
+            bags = torch.from_numpy(sub.row_bags() if raw else sub.bags).to(self.device)
+            # Each column block's sums into its columns (one block of all columns, unless split).
+            for part, first, last in self.router.column_runs(sub, raw):
+                pooled[:, first:last].index_add_(0, bags[part], rows[part, : last - first])
             if raw and cache is not None:
-                fetched_keys.append(torch.from_numpy(sub.keys))
-                fetched_rows.append(rows)
-        if cache is not None:  # raw rows are cached; the lookup is timed for the cost gate
-            cache.finish(plan, fetched_keys, fetched_rows)
+                fetched.append((sub, values))
+        if cache is not None:  # raw rows are cached whole; the lookup is timed for the cost gate
+            whole_keys, whole_rows = self.router.whole_rows(fetched)
+            cache.finish(plan, [torch.from_numpy(whole_keys)], [torch.from_numpy(whole_rows)])
         return self._finish_pooling(pooled, batch)
 
     def _finish_pooling(self, sums: torch.Tensor, batch: SparseBatch) -> torch.Tensor:
@@ -251,6 +265,7 @@ class Ranker:
         deadline = limit if deadline is None else min(limit, deadline)
         timeout = max(deadline - start, 0.0)
         failed: set[int] = set()
+        waited_out: set[concurrent.futures.Future[np.ndarray]] = set()  # had their share of time
         pending = collections.deque(
             self._send(self.router.route(keys, lengths, self._rank(failed)), raw, version)
         )
@@ -260,8 +275,9 @@ class Ranker:
             # With a replica to fall back on, one try may take half of what is left.
             wait = left / 2 if self.router.replicas > 1 else left
             try:
-                with self.turns.waiting():
-                    values = future.result(timeout=wait)
+                if not future.done() and future not in waited_out:
+                    waited_out |= self._await_answers(future, [f for _, f in pending], wait)
+                values = future.result(timeout=0)
             except (ServerUnavailable, SubrequestRefused, concurrent.futures.TimeoutError) as exc:
                 reason = str(exc) or f"no answer within {wait:.3g} s"
                 if self.router.replicas == 1 or time.monotonic() >= deadline:  # nothing to fall back on
@@ -295,6 +311,24 @@ class Ranker:
                 continue
             yield sub, values
 
+    def _await_answers(
+        self,
+        first: concurrent.futures.Future[np.ndarray],
+        others: list[concurrent.futures.Future[np.ndarray]],
+        wait: float,
+    ) -> set[concurrent.futures.Future[np.ndarray]]:
+        """Wait up to `wait` for `first`, waking once when every answer is in rather than once per
+        answer (or earlier when one fails); the turn is given up meanwhile. Returns the futures that
+        were waited on for all of `wait` and are still out: each has had its share of the time."""
+        start = time.monotonic()
+        with self.turns.waiting():
+            concurrent.futures.wait([first, *others], wait, concurrent.futures.FIRST_EXCEPTION)
+            if not first.done():  # another one failed early: `first` still has the rest of its time
+                concurrent.futures.wait([first], max(start + wait - time.monotonic(), 0.0))
+        if time.monotonic() - start < wait:
+            return set()
+        return {f for f in (first, *others) if not f.done()}
+
     def _rank(self, failed: set[int]) -> np.ndarray:
         usable = np.array(self.transport.connected(), dtype=bool)
         usable[list(failed)] = False
@@ -302,9 +336,7 @@ class Ranker:
 
     def _reroute(self, sub: Subrequest, failed: set[int]) -> Iterator[Subrequest]:
         """`sub`'s keys, routed again away from the `failed` servers, with their batch bag ids."""
-        lengths = np.diff(sub.offsets, append=sub.rows.size)
-        for again in self.router.route(sub.keys, lengths, self._rank(failed)):
-            yield dataclasses.replace(again, bags=sub.bags[again.bags])
+        yield from self.router.route_again(sub, self._rank(failed))
 
     def _send(
         self, subs: Iterator[Subrequest], raw: bool, version: int | None
@@ -346,8 +378,11 @@ class Ranker:
             try:
                 with self._reading() as version:
                     lengths = np.ones(keys.size, dtype=np.int64)
-                    for sub, rows in self._lookup(keys, lengths, True, None, version):
-                        self.cache.admit(torch.from_numpy(sub.keys), torch.from_numpy(rows), request.token)
+                    answers = list(self._lookup(keys, lengths, True, None, version))
+                    whole_keys, whole_rows = self.router.whole_rows(answers)  # slices side by side
+                    self.cache.admit(
+                        torch.from_numpy(whole_keys), torch.from_numpy(whole_rows), request.token
+                    )
             except (ServerUnavailable, LookupFailed):
                 continue  # a later round retries; requests report failures (and move the version)
 

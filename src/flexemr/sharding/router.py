@@ -9,10 +9,19 @@ than a binary search (`searchsorted`, kept for plans whose buckets would hold ov
     keys:    |---- table 0 ----|-- table 1 --|------ table 2 ------|
     starts:  ^s0      ^s1      ^s2   ^s3     ^s4        ^s5
     buckets: |  |  |  |  |  |  |  |  |  |  |  |  |  |  |  |  |  |  |
+
+A plan that splits tables by column is routed over column blocks instead of tables: each block
+(a table's rows, some of its columns) is a table of its own in the routing key space, so a key
+of a split table goes, once per block, to a holder of that block; each subrequest says which
+block each of its bags is (`Subrequest.blocks`), and the ranker adds each block's answer into its
+columns (`column_runs`), or puts raw slices side by side into whole rows (`whole_rows`).
+
+    table 0 (dim 8), cols [0, 4) and [4, 8):   key k -> block 0 key k  and  block 1 key k + rows_0
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -49,11 +58,15 @@ class Subrequest:
     bags: np.ndarray
     """int64 [bags]: the batch-wide bag id (table * B + sample) of each bag."""
     key_pieces: tuple[np.ndarray, ...]
-    """The global keys of `rows`, in pieces (joined only when the cache asks for them)."""
+    """The routing keys of `rows`, in pieces (joined only when the cache asks for them)."""
+    blocks: np.ndarray | None = None
+    """int64 [bags]: the column block (`RangeRouter.block_columns`) each bag is for, ascending;
+    None where no table is split by column."""
 
     @cached_property
     def keys(self) -> np.ndarray:
-        """int64 [n]: the global key of each row (what the ranker's cache is keyed by)."""
+        """int64 [n]: the routing key of each row; where no table is split by column, its global
+        key (what the ranker's cache is keyed by; see `RangeRouter.cache_keys`)."""
         return np.concatenate(self.key_pieces)
 
     def row_bags(self) -> np.ndarray:
@@ -73,9 +86,21 @@ class RangeRouter:
         self.plan = plan
         self.replicas = plan.replicas
         self.table_base = np.concatenate([[0], np.cumsum(plan.table_rows)[:-1]]).astype(np.int64)
+        """Where each table's keys start: global key = table_base[table] + row (the cache's keys)."""
+        blocks = plan.column_blocks()
+        self.block_table = np.array([t for t, _, _ in blocks], dtype=np.int64)
+        self.block_columns = np.array([(a, b) for _, a, b in blocks], dtype=np.int64).reshape(-1, 2)
+        """[blocks, 2]: each column block's first column and one past its last."""
+        self.split = len(blocks) > len(plan.table_rows)
+        """Some table is split by column: routing is over column blocks, not tables."""
+        if self.split:
+            plan = _blocks_as_tables(plan)
+        self._routing_base = np.concatenate([[0], np.cumsum(plan.table_rows)[:-1]]).astype(np.int64)
+        self._block_shift = self._routing_base - self.table_base[self.block_table]
+        self._table_key_edges = np.append(self.table_base, sum(self.plan.table_rows))
         total = int(sum(plan.table_rows))
         bounds = {
-            int(self.table_base[s.table]) + edge for s in plan.shards for edge in (s.row_start, s.row_end)
+            int(self._routing_base[s.table]) + edge for s in plan.shards for edge in (s.row_start, s.row_end)
         }
         self._starts = np.array(sorted(bounds - {total}), dtype=np.int64)
         # Per piece, its holders' servers and the shift from a global key to their local rows.
@@ -83,7 +108,7 @@ class RangeRouter:
         self._holder_shift = np.zeros((self._starts.size, plan.replicas), dtype=np.int64)
         filled = np.zeros(self._starts.size, dtype=np.int64)
         for s in plan.shards:
-            base = self.table_base[s.table]
+            base = self._routing_base[s.table]
             pieces = np.arange(*np.searchsorted(self._starts, [base + s.row_start, base + s.row_end]))
             self._holders[pieces, filled[pieces]] = s.server
             self._holder_shift[pieces, filled[pieces]] = s.local_start - s.row_start - base
@@ -94,7 +119,7 @@ class RangeRouter:
             )
         self._bucket_bits, self._bucket_shard, self._starts_in_bucket = self._buckets(total)
         self._next_start = np.append(self._starts[1:], np.iinfo(np.int64).max)
-        self._table_edges = np.append(self.table_base, total)
+        self._table_edges = np.append(self._routing_base, total)
         # A table that is one piece (held whole by each of its holders) needs no per-key work:
         # its keys go to the chosen holder as a slice. Then piece t is table t.
         self._any_split = self._starts.size > len(plan.table_rows)
@@ -107,7 +132,12 @@ class RangeRouter:
     @property
     def identity(self) -> bool:
         """One server holds every row at its global key (a local tier): routing changes nothing."""
-        return self.plan.num_servers == 1 and self.replicas == 1 and not self._holder_shift.any()
+        return (
+            self.plan.num_servers == 1
+            and self.replicas == 1
+            and not self.split
+            and not self._holder_shift.any()
+        )
 
     def coverable(self, usable: np.ndarray) -> bool:
         """Whether every row has a holder among the `usable` servers (bool [servers])."""
@@ -124,14 +154,16 @@ class RangeRouter:
         return server, self._holder_shift[pieces, pick]
 
     def _no_replica(self, piece: int) -> Uncovered:
-        table = int(np.searchsorted(self.table_base, self._starts[piece], side="right") - 1)
-        start = int(self._starts[piece] - self.table_base[table])
-        end = int(min(self._next_start[piece], self._table_edges[table + 1]) - self.table_base[table])
+        block = int(np.searchsorted(self._routing_base, self._starts[piece], side="right") - 1)
+        start = int(self._starts[piece] - self._routing_base[block])
+        end = int(min(self._next_start[piece], self._table_edges[block + 1]) - self._routing_base[block])
+        table, (first, last) = int(self.block_table[block]), self.block_columns[block]
+        columns = f" columns [{first}, {last})" if self.split else ""
         servers = [int(s) for s in self._holders[piece]]
         holders = "embedding server " + ", ".join(map(str, servers))
         return Uncovered(
-            f"no replica of table {table} rows [{start}, {end}) can answer: {holders} (all that hold "
-            "them) down, stalled or failed this request",
+            f"no replica of table {table} rows [{start}, {end}){columns} can answer: {holders} (all that "
+            "hold them) down, stalled or failed this request",
             servers,
         )
 
@@ -171,14 +203,98 @@ class RangeRouter:
     def route(
         self, keys: np.ndarray, lengths: np.ndarray, rank: np.ndarray | None = None
     ) -> Iterator[Subrequest]:
-        """Split a batch of bags, KJT style (`keys` grouped by table in table order, bag b being
-        the next `lengths[b]` keys, no bag spanning two tables), into one subrequest per server
-        that holds any of its rows, its bags (ids b) in batch order. Servers with nothing to do
-        get no subrequest. `rank` (float [servers], lower preferred, inf unusable) picks each
-        piece's replica; without it, the first. Raises `Uncovered` when a piece with keys has no
-        usable holder, before anything is yielded. Where every table is one piece, a table costs
-        O(bags) (its keys go as one slice); once any is split, every key's piece is found at once,
-        a pass over the keys per server instead of numpy calls per (table, server) slice."""
+        """Split a batch of bags, KJT style (global `keys` grouped by table in table order, bag b
+        being the next `lengths[b]` keys, no bag spanning two tables), into one subrequest per
+        server that holds any of its rows, its bags (ids b) in batch order; a bag of a table split
+        by column goes to a holder of each of its column blocks. Servers with nothing to do get no
+        subrequest. `rank` (float [servers], lower preferred, inf unusable) picks each piece's
+        replica; without it, the first. Raises `Uncovered` when a piece with keys has no usable
+        holder, before anything is yielded."""
+        if not self.split:
+            yield from self._route(keys, lengths, rank)
+            return
+        keys, lengths, bag, block = self._by_block(keys, lengths)
+        for sub in self._route(keys, lengths, rank):
+            yield dataclasses.replace(sub, bags=bag[sub.bags], blocks=block[sub.bags])
+
+    def route_again(self, sub: Subrequest, rank: np.ndarray) -> Iterator[Subrequest]:
+        """`sub`'s rows routed again by `rank` (away from a replica that failed), with its bag ids
+        and blocks."""
+        lengths = np.diff(sub.offsets, append=sub.rows.size)
+        for again in self._route(sub.keys, lengths, rank):
+            blocks = None if sub.blocks is None else sub.blocks[again.bags]
+            yield dataclasses.replace(again, bags=sub.bags[again.bags], blocks=blocks)
+
+    def _by_block(
+        self, keys: np.ndarray, lengths: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """A batch's keys as routing keys: each table's keys once per column block of it, blocks
+        in order, with the bags' lengths; and per bag of the result, its bag in the batch and its
+        block. One slice per block."""
+        offsets = np.zeros(lengths.size + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        edges = np.searchsorted(keys, self._table_key_edges)  # each table's keys
+        bag_edges = np.searchsorted(offsets[:-1], edges)  # the bags starting among them
+        key_parts, length_parts, bag_parts, block_parts = [], [], [], []
+        for block, table in enumerate(self.block_table.tolist()):
+            bags = np.arange(bag_edges[table], bag_edges[table + 1])
+            key_parts.append(keys[edges[table] : edges[table + 1]] + self._block_shift[block])
+            length_parts.append(lengths[bags])
+            bag_parts.append(bags)
+            block_parts.append(np.full(bags.size, block, dtype=np.int64))
+        return (
+            np.concatenate(key_parts),
+            np.concatenate(length_parts),
+            np.concatenate(bag_parts),
+            np.concatenate(block_parts),
+        )
+
+    def cache_keys(self, sub: Subrequest) -> np.ndarray:
+        """The global key (the cache's) of each of `sub`'s rows."""
+        if sub.blocks is None:
+            return sub.keys
+        sizes = np.diff(sub.offsets, append=sub.rows.size)
+        keys: np.ndarray = sub.keys - np.repeat(self._block_shift[sub.blocks], sizes)
+        return keys
+
+    def column_runs(self, sub: Subrequest, raw: bool) -> list[tuple[slice, int, int]]:
+        """Where `sub` holds each column block it is for: (its bags, or its rows when `raw`, of the
+        block; the block's first column; one past its last). Bags of a block are consecutive."""
+        if sub.blocks is None:
+            return [(slice(None), 0, self.plan.dim)]
+        starts = np.flatnonzero(np.diff(sub.blocks, prepend=-1))
+        columns = self.block_columns[sub.blocks[starts]].tolist()
+        edges = np.append(starts, sub.blocks.size)
+        if raw:  # bag edges to row edges
+            edges = np.append(sub.offsets, sub.rows.size).astype(np.int64)[edges]
+        return [
+            (slice(int(a), int(b)), first, last)
+            for a, b, (first, last) in zip(edges[:-1], edges[1:], columns, strict=True)
+        ]
+
+    def whole_rows(self, answers: list[tuple[Subrequest, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+        """Raw answers (`values` [rows, width] per subrequest) as global keys [k] and whole rows
+        [k, dim]: a key's column slices side by side (every key must have all its blocks)."""
+        no_keys, no_rows = np.empty(0, np.int64), np.empty((0, self.plan.dim), np.float32)
+        if not self.split:
+            return (
+                np.concatenate([sub.keys for sub, _ in answers] or [no_keys]),
+                np.concatenate([rows for _, rows in answers] or [no_rows]),
+            )
+        cache_keys = [self.cache_keys(sub) for sub, _ in answers]
+        unique = np.unique(np.concatenate(cache_keys or [no_keys]))
+        whole = np.empty((unique.size, self.plan.dim), dtype=np.float32)
+        for (sub, values), keys in zip(answers, cache_keys, strict=True):
+            at = np.searchsorted(unique, keys)
+            for part, first, last in self.column_runs(sub, raw=True):
+                whole[at[part], first:last] = values[part, : last - first]
+        return unique, whole
+
+    def _route(self, keys: np.ndarray, lengths: np.ndarray, rank: np.ndarray | None) -> Iterator[Subrequest]:
+        """`route` over routing keys (global keys, or per column block where tables are split).
+        Where every table (block) is one piece, a table costs O(bags) (its keys go as one slice);
+        once any is split, every key's piece is found at once, a pass over the keys per server
+        instead of numpy calls per (table, server) slice."""
         server, shift = self._choose(rank)
         if self._any_split:
             yield from self._route_keys(keys, lengths, server, shift)
@@ -237,3 +353,15 @@ class RangeRouter:
             np.concatenate(bags),
             tuple(piece[0] for piece in pieces),
         )
+
+
+def _blocks_as_tables(plan: ShardingPlan) -> ShardingPlan:
+    """`plan` with each column block a whole-width table of its own (the routing key space)."""
+    blocks = plan.column_blocks()
+    index = {(t, first): b for b, (t, first, _) in enumerate(blocks)}
+    shards = tuple(
+        dataclasses.replace(s, table=index[s.table, s.col_start], col_start=0, col_end=None)
+        for s in plan.shards
+    )
+    rows = tuple(plan.table_rows[t] for t, _, _ in blocks)
+    return dataclasses.replace(plan, table_rows=rows, shards=shards)

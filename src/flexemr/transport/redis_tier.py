@@ -35,7 +35,8 @@ def redis_keys(server: int, rows: np.ndarray) -> list[bytes]:
 class RedisTransport:
     def __init__(self, url: str, plan: ShardingPlan, threads: int = 4) -> None:
         self.url = url
-        self.dim = plan.dim
+        self.widths = [plan.server_width(s) for s in range(plan.num_servers)]
+        """Columns of each server's rows (its widest shard's; narrower slices zero-filled)."""
         self.num_servers = plan.num_servers
         """The plan's servers, all answered by the one Redis."""
         self._client = redis.Redis.from_url(url)
@@ -51,11 +52,12 @@ class RedisTransport:
                 dtype, width = stored_rows.storage(fmt, plan.dim)
                 stored = np.empty((n, width), dtype=dtype)
                 fill_stored(source, shard.table, shard.row_start + start, stored)
-                rows = stored_rows.decode(
-                    torch.from_numpy(stored), fmt
-                ).numpy()  # fp32 values of the stored rows
+                first, last = shard.columns(plan.dim)
+                rows = np.zeros((n, self.widths[shard.server]), dtype=np.float32)  # the shard's columns
+                decoded = stored_rows.decode(torch.from_numpy(stored), fmt).numpy()
+                rows[:, : last - first] = decoded[:, first:last]
                 local = np.arange(shard.local_start + start, shard.local_start + start + n)
-                values = rows.view(f"V{plan.dim * 4}").ravel().tolist()
+                values = rows.view(f"V{rows.shape[1] * 4}").ravel().tolist()
                 self._client.mset(dict(zip(redis_keys(shard.server, local), values, strict=True)))
 
     def submit(self, server: int, request: LookupRequest) -> Future[np.ndarray]:
@@ -76,8 +78,8 @@ class RedisTransport:
         if any(v is None for v in values):
             raise LookupFailed(f"Redis holds no row for some keys of server {server}")
         self.requests += 1
-        self.bytes_received += len(values) * self.dim * 4
-        return np.frombuffer(b"".join(values), dtype=np.float32).reshape(len(values), self.dim)
+        self.bytes_received += len(values) * self.widths[server] * 4
+        return np.frombuffer(b"".join(values), dtype=np.float32).reshape(len(values), self.widths[server])
 
     def connected(self) -> list[bool]:
         """Per server of the plan, as the interface asks: the one Redis holds every server's rows."""
