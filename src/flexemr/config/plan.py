@@ -42,13 +42,15 @@ class ShardingPlan:
     shards: tuple[Shard, ...]
     strategy: str = "custom"
     replicas: int = 1
-    """Copies of every row, each on a distinct server; the ranker asks one per subrequest."""
+    """The fewest copies of any row, each on a distinct server (availability); hot ranges may have
+    more (`flexemr plan --from-stats`). The ranker asks one copy per subrequest."""
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Every row of every table is on exactly `replicas` servers; local ranges do not overlap."""
+        """Every row of every table is on at least `replicas` distinct servers; local ranges do not
+        overlap."""
         if self.num_servers < 1:
             raise ValueError(f"a plan needs at least one server, got num_servers={self.num_servers}")
         for t, rows in enumerate(self.table_rows):
@@ -56,13 +58,15 @@ class ShardingPlan:
             for start, end in ranges:
                 if not 0 <= start < end <= rows:
                     raise ValueError(f"table {t}: shard rows [{start}, {end}) outside [0, {rows})")
-            # Sweep the range ends: between consecutive boundaries the coverage must be `replicas`.
+            # Sweep the range ends: between consecutive boundaries the coverage must be `replicas`
+            # or more (hot ranges may have more copies).
             events = sorted([(start, 1) for start, _ in ranges] + [(end, -1) for _, end in ranges])
             depth, position = 0, 0
             for row, step in events:
-                if row > position and depth != self.replicas:
+                if row > position and depth < self.replicas:
                     raise ValueError(
-                        f"table {t}: rows [{position}, {row}) are on {depth} server(s), not {self.replicas}"
+                        f"table {t}: rows [{position}, {row}) are on {depth} server(s), fewer than "
+                        f"replicas={self.replicas}"
                     )
                 depth, position = depth + step, row
             if position != rows or not ranges:
@@ -72,9 +76,32 @@ class ShardingPlan:
             for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
                 if start < end:
                     raise ValueError(f"server {server}: shards overlap in its local array")
+            held = sorted((s.table, s.row_start, s.row_end) for s in self.shards if s.server == server)
+            for (t, _, end), (u, start, _) in zip(held, held[1:], strict=False):
+                if t == u and start < end:
+                    raise ValueError(
+                        f"server {server} holds table {t} rows [{start}, {end}) twice: copies of a row "
+                        "must be on distinct servers"
+                    )
         bad = [s for s in self.shards if not 0 <= s.server < self.num_servers]
         if bad:
             raise ValueError(f"shard {bad[0]} names a server outside 0..{self.num_servers - 1}")
+
+    def copies(self, table: int) -> list[tuple[int, int, int]]:
+        """(row_start, row_end, copies) of each run of `table`'s rows held by the same number of
+        servers, in row order (a uniform plan gives one run with `replicas` copies)."""
+        ranges = [(s.row_start, s.row_end) for s in self.shards if s.table == table]
+        events = sorted([(start, 1) for start, _ in ranges] + [(end, -1) for _, end in ranges])
+        runs: list[tuple[int, int, int]] = []
+        depth, position = 0, 0
+        for row, step in events:
+            if row > position:
+                if runs and runs[-1][2] == depth and runs[-1][1] == position:
+                    runs[-1] = (runs[-1][0], row, depth)
+                else:
+                    runs.append((position, row, depth))
+            depth, position = depth + step, row
+        return runs
 
     def shards_of(self, server: int) -> list[Shard]:
         return sorted((s for s in self.shards if s.server == server), key=lambda s: s.local_start)

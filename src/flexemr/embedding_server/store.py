@@ -102,6 +102,7 @@ class ShardStore:
         storage = storage or DramStorage()
         self.server = server
         self.dim = plan.dim
+        self.table_rows = plan.table_rows
         self.num_rows = plan.server_rows(server)
         self.shards = plan.shards_of(server)
         self.segments = segments_of(plan, server, source.spec.formats)
