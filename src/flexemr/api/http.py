@@ -166,7 +166,7 @@ def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
     async def stats() -> dict[str, Any]:
         return door.stats()
 
-    @app.get("/v2/stats/ranges")
+    @app.get("/v2/stats/ranges", response_model=None)
     async def range_stats() -> JSONResponse | dict[str, Any]:
         """Rows looked up per row range, from every embedding server (`flexemr plan --from-stats`)."""
         try:
