@@ -16,13 +16,15 @@ from flexemr.ranker.ranker import Ranker
 
 def gather_range_counts(ranker: Ranker) -> dict[str, Any]:
     """The servers' counts side by side: the model's shape, the grid's rows per range of each table
-    (`range_rows`, the same on every server), the rows each server looked up
-    (`lookups`), the servers that could not be asked (`missing`), and every server's
-    `[table, row_start, row_end, lookups]` parts in `ranges` (replicas' parts of one range add up)."""
+    (`range_rows`, the same on every server), the rows each server counted (`lookups`) and looked
+    up but left uncounted while its counter was behind (`skipped`), the servers that could not be
+    asked (`missing`), and every server's `[table, row_start, row_end, lookups]` parts in `ranges`
+    (replicas' parts of one range add up)."""
     plan, transport = ranker.router.plan, ranker.transport
     if not isinstance(transport, IoEngine):
         raise ValueError("per-range lookup counts come from embedding servers; this ranker has none")
     lookups: list[int | None] = []
+    skipped: list[int | None] = []
     ranges: list[list[int]] = []
     grid: list[int] = []
     for server in range(plan.num_servers):
@@ -30,8 +32,10 @@ def gather_range_counts(ranker: Ranker) -> dict[str, Any]:
             counted = transport.server_credit_stats(server)["ranges"]
         except (ConnectionError, TimeoutError):
             lookups.append(None)
+            skipped.append(None)
             continue
         lookups.append(counted["lookups"])
+        skipped.append(counted["skipped"])
         ranges.extend(counted["ranges"])
         grid = counted["range_rows"]
     return {
@@ -39,6 +43,7 @@ def gather_range_counts(ranker: Ranker) -> dict[str, Any]:
         "dim": plan.dim,
         "range_rows": grid,
         "lookups": lookups,
+        "skipped": skipped,
         "missing": [s for s, n in enumerate(lookups) if n is None],
         "ranges": ranges,
     }
