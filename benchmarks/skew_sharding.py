@@ -175,8 +175,8 @@ def main() -> None:
           f"{'p99 ms':>8} {'max/mean':>8}")  # fmt: skip
     for row in results:
         print(f"{row['ids']:8} {row['alpha']:5.1f} {row['plan']:12} {row['memory_copies']:5.2f} "
-              f"{row['most_copies']:5d} {row['samples_per_s']:10.0f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f} "
-              f"{row['max_over_mean_lookups']:8.3f}")  # fmt: skip
+              f"{row['most_copies']:5d} {row['samples_per_s']:10.0f} {row['p50_ms']:8.1f} "
+              f"{row['p99_ms']:8.1f} {row['max_over_mean_lookups']:8.3f}")  # fmt: skip
     if args.out:
         with open(args.out, "w") as out:
             json.dump({"config": vars(args), "results": results}, out, indent=2)
