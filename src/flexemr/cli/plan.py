@@ -49,8 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     measured = parser.add_argument_group("from measured traffic (instead of a model, --qps and --p99-ms)")
     measured.add_argument(
         "--from-stats",
-        metavar="URL|FILE",
-        help="lookups per row range: a ranker's http://HOST:PORT/v2/stats/ranges or a saved copy; "
+        metavar="SOURCE",
+        help="lookups per row range: a ranker's URL http://HOST:PORT/v2/stats/ranges or a saved copy (FILE); "
         "plans --embedding-servers servers with --availability + 1 copies of every row and more of "
         "the hot ranges, within --memory-budget",
     )
