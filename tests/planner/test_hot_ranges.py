@@ -76,6 +76,8 @@ def test_bad_stats_are_refused_with_the_reason(tmp_path: Path) -> None:
     stats = skewed_stats()
     with pytest.raises(InputError, match="outside the model's tables"):
         RangeTraffic.from_stats({**stats, "ranges": [[0, 49_990, 50_010, 5]]})
+    with pytest.raises(InputError, match="longer than its table's range_rows"):
+        RangeTraffic.from_stats({**stats, "ranges": [[1, 0, 1000, 5]]})
     with pytest.raises(InputError, match="need table_rows, dim, range_rows and ranges"):
         RangeTraffic.from_stats({"dim": 4})
     partial = tmp_path / "partial.json"
@@ -96,3 +98,17 @@ def test_cli_writes_a_plan_file_serve_loads(tmp_path: Path, capsys: pytest.Captu
     # without --from-stats, the provisioning planner still needs its inputs
     assert main(["plan", "--qps", "10"]) == 2
     assert "--preset, --model or --checkpoint and --p99-ms" in capsys.readouterr().err
+
+
+def test_shard_prints_a_plan_file_for_its_model_and_refuses_one_for_another(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stats, out = tmp_path / "stats.json", tmp_path / "plan.json"
+    tiny = {"table_rows": [100, 50, 200, 30], "dim": 8, "range_rows": [1, 1, 1, 1], "missing": []}
+    stats.write_text(json.dumps({**tiny, "ranges": [[0, 7, 8, 900], [2, 5, 6, 100]]}))
+    assert main(["plan", "--from-stats", str(stats), "--embedding-servers", "2", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["shard", "--preset", "tiny", "--plan", str(out)]) == 0
+    assert "hot-range-wise plan: 4 tables over 2 servers" in capsys.readouterr().out
+    assert main(["shard", "--preset", "tiny", "--row-scale", "0.5", "--plan", str(out)]) == 2
+    assert "made for another model" in capsys.readouterr().err

@@ -86,6 +86,11 @@ class RangeTraffic:
             raise InputError(
                 f"range stats: a part outside the model's tables: {parts[np.argmax(bad)].tolist()}"
             )
+        wide = end - start > np.asarray(grid)[table] if parts.size else np.zeros(0, dtype=bool)
+        if wide.any():
+            raise InputError(
+                f"range stats: part {parts[np.argmax(wide)].tolist()} is longer than its table's range_rows"
+            )
         lookups = []
         for t, rows in enumerate(table_rows):
             mine = table == t
