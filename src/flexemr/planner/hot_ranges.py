@@ -176,7 +176,7 @@ def hot_range_plan(
     units = [
         unit
         for t in range(len(traffic.table_rows))
-        for unit in _units(traffic, t, copies[t], cap, num_servers)
+        for unit in _units(traffic, t, copies[t], replicas, cap, num_servers)
     ]
     shards, load, too_hot = _place(traffic, units, num_servers, cap)
     plan = ShardingPlan(
@@ -218,18 +218,19 @@ _Unit = tuple[int, int, int, int, float]
 """(table, row_start, row_end, copies, lookups)."""
 
 
-def _units(traffic: RangeTraffic, t: int, copies: np.ndarray, cap: float, num_servers: int) -> list[_Unit]:
-    """Table `t` as units: each range with more copies than the fewest alone; the runs between them
+def _units(
+    traffic: RangeTraffic, t: int, copies: np.ndarray, replicas: int, cap: float, num_servers: int
+) -> list[_Unit]:
+    """Table `t` as units: each range with more than `replicas` copies alone; the runs between them
     cut where the lookups per copy pass a multiple of `cap` or the rows a multiple of 1/servers of
     the table."""
     grid, rows, counts = traffic.grid_rows[t], traffic.table_rows[t], traffic.lookups[t]
-    base = int(copies.min())
     cells_per_unit = max(1, -(-counts.size // num_servers))
-    per_copy = counts / base
+    per_copy = counts / copies
     before = np.cumsum(per_copy) - per_copy  # lookups per copy before each range in the table
     index = np.arange(counts.size)
-    # A new unit starts at a hot range, right after one, or where a cut falls.
-    hot = copies > base
+    # A new unit starts at a hot range, right after one, or where a cut falls (index 0 always).
+    hot = copies > replicas
     starts = (
         (index == 0)
         | hot
