@@ -17,8 +17,8 @@ from flexemr.sharding.plan import make_plan, with_local_offsets
 def test_counts_are_exact_per_part_and_parts_name_the_rows(
     dtype: type, fallback: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if fallback:  # many tiny shards: parts found by searchsorted
-        monkeypatch.setattr(range_counts, "MAX_BUCKETS", 0)
+    if fallback:  # few parts allowed: buckets longer than the shortest shard, found by searchsorted
+        monkeypatch.setattr(range_counts, "MAX_PARTS", 8)
     table_rows = (5000, 300, 7000)
     # server 0 holds odd-sized pieces (shard starts fall inside buckets) and two copies' worth
     shards = [Shard(0, 0, 1234, 0), Shard(2, 4000, 7000, 0), Shard(1, 0, 300, 0), Shard(0, 1234, 5000, 1)]
@@ -26,6 +26,7 @@ def test_counts_are_exact_per_part_and_parts_name_the_rows(
     plan = ShardingPlan(2, table_rows, 4, with_local_offsets(shards))
     mine = plan.shards_of(0)
     counts = RangeCounts(mine, table_rows, 4)
+    assert (counts._first_part is None) == fallback  # the path under test
     rng = np.random.default_rng(0)
     local = [rng.integers(0, plan.server_rows(0), size=n).astype(dtype) for n in (1, 500, 20_000, 0)]
     for rows in local:
@@ -47,7 +48,7 @@ def test_counts_are_exact_per_part_and_parts_name_the_rows(
             truth[(shard.table, int(row))] = int(n)
     seen = 0
     for table, start, end, n in stats["ranges"]:
-        assert end - start <= range_rows(table_rows[table]) and n > 0
+        assert n > 0 and (fallback or end - start <= range_rows(table_rows[table]))
         assert n == sum(truth.get((table, r), 0) for r in range(start, end)), (table, start, end)
         seen += n
     assert seen == every.size
@@ -62,3 +63,14 @@ def test_a_row_wise_servers_parts_cover_its_shards() -> None:
     held = {(s.table, r) for s in plan.shards_of(1) for r in range(s.row_start, s.row_end)}
     assert sum(end - start for _, start, end, _ in stats["ranges"]) == len(held)
     assert all(n == end - start for _, start, end, n in stats["ranges"])
+
+
+def test_counters_stay_small_for_big_tables_beside_tiny_ones() -> None:
+    """DLRM-v2's shapes: 40M-row tables beside 3-row ones; the counters stay bounded in number."""
+    table_rows = (40_000_000, 3, 39_000_000, 5)
+    plan = make_plan("row", table_rows, 8, 2)
+    counts = RangeCounts(plan.shards_of(0), table_rows, 8)
+    assert counts._counts.size <= range_counts.MAX_PARTS + len(plan.shards_of(0))
+    counts.count(np.array([0, 1, plan.server_rows(0) - 1], dtype=np.int64))
+    assert counts.stats()["lookups"] == 3
+    counts.close()

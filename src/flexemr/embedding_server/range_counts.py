@@ -1,14 +1,16 @@
 """Rows looked up per row range, counted by the embedding server for the planner (`plan --from-stats`).
 
 The server's local rows are cut into parts: buckets of 2^bits local rows, also cut at every shard
-start, so a part lies in one shard and names a range of one table's rows. 2^bits is at most a
-table's grid range (`range_rows`: the planner's unit, 1/`RANGES_PER_TABLE` of a table) and at most
-the smallest shard, so a bucket holds at most one shard start, and a row's part is
+start, so a part lies in one shard and names a range of one table's rows. 2^bits is at most the
+finest grid range the server holds (`range_rows`: the planner's unit, 1/`RANGES_PER_TABLE` of a
+table) unless that would make over `MAX_PARTS` parts (a part may then span several grid ranges of
+a small table; the planner spreads its count over them). When no shard is shorter than a bucket, a
+bucket holds at most one shard start and a row's part is
 
     part = first_part[row >> bits] + (row >= split[row >> bits])
 
-a shift, two gathers and a compare; then one `bincount` per subrequest, added to the totals. (A
-server of many tiny shards, whose buckets would be too many, finds parts with one `searchsorted`.)
+a shift, two gathers and a compare; then one `bincount` per subrequest, added to the totals.
+(Otherwise, with shards shorter than a bucket, one `searchsorted` over the part starts.)
 
 Counting is off the lookup path: a lookup only queues its rows array (the frame's own, never
 reused); a thread of its own counts them. When that thread falls behind by `MAX_QUEUED`
@@ -35,8 +37,8 @@ RANGES_PER_TABLE = 1024
 """Grid ranges per table the planner works with: fine enough to find a hot spot, small enough to
 ship as stats."""
 
-MAX_BUCKETS = 2**20
-"""Beyond this many buckets (8 MiB of tables), parts are found by `searchsorted`."""
+MAX_PARTS = 2**17
+"""Most parts (counters) per server: buckets grow past a grid range rather than exceed it."""
 
 DRAIN_S = 1.0
 """How long `stats` waits for queued rows to be counted."""
@@ -56,25 +58,24 @@ class RangeCounts:
         `table_rows` rows of `dim` columns."""
         self._table_rows, self._dim = table_rows, dim
         shards = sorted(shards, key=lambda s: s.local_start)
-        smallest = min(
-            [s.rows for s in shards] + [range_rows(table_rows[s.table]) for s in shards], default=1
-        )
-        bits = smallest.bit_length() - 1
         local_rows = max((s.local_start + s.rows for s in shards), default=0)
-        edges = {s.local_start for s in shards} | set(range(0, local_rows, 1 << bits))
-        starts = np.array(sorted(edges), dtype=np.int64)
-        # Each part's shard (-1: in a gap between shards, never looked up) and table rows.
+        # Buckets no longer than the finest grid range held, unless that makes too many.
+        bits = max(0, min((range_rows(table_rows[s.table]) for s in shards), default=1).bit_length() - 1)
+        while local_rows >> bits > MAX_PARTS:
+            bits += 1
         shard_starts = np.array([s.local_start for s in shards], dtype=np.int64)
+        starts = np.union1d(shard_starts, np.arange(0, local_rows, 1 << bits, dtype=np.int64))
+        # Each part's shard and rows of its table (table -1: a gap between shards, never looked up).
         owner = np.searchsorted(shard_starts, starts, side="right") - 1
         ends = np.append(starts[1:], local_rows)
-        self._parts: list[tuple[int, int, int]] = []
-        for start, end, i in zip(starts.tolist(), ends.tolist(), owner.tolist(), strict=True):
-            shard = shards[i] if i >= 0 else None
-            if shard is None or start >= shard.local_start + shard.rows:
-                self._parts.append((-1, 0, 0))
-                continue
-            shift = shard.row_start - shard.local_start
-            self._parts.append((shard.table, start + shift, min(end, shard.local_start + shard.rows) + shift))
+        local = np.array([[s.table, s.local_start, s.rows, s.row_start] for s in shards], dtype=np.int64)
+        table, first, rows, row_start = (
+            local[np.maximum(owner, 0)].T if shards else np.zeros((4, 0), np.int64)
+        )
+        inside = (owner >= 0) & (starts < first + rows)
+        self._table = np.where(inside, table, -1)
+        self._row_start = starts - first + row_start
+        self._row_end = np.minimum(ends, first + rows) - first + row_start
         self._counts = np.zeros(starts.size, dtype=np.int64)
         self.skipped = 0
         """Rows looked up but not counted (the counting thread was behind)."""
@@ -82,10 +83,10 @@ class RangeCounts:
         self._lock = threading.Lock()
         self._bits = bits
         self._starts = {np.dtype(t): starts.astype(t) for t in (np.int32, np.int64)}
-        buckets = -(-local_rows >> bits) if local_rows else 0
+        # The fast path needs at most one shard start inside a bucket: shards no shorter than one.
         self._first_part: np.ndarray | None = None
-        if buckets <= MAX_BUCKETS:
-            bucket_starts = np.arange(buckets, dtype=np.int64) << bits
+        if shards and min(s.rows for s in shards) >= 1 << bits:
+            bucket_starts = np.arange(-(-local_rows >> bits), dtype=np.int64) << bits
             self._first_part = np.searchsorted(starts, bucket_starts)
             nxt = np.append(starts, local_rows)[self._first_part + 1]
             split = np.where(nxt < bucket_starts + (1 << bits), nxt, np.iinfo(np.int64).max)
@@ -138,11 +139,14 @@ class RangeCounts:
             time.sleep(0.001)
         with self._lock:
             counts, skipped = self._counts.copy(), self.skipped
+        hit = np.flatnonzero(counts)
         return {
             "table_rows": list(self._table_rows),
             "dim": self._dim,
             "range_rows": [range_rows(rows) for rows in self._table_rows],
             "lookups": int(counts.sum()),
             "skipped": skipped,
-            "ranges": [[*self._parts[p], int(counts[p])] for p in np.flatnonzero(counts).tolist()],
+            "ranges": np.stack(
+                [self._table[hit], self._row_start[hit], self._row_end[hit], counts[hit]], axis=1
+            ).tolist(),
         }

@@ -56,11 +56,11 @@ class RangeTraffic:
     grid_rows: tuple[int, ...]
     """Rows per grid range, per table."""
     lookups: tuple[np.ndarray, ...]
-    """Per table, int64 [ranges]: lookups of each grid range."""
+    """Per table, float64 [ranges]: lookups of each grid range."""
 
     @property
     def total(self) -> int:
-        return int(sum(int(counts.sum()) for counts in self.lookups))
+        return round(sum(float(counts.sum()) for counts in self.lookups))
 
     @classmethod
     def from_stats(cls, stats: dict[str, Any]) -> RangeTraffic:
@@ -86,20 +86,19 @@ class RangeTraffic:
             raise InputError(
                 f"range stats: a part outside the model's tables: {parts[np.argmax(bad)].tolist()}"
             )
-        wide = end - start > np.asarray(grid)[table] if parts.size else np.zeros(0, dtype=bool)
-        if wide.any():
-            raise InputError(
-                f"range stats: part {parts[np.argmax(wide)].tolist()} is longer than its table's range_rows"
-            )
-        lookups = []
-        for t, rows in enumerate(table_rows):
-            mine = table == t
-            lookups.append(
-                np.bincount(
-                    start[mine] // grid[t], weights=count[mine], minlength=-(-rows // grid[t])
-                ).astype(np.int64)
-            )
-        return cls(table_rows, dim, grid, tuple(lookups))
+        # A part spanning several grid ranges (a server's buckets outgrow a small table's grid)
+        # shares its count among them by overlap.
+        g = np.asarray(grid, dtype=np.int64)[table] if parts.size else start
+        spans = (end - 1) // g - start // g + 1
+        part = np.repeat(np.arange(start.size), spans)
+        cell = start[part] // g[part] + np.arange(part.size) - np.repeat(np.cumsum(spans) - spans, spans)
+        overlap = np.minimum(end[part], (cell + 1) * g[part]) - np.maximum(start[part], cell * g[part])
+        share = count[part] * overlap / (end - start)[part]
+        lookups = tuple(
+            np.bincount(cell[table[part] == t], share[table[part] == t], minlength=-(-rows // grid[t]))
+            for t, rows in enumerate(table_rows)
+        )
+        return cls(table_rows, dim, grid, lookups)
 
 
 def load_range_stats(source: str) -> RangeTraffic:
