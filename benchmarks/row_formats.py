@@ -1,14 +1,20 @@
-"""Row formats (fp32, fp16, int8 row-wise): what they cost in accuracy, memory, speed and money.
+"""Row formats (fp32, fp16, int8 and int4 row-wise): what they cost in accuracy, memory, speed and money.
 
 drift    The Criteo Kaggle sample (../shared/data/criteo_kaggle_sample_1000.tsv) scored by the
          monolithic model with each format's stored rows, against fp32: max and mean |score drift|,
-         and the AUC of each against the labels. The weights are the seeded preset weights (no
-         trained Criteo model ships with flexemr), so the AUCs sit near 0.5: the drift is the
-         finding; with a trained checkpoint pass --checkpoint to measure the AUC change that matters.
+         and the AUC and log loss of each against the labels. The weights are the seeded preset
+         weights (no trained Criteo model ships with flexemr), so the AUCs sit near 0.5: the drift is
+         the finding; with a trained checkpoint pass --checkpoint to measure the AUC change that
+         matters. Then the same drift on `--preset` (synthetic batches, no labels).
 serving  One local cluster per format (`--preset`, `--row-scale`, `--embedding-servers`): bytes of
          rows per server, each server's anonymous RSS, and rows/s and samples/s of back-to-back
          batches through the ranker (partial pooling), scores checked against the same-format
          monolithic model on the first batch.
+memory   One embedding server holding all of `--memory-preset` x `--memory-row-scale` (rows big
+         enough that they, not the interpreter, fill the process) per `--memory-formats`: its
+         anonymous RSS, and each format's RSS over int8's.
+pooling  The pooling kernels alone, one thread: rows/s summing bags of `--bag` random rows of a
+         table of `--pool-rows` rows, per format and dim.
 planner  `flexemr plan`'s cheapest cluster for rmc1 and dlrm-v2 with each format (--calibration, or
          the labelled defaults).
 
@@ -27,13 +33,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from flexemr.batch import SparseBatch
 from flexemr.config import Endpoint
 from flexemr.config.model import ROW_FORMATS, ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.local import LocalCluster
 from flexemr.entrypoints.roles import build_ranker, torch_threads
+from flexemr.model import rows as stored_rows
 from flexemr.model.presets import preset
-from flexemr.model.rows import row_bytes
 from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import CheckpointWeights, PresetWeights, WeightSource, build_monolithic
 from flexemr.planner import (
@@ -63,15 +70,15 @@ def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(greater / (pos.size * neg.size))
 
 
-def drift(args: argparse.Namespace) -> list[dict[str, Any]]:
-    base: WeightSource
-    if args.checkpoint:
-        base = CheckpointWeights(args.checkpoint)
-    else:
-        base = PresetWeights(criteo_spec(args.criteo_rows, dim=16), seed=args.seed)
-    replay = CriteoReplay(args.criteo, base.spec)
-    request = replay.all
-    scores = {}
+def logloss(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mean binary cross-entropy of click probabilities `scores` against `labels`."""
+    p = np.clip(scores.astype(np.float64), 1e-7, 1 - 1e-7)
+    return float(-np.mean(labels * np.log(p) + (1 - labels) * np.log(1 - p)))
+
+
+def _scores_per_format(base: WeightSource, request: SparseBatch) -> dict[str, np.ndarray]:
+    """The monolithic model's scores of `request` with `base`'s tables stored in each format."""
+    scores: dict[str, np.ndarray] = {}
     for fmt in ROW_FORMATS:
         base.spec = base.spec.with_overrides(row_formats=(fmt,) * base.spec.num_tables)
         model = build_monolithic(base)
@@ -81,11 +88,32 @@ def drift(args: argparse.Namespace) -> list[dict[str, Any]]:
                 torch.from_numpy(request.indices),
                 torch.from_numpy(request.lengths),
             ).numpy()
+        del model
+    return scores
+
+
+def drift(args: argparse.Namespace) -> list[dict[str, Any]]:
+    base: WeightSource
+    if args.checkpoint:
+        base = CheckpointWeights(args.checkpoint)
+    else:
+        base = PresetWeights(criteo_spec(args.criteo_rows, dim=16), seed=args.seed)
+    replay = CriteoReplay(args.criteo, base.spec)
+    scores = _scores_per_format(base, replay.all)
     rows = []
     for fmt in ROW_FORMATS:
         diff = np.abs(scores[fmt] - scores["fp32"])
-        rows.append({"format": fmt, "max_drift": float(diff.max()), "mean_drift": float(diff.mean()),
-                     "auc": auc(replay.labels, scores[fmt])})  # fmt: skip
+        rows.append({"model": "criteo sample", "format": fmt, "max_drift": float(diff.max()),
+                     "mean_drift": float(diff.mean()), "auc": auc(replay.labels, scores[fmt]),
+                     "logloss": logloss(replay.labels, scores[fmt])})  # fmt: skip
+    spec = model_spec(ModelSource(preset=args.preset, row_scale=args.row_scale))
+    workload = SyntheticWorkload(spec, seed=args.seed)
+    scores = _scores_per_format(PresetWeights(spec, seed=args.seed), workload.generate(args.drift_samples))
+    for fmt in ROW_FORMATS:
+        diff = np.abs(scores[fmt] - scores["fp32"])
+        rows.append({"model": f"{args.preset} x{args.row_scale:g}", "format": fmt,
+                     "max_drift": float(diff.max()), "mean_drift": float(diff.mean()),
+                     "auc": "-", "logloss": "-"})  # fmt: skip
     return rows
 
 
@@ -129,13 +157,64 @@ def serving(args: argparse.Namespace) -> list[dict[str, Any]]:
                 elapsed = time.perf_counter() - start
             finally:
                 ranker.close()
-        stored = row_bytes(fmt, spec.dim)
+        stored = stored_rows.row_bytes(fmt, spec.dim)
         rows.append({
             "format": fmt, "bytes_per_row": stored,
             "row_bytes_per_server": [plan_.server_rows(s) * stored for s in range(len(rss))],
             "rss_anon_per_server": rss, "rows_per_s": looked_up / elapsed,
             "samples_per_s": done * args.batch / elapsed, "max_abs_error": error,
         })  # fmt: skip
+    return rows
+
+
+def memory(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = []
+    for fmt in args.memory_formats.split(","):
+        source = ModelSource(preset=args.memory_preset, row_scale=args.memory_row_scale, seed=args.seed,
+                             row_dtype=fmt)  # fmt: skip
+        spec = model_spec(source)
+        plan_ = make_plan("table", spec.table_rows, spec.dim, 1)
+        with LocalCluster(ClusterSpec(source, plan_, (Endpoint(),))) as local:
+            rss = _rss_anon(local.pids[0])
+        rows.append({"format": fmt, "rows": sum(spec.table_rows), "dim": spec.dim,
+                     "row_bytes": spec.embedding_bytes, "rss_anon": rss})  # fmt: skip
+    int8 = next((r for r in rows if r["format"] == "int8"), None)
+    for row in rows:
+        row["rss_over_int8"] = row["rss_anon"] / int8["rss_anon"] if int8 else "-"
+        row["row_bytes_over_int8"] = row["row_bytes"] / int8["row_bytes"] if int8 else "-"
+    return rows
+
+
+def pooling(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Formats take turns, `--pool-rounds` rounds of `--pool-seconds` each: on a shared machine a
+    burst of other work then falls on every format alike; the median round is reported."""
+    torch_threads(1)
+    rng = np.random.default_rng(args.seed)
+    rows = []
+    for dim in (32, 128):
+        values = (rng.random((args.pool_rows, dim), dtype=np.float32) * 2 - 1) / 100
+        indices = torch.from_numpy(rng.integers(0, args.pool_rows, size=args.pool_bags * args.bag))
+        offsets = torch.arange(0, indices.numel(), args.bag)
+        tables = {}
+        for fmt in ROW_FORMATS:
+            dtype, width = stored_rows.storage(fmt, dim)
+            table = np.empty((args.pool_rows, width), dtype=dtype)
+            stored_rows.encode(values, fmt, table)
+            tables[fmt] = torch.from_numpy(table)
+            stored_rows.pool(tables[fmt], fmt, indices, offsets)  # warm up
+        rates: dict[str, list[float]] = {fmt: [] for fmt in ROW_FORMATS}
+        for _ in range(args.pool_rounds):
+            for fmt in ROW_FORMATS:
+                done, start = 0, time.perf_counter()
+                while time.perf_counter() - start < args.pool_seconds:
+                    stored_rows.pool(tables[fmt], fmt, indices, offsets)
+                    done += 1
+                rates[fmt].append(done * indices.numel() / (time.perf_counter() - start))
+        for fmt in ROW_FORMATS:
+            mib = tables[fmt].numel() * tables[fmt].element_size() / 2**20
+            rate = float(np.median(rates[fmt]))
+            rows.append({"dim": dim, "format": fmt, "table_mib": mib, "rows_per_s": rate,
+                         "min": min(rates[fmt]), "max": max(rates[fmt])})  # fmt: skip
     return rows
 
 
@@ -194,11 +273,27 @@ def main() -> None:
     parser.add_argument("--calibration", help="file from `flexemr calibrate` (default: labelled defaults)")
     parser.add_argument("--qps", type=float, default=1000.0)
     parser.add_argument("--p99-ms", type=float, default=50.0)
+    parser.add_argument(
+        "--drift-samples", type=int, default=4096, help="synthetic samples for the preset's drift"
+    )
+    parser.add_argument("--memory-preset", default="rmc1")
+    parser.add_argument("--memory-row-scale", type=float, default=1.0, help="rmc1 x1: 32 M rows of dim 32")
+    parser.add_argument(
+        "--memory-formats", default="int8,int4", help="comma-separated; fp32 at x1 is 3.8 GiB"
+    )
+    parser.add_argument("--pool-rows", type=int, default=1_000_000, help="rows of the pooling kernels' table")
+    parser.add_argument("--pool-bags", type=int, default=4096)
+    parser.add_argument("--bag", type=int, default=20, help="rows per bag in the pooling kernels")
+    parser.add_argument("--pool-seconds", type=float, default=1.0, help="one round of one format")
+    parser.add_argument("--pool-rounds", type=int, default=9)
+    parser.add_argument("--sections", default="drift,serving,memory,pooling,planner")
     parser.add_argument("--out", type=Path, default=Path("docs/bench-row-formats"))
     args = parser.parse_args()
     if args.quick:
         args.row_scale, args.seconds, args.criteo_rows, args.batch = 0.005, 3.0, 10_000, 64
-    results = {"drift": drift(args), "serving": serving(args), "planner": planner(args)}
+        args.memory_row_scale, args.pool_rows, args.pool_seconds, args.drift_samples = 0.01, 10_000, 0.1, 256
+    sections = {"drift": drift, "serving": serving, "memory": memory, "pooling": pooling, "planner": planner}
+    results = {name: sections[name](args) for name in args.sections.split(",")}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(
         json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **results}, indent=2)

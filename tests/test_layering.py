@@ -38,7 +38,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 ALLOWED: dict[str, set[str]] = {
     "cli": {"bench", "calibrate", "client", "config", "entrypoints", "extras", "memory", "model", "planner",
             "ranker", "sharding", "transport", "updates", "workload"},
-    "bench": {"batch", "client", "config", "entrypoints", "extras", "model", "sharding", "workload"},
+    "bench": {"batch", "client", "config", "entrypoints", "extras", "model", "sharding", "updates",
+              "workload"},
     "calibrate": {"batch", "config", "entrypoints", "model", "planner", "sharding"},
     "entrypoints": {"api", "batch", "client", "config", "embedding_server", "engine", "extras", "memory",
                     "model", "ranker", "sharding", "transport"},

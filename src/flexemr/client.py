@@ -64,25 +64,28 @@ class Client:
         result: dict[str, Any] = response.json()
         return result
 
-    def infer(self, dense: np.ndarray, indices: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Scores float32 [B] for a batch in the KeyedJaggedTensor layout."""
+    def infer(
+        self, dense: np.ndarray, indices: np.ndarray, lengths: np.ndarray, min_row_version: int | None = None
+    ) -> np.ndarray:
+        """Scores float32 [B] for a batch in the KeyedJaggedTensor layout; with `min_row_version`
+        (the `version` a row update answered), scored with rows at that version or later."""
         arrays = [
             ("dense_features", "FP32", np.ascontiguousarray(dense, dtype="<f4")),
             _indices_input(np.asarray(indices)),
             ("sparse_lengths", "INT32", np.ascontiguousarray(lengths, dtype="<i4")),
         ]
         url = f"/v2/models/{self.model}/infer"
+        headers = {} if min_row_version is None else {"Flexemr-Min-Row-Version": str(min_row_version)}
         if self.binary:
             body, header_length = binary_body(arrays)
-            response = self._http.post(
-                url, content=body, headers={"Inference-Header-Content-Length": str(header_length)}
-            )
+            headers["Inference-Header-Content-Length"] = str(header_length)
+            response = self._http.post(url, content=body, headers=headers)
         else:
             inputs = [
                 {"name": n, "datatype": d, "shape": list(a.shape), "data": a.ravel().tolist()}
                 for n, d, a in arrays
             ]
-            response = self._http.post(url, content=orjson.dumps({"inputs": inputs}))
+            response = self._http.post(url, content=orjson.dumps({"inputs": inputs}), headers=headers)
         if response.status_code != 200:
             raise InferenceError(response.status_code, response.json().get("error", response.text))
         split = response.headers.get("inference-header-content-length")

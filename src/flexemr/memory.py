@@ -80,6 +80,6 @@ def check_memory(need: int, what: str, advice: str) -> None:
 
 
 SERVING_ADVICE = (
-    "lower --row-scale, store rows as --row-dtype fp16 or int8, add --embedding-servers on other hosts, "
-    "or keep rows on SSD with --storage mmap --storage-dir DIR"
+    "lower --row-scale, store rows as --row-dtype fp16, int8 or int4, add --embedding-servers on other "
+    "hosts, or keep rows on SSD with --storage mmap --storage-dir DIR"
 )

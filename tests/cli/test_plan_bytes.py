@@ -21,7 +21,9 @@ def printed_mib(text: str) -> list[str]:
     return re.findall(r"server \d+:\s+([\d.]+) MiB", text)
 
 
-@pytest.mark.parametrize("row_dtype", ["fp32", "fp16", "int8", "int8,fp16,fp32,int8,fp16,fp32,int8,fp16"])
+@pytest.mark.parametrize(
+    "row_dtype", ["fp32", "fp16", "int8", "int4", "int8,fp16,fp32,int4,fp16,fp32,int8,int4"]
+)
 @pytest.mark.parametrize("strategy", ["table", "row"])
 def test_each_server_shows_the_bytes_its_store_allocates(row_dtype: str, strategy: str) -> None:
     spec = model_spec(ModelSource(preset="rmc1", row_scale=0.01, row_dtype=row_dtype))

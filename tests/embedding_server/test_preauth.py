@@ -294,7 +294,8 @@ def test_the_two_reported_inputs_get_one_error_and_a_close_logged_at_a_rate(serv
 
 
 @pytest.mark.parametrize(
-    "kind", [MessageType.LOOKUP, MessageType.UPDATE, MessageType.COMMIT, MessageType.CHANGES]
+    "kind",
+    [MessageType.LOOKUP, MessageType.UPDATE, MessageType.COMMIT, MessageType.CHANGES, MessageType.ROWS],
 )
 def test_no_request_is_read_before_the_proof(server: ServerProcess, kind: MessageType) -> None:
     request = declaring(kind, 16) + bytes(16)

@@ -1,5 +1,6 @@
 """Row formats: fp16 and int8 rows served by real servers score exactly as the monolithic model
-holding the same stored rows, and take half and about a quarter of the fp32 memory."""
+holding the same stored rows, and take half and about a quarter of the fp32 memory (int4 rows:
+`test_int4_rows.py`)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ from flexemr.sharding.plan import make_plan
 from tests.core.helpers import random_batch, reference_scores
 
 
-@pytest.mark.parametrize("fmt", ["fp16", "int8"])
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4"])
 def test_kernels_pool_the_decoded_rows(fmt: stored_rows.RowFormat) -> None:
     values = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
     dtype, width = stored_rows.storage(fmt, 8)
@@ -36,7 +37,8 @@ def test_kernels_pool_the_decoded_rows(fmt: stored_rows.RowFormat) -> None:
     stored_rows.encode(values[20:], fmt, halves[20:])
     assert table.tobytes() == halves.tobytes()  # chunking never changes the stored bytes
     decoded = stored_rows.decode(torch.from_numpy(table), fmt)
-    assert 0 < float((decoded - torch.from_numpy(values)).abs().max()) < (0.02 if fmt == "int8" else 0.002)
+    error = float((decoded - torch.from_numpy(values)).abs().max())
+    assert 0 < error < {"fp16": 0.002, "int8": 0.02, "int4": 0.5}[fmt]
     index = torch.tensor([3, 4, 9, 49, 0, 0])
     offsets = torch.tensor([0, 2, 2, 5])
     weights = torch.rand(6)
@@ -116,10 +118,15 @@ def test_fp16_and_int8_servers_use_half_and_a_quarter_of_the_memory(monkeypatch:
 
 def test_store_bytes_per_format() -> None:
     nbytes = {}
-    for fmt in ("fp32", "fp16", "int8"):
+    for fmt in ("fp32", "fp16", "int8", "int4"):
         source = load_weights(ModelSource(preset="tiny", row_dtype=fmt))
         plan = make_plan("table", source.spec.table_rows, source.spec.dim, 1)
         nbytes[fmt] = ShardStore(plan, 0, source, progress=False, storage=DramStorage()).nbytes
         assert nbytes[fmt] == source.spec.embedding_bytes
     rows, dim = sum(source.spec.table_rows), source.spec.dim
-    assert nbytes == {"fp32": rows * dim * 4, "fp16": rows * dim * 2, "int8": rows * (dim + 8)}
+    assert nbytes == {
+        "fp32": rows * dim * 4,
+        "fp16": rows * dim * 2,
+        "int8": rows * (dim + 8),
+        "int4": rows * (dim // 2 + 4),
+    }

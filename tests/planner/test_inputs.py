@@ -36,6 +36,8 @@ def test_model_file_from_preset_and_from_spec(tmp_path: Path) -> None:
     int8 = load_model(ref)
     assert int8.row_bytes == 32 + 8  # values, then a float32 scale and bias per row
     assert int8.embedding_bytes == 2_000_000 * 8 * 40
+    ref.write_text(json.dumps({"preset": "rmc1", "row_scale": 0.5, "row_dtype": "int4"}))
+    assert load_model(ref).row_bytes == 32 // 2 + 4  # two values a byte, then an fp16 scale and bias
 
 
 @pytest.mark.parametrize(

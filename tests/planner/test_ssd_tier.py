@@ -83,7 +83,7 @@ def test_plans_account_memory_per_row_format() -> None:
     catalog, cal = load_catalog().subset(TYPES), default_calibration()
     traffic = Traffic(200, samples_per_query=32)
     costs, held = {}, {}
-    for fmt in ("fp32", "fp16", "int8"):
+    for fmt in ("fp32", "fp16", "int8", "int4"):
         model = model_from_dict({"preset": "rmc1", "row_scale": 0.5, "row_dtype": fmt})
         result = plan(PlanRequest(model, traffic, p99_ms=50), catalog, cal)
         placement = result.chosen.deployment.placement
@@ -92,8 +92,10 @@ def test_plans_account_memory_per_row_format() -> None:
         dim = model.spec.dim
         np.testing.assert_array_equal(per_server, placement.rows_held.sum(axis=1) * row_bytes(fmt, dim))
         assert result.to_dict()["embedding_servers"]["max_row_bytes"] == per_server.max()
+        assert f"server 0: {per_server[0] / 2**20:9.1f} MiB" in result.describe()  # the plan in this format
         held[fmt] = model.embedding_bytes
         costs[fmt] = result.chosen.cost_per_hour
     assert held["fp16"] * 2 == held["fp32"]
     assert held["int8"] * 4 * dim == held["fp32"] * (dim + 8)
-    assert costs["int8"] <= costs["fp16"] <= costs["fp32"]
+    assert held["int4"] * 4 * dim == held["fp32"] * (dim // 2 + 4)  # packed values, fp16 scale and bias
+    assert costs["int4"] <= costs["int8"] <= costs["fp16"] <= costs["fp32"]

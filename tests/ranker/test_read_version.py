@@ -13,7 +13,7 @@ import pytest
 
 from flexemr.protocol.updates import Changes
 from flexemr.ranker import row_versions as versions_module
-from flexemr.ranker.row_versions import NoVersion, RowReadVersion
+from flexemr.ranker.row_versions import BehindVersion, NoVersion, RowReadVersion
 from flexemr.transport.base import ServerUnavailable
 
 
@@ -105,4 +105,18 @@ def test_reachable_servers_all_behind_the_ranker_is_no_internal_error(fakes: lis
     fakes[1].version = 3
     versions.stale(3)  # a round runs and keeps version 5 (before: StopIteration, an HTTP 500)
     assert versions.version == 5 and versions.stats()["sync_rounds_failed"] == 0
+    versions.close()
+
+
+def test_a_request_needing_a_newer_version_syncs_at_once_or_is_refused(fakes: list[FakeLink]) -> None:
+    """Read-your-writes across rankers: a request carrying version 6 (pushed through another
+    ranker) starts a round now rather than at the next poll (an hour away here); a version no
+    server holds is refused (`BehindVersion`, HTTP 503) once its time is up."""
+    versions = RowReadVersion(fakes, None, poll_s=3600)  # type: ignore[arg-type]
+    assert versions.synced.wait(10)
+    fakes[0].version = 6
+    versions.require(6, timeout_s=30)
+    assert versions.version == 6
+    with pytest.raises(BehindVersion, match="reads row version 6, not the 7 the request needs"):
+        versions.require(7, timeout_s=0.3)
     versions.close()

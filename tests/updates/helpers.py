@@ -1,11 +1,11 @@
-"""Factories for update tests: random row updates, and the monolithic model given the same rows."""
+"""Factories for update tests: random row updates, and the monolithic model given the same rows
+(`apply_monolithic`, the checker's)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from flexemr.model import rows as stored_rows
-from flexemr.model.dlrm import DLRM
+from flexemr.bench.update_checker import apply_monolithic as apply_monolithic  # one copy, shared
 from flexemr.model.spec import ModelSpec
 from flexemr.updates import RowUpdates
 
@@ -26,15 +26,3 @@ def rows_of(spec: ModelSpec, indices: np.ndarray, lengths: np.ndarray) -> tuple[
     tables = np.repeat(np.arange(spec.num_tables, dtype=np.int64), per_table)
     pairs = np.unique(np.stack([tables, indices.astype(np.int64)]), axis=1)
     return pairs[0], pairs[1]
-
-
-def apply_monolithic(model: DLRM, updates: RowUpdates) -> None:
-    """Write `updates` into the monolithic model's tables, encoded in each table's row format."""
-    for t, bag in enumerate(model.emb_l):
-        mine = updates.tables == t
-        if not mine.any():
-            continue
-        weight = bag.weight.detach().numpy()
-        encoded = np.empty((int(mine.sum()), weight.shape[1]), dtype=weight.dtype)
-        stored_rows.encode(updates.values[mine], model.spec.formats[t], encoded)
-        weight[updates.rows[mine]] = encoded

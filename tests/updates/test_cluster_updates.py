@@ -1,5 +1,5 @@
 """Row updates on a real cluster (embedding servers as processes on 127.0.0.1, R=2 replicas, int8,
-fp32 and fp16 tables): exact scores after updates, with and without the ranker's cache; every
+fp32, fp16 and int4 tables): exact scores after updates, with and without the ranker's cache; every
 replica updated; one version per request while updates stream; bad updates refused; a restarted
 server back at its version; a repeated (source, sequence) applied once; a half-done commit healed."""
 
@@ -78,7 +78,7 @@ class Live:
 def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     secret = tmp_path_factory.mktemp("secret") / "secret"
     secret.write_text("a secret of the update tests")
-    source = ModelSource(preset="tiny", seed=11, row_dtype="int8,fp32,fp16,int8")
+    source = ModelSource(preset="tiny", seed=11, row_dtype="int8,fp32,fp16,int4")
     model = model_spec(source)
     plan = replicated(make_plan("row", model.table_rows, model.dim, 2), 2)
     spec = ClusterSpec(

@@ -3,6 +3,7 @@ commit, changelog, bounds, duplicates and the update log's replay."""
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from pathlib import Path
@@ -156,14 +157,11 @@ def test_applied_sequences_are_bounded_and_older_ones_refused(tmp_path: Path) ->
     decider.close()
 
 
-def test_a_decided_version_needs_its_token_even_once_forgotten(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_decided_version_needs_its_token_even_once_forgotten(tmp_path: Path) -> None:
     """Issue #27 item 1: a COMMIT of another attempt at a version decided long ago (out of the
     changelog) is STALE, never acknowledged as if it were that version; once even its token is
     forgotten, an ABORT cannot be answered either."""
-    monkeypatch.setattr(versions_module, "MAX_DECIDED_VERSIONS", 2)
-    decider = RowVersions(_store(server=0), tmp_path / "log", max_changelog_keys=2)
+    decider = RowVersions(_store(server=0), tmp_path / "log", max_changelog_keys=2, max_decided_versions=2)
     decider.stage(_staged(1, 7, [0], 1))  # writer A stages version 1, then pauses
     decider.stage(_staged(1, 8, [1], 2))  # writer B takes version 1, then 2 and 3
     _commit(decider, 1, 8, 1)
@@ -374,9 +372,11 @@ def test_the_log_stays_bounded_through_10000_updates_and_replays_from_its_snapsh
     and the live stages; a crash between the snapshot and the fresh log replays correctly."""
     path, limit, remembered = tmp_path / "log", 16 * 2**10, 1000
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # bounds, not durability: this disk is shared
-    monkeypatch.setattr(versions_module, "MAX_DECIDED_VERSIONS", remembered)
     store = _store(server=0, model=FP32)
-    versions = RowVersions(store, path, max_log_bytes=limit, max_sequences=remembered)
+    bounds = functools.partial(
+        RowVersions, max_log_bytes=limit, max_sequences=remembered, max_decided_versions=remembered
+    )
+    versions = bounds(store, path)
     rng = np.random.default_rng(0)
     largest = 0
     for v in range(1, 10_001):
@@ -395,7 +395,7 @@ def test_the_log_stays_bounded_through_10000_updates_and_replays_from_its_snapsh
     versions.close()
 
     again = _store(server=0, model=FP32)
-    replayed = RowVersions(again, path, max_log_bytes=limit, max_sequences=remembered)
+    replayed = bounds(again, path)
     assert replayed.version == 10_000
     np.testing.assert_array_equal(again.raw(np.arange(again.num_rows)), rows)
     assert replayed.stage(_staged(10_001, 6, [3], 3, source="s", sequence=9_990)) == 9_990
@@ -425,7 +425,7 @@ def test_the_log_stays_bounded_through_10000_updates_and_replays_from_its_snapsh
     rows = again.raw(np.arange(again.num_rows))
     replayed.close()
     third = _store(server=0, model=FP32)
-    assert RowVersions(third, path, max_sequences=remembered).version == v
+    assert RowVersions(third, path, max_sequences=remembered, max_decided_versions=remembered).version == v
     np.testing.assert_array_equal(third.raw(np.arange(third.num_rows)), rows)
 
 
@@ -484,14 +484,14 @@ def test_a_server_down_through_compactions_catches_up_or_stays_behind_loudly(
     decided versions server 0 kept. Missed more than those: it refuses the commit (StaleVersion)
     and stays at its version, never guessed forward."""
     monkeypatch.setattr(os, "fsync", lambda fd: None)  # bounds, not durability: this disk is shared
-    monkeypatch.setattr(versions_module, "MAX_DECIDED_VERSIONS", 500)
-    decider = RowVersions(_store(server=0), tmp_path / "log0", max_log_bytes=4 * 2**10)
+    bounds = functools.partial(RowVersions, max_log_bytes=4 * 2**10, max_decided_versions=500)
+    decider = bounds(_store(server=0), tmp_path / "log0")
     for v in range(1, 401):
         decider.stage(_staged(v, 100 + v, [v % 50], v))
         decider.commit(v, 100 + v, np.array([1, 0]))
     assert decider.stats()["compactions"] > 10
     decider.close()
-    decider = RowVersions(_store(server=0), tmp_path / "log0", max_log_bytes=4 * 2**10)  # from its snapshot
+    decider = bounds(_store(server=0), tmp_path / "log0")  # from its snapshot
     rejoining = RowVersions(_store(server=1), tmp_path / "log1")
     changes = decider.changes(0)
     for v, token, written in zip(
@@ -510,3 +510,19 @@ def test_a_server_down_through_compactions_catches_up_or_stays_behind_loudly(
     assert rejoining.version == 400
     decider.close()
     rejoining.close()
+
+
+def test_a_snapshot_belongs_to_its_shards(tmp_path: Path) -> None:
+    """Issue #27 item 3: a snapshot left by other shards (a re-planned cluster reusing log_dir,
+    its log deleted) is refused, never restored into these shards' rows."""
+    versions = RowVersions(_store(), tmp_path / "log", max_log_bytes=1, fingerprint="old plan")
+    versions.stage(_staged(1, 1, [3], 1))
+    _commit(versions, 1, 1, 1)
+    versions.close()
+    assert (tmp_path / "log.snapshot").exists()
+    (tmp_path / "log").unlink()
+    with pytest.raises(CorruptLog, match="snapshot"):
+        RowVersions(_store(), tmp_path / "log", fingerprint="new plan")
+    again = RowVersions(_store(), tmp_path / "log", fingerprint="old plan")
+    assert again.version == 1
+    again.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,11 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from flexemr.api.kserve import InferRequest
+from flexemr.api.kserve import InferRequest, parse_decimal
 from flexemr.batch import InvalidRequest
 from flexemr.config import RankerConfig
 from flexemr.ranker.admission import Admission, Dropped, Refused, Ticket
 from flexemr.ranker.model_versions import ModelVersionConflict, ModelVersions, UnknownModelVersion
+from flexemr.ranker.ranker import Ranker
+from flexemr.ranker.row_versions import WAIT_S
 from flexemr.ranker.turns import PROCESS_TURNS
 from flexemr.transport.base import LookupFailed, ServerUnavailable
 
@@ -98,6 +101,29 @@ class Scored:
     """The model version that scored them."""
 
 
+MIN_ROW_VERSION = "flexemr-min-row-version"
+"""HTTP header and gRPC metadata key: score with rows at this row version or later (the `version`
+a row update answered); the ranker syncs first, within the request's deadline (10 s at most),
+else 503 / UNAVAILABLE."""
+
+
+def min_row_version_of(text: str | None) -> int | None:
+    """The row version a request needs at least (its Flexemr-Min-Row-Version), or None."""
+    return None if text is None else parse_decimal(text, "header Flexemr-Min-Row-Version")
+
+
+def _await_rows(ranker: Ranker, min_row_version: int, ticket: Ticket) -> None:
+    """Wait (outside any turn, within the request's deadline) until `ranker` reads row version
+    `min_row_version` or later (`BehindVersion`, a 503, if it does not): read-your-writes for a
+    client that carries the version a push answered, through whichever ranker of the cluster."""
+    if ranker.row_version is None:
+        raise InvalidRequest(
+            "header Flexemr-Min-Row-Version: this model's rows take no updates (they have no versions)"
+        )
+    remaining = max(0.0, ticket.deadline - time.monotonic())
+    ranker.row_version.require(min_row_version, min(remaining, WAIT_S))
+
+
 class FrontDoor:
     def __init__(self, models: ModelVersions, config: RankerConfig) -> None:
         self.models = models
@@ -126,17 +152,27 @@ class FrontDoor:
         finally:
             self.admission.release(ticket)
 
-    def score(self, ticket: Ticket, version: str, decode: Callable[[], InferRequest]) -> Scored:
+    def score(
+        self,
+        ticket: Ticket,
+        version: str,
+        decode: Callable[[], InferRequest],
+        min_row_version: int | None = None,
+    ) -> Scored:
         """Decode and score one request in one turn, on `version` ("": the serving one), which it
-        holds until it is answered. Call it in a worker thread: it computes."""
-        with self.models.use(version) as chosen, self.turns.turn():
-            ticket.check()  # the turn may have come late
-            self.admission.started(ticket)
-            request = decode()
-            dense = request.tensors["dense_features"]
-            self.admission.admit(ticket, dense.shape[0])
-            indices, lengths = request.tensors["sparse_indices"], request.tensors["sparse_lengths"]
-            return Scored(request, chosen.ranker.score(dense, indices, lengths, ticket), chosen.name)
+        holds until it is answered, with rows at `min_row_version` or later (None: the ranker's
+        current ones). Call it in a worker thread: it computes."""
+        with self.models.use(version) as chosen:
+            if min_row_version is not None:
+                _await_rows(chosen.ranker, min_row_version, ticket)
+            with self.turns.turn():
+                ticket.check()  # the turn may have come late
+                self.admission.started(ticket)
+                request = decode()
+                dense = request.tensors["dense_features"]
+                self.admission.admit(ticket, dense.shape[0])
+                indices, lengths = request.tensors["sparse_indices"], request.tensors["sparse_lengths"]
+                return Scored(request, chosen.ranker.score(dense, indices, lengths, ticket), chosen.name)
 
     def failure(self, exc: BaseException) -> Failure:
         """The kind and message of a failed request; what broke inside is logged."""

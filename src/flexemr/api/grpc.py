@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 
 import numpy as np
 
-from flexemr.api.front_door import ErrorKind, FrontDoor
+from flexemr.api.front_door import MIN_ROW_VERSION, ErrorKind, FrontDoor, min_row_version_of
 from flexemr.api.kserve import (
     OUTPUT,
     InferRequest,
@@ -163,7 +163,10 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: 
             self.door.check_model(request.model_name, request.model_version)
             with self.door.request(None if remaining is None else min(remaining, 3600.0)) as ticket:
                 context.add_callback(ticket.client_gone)  # runs when the RPC ends: cancelled, or answered
-                scored = self.door.score(ticket, request.model_version, lambda: self._decode(request))
+                needs = dict(context.invocation_metadata()).get(MIN_ROW_VERSION)
+                scored = self.door.score(
+                    ticket, request.model_version, lambda: self._decode(request), min_row_version_of(needs)
+                )
         except Exception as exc:  # every failure gets its code; internal ones are logged
             self._fail(exc, context)
         output = service_pb2.ModelInferResponse.InferOutputTensor(

@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from flexemr.api.admin import admin_routes
 from flexemr.api.bodies import BodyTooLarge, read_body
-from flexemr.api.front_door import ErrorKind, FrontDoor, Rejected
+from flexemr.api.front_door import MIN_ROW_VERSION, ErrorKind, FrontDoor, Rejected, min_row_version_of
 from flexemr.api.kserve import (
     HEADER_LENGTH,
     encode_infer_response,
@@ -198,6 +198,7 @@ def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
             ):
                 raise Rejected(ErrorKind.TOO_LARGE, json_error)
             timeout_s = request_timeout(request.headers.get(TIMEOUT_HEADER), config.deadline_s)
+            min_row_version = min_row_version_of(request.headers.get(MIN_ROW_VERSION))
             with door.request(timeout_s) as ticket:
                 try:
                     body = await read_body(request, limit if header_length is not None else json_limit)
@@ -212,7 +213,7 @@ def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
                 with metrics.latency.time():
                     loop = asyncio.get_running_loop()
                     response = await loop.run_in_executor(
-                        workers, score, ticket, version, body, header_length
+                        workers, score, ticket, version, body, header_length, min_row_version
                     )
         except Exception as exc:  # every failure gets its status; internal ones are logged
             return failure(exc)
@@ -222,9 +223,13 @@ def create_app(door: FrontDoor, workers: Executor) -> ASGIApp:
         metrics.requests.labels("200").inc()
         return response
 
-    def score(ticket: Ticket, version: str, body: bytearray, header_length: str | None) -> Response:
+    def score(
+        ticket: Ticket, version: str, body: bytearray, header_length: str | None, min_row_version: int | None
+    ) -> Response:
         # Binary tensors are views of `body`: it lives (unresized) until they are scored.
-        scored = door.score(ticket, version, lambda: parse_infer_request(body, header_length, inputs))
+        scored = door.score(
+            ticket, version, lambda: parse_infer_request(body, header_length, inputs), min_row_version
+        )
         metrics.batch_size.observe(scored.scores.shape[0])
         content, headers = encode_infer_response(
             model_name,

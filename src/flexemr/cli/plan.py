@@ -8,7 +8,7 @@ import argparse
 import sys
 
 from flexemr.cli.options import add_zipf_skew_argument
-from flexemr.config.model import ModelSource
+from flexemr.config.model import ROW_FORMATS, ModelSource
 from flexemr.model.presets import PRESET_NAMES
 from flexemr.planner.inputs import Traffic
 
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--row-dtype",
-        choices=("fp32", "fp16", "int8"),
+        choices=ROW_FORMATS,
         help="how rows are stored (default fp32, or the checkpoint's)",
     )
     parser.add_argument("--qps", type=float, help="peak queries per second (or give --traffic)")

@@ -415,21 +415,42 @@ class UpdatesConfig:
     """Folder of the embedding servers' update logs (`server-N.updates`), replayed at start so a
     restarted server comes back at its version; None: servers refuse updates (a local cluster
     gives its servers one of its own)."""
-    max_staged_bytes: int = 256 * 2**20
+    max_staged_bytes: int = field(
+        default=256 * 2**20,
+        metadata=flag("--max-staged-bytes", "update bytes a server holds staged, not yet committed", "bytes"),
+    )
     """Update bytes a server holds staged (not yet committed); beyond, updates are refused."""
-    max_changelog_keys: int = 1 << 20
+    max_changelog_keys: int = field(
+        default=1 << 20,
+        metadata=flag("--max-changelog-keys", "changed row keys a server remembers for caches"),
+    )
     """Changed row keys a server remembers for rankers' caches; older versions are dropped (a
     ranker that falls further behind clears its cache)."""
     max_history_bytes: int = 64 * 2**20
     """Bytes of overwritten rows a server keeps so lookups at recent versions are still answered
     while commits go on (a ranker reads at its version until it next syncs); 0: only the newest
     version is answered, and every commit turns the lookups in flight STALE."""
+    max_log_bytes: int = 256 * 2**20
+    """Bytes a server's update log grows to before it is compacted: the server writes a snapshot
+    of its state (`server-N.updates.snapshot`) and starts the log afresh."""
+    max_decided_versions: int = 1 << 18
+    """Versions whose token and write set a server remembers (8 + 8 x servers bytes each): a
+    server down through at most this many catches up from them; one further behind resyncs its
+    rows from a replica."""
+    max_applied_sequences: int = 1 << 20
+    """(source, sequence) pairs embedding server 0 remembers having applied; an older sequence of
+    a source is refused rather than applied a second time."""
 
     def __post_init__(self) -> None:
         if self.max_history_bytes < 0:
             raise ValueError(f"max_history_bytes must be >= 0, got {self.max_history_bytes}")
-        if self.max_staged_bytes < 1 or self.max_changelog_keys < 1:
-            raise ValueError(
-                f"max_staged_bytes and max_changelog_keys must be positive, got {self.max_staged_bytes}, "
-                f"{self.max_changelog_keys}"
-            )
+        positive = {
+            "max_staged_bytes": self.max_staged_bytes,
+            "max_changelog_keys": self.max_changelog_keys,
+            "max_log_bytes": self.max_log_bytes,
+            "max_decided_versions": self.max_decided_versions,
+            "max_applied_sequences": self.max_applied_sequences,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be positive, got {value}")

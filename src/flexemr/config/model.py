@@ -11,8 +11,8 @@ from flexemr.config import flag
 
 Interaction = Literal["dot", "cat"]
 Pooling = Literal["sum", "mean"]
-RowFormat = Literal["fp32", "fp16", "int8"]
-ROW_FORMATS: tuple[RowFormat, ...] = ("fp32", "fp16", "int8")
+RowFormat = Literal["fp32", "fp16", "int8", "int4"]
+ROW_FORMATS: tuple[RowFormat, ...] = ("fp32", "fp16", "int8", "int4")
 
 
 def check_format(name: str) -> RowFormat:
@@ -48,7 +48,7 @@ class ModelSource:
         default=None,
         metadata=flag(
             "--row-dtype",
-            "how rows are stored: fp32, fp16 or int8 (row-wise quantised), or one per table "
+            "how rows are stored: fp32, fp16, int8 or int4 (row-wise quantised), or one per table "
             "comma-separated (default fp32; a checkpoint's fp16 tables stay fp16)",
         ),
     )

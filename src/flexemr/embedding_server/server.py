@@ -400,6 +400,9 @@ class EmbeddingServer:
             if frame.type == MessageType.CHANGES:
                 (since,) = int64s(frame, 1, "a CHANGES request")
                 return versions.changes(since).frame(rid)
+            if frame.type == MessageType.ROWS:
+                version, start, stop = int64s(frame, 3, "a ROWS request")
+                return versions.rows_at(version, start, stop).frame(rid)
         except StaleVersion as exc:
             return encode(MessageType.STALE, rid, [version_buffer(exc.version)])
         except (BadSubrequest, BadUpdate) as exc:
@@ -408,14 +411,14 @@ class EmbeddingServer:
 
     def _lookup(self, frame: Frame) -> np.ndarray:
         """Pooled or raw rows, at the version the lookup names (flag VERSIONED) or, without one, at
-        whatever version is committed; never during a commit."""
+        whatever version is committed; never during a commit, nor a resync (STALE)."""
         read = None
         if frame.flags & Flags.VERSIONED:
             if not frame.buffers or frame.buffers[-1].dtype != np.int64 or frame.buffers[-1].shape != (1,):
                 raise BadSubrequest("a versioned lookup ends with int64 [version]")
             read = int(frame.buffers.pop()[0])
         with self.versions.lock.shared():
-            return self._rows(frame, None if read is None else self.versions.image_at(read))
+            return self._rows(frame, self.versions.image_at(read))
 
     def _rows(self, frame: Frame, image: RowImage | None) -> np.ndarray:
         weighted = bool(frame.flags & Flags.WEIGHTED)

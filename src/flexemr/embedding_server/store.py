@@ -192,6 +192,14 @@ class ShardStore:
             raise BadSubrequest(f"values of shape {values.shape} for {rows.size} rows of dim {self.dim}")
         if not np.isfinite(values).all():
             raise BadSubrequest("values must be finite (no NaN or infinity)")
+        segment = np.zeros(rows.size, dtype=np.int64) if len(self.segments) == 1 else self._locate(rows)[0]
+        for s, seg in enumerate(self.segments):
+            mine = np.flatnonzero(segment == s)
+            bad = mine[stored_rows.overflowing(values[mine], seg.fmt)]
+            if bad.size:
+                raise BadSubrequest(
+                    f"row {rows[bad[0]]} cannot be stored as {seg.fmt}: {stored_rows.OVERFLOW_HINT}"
+                )
 
     def image(self, rows: np.ndarray) -> RowImage:
         """The stored bytes of server-local `rows` now (what writing them overwrites)."""

@@ -7,6 +7,7 @@
     ABORT  (v, token)           -> staged[(v, token)] dropped (answered: committed or not)
     LOOKUP at version r         -> under the shared lock: answered at r if readable_from <= r <=
                                    version (rows written after r read from the history), else STALE
+    ROWS (v, start, stop)       -> (a replica) those rows' stored bytes at v, for a server resyncing
 
 Embedding server 0 decides every version (`protocol.updates`): every attempt stages there first
 (with or without rows), it commits only an attempt it holds a stage of, and it keeps the (source,
@@ -39,6 +40,11 @@ record anywhere else stops the server: dropping it would drop acknowledged commi
 failed append is cut off again before the update is refused. Without a log a server refuses
 updates: it could not come back at its version.
 
+A server that cannot prove it holds a version (`Unproven`: a lost log) or whose missed versions
+server 0 forgot resyncs (`embedding_server.resync`): `begin_resync` turns every lookup and commit
+STALE, `copy_in` writes a replica's rows, `finish_resync` claims the replica's version (its decided
+record from server 0), snapshots the state and answers again. Stages go on meanwhile.
+
 Compaction keeps the log bounded: once it passes max_log_bytes, a commit writes a snapshot (the
 version, the stored bytes of every row written since the checkpoint, the remembered tokens and
 (source, sequence) pairs, the live stages) beside it, atomically (written, fsync'ed, renamed),
@@ -70,6 +76,7 @@ from flexemr.protocol.frames import ConnectionClosed, Frame, MessageType, Protoc
 from flexemr.protocol.updates import (
     BadUpdate,
     Changes,
+    RowsCopy,
     StagedRows,
     commit_buffer,
     parse_commit,
@@ -92,12 +99,10 @@ staged on it more than half of it ago (an attempt takes seconds), so no server d
 whose version may still be decided."""
 STAGE_RECORD_BYTES = 1024
 """What one stage counts against max_staged_bytes beyond its values (its rows, source, keys)."""
-MAX_DECIDED_VERSIONS = 1 << 18
-"""Versions whose token and write set a server remembers (8 + 8 x servers bytes each), however
-many keys they changed: a server behind by up to this many catches up from it; a COMMIT or
-ABORT naming an older version is refused, since whether it won cannot be told."""
 MAX_CHANGES_VERSIONS = 1 << 16
 """Versions one CHANGES answer lists at most (a server further behind catches up in steps)."""
+COPY_BYTES = 4 * 2**20
+"""Stored bytes one ROWS answer carries at most (a resync copies a shard in ranges of this)."""
 LOG_MAGIC = b"flexemr update log 2\n"
 CRC = struct.Struct("<I")
 
@@ -108,6 +113,11 @@ class StaleVersion(Exception):
     def __init__(self, version: int) -> None:
         super().__init__(f"the server is at version {version}")
         self.version = version
+
+
+class Unproven(BadUpdate):
+    """A COMMIT names rows this server has not staged (a lost stage or log): it cannot prove it
+    holds that version, and resyncs from a replica (`embedding_server.resync`)."""
 
 
 class CorruptLog(RuntimeError):
@@ -134,7 +144,11 @@ class RowVersions:
         fingerprint: str = "",
         max_log_bytes: int = 256 * 2**20,
         stage_ttl_s: float = STAGE_TTL_S,
+        max_decided_versions: int = 1 << 18,
     ) -> None:
+        """`max_decided_versions`: versions whose token and write set this server remembers (a
+        server behind by up to this many catches up from them; a COMMIT or ABORT naming an older
+        version is refused, since whether it won cannot be told)."""
         self.store = store
         self.version = 0
         """The committed version (0: the rows as loaded)."""
@@ -158,6 +172,7 @@ class RowVersions:
         """Per source, the highest sequence dropped from `_applied` (older ones cannot be told)."""
         self._decided: deque[Decided] = deque()
         """The last versions committed here, the newest (`version`) last."""
+        self._max_decided_versions = max_decided_versions
         self._changelog: deque[tuple[int, np.ndarray]] = deque()
         """(version, the global cache keys it changed here) of the versions after `_floor`."""
         self._changelog_keys = 0
@@ -178,6 +193,9 @@ class RowVersions:
         self._max_log_bytes = max_log_bytes
         self._header = LOG_MAGIC + fingerprint.encode() + b"\n"
         self.rows_applied = self.versions_applied = self.duplicates = self.aborted = self.compactions = 0
+        self.resyncs = 0
+        self.resyncing = False
+        """Rows are being copied in from a replica: every lookup and commit is answered STALE."""
         self._log: int | None = None
         self._log_failed: str | None = None
         self.log_path = log_path
@@ -280,62 +298,66 @@ class RowVersions:
             raise BadUpdate(f"update log {self.log_path}: {exc}; nothing applied") from None
 
     def _compact_if_long(self) -> None:
-        """After a commit or an abort (the state in memory is what the log says)."""
-        if self._log is not None and os.fstat(self._log).st_size > self._max_log_bytes:
-            self._compact()
+        """After a commit or an abort (the state in memory is what the log says; not during a
+        resync, whose half-copied rows no snapshot may keep)."""
+        if self._log is not None and not self.resyncing and os.fstat(self._log).st_size > self._max_log_bytes:
+            try:
+                self._compact()
+            except OSError as exc:
+                log.warning("update log %s: compaction failed (the log goes on): %s", self.log_path, exc)
 
     def _compact(self) -> None:
-        """Snapshot this server's state, then start the log afresh (both atomically). A failure
-        leaves the old log in place (still correct, only longer), and is logged."""
+        """Snapshot this server's state, then start the log afresh (both atomically). OSError
+        leaves the old log in place (still correct, only longer)."""
         assert self.log_path is not None and self._log is not None
-        try:
-            image = self.store.image(np.flatnonzero(self._written))
-            applied = list(self._applied.items())
-            index = {source: i for i, source in enumerate(dict.fromkeys(s for (s, _), _ in applied))}
-            sources = list(index)
-            stages = list(self._staged.values())
-            arrays = {
-                "version": np.array([self.version], dtype=np.int64),
-                "written": np.flatnonzero(self._written),
-                "tokens": np.array([d.token for d in self._decided], dtype=np.int64),
-                "decided": np.array([d.written for d in self._decided], dtype=np.int64).reshape(
-                    len(self._decided), -1
-                ),
-                "sources": np.array(sources, dtype=str),  # each source once: pairs name its index
-                "applied": np.array(
-                    [[index[s], q, v] for (s, q), v in applied],
-                    dtype=np.int64,
-                ).reshape(-1, 3),
-                "forgotten_sources": np.array(list(self._forgotten), dtype=str),
-                "forgotten": np.array(list(self._forgotten.values()), dtype=np.int64),
-                "stage_heads": np.array(
-                    [
-                        [b.version, b.token, -1 if b.sequence is None else b.sequence, b.rows.size]
-                        for b in stages
-                    ],
-                    dtype=np.int64,
-                ).reshape(-1, 4),
-                "stage_sources": np.array([b.source for b in stages], dtype=str),
-                "stage_rows": np.concatenate([b.rows for b in stages] + [np.empty(0, np.int64)]),
-                "stage_values": np.concatenate(
-                    [b.values for b in stages] + [np.empty((0, self.store.dim), np.float32)]
-                ),
-                **{f"rows{s}": rows for s, (rows, _) in enumerate(image.parts)},
-                **{f"stored{s}": stored for s, (_, stored) in enumerate(image.parts)},
-            }
-            buffer = io.BytesIO()
-            np.savez(buffer, **arrays)  # type: ignore[arg-type]  # (numpy types **kwds as its allow_pickle)
-            _write_atomically(self._snapshot_path, buffer.getvalue())
-            _write_atomically(self.log_path, self._header)
-            os.close(self._log)
-            self._log = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
-            self.compactions += 1
-        except OSError as exc:
-            log.warning("update log %s: compaction failed (the log goes on): %s", self.log_path, exc)
+        image = self.store.image(np.flatnonzero(self._written))
+        applied = list(self._applied.items())
+        index = {source: i for i, source in enumerate(dict.fromkeys(s for (s, _), _ in applied))}
+        sources = list(index)
+        stages = list(self._staged.values())
+        arrays = {
+            "header": np.frombuffer(self._header, dtype=np.uint8),  # the shards it belongs to
+            "version": np.array([self.version], dtype=np.int64),
+            "written": np.flatnonzero(self._written),
+            "tokens": np.array([d.token for d in self._decided], dtype=np.int64),
+            "decided": np.array([d.written for d in self._decided], dtype=np.int64).reshape(
+                len(self._decided), -1
+            ),
+            "sources": np.array(sources, dtype=str),  # each source once: pairs name its index
+            "applied": np.array(
+                [[index[s], q, v] for (s, q), v in applied],
+                dtype=np.int64,
+            ).reshape(-1, 3),
+            "forgotten_sources": np.array(list(self._forgotten), dtype=str),
+            "forgotten": np.array(list(self._forgotten.values()), dtype=np.int64),
+            "stage_heads": np.array(
+                [[b.version, b.token, -1 if b.sequence is None else b.sequence, b.rows.size] for b in stages],
+                dtype=np.int64,
+            ).reshape(-1, 4),
+            "stage_sources": np.array([b.source for b in stages], dtype=str),
+            "stage_rows": np.concatenate([b.rows for b in stages] + [np.empty(0, np.int64)]),
+            "stage_values": np.concatenate(
+                [b.values for b in stages] + [np.empty((0, self.store.dim), np.float32)]
+            ),
+            **{f"rows{s}": rows for s, (rows, _) in enumerate(image.parts)},
+            **{f"stored{s}": stored for s, (_, stored) in enumerate(image.parts)},
+        }
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)  # type: ignore[arg-type]  # (numpy types **kwds as its allow_pickle)
+        _write_atomically(self._snapshot_path, buffer.getvalue())
+        _write_atomically(self.log_path, self._header)
+        os.close(self._log)
+        self._log = os.open(self.log_path, os.O_WRONLY | os.O_APPEND)
+        self.compactions += 1
 
     def _restore(self, path: Path) -> None:
-        """Load a snapshot `_compact` wrote."""
+        """Load a snapshot `_compact` wrote (for these shards: a log's header may be gone)."""
         with np.load(path, allow_pickle=False) as data:
+            if "header" not in data.files or data["header"].tobytes() != self._header:
+                raise CorruptLog(
+                    f"update log snapshot {path} was not written by this version of flexemr for these "
+                    f"shards (server {self.store.server}): move it away to start from the checkpoint"
+                )
             self.version = int(data["version"][0])
             self._written[data["written"]] = True
             self._decided.extend(
@@ -440,6 +462,8 @@ class RowVersions:
         with another token, or when this server is behind it, and BadUpdate when this server has
         not staged exactly the rows `written` gives it (server 0: no stage, e.g. aborted)."""
         with self._mutex:
+            if self.resyncing:  # its rows are being copied in: it claims no version
+                raise StaleVersion(self.version)
             if version <= self.version:
                 if self._token_of(version) != token:
                     raise StaleVersion(self.version)
@@ -460,10 +484,10 @@ class RowVersions:
                     return applied
             have = 0 if staged is None else staged.rows.size
             if written.size <= self.store.server or int(written[self.store.server]) != have:
-                raise BadUpdate(
+                raise Unproven(
                     f"embedding server {self.store.server} holds {have} staged rows of version "
                     f"{version}, not the {written.tolist()} its commit names: it cannot prove it holds "
-                    "that version (a lost stage or log); restore it from a replica"
+                    "that version (a lost stage or log); it resyncs from a replica"
                 )
             self._append(encode(MessageType.COMMIT, 0, [commit_buffer(version, token, written)]))
             self._commit(version, token, written)
@@ -486,7 +510,7 @@ class RowVersions:
                 (source, sequence), _ = self._applied.popitem(last=False)
                 self._forgotten[source] = max(sequence, self._forgotten.get(source, -1))
         self._decided.append(Decided(token, written.copy()))
-        if len(self._decided) > MAX_DECIDED_VERSIONS:
+        if len(self._decided) > self._max_decided_versions:
             self._decided.popleft()
         keys = self.store.keys(rows)
         self._changelog.append((version, keys))
@@ -533,11 +557,13 @@ class RowVersions:
         self._images.clear()
         self._images_bytes = 0
 
-    def image_at(self, read: int) -> RowImage | None:
-        """What a lookup at version `read` reads in place of the rows written since (None: nothing
-        was); StaleVersion when this server is behind `read` or no longer remembers what it needs.
-        Under the shared lock."""
-        if read == self.version:
+    def image_at(self, read: int | None) -> RowImage | None:
+        """What a lookup at version `read` (None: the committed one) reads in place of the rows
+        written since (None: nothing was); StaleVersion when this server is behind `read`, no
+        longer remembers what it needs, or is resyncing. Under the shared lock."""
+        if self.resyncing:
+            raise StaleVersion(self.version)
+        if read is None or read == self.version:
             return None
         if read > self.version or read < self.readable_from:
             raise StaleVersion(self.version)
@@ -582,10 +608,98 @@ class RowVersions:
                 np.unique(np.concatenate(keys)) if keys else np.empty(0, np.int64),
             )
 
+    # -- resync: a replica's rows copied in --------------------------------------------------------
+
+    @property
+    def copy_rows(self) -> int:
+        """Rows one ROWS answer carries at most (COPY_BYTES of the widest stored row)."""
+        widest = max((t.shape[1] * t.element_size() for t in self.store.tables), default=1)
+        return max(1, COPY_BYTES // widest)
+
+    def rows_at(self, version: int, start: int, stop: int) -> RowsCopy:
+        """(A replica serving a resync) server-local rows [start, stop) as stored at `version`
+        (those written since read from the history); StaleVersion when this server cannot answer
+        at `version`, BadUpdate for a range it does not hold or longer than `copy_rows`."""
+        if not (0 <= start < stop <= self.store.num_rows and stop - start <= self.copy_rows):
+            raise BadUpdate(
+                f"ROWS [{start}, {stop}): a range of at most {self.copy_rows} of this server's "
+                f"{self.store.num_rows} rows"
+            )
+        with self.lock.shared():
+            old = self.image_at(version)
+            now = self.store.image(np.arange(start, stop, dtype=np.int64))
+            written = self._written[start:stop].astype(np.uint8)
+        if old is not None:  # the rows written after `version`, as they were at it
+            kept = [
+                (r[np.isin(r, n)], b[np.isin(r, n)])
+                for (r, b), (n, _) in zip(old.parts, now.parts, strict=True)
+            ]
+            now = RowImage.earliest([RowImage(tuple(kept)), now])
+        parts = tuple((rows, _bytes(stored)) for rows, stored in now.parts)
+        return RowsCopy(version, start, written, parts)
+
+    def begin_resync(self) -> None:
+        """From now on, until `finish_resync`, every lookup and commit is answered STALE: rows are
+        about to be copied over this server's (stages and aborts go on, and are logged)."""
+        with self._mutex, self.lock.exclusive():
+            self.resyncing = True
+
+    def copy_in(self, copy: RowsCopy) -> None:
+        """Write a replica's rows (its ROWS answer: the same shards, so the same layout) over ours."""
+        rows = np.arange(copy.start, copy.start + copy.written.size, dtype=np.int64)
+        if not (self.resyncing and rows.size and copy.start >= 0 and rows[-1] < self.store.num_rows):
+            raise BadUpdate(f"rows [{copy.start}, {copy.start + rows.size}) cannot be copied in now")
+        mine = self.store.image(rows)  # our layout of those rows: where each goes, its dtype and width
+        if len(copy.parts) != len(mine.parts):
+            raise BadUpdate(f"a copy of {len(copy.parts)} row segments, not this server's {len(mine.parts)}")
+        parts = []
+        for (got_rows, got), (want_rows, want) in zip(copy.parts, mine.parts, strict=True):
+            if not np.array_equal(got_rows, want_rows) or got.shape != _bytes(want).shape:
+                raise BadUpdate("a copy of rows laid out unlike this server's: not a replica of its shards")
+            parts.append((want_rows, got.view(want.dtype).reshape(want.shape)))
+        with self._mutex:
+            self.store.restore(RowImage(tuple(parts)))
+            self._written[rows] |= copy.written.astype(bool)
+
+    def finish_resync(self, version: int, decided: Changes) -> None:
+        """Claim `version`, whose rows were all copied in as stored at it. `decided` (server 0's
+        CHANGES since before it) gives the tokens and write sets of `version` and those before it
+        (what this server answers COMMITs and ABORTs of them with). The state is snapshotted and
+        the log started afresh before lookups and commits are answered again: BadUpdate when
+        `decided` does not list `version`, OSError when the snapshot cannot be written (then it
+        stays resyncing)."""
+        listed = decided.versions.tolist()
+        if version not in listed:
+            raise BadUpdate(f"server 0 no longer lists version {version}: resync again at a newer one")
+        last = listed.index(version)
+        first = max(0, last + 1 - self._max_decided_versions)
+        with self._mutex:
+            assert self.resyncing
+            self.version = version
+            self._decided = deque(
+                Decided(int(decided.tokens[i]), decided.written[i].copy()) for i in range(first, last + 1)
+            )
+            self._changelog.clear()
+            self._changelog_keys = 0
+            self._floor = version  # rankers reading older versions clear their caches
+            with self.lock.exclusive():
+                self._history.clear()
+                self._history_bytes = 0
+                self._images.clear()
+                self._images_bytes = 0
+                self.readable_from = version
+            for key in [k for k in self._staged if k[0] <= version]:
+                self._drop(key)
+            self._compact()
+            with self.lock.exclusive():
+                self.resyncing = False
+            self.resyncs += 1
+
     def stats(self) -> dict[str, Any]:
         with self._mutex:
             return {
                 "version": self.version,
+                "resyncing": int(self.resyncing),
                 "staged_bytes": self._staged_bytes,
                 "readable_from": self.readable_from,
                 "history_bytes": self._history_bytes,
@@ -596,9 +710,16 @@ class RowVersions:
                         "duplicates": self.duplicates,
                         "aborted": self.aborted,
                         "compactions": self.compactions,
+                        "resyncs": self.resyncs,
                     }
                 ),
             }
+
+
+def _bytes(stored: np.ndarray) -> np.ndarray:
+    """Stored rows [k, width] of any dtype as their bytes, uint8 [k, row bytes] (as ROWS carries them)."""
+    row_bytes = stored.dtype.itemsize * int(np.prod(stored.shape[1:]))
+    return np.ascontiguousarray(stored).view(np.uint8).reshape(stored.shape[0], row_bytes)
 
 
 def _cost(staged: StagedRows) -> int:

@@ -25,7 +25,7 @@ from flexemr.protocol.frames import (
     recv_frame,
     send_frame,
 )
-from flexemr.protocol.updates import Changes, StagedRows, commit_buffer, version_buffer
+from flexemr.protocol.updates import Changes, RowsCopy, StagedRows, commit_buffer, version_buffer
 from flexemr.transport.base import ServerUnavailable
 
 
@@ -89,6 +89,11 @@ class ServerLink:
     def abort(self, version: int, token: int) -> bool:
         """ABORT (version, token); True when that attempt is committed on this server."""
         return bool(self.request(MessageType.ABORT, [version_buffer(version, token)]).buffers[0][0])
+
+    def rows(self, version: int, start: int, stop: int) -> RowsCopy:
+        """The server's local rows [start, stop) as stored at committed `version` (what a server
+        resyncing from this replica copies; Stale when it cannot answer at that version)."""
+        return RowsCopy.parse(self.request(MessageType.ROWS, [version_buffer(version, start, stop)]))
 
     def catch_up(self, version: int, decided: Changes) -> None:
         """Commit on this server, at `version`, the versions after it that `decided` (an up-to-date

@@ -17,8 +17,10 @@ from flexemr.api.front_door import FrontDoor
 from flexemr.api.http_server import HttpServer
 from flexemr.config import Endpoint
 from flexemr.config.model import ModelSource
+from flexemr.config.plan import Shard, ShardingPlan
 from flexemr.config.security import admin_token, check_bind, client_tls, identities, load_secret, server_tls
 from flexemr.config.spec import ClusterSpec
+from flexemr.embedding_server.resync import Resync
 from flexemr.embedding_server.server import EmbeddingServer
 from flexemr.embedding_server.storage import DramStorage, FileStorage, Storage
 from flexemr.embedding_server.store import ShardStore, store_layout
@@ -42,8 +44,10 @@ class EmbeddingServerProcess:
     """Embedding server `index` of a spec: its shard store, row versions and listener. `flexemr
     embedding-server` (and so `flexemr serve`'s local servers) and the Ray actors all build it here."""
 
-    def __init__(self, server: EmbeddingServer) -> None:
+    def __init__(self, server: EmbeddingServer, resync: Resync | None = None) -> None:
+        """`resync`: what rejoins it from a replica when it cannot prove it holds a version."""
         self.server = server
+        self._resync = resync
 
     @classmethod
     def build(cls, spec: ClusterSpec, index: int, progress: bool = True) -> EmbeddingServerProcess:
@@ -68,7 +72,10 @@ class EmbeddingServerProcess:
             updates.max_staged_bytes,
             updates.max_changelog_keys,
             updates.max_history_bytes,
+            updates.max_applied_sequences,
             fingerprint=identity.fingerprint,
+            max_log_bytes=updates.max_log_bytes,
+            max_decided_versions=updates.max_decided_versions,
         )
         server = EmbeddingServer(
             store,
@@ -80,7 +87,7 @@ class EmbeddingServerProcess:
             tls=server_tls(spec.security),
             versions=versions,
         )
-        return cls(server)
+        return cls(server, None if log_path is None else resync(spec, index, versions))
 
     @property
     def endpoint(self) -> Endpoint:
@@ -88,13 +95,43 @@ class EmbeddingServerProcess:
         return self.server.endpoint
 
     def serve_forever(self) -> None:
+        if self._resync is not None:
+            self._resync.start()
         self.server.serve_forever()
 
     def start_in_thread(self) -> None:
-        threading.Thread(target=self.server.serve_forever, daemon=True, name="embedding-server").start()
+        threading.Thread(target=self.serve_forever, daemon=True, name="embedding-server").start()
 
     def close(self) -> None:
+        if self._resync is not None:
+            self._resync.close()
         self.server.close()
+
+
+def resync(spec: ClusterSpec, index: int, versions: RowVersions) -> Resync | None:
+    """Server `index`'s resync from the replicas of its shards (None for server 0, which decides
+    versions, and for a server that does not know server 0's address yet: port 0 in its spec)."""
+    from flexemr.engine.link import links
+
+    endpoints = spec.embedding_servers
+    if index == 0 or endpoints[0].port == 0:
+        return None
+    plan = spec.sharding
+    mine = _layout(plan, index)
+    peers = links(spec)
+    replicas = [
+        peers[s]
+        for s in range(plan.num_servers)
+        if s != index and endpoints[s].port and _layout(plan, s) == mine
+    ]
+    return Resync(versions, peers[0], replicas)
+
+
+def _layout(plan: ShardingPlan, server: int) -> list[Shard]:
+    """What `server` holds, where: replicas of one another have equal layouts."""
+    return sorted(
+        (dataclasses.replace(s, server=0) for s in plan.shards_of(server)), key=lambda s: s.local_start
+    )
 
 
 def local_servers_need(spec: ClusterSpec) -> int:

@@ -3,7 +3,7 @@
 `DenseArch` is the bottom MLP, the interaction and the top MLP. `DLRM` adds the tables as
 `nn.EmbeddingBag`s and is the monolithic model: its `state_dict` keys are those of Meta's reference
 `DLRM_Net` (`emb_l.{t}.weight`, `bot_l.{2k}.weight`, `top_l.{2k}.bias`, ...), so a checkpoint of
-one loads into the other. A table stored as fp16 or int8 rows (`flexemr.model.rows`) is a
+one loads into the other. A table stored as fp16, int8 or int4 rows (`flexemr.model.rows`) is a
 `StoredBag` holding those same bytes, pooled by the embedding servers' kernels.
 """
 

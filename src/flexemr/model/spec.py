@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flexemr.config.model import Interaction, Pooling, RowFormat, check_format
-from flexemr.model.rows import row_bytes
+from flexemr.model.rows import check_dim, row_bytes
 
 DEFAULT_ZIPF_SKEW = 1.0
 """Zipf exponent of row popularity (0: uniform) wherever none is given: the synthetic workloads'
@@ -41,7 +41,7 @@ class ModelSpec:
     pooling_factors: tuple[int, ...] = ()
     """Typical bag size per table (for workloads and the planner); empty means 1 each."""
     row_formats: tuple[RowFormat, ...] = ()
-    """How each table's rows are stored (`flexemr.model.rows`): fp32, fp16 or int8; empty means fp32."""
+    """How each table's rows are stored (`flexemr.model.rows`): fp32, fp16, int8 or int4; empty means fp32."""
 
     def __post_init__(self) -> None:
         if not self.table_rows or min(self.table_rows) < 1:
@@ -69,7 +69,7 @@ class ModelSpec:
                 f"row_formats has {len(self.row_formats)} entries for {len(self.table_rows)} tables"
             )
         for fmt in self.row_formats:
-            check_format(fmt)
+            check_dim(check_format(fmt), self.dim)
 
     @property
     def num_tables(self) -> int:

@@ -146,6 +146,12 @@ def fill_stored(source: WeightSource, table: int, start: int, out: np.ndarray) -
     for at in range(0, len(out), _BLOCK_ROWS):
         chunk = np.empty((min(_BLOCK_ROWS, len(out) - at), source.spec.dim), dtype=np.float32)
         source.fill_rows(table, start + at, chunk)
+        bad = np.flatnonzero(stored_rows.overflowing(chunk, fmt))
+        if bad.size:
+            raise ValueError(
+                f"row {start + at + int(bad[0])} of table {table} cannot be stored as {fmt}: "
+                f"{stored_rows.OVERFLOW_HINT}; choose another --row-dtype for this table"
+            )
         stored_rows.encode(chunk, fmt, out[at : at + len(chunk)])
 
 

@@ -41,7 +41,7 @@ class ModelProfile:
 
     @property
     def table_row_bytes(self) -> tuple[int, ...]:
-        """Bytes of one stored row of each table (fp32 4 dim, fp16 2 dim, int8 dim + 8)."""
+        """Bytes of one stored row of each table (fp32 4 dim, fp16 2 dim, int8 dim + 8, int4 dim / 2 + 4)."""
         return tuple(row_bytes(fmt, self.spec.dim) for fmt in self.spec.formats)
 
     @property

@@ -87,7 +87,7 @@ class PlanResult:
             f"throughput {pred.max_qps:.0f} QPS ({pred.max_qps_degraded:.0f} degraded), "
             f"bottleneck {pred.bottleneck}",
             "",
-            self.sharding.describe(),
+            self.sharding.describe(req.model.table_row_bytes),
             "",
             "monolithic alternatives:",
             f"  scale-up:  {_describe(self.scale_up, dep.cost_per_hour)}",

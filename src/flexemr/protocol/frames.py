@@ -76,6 +76,10 @@ class MessageType(enum.IntEnum):
     ABORT = 13
     """updater -> server: [int64 (2): version, token], drop that attempt's stage; answered ABORT
     [int64 (1): 1 that attempt is committed here, 0 it is not (and, on server 0, never will be)]."""
+    ROWS = 14
+    """resyncing server -> replica: [int64 (3): version, start, stop], the stored bytes of the
+    replica's server-local rows [start, stop) at that committed version; answered ROWS (`protocol.
+    updates.RowsCopy`), or STALE when the replica cannot answer at that version."""
 
 
 class Flags(enum.IntFlag):

@@ -9,6 +9,9 @@
              will be here (its stage is dropped)]
     CHANGES  [int64 (1): since]  ->  [int64 (2): version, truncated, versions int64 (k),
                                       tokens int64 (k), written int64 (k, S), keys int64 (m)]
+    ROWS     [int64 (3): version, start, stop]  ->  [int64 (2): version, start, written uint8
+                                      (stop - start), then per segment: rows int64 (k), stored
+                                      uint8 (k, row bytes)]
     STALE    [int64 (1): the server's version]
 
 A version is decided by embedding server 0 alone: the first COMMIT of (version, token) it accepts.
@@ -19,6 +22,8 @@ updates that picked the same version apart: a server never applies rows another 
 and a COMMIT for a version already decided succeeds only with the token it was decided with.
 `written` is the update's write set: a server commits a version only holding exactly the rows the
 write set gives it, so one that lost its stage (or its log) refuses instead of claiming the version.
+ROWS copies a replica's rows, exactly as stored, at one committed version: what a server that
+cannot prove it holds a version resyncs from (`embedding_server.resync`).
 """
 
 from __future__ import annotations
@@ -151,3 +156,44 @@ class Changes:
         if not b[1].size == b[2].size == b[3].shape[0]:
             raise BadUpdate(f"{b[1].size} versions but {b[2].size} tokens and {b[3].shape[0]} write sets")
         return cls(int(b[0][0]), bool(b[0][1]), b[1], b[2], b[3], b[4])
+
+
+@dataclass(frozen=True)
+class RowsCopy:
+    """A replica's answer to ROWS: its server-local rows [start, start + written.size) as stored at
+    `version`, per segment of its store (rows within the segment, their stored bytes)."""
+
+    version: int
+    start: int
+    written: np.ndarray
+    """uint8 [n]: 1 for each row written since the checkpoint (what a snapshot keeps)."""
+    parts: tuple[tuple[np.ndarray, np.ndarray], ...]
+    """Per segment: int64 rows [k], uint8 stored bytes [k, row bytes]."""
+
+    def frame(self, request_id: int) -> list[memoryview]:
+        buffers = [version_buffer(self.version, self.start), self.written]
+        for rows, stored in self.parts:
+            buffers += [rows, stored]
+        return encode(MessageType.ROWS, request_id, buffers)
+
+    @classmethod
+    def parse(cls, frame: Frame) -> RowsCopy:
+        b = frame.buffers
+        if not (
+            len(b) >= 2
+            and len(b) % 2 == 0
+            and b[0].dtype == np.int64
+            and b[0].shape == (2,)
+            and b[1].dtype == np.uint8
+            and b[1].ndim == 1
+            and all(r.dtype == np.int64 and r.ndim == 1 for r in b[2::2])
+            and all(s.dtype == np.uint8 and s.ndim == 2 for s in b[3::2])
+        ):
+            raise BadUpdate(
+                "a ROWS answer carries int64 [version, start], uint8 written [n], then per segment "
+                "int64 rows [k] and uint8 stored bytes [k, row bytes]"
+            )
+        parts = tuple(zip(b[2::2], b[3::2], strict=True))
+        if any(rows.size != stored.shape[0] for rows, stored in parts):
+            raise BadUpdate("a ROWS answer names as many rows as it carries stored rows, per segment")
+        return cls(int(b[0][0]), int(b[0][1]), b[1], parts)

@@ -24,7 +24,9 @@ request waits for it, then fails): a fresh ranker never reads the checkpoint's r
 that has moved on. Servers answering from their history tell a ranker nothing of a new version, so
 the thread polls server 0 (every version is decided there first) every `poll_s`; an update pushed
 through this ranker waits for a round that sees it (`read_at_least`), so its pusher reads its
-own writes; a request answered STALE waits for the next round.
+own writes; a request that names a minimum version (a client carrying the version its push
+through another ranker answered) waits for rounds that reach it (`require`, bounded, then 503);
+a request answered STALE waits for the next round.
 """
 
 from __future__ import annotations
@@ -57,6 +59,11 @@ WAIT_S = 10.0
 
 class NoVersion(LookupFailed):
     """No sync round has heard from the servers yet: nothing is scored (HTTP 503)."""
+
+
+class BehindVersion(LookupFailed):
+    """The ranker does not read the row version a request needs (`require`): nothing is scored
+    (HTTP 503)."""
 
 
 class RowReadVersion:
@@ -98,14 +105,32 @@ class RowReadVersion:
         if seen != self.version:
             self._await_round(WAIT_S)
 
-    def read_at_least(self, version: int) -> None:
-        """Wait (WAIT_S at most) until this ranker reads `version` or later: the caller committed
-        it, and its next requests are to see it."""
-        deadline = time.monotonic() + WAIT_S
+    def read_at_least(self, version: int, timeout_s: float = WAIT_S) -> bool:
+        """Wait (`timeout_s` at most) until this ranker reads `version` or later, starting sync
+        rounds at once rather than at the next poll: the caller (or a client, through another
+        ranker) committed it, and requests from now on are to see it. False when it did not."""
+        deadline = time.monotonic() + timeout_s
+        rounds = 0
         while self.version < version and time.monotonic() < deadline and not self._stop.is_set():
+            if rounds:  # not there yet: the version may not be committed yet, ask again shortly
+                self._stop.wait(min(POLL_S / 4, max(0.0, deadline - time.monotonic())))
             self._await_round(deadline - time.monotonic())
+            rounds += 1
         if self.version < version:
             log.warning("reading version %d, not %d yet: a sync round failed", self.version, version)
+            return False
+        return True
+
+    def require(self, version: int, timeout_s: float = WAIT_S) -> None:
+        """`read_at_least(version)`, or `BehindVersion` (HTTP 503) when this ranker does not read
+        it within `timeout_s`: a client that got `version` from a push, through any ranker of
+        the cluster, reads its write here or is refused, never served older rows."""
+        if not self.read_at_least(version, timeout_s):
+            raise BehindVersion(
+                f"this ranker reads row version {self.version}, not the {version} the request needs "
+                f"(no sync round reached it within {timeout_s:g} s); retry, or a newer version is "
+                "not committed yet"
+            )
 
     # -- the sync thread ----------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from flexemr.extras import needs_extra
+from flexemr.model.rows import OVERFLOW_HINT, overflowing
 from flexemr.model.spec import ModelSpec
 
 
@@ -58,6 +59,15 @@ class RowUpdates:
             )
         if not np.isfinite(self.values).all():
             raise ValueError("values must be finite (no NaN or infinity)")
+        formats = np.asarray(spec.formats)[self.tables]
+        for fmt in np.unique(formats).tolist():
+            mine = np.flatnonzero(formats == fmt)
+            bad = mine[overflowing(self.values[mine], fmt)]
+            if bad.size:
+                raise ValueError(
+                    f"row {int(self.rows[bad[0]])} of table {int(self.tables[bad[0]])} cannot be stored as "
+                    f"{fmt}: {OVERFLOW_HINT}"
+                )
         if self.sequence is not None and self.sequence < 0:
             raise ValueError(f"sequence must be non-negative, got {self.sequence}")
 

@@ -1,19 +1,21 @@
 """`Updater`: applies `RowUpdates` to every embedding server of a cluster as one new version.
 
-    apply:  v = server 0's version + 1, token = random, written = rows per server
+    apply:  v = server 0's version + 1 (or, for the next update, the version after the one this
+              updater committed last), token = random, written = rows per server
             UPDATE (v, token, rows) to server 0 first (rows or none: it records the attempt, and
               answers at once if its (source, sequence) was applied already), then to every
               replica holding some of the rows                                    (all must ack)
             COMMIT (v, token, written) to server 0: the version is decided there, or not at all
-            COMMIT to the rest (a server behind first commits the versions it missed, from
-              server 0's changelog)
+            COMMIT to the rest, all at once (a server behind first commits the versions it
+              missed, from server 0's changelog)
             on failure before the decision: ABORT (v, token) on server 0, then on the rest
 
 If another update decided v first (server 0 answers STALE), the rows are staged again at the next
-version. An update given without a sequence gets one (source "<source>/<this updater's id>"), so
-every update is applied at most once. A server that is down at commit time is committed by the
-next ranker that finds it behind; one that is down at stage time fails the update (nothing is
-committed, and the stages are dropped). When server 0 cannot be asked whether it decided, the
+version (asking server 0 for it). An update given without a sequence gets one (source
+"<source>/<this updater's id>"), so every update is applied at most once. A server that is down
+at commit time is committed by the next ranker that finds it behind (or by itself when it is
+back); one that is down at stage time fails the update (nothing is committed, and the stages are
+dropped). When server 0 cannot be asked whether it decided, the
 update is reported as failed with an unknown outcome, naming its (source, sequence): resending
 it with those applies it once.
 """
@@ -25,11 +27,12 @@ import itertools
 import logging
 import secrets
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
 from flexemr.config.spec import ClusterSpec
-from flexemr.engine.link import links
+from flexemr.engine.link import ServerLink, links
 from flexemr.model.source import model_spec
 from flexemr.protocol.updates import LATEST, StagedRows
 from flexemr.transport.base import LookupFailed, ServerUnavailable, Stale
@@ -65,6 +68,9 @@ class Updater:
         self.model = model_spec(spec.model)
         self._links = links(spec)
         self._sequences = Sequences()
+        self._next = 0
+        """The version to try next (the one after this updater's last commit); 0: ask server 0."""
+        self._fan_out = ThreadPoolExecutor(max(1, len(self._links) - 1), thread_name_prefix="commit")
         plan = spec.sharding
         self._table_base = np.concatenate([[0], np.cumsum(plan.table_rows)[:-1]]).astype(np.int64)
 
@@ -89,7 +95,8 @@ class Updater:
             staged_on: list[int] = []
             committing = False
             try:
-                version = self.version() + 1
+                version = self._next or self.version() + 1
+                self._next = 0
                 for server in [0, *(s for s in per_server if s != 0)]:
                     rows, values = per_server.get(server, empty)
                     staged = StagedRows(version, token, rows, values, updates.source, updates.sequence)
@@ -113,6 +120,7 @@ class Updater:
                 self._catch_up(applied)
                 return applied
             self._commit(version, token, written)
+            self._next = version + 1
             return version
         raise UpdateFailed(
             f"update not applied: {MAX_ATTEMPTS} versions in a row were taken by other updates"
@@ -166,17 +174,22 @@ class Updater:
         }
 
     def _commit(self, version: int, token: int, written: np.ndarray) -> None:
-        """Commit the version server 0 decided on every other server (one that cannot is left to
-        the rankers, which commit it when they find it behind)."""
-        for link in self._links[1:]:
+        """Commit the version server 0 decided on every other server, in parallel (one that cannot
+        is left to the rankers, which commit it when they find it behind, or to its own resync)."""
+        for done in [
+            self._fan_out.submit(self._commit_on, link, version, token, written) for link in self._links[1:]
+        ]:
+            done.result()
+
+    def _commit_on(self, link: ServerLink, version: int, token: int, written: np.ndarray) -> None:
+        try:
             try:
-                try:
-                    link.commit(version, token, written)
-                except Stale as behind:  # it missed versions: commit those first
-                    link.catch_up(behind.version, self._links[0].changes(behind.version))
-                    link.commit(version, token, written)
-            except (ServerUnavailable, LookupFailed) as exc:
-                log.warning("version %d: %s; a ranker commits it there when it is back", version, exc)
+                link.commit(version, token, written)
+            except Stale as behind:  # it missed versions: commit those first
+                link.catch_up(behind.version, self._links[0].changes(behind.version))
+                link.commit(version, token, written)
+        except (ServerUnavailable, LookupFailed) as exc:
+            log.warning("version %d: %s; a ranker commits it there when it is back", version, exc)
 
     def _catch_up(self, version: int) -> None:
         """Commit on every other server the versions up to `version` it missed (an earlier attempt
@@ -190,5 +203,6 @@ class Updater:
                 log.warning("version %d: %s; a ranker commits it there when it is back", version, exc)
 
     def close(self) -> None:
+        self._fan_out.shutdown()
         for link in self._links:
             link.close()
