@@ -40,11 +40,16 @@ def test_auto_keeps_tables_whole_only_when_that_balances_bytes() -> None:
     assert make_plan("auto", (1000, 10, 10, 10), 4, 2).strategy == "row"  # one table dwarfs the rest
 
 
-def test_plan_rejects_gaps_and_overlaps() -> None:
+def test_plan_rejects_gaps_too_few_copies_and_copies_on_one_server() -> None:
     with pytest.raises(ValueError, match=r"rows \[5, 10\) are on no server"):
         ShardingPlan(1, (10,), 4, (Shard(0, 0, 5, 0),))
-    with pytest.raises(ValueError, match="on 2 server"):
-        ShardingPlan(2, (10,), 4, (Shard(0, 0, 10, 0), Shard(0, 5, 10, 1)))
+    with pytest.raises(ValueError, match=r"rows \[0, 5\) are on 1 server\(s\), fewer than replicas=2"):
+        ShardingPlan(2, (10,), 4, (Shard(0, 0, 10, 0), Shard(0, 5, 10, 1)), replicas=2)
+    with pytest.raises(ValueError, match=r"server 0 holds table 0 rows \[5, 10\) twice"):
+        ShardingPlan(2, (10,), 4, (Shard(0, 0, 10, 0), Shard(0, 5, 10, 0, local_start=10)))
+    # more copies of some rows than `replicas` (a hot range) is a valid plan
+    hot = ShardingPlan(2, (10,), 4, (Shard(0, 0, 10, 0), Shard(0, 5, 10, 1)))
+    assert hot.copies(0) == [(0, 5, 1), (5, 10, 2)]
 
 
 def mixed(table_rows: tuple[int, ...], dim: int, num_servers: int) -> ShardingPlan:

@@ -46,6 +46,7 @@ from flexemr.api.updates import update_routes
 from flexemr.batch import InvalidRequest
 from flexemr.logs import RateLimitedWarnings as RateLimitedWarnings  # re-exported for the launchers
 from flexemr.ranker.admission import Dropped, Ticket
+from flexemr.ranker.range_stats import gather_range_counts
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,14 @@ def create_app(door: FrontDoor, workers: Executor) -> HttpApp:
     @app.get("/v2/stats")
     async def stats() -> dict[str, Any]:
         return door.stats()
+
+    @app.get("/v2/stats/ranges", response_model=None)
+    async def range_stats() -> JSONResponse | dict[str, Any]:
+        """Rows looked up per row range, from every embedding server (`flexemr plan --from-stats`)."""
+        try:
+            return await asyncio.to_thread(gather_range_counts, models.ranker)
+        except ValueError as exc:  # no embedding servers (a local tier)
+            return JSONResponse({"error": str(exc)}, status_code=404)
 
     @app.get("/metrics")
     async def prometheus() -> Response:

@@ -24,7 +24,8 @@ COMMANDS: dict[str, str] = {
     "shard": "print the sharding plan for a model",
     "bench": "run a benchmark suite and write a report folder",
     "calibrate": "measure this machine and write a planner calibration file",
-    "plan": "find the cheapest cluster that meets a latency target and availability goal",
+    "plan": "find the cheapest cluster that meets a latency target and availability goal, or (--from-stats) "
+    "shard a cluster by measured traffic",
     "update": "write rows from a file into a running cluster's embedding servers, as one new version",
     "admin-token": "print the bearer token of the ranker's admin API (from the cluster secret)",
 }

@@ -56,14 +56,16 @@ class ShardingPlan:
     shards: tuple[Shard, ...]
     strategy: str = "custom"
     replicas: int = 1
-    """Copies of every row, each on a distinct server; the ranker asks one per subrequest."""
+    """The fewest copies of any row, each on a distinct server (availability); hot ranges may have
+    more (`flexemr plan --from-stats`). The ranker asks one copy per subrequest."""
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Every (row, column) of every table is on exactly `replicas` servers; a table's shards cut
-        its columns the same way (each holds one block of them); local ranges do not overlap."""
+        """Every (row, column) of every table is on at least `replicas` distinct servers (hot ranges
+        may have more copies); a table's shards cut its columns the same way (each holds one block
+        of them); local ranges do not overlap."""
         if self.num_servers < 1:
             raise ValueError(f"a plan needs at least one server, got num_servers={self.num_servers}")
         for t, first, last in self.column_blocks():
@@ -72,14 +74,15 @@ class ShardingPlan:
             for start, end in ranges:
                 if not 0 <= start < end <= rows:
                     raise ValueError(f"table {t}{cols}: shard rows [{start}, {end}) outside [0, {rows})")
-            # Sweep the range ends: between consecutive boundaries the coverage must be `replicas`.
+            # Sweep the range ends: between consecutive boundaries the coverage must be `replicas`
+            # or more (hot ranges may have more copies).
             events = sorted([(start, 1) for start, _ in ranges] + [(end, -1) for _, end in ranges])
             depth, position = 0, 0
             for row, step in events:
-                if row > position and depth != self.replicas:
+                if row > position and depth < self.replicas:
                     raise ValueError(
-                        f"table {t}{cols}: rows [{position}, {row}) are on {depth} server(s), "
-                        f"not {self.replicas}"
+                        f"table {t}{cols}: rows [{position}, {row}) are on {depth} server(s), fewer than "
+                        f"replicas={self.replicas}"
                     )
                 depth, position = depth + step, row
             if position != rows or not ranges:
@@ -89,6 +92,17 @@ class ShardingPlan:
             for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
                 if start < end:
                     raise ValueError(f"server {server}: shards overlap in its local array")
+            held = sorted(
+                (s.table, s.columns(self.dim), s.row_start, s.row_end)
+                for s in self.shards
+                if s.server == server
+            )
+            for (t, cols, _, end), (u, ucols, start, _) in zip(held, held[1:], strict=False):
+                if (t, cols) == (u, ucols) and start < end:
+                    raise ValueError(
+                        f"server {server} holds table {t} rows [{start}, {end}) twice: copies of a row "
+                        "must be on distinct servers"
+                    )
         bad = [s for s in self.shards if not 0 <= s.server < self.num_servers]
         if bad:
             raise ValueError(f"shard {bad[0]} names a server outside 0..{self.num_servers - 1}")
@@ -123,6 +137,23 @@ class ShardingPlan:
             (b - a for a, b in (s.columns(self.dim) for s in self.shards if s.server == server)),
             default=self.dim,
         )
+
+    def copies(self, table: int) -> list[tuple[int, int, int]]:
+        """(row_start, row_end, copies) of each run of `table`'s rows held by the same number of
+        servers, in row order (a uniform plan gives one run with `replicas` copies)."""
+        first = self._column_blocks(table)[0][0]  # each column block has the same row copies
+        ranges = [(s.row_start, s.row_end) for s in self.shards if (s.table, s.col_start) == (table, first)]
+        events = sorted([(start, 1) for start, _ in ranges] + [(end, -1) for _, end in ranges])
+        runs: list[tuple[int, int, int]] = []
+        depth, position = 0, 0
+        for row, step in events:
+            if row > position:
+                if runs and runs[-1][2] == depth and runs[-1][1] == position:
+                    runs[-1] = (runs[-1][0], row, depth)
+                else:
+                    runs.append((position, row, depth))
+            depth, position = depth + step, row
+        return runs
 
     def shards_of(self, server: int) -> list[Shard]:
         return sorted((s for s in self.shards if s.server == server), key=lambda s: s.local_start)

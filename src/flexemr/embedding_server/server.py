@@ -39,6 +39,7 @@ import numpy as np
 
 from flexemr.config import Endpoint, FrameLimits, NodeLimits, TransportKind
 from flexemr.config.security import Identity, check_bind
+from flexemr.embedding_server.range_counts import RangeCounts
 from flexemr.embedding_server.slots import ConnectionSlots, SlotsFull
 from flexemr.embedding_server.store import BadSubrequest, RowImage, ShardStore
 from flexemr.embedding_server.versions import RowVersions, StaleVersion
@@ -184,6 +185,8 @@ class EmbeddingServer:
         """Per session, grant-to-arrival times of recent credits (meaningful with same-host clocks)."""
         self.lookups = 0
         """Lookup subrequests answered with rows (for tests and stats)."""
+        self.range_counts = RangeCounts(store.shards, store.table_rows, store.dim)
+        """Rows looked up per row range (the control channel's stats, for `plan --from-stats`)."""
         self.refused: Counter[str] = Counter()
         """Connections refused or closed early, by reason."""
 
@@ -257,6 +260,7 @@ class EmbeddingServer:
                 for gate in gates.values():
                     gate.close()
         self.versions.close()
+        self.range_counts.close()
 
     def _serve_connection(self, conn: socket.socket, peer: tuple[str, int], deadline: Deadline) -> None:
         """Handshake by the deadline, then serve the connection as its HELLO says."""
@@ -376,6 +380,8 @@ class EmbeddingServer:
                 send_frame(conn, self.answer(frame))
 
     def credit_stats(self, session: str) -> dict[str, Any]:
+        """What a control channel's PING with flag STATS gets: the session's credits, the update
+        log, and the rows looked up per row range (`range_counts`)."""
         with self._lock:
             gates = dict(self._sessions.get(session, {}))
         latencies = list(self._latencies(session))
@@ -385,6 +391,7 @@ class EmbeddingServer:
             },
             "credit_latency_ns": latencies,
             "updates": self.versions.stats(),
+            "ranges": self.range_counts.stats(),
         }
 
     def answer(self, frame: Frame) -> list[memoryview]:
@@ -442,6 +449,7 @@ class EmbeddingServer:
             values = self.store.raw(rows, image)
         else:
             values = self.store.pooled(rows, offsets, frame.buffers[2] if weighted else None, image)
+        self.range_counts.count(rows)
         self.lookups += 1
         return values
 

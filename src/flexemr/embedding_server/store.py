@@ -126,6 +126,7 @@ class ShardStore:
         """Columns of the rows a write gives (whole rows)."""
         self.width = plan.server_width(server)
         """Columns of a lookup's answer (the widest shard's; narrower ones zero-filled)."""
+        self.table_rows = plan.table_rows
         self.num_rows = plan.server_rows(server)
         self.shards = plan.shards_of(server)
         self.segments = segments_of(plan, server, source.spec.formats)

@@ -273,14 +273,14 @@ class Ranker:
             sub, future = pending.popleft()
             left = max(deadline - time.monotonic(), 0.0)
             # With a replica to fall back on, one try may take half of what is left.
-            wait = left / 2 if self.router.replicas > 1 else left
+            wait = left / 2 if self.router.max_copies > 1 else left
             try:
                 if not future.done() and future not in waited_out:
                     waited_out |= self._await_answers(future, [f for _, f in pending], wait)
                 values = future.result(timeout=0)
             except (ServerUnavailable, SubrequestRefused, concurrent.futures.TimeoutError) as exc:
                 reason = str(exc) or f"no answer within {wait:.3g} s"
-                if self.router.replicas == 1 or time.monotonic() >= deadline:  # nothing to fall back on
+                if self.router.max_copies == 1 or time.monotonic() >= deadline:  # nothing to fall back on
                     if isinstance(exc, concurrent.futures.TimeoutError):
                         raise ServerUnavailable(
                             sub.server, f"#{sub.server}", f"no answer within {timeout:.3g} s"
@@ -299,7 +299,7 @@ class Ranker:
             except Stale as exc:
                 # A replica behind the read version (down while it was decided, or one that cannot
                 # prove it holds it): another replica may be at it. Ahead of it: the version moves.
-                if version is None or exc.version > version or self.router.replicas == 1:
+                if version is None or exc.version > version or self.router.max_copies == 1:
                     raise
                 failed.add(sub.server)
                 with self._lock:

@@ -78,9 +78,12 @@ class Subrequest:
 
 class RangeRouter:
     """Routes keys to servers. With replicas, the key space is cut at every shard boundary into
-    pieces, each held by `plan.replicas` servers; a batch sends each piece's keys to the one holder
-    that the caller's per-server `rank` (lower is better, inf: unusable) prefers, so a subrequest's
-    answer always comes whole from one replica."""
+    pieces, each held by `plan.replicas` servers or more (hot ranges may have more copies); a batch
+    sends each piece's keys to the one holder that the caller's per-server `rank` (lower is better,
+    inf: unusable) prefers, so a subrequest's answer always comes whole from one replica.
+
+    Holders are kept as a [pieces, most copies] table; a piece with fewer copies is padded with
+    server `num_servers`, which ranks infinite (never chosen, never usable)."""
 
     def __init__(self, plan: ShardingPlan) -> None:
         self.plan = plan
@@ -103,17 +106,32 @@ class RangeRouter:
             int(self._routing_base[s.table]) + edge for s in plan.shards for edge in (s.row_start, s.row_end)
         }
         self._starts = np.array(sorted(bounds - {total}), dtype=np.int64)
+        shard_pieces = [
+            np.arange(
+                *np.searchsorted(
+                    self._starts,
+                    [self._routing_base[s.table] + s.row_start, self._routing_base[s.table] + s.row_end],
+                )
+            )
+            for s in plan.shards
+        ]
+        copies = np.zeros(self._starts.size, dtype=np.int64)
+        for pieces in shard_pieces:
+            copies[pieces] += 1
+        self.max_copies = int(copies.max())
+        """The most copies of any piece: above 1, some subrequest has a replica to fall back on."""
         # Per piece, its holders' servers and the shift from a global key to their local rows.
-        self._holders = np.full((self._starts.size, plan.replicas), -1, dtype=np.int32)
-        self._holder_shift = np.zeros((self._starts.size, plan.replicas), dtype=np.int64)
+        self._holders = np.full((self._starts.size, self.max_copies), plan.num_servers, dtype=np.int32)
+        self._holder_shift = np.zeros((self._starts.size, self.max_copies), dtype=np.int64)
         filled = np.zeros(self._starts.size, dtype=np.int64)
-        for s in plan.shards:
-            base = self._routing_base[s.table]
-            pieces = np.arange(*np.searchsorted(self._starts, [base + s.row_start, base + s.row_end]))
+        for s, pieces in zip(plan.shards, shard_pieces, strict=True):
             self._holders[pieces, filled[pieces]] = s.server
-            self._holder_shift[pieces, filled[pieces]] = s.local_start - s.row_start - base
+            self._holder_shift[pieces, filled[pieces]] = (
+                s.local_start - s.row_start - self._routing_base[s.table]
+            )
             filled[pieces] += 1
-        if (np.sort(self._holders, axis=1)[:, 1:] == np.sort(self._holders, axis=1)[:, :-1]).any():
+        held = np.sort(self._holders, axis=1)
+        if ((held[:, 1:] == held[:, :-1]) & (held[:, 1:] < plan.num_servers)).any():
             raise ValueError(
                 "a server holds two copies of the same rows: replicas must be on distinct servers"
             )
@@ -134,20 +152,20 @@ class RangeRouter:
         """One server holds every row at its global key (a local tier): routing changes nothing."""
         return (
             self.plan.num_servers == 1
-            and self.replicas == 1
+            and self.max_copies == 1
             and not self.split
             and not self._holder_shift.any()
         )
 
     def coverable(self, usable: np.ndarray) -> bool:
         """Whether every row has a holder among the `usable` servers (bool [servers])."""
-        return bool(usable[self._holders].any(axis=1).all())
+        return bool(np.append(usable, False)[self._holders].any(axis=1).all())
 
     def _choose(self, rank: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
         """Per piece, the server to ask (-1: no usable holder) and the shift to its local rows."""
         if rank is None:
             return self._holders[:, 0], self._holder_shift[:, 0]
-        ranks = rank[self._holders]
+        ranks = np.append(rank, np.inf)[self._holders]  # padding ranks infinite
         pick = ranks.argmin(axis=1)
         pieces = np.arange(pick.size)
         server = np.where(np.isinf(ranks[pieces, pick]), -1, self._holders[pieces, pick])
@@ -159,7 +177,7 @@ class RangeRouter:
         end = int(min(self._next_start[piece], self._table_edges[block + 1]) - self._routing_base[block])
         table, (first, last) = int(self.block_table[block]), self.block_columns[block]
         columns = f" columns [{first}, {last})" if self.split else ""
-        servers = [int(s) for s in self._holders[piece]]
+        servers = [int(s) for s in self._holders[piece] if s < self.plan.num_servers]
         holders = "embedding server " + ", ".join(map(str, servers))
         return Uncovered(
             f"no replica of table {table} rows [{start}, {end}){columns} can answer: {holders} (all that "

@@ -1,0 +1,276 @@
+"""A sharding plan from measured traffic: hot row ranges get more copies, load is balanced per range.
+
+Input: the lookups per row range the embedding servers counted (`GET /v2/stats/ranges` on a
+ranker, or a saved copy: `flexemr.ranker.range_stats`), the number of servers, the fewest copies
+of any row (`replicas`, for availability) and a memory budget (rows stored in all, in copies of
+the model). Three steps:
+
+1. **Copies.** Every grid range starts with `replicas` copies. While the budget lasts, the range
+   with the most lookups per copy gets one more copy (on one more server, at most all of them),
+   until no range takes more than `HOT_SHARE` of a server's fair share of lookups per copy: beyond
+   that a single range is fine enough for the placement to balance.
+2. **Units.** Per table, each range with extra copies is a unit of its own; the rows between them
+   are cut into units of at most `HOT_SHARE` of a server's lookups per copy and `1/servers` of the
+   table's rows, so no unit is too big to place evenly.
+3. **Placement.** Units go, the heaviest first, each copy onto the distinct server whose larger
+   of (lookups share, bytes share) stays lowest (longest-processing-time greedy, as the
+   provisioning planner's table-wise placement).
+
+    table t grid:  | 9 | 1 | 1 | 0 | 1 | 30 | 1 | 1 | ...   lookups per range
+    copies:          2   2   2   2   2   4    2   2          (replicas=2; range 5 is hot)
+    units:         [ 0..1 ][ 1 ..... 5 )[5][ 6 ......       (a hot range alone; cold runs cut)
+
+Column splits: a unit that is still too hot with a copy on every server (one very wide, very hot
+range) is where a column-wise split would spread the load further; this planner places it whole
+and reports it (`HotRangePlan.too_hot`), the place for a column-wise strategy to take over.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flexemr.config.plan import Shard, ShardingPlan
+from flexemr.planner.inputs import InputError
+from flexemr.sharding.plan import with_local_offsets
+
+HOT_SHARE = 1 / 32
+"""A range (or unit) may take at most this fraction of a server's fair share of lookups per copy."""
+
+MAX_STATS_BYTES = 64 * 2**20
+"""Largest stats document read from a URL or a file."""
+
+
+@dataclass(frozen=True)
+class RangeTraffic:
+    """Lookups per grid range of every table (counts of all servers, replicas' added up)."""
+
+    table_rows: tuple[int, ...]
+    dim: int
+    grid_rows: tuple[int, ...]
+    """Rows per grid range, per table."""
+    lookups: tuple[np.ndarray, ...]
+    """Per table, float64 [ranges]: lookups of each grid range."""
+
+    @property
+    def total(self) -> int:
+        return round(sum(float(counts.sum()) for counts in self.lookups))
+
+    @classmethod
+    def from_stats(cls, stats: dict[str, Any]) -> RangeTraffic:
+        """From `GET /v2/stats/ranges` (parts of the grid may come split at shard boundaries and
+        once per replica: they are added up per grid range)."""
+        try:
+            table_rows = tuple(int(r) for r in stats["table_rows"])
+            dim = int(stats["dim"])
+            grid = tuple(int(r) for r in stats["range_rows"])
+            parts = np.asarray(stats["ranges"], dtype=np.int64).reshape(-1, 4)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(
+                "range stats need table_rows, dim, range_rows and ranges "
+                f"[[table, row_start, row_end, lookups]]: {exc!r}"
+            ) from None
+        if len(grid) != len(table_rows) or min(grid, default=1) < 1:
+            raise InputError(f"range stats: range_rows {grid} do not fit {len(table_rows)} tables")
+        table, start, end, count = parts.T
+        bad = (table < 0) | (table >= len(table_rows)) | (count < 0) | (start < 0) | (end <= start)
+        if not bad.any() and parts.size:
+            bad |= end > np.asarray(table_rows)[table]
+        if bad.any():
+            raise InputError(
+                f"range stats: a part outside the model's tables: {parts[np.argmax(bad)].tolist()}"
+            )
+        # A part spanning several grid ranges (a server's buckets outgrow a small table's grid)
+        # shares its count among them by overlap.
+        g = np.asarray(grid, dtype=np.int64)[table] if parts.size else start
+        spans = (end - 1) // g - start // g + 1
+        part = np.repeat(np.arange(start.size), spans)
+        cell = start[part] // g[part] + np.arange(part.size) - np.repeat(np.cumsum(spans) - spans, spans)
+        overlap = np.minimum(end[part], (cell + 1) * g[part]) - np.maximum(start[part], cell * g[part])
+        share = count[part] * overlap / (end - start)[part]
+        lookups = tuple(
+            np.bincount(cell[table[part] == t], share[table[part] == t], minlength=-(-rows // grid[t]))
+            for t, rows in enumerate(table_rows)
+        )
+        return cls(table_rows, dim, grid, lookups)
+
+
+def load_range_stats(source: str) -> RangeTraffic:
+    """Range stats from a ranker's URL (`http://host:port/v2/stats/ranges`) or a JSON file."""
+    try:
+        if source.startswith(("http://", "https://")):
+            with urllib.request.urlopen(source, timeout=30) as response:
+                text = response.read(MAX_STATS_BYTES + 1)
+        else:
+            text = Path(source).read_bytes()[: MAX_STATS_BYTES + 1]
+    except OSError as exc:
+        raise InputError(f"cannot read range stats from {source}: {exc}") from None
+    if len(text) > MAX_STATS_BYTES:
+        raise InputError(f"range stats from {source} exceed {MAX_STATS_BYTES} bytes")
+    try:
+        stats = json.loads(text)
+    except ValueError as exc:
+        raise InputError(f"range stats from {source} are not JSON: {exc}") from None
+    if not isinstance(stats, dict):
+        raise InputError(f"range stats from {source} are not a JSON object")
+    if stats.get("missing"):
+        raise InputError(
+            f"range stats from {source} lack embedding servers {stats['missing']} (down when asked): "
+            "plan from counts of every server"
+        )
+    return RangeTraffic.from_stats(stats)
+
+
+@dataclass(frozen=True)
+class HotRangePlan:
+    plan: ShardingPlan
+    server_load: np.ndarray
+    """float [servers]: the measured lookups each server would have taken, copies sharing equally."""
+    too_hot: tuple[tuple[int, int, int], ...]
+    """(table, row_start, row_end) of ranges above `HOT_SHARE` per copy even on every server."""
+
+    def describe(self) -> str:
+        runs = [
+            (t, start, end, copies)
+            for t in range(len(self.plan.table_rows))
+            for start, end, copies in self.plan.copies(t)
+            if copies > self.plan.replicas
+        ]
+        hot_rows = sum(end - start for _, start, end, _ in runs)
+        load = self.server_load
+        lines = [
+            f"hot-range plan: {len(runs)} row ranges ({hot_rows} rows) with more than "
+            f"{self.plan.replicas} copies (up to {max((c for *_, c in runs), default=self.plan.replicas)}); "
+            f"measured lookups per server max/mean {load.max() / max(load.mean(), 1e-12):.3f}",
+            self.plan.describe(),
+        ]
+        if self.too_hot:
+            lines.append(
+                f"{len(self.too_hot)} range(s) stay hot with a copy on every server (a column-wise split "
+                f"would spread them), e.g. table {self.too_hot[0][0]} rows {self.too_hot[0][1:]}"
+            )
+        return "\n".join(lines)
+
+
+def hot_range_plan(
+    traffic: RangeTraffic, num_servers: int, replicas: int, memory_budget: float
+) -> HotRangePlan:
+    """The plan of the module docstring; `memory_budget`: rows stored in all, in copies of the
+    model's rows (at least `replicas`)."""
+    if not 1 <= replicas <= num_servers:
+        raise InputError(f"replicas must be in 1..{num_servers} (the servers), got {replicas}")
+    if memory_budget < replicas:
+        raise InputError(
+            f"a memory budget of {memory_budget} copies of the model cannot hold replicas={replicas} copies"
+        )
+    total = max(traffic.total, 1)
+    cap = HOT_SHARE * total / num_servers
+    copies = _copies(traffic, num_servers, replicas, memory_budget, cap)
+    units = [
+        unit
+        for t in range(len(traffic.table_rows))
+        for unit in _units(traffic, t, copies[t], replicas, cap, num_servers)
+    ]
+    shards, load, too_hot = _place(traffic, units, num_servers, cap)
+    plan = ShardingPlan(
+        num_servers=num_servers,
+        table_rows=traffic.table_rows,
+        dim=traffic.dim,
+        shards=with_local_offsets(shards),
+        strategy="hot-range",
+        replicas=replicas,
+    )
+    return HotRangePlan(plan, load, tuple(too_hot))
+
+
+def _copies(
+    traffic: RangeTraffic, num_servers: int, replicas: int, memory_budget: float, cap: float
+) -> list[np.ndarray]:
+    """Per table, the copies of each grid range: `replicas`, plus one at a time for the range with
+    the most lookups per copy while it is over `cap` and the budget has room."""
+    copies = [np.full(counts.size, replicas, dtype=np.int64) for counts in traffic.lookups]
+    spare = int((memory_budget - replicas) * sum(traffic.table_rows))
+    heap = [
+        (-float(counts[i]) / replicas, t, int(i))
+        for t, counts in enumerate(traffic.lookups)
+        for i in np.flatnonzero(counts > cap * replicas)
+    ]
+    heapq.heapify(heap)
+    while heap:
+        per_copy, t, i = heapq.heappop(heap)
+        rows = min(traffic.grid_rows[t], traffic.table_rows[t] - i * traffic.grid_rows[t])
+        if -per_copy <= cap or copies[t][i] >= num_servers or rows > spare:
+            continue
+        copies[t][i] += 1
+        spare -= rows
+        heapq.heappush(heap, (-float(traffic.lookups[t][i]) / copies[t][i], t, i))
+    return copies
+
+
+_Unit = tuple[int, int, int, int, float]
+"""(table, row_start, row_end, copies, lookups)."""
+
+
+def _units(
+    traffic: RangeTraffic, t: int, copies: np.ndarray, replicas: int, cap: float, num_servers: int
+) -> list[_Unit]:
+    """Table `t` as units: each range with more than `replicas` copies alone; the runs between them
+    cut where the lookups per copy pass a multiple of `cap` or the rows a multiple of 1/servers of
+    the table."""
+    grid, rows, counts = traffic.grid_rows[t], traffic.table_rows[t], traffic.lookups[t]
+    cells_per_unit = max(1, -(-counts.size // num_servers))
+    per_copy = counts / copies
+    before = np.cumsum(per_copy) - per_copy  # lookups per copy before each range in the table
+    index = np.arange(counts.size)
+    # A new unit starts at a hot range, right after one, or where a cut falls (index 0 always).
+    hot = copies > replicas
+    starts = (
+        (index == 0)
+        | hot
+        | np.roll(hot, 1)
+        | (np.floor(before / cap) != np.floor(np.roll(before, 1) / cap))
+        | (index % cells_per_unit == 0)
+    )
+    first = np.flatnonzero(starts)
+    last = np.append(first[1:], counts.size)
+    sums = np.add.reduceat(counts, first) if counts.size else counts
+    return [
+        (t, int(a) * grid, min(int(b) * grid, rows), int(copies[a]), float(n))
+        for a, b, n in zip(first, last, sums, strict=True)
+    ]
+
+
+def _place(
+    traffic: RangeTraffic, units: list[_Unit], num_servers: int, cap: float
+) -> tuple[list[Shard], np.ndarray, list[tuple[int, int, int]]]:
+    """Shards of every copy of every unit, and the lookups each server gets, heaviest unit first."""
+    total = max(traffic.total, 1)
+    stored = sum(u[3] * (u[2] - u[1]) for u in units)
+    fair_load, fair_rows = total / num_servers, max(stored, 1) / num_servers
+    load_on = np.zeros(num_servers)
+    rows_on = np.zeros(num_servers)
+    shards: list[Shard] = []
+    too_hot = []
+
+    def weight(u: _Unit) -> float:
+        return max(u[4] / u[3] / fair_load, (u[2] - u[1]) / fair_rows)
+
+    for t, start, end, copies, lookups in sorted(units, key=weight, reverse=True):
+        if lookups / copies > cap and copies == num_servers:
+            too_hot.append((t, start, end))
+        servers: list[int] = []
+        for _ in range(copies):
+            score = np.maximum((load_on + lookups / copies) / fair_load, (rows_on + end - start) / fair_rows)
+            score[servers] = np.inf
+            s = int(np.argmin(score))
+            servers.append(s)
+            load_on[s] += lookups / copies
+            rows_on[s] += end - start
+        shards.extend(Shard(t, start, end, s) for s in servers)
+    return shards, load_on, too_hot

@@ -1,0 +1,76 @@
+"""An embedding server's lookups per row range: exact counts of what was looked up, per (table,
+rows) part, whatever the shards' layout, in process and over a real cluster."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flexemr.config.plan import Shard, ShardingPlan
+from flexemr.embedding_server import range_counts
+from flexemr.embedding_server.range_counts import RangeCounts, range_rows
+from flexemr.sharding.plan import make_plan, with_local_offsets
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("fallback", [False, True])
+def test_counts_are_exact_per_part_and_parts_name_the_rows(
+    dtype: type, fallback: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if fallback:  # few parts allowed: buckets longer than the shortest shard, found by searchsorted
+        monkeypatch.setattr(range_counts, "MAX_PARTS", 8)
+    table_rows = (5000, 300, 7000)
+    # server 0 holds odd-sized pieces (shard starts fall inside buckets) and two copies' worth
+    shards = [Shard(0, 0, 1234, 0), Shard(2, 4000, 7000, 0), Shard(1, 0, 300, 0), Shard(0, 1234, 5000, 1)]
+    shards += [Shard(2, 0, 4000, 1), Shard(1, 0, 300, 1), Shard(2, 4000, 7000, 1)]
+    plan = ShardingPlan(2, table_rows, 4, with_local_offsets(shards))
+    mine = plan.shards_of(0)
+    counts = RangeCounts(mine, table_rows, 4)
+    assert (counts._first_part is None) == fallback  # the path under test
+    rng = np.random.default_rng(0)
+    local = [rng.integers(0, plan.server_rows(0), size=n).astype(dtype) for n in (1, 500, 20_000, 0)]
+    for rows in local:
+        counts.count(rows)
+    stats = counts.stats()
+    counts.close()
+    every = np.concatenate(local)
+    assert stats["lookups"] == every.size and stats["skipped"] == 0
+    assert stats["table_rows"] == list(table_rows) and stats["range_rows"] == [
+        range_rows(r) for r in table_rows
+    ]
+    # each local row as (table, table row), counted by brute force
+    truth: dict[tuple[int, int], int] = {}
+    for shard in mine:
+        inside = every[(every >= shard.local_start) & (every < shard.local_start + shard.rows)]
+        for row, n in zip(
+            *np.unique(inside - shard.local_start + shard.row_start, return_counts=True), strict=True
+        ):
+            truth[(shard.table, int(row))] = int(n)
+    seen = 0
+    for table, start, end, n in stats["ranges"]:
+        assert n > 0 and (fallback or end - start <= range_rows(table_rows[table]))
+        assert n == sum(truth.get((table, r), 0) for r in range(start, end)), (table, start, end)
+        seen += n
+    assert seen == every.size
+
+
+def test_a_row_wise_servers_parts_cover_its_shards() -> None:
+    plan = make_plan("row", (100_000, 3), 8, 2)
+    counts = RangeCounts(plan.shards_of(1), plan.table_rows, plan.dim)
+    counts.count(np.arange(plan.server_rows(1), dtype=np.int32))  # every row once
+    stats = counts.stats()
+    counts.close()
+    held = {(s.table, r) for s in plan.shards_of(1) for r in range(s.row_start, s.row_end)}
+    assert sum(end - start for _, start, end, _ in stats["ranges"]) == len(held)
+    assert all(n == end - start for _, start, end, n in stats["ranges"])
+
+
+def test_counters_stay_small_for_big_tables_beside_tiny_ones() -> None:
+    """DLRM-v2's shapes: 40M-row tables beside 3-row ones; the counters stay bounded in number."""
+    table_rows = (40_000_000, 3, 39_000_000, 5)
+    plan = make_plan("row", table_rows, 8, 2)
+    counts = RangeCounts(plan.shards_of(0), table_rows, 8)
+    assert counts._counts.size <= range_counts.MAX_PARTS + len(plan.shards_of(0))
+    counts.count(np.array([0, 1, plan.server_rows(0) - 1], dtype=np.int64))
+    assert counts.stats()["lookups"] == 3
+    counts.close()
