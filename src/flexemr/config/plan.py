@@ -97,8 +97,8 @@ class ShardingPlan:
                 for s in self.shards
                 if s.server == server
             )
-            for (t, cols, _, end), (u, ucols, start, _) in zip(held, held[1:], strict=False):
-                if (t, cols) == (u, ucols) and start < end:
+            for (t, block, _, end), (u, other, start, _) in zip(held, held[1:], strict=False):
+                if (t, block) == (u, other) and start < end:
                     raise ValueError(
                         f"server {server} holds table {t} rows [{start}, {end}) twice: copies of a row "
                         "must be on distinct servers"
