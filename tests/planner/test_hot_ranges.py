@@ -118,3 +118,24 @@ def test_shard_prints_a_plan_file_for_its_model_and_refuses_one_for_another(
     assert "hot-range-wise plan: 4 tables over 2 servers" in capsys.readouterr().out
     assert main(["shard", "--preset", "tiny", "--row-scale", "0.5", "--plan", str(out)]) == 2
     assert "made for another model" in capsys.readouterr().err
+
+
+def test_a_wide_table_whose_hot_range_the_budget_cannot_copy_is_cut_into_column_blocks() -> None:
+    """One copy of every row and no room for more: 60% of the lookups on one range of table 0.
+    Rows 16 wide stay whole and that range's server takes most of the load; rows 256 wide are cut
+    into 4 column blocks, each block's range on its own server: the same memory, the load spread."""
+    narrow = hot_range_plan(RangeTraffic.from_stats(skewed_stats()), 4, replicas=1, memory_budget=1.0)
+    wide = hot_range_plan(
+        RangeTraffic.from_stats({**skewed_stats(), "dim": 256}), 4, replicas=1, memory_budget=1.0
+    )
+    assert all(s.col_end is None for s in narrow.plan.shards)
+    assert narrow.server_load.max() / narrow.server_load.mean() > 2.0
+    plan = wide.plan
+    plan.validate()
+    assert plan.column_blocks()[:4] == [(0, 0, 64), (0, 64, 128), (0, 128, 192), (0, 192, 256)]
+    hot = [s for s in plan.shards if s.table == 0 and s.row_start == 0]
+    assert sorted(s.server for s in hot) == [0, 1, 2, 3]  # each block of the hot range elsewhere
+    assert plan.server_bytes() == pytest.approx([sum(plan.server_bytes()) / 4] * 4, rel=0.1)
+    assert sum(plan.server_bytes()) == 4 * 256 * sum(TABLE_ROWS)  # one copy: the same memory
+    assert wide.server_load.max() / wide.server_load.mean() < 1.1
+    assert "cut into column blocks" in wide.describe()

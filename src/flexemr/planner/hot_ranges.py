@@ -20,9 +20,14 @@ the model). Three steps:
     copies:          2   2   2   2   2   4    2   2          (replicas=2; range 5 is hot)
     units:         [ 0..1 ][ 1 ..... 5 )[5][ 6 ......       (a hot range alone; cold runs cut)
 
-Column splits: a unit that is still too hot with a copy on every server (one very wide, very hot
-range) is where a column-wise split would spread the load further; this planner places it whole
-and reports it (`HotRangePlan.too_hot`), the place for a column-wise strategy to take over.
+Column splits: a table with a range still over `HOT_SHARE` per copy after step 1 (the budget or
+the servers ran out of copies) and rows at least `2 * MIN_BLOCK_COLUMNS` wide has its columns cut
+into blocks (up to one per server, each at least `MIN_BLOCK_COLUMNS` wide), and every block of
+every unit is placed as a unit of its own, with its share of the lookups and bytes (a block lookup
+moves its columns only): the hot range's copies of each block go to other servers, so the hot
+load spreads over more servers at the same memory. Loads are then counted in whole-row lookups
+(a lookup in a quarter-width block counts a quarter). A unit still too hot with every block on
+every server is reported (`HotRangePlan.too_hot`).
 """
 
 from __future__ import annotations
@@ -38,10 +43,14 @@ import numpy as np
 
 from flexemr.config.plan import Shard, ShardingPlan
 from flexemr.planner.inputs import InputError
-from flexemr.sharding.plan import with_local_offsets
+from flexemr.sharding.plan import column_cuts, with_local_offsets
 
 HOT_SHARE = 1 / 32
 """A range (or unit) may take at most this fraction of a server's fair share of lookups per copy."""
+
+MIN_BLOCK_COLUMNS = 32
+"""Narrowest column block of a split table: a block lookup still costs an index lookup and a
+message, so narrower blocks would move too few bytes for what they cost."""
 
 MAX_STATS_BYTES = 64 * 2**20
 """Largest stats document read from a URL or a file."""
@@ -150,10 +159,13 @@ class HotRangePlan:
             f"measured lookups per server max/mean {load.max() / max(load.mean(), 1e-12):.3f}",
             self.plan.describe(),
         ]
+        split = sorted({s.table for s in self.plan.shards if s.col_end is not None})
+        if split:
+            lines.append(f"tables {split} cut into column blocks to spread their hot ranges")
         if self.too_hot:
             lines.append(
-                f"{len(self.too_hot)} range(s) stay hot with a copy on every server (a column-wise split "
-                f"would spread them), e.g. table {self.too_hot[0][0]} rows {self.too_hot[0][1:]}"
+                f"{len(self.too_hot)} range(s) stay hot with a copy on every server, "
+                f"e.g. table {self.too_hot[0][0]} rows {self.too_hot[0][1:]}"
             )
         return "\n".join(lines)
 
@@ -172,10 +184,16 @@ def hot_range_plan(
     total = max(traffic.total, 1)
     cap = HOT_SHARE * total / num_servers
     copies = _copies(traffic, num_servers, replicas, memory_budget, cap)
+    blocks = min(num_servers, traffic.dim // MIN_BLOCK_COLUMNS)
     units = [
-        unit
+        (*unit[:4], unit[4] * (last - first) / traffic.dim, first, last)
         for t in range(len(traffic.table_rows))
         for unit in _units(traffic, t, copies[t], replicas, cap, num_servers)
+        for first, last in (
+            column_cuts(traffic.dim, blocks)
+            if blocks > 1 and np.any(traffic.lookups[t] / copies[t] > cap)
+            else [(0, traffic.dim)]
+        )
     ]
     shards, load, too_hot = _place(traffic, units, num_servers, cap)
     plan = ShardingPlan(
@@ -216,6 +234,9 @@ def _copies(
 _Unit = tuple[int, int, int, int, float]
 """(table, row_start, row_end, copies, lookups)."""
 
+_Piece = tuple[int, int, int, int, float, int, int]
+"""A unit's column block: (table, row_start, row_end, copies, lookups in whole rows, col_start, col_end)."""
+
 
 def _units(
     traffic: RangeTraffic, t: int, copies: np.ndarray, replicas: int, cap: float, num_servers: int
@@ -247,30 +268,34 @@ def _units(
 
 
 def _place(
-    traffic: RangeTraffic, units: list[_Unit], num_servers: int, cap: float
+    traffic: RangeTraffic, pieces: list[_Piece], num_servers: int, cap: float
 ) -> tuple[list[Shard], np.ndarray, list[tuple[int, int, int]]]:
-    """Shards of every copy of every unit, and the lookups each server gets, heaviest unit first."""
+    """Shards of every copy of every piece, and the lookups each server gets, heaviest piece first.
+    Rows count in whole rows (a quarter-width block's row is a quarter), as lookups do."""
+    dim = traffic.dim
     total = max(traffic.total, 1)
-    stored = sum(u[3] * (u[2] - u[1]) for u in units)
+    stored = sum(p[3] * (p[2] - p[1]) * (p[6] - p[5]) / dim for p in pieces)
     fair_load, fair_rows = total / num_servers, max(stored, 1) / num_servers
     load_on = np.zeros(num_servers)
     rows_on = np.zeros(num_servers)
     shards: list[Shard] = []
-    too_hot = []
+    too_hot = set()
 
-    def weight(u: _Unit) -> float:
-        return max(u[4] / u[3] / fair_load, (u[2] - u[1]) / fair_rows)
+    def weight(p: _Piece) -> float:
+        return max(p[4] / p[3] / fair_load, (p[2] - p[1]) * (p[6] - p[5]) / dim / fair_rows)
 
-    for t, start, end, copies, lookups in sorted(units, key=weight, reverse=True):
+    for t, start, end, copies, lookups, first, last in sorted(pieces, key=weight, reverse=True):
         if lookups / copies > cap and copies == num_servers:
-            too_hot.append((t, start, end))
+            too_hot.add((t, start, end))
+        rows = (end - start) * (last - first) / dim
         servers: list[int] = []
         for _ in range(copies):
-            score = np.maximum((load_on + lookups / copies) / fair_load, (rows_on + end - start) / fair_rows)
+            score = np.maximum((load_on + lookups / copies) / fair_load, (rows_on + rows) / fair_rows)
             score[servers] = np.inf
             s = int(np.argmin(score))
             servers.append(s)
             load_on[s] += lookups / copies
-            rows_on[s] += end - start
-        shards.extend(Shard(t, start, end, s) for s in servers)
-    return shards, load_on, too_hot
+            rows_on[s] += rows
+        columns = {} if last - first == dim else {"col_start": first, "col_end": last}
+        shards.extend(Shard(t, start, end, s, **columns) for s in servers)
+    return shards, load_on, sorted(too_hot)
