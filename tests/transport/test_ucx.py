@@ -78,6 +78,16 @@ def test_every_engine_mode_scores_like_the_monolith_over_ucx(
     assert all(s["subrequests"] > 0 and s["failures"] == 0 for s in stats["servers"])  # type: ignore[index, attr-defined]
 
 
+@pytest.mark.parametrize(
+    ("preset", "row_scale"), [("rmc1", 0.001), ("rmc2", 0.001), ("rmc3", 0.001), ("dlrm-v2", 0.00002)]
+)
+def test_every_preset_scores_like_the_monolith_over_ucx(link: str, preset: str, row_scale: float) -> None:
+    """tiny is the module's cluster; the other presets' shapes (dims, pooling, interaction) too."""
+    with LocalCluster(ucx_spec("row", preset=preset, row_scale=row_scale)) as local:
+        stats = check_scores(local.spec)
+    assert all(s["subrequests"] > 0 for s in stats["servers"])  # type: ignore[index, attr-defined]
+
+
 @pytest.mark.parametrize("sharding", ["table", "row"])
 def test_table_and_row_sharding_over_three_ucx_servers_score_exactly(link: str, sharding: str) -> None:
     with LocalCluster(ucx_spec(sharding, servers=3)) as local:

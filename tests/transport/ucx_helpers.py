@@ -13,8 +13,10 @@ LINKS = {"tcp": "tcp", "shm": "tcp,sm,self"}
 """UCX_TLS of each link tested: UCX's TCP, and shared memory (TCP only to set the endpoints up)."""
 
 
-def ucx_spec(sharding: str = "row", servers: int = 2) -> ClusterSpec:
-    source = ModelSource(preset="tiny")
+def ucx_spec(
+    sharding: str = "row", servers: int = 2, preset: str = "tiny", row_scale: float = 1.0
+) -> ClusterSpec:
+    source = ModelSource(preset=preset, row_scale=row_scale)
     model = model_spec(source)
     plan = make_plan(sharding, model.table_rows, model.dim, servers)  # type: ignore[arg-type]
     endpoints = tuple(Endpoint() for _ in range(servers))
