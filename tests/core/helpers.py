@@ -61,6 +61,15 @@ def assert_scores_like_the_monolith(
         )
 
 
+def wait_for_cached_rows(stats: Callable[[], dict[str, object]], timeout: float = 30) -> None:
+    """Return once the ranker's cache (`stats`: `Ranker.stats`) holds rows: its background warmer
+    admits them after the requests that observed them, later on a busy machine."""
+    deadline = time.monotonic() + timeout
+    while not stats()["cache"]["rows"]:  # type: ignore[index]
+        assert time.monotonic() < deadline, f"the cache admitted no row within {timeout} s"
+        time.sleep(0.02)
+
+
 def freeze(pid: int, timeout: float = 30) -> None:
     """SIGSTOP `pid` and return once every one of its threads is stopped. `kill` returns before
     that: the signal stops one thread, which then stops the others, and on a busy machine another

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -31,7 +30,7 @@ from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import ShardingConfig, make_plan, replicated
 from flexemr.sharding.router import RangeRouter
 from flexemr.transport.local import LocalTransport
-from tests.core.helpers import assert_scores_like_the_monolith, random_batch
+from tests.core.helpers import assert_scores_like_the_monolith, random_batch, wait_for_cached_rows
 
 FORMATS = ["fp32", "fp16", "int8", "int4", "int8,fp32,fp16,int4"]
 LAYOUTS = [
@@ -210,7 +209,7 @@ def test_column_sharded_scores_equal_the_monolith(cluster: ClusterSpec) -> None:
             try:
                 assert_scores_like_the_monolith(ranker.score, monolithic, seeds=2)
                 if cache != "off":
-                    time.sleep(0.2)  # the warmer fills the cache with whole rows
+                    wait_for_cached_rows(ranker.stats)  # the warmer fills it with whole rows
                     assert_scores_like_the_monolith(ranker.score, monolithic, seeds=2)
                     assert ranker.stats()["cache"]["hits"] > 0
             finally:
