@@ -3,12 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast lint docs reference install system-deps
+.PHONY: demo test test-fast test-ucx lint docs reference install system-deps
 
 $(BIN)/flexemr: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,bench,ray,parquet,ucx]"
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev,bench,ray,parquet]"
 	touch $@
 
 install: $(BIN)/flexemr
@@ -41,6 +41,13 @@ test: install system-deps
 # Leaves out the slow multi-process tests (marked `slow`); CI and `make test` run them all.
 test-fast: install system-deps
 	$(PYTEST) -m "not slow"
+
+# The UCX transport's tests (tests/transport/test_ucx*.py skip without the `ucx` extra). Not in
+# `make test` yet: one of them hung once in CI (an answer not progressed within 10 s over UCX's TCP,
+# issue #23), so the experimental transport does not gate the rest until that is found.
+test-ucx: install system-deps
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[ucx]"
+	$(PYTEST) tests/transport/test_ucx.py tests/transport/test_ucx_faults.py
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy
