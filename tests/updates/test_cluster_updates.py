@@ -35,7 +35,7 @@ from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import make_plan, replicated
 from flexemr.transport.base import LookupFailed, SubrequestRefused
 from flexemr.updates import RowUpdates, UpdateFailed, Updater
-from tests.core.helpers import random_batch, reference_scores
+from tests.core.helpers import random_batch, reference_scores, wait_for_cached_rows
 from tests.updates.helpers import apply_monolithic, random_updates, rows_of
 
 pytestmark = pytest.mark.slow
@@ -138,8 +138,8 @@ def _holders(live: Live, table: int, row: int) -> list[int]:
 
 def test_scores_are_exact_after_updates_on_every_replica(live: Live) -> None:
     live.check_scores(seed=1)
-    for _ in range(3):
-        live.check_scores(seed=1)  # the cache now holds rows of this batch
+    wait_for_cached_rows(live.rankers[1].stats)
+    live.check_scores(seed=1)  # the cache now holds rows of this batch
     _, indices, lengths = random_batch(live.mono.spec, 16, 1)
     tables, rows = rows_of(live.mono.spec, indices, lengths)
     values = np.random.default_rng(2).standard_normal((tables.size, live.mono.spec.dim)).astype(np.float32)

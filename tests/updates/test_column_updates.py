@@ -23,7 +23,7 @@ from flexemr.model.weights import build_monolithic
 from flexemr.protocol.frames import MessageType
 from flexemr.sharding.plan import make_plan, replicated
 from flexemr.updates import RowUpdates, Updater
-from tests.core.helpers import random_batch
+from tests.core.helpers import random_batch, wait_for_cached_rows
 from tests.updates.helpers import rows_of
 from tests.updates.test_cluster_updates import Live
 
@@ -51,8 +51,9 @@ def live() -> Iterator[Live]:
 
 
 def test_an_update_reaches_every_column_shard_at_one_version(live: Live) -> None:
-    for _ in range(4):
-        live.check_scores(seed=1)  # the cache now holds whole rows of this batch
+    live.check_scores(seed=1)
+    wait_for_cached_rows(live.rankers[1].stats)
+    live.check_scores(seed=1)  # the cache now holds whole rows of this batch
     _, indices, lengths = random_batch(live.mono.spec, 16, 1)
     tables, rows = rows_of(live.mono.spec, indices, lengths)
     values = np.random.default_rng(3).standard_normal((tables.size, live.mono.spec.dim)).astype(np.float32)
