@@ -25,7 +25,7 @@ from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.source import load_weights
 from flexemr.model.weights import build_monolithic
 from flexemr.transport.base import ConfigMismatch
-from tests.core.helpers import random_batch, reference_scores
+from tests.core.helpers import assert_scores_like_the_monolith
 from tests.engine.helpers import random_request, reference
 from tests.transport.ucx_helpers import SECRET, ucx_spec
 
@@ -43,15 +43,7 @@ def check_scores(spec: ClusterSpec, **engine: object) -> dict[str, object]:
     try:
         assert isinstance(ranker.transport, IoEngine)
         assert ranker.transport.dialer.transport == "ucx"
-        model = build_monolithic(load_weights(spec.model))
-        for seed in range(3):
-            dense, indices, lengths = random_batch(ranker.spec, 32, seed)
-            np.testing.assert_allclose(
-                ranker.score(dense, indices, lengths),
-                reference_scores(model, dense, indices, lengths),
-                rtol=1e-4,
-                atol=1e-5,
-            )
+        assert_scores_like_the_monolith(ranker.score, build_monolithic(load_weights(spec.model)))
         return ranker.stats()["transport"]  # type: ignore[no-any-return]
     finally:
         ranker.close()
