@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/profile_summary.py /tmp/serving.raw [--top 25]
 
 Per thread: its samples, how many were busy (not waiting in select/epoll/locks/sleep), and the
-functions on the stack in the most busy samples (inclusive, as a share of its busy samples).
+functions on the stack in the most busy samples (inclusive, as a share of its busy samples). A
+profile of several processes (`py-spy --subprocesses`) names each thread after its process too.
 """
 
 from __future__ import annotations
@@ -18,6 +19,17 @@ WAITING = re.compile(
 """Leaf frames that mean the thread is waiting (uvloop waits inside its C `run`, an idle pool
 thread in `_worker`)."""
 FRAME = re.compile(r"^(?P<name>.*?) \((?P<file>[^:]*):\d+\)$")
+PROCESS = re.compile(r'^process (?P<pid>\d+):"(?P<command>.*)"$')
+
+
+def process_name(frame: str) -> str:
+    """`process PID:"COMMAND"` as the flexemr role it runs (`embedding-server 1`), or its pid."""
+    match = PROCESS.match(frame)
+    if match is None:
+        return frame
+    server = re.search(r"embedding-server .*--index (\d+)", match["command"])
+    role = f"embedding-server {server[1]}" if server else "ranker" if " serve " in match["command"] else ""
+    return f"{role} ({match['pid']})".strip()
 
 
 def main() -> None:
@@ -32,6 +44,10 @@ def main() -> None:
         for line in lines:
             stack, _, count = line.rstrip().rpartition(" ")
             frames = stack.split(";")
+            while len(frames) > 1 and frames[1].startswith("process "):  # a child's stacks: its own
+                frames = frames[1:]
+            if frames[0].startswith("process ") and len(frames) > 1:
+                frames = [f"{process_name(frames[0])} {frames[1]}", *frames[2:]]
             thread, n = frames[0], int(count)
             samples[thread] += n
             if WAITING.match(frames[-1]):

@@ -21,7 +21,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -211,23 +211,24 @@ class Ranker:
         from every server that holds rows of the batch, by `deadline` (time.monotonic(); the
         request's) if it comes before the lookup timeout, at `version` (`Stale` if a server is
         at another)."""
-        keys = self.router.keys(batch.indices, batch.rows_per_table)
         raw = self.config.lookup == "raw"
         if self._whole_store is not None and self.cache is None and not raw:
             # The local tier: one call pools the batch, in the kernel and order a server would.
+            keys = self.router.keys(batch.indices, batch.rows_per_table)
             sums = torch.from_numpy(self._whole_store.pooled(keys, batch.offsets[:-1])).to(self.device)
             return self._finish_pooling(sums, batch)
         pooled = torch.zeros(batch.lengths.size, self.spec.dim, device=self.device)
-        remote_keys, remote_lengths = keys, batch.lengths
         cache = self.cache
+        route = functools.partial(self.router.route_batch, batch.indices, batch.rows_per_table, batch.lengths)
         if cache is not None:  # the cached rows are summed into `pooled`; the servers see the rest
+            keys = self.router.keys(batch.indices, batch.rows_per_table)
             with self._lock:
                 queued = max(self._waiting - batch.batch_size, 0)
             offsets = torch.from_numpy(batch.offsets)
             plan = cache.plan_batch(torch.from_numpy(keys), offsets, batch.batch_size, queued, pooled)
-            remote_keys, remote_lengths = plan.remote(keys, batch.lengths)
+            route = functools.partial(self.router.route, *plan.remote(keys, batch.lengths))
         fetched: list[tuple[Subrequest, np.ndarray]] = []
-        for sub, values in self._lookup(remote_keys, remote_lengths, raw, deadline, version):
+        for sub, values in self._lookup(route, raw, deadline, version):
             rows = torch.from_numpy(values).to(self.device)
             bags = torch.from_numpy(sub.row_bags() if raw else sub.bags).to(self.device)
             # Each column block's sums into its columns (one block of all columns, unless split).
@@ -248,14 +249,14 @@ class Ranker:
 
     def _lookup(
         self,
-        keys: np.ndarray,
-        lengths: np.ndarray,
+        route: Callable[[np.ndarray], Iterator[Subrequest]],
         raw: bool,
         deadline: float | None = None,
         version: int | None = None,
     ) -> Iterator[tuple[Subrequest, np.ndarray]]:
-        """Send one subrequest per server holding any of `keys` (in bags of `lengths`), each to one
-        replica of the rows it needs, all in flight at once; yield each with its answer. A
+        """Send the subrequests that `route` (given the servers' rank, `RangeRouter.route`) makes,
+        one per server holding rows of the batch, each to one replica of the rows it needs, all in
+        flight at once; yield each with its answer. A
         subrequest whose replica fails, is stalled, does not answer in time or is behind `version`
         (STALE) is sent again, whole, to another replica (its late answer, if any, is never used);
         the lookup fails only when no replica of some rows is left, or the time (the lookup
@@ -266,9 +267,7 @@ class Ranker:
         timeout = max(deadline - start, 0.0)
         failed: set[int] = set()
         waited_out: set[concurrent.futures.Future[np.ndarray]] = set()  # had their share of time
-        pending = collections.deque(
-            self._send(self.router.route(keys, lengths, self._rank(failed)), raw, version)
-        )
+        pending = collections.deque(self._send(route(self._rank(failed)), raw, version))
         while pending:
             sub, future = pending.popleft()
             left = max(deadline - time.monotonic(), 0.0)
@@ -378,7 +377,8 @@ class Ranker:
             try:
                 with self._reading() as version:
                     lengths = np.ones(keys.size, dtype=np.int64)
-                    answers = list(self._lookup(keys, lengths, True, None, version))
+                    route = functools.partial(self.router.route, keys, lengths)
+                    answers = list(self._lookup(route, True, None, version))
                     whole_keys, whole_rows = self.router.whole_rows(answers)  # slices side by side
                     self.cache.admit(
                         torch.from_numpy(whole_keys), torch.from_numpy(whole_rows), request.token

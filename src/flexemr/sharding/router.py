@@ -33,9 +33,10 @@ from flexemr.config.plan import ShardingPlan
 MAX_BUCKETS = 2**20
 MAX_STARTS_PER_BUCKET = 4
 
-_Piece = tuple[np.ndarray, np.ndarray | np.int64, np.ndarray, np.ndarray]
-"""Keys for one server (a whole table's, or all of a batch's it holds): (global keys, shift to
-local rows, one or one per key, the bag id of each bag, where each bag starts in the keys)."""
+_Piece = tuple[np.ndarray, np.ndarray | np.int64, np.int64, np.ndarray, np.ndarray]
+"""Rows for one server (a whole table's, or all of a batch's it holds): (values: global keys, or a
+table's own row indices; shift from a value to the server's local row, one or one per value; shift
+from a value to its routing key; the bag id of each bag; where each bag starts in the values)."""
 
 
 class Uncovered(LookupError):
@@ -57,8 +58,9 @@ class Subrequest:
     """[bags], the dtype of `rows`: where each bag starts in `rows`."""
     bags: np.ndarray
     """int64 [bags]: the batch-wide bag id (table * B + sample) of each bag."""
-    key_pieces: tuple[np.ndarray, ...]
-    """The routing keys of `rows`, in pieces (joined only when the cache asks for them)."""
+    key_pieces: tuple[tuple[np.ndarray, np.int64], ...]
+    """The routing keys of `rows`, in pieces (values, shift): a piece's keys are its values plus
+    its shift (added up and joined only when a failover or the cache asks for them)."""
     blocks: np.ndarray | None = None
     """int64 [bags]: the column block (`RangeRouter.block_columns`) each bag is for, ascending;
     None where no table is split by column."""
@@ -67,7 +69,7 @@ class Subrequest:
     def keys(self) -> np.ndarray:
         """int64 [n]: the routing key of each row; where no table is split by column, its global
         key (what the ranker's cache is keyed by; see `RangeRouter.cache_keys`)."""
-        return np.concatenate(self.key_pieces)
+        return np.concatenate([values + shift for values, shift in self.key_pieces])
 
     def row_bags(self) -> np.ndarray:
         """The bag id of every row (for pooling raw rows on the ranker)."""
@@ -235,6 +237,24 @@ class RangeRouter:
         for sub in self._route(keys, lengths, rank):
             yield dataclasses.replace(sub, bags=bag[sub.bags], blocks=block[sub.bags])
 
+    def route_batch(
+        self,
+        indices: np.ndarray,
+        rows_per_table: np.ndarray,
+        lengths: np.ndarray,
+        rank: np.ndarray | None = None,
+    ) -> Iterator[Subrequest]:
+        """`route` of a batch's table-major row `indices` (`rows_per_table[t]` of them from table t,
+        as in `keys`). Where every table is held whole by each of its holders (no row range or
+        column block split off), each server's local rows are written straight from the indices, in
+        one pass, without the global keys."""
+        if self.split or self._any_split:
+            yield from self.route(self.keys(indices, rows_per_table), lengths, rank)
+            return
+        edges = np.zeros(rows_per_table.size + 1, dtype=np.int64)
+        np.cumsum(rows_per_table, out=edges[1:])
+        yield from self._route_tables(indices, edges, self.table_base, lengths, rank)
+
     def route_again(self, sub: Subrequest, rank: np.ndarray) -> Iterator[Subrequest]:
         """`sub`'s rows routed again by `rank` (away from a replica that failed), with its bag ids
         and blocks."""
@@ -313,18 +333,32 @@ class RangeRouter:
         Where every table (block) is one piece, a table costs O(bags) (its keys go as one slice);
         once any is split, every key's piece is found at once, a pass over the keys per server
         instead of numpy calls per (table, server) slice."""
-        server, shift = self._choose(rank)
         if self._any_split:
+            server, shift = self._choose(rank)
             yield from self._route_keys(keys, lengths, server, shift)
             return
+        # Keys of table t all lie in [table_base[t], table_base[t+1]), so "key >= table_base[t]"
+        # is monotone over the batch and a binary search finds each table's slice.
+        edges = np.searchsorted(keys, self._table_edges)
+        yield from self._route_tables(keys, edges, np.zeros(edges.size - 1, np.int64), lengths, rank)
+
+    def _route_tables(
+        self,
+        values: np.ndarray,
+        edges: np.ndarray,
+        key_shift: np.ndarray,
+        lengths: np.ndarray,
+        rank: np.ndarray | None,
+    ) -> Iterator[Subrequest]:
+        """`_route` where every table (block) is one piece: table t's values are
+        `values[edges[t]:edges[t+1]]`, its routing keys those plus `key_shift[t]`; the bags
+        starting among a table's values are the table's."""
+        server, shift = self._choose(rank)
         offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        # Keys of table t all lie in [table_base[t], table_base[t+1]), so "key >= table_base[t]"
-        # is monotone over the batch and a binary search finds each table's slice; the bags
-        # starting in a slice are the table's.
-        edges = np.searchsorted(keys, self._table_edges)
         bag_edges = np.searchsorted(offsets[:-1], edges)
-        # Per server, (keys, shift to their local rows, bag ids, where each bag starts) per table.
+        # Per server, (values, shift to their local rows, to their keys, bag ids, where each bag
+        # starts) per table.
         parts: list[list[_Piece]] = [[] for _ in self._index_dtype]
         used = np.flatnonzero(edges[1:] > edges[:-1])
         missing = used[server[used] < 0]
@@ -334,7 +368,8 @@ class RangeRouter:
             start, end = edges[t], edges[t + 1]
             bags = np.arange(bag_edges[t], bag_edges[t + 1])
             bags = bags[lengths[bags] > 0]
-            parts[server[t]].append((keys[start:end], shift[t], bags, offsets[bags] - start))
+            piece = (values[start:end], shift[t] + key_shift[t], key_shift[t], bags, offsets[bags] - start)
+            parts[server[t]].append(piece)
         for s, pieces in enumerate(parts):
             if pieces:
                 yield self._subrequest(s, pieces)
@@ -351,7 +386,8 @@ class RangeRouter:
             picked = np.flatnonzero(server == s)
             bags = key_bags[picked]
             starts = np.flatnonzero(np.concatenate([[True], bags[1:] != bags[:-1]]))
-            yield self._subrequest(int(s), [(keys[picked], piece_shift[piece[picked]], bags[starts], starts)])
+            shift = piece_shift[piece[picked]]
+            yield self._subrequest(int(s), [(keys[picked], shift, np.int64(0), bags[starts], starts)])
 
     def _subrequest(self, server: int, pieces: list[_Piece]) -> Subrequest:
         """Write the pieces' local rows straight into one array of the server's index dtype."""
@@ -359,17 +395,25 @@ class RangeRouter:
         rows = np.empty(sum(piece[0].size for piece in pieces), dtype)
         offsets, bags = [], []
         at = 0
-        for piece_keys, shift, piece_bags, starts in pieces:
-            np.add(piece_keys, shift, out=rows[at : at + piece_keys.size], casting="unsafe")
+        for values, shift, _, piece_bags, starts in pieces:
+            out = rows[at : at + values.size]
+            if np.ndim(shift) == 0:
+                # Cast, then add in the rows' dtype: twice as fast as one add across dtypes. Both
+                # may wrap around in int32, but the local row they add up to fits, so the wrapped
+                # sum is that row (two's complement arithmetic is modulo 2^32).
+                np.copyto(out, values, casting="unsafe")
+                np.add(out, np.asarray(shift, dtype=np.int64).astype(dtype), out=out)
+            else:
+                np.add(values, shift, out=out, casting="unsafe")
             offsets.append(starts + at)
             bags.append(piece_bags)
-            at += piece_keys.size
+            at += values.size
         return Subrequest(
             server,
             rows,
             np.concatenate(offsets).astype(dtype),
             np.concatenate(bags),
-            tuple(piece[0] for piece in pieces),
+            tuple((piece[0], piece[2]) for piece in pieces),
         )
 
 
