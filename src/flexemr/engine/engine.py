@@ -332,7 +332,7 @@ class IoEngine:
         for _ in itertools.count():
             if self._closed.wait(self.config.migration_interval_s):
                 return
-            if self.policy is not None:
+            if self.policy is not None and self._outstanding:  # an idle engine has nothing to balance
                 queued = {c.cid: len(c.pending) for c in self._connections if c.alive}
                 move = self.policy.observe(queued, self.owners())
                 if move is not None:

@@ -109,9 +109,10 @@ class IoThread:
         self._wake_w.close()
 
     def _drain_wake(self) -> None:
+        # One read takes every byte posted so far (a byte per wake-up, a few at most); a byte
+        # posted after it wakes the selector again.
         try:
-            while self._wake_r.recv(4096):
-                pass
+            self._wake_r.recv(4096)
         except BlockingIOError:
             pass
 
