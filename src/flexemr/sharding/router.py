@@ -33,11 +33,6 @@ from flexemr.config.plan import ShardingPlan
 MAX_BUCKETS = 2**20
 MAX_STARTS_PER_BUCKET = 4
 
-_Piece = tuple[np.ndarray, np.ndarray | np.int64, np.int64, np.ndarray, np.ndarray]
-"""Rows for one server (a whole table's, or all of a batch's it holds): (values: global keys, or a
-table's own row indices; shift from a value to the server's local row, one or one per value; shift
-from a value to its routing key; the bag id of each bag; where each bag starts in the values)."""
-
 
 class Uncovered(LookupError):
     """Some keys' rows have no usable holder (every replica is down, stalled or excluded)."""
@@ -352,27 +347,47 @@ class RangeRouter:
     ) -> Iterator[Subrequest]:
         """`_route` where every table (block) is one piece: table t's values are
         `values[edges[t]:edges[t+1]]`, its routing keys those plus `key_shift[t]`; the bags
-        starting among a table's values are the table's."""
-        server, shift = self._choose(rank)
+        starting among a table's values are the table's. Per server, its tables' values are
+        written into its rows (a cast and an add per table) and its bags found with a few
+        vectorised ops over the batch's bags."""
+        tables = edges.size - 1
+        server, shift = (a[:tables] for a in self._choose(rank))  # piece t is table t
+        sizes = np.diff(edges)
+        used = sizes > 0
+        if (server[used] < 0).any():
+            raise self._no_replica(int(np.flatnonzero(used & (server < 0))[0]))
         offsets = np.zeros(lengths.size + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        bag_edges = np.searchsorted(offsets[:-1], edges)
-        # Per server, (values, shift to their local rows, to their keys, bag ids, where each bag
-        # starts) per table.
-        parts: list[list[_Piece]] = [[] for _ in self._index_dtype]
-        used = np.flatnonzero(edges[1:] > edges[:-1])
-        missing = used[server[used] < 0]
-        if missing.size:
-            raise self._no_replica(int(missing[0]))
-        for t in used:
-            start, end = edges[t], edges[t + 1]
-            bags = np.arange(bag_edges[t], bag_edges[t + 1])
-            bags = bags[lengths[bags] > 0]
-            piece = (values[start:end], shift[t] + key_shift[t], key_shift[t], bags, offsets[bags] - start)
-            parts[server[t]].append(piece)
-        for s, pieces in enumerate(parts):
-            if pieces:
-                yield self._subrequest(s, pieces)
+        # Each bag's table; bags past the last value (empty) get `tables`, which no server holds.
+        bag_edges = np.append(np.searchsorted(offsets[:-1], edges), lengths.size)
+        bag_table = np.repeat(np.arange(tables + 1), np.diff(bag_edges))
+        nonempty = lengths > 0
+        local_shift = shift + key_shift  # value -> the server's local row
+        for s in np.unique(server[used]).tolist():
+            mine = np.flatnonzero(used & (server == s))
+            starts = np.zeros(mine.size + 1, dtype=np.int64)
+            np.cumsum(sizes[mine], out=starts[1:])  # where each of its tables starts in its rows
+            dtype = self._index_dtype[s]
+            # Cast, then add in the rows' dtype: twice as fast as one add across dtypes. Both may
+            # wrap around in int32, but the local row they add up to fits, so the wrapped sum is
+            # that row (two's complement arithmetic is modulo 2^32).
+            add = local_shift.astype(dtype)
+            rows = np.empty(int(starts[-1]), dtype)
+            for t, at, end in zip(mine.tolist(), starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+                np.copyto(rows[at:end], values[edges[t] : edges[t + 1]], casting="unsafe")
+                np.add(rows[at:end], add[t], out=rows[at:end])
+            moved = np.zeros(tables + 1, dtype=np.int64)  # a table's value positions -> row positions
+            moved[mine] = starts[:-1] - edges[mine]
+            held = np.zeros(tables + 1, dtype=bool)
+            held[mine] = True
+            bags = np.flatnonzero(nonempty & held[bag_table])
+            yield Subrequest(
+                s,
+                rows,
+                (offsets[bags] + moved[bag_table[bags]]).astype(dtype),
+                bags,
+                tuple((values[edges[t] : edges[t + 1]], key_shift[t]) for t in mine.tolist()),
+            )
 
     def _route_keys(
         self, keys: np.ndarray, lengths: np.ndarray, piece_server: np.ndarray, piece_shift: np.ndarray
@@ -382,39 +397,14 @@ class RangeRouter:
         if server.size and server.min() < 0:
             raise self._no_replica(int(piece[np.argmin(server)]))
         key_bags = np.repeat(np.arange(lengths.size), lengths)
-        for s in np.flatnonzero(np.bincount(server, minlength=len(self._index_dtype))):
+        for s in np.flatnonzero(np.bincount(server, minlength=len(self._index_dtype))).tolist():
             picked = np.flatnonzero(server == s)
             bags = key_bags[picked]
             starts = np.flatnonzero(np.concatenate([[True], bags[1:] != bags[:-1]]))
-            shift = piece_shift[piece[picked]]
-            yield self._subrequest(int(s), [(keys[picked], shift, np.int64(0), bags[starts], starts)])
-
-    def _subrequest(self, server: int, pieces: list[_Piece]) -> Subrequest:
-        """Write the pieces' local rows straight into one array of the server's index dtype."""
-        dtype = self._index_dtype[server]
-        rows = np.empty(sum(piece[0].size for piece in pieces), dtype)
-        offsets, bags = [], []
-        at = 0
-        for values, shift, _, piece_bags, starts in pieces:
-            out = rows[at : at + values.size]
-            if np.ndim(shift) == 0:
-                # Cast, then add in the rows' dtype: twice as fast as one add across dtypes. Both
-                # may wrap around in int32, but the local row they add up to fits, so the wrapped
-                # sum is that row (two's complement arithmetic is modulo 2^32).
-                np.copyto(out, values, casting="unsafe")
-                np.add(out, np.asarray(shift, dtype=np.int64).astype(dtype), out=out)
-            else:
-                np.add(values, shift, out=out, casting="unsafe")
-            offsets.append(starts + at)
-            bags.append(piece_bags)
-            at += values.size
-        return Subrequest(
-            server,
-            rows,
-            np.concatenate(offsets).astype(dtype),
-            np.concatenate(bags),
-            tuple((piece[0], piece[2]) for piece in pieces),
-        )
+            dtype, mine = self._index_dtype[s], keys[picked]
+            rows = np.empty(picked.size, dtype)
+            np.add(mine, piece_shift[piece[picked]], out=rows, casting="unsafe")
+            yield Subrequest(s, rows, starts.astype(dtype), bags[starts], ((mine, np.int64(0)),))
 
 
 def _blocks_as_tables(plan: ShardingPlan) -> ShardingPlan:
