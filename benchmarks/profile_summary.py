@@ -14,10 +14,12 @@ import re
 from collections import Counter, defaultdict
 
 WAITING = re.compile(
-    r"^(?:\w+\.)?(select|poll|epoll_wait|wait|acquire|sleep|get|run_forever|_run_once|run|accept|_worker) \("
+    r"^(?:[\w<>.]+\.)?(select|poll|epoll_wait|wait|acquire|sleep|get|run_forever|_run_once|run|accept|_worker"
+    r"|_recv_exact|watch) \("
 )
 """Leaf frames that mean the thread is waiting (uvloop waits inside its C `run`, an idle pool
-thread in `_worker`)."""
+thread in `_worker`, an embedding server's connection thread for the next frame in `_recv_exact`,
+a child process for its parent's stdin to close in `watch`)."""
 FRAME = re.compile(r"^(?P<name>.*?) \((?P<file>[^:]*):\d+\)$")
 PROCESS = re.compile(r'^process (?P<pid>\d+):"(?P<command>.*)"$')
 

@@ -3,6 +3,7 @@ under load, ownership checks, and the counters."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import wait
@@ -194,6 +195,29 @@ def test_server_errors_come_back_and_the_connection_lives(servers: Servers) -> N
             engine.submit(0, bad).result(10)
         burst(engine, servers, 50, seed=11)
         assert engine.connected() == [True, True]
+    finally:
+        engine.close()
+
+
+def test_answers_land_in_the_callers_buffer_when_they_fit_it(servers: Servers) -> None:
+    engine = servers.engine(mode="mapped", io_threads=2)
+    dim = servers.stores[0].width
+    try:
+        rng = np.random.default_rng(5)
+        for raw in (False, True):
+            request = random_request(rng, servers.stores[0].num_rows, raw=raw)
+            buffer = np.full((request.expected_shape(dim)[0] + 2, dim), np.nan, dtype=np.float32)
+            out = buffer[1:-1]
+            answer = engine.submit(0, dataclasses.replace(request, out=out)).result(10)
+            assert answer is out  # received straight into it, no copy
+            np.testing.assert_allclose(out, reference(servers.stores[0], request), rtol=1e-5, atol=1e-6)
+            assert np.isnan(buffer[[0, -1]]).all()  # nothing written around it
+        # an `out` of another shape than the answer is left alone: the answer gets its own array
+        request = random_request(rng, servers.stores[0].num_rows)
+        wrong = np.zeros((request.expected_shape(dim)[0] + 1, dim), dtype=np.float32)
+        answer = engine.submit(0, dataclasses.replace(request, out=wrong)).result(10)
+        assert answer is not wrong and not wrong.any()
+        np.testing.assert_allclose(answer, reference(servers.stores[0], request), rtol=1e-5, atol=1e-6)
     finally:
         engine.close()
 

@@ -4,8 +4,9 @@ Sending: a lookup is framed (`encode`: header bytes plus memoryviews of the arra
 appended to the outgoing queue; `flush` writes as much as the socket takes with `sendmsg`, and a
 partial send resumes where it stopped on the next writable event. Receiving: an incremental parser
 reads the header, then the descriptors, then each buffer straight into an array allocated for it
-(after the limits are checked), across as many readable events as it takes. Answers are matched to
-their futures by request id, so any number of subrequests can be in flight.
+(after the limits are checked), or, for a result of the shape asked for, into the lookup's `out`
+(the ranker's one buffer for a batch's answers), across as many readable events as it takes.
+Answers are matched to their futures by request id, so any number of subrequests can be in flight.
 
 Ownership: only the owning thread calls these methods, so there is no lock. With `debug` on, every
 socket operation checks that the calling thread is the owner. (The `shared` baseline,
@@ -60,6 +61,8 @@ class OwnershipError(AssertionError):
 class Pending:
     future: Future[np.ndarray]
     shape: tuple[int, int]
+    out: np.ndarray | None
+    """Where the answer's values are received (`LookupRequest.out`), or None."""
 
 
 class Connection:
@@ -163,7 +166,10 @@ class Connection:
         if self.piggyback and self.credits is not None and self.credits.owed:
             flags |= Flags.CREDIT
             buffers.append(np.array([self.credits.take(), time.monotonic_ns()], dtype=np.int64))
-        self.pending[request_id] = Pending(future, request.expected_shape(self.dim))
+        shape, out = request.expected_shape(self.dim), request.out
+        if out is not None and (out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous):
+            out = None  # not a buffer the answer fits: it gets an array of its own
+        self.pending[request_id] = Pending(future, shape, out)
         self._out.extend(v for v in encode(MessageType.LOOKUP, request_id, buffers, flags) if v.nbytes)
         self.stats.subrequests += 1
 
@@ -247,9 +253,18 @@ class Connection:
             self._set_target(memoryview(bytearray(DESCRIPTOR.size * self._frame[3])))
         elif self._stage == 1:
             assert self._frame is not None
-            _, _, _, count, body = self._frame
+            kind, _, request_id, count, body = self._frame
             shapes = parse_descriptors(self._target.obj, count, body, self.limits)  # type: ignore[arg-type]
-            self._arrays = [np.empty(shape, dtype=dtype) for dtype, shape in shapes]
+            entry = self.pending.get(request_id)
+            if (
+                entry is not None
+                and entry.out is not None
+                and kind == MessageType.RESULT
+                and shapes == [(np.dtype(np.float32), entry.shape)]
+            ):
+                self._arrays = [entry.out]  # the values go straight into the caller's buffer
+            else:
+                self._arrays = [np.empty(shape, dtype=dtype) for dtype, shape in shapes]
             self._todo = list(reversed(self._arrays))
             self._stage = 2
             self._next_buffer()

@@ -59,6 +59,20 @@ MAX_VERSION_RETRIES = 4
 """Times a request is pooled again after the rows' version moved under it, before it fails."""
 
 
+def _joined(answers: list[tuple[Subrequest, np.ndarray]]) -> np.ndarray:
+    """The answers' values one after the other: the buffer they were received into (`Ranker._send`)
+    when they fill it, in order (no subrequest failed over, the transport honoured `out`), else a
+    copy. An abandoned subrequest's part of a buffer is never read: a late answer may land there."""
+    buffer = answers[0][1].base
+    if (
+        isinstance(buffer, np.ndarray)
+        and all(values.base is buffer for _, values in answers)
+        and sum(values.shape[0] for _, values in answers) == buffer.shape[0]
+    ):
+        return buffer
+    return np.concatenate([values for _, values in answers])
+
+
 @functools.cache
 def dense_slots() -> threading.BoundedSemaphore:
     """The process's dense forwards that may run at once: as many as its cores hold at torch's
@@ -227,17 +241,20 @@ class Ranker:
             offsets = torch.from_numpy(batch.offsets)
             plan = cache.plan_batch(torch.from_numpy(keys), offsets, batch.batch_size, queued, pooled)
             route = functools.partial(self.router.route, *plan.remote(keys, batch.lengths))
-        fetched: list[tuple[Subrequest, np.ndarray]] = []
-        for sub, values in self._lookup(route, raw, deadline, version):
-            rows = torch.from_numpy(values).to(self.device)
-            bags = torch.from_numpy(sub.row_bags() if raw else sub.bags).to(self.device)
-            # Each column block's sums into its columns (one block of all columns, unless split).
-            for part, first, last in self.router.column_runs(sub, raw):
-                pooled[:, first:last].index_add_(0, bags[part], rows[part, : last - first])
-            if raw and cache is not None:
-                fetched.append((sub, values))
+        answers = list(self._lookup(route, raw, deadline, version))
+        if self.router.split:
+            for sub, values in answers:  # each column block's sums into its columns
+                rows = torch.from_numpy(values).to(self.device)
+                bags = torch.from_numpy(sub.row_bags() if raw else sub.bags).to(self.device)
+                for part, first, last in self.router.column_runs(sub, raw):
+                    pooled[:, first:last].index_add_(0, bags[part], rows[part, : last - first])
+        elif answers:  # one index_add_ over every answer
+            bag_ids = torch.from_numpy(
+                np.concatenate([sub.row_bags() if raw else sub.bags for sub, _ in answers])
+            )
+            pooled.index_add_(0, bag_ids.to(self.device), torch.from_numpy(_joined(answers)).to(self.device))
         if cache is not None:  # raw rows are cached whole; the lookup is timed for the cost gate
-            whole_keys, whole_rows = self.router.whole_rows(fetched)
+            whole_keys, whole_rows = self.router.whole_rows(answers if raw else [])
             cache.finish(plan, [torch.from_numpy(whole_keys)], [torch.from_numpy(whole_rows)])
         return self._finish_pooling(pooled, batch)
 
@@ -344,9 +361,15 @@ class Ranker:
             routed = list(subs)
         except Uncovered as exc:
             raise NoReplica(exc.servers, str(exc)) from None
+        # Every answer is received into one buffer, in order (`_joined`): one index_add_ adds them
+        # up (column blocks are narrower: each is added into its columns from an array of its own).
+        sizes = [sub.rows.size if raw else sub.offsets.size for sub in routed]
+        ends = np.cumsum(sizes, dtype=np.int64).tolist()
+        buffer = None if self.router.split else np.empty((sum(sizes), self.spec.dim), dtype=np.float32)
         sent = []
-        for sub in routed:
-            request = LookupRequest(sub.rows, sub.offsets, raw=raw, version=version)
+        for sub, start, end in zip(routed, np.subtract(ends, sizes).tolist(), ends, strict=True):
+            out = None if buffer is None else buffer[start:end]
+            request = LookupRequest(sub.rows, sub.offsets, raw=raw, version=version, out=out)
             future = self.transport.submit(sub.server, request)
             self.load.sent(sub.server, future)
             sent.append((sub, future))
