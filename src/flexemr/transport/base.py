@@ -32,10 +32,10 @@ class LookupRequest:
     """The version of the rows to read (`ranker.row_versions`); a server at another one answers
     `Stale`. None: whatever the server has committed."""
     out: np.ndarray | None = None
-    """float32 [`expected_shape`], C-contiguous: where a transport that can receives the answer
+    """float32 [`expected_shape`], C-contiguous: where the transport, if it can, receives the answer
     (straight from the socket, no copy), and the array the future then resolves to; None (or an
-    array of another shape or dtype): an array of the answer's own. A late answer to a subrequest the caller gave up on may still land here,
-    so the caller never reads an abandoned subrequest's `out`."""
+    array of another shape or dtype): an array of the answer's own. A late answer to a subrequest
+    the caller gave up on may still land here, so the caller never reads an abandoned one's `out`."""
 
     def expected_shape(self, dim: int) -> tuple[int, int]:
         return (self.rows.size if self.raw else self.offsets.size, dim)
