@@ -93,14 +93,23 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+_REFUSED_BODY = b'{"error":"the ranker is full or behind; retry later"}'
+REFUSED_AT_ONCE = (
+    b"HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\nretry-after: 1\r\n"
+    b"content-length: %d\r\n\r\n" % len(_REFUSED_BODY)
+) + _REFUSED_BODY
+"""The 429 of a request refused from its headers, encoded once: a refusal is one write."""
+
+
 @dataclass(frozen=True)
 class HttpApp:
     asgi: ASGIApp
     is_infer: Callable[[str], bool]
     """Whether a path is the infer route."""
-    refusal: Callable[[], ASGIApp | None]
-    """The 429 response an infer request arriving now gets when the process is full (counted as
-    refused), else None: the protocol answers with it before reading the body."""
+    refusal: Callable[[float], bytes | None]
+    """`REFUSED_AT_ONCE` for an infer request whose headers were just read, after it waited the
+    given seconds, when the process is full or it waited too long (counted as refused), else None:
+    the protocol answers with it before reading the body."""
 
 
 def create_app(door: FrontDoor, workers: Executor) -> HttpApp:
@@ -265,9 +274,15 @@ def create_app(door: FrontDoor, workers: Executor) -> HttpApp:
         )
         return Response(content, headers=headers)
 
-    def refusal() -> ASGIApp | None:
-        refused = door.refusal()
-        return None if refused is None else failure(refused)
+    refused_requests = metrics.requests.labels(str(STATUS[ErrorKind.REFUSED]))
+    refused_errors = metrics.errors.labels(ErrorKind.REFUSED)
+
+    def refusal(waited_s: float) -> bytes | None:
+        if door.refusal(waited_s) is None:
+            return None
+        refused_requests.inc()
+        refused_errors.inc()
+        return REFUSED_AT_ONCE
 
     async def serve(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":

@@ -1,8 +1,9 @@
 """uvicorn's httptools protocol with the infer route's two costs taken out of the event loop.
 
-- **A refusal costs next to nothing.** An infer request that arrives while the process is full
-  (`FrontDoor.refusal`) is answered 429 from its headers, by a canned response: its body is never
-  read (the parser skips it), no request object is built.
+- **A refusal costs next to nothing.** An infer request that arrives while the process is full,
+  or that already waited too long before its headers were read (`FrontDoor.refusal`,
+  `flexemr.api.request_age`), is answered 429 from its headers with pre-encoded bytes: no request
+  object, no task, its body skipped by the parser (`_refuse`).
 - **A body is received once, into one buffer.** uvicorn hands a body to the app in 64 KiB pieces:
   it pauses reading at each, wakes the app, and copies every byte three times (into its buffer,
   into the ASGI message, into the app's). For an infer request with a Content-Length, the app
@@ -19,9 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from starlette.types import ASGIApp
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from flexemr.api.request_age import waited_s
 
 HIGH_WATER = 65536
 """Body bytes held before the app claims the body (then reading pauses, as uvicorn's does)."""
@@ -87,9 +89,12 @@ class InferProtocol(HttpToolsProtocol):
 
     is_infer: Callable[[str], bool]
     """Whether a request path is the infer route."""
-    refusal: Callable[[], ASGIApp | None]
-    """The response an infer request arriving now gets when the process is full, else None."""
+    refusal: Callable[[float], bytes | None]
+    """The pre-encoded 429 (with no Connection header) an infer request gets when it is refused,
+    having waited the given seconds before its headers were read; else None."""
     reader: BodyReader | None = None
+    refused_body_close: bool | None = None
+    """While a refused request's body is skipped: whether to close once it has passed."""
 
     def on_headers_complete(self) -> None:
         self.reader = None
@@ -98,13 +103,7 @@ class InferProtocol(HttpToolsProtocol):
         ):
             super().on_headers_complete()
             return
-        refused = self.refusal()
-        if refused is not None:  # answered by `refused` instead of the app; the body is skipped
-            app, self.app = self.app, refused
-            try:
-                super().on_headers_complete()
-            finally:
-                self.app = app
+        if self._refuse():
             return
         super().on_headers_complete()
         length = content_length(self.headers)
@@ -120,13 +119,52 @@ class InferProtocol(HttpToolsProtocol):
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             cycle.waiting_for_100_continue = False
 
+    def _refuse(self) -> bool:
+        """Answer an infer request 429 from its headers when admission refuses it: pre-encoded
+        bytes written at once, no request object, no task; its body is skipped (a close with
+        unread bytes would reset the connection before the client read the 429). Not while an
+        earlier request of the connection is being answered (pipelining): the app refuses it."""
+        if (self.cycle is not None and not self.cycle.response_complete) or self.pipeline:
+            return False
+        response = self.refusal(waited_s(self.transport))
+        if response is None:
+            return False
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        if not keep_alive:
+            response = response.replace(b"\r\n", b"\r\nconnection: close\r\n", 1)
+        self.transport.write(response)
+        self.refused_body_close = not keep_alive
+        self.server_state.total_requests += 1
+        self.timeout_keep_alive_task = self.loop.call_later(  # bounds a body that never ends
+            self.timeout_keep_alive, self.timeout_keep_alive_handler
+        )
+        return True
+
+    def _refused_body_passed(self) -> None:
+        close, self.refused_body_close = self.refused_body_close, None
+        if close:
+            self.transport.close()
+        elif self.timeout_keep_alive_task is None:  # reading re-armed nothing: idle from here
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
+
+    def on_message_begin(self) -> None:
+        self._unset_keepalive_if_required()  # a refused request's timer (`_refuse`) ends here
+        super().on_message_begin()
+
     def on_body(self, body: bytes) -> None:
+        if self.refused_body_close is not None:
+            return
         if self.reader is None or self.cycle.response_complete:
             super().on_body(body)
         else:
             self.reader.feed(body)
 
     def on_message_complete(self) -> None:
+        if self.refused_body_close is not None:
+            self._refused_body_passed()
+            return
         if self.reader is not None:
             self.reader.complete()
         super().on_message_complete()
@@ -138,7 +176,7 @@ class InferProtocol(HttpToolsProtocol):
 
 
 def infer_protocol(
-    is_infer: Callable[[str], bool], refusal: Callable[[], ASGIApp | None]
+    is_infer: Callable[[str], bool], refusal: Callable[[float], bytes | None]
 ) -> type[InferProtocol]:
     """The protocol class for a server whose infer route `is_infer` names."""
     return type(
