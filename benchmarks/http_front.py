@@ -14,7 +14,7 @@ Starts `flexemr serve` (default `--preset tiny`) unless `--url` points at a runn
                accept in time: their clients retry the SYN after 1 s, 3 s, ...).
 
     refusals:  the ranker's CPU per refusal: holds it full (requests whose headers came and whose
-               bodies never do: in flight, the latency limit's 8 of them), then sends `--requests`
+               bodies never do: in flight, at least the latency limit's 4 of them), then sends `--requests`
                requests, each on its own connection, 32 at a time; every one is refused 429.
 
     .venv/bin/python benchmarks/http_front.py keepalive --requests 500

@@ -1,15 +1,21 @@
-"""A bound on requests in flight sized by their queueing delay (CoDel's test for a standing queue).
+"""Bounds sized by queueing delay: on requests in flight (`LatencyLimit`), and on how long a request
+may have waited before it was read (`WaitBound`).
 
 A ranker's requests share one interpreter and a few cores: past a handful in flight, one more only
 waits. Each request reports how long it waited between arriving and starting its work (its turn).
-Over every interval, the least of those waits says whether a queue stands:
+Over every interval two signals say whether the limit is too high, and both are latency:
 
-    least wait > target:  even the luckiest request waited: a queue stands; the limit shrinks 10%
-    otherwise (limit in use): requests start at once; the limit grows by 1/8
+    least wait > target:      even the luckiest request waited: a queue stands (CoDel)
+    requests waiting > high:  on average (Little's law: the waits' sum over the interval's length)
+                              more requests wait than keep the interpreter busy (TCP Vegas, which
+                              keeps between alpha and beta packets queued)
 
-so admitted requests keep about their unloaded latency and the rest are refused at once (HTTP
-429), which costs next to nothing. Where requests overlap without waiting (lookups on embedding
-servers, a dynamic batch filling), no queue stands and the limit rises.
+Either shrinks the limit 10%; with neither, and fewer than `low` waiting, a limit in use grows by
+1/8. So the limit settles where a few requests wait (turns are not first come, first served: some
+start at once while others queue, which the least wait alone misses), admitted requests keep about
+their unloaded latency and the rest are refused at once (HTTP 429), which costs next to nothing.
+Where requests overlap without waiting (lookups on embedding servers, a dynamic batch filling),
+no queue stands and the limit rises.
 """
 
 from __future__ import annotations
@@ -18,13 +24,16 @@ import math
 
 TARGET_S = 0.005
 """A wait every request of an interval exceeded means a standing queue."""
+QUEUE_LOW = 2.0
+QUEUE_HIGH = 4.0
+"""Requests waiting on average: above high, the limit shrinks; below low, it may grow."""
 INTERVAL_S = 0.1
 
 
 class LatencyLimit:
     def __init__(
         self,
-        minimum: int = 8,
+        minimum: int = 4,
         maximum: int = 1024,
         target_s: float = TARGET_S,
         interval_s: float = INTERVAL_S,
@@ -37,20 +46,23 @@ class LatencyLimit:
         self.interval_s = interval_s
         self.limit = minimum
         self._least = math.inf
-        self._interval_end = -math.inf
+        self._waited = 0.0
+        self._interval_start = self._interval_end = -math.inf
 
     def observe(self, waited_s: float, in_flight: int, now: float) -> None:
         """A request started its work after waiting `waited_s`, with `in_flight` requests in flight;
         `now` is time.monotonic()."""
         self._least = min(self._least, waited_s)
+        self._waited += waited_s
         if now < self._interval_end:
             return
-        if self._least > self.target_s:
+        waiting = self._waited / max(now - self._interval_start, self.interval_s)
+        if self._least > self.target_s or waiting > QUEUE_HIGH:
             self.limit = max(self.minimum, int(self.limit * 0.9))
-        elif 2 * in_flight >= self.limit:  # grow only a limit in use
+        elif waiting < QUEUE_LOW and 2 * in_flight >= self.limit:  # grow only a limit in use
             self.limit = min(self.maximum, self.limit + max(1, self.limit // 8))
-        self._least = math.inf
-        self._interval_end = now + self.interval_s
+        self._least, self._waited = math.inf, 0.0
+        self._interval_start, self._interval_end = now, now + self.interval_s
 
 
 SHORT_WAIT_S = 0.010
@@ -93,10 +105,10 @@ class WaitBound:
     def too_late(self, waited_s: float, now: float) -> bool:
         """Whether a request arriving at `now` (time.monotonic()) after waiting `waited_s` before its
         headers were read should be refused."""
-        self._least = min(self._least, waited_s)
-        self._arrivals += 1
-        if now >= self._interval_end:
+        if now >= self._interval_end:  # this request opens the next interval
             self.standing = self._arrivals >= QUEUE_ARRIVALS and self._least > self.short_s
             self._least, self._arrivals = math.inf, 0
             self._interval_end = now + self.interval_s
+        self._least = min(self._least, waited_s)
+        self._arrivals += 1
         return waited_s > (self.short_s if self.standing else self.long_s)
