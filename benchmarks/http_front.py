@@ -14,7 +14,7 @@ Starts `flexemr serve` (default `--preset tiny`) unless `--url` points at a runn
                accept in time: their clients retry the SYN after 1 s, 3 s, ...).
 
     refusals:  the ranker's CPU per refusal: holds it full (requests whose headers came and whose
-               bodies never do: in flight, at least the latency limit's 4 of them), then sends `--requests`
+               bodies never do: in flight, at least the latency limit's 8 of them), then sends `--requests`
                requests, each on its own connection, 32 at a time; every one is refused 429.
 
     .venv/bin/python benchmarks/http_front.py keepalive --requests 500
@@ -164,16 +164,18 @@ async def sequential(url: str, requests_: list[bytes], count: int, timeout: floa
 
 async def capacity(url: str, requests_: list[bytes], args: argparse.Namespace) -> float:
     """Requests per second answered with `clients` requests always in flight (closed loop)."""
-    done = 0
+    done = refused = 0
     stop = time.perf_counter() + args.capacity_seconds
 
     async def loop() -> None:
-        nonlocal done
+        nonlocal done, refused
         while time.perf_counter() < stop:
             status, _ = await post(url, requests_[done % len(requests_)], args.timeout)
             done += status == 200
+            refused += status == 429
 
     await asyncio.gather(*(loop() for _ in range(args.clients)))
+    print(f"capacity phase: {refused} of {done + refused} requests refused")
     return float(done / args.capacity_seconds)
 
 

@@ -31,7 +31,7 @@ URL = "/v2/models/dlrm/infer"
 FLOOD = 3000
 """Requests in the flood, each on its own connection."""
 AT_ONCE = 256
-"""Flood connections open at once: far more than the ranker admits (its latency limit starts at 4)."""
+"""Flood connections open at once: far more than the ranker admits (its latency limit starts at 8)."""
 
 
 @pytest.fixture(scope="module")

@@ -70,7 +70,7 @@ class Admission:
 
     `max_samples` bounds the work and memory of parsed requests; `max_pending` bounds the bodies
     being received and parsed (each at most the body limit), whose size is not known yet; `limit`
-    bounds the requests in flight by their queueing delay (default: a `LatencyLimit` from 4 requests);
+    bounds the requests in flight by their queueing delay (default: a `LatencyLimit` from 8 requests);
     `wait_bound` how long a request may have waited before it was read (default: `WaitBound()`)."""
 
     def __init__(

@@ -24,8 +24,8 @@ import math
 
 TARGET_S = 0.005
 """A wait every request of an interval exceeded means a standing queue."""
-QUEUE_LOW = 2.0
-QUEUE_HIGH = 4.0
+QUEUE_LOW = 3.0
+QUEUE_HIGH = 6.0
 """Requests waiting on average: above high, the limit shrinks; below low, it may grow."""
 INTERVAL_S = 0.1
 
@@ -33,7 +33,7 @@ INTERVAL_S = 0.1
 class LatencyLimit:
     def __init__(
         self,
-        minimum: int = 4,
+        minimum: int = 8,
         maximum: int = 1024,
         target_s: float = TARGET_S,
         interval_s: float = INTERVAL_S,
