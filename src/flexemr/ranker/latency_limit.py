@@ -1,21 +1,16 @@
-"""Bounds sized by queueing delay: on requests in flight (`LatencyLimit`), and on how long a request
-may have waited before it was read (`WaitBound`).
+"""Bounds sized by queueing delay: on requests in flight (`LatencyLimit`, CoDel's test for a
+standing queue), and on how long a request may have waited before it was read (`WaitBound`).
 
 A ranker's requests share one interpreter and a few cores: past a handful in flight, one more only
 waits. Each request reports how long it waited between arriving and starting its work (its turn).
-Over every interval two signals say whether the limit is too high, and both are latency:
+Over every interval, the least of those waits says whether a queue stands:
 
-    least wait > target:      even the luckiest request waited: a queue stands (CoDel)
-    requests waiting > high:  on average (Little's law: the waits' sum over the interval's length)
-                              more requests wait than keep the interpreter busy (TCP Vegas, which
-                              keeps between alpha and beta packets queued)
+    least wait > target:  even the luckiest request waited: a queue stands; the limit shrinks 10%
+    otherwise (limit in use): requests start at once; the limit grows by 1/8
 
-Either shrinks the limit 10%; with neither, and fewer than `low` waiting, a limit in use grows by
-1/8. So the limit settles where a few requests wait (turns are not first come, first served: some
-start at once while others queue, which the least wait alone misses), admitted requests keep about
-their unloaded latency and the rest are refused at once (HTTP 429), which costs next to nothing.
-Where requests overlap without waiting (lookups on embedding servers, a dynamic batch filling),
-no queue stands and the limit rises.
+so admitted requests keep about their unloaded latency and the rest are refused at once (HTTP
+429), which costs next to nothing. Where requests overlap without waiting (lookups on embedding
+servers, a dynamic batch filling), no queue stands and the limit rises.
 """
 
 from __future__ import annotations
@@ -24,9 +19,6 @@ import math
 
 TARGET_S = 0.005
 """A wait every request of an interval exceeded means a standing queue."""
-QUEUE_LOW = 3.0
-QUEUE_HIGH = 6.0
-"""Requests waiting on average: above high, the limit shrinks; below low, it may grow."""
 INTERVAL_S = 0.1
 
 
@@ -46,23 +38,20 @@ class LatencyLimit:
         self.interval_s = interval_s
         self.limit = minimum
         self._least = math.inf
-        self._waited = 0.0
-        self._interval_start = self._interval_end = -math.inf
+        self._interval_end = -math.inf
 
     def observe(self, waited_s: float, in_flight: int, now: float) -> None:
         """A request started its work after waiting `waited_s`, with `in_flight` requests in flight;
         `now` is time.monotonic()."""
         self._least = min(self._least, waited_s)
-        self._waited += waited_s
         if now < self._interval_end:
             return
-        waiting = self._waited / max(now - self._interval_start, self.interval_s)
-        if self._least > self.target_s or waiting > QUEUE_HIGH:
+        if self._least > self.target_s:
             self.limit = max(self.minimum, int(self.limit * 0.9))
-        elif waiting < QUEUE_LOW and 2 * in_flight >= self.limit:  # grow only a limit in use
+        elif 2 * in_flight >= self.limit:  # grow only a limit in use
             self.limit = min(self.maximum, self.limit + max(1, self.limit // 8))
-        self._least, self._waited = math.inf, 0.0
-        self._interval_start, self._interval_end = now, now + self.interval_s
+        self._least = math.inf
+        self._interval_end = now + self.interval_s
 
 
 SHORT_WAIT_S = 0.010
