@@ -58,7 +58,8 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
 
 def read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
     """Status and body of the next `count` responses (each with a Content-Length)."""
-    data, answers = b"", list[tuple[int, bytes]]()
+    data = b""
+    answers: list[tuple[int, bytes]] = []
     while len(answers) < count:
         while b"\r\n\r\n" not in data:
             data += sock.recv(65536)
@@ -169,3 +170,15 @@ def test_pipelined_infer_requests_binary_json_and_others_are_answered_in_order(r
     assert scored["id"] == "j"
     expected = reference_scores(build_monolithic(load_weights(SOURCE)), dense, indices, lengths)
     np.testing.assert_allclose(scored["outputs"][0]["data"], expected, atol=1e-5)
+
+
+def test_a_chunked_body_is_scored_by_the_app_like_the_monolith(ranker: ServeProcess) -> None:
+    """A body without a Content-Length is not served directly: the ASGI app reads it, bounded."""
+    head, body, expected = request_bytes(ranker.url, 32, seed=13)
+    chunked = head.replace(b"Content-Length: %d" % len(body), b"Transfer-Encoding: chunked")
+    pieces = [body[start : start + 40_000] for start in range(0, len(body), 40_000)]
+    with connect(ranker.url) as sock:
+        sock.sendall(chunked + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n")
+        status, answer = read_response(sock)
+    assert status == 200, answer[:300]
+    np.testing.assert_allclose(scores_of(answer, expected), expected, atol=1e-5)
