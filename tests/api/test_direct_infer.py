@@ -292,3 +292,13 @@ def test_expect_100_continue_is_answered_when_the_body_is_claimed(workers: Threa
         assert transport.written.endswith(b"m:abc")
 
     asyncio.run(run())
+
+
+def test_the_path_is_matched_as_the_app_would_see_it(workers: ThreadPoolExecutor) -> None:
+    async def run() -> None:
+        route = Route()
+        protocol, transport = connect(route, workers)
+        protocol.data_received(post("/v2/models/%6d/infer", b"a") + post("/v2/models/m/infer/", b"b"))
+        assert await settle(transport, 2) == [(200, b"m:a"), (200, b"asgi POST /v2/models/m/infer/ b")]
+
+    asyncio.run(run())

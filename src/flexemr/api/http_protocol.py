@@ -18,6 +18,7 @@ the ASGI app as before.
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
-from uvicorn.protocols.utils import get_client_addr
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
 
 HIGH_WATER = 65536
 """Body bytes held before the request's turn comes (then reading pauses, as uvicorn's does)."""
@@ -200,7 +201,7 @@ class DirectInfer:
             cycle.access_logger.info(
                 '%s - "POST %s HTTP/%s" %d',
                 get_client_addr(cycle.scope),
-                cycle.scope["path"],
+                get_path_with_query_string(cycle.scope),
                 cycle.scope["http_version"],
                 answer.status,
             )
@@ -227,8 +228,9 @@ class InferProtocol(HttpToolsProtocol):
         self.direct = None
         length = content_length(self.headers)
         route = None
-        if length is not None and self.parser.get_method() == b"POST":
-            route = self.route.match(self.url.split(b"?", 1)[0].decode("latin-1"))
+        if length is not None and self.parser.get_method() == b"POST" and not self.parser.should_upgrade():
+            path = self.url.split(b"?", 1)[0].decode("latin-1")
+            route = self.route.match(urllib.parse.unquote(path) if "%" in path else path)  # as uvicorn
         if length is None or route is None:
             super().on_headers_complete()
             return
