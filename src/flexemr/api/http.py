@@ -6,7 +6,8 @@ error kind to its status (`STATUS`): 400 for bad input, 413 for a body over the 
 refused as soon as it passes), 429 with Retry-After when admission refuses, 504 when the request's
 deadline (`Flexemr-Timeout-Ms` header, or the configured default) passed before its work started,
 503 for a lookup that cannot complete (nothing is scored from partial rows), and a logged 500 for
-anything else. The infer route is served outside FastAPI's middleware and routing (the hot path);
+anything else. The infer route (`InferRoute`) is served by the HTTP protocol itself, outside the
+ASGI app (`flexemr.api.http_protocol`; the app serves it only for chunked bodies and under h11);
 scoring runs in a worker thread so requests overlap; health, metadata and stats run on the event
 loop, so inference never delays them.
 """

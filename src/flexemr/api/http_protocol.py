@@ -4,9 +4,9 @@ An infer request with a Content-Length (`POST /v2/models/<name>[/versions/<v>]/i
 enters the ASGI app: no task, no middleware, no request or response objects, no asyncio future.
 
     headers (httptools)  ->  refused now? canned 429, body skipped      (`InferRoute.refusal`)
-    its turn comes       ->  checks, admission (`InferRoute.start`)    ->  400/413/429/504 answered
+    its turn comes       ->  checks, admission (`InferRoute.start`)    ->  400/413/429 answered
     body                 ->  one buffer of the declared length, filled as bytes arrive (`BodyReader`)
-    worker thread        ->  decode (binary tensors are views of the buffer), score, encode
+    worker thread        ->  decode (binary tensors are views of the buffer), score, encode (or 504, ...)
     one call_soon_threadsafe  ->  status line, headers and body written to the transport at once
 
 Requests keep uvicorn's per-connection order: each is a `RequestResponseCycle` that uvicorn
@@ -97,12 +97,8 @@ class BodyReader:
 
     def end(self) -> None:
         """The message ended (or the connection: then fewer bytes than declared came)."""
-        if self._ended:
-            return
         self._ended = True
-        if self._done is not None:
-            done, self._done = self._done, None
-            done(self._buffer if self._filled == self.length else None)
+        self._deliver()
 
     def claim(self, done: Callable[[memoryview | None], None]) -> None:
         """Receive the body into one buffer and call `done` with it, writable, once it is whole
@@ -113,11 +109,13 @@ class BodyReader:
         for data in early:
             self.feed(data)
         self._done = done
-        if self._ended:
-            self._ended = False
-            self.end()
-        else:
-            self._flow.resume_reading()
+        self._deliver()
+        self._flow.resume_reading()
+
+    def _deliver(self) -> None:
+        if self._ended and self._done is not None:
+            done, self._done = self._done, None
+            done(self._buffer if self._filled == self.length else None)
 
 
 class DirectInfer:
