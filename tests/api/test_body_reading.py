@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -182,3 +182,16 @@ def test_a_chunked_body_is_scored_by_the_app_like_the_monolith(ranker: ServeProc
         status, answer = read_response(sock)
     assert status == 200, answer[:300]
     np.testing.assert_allclose(scores_of(answer, expected), expected, atol=1e-5)
+
+
+def test_under_h11_the_app_serves_infer_like_the_monolith(
+    serve: Callable[..., ServeProcess],
+) -> None:
+    server = serve("--preset", "tiny", "--seed", "3", "--embedding-tier", "local", "--http-parser", "h11")
+    head, body, expected = request_bytes(server.url, 16, seed=14)
+    with connect(server.url) as sock:
+        for _ in range(2):
+            sock.sendall(head + body)
+            status, answer = read_response(sock)
+            assert status == 200, answer[:300]
+            np.testing.assert_allclose(scores_of(answer, expected), expected, atol=1e-5)
