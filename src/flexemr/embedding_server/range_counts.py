@@ -4,13 +4,16 @@ The server's local rows are cut into parts: buckets of 2^bits local rows, also c
 start, so a part lies in one shard and names a range of one table's rows. 2^bits is at most the
 finest grid range the server holds (`range_rows`: the planner's unit, 1/`RANGES_PER_TABLE` of a
 table) unless that would make over `MAX_PARTS` parts (a part may then span several grid ranges of
-a small table; the planner spreads its count over them). When no shard is shorter than a bucket, a
-bucket holds at most one shard start and a row's part is
+a small table; the planner spreads its count over them). When every shard starts on a bucket
+boundary (the usual layout: shards back to back, tables of round sizes; `bits` is lowered to make
+it so while the parts stay within `MAX_PARTS`), the parts are the buckets and a row's part is
+`row >> bits`: a shift and one `bincount` per subrequest, added to the totals. Otherwise, when no
+shard is shorter than a bucket, a bucket holds at most one shard start and a row's part is
 
     part = first_part[row >> bits] + (row >= split[row >> bits])
 
-a shift, two gathers and a compare; then one `bincount` per subrequest, added to the totals.
-(Otherwise, with shards shorter than a bucket, one `searchsorted` over the part starts.)
+two gathers and a compare more (several times the cost); with shards shorter than a bucket, one
+`searchsorted` over the part starts.
 
 Counting is off the lookup path: a lookup only queues its rows array (the frame's own, never
 reused); a thread of its own counts them. When that thread falls behind by `MAX_QUEUED`
@@ -47,6 +50,11 @@ MAX_QUEUED = 64
 """Subrequests waiting to be counted; beyond, they are skipped (counted in `skipped` only)."""
 
 
+def _trailing_zeros(n: int) -> int:
+    """The largest k such that 2^k divides n > 0."""
+    return (n & -n).bit_length() - 1
+
+
 def range_rows(table_rows: int) -> int:
     """Rows per grid range of a table of `table_rows` rows."""
     return -(-table_rows // RANGES_PER_TABLE)
@@ -64,6 +72,11 @@ class RangeCounts:
         while local_rows >> bits > MAX_PARTS:
             bits += 1
         shard_starts = np.array([s.local_start for s in shards], dtype=np.int64)
+        # Finer buckets that every shard starts on, if there are not too many: then parts = buckets.
+        aligned = min((_trailing_zeros(int(start)) for start in shard_starts if start), default=bits)
+        self._aligned = local_rows >> min(bits, aligned) <= MAX_PARTS
+        if self._aligned:
+            bits = min(bits, aligned)
         starts = np.union1d(shard_starts, np.arange(0, local_rows, 1 << bits, dtype=np.int64))
         # Each part's shard and rows of its table (table -1: a gap between shards, never looked up).
         owner = np.searchsorted(shard_starts, starts, side="right") - 1
@@ -85,7 +98,7 @@ class RangeCounts:
         self._starts = {np.dtype(t): starts.astype(t) for t in (np.int32, np.int64)}
         # The fast path needs at most one shard start inside a bucket: shards no shorter than one.
         self._first_part: np.ndarray | None = None
-        if shards and min(s.rows for s in shards) >= 1 << bits:
+        if not self._aligned and shards and min(s.rows for s in shards) >= 1 << bits:
             bucket_starts = np.arange(-(-local_rows >> bits), dtype=np.int64) << bits
             self._first_part = np.searchsorted(starts, bucket_starts)
             nxt = np.append(starts, local_rows)[self._first_part + 1]
@@ -120,7 +133,9 @@ class RangeCounts:
     def _add(self, rows: np.ndarray) -> None:
         if rows.size == 0:
             return
-        if self._first_part is None:
+        if self._aligned:
+            parts = rows >> self._bits
+        elif self._first_part is None:
             parts = np.searchsorted(self._starts[rows.dtype], rows, side="right") - 1
         else:
             bucket = rows >> self._bits
