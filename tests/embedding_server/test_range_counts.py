@@ -3,6 +3,9 @@ rows) part, whatever the shards' layout, in process and over a real cluster."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -32,9 +35,9 @@ def test_counts_are_exact_per_part_and_parts_name_the_rows(
     rng = np.random.default_rng(0)
     local = [rng.integers(0, plan.server_rows(0), size=n).astype(dtype) for n in (1, 500, 20_000, 0)]
     for rows in local:
+        counts.expect()
         counts.count(rows)
     stats = counts.stats()
-    counts.close()
     every = np.concatenate(local)
     assert stats["lookups"] == every.size and stats["skipped"] == 0
     assert stats["table_rows"] == list(table_rows) and stats["range_rows"] == [
@@ -59,9 +62,9 @@ def test_counts_are_exact_per_part_and_parts_name_the_rows(
 def test_a_row_wise_servers_parts_cover_its_shards() -> None:
     plan = make_plan("row", (100_000, 3), 8, 2)
     counts = RangeCounts(plan.shards_of(1), plan.table_rows, plan.dim)
+    counts.expect()
     counts.count(np.arange(plan.server_rows(1), dtype=np.int32))  # every row once
     stats = counts.stats()
-    counts.close()
     held = {(s.table, r) for s in plan.shards_of(1) for r in range(s.row_start, s.row_end)}
     assert sum(end - start for _, start, end, _ in stats["ranges"]) == len(held)
     assert all(n == end - start for _, start, end, n in stats["ranges"])
@@ -73,9 +76,9 @@ def test_counters_stay_small_for_big_tables_beside_tiny_ones() -> None:
     plan = make_plan("row", table_rows, 8, 2)
     counts = RangeCounts(plan.shards_of(0), table_rows, 8)
     assert counts._counts.size <= range_counts.MAX_PARTS + len(plan.shards_of(0))
+    counts.expect()
     counts.count(np.array([0, 1, plan.server_rows(0) - 1], dtype=np.int64))
     assert counts.stats()["lookups"] == 3
-    counts.close()
 
 
 def test_round_tables_count_by_bucket_alone_at_the_planners_grid() -> None:
@@ -85,11 +88,23 @@ def test_round_tables_count_by_bucket_alone_at_the_planners_grid() -> None:
     plan = make_plan("table", table_rows, 8, 2)
     counts = RangeCounts(plan.shards_of(0), table_rows, 8)
     assert counts._aligned
+    counts.expect()
     counts.count(np.arange(plan.server_rows(0), dtype=np.int32))
     stats = counts.stats()
-    counts.close()
     assert all(
         0 < end - start <= range_rows(40_000) and n == end - start for _, start, end, n in stats["ranges"]
     )
     assert sorted({table for table, *_ in stats["ranges"]}) == [s.table for s in plan.shards_of(0)]
     assert stats["lookups"] == plan.server_rows(0)
+
+
+def test_stats_wait_for_the_lookups_answered_before_them() -> None:
+    """A lookup is announced before its answer goes out and counted after: stats asked for in
+    between (by a client that already has the answer) include it."""
+    plan = make_plan("table", (1000, 1000), 8, 1)
+    counts = RangeCounts(plan.shards_of(0), plan.table_rows, 8)
+    counts.expect()
+    late = threading.Thread(target=lambda: (time.sleep(0.2), counts.count(np.arange(10, dtype=np.int32))))
+    late.start()
+    assert counts.stats()["lookups"] == 10
+    late.join()

@@ -260,7 +260,6 @@ class EmbeddingServer:
                 for gate in gates.values():
                     gate.close()
         self.versions.close()
-        self.range_counts.close()
 
     def _serve_connection(self, conn: socket.socket, peer: tuple[str, int], deadline: Deadline) -> None:
         """Handshake by the deadline, then serve the connection as its HELLO says."""
@@ -279,7 +278,11 @@ class EmbeddingServer:
                 while True:
                     frame = recv_frame(conn, self.limits)
                     if frame.type != MessageType.PING:  # a keepalive: never answered
-                        send_frame(conn, self.answer(frame))
+                        reply, looked_up = self._reply(frame)
+                        try:
+                            send_frame(conn, reply)
+                        finally:
+                            self._count(looked_up)
         except ProtocolError as exc:
             self._refuse("malformed frame", f"{peer[0]}:{peer[1]}: {exc}")
         except (ConnectionClosed, OSError, ValueError):
@@ -329,7 +332,10 @@ class EmbeddingServer:
                 if frame.type == MessageType.LOOKUP and frame.flags & Flags.CREDIT and frame.buffers:
                     self._piggybacked(session, gate, frame.buffers.pop())
                     frame.flags &= ~Flags.CREDIT
-                if not answers.put(self.answer(frame)):
+                reply, looked_up = self._reply(frame)
+                held = answers.put(reply)
+                self._count(looked_up)
+                if not held:
                     break
         finally:
             with self._lock:
@@ -396,10 +402,35 @@ class EmbeddingServer:
 
     def answer(self, frame: Frame) -> list[memoryview]:
         """The reply to one well-formed frame."""
+        reply, looked_up = self._reply(frame)
+        self._count(looked_up)
+        return reply
+
+    def _count(self, looked_up: np.ndarray | None) -> None:
+        """Count a lookup's rows (`range_counts`) once its answer is on its way (always, once
+        `_reply` has announced it: `stats` waits for it)."""
+        if looked_up is not None:
+            self.range_counts.count(looked_up)
+
+    def _reply(self, frame: Frame) -> tuple[list[memoryview], np.ndarray | None]:
+        """The reply to one well-formed frame, and the rows it looked up (None: not a lookup
+        answered with rows)."""
+        if frame.type == MessageType.LOOKUP:
+            try:
+                values = self._lookup(frame)
+            except StaleVersion as exc:
+                return encode(MessageType.STALE, frame.request_id, [version_buffer(exc.version)]), None
+            except BadSubrequest as exc:
+                return error_frame(frame.request_id, f"embedding server {self.store.server}: {exc}"), None
+            self.lookups += 1
+            self.range_counts.expect()
+            return encode(MessageType.RESULT, frame.request_id, [values]), frame.buffers[0]
+        return self._other(frame), None
+
+    def _other(self, frame: Frame) -> list[memoryview]:
+        """The reply to an update, commit, abort, changelog or rows request (or an ERROR)."""
         rid, versions = frame.request_id, self.versions
         try:
-            if frame.type == MessageType.LOOKUP:
-                return encode(MessageType.RESULT, rid, [self._lookup(frame)])
             if frame.type == MessageType.UPDATE:
                 applied = versions.stage(StagedRows.parse(frame, self.store.dim))
                 return encode(MessageType.UPDATE, rid, [version_buffer(applied)])
@@ -449,8 +480,6 @@ class EmbeddingServer:
             values = self.store.raw(rows, image)
         else:
             values = self.store.pooled(rows, offsets, frame.buffers[2] if weighted else None, image)
-        self.range_counts.count(rows)
-        self.lookups += 1
         return values
 
 
