@@ -16,10 +16,12 @@ and logged at most once per 10 s per reason. When accept fails for want of file 
 server drops its oldest handshake and backs off; the process and the connections it holds carry on.
 
 Credit-based flow control (the ranker's I/O engine asks for it in its HELLO): a credited data
-connection sends a response only against a credit; answers beyond the credits wait in a bounded
-queue (`HeldAnswers`); when that is full the connection stops reading (TCP pushes back on the ranker). Credits
-arrive on a control connection of the same session (CREDIT frames naming the data connection), or
-piggybacked on the data connection itself (LOOKUP flag CREDIT, or a bare CREDIT frame).
+connection sends a response only against a credit, from its reading thread when it has one (no
+thread hop); answers beyond the credits wait in a bounded queue for a writer thread
+(`CreditedAnswers`); when that is full the connection stops reading (TCP pushes back on the
+ranker). Credits arrive on a control connection of the same session (CREDIT frames naming the
+data connection), or piggybacked on the data connection itself (LOOKUP flag CREDIT, or a bare
+CREDIT frame).
 """
 
 from __future__ import annotations
@@ -69,86 +71,88 @@ log = logging.getLogger(__name__)
 log.addFilter(RateLimitedWarnings())  # peers can cause refusals in a loop
 
 
-class CreditGate:
-    """Response credits of one data connection: `take` blocks until one is granted."""
+class CreditedAnswers:
+    """The answers of one credited data connection and its response credits, under one lock.
 
-    def __init__(self, initial: int) -> None:
+    An answer goes out only against a credit. The reader sends it itself when it can (a credit,
+    nothing held, no send under way): no thread hop. Otherwise it is held (bounded in count and
+    in bytes; one answer alone may exceed the bytes) and the writer thread sends it, in order,
+    once a credit comes. `put` waits while the held answers are full: the reader stops reading
+    and TCP pushes back on the ranker.
+    """
+
+    def __init__(self, credits: int, max_bytes: int) -> None:
         self._cond = threading.Condition()
-        self._credits = initial
+        self._credits = credits
+        self._held: deque[tuple[list[memoryview], int]] = deque()
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._sending = False
         self._closed = False
-        self.granted = initial
+        self.granted = credits
         self.sent = 0
         self.waits = 0
+        """Answers that waited for a credit."""
 
     def grant(self, n: int) -> None:
         with self._cond:
             self._credits += n
             self.granted += n
-            self._cond.notify()
-
-    def take(self) -> bool:
-        """Spend one credit (False once closed)."""
-        with self._cond:
-            if self._credits <= 0:
-                self.waits += 1
-            while self._credits <= 0 and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return False
-            self._credits -= 1
-            self.sent += 1
-            assert self.sent <= self.granted, "sent a response without a credit"
-            return True
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
             self._cond.notify_all()
 
-
-class HeldAnswers:
-    """Answers of one credited connection waiting for credits, bounded in count and in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self._cond = threading.Condition()
-        self._answers: deque[tuple[list[memoryview], int]] = deque()
-        self._bytes = 0
-        self._max_bytes = max_bytes
-        self._closed = False
-
-    def put(self, answer: list[memoryview]) -> bool:
-        """Hold `answer`, waiting while full (one answer alone may exceed the bytes); False once closed."""
+    def put(self, answer: list[memoryview]) -> bool | None:
+        """True: `answer` is the caller's to send now, then `sent_one`; False: held for the
+        writer; None: closed. Waits while the held answers are full."""
         size = sum(v.nbytes for v in answer)
         with self._cond:
             while (
-                self._answers
+                self._held
                 and not self._closed
-                and (len(self._answers) >= MAX_QUEUED_RESPONSES or self._bytes + size > self._max_bytes)
+                and (len(self._held) >= MAX_QUEUED_RESPONSES or self._bytes + size > self._max_bytes)
             ):
                 self._cond.wait()
             if self._closed:
-                return False
-            self._answers.append((answer, size))
+                return None
+            if not self._held and not self._sending and self._credits > 0:
+                self._spend()
+                return True
+            if self._credits <= 0:
+                self.waits += 1
+            self._held.append((answer, size))
             self._bytes += size
             self._cond.notify_all()
-            return True
+            return False
 
-    def get(self) -> list[memoryview] | None:
-        """The oldest answer, waiting for one; None once closed."""
+    def take(self) -> list[memoryview] | None:
+        """The writer's next answer to send (then `sent_one`), once it has a credit and no other
+        send is under way; None once closed."""
         with self._cond:
-            while not self._answers and not self._closed:
+            while not self._closed and (not self._held or self._sending or self._credits <= 0):
                 self._cond.wait()
             if self._closed:
                 return None
-            answer, size = self._answers.popleft()
+            answer, size = self._held.popleft()
             self._bytes -= size
+            self._spend()
             self._cond.notify_all()
             return answer
+
+    def _spend(self) -> None:
+        self._credits -= 1
+        self.sent += 1
+        self._sending = True
+        assert self.sent <= self.granted, "sent a response without a credit"
+
+    def sent_one(self) -> None:
+        with self._cond:
+            self._sending = False
+            if self._held:
+                self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._answers.clear()
+            self._held.clear()
             self._cond.notify_all()
 
 
@@ -180,7 +184,7 @@ class EmbeddingServer:
         self._slots = ConnectionSlots(self.node_limits.max_connections, self.node_limits.max_handshakes)
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._sessions: dict[str, dict[int, CreditGate]] = {}
+        self._sessions: dict[str, dict[int, CreditedAnswers]] = {}
         self._credit_latencies: dict[str, deque[int]] = {}
         """Per session, grant-to-arrival times of recent credits (meaningful with same-host clocks)."""
         self.lookups = 0
@@ -256,9 +260,9 @@ class EmbeddingServer:
         self._listener.close()
         self._slots.shut_all()
         with self._lock:
-            for gates in self._sessions.values():
-                for gate in gates.values():
-                    gate.close()
+            for connections in self._sessions.values():
+                for answers in connections.values():
+                    answers.close()
         self.versions.close()
 
     def _serve_connection(self, conn: socket.socket, peer: tuple[str, int], deadline: Deadline) -> None:
@@ -314,43 +318,49 @@ class EmbeddingServer:
         return conn, None
 
     def _serve_credited(self, conn: socket.socket, session: str, index: int, credits: int) -> None:
-        """Read and answer lookups; a writer thread sends the answers as credits allow."""
-        gate = CreditGate(credits)
+        """Read and answer lookups, sending each answer at once when a credit allows; a writer
+        thread sends those held for want of credits (`CreditedAnswers`)."""
+        answers = CreditedAnswers(credits, self.node_limits.max_held_bytes)
         with self._lock:
-            self._sessions.setdefault(session, {})[index] = gate
-        answers = HeldAnswers(self.node_limits.max_held_bytes)
-        writer = threading.Thread(target=self._write_credited, args=(conn, gate, answers), daemon=True)
+            self._sessions.setdefault(session, {})[index] = answers
+        writer = threading.Thread(target=self._write_credited, args=(conn, answers), daemon=True)
         writer.start()
         try:
             while True:
                 frame = recv_frame(conn, self.limits)
                 if frame.type == MessageType.CREDIT:
-                    self._piggybacked(session, gate, frame.buffers[0] if frame.buffers else None)
+                    self._piggybacked(session, answers, frame.buffers[0] if frame.buffers else None)
                     continue
                 if frame.type == MessageType.PING:
                     continue
                 if frame.type == MessageType.LOOKUP and frame.flags & Flags.CREDIT and frame.buffers:
-                    self._piggybacked(session, gate, frame.buffers.pop())
+                    self._piggybacked(session, answers, frame.buffers.pop())
                     frame.flags &= ~Flags.CREDIT
                 reply, looked_up = self._reply(frame)
-                held = answers.put(reply)
-                self._count(looked_up)
-                if not held:
+                try:
+                    now = answers.put(reply)
+                    if now:
+                        try:
+                            send_frame(conn, reply)
+                        finally:
+                            answers.sent_one()
+                finally:
+                    self._count(looked_up)
+                if now is None:
                     break
         finally:
             with self._lock:
                 self._sessions.get(session, {}).pop(index, None)
-            gate.close()
             answers.close()
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
             writer.join()
 
-    def _piggybacked(self, session: str, gate: CreditGate, grant: np.ndarray | None) -> None:
+    def _piggybacked(self, session: str, answers: CreditedAnswers, grant: np.ndarray | None) -> None:
         """A grant on a data connection: int64 [credits] or [credits, sent at monotonic_ns]."""
         if grant is None or grant.dtype != np.int64 or grant.ndim != 1 or grant.size < 1 or grant[0] < 0:
             raise ProtocolError("a piggybacked credit is int64 [credits] or [credits, sent at ns]")
-        gate.grant(int(grant[0]))
+        answers.grant(int(grant[0]))
         if grant.size > 1:
             self._latencies(session).append(time.monotonic_ns() - int(grant[1]))
 
@@ -358,10 +368,13 @@ class EmbeddingServer:
         with self._lock:
             return self._credit_latencies.setdefault(session, deque(maxlen=4096))
 
-    def _write_credited(self, conn: socket.socket, gate: CreditGate, answers: HeldAnswers) -> None:
+    def _write_credited(self, conn: socket.socket, answers: CreditedAnswers) -> None:
         try:
-            while (answer := answers.get()) is not None and gate.take():
-                send_frame(conn, answer)
+            while (answer := answers.take()) is not None:
+                try:
+                    send_frame(conn, answer)
+                finally:
+                    answers.sent_one()
         except OSError:  # gone, or not reading for the idle timeout: stop the reader too
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
@@ -375,10 +388,10 @@ class EmbeddingServer:
                 ids, grants, sent_at = _credit_buffers(frame)
                 self._latencies(session).append(time.monotonic_ns() - int(sent_at[0]))
                 with self._lock:
-                    gates = self._sessions.get(session, {})
+                    connections = self._sessions.get(session, {})
                     for index, n in zip(ids.tolist(), grants.tolist(), strict=True):
-                        if index in gates:
-                            gates[index].grant(n)
+                        if index in connections:
+                            connections[index].grant(n)
             elif frame.type == MessageType.PING:
                 stats = [_json(self.credit_stats(session))] if frame.flags & Flags.STATS else []
                 send_frame(conn, encode(MessageType.PONG, frame.request_id, stats))
@@ -389,11 +402,11 @@ class EmbeddingServer:
         """What a control channel's PING with flag STATS gets: the session's credits, the update
         log, and the rows looked up per row range (`range_counts`)."""
         with self._lock:
-            gates = dict(self._sessions.get(session, {}))
+            connections = dict(self._sessions.get(session, {}))
         latencies = list(self._latencies(session))
         return {
             "connections": {
-                i: {"granted": g.granted, "sent": g.sent, "waits": g.waits} for i, g in gates.items()
+                i: {"granted": a.granted, "sent": a.sent, "waits": a.waits} for i, a in connections.items()
             },
             "credit_latency_ns": latencies,
             "updates": self.versions.stats(),
