@@ -51,11 +51,11 @@ from flexemr.protocol.frames import (
     ConnectionClosed,
     Flags,
     Frame,
+    FrameReader,
     MessageType,
     ProtocolError,
     encode,
     error_frame,
-    recv_frame,
     send_frame,
 )
 from flexemr.protocol.handshake import (
@@ -279,8 +279,9 @@ class EmbeddingServer:
             elif hello.credits is not None:
                 self._serve_credited(conn, hello.session, hello.conn, hello.credits)
             else:
+                frames = self._frames(conn)
                 while True:
-                    frame = recv_frame(conn, self.limits)
+                    frame = frames.read()
                     if frame.type != MessageType.PING:  # a keepalive: never answered
                         reply, looked_up = self._reply(frame)
                         try:
@@ -325,9 +326,10 @@ class EmbeddingServer:
             self._sessions.setdefault(session, {})[index] = answers
         writer = threading.Thread(target=self._write_credited, args=(conn, answers), daemon=True)
         writer.start()
+        frames = self._frames(conn)
         try:
             while True:
-                frame = recv_frame(conn, self.limits)
+                frame = frames.read()
                 if frame.type == MessageType.CREDIT:
                     self._piggybacked(session, answers, frame.buffers[0] if frame.buffers else None)
                     continue
@@ -356,6 +358,11 @@ class EmbeddingServer:
                 conn.shutdown(socket.SHUT_RDWR)
             writer.join()
 
+    def _frames(self, conn: socket.socket) -> FrameReader:
+        """The connection's frames; a lookup's arrays are views into its receive buffer, used up
+        (looked up, counted) before the next frame is read."""
+        return FrameReader(conn.recv_into, self.limits, views=(MessageType.LOOKUP,))
+
     def _piggybacked(self, session: str, answers: CreditedAnswers, grant: np.ndarray | None) -> None:
         """A grant on a data connection: int64 [credits] or [credits, sent at monotonic_ns]."""
         if grant is None or grant.dtype != np.int64 or grant.ndim != 1 or grant.size < 1 or grant[0] < 0:
@@ -382,8 +389,9 @@ class EmbeddingServer:
 
     def _serve_control(self, conn: socket.socket, session: str) -> None:
         """Apply CREDIT frames to the session's data connections; answer PING with credit stats."""
+        frames = self._frames(conn)
         while True:
-            frame = recv_frame(conn, self.limits)
+            frame = frames.read()
             if frame.type == MessageType.CREDIT:
                 ids, grants, sent_at = _credit_buffers(frame)
                 self._latencies(session).append(time.monotonic_ns() - int(sent_at[0]))

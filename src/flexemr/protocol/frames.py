@@ -236,6 +236,91 @@ def read_frame(
     return Frame(kind, request_id, flags, buffers)
 
 
+KEPT_BUFFER_BYTES = 16 * 2**20
+"""The largest receive buffer a `FrameReader` keeps between frames; a larger frame is read into a
+buffer of its own, dropped after it."""
+
+_FIRST_BUFFER_BYTES = 64 * 2**10
+
+
+class FrameReader:
+    """Frames from one connection, received into one reused buffer (a server's data connection).
+
+    Each `recv_into` takes all that has arrived, up to the room in the buffer (the next frame's
+    first bytes included), so a frame costs one call where its bytes arrive together, instead of
+    one per header, descriptors and array; and no allocation per frame. Every header field and
+    descriptor is checked against `FrameLimits` before the buffer grows for the frame's body.
+
+    The arrays of a frame of a type in `views` are views into the buffer, valid until the next
+    `read` (the caller is done with them by then: a lookup's indices); other frames' arrays are
+    their own (an update's rows outlive the read). An array that would not be aligned for its
+    dtype is copied.
+
+        buffer:  [ frame read, views handed out | next frame's first bytes | room ]
+                                                ^ start                    ^ end
+    """
+
+    def __init__(self, read_into: ReadInto, limits: FrameLimits, views: Collection[MessageType] = ()) -> None:
+        self._read_into = read_into
+        self._limits = limits
+        self._views = frozenset(views)
+        self._buffer = bytearray(_FIRST_BUFFER_BYTES)
+        self._start = 0
+        self._end = 0
+
+    def read(self) -> Frame:
+        if self._start == self._end:  # nothing of the next frame yet: start at the front
+            self._start = self._end = 0
+        self._fill(HEADER.size)
+        kind, flags, request_id, count, body = parse_header(
+            self._buffer[self._start : self._start + HEADER.size], self._limits
+        )
+        size = HEADER.size + DESCRIPTOR.size * count + body
+        self._fill(size)
+        at = self._start + HEADER.size
+        raw = self._buffer[at : at + DESCRIPTOR.size * count]
+        at += len(raw)
+        own = kind not in self._views
+        buffers = []
+        for dtype, shape in parse_descriptors(raw, count, body, self._limits):
+            nbytes = int(np.prod(shape)) * dtype.itemsize
+            if nbytes == 0:
+                array = np.empty(shape, dtype=dtype)
+            else:
+                array = np.frombuffer(self._buffer, np.uint8, nbytes, at).view(dtype).reshape(shape)
+                if own or not array.flags.aligned:
+                    array = array.copy()
+            buffers.append(array)
+            at += nbytes
+        self._start += size
+        return Frame(kind, request_id, flags, buffers)
+
+    def _fill(self, size: int) -> None:
+        """Have `size` bytes from `start` in the buffer, receiving what is missing."""
+        if self._end - self._start >= size:
+            return
+        if self._start + size > len(self._buffer) or len(self._buffer) > KEPT_BUFFER_BYTES:
+            # Move what has arrived to the front of a buffer with room for `size` (the previous
+            # frame's views are done with): a bigger one if needed, the usual one after a big frame.
+            unread = self._end - self._start
+            room = max(size, _FIRST_BUFFER_BYTES)
+            if size <= KEPT_BUFFER_BYTES:
+                room = min(1 << (room - 1).bit_length(), KEPT_BUFFER_BYTES)
+            if room > len(self._buffer) or len(self._buffer) > KEPT_BUFFER_BYTES:
+                buffer = bytearray(max(room, unread))
+                buffer[:unread] = self._buffer[self._start : self._end]
+                self._buffer = buffer
+            else:
+                self._buffer[:unread] = self._buffer[self._start : self._end]
+            self._start, self._end = 0, unread
+        view = memoryview(self._buffer)
+        while self._end - self._start < size:
+            n = self._read_into(view[self._end :])
+            if not n:
+                raise ConnectionClosed("connection closed by peer")
+            self._end += n
+
+
 def error_frame(request_id: int, message: str) -> list[memoryview]:
     return encode(MessageType.ERROR, request_id, [np.frombuffer(message.encode(), dtype=np.uint8)])
 
