@@ -17,6 +17,7 @@ closes that connection and keeps serving its others.
 from __future__ import annotations
 
 import enum
+import math
 import socket
 import ssl
 import struct
@@ -203,7 +204,7 @@ def parse_descriptors(
         if max(dim0, dim1) > limits.max_dim:
             raise ProtocolError(f"buffer {i}: dimension over the limit of {limits.max_dim}")
         shape = (dim0,) if ndim == 1 else (dim0, dim1)
-        declared += int(np.prod(shape)) * _DTYPES[code].itemsize
+        declared += dim0 * (dim1 if ndim == 2 else 1) * _DTYPES[code].itemsize
         shapes.append((_DTYPES[code], shape))
     if declared != body:
         raise ProtocolError(f"buffers declare {declared} bytes but the header says {body}")
@@ -283,7 +284,7 @@ class FrameReader:
         own = kind not in self._views
         buffers = []
         for dtype, shape in parse_descriptors(raw, count, body, self._limits):
-            nbytes = int(np.prod(shape)) * dtype.itemsize
+            nbytes = math.prod(shape) * dtype.itemsize
             if nbytes == 0:
                 array = np.empty(shape, dtype=dtype)
             else:
