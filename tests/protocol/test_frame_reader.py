@@ -73,6 +73,24 @@ def test_frames_back_to_back_read_alike_however_their_bytes_arrive(chunk: int) -
         reader.read()
 
 
+def test_without_read_ahead_a_call_never_asks_past_the_frame() -> None:
+    """A UCX stream fills all of the view it is given: asked for more than the frame, it would wait
+    for the next frame's bytes."""
+    data = wire(encode(MessageType.LOOKUP, 1, [ROWS, OFFSETS]), encode(MessageType.PING, 2, []))
+    first_frame = len(wire(encode(MessageType.LOOKUP, 1, [ROWS, OFFSETS])))
+    source = stream(data, 1 << 20)
+    asked: list[int] = []
+
+    def fill_all(view: memoryview) -> int:
+        asked.append(view.nbytes)
+        return source(view)
+
+    reader = FrameReader(fill_all, FrameLimits(), read_ahead=False)
+    np.testing.assert_array_equal(reader.read().buffers[0], ROWS)
+    assert asked == [HEADER.size, first_frame - HEADER.size]
+    assert reader.read().type == MessageType.PING
+
+
 def test_a_frame_over_the_limits_is_refused_before_the_buffer_grows() -> None:
     header = HEADER.pack(MAGIC, VERSION, MessageType.LOOKUP, 0, 1, 1, 2**30)
     reader = FrameReader(

@@ -179,6 +179,7 @@ class EmbeddingServer:
         self.node_limits = limits or NodeLimits()
         self.limits = frame_limits or FrameLimits()
         self._tls = tls
+        self._read_ahead = transport == "tcp"  # a UCX stream fills all of the view it is given
         self._listener = self._listen(endpoint, transport)
         self.endpoint = Endpoint(endpoint.host, self._listener.getsockname()[1])
         self._slots = ConnectionSlots(self.node_limits.max_connections, self.node_limits.max_handshakes)
@@ -361,7 +362,7 @@ class EmbeddingServer:
     def _frames(self, conn: socket.socket) -> FrameReader:
         """The connection's frames; a lookup's arrays are views into its receive buffer, used up
         (looked up, counted) before the next frame is read."""
-        return FrameReader(conn.recv_into, self.limits, views=(MessageType.LOOKUP,))
+        return FrameReader(conn.recv_into, self.limits, (MessageType.LOOKUP,), self._read_ahead)
 
     def _piggybacked(self, session: str, answers: CreditedAnswers, grant: np.ndarray | None) -> None:
         """A grant on a data connection: int64 [credits] or [credits, sent at monotonic_ns]."""

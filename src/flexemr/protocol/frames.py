@@ -249,8 +249,10 @@ class FrameReader:
 
     Each `recv_into` takes all that has arrived, up to the room in the buffer (the next frame's
     first bytes included), so a frame costs one call where its bytes arrive together, instead of
-    one per header, descriptors and array; and no allocation per frame. Every header field and
-    descriptor is checked against `FrameLimits` before the buffer grows for the frame's body.
+    one per header, descriptors and array; and no allocation per frame. (`read_ahead=False` for a
+    source that fills all of the view it is given, a UCX stream: then a call asks for the header,
+    then for the rest of the frame.) Every header field and descriptor is checked against
+    `FrameLimits` before the buffer grows for the frame's body.
 
     The arrays of a frame of a type in `views` are views into the buffer, valid until the next
     `read` (the caller is done with them by then: a lookup's indices); other frames' arrays are
@@ -261,8 +263,15 @@ class FrameReader:
                                                 ^ start                    ^ end
     """
 
-    def __init__(self, read_into: ReadInto, limits: FrameLimits, views: Collection[MessageType] = ()) -> None:
+    def __init__(
+        self,
+        read_into: ReadInto,
+        limits: FrameLimits,
+        views: Collection[MessageType] = (),
+        read_ahead: bool = True,
+    ) -> None:
         self._read_into = read_into
+        self._read_ahead = read_ahead
         self._limits = limits
         self._views = frozenset(views)
         self._buffer = bytearray(_FIRST_BUFFER_BYTES)
@@ -314,7 +323,7 @@ class FrameReader:
             else:
                 self._buffer[:unread] = self._buffer[self._start : self._end]
             self._start, self._end = 0, unread
-        view = memoryview(self._buffer)
+        view = memoryview(self._buffer)[: None if self._read_ahead else self._start + size]
         while self._end - self._start < size:
             n = self._read_into(view[self._end :])
             if not n:
