@@ -237,9 +237,9 @@ def read_frame(
     return Frame(kind, request_id, flags, buffers)
 
 
-KEPT_BUFFER_BYTES = 16 * 2**20
-"""The largest receive buffer a `FrameReader` keeps between frames; a larger frame is read into a
-buffer of its own, dropped after it."""
+KEPT_BUFFER_BYTES = 4 * 2**20
+"""The largest receive buffer a `FrameReader` keeps between frames (so at most this much per
+connection stays resident); a larger frame is read into a buffer of its own, dropped after it."""
 
 _FIRST_BUFFER_BYTES = 64 * 2**10
 
@@ -257,7 +257,8 @@ class FrameReader:
     The arrays of a frame of a type in `views` are views into the buffer, valid until the next
     `read` (the caller is done with them by then: a lookup's indices); other frames' arrays are
     their own (an update's rows outlive the read). An array that would not be aligned for its
-    dtype is copied.
+    dtype is copied. The buffer is allocated uninitialised (`np.empty`): a body declared but not
+    sent costs address space, not memory, as a frame's own arrays did.
 
         buffer:  [ frame read, views handed out | next frame's first bytes | room ]
                                                 ^ start                    ^ end
@@ -274,7 +275,7 @@ class FrameReader:
         self._read_ahead = read_ahead
         self._limits = limits
         self._views = frozenset(views)
-        self._buffer = bytearray(_FIRST_BUFFER_BYTES)
+        self._buffer = np.empty(_FIRST_BUFFER_BYTES, np.uint8)
         self._start = 0
         self._end = 0
 
@@ -283,12 +284,12 @@ class FrameReader:
             self._start = self._end = 0
         self._fill(HEADER.size)
         kind, flags, request_id, count, body = parse_header(
-            self._buffer[self._start : self._start + HEADER.size], self._limits
+            self._buffer[self._start : self._start + HEADER.size].tobytes(), self._limits
         )
         size = HEADER.size + DESCRIPTOR.size * count + body
         self._fill(size)
         at = self._start + HEADER.size
-        raw = self._buffer[at : at + DESCRIPTOR.size * count]
+        raw = self._buffer[at : at + DESCRIPTOR.size * count].tobytes()
         at += len(raw)
         own = kind not in self._views
         buffers = []
@@ -297,7 +298,7 @@ class FrameReader:
             if nbytes == 0:
                 array = np.empty(shape, dtype=dtype)
             else:
-                array = np.frombuffer(self._buffer, np.uint8, nbytes, at).view(dtype).reshape(shape)
+                array = self._buffer[at : at + nbytes].view(dtype).reshape(shape)
                 if own or not array.flags.aligned:
                     array = array.copy()
             buffers.append(array)
@@ -309,21 +310,21 @@ class FrameReader:
         """Have `size` bytes from `start` in the buffer, receiving what is missing."""
         if self._end - self._start >= size:
             return
-        if self._start + size > len(self._buffer) or len(self._buffer) > KEPT_BUFFER_BYTES:
+        if self._start + size > self._buffer.size or self._buffer.size > KEPT_BUFFER_BYTES:
             # Move what has arrived to the front of a buffer with room for `size` (the previous
             # frame's views are done with): a bigger one if needed, the usual one after a big frame.
             unread = self._end - self._start
             room = max(size, _FIRST_BUFFER_BYTES)
             if size <= KEPT_BUFFER_BYTES:
                 room = min(1 << (room - 1).bit_length(), KEPT_BUFFER_BYTES)
-            if room > len(self._buffer) or len(self._buffer) > KEPT_BUFFER_BYTES:
-                buffer = bytearray(max(room, unread))
+            if room > self._buffer.size or self._buffer.size > KEPT_BUFFER_BYTES:
+                buffer = np.empty(max(room, unread), np.uint8)
                 buffer[:unread] = self._buffer[self._start : self._end]
                 self._buffer = buffer
             else:
                 self._buffer[:unread] = self._buffer[self._start : self._end]
             self._start, self._end = 0, unread
-        view = memoryview(self._buffer)[: None if self._read_ahead else self._start + size]
+        view = self._buffer.data[: None if self._read_ahead else self._start + size]
         while self._end - self._start < size:
             n = self._read_into(view[self._end :])
             if not n:
