@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/profile_summary.py /tmp/serving.raw [--top 25]
 
-Per thread: its samples, how many were busy (not waiting in select/epoll/locks/sleep), and the
+Per thread (with `--subprocesses`: per process and thread, `embedding-server --index 0 / thread
+(...)`): its samples, how many were busy (not waiting in select/epoll/locks/sleep), and the
 functions on the stack in the most busy samples (inclusive, as a share of its busy samples). A
-profile of several processes (`py-spy --subprocesses`) names each thread after its process too.
+thread blocked in a socket's `recv_into` looks busy in `--idle` samples (the call is C, the leaf
+its Python caller): profile the embedding servers' connection threads with on-CPU samples only.
 """
 
 from __future__ import annotations
@@ -14,24 +16,25 @@ import re
 from collections import Counter, defaultdict
 
 WAITING = re.compile(
-    r"^(?:[\w<>.]+\.)?(select|poll|epoll_wait|wait|acquire|sleep|get|run_forever|_run_once|run|accept|_worker"
-    r"|_recv_exact|watch) \("
+    r"^(?:\w+\.)?(select|poll|epoll_wait|wait|acquire|sleep|get|run_forever|_run_once|run|accept|_worker) \("
 )
 """Leaf frames that mean the thread is waiting (uvloop waits inside its C `run`, an idle pool
-thread in `_worker`, an embedding server's connection thread for the next frame in `_recv_exact`,
-a child process for its parent's stdin to close in `watch`)."""
+thread in `_worker`)."""
 FRAME = re.compile(r"^(?P<name>.*?) \((?P<file>[^:]*):\d+\)$")
-PROCESS = re.compile(r'^process (?P<pid>\d+):"(?P<command>.*)"$')
 
 
-def process_name(frame: str) -> str:
-    """`process PID:"COMMAND"` as the flexemr role it runs (`embedding-server 1`), or its pid."""
-    match = PROCESS.match(frame)
-    if match is None:
-        return frame
-    server = re.search(r"embedding-server .*--index (\d+)", match["command"])
-    role = f"embedding-server {server[1]}" if server else "ranker" if " serve " in match["command"] else ""
-    return f"{role} ({match['pid']})".strip()
+def _short(owners: list[str]) -> str:
+    """`process 12: "... embedding-server ... --index 0 ..."; thread (34): name` -> `... index 0 / name`."""
+
+    def name(owner: str) -> str:
+        if not owner.startswith("process "):
+            return owner
+        command = re.sub(r'process \d+:"(.*)"', lambda m: m[1].split(" -m flexemr.cli.main ")[-1], owner)
+        index = re.search(r" --index \d+", command)
+        return command.split()[0] + (index[0] if index else "")
+
+    names = [name(o) for o in owners]
+    return " / ".join(names[-2:] if len(names) > 1 else names)
 
 
 def main() -> None:
@@ -46,11 +49,10 @@ def main() -> None:
         for line in lines:
             stack, _, count = line.rstrip().rpartition(" ")
             frames = stack.split(";")
-            while len(frames) > 1 and frames[1].startswith("process "):  # a child's stacks: its own
-                frames = frames[1:]
-            if frames[0].startswith("process ") and len(frames) > 1:
-                frames = [f"{process_name(frames[0])} {frames[1]}", *frames[2:]]
-            thread, n = frames[0], int(count)
+            # With --threads (and --subprocesses) the stack opens with its process(es) and thread.
+            at = next((i for i, f in enumerate(frames) if f.startswith("thread (")), 0)
+            thread, n = _short(frames[: at + 1]), int(count)
+            frames = frames[at:]
             samples[thread] += n
             if WAITING.match(frames[-1]):
                 continue
