@@ -4,6 +4,7 @@ no score changed."""
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -13,6 +14,7 @@ import torch
 from flexemr.batch import SparseBatch
 from flexemr.model.presets import preset
 from flexemr.model.weights import PresetWeights, build_monolithic
+from flexemr.ranker.admission import Dropped, Ticket
 from flexemr.ranker.batcher import DenseBatcher
 from tests.core.helpers import random_batch
 
@@ -142,3 +144,30 @@ def test_a_window_waits_for_more_requests_before_the_forward() -> None:
         np.testing.assert_allclose(result, alone(*request), atol=1e-6)
     assert sum(model.sizes) == 8
     assert len(model.sizes) < 4  # the first forward waited and took others with it
+
+
+def test_a_request_whose_deadline_passes_while_it_waits_is_dropped_not_computed() -> None:
+    release = threading.Event()
+    model = CountingModel(hold_first=release)
+    batcher = DenseBatcher(model, max_batch=16)
+    late = Ticket(deadline=time.monotonic() + 0.05, timeout_s=0.05)
+    on_time = Ticket(deadline=time.monotonic() + 60, timeout_s=60)
+    first, dropped, kept = inputs(2, 0), inputs(3, 1), inputs(4, 2)
+
+    def run_with(request: tuple[torch.Tensor, torch.Tensor], ticket: Ticket) -> np.ndarray:
+        with torch.inference_mode():
+            return batcher.run(*request, ticket).numpy()
+
+    with ThreadPoolExecutor(3) as pool:
+        head = pool.submit(run, batcher, first)
+        assert model.started.wait(30)
+        waiting = [pool.submit(run_with, dropped, late), pool.submit(run_with, kept, on_time)]
+        while batcher._queued_samples < 7:
+            time.sleep(0.01)
+        time.sleep(0.1)  # the late one's deadline passes while the first forward runs
+        release.set()
+        head.result(30)
+        with pytest.raises(Dropped, match="deadline"):
+            waiting[0].result(30)
+        np.testing.assert_allclose(waiting[1].result(30), alone(*kept), atol=1e-6)
+    assert model.sizes == [2, 4]  # the dropped request's samples never reached the model

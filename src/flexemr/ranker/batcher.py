@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from flexemr.ranker.admission import Ticket
+
 Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """The dense model: (dense features [B, F], pooled embeddings [B, T, D]) -> scores [B]."""
 
@@ -30,6 +32,7 @@ Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 class _Request:
     dense: torch.Tensor
     pooled: torch.Tensor
+    ticket: Ticket | None
     done: threading.Event = field(default_factory=threading.Event)
     scores: torch.Tensor | None = None
     error: BaseException | None = None
@@ -39,6 +42,16 @@ class _Request:
     @property
     def size(self) -> int:
         return int(self.dense.shape[0])
+
+    def still_wanted(self) -> bool:
+        """False (and its error set: `Dropped`) if its deadline passed or its client left."""
+        try:
+            if self.ticket is not None:
+                self.ticket.check()
+        except Exception as exc:
+            self.error = exc
+            return False
+        return True
 
     def result(self) -> torch.Tensor:
         if self.error is not None:
@@ -64,10 +77,11 @@ class DenseBatcher:
         self.requests = 0
         """Requests they scored."""
 
-    def run(self, dense: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    def run(self, dense: torch.Tensor, pooled: torch.Tensor, ticket: Ticket | None = None) -> torch.Tensor:
         """Scores [B] of one request, computed alone or merged with others that wait meanwhile.
-        Call it in inference mode; the forward's error, if any, is raised in every request it had."""
-        request = _Request(dense, pooled)
+        Call it in inference mode; the forward's error, if any, is raised in every request it had.
+        `Dropped` if `ticket`'s deadline passes (or its client leaves) before its forward starts."""
+        request = _Request(dense, pooled, ticket)
         with self._lock:
             self._queue.append(request)
             self._queued_samples += request.size
@@ -99,21 +113,25 @@ class DenseBatcher:
             return group
 
     def _score(self, group: list[_Request]) -> None:
+        """One forward for the requests of `group` still wanted; then every one but the first (the
+        caller's) is told."""
+        wanted = [r for r in group if r.still_wanted()]
         try:
-            if len(group) == 1:
-                group[0].scores = self._forward(group[0].dense, group[0].pooled)
-            else:
-                dense = torch.cat([r.dense for r in group])
-                pooled = torch.cat([r.pooled for r in group])
-                parts = torch.split(self._forward(dense, pooled), [r.size for r in group])
-                for r, part in zip(group, parts, strict=True):
+            if len(wanted) == 1:
+                wanted[0].scores = self._forward(wanted[0].dense, wanted[0].pooled)
+            elif wanted:
+                dense = torch.cat([r.dense for r in wanted])
+                pooled = torch.cat([r.pooled for r in wanted])
+                parts = torch.split(self._forward(dense, pooled), [r.size for r in wanted])
+                for r, part in zip(wanted, parts, strict=True):
                     r.scores = part
         except Exception as exc:
-            for r in group:
+            for r in wanted:
                 r.error = exc
-        with self._lock:
-            self.batches += 1
-            self.requests += len(group)
+        if wanted:
+            with self._lock:
+                self.batches += 1
+                self.requests += len(wanted)
         for r in group[1:]:
             r.done.set()
 

@@ -170,7 +170,7 @@ class Ranker:
         with self.turns.waiting(), torch.inference_mode():
             dense = torch.from_numpy(batch.dense).to(self.device)
             if self.batcher is not None:  # one forward at a time, merged with the waiting ones
-                scores = self.batcher.run(dense, pooled)
+                scores = self.batcher.run(dense, pooled, ticket)
             else:
                 with dense_slots():
                     scores = self.dense(dense, pooled)
