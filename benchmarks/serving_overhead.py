@@ -314,6 +314,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="per capacity or Poisson run")
     parser.add_argument("--systems", default="in-process,monolithic,monolithic-h11,flexemr-http,flexemr-grpc")
     parser.add_argument("--loads", default="25,50,75", help="Poisson rates, %% of each system's capacity")
+    parser.add_argument(
+        "--rates", help="Poisson rates in requests/s, the same for every system (not --loads)"
+    )
     parser.add_argument("--serve-args", default="", help="extra flags for every `flexemr serve`")
     parser.add_argument("--c1-load", metavar="URL", help="only send C=1 requests to URL for --seconds")
     args = parser.parse_args()
@@ -334,7 +337,8 @@ def main() -> None:
         print(f"{run_load(load, c1)['sent']:.0f} requests in {args.seconds:g} s")
         return
     systems = args.systems.split(",")
-    loads = [int(k) for k in args.loads.split(",")]
+    loads = [float(k) for k in (args.rates or args.loads).split(",")]
+    unit = " req/s" if args.rates else "%"
     results: dict[str, dict[str, float]] = {}
 
     def measure(name: str, load: Load, cpu: Callable[[], float]) -> None:
@@ -342,8 +346,8 @@ def main() -> None:
         row["capacity"] = closed_loop(load, args.clients, args.seconds)
         row["lag"] = row["refused"] = 0.0
         for k in loads:
-            run = poisson(load, row["capacity"] * k / 100, args.seconds)
-            row[f"p50_{k}"], row[f"p99_{k}"] = run["p50"], run["p99"]
+            run = poisson(load, k if args.rates else row["capacity"] * k / 100, args.seconds)
+            row[f"p50_{k:g}"], row[f"p99_{k:g}"] = run["p50"], run["p99"]
             row["lag"] = max(row["lag"], run["lag"])
             row["refused"] += run["refused"]
         results[name] = row
@@ -371,12 +375,12 @@ def main() -> None:
           f"{os.cpu_count()} cores, serve flags {args.serve_args!r}, "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print("| system | C=1 p50 ms | C=1 p99 ms | CPU ms/request | x in-process CPU | capacity req/s | "
-          + " | ".join(f"p50/p99 ms at {k}%" for k in loads) + " | generator lag p99 ms | refused |"
+          + " | ".join(f"p50/p99 ms at {k:g}{unit}" for k in loads) + " | generator lag p99 ms | refused |"
     )  # fmt: skip
     print("|---|" + "---:|" * (7 + len(loads)))
     for name, r in results.items():
         ratio = f"{r['cpu_ms'] / base['cpu_ms']:.2f}" if base else "-"
-        cells = " | ".join(f"{r[f'p50_{k}']:.1f} / {r[f'p99_{k}']:.1f}" for k in loads)
+        cells = " | ".join(f"{r[f'p50_{k:g}']:.1f} / {r[f'p99_{k:g}']:.1f}" for k in loads)
         print(f"| {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_ms']:.2f} | {ratio} "
               f"| {r['capacity']:.1f} | {cells} | {r['lag']:.1f} | {r['refused']:.0f} |")  # fmt: skip
 
