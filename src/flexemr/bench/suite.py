@@ -78,11 +78,13 @@ SUITES = {
 }  # fmt: skip
 
 
-SERVED_CLIENT_THREADS = 32
+SERVED_CLIENT_THREADS = 8
 """Server runs: requests the load generator keeps in flight. LoadGen counts a query's wait for a
-free client thread as the system's latency, so a Poisson burst must never wait in the generator
-(with 4 threads, Poisson arrivals at 80 QPS of ~20 ms queries find all 4 busy ~2% of the time: twice
-the p99's budget). The in-process model runs one forward at a time whatever the threads."""
+free client thread as the system's latency: with 4 threads, Poisson arrivals at 80 QPS of ~20 ms
+queries find all 4 busy ~9% of the time (Erlang C: nine times the p99's budget); with 8, ~0.03%.
+No more than 8: the ranker's latency-sized admission may shrink to 8 requests in flight when the
+machine stalls, and a generator with 32 threads then had hundreds of its queries refused (429) at
+a quarter of the capacity. The in-process model runs one forward at a time whatever the threads."""
 
 
 @dataclass(frozen=True)
