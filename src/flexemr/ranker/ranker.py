@@ -33,6 +33,7 @@ from flexemr.config import RankerConfig
 from flexemr.config.cache import CacheConfig
 from flexemr.config.plan import ShardingPlan
 from flexemr.engine.link import ServerLink
+from flexemr.model import rows as stored_rows
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
 from flexemr.ranker.admission import Ticket
@@ -211,10 +212,18 @@ class Ranker:
         at another)."""
         keys = self.router.keys(batch.indices, batch.rows_per_table)
         raw = self.config.lookup == "raw"
-        if self._whole_store is not None and self.cache is None and not raw:
-            # The local tier: one call pools the batch, in the kernel and order a server would.
-            sums = torch.from_numpy(self._whole_store.pooled(keys, batch.offsets[:-1])).to(self.device)
-            return self._finish_pooling(sums, batch)
+        store = self._whole_store
+        if store is not None and self.cache is None and not raw:
+            # The local tier: one call pools the batch, in the kernel and order a server would. With
+            # one row format it is the kernel itself, without the store's checks of a subrequest
+            # from the network (`SparseBatch.check` checked these rows against the tables).
+            starts = batch.offsets[:-1]
+            if len(store.segments) == 1:
+                rows, bags = torch.from_numpy(keys), torch.from_numpy(starts)
+                sums = stored_rows.pool(store.tables[0], store.segments[0].fmt, rows, bags)
+            else:
+                sums = torch.from_numpy(store.pooled(keys, starts))
+            return self._finish_pooling(sums.to(self.device), batch)
         pooled = torch.zeros(batch.lengths.size, self.spec.dim, device=self.device)
         remote_keys, remote_lengths = keys, batch.lengths
         cache = self.cache
