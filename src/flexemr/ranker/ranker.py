@@ -410,9 +410,7 @@ class Ranker:
         if self.row_version is not None:
             stats["versions"] = self.row_version.stats()
         if self.batcher is not None:
-            stats["batcher"] = counts(
-                {"batches": self.batcher.batches, "requests": self.batcher.requests}
-            )
+            stats["batcher"] = counts({"batches": self.batcher.batches, "requests": self.batcher.requests})
         return stats
 
     def close(self) -> None:
