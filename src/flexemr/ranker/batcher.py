@@ -7,7 +7,8 @@ thread (no window, no thread hop). Requests that arrive while a forward runs que
 the oldest of them runs one forward for as many of them as fit `max_batch` samples, and hands the
 model on to the next one still queued, if any. So the model is never idle while a request waits,
 a forward grows with the load (a merged forward costs less than its parts one by one), and a
-request waits at most for the forward in progress before its own.
+request waits for the forward in progress and, only when more than `max_batch` samples queued
+before it, for the forwards of those.
 
     scores = batcher.run(dense, pooled)   # [B] for this request's [B, F] and [B, T, D]
 """
