@@ -6,7 +6,8 @@ dense model is shared. A request that finds the model idle runs its forward at o
 thread (no window, no thread hop). Requests that arrive while a forward runs queue; when it ends,
 the oldest of them runs one forward for as many of them as fit `max_batch` samples, and hands the
 model on to the next one still queued, if any. So the model is never idle while a request waits,
-a forward grows with the load (a merged forward costs less than its parts one by one), and a
+a forward grows with the load (a merged forward costs less than its parts one by one: little
+for rmc1's small MLPs on a CPU, 0.98 ms for 540 pairs against 2 x 0.51 ms, more on a GPU), and a
 request waits for the forward in progress and, only when more than `max_batch` samples queued
 before it, for the forwards of those.
 
