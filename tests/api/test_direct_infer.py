@@ -87,7 +87,7 @@ class Route:
         parts = path.split("/")
         return (parts[3], "") if len(parts) == 5 and parts[4] == "infer" else None
 
-    def refusal(self) -> Answer | None:
+    def refusal(self, waited_s: float) -> Answer | None:
         return Answer(429, b"full", ((b"retry-after", b"1"),)) if self.refuse else None
 
     def start(self, name: str, version: str, headers: dict[str, str]) -> Call | Answer:

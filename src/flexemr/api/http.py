@@ -115,6 +115,14 @@ class InferHead:
     too_large: str
 
 
+REFUSED_AT_ONCE = Answer(
+    429,
+    b'{"error":"the ranker is full or behind; retry later"}',
+    ((b"content-type", b"application/json"), (b"retry-after", b"1")),
+)
+"""The 429 of a request refused from its headers, built once: a refusal is one write."""
+
+
 class InferRoute:
     """The infer route, whichever way a request comes in: the protocol's direct path
     (`flexemr.api.http_protocol`: httptools, a body with a Content-Length) or the ASGI app (h11, a
@@ -126,6 +134,8 @@ class InferRoute:
         self.metrics = metrics
         self.inputs = model_inputs(door.models.ranker.spec)  # every version takes the same inputs
         self._ok = metrics.requests.labels("200")
+        self._refused = metrics.requests.labels(str(STATUS[ErrorKind.REFUSED]))
+        self._refused_kind = metrics.errors.labels(ErrorKind.REFUSED)
 
     def match(self, path: str) -> tuple[str, str] | None:
         route = INFER_PATH.fullmatch(path)
@@ -161,9 +171,12 @@ class InferRoute:
             f"request body exceeds {limit} bytes" if header_length is not None else json_error,
         )
 
-    def refusal(self) -> Answer | None:
-        refused = self.door.refusal()
-        return None if refused is None else self.failure(refused)
+    def refusal(self, waited_s: float) -> Answer | None:
+        if self.door.refusal(waited_s) is None:
+            return None
+        self._refused.inc()
+        self._refused_kind.inc()
+        return REFUSED_AT_ONCE
 
     def start(self, name: str, version: str, headers: Mapping[str, str]) -> DirectCall | Answer:
         """A request of the direct path, checked and admitted, or its answer."""

@@ -3,7 +3,9 @@
 An infer request with a Content-Length (`POST /v2/models/<name>[/versions/<v>]/infer`) never
 enters the ASGI app: no task, no middleware, no request or response objects, no asyncio future.
 
-    headers (httptools)  ->  refused now? canned 429, body skipped      (`InferRoute.refusal`)
+    headers (httptools)  ->  refused now? canned 429, body skipped      (`InferRoute.refusal`: the
+                             process is full, or the request already waited too long to be read,
+                             `flexemr.api.request_age`)
     its turn comes       ->  checks, admission (`InferRoute.start`)    ->  400/413/429 answered
     body                 ->  one buffer of the declared length, filled as bytes arrive (`BodyReader`)
     worker thread        ->  decode (binary tensors are views of the buffer), score, encode (or 504, ...)
@@ -28,6 +30,8 @@ import numpy as np
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
+from flexemr.api.request_age import waited_s
 
 HIGH_WATER = 65536
 """Body bytes held before the request's turn comes (then reading pauses, as uvicorn's does)."""
@@ -64,8 +68,9 @@ class InferRoute(Protocol):
     def match(self, path: str) -> tuple[str, str] | None:
         """The model name and version ("": any) of an infer path, or None."""
 
-    def refusal(self) -> Answer | None:
-        """The 429 a request arriving now gets when the process is full (counted), else None."""
+    def refusal(self, waited_s: float) -> Answer | None:
+        """The 429 a request whose headers were just read, after it waited `waited_s` to be read,
+        gets when the process is full or it waited too long (counted), else None."""
 
     def start(self, name: str, version: str, headers: dict[str, str]) -> InferCall | Answer:
         """Checks the request's headers and admits it, or answers it (400, 413, 429)."""
@@ -126,8 +131,10 @@ class DirectInfer:
         self.name, self.version = name, version
         self.headers = header_values(protocol.headers)
         self.reader = reader
-        self.refused = protocol.route.refusal()
-        """Decided on arrival: a request that comes while the process is full is refused."""
+        self.refused = protocol.route.refusal(waited_s(protocol.transport))
+        """Decided on arrival: a request that comes while the process is full, or that already
+        waited too long before it was read (in the kernel's queues, behind the event loop), is
+        refused."""
         self.cycle: RequestResponseCycle | None = None
         self.call: InferCall | None = None
 
