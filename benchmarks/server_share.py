@@ -23,7 +23,7 @@ from flexemr.config.model import ModelSource
 from flexemr.model.source import model_spec
 from flexemr.workload.synthetic import SyntheticWorkload
 from http_front import binary_body, start_serve
-from serving_overhead import TICKS, http_sender
+from serving_overhead import TICKS, HttpLoad, run_load
 
 
 def process_cpu_s(pid: int) -> float:
@@ -53,17 +53,21 @@ def one_round(
     process = start_serve(args.preset, [*flags, *shlex.split(args.serve_args)])
     try:
         servers = children(process.pid)
-        send = http_sender(process.url, bodies)()
-        for i in range(20):
-            send(i)
-        before = {p: process_cpu_s(p) for p in [process.pid, *servers]}
-        for i in range(args.requests):
-            send(i)
-        after = {p: process_cpu_s(p) for p in before}
+        load = HttpLoad(process.url, bodies)
+
+        async def measure() -> dict[str, float]:
+            for i in range(20):
+                await load.send(i)
+            before = {p: process_cpu_s(p) for p in [process.pid, *servers]}
+            for i in range(args.requests):
+                await load.send(i)
+            return {str(p): process_cpu_s(p) - before[p] for p in before}
+
+        spent = run_load(load, measure)
     finally:
         process.close()
         os.environ.pop("PYTHONPATH", None)
-    per = {p: (after[p] - before[p]) * 1000 / args.requests for p in before}
+    per = {int(p): seconds * 1000 / args.requests for p, seconds in spent.items()}
     server_ms = sum(per[p] for p in servers)
     return {"total": per[process.pid] + server_ms, "ranker": per[process.pid], "servers": server_ms}
 

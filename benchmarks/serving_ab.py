@@ -15,6 +15,7 @@ import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from flexemr.config.model import ModelSource
 from flexemr.model.source import model_spec
 from flexemr.workload.synthetic import SyntheticWorkload
 from http_front import binary_body, start_serve
-from serving_overhead import http_sender, in_process_sender, sequential, tree_cpu_s
+from serving_overhead import HttpLoad, InProcessLoad, Load, sequential, tree_cpu_s
 
 
 def main() -> None:
@@ -46,10 +47,10 @@ def main() -> None:
     del os.environ["PYTHONPATH"]
     branch = start_serve(args.preset, flags)
     torch.set_num_threads(1)
-    systems = {
-        "in-process": (in_process_sender(source, requests), time.process_time),
-        "A (base)": (http_sender(base.url, bodies), lambda: tree_cpu_s(base.pid)),
-        "B (this)": (http_sender(branch.url, bodies), lambda: tree_cpu_s(branch.pid)),
+    systems: dict[str, tuple[Load, Callable[[], float]]] = {
+        "in-process": (InProcessLoad(source, requests), time.process_time),
+        "A (base)": (HttpLoad(base.url, bodies), lambda: tree_cpu_s(base.pid)),
+        "B (this)": (HttpLoad(branch.url, bodies), lambda: tree_cpu_s(branch.pid)),
     }
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
     try:
@@ -60,8 +61,8 @@ def main() -> None:
                 else ["in-process", "B (this)", "A (base)"]
             )
             for name in order:
-                make, cpu = systems[name]
-                rows[name].append(sequential(make, args.requests, cpu))
+                load, cpu_s = systems[name]
+                rows[name].append(sequential(load, args.requests, cpu_s))
             print(f"round {r}: load {os.getloadavg()[0]:.1f} " + "  ".join(
                 f"{n}: cpu {rows[n][-1]['cpu_ms']:.2f} p50 {rows[n][-1]['p50_ms']:.2f}" for n in systems
             ), flush=True)  # fmt: skip

@@ -37,7 +37,7 @@ from flexemr.model import rows as stored_rows
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
 from flexemr.ranker.admission import Ticket
-from flexemr.ranker.batcher import DynamicBatcher
+from flexemr.ranker.batcher import DenseBatcher
 from flexemr.ranker.replicas import ReplicaLoad
 from flexemr.ranker.row_versions import RowReadVersion
 from flexemr.ranker.turns import PROCESS_TURNS
@@ -129,7 +129,7 @@ class Ranker:
             self._warmer = threading.Thread(target=self._warm_loop, daemon=True, name="cache-warmer")
             self._warmer.start()
         self.batcher = (
-            DynamicBatcher(self._score_batch_in_turn, config.max_batch, config.batch_window_ms / 1000)
+            DenseBatcher(self.dense, config.max_batch, config.batch_window_ms / 1000)
             if config.batching or config.batch_window_ms > 0
             else None
         )
@@ -162,7 +162,7 @@ class Ranker:
         """Click probabilities float32 [B]. Raises `InvalidRequest` for bad input,
         `ServerUnavailable` / `LookupFailed` when a lookup cannot complete, and `Dropped` when the
         ticket's deadline passes (or its client leaves) before the work starts. With dynamic batching
-        on, the request may be scored together with others that arrive at about the same time.
+        on, its dense forward may be merged with those of requests that wait for the model with it.
         A caller holding a turn (the front door takes one per request) gives it up while this waits."""
         if ticket is not None:
             ticket.check()
@@ -171,17 +171,10 @@ class Ranker:
         with self._lock:
             self._waiting += batch.batch_size
         try:
-            if self.batcher is None:
-                return self.score_batch(batch, ticket)
-            with self.turns.waiting():
-                return self.batcher.submit(batch, ticket).result()
+            return self.score_batch(batch, ticket)
         finally:
             with self._lock:
                 self._waiting -= batch.batch_size
-
-    def _score_batch_in_turn(self, batch: SparseBatch) -> np.ndarray:
-        with self.turns.turn():
-            return self.score_batch(batch)
 
     def score_batch(self, batch: SparseBatch, ticket: Ticket | None = None) -> np.ndarray:
         pooled = self._pool_one_version(batch, None if ticket is None else ticket.deadline)
@@ -189,8 +182,13 @@ class Ranker:
             ticket.check()
         # The dense model runs in torch's kernels (or on the GPU), outside the interpreter lock:
         # other requests take their turn meanwhile.
-        with self.turns.waiting(), dense_slots(), torch.inference_mode():
-            scores = self.dense(torch.from_numpy(batch.dense).to(self.device), pooled)
+        with self.turns.waiting(), torch.inference_mode():
+            dense = torch.from_numpy(batch.dense).to(self.device)
+            if self.batcher is not None:  # one forward at a time, merged with the waiting ones
+                scores = self.batcher.run(dense, pooled, ticket)
+            else:
+                with dense_slots():
+                    scores = self.dense(dense, pooled)
             result: np.ndarray = scores.float().cpu().numpy()
         with self._lock:
             self.requests += 1
@@ -434,17 +432,13 @@ class Ranker:
         if self.row_version is not None:
             stats["versions"] = self.row_version.stats()
         if self.batcher is not None:
-            stats["batcher"] = counts(
-                {"batches": self.batcher.merged_batches, "requests": self.batcher.merged_requests}
-            )
+            stats["batcher"] = counts({"batches": self.batcher.batches, "requests": self.batcher.requests})
         return stats
 
     def close(self) -> None:
         self._stop.set()
         if self._warmer is not None:
             self._warmer.join(5)
-        if self.batcher is not None:
-            self.batcher.close()
         self.transport.close()
         if self.row_version is not None:
             self.row_version.close()
