@@ -291,7 +291,9 @@ def test_rankers_share_one_address_and_survive_one_dying(serve: Callable[..., Se
             return response.status_code
 
     assert [fresh_connection_scores() for _ in range(10)] == [200] * 10
-    (ranker,) = [pid for pid in children if b"ranker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    (ranker,) = [
+        pid for pid in children if b"embedding-server" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
     os.kill(ranker, signal.SIGKILL)
     _wait_until(lambda: _dead(ranker), "the killed ranker is gone (its sockets closed)")
     assert [fresh_connection_scores() for _ in range(10)] == [200] * 10
