@@ -132,8 +132,8 @@ class WorkerDriver:
     def wait(self, done: Callable[[], bool], deadline: float | None) -> bool:
         """Progress the worker until `done()` or `deadline` (time.monotonic); returns `done()`.
         One waiting thread at a time progresses the worker and sleeps on its event fd; the others
-        sleep on a condition and look again after each of its rounds (they never progress it
-        themselves: what they took off the worker could be what the sleeper waits for)."""
+        sleep on a condition and look again after each of its progress calls (they never progress
+        it themselves: what they took off the worker could be what the sleeper waits for)."""
         while not done():
             left = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
             if left <= 0:
@@ -147,6 +147,8 @@ class WorkerDriver:
                 with self.lock:
                     self.worker.progress()
                     armed = not done() and bool(self.worker.arm())
+                with self._turn:  # what this progress completed may be another thread's: it goes on
+                    self._turn.notify_all()
                 if armed:
                     poll = select.poll()  # not select(): a process with many workers has fds over 1024
                     poll.register(self.fileno(), select.POLLIN)
@@ -265,10 +267,14 @@ class UcxSocket:
             self._check_open()
             self._reap_sends()
         else:
-            # An I/O thread: push the sends now; if that completed the receive or left events
-            # pending, make the event fd readable so its loop comes back to read before sleeping.
+            # An I/O thread: push the sends now, then make the event fd readable unless a receive
+            # is in flight and the worker is armed: its loop comes back to read before sleeping.
+            # Without a receive posted (a fresh connection's first request) the fd cannot tell:
+            # an answer that this progress took in waits in UCX's stream queue, and arm() succeeds
+            # as no transport event is left (the answer would never be read).
             self._driver.progress()
-            if (self._recv is not None and self._recv.request.completed) or not self._driver.arm():
+            receiving = self._recv is not None and not self._recv.request.completed
+            if not receiving or not self._driver.arm():
                 self._driver.wake()
         return sum(v.nbytes for v in views)
 
