@@ -4,6 +4,7 @@ give their file descriptors back."""
 
 from __future__ import annotations
 
+import os
 import select
 import threading
 import time
@@ -108,3 +109,47 @@ def test_an_answer_taken_in_before_any_receive_still_wakes_the_selector(
         thread.join(30)
         for sock in accepted:
             sock.close()
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_closed_connections_give_their_descriptors_back(listener: ucx_stream.UcxListener) -> None:
+    """Each connection of a ranker has a UCX worker of its own (about 10 descriptors: its event
+    fds, epoll sets, shared-memory segments); closing the connection must free it. Over shared
+    memory (no peer error handling) the close waits for the peer's part, which the server's
+    waiting thread progresses; without that wait every closed connection leaked its worker."""
+    connections, accepted = 40, []
+
+    def server() -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()  # progresses the closes of the connections before
+            except OSError:  # the listener closed: the test is over
+                return
+            sock.settimeout(10)
+            assert receive(sock, 5) == b"hello"
+            sock.sendall(b"welcome")
+            accepted.append(sock)
+
+    thread = threading.Thread(target=server, daemon=True)
+    thread.start()
+    counts = []
+    try:
+        for _ in range(connections):
+            client = ucx_stream.connect(Endpoint("127.0.0.1", listener.port), 10)
+            try:
+                client.sendall(b"hello")
+                assert receive(client, 7) == b"welcome"
+            finally:
+                client.close()
+            counts.append(open_descriptors())
+    finally:
+        listener.close()
+        thread.join(10)
+        for sock in accepted:
+            sock.close()
+    # After a few connections (UCX opens its shared resources once): no growth with the count
+    # (a leak of one worker per connection would be over 300 descriptors here).
+    assert counts[-1] - counts[4] < 20, f"descriptors after each closed connection: {counts}"

@@ -21,13 +21,15 @@ embedding server has one worker for all its connections: the listener's.
 Peer failure: endpoints are created with UCX's peer error handling (a dead peer fails what is in
 flight, like a TCP reset), except when `UCX_TLS` names a shared-memory transport: UCX reaches a
 peer over shared memory only without it. There a dead peer is noticed by the heartbeat and the
-idle timeout, not by UCX.
+idle timeout, not by UCX, and closing an endpoint waits (at most `CLOSE_WAIT_S`) for the peer's
+part of the close, without which UCX would keep the worker and its descriptors.
 
 No import of ucxx happens before a UCX link is asked for.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import threading
@@ -40,9 +42,14 @@ from flexemr.config import Endpoint
 from flexemr.extras import needs_extra
 from flexemr.protocol.frames import HEADER
 
+log = logging.getLogger(__name__)
+
 SHARED_MEMORY_TRANSPORTS = ("sm", "shm", "posix", "sysv", "cma", "xpmem", "knem")
 CLOSE_PERIOD_NS, CLOSE_ATTEMPTS = 10_000_000, 10
 """How long closing a ranker's endpoint waits for UCX to finish (then its worker is freed)."""
+CLOSE_WAIT_S = 2.0
+"""How long closing a ranker's endpoint without peer error handling (shared memory) waits for the
+peer's part of the close: until then UCX holds the endpoint and its worker's descriptors."""
 POLL_S = 0.1
 """The longest a waiting thread sleeps before it checks its own deadline and the socket's state."""
 
@@ -290,18 +297,29 @@ class UcxSocket:
         if self._endpoint is None:
             return
         self.shutdown()
+        endpoint, self._endpoint = self._endpoint, None
+        closing = None
         with self._driver.lock:
-            if not self._endpoint.alive:
+            if not endpoint.alive:
                 pass  # closing one that failed (the peer closed it) crashes ucxx
             elif self._owns_driver and self._error_handling:
-                # Wait for the close, else UCX keeps the worker and its descriptors. Not without
-                # peer error handling (shared memory): there a stopped peer makes it wait forever,
-                # and each closed connection leaks its worker's descriptors (a known limitation).
-                self._endpoint.close_blocking(CLOSE_PERIOD_NS, CLOSE_ATTEMPTS)
-            else:  # a server's shared worker: its waiting threads progress the close
-                self._endpoint.close()
-        self._endpoint = None
+                # A forced close (what ucxx does with peer error handling) needs nothing from
+                # the peer: wait for it, else UCX keeps the worker and its descriptors.
+                endpoint.close_blocking(CLOSE_PERIOD_NS, CLOSE_ATTEMPTS)
+            else:  # a flushed close: the peer takes part (a server's waiting threads progress it)
+                closing = endpoint.close()
         if self._owns_driver:
+            # Without peer error handling (shared memory) the close completes once the peer has
+            # taken part: until then UCX holds the endpoint and with it the worker's descriptors,
+            # so progress it here. Not forever: a stopped peer would hold this thread too.
+            if closing is not None and not self._driver.wait(
+                lambda: bool(closing.completed), time.monotonic() + CLOSE_WAIT_S
+            ):
+                log.warning(
+                    "UCX close to %s not confirmed in %s s: its worker stays open", self.peer, CLOSE_WAIT_S
+                )
+            self._recv = self._peek = None  # the requests hold the endpoint, which holds the worker
+            self._sends.clear()
             self._driver.close()
 
     # -- waiting ---------------------------------------------------------------------------------------
@@ -391,4 +409,4 @@ class UcxListener:
     def close(self) -> None:
         self.shutdown()
         with self._driver.lock:
-            del self._listener
+            self._listener = None  # ucxx's listener stops listening when freed
