@@ -56,6 +56,8 @@ from flexemr.transport.base import LookupRequest
 TRANSPORTS = {"tcp": ("tcp", None), "ucx-tcp": ("ucx", "tcp"), "ucx-shm": ("ucx", "tcp,sm,self")}
 """name -> (--transport, UCX_TLS)."""
 SECRET = "transports-benchmark-secret"
+START_TIMEOUT_S = 300
+"""How long the ranker waits for servers to come up (slow to start on a loaded machine)."""
 
 
 @contextlib.contextmanager
@@ -111,7 +113,7 @@ def measure(name: str, spec: ClusterSpec, pids: list[int], args: argparse.Namesp
         secret=SECRET.encode(),
         node_limits=NodeLimits(heartbeat_timeout_s=10.0),
     )
-    engine.start(timeout=60)
+    engine.start(timeout=START_TIMEOUT_S)
     servers = len(spec.embedding_servers)
     pool = [requests(spec, s, args.bags, 64, seed=s) for s in range(servers)]
     result: dict[str, Any] = {"transport": name}
@@ -157,7 +159,7 @@ def measure(name: str, spec: ClusterSpec, pids: list[int], args: argparse.Namesp
     finally:
         engine.close()
 
-    ranker = build_ranker(spec, connect_timeout_s=60)
+    ranker = build_ranker(spec, connect_timeout_s=START_TIMEOUT_S)
     try:
         rng = np.random.default_rng(7)
         model = ranker.spec
