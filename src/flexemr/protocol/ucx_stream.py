@@ -45,11 +45,9 @@ from flexemr.protocol.frames import HEADER
 log = logging.getLogger(__name__)
 
 SHARED_MEMORY_TRANSPORTS = ("sm", "shm", "posix", "sysv", "cma", "xpmem", "knem")
-CLOSE_PERIOD_NS, CLOSE_ATTEMPTS = 10_000_000, 10
-"""How long closing a ranker's endpoint waits for UCX to finish (then its worker is freed)."""
-CLOSE_WAIT_S = 2.0
-"""How long closing a ranker's endpoint without peer error handling (shared memory) waits for the
-peer's part of the close: until then UCX holds the endpoint and its worker's descriptors."""
+CLOSE_WAIT_S = 1.0
+"""How long closing a ranker's endpoint waits for UCX to complete the close (at once when forced;
+over shared memory, once the peer has taken part): until then UCX holds the worker's descriptors."""
 POLL_S = 0.1
 """The longest a waiting thread sleeps before it checks its own deadline and the socket's state."""
 
@@ -300,21 +298,19 @@ class UcxSocket:
         endpoint, self._endpoint = self._endpoint, None
         closing = None
         with self._driver.lock:
-            if not endpoint.alive:
-                pass  # closing one that failed (the peer closed it) crashes ucxx
-            elif self._owns_driver and self._error_handling:
-                # A forced close (what ucxx does with peer error handling) needs nothing from
-                # the peer: wait for it, else UCX keeps the worker and its descriptors.
-                endpoint.close_blocking(CLOSE_PERIOD_NS, CLOSE_ATTEMPTS)
-            else:  # a flushed close: the peer takes part (a server's waiting threads progress it)
+            if endpoint.alive:  # closing one that failed (the peer closed it) crashes ucxx
+                # Forced with peer error handling (nothing asked of the peer), flushed without
+                # (shared memory: the peer takes part; a server's waiting threads progress it).
                 closing = endpoint.close()
         if self._owns_driver:
-            # Without peer error handling (shared memory) the close completes once the peer has
-            # taken part: until then UCX holds the endpoint and with it the worker's descriptors,
-            # so progress it here. Not forever: a stopped peer would hold this thread too.
-            if closing is not None and not self._driver.wait(
+            # UCX holds the endpoint, and with it the worker and its descriptors, until the close
+            # completes: progress it here. Not forever: a stopped peer would hold this thread too.
+            # (ucxx's close_blocking, the other way, leaves the worker behind when a receive is
+            # posted, as an I/O thread's always is.)
+            done = closing is None or self._driver.wait(
                 lambda: bool(closing.completed), time.monotonic() + CLOSE_WAIT_S
-            ):
+            )
+            if not done:
                 log.warning(
                     "UCX close to %s not confirmed in %s s: its worker stays open", self.peer, CLOSE_WAIT_S
                 )
