@@ -8,9 +8,17 @@ Starts `flexemr serve` (default `--preset tiny`) unless `--url` points at a runn
                loop), then offers `--factor` x that rate (open loop, fixed intervals) for `--seconds`,
                each request on its own connection (as many clients would); prints offered, admitted
                (200), refused (429), goodput against the capacity, p50/p99 of admitted and refused
-               requests, liveness probes, the ranker's RSS and how long it took to drain.
+               requests, liveness probes, the ranker's RSS and how long it took to drain; the
+               ranker's CPU per request at capacity and per admitted request under overload;
+               and the kernel's listen-queue overflows meanwhile (connections the ranker did not
+               accept in time: their clients retry the SYN after 1 s, 3 s, ...).
+
+    refusals:  the ranker's CPU per refusal: holds it full (requests whose headers came and whose
+               bodies never do: in flight, at least the latency limit's 8 of them), then sends `--requests`
+               requests, each on its own connection, 32 at a time; every one is refused 429.
 
     .venv/bin/python benchmarks/http_front.py keepalive --requests 500
+    .venv/bin/python benchmarks/http_front.py refusals --requests 5000
     .venv/bin/python benchmarks/http_front.py overload --seconds 20 --factor 3
     .venv/bin/python benchmarks/http_front.py overload --serve-args="--max-in-flight 1024"
 """
@@ -92,6 +100,20 @@ def rss_mb(pid: int | None) -> float:
     return float("nan")
 
 
+def cpu_s(pid: int | None) -> float:
+    """CPU seconds (user + system) process `pid` has used."""
+    if pid is None:
+        return float("nan")
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full (whole host)."""
+    names, values = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()[:2]]
+    return int(values[names.index("ListenOverflows")])
+
+
 Outcome = tuple[int | str, float]
 """HTTP status (or the client error's name) and latency in seconds."""
 
@@ -142,16 +164,18 @@ async def sequential(url: str, requests_: list[bytes], count: int, timeout: floa
 
 async def capacity(url: str, requests_: list[bytes], args: argparse.Namespace) -> float:
     """Requests per second answered with `clients` requests always in flight (closed loop)."""
-    done = 0
+    done = refused = 0
     stop = time.perf_counter() + args.capacity_seconds
 
     async def loop() -> None:
-        nonlocal done
+        nonlocal done, refused
         while time.perf_counter() < stop:
             status, _ = await post(url, requests_[done % len(requests_)], args.timeout)
             done += status == 200
+            refused += status == 429
 
     await asyncio.gather(*(loop() for _ in range(args.clients)))
+    print(f"capacity phase: {refused} of {done + refused} requests refused")
     return float(done / args.capacity_seconds)
 
 
@@ -177,13 +201,16 @@ def offer(
 async def overload(url: str, pid: int | None, args: argparse.Namespace) -> None:
     requests_ = [raw_request(url, binary_body(r)) for r in requests(args.preset, args.batch, 32)]
     unloaded = await sequential(url, requests_, 200, args.timeout)
+    cpu_before = cpu_s(pid)
     peak = await capacity(url, requests_, args)
+    cpu_per_request = (cpu_s(pid) - cpu_before) / (peak * args.capacity_seconds)
     rate = peak * args.factor
     unloaded_p99 = float(np.percentile(unloaded, 99))
     print(f"unloaded (one at a time): p50 {np.median(unloaded):.1f} ms  p99 {unloaded_p99:.1f} ms")
     print(f"capacity (closed loop of {args.clients}): {peak:.1f} requests/s of {args.batch} samples; "
           f"offering {rate:.1f}/s from {args.processes} processes", flush=True)  # fmt: skip
     rss_before, rss_peak, probes = rss_mb(pid), rss_mb(pid), []
+    cpu_before, overflows_before = cpu_s(pid), listen_overflows()
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(args.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         load = asyncio.gather(
@@ -203,6 +230,7 @@ async def overload(url: str, pid: int | None, args: argparse.Namespace) -> None:
                 rss_peak = max(rss_peak, rss_mb(pid))
                 await asyncio.sleep(0.1)
         parts = await load
+    cpu_overload, overflows = cpu_s(pid) - cpu_before, listen_overflows() - overflows_before
     results = [outcome for part, *_ in parts for outcome in part]
     offered_s = max(offered - began for _, began, offered, _ in parts)
     drain_s = max(done for *_, done in parts) - max(offered for _, _, offered, _ in parts)
@@ -227,18 +255,54 @@ async def overload(url: str, pid: int | None, args: argparse.Namespace) -> None:
     print(f"liveness: {sum(ok for ok, _ in probes)}/{len(probes)} ok, p50 {np.median(probe_ms):.1f} ms, "
           f"max {probe_ms.max():.1f} ms")  # fmt: skip
     print(f"ranker RSS: {rss_before:.0f} MB before, {rss_peak:.0f} MB peak, {rss_mb(pid):.0f} MB after")
+    per_admitted = cpu_overload / max(outcomes[200], 1)
+    print(f"ranker CPU: {cpu_per_request * 1000:.2f} ms per request at capacity; under overload "
+          f"{cpu_overload:.1f} s = {per_admitted * 1000:.2f} ms per admitted request, refusals included "
+          "(`refusals` measures a refusal alone)")  # fmt: skip
+    print(f"listen-queue overflows (whole host) during the overload: {overflows}")
+
+
+async def refusals(url: str, pid: int | None, args: argparse.Namespace) -> None:
+    request = raw_request(url, binary_body(requests(args.preset, args.batch, 1)[0]))
+    host, port = url.removeprefix("http://").split(":")
+    held = []
+    for _ in range(args.hold):  # headers only: each holds a place in flight until it closes
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(request[: request.index(b"\r\n\r\n") + 4])
+        held.append(writer)
+    await asyncio.sleep(0.5)
+    outcomes: Counter[int | str] = Counter()
+    latencies: list[float] = []
+    left = args.requests
+
+    async def loop() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            status, seconds = await post(url, request, args.timeout)
+            outcomes[status] += 1
+            latencies.append(seconds * 1000)
+
+    cpu_before, begin = cpu_s(pid), time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(32)))
+    cpu, wall = cpu_s(pid) - cpu_before, time.perf_counter() - begin
+    for writer in held:
+        writer.close()
+    p50, p99 = np.percentile(latencies, [50, 99])
+    print(f"{args.requests} requests while {args.hold} are held in flight, in {wall:.1f} s: {dict(outcomes)}")
+    print(f"refusal latency p50 {p50:.1f} ms  p99 {p99:.1f} ms")
+    print(f"ranker CPU {cpu:.2f} s = {cpu / args.requests * 1e6:.0f} us per refusal")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("keepalive", "overload"))
+    parser.add_argument("mode", choices=("keepalive", "overload", "refusals"))
     parser.add_argument("--url", help="a running ranker (default: start `flexemr serve`)")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--serve-args", default="", help="extra flags for `flexemr serve`")
-    parser.add_argument(
-        "--batch", type=int, default=None, help="samples per request (keepalive 1, overload 64)"
-    )
-    parser.add_argument("--requests", type=int, default=500, help="keepalive: sequential requests")
+    parser.add_argument("--batch", type=int, default=None, help="samples per request (keepalive 1, else 64)")
+    parser.add_argument("--requests", type=int, default=500, help="keepalive, refusals: requests")
+    parser.add_argument("--hold", type=int, default=8, help="refusals: requests held in flight")
     parser.add_argument("--seconds", type=float, default=20.0, help="overload: how long to offer load")
     parser.add_argument("--capacity-seconds", type=float, default=5.0, help="overload: closed-loop phase")
     parser.add_argument("--clients", type=int, default=8, help="overload: closed-loop concurrency")
@@ -250,10 +314,13 @@ def main() -> None:
     serve = None if args.url else start_serve(args.preset, shlex.split(args.serve_args))
     try:
         url = args.url or serve.url  # type: ignore[union-attr]
+        pid = serve.pid if serve else None
         if args.mode == "keepalive":
             keepalive(url, args)
+        elif args.mode == "refusals":
+            uvloop.run(refusals(url, pid, args))
         else:
-            uvloop.run(overload(url, serve.pid if serve else None, args))
+            uvloop.run(overload(url, pid, args))
     finally:
         if serve is not None:
             serve.close()

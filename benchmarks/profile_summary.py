@@ -2,8 +2,11 @@
 
     .venv/bin/python benchmarks/profile_summary.py /tmp/serving.raw [--top 25]
 
-Per thread: its samples, how many were busy (not waiting in select/epoll/locks/sleep), and the
-functions on the stack in the most busy samples (inclusive, as a share of its busy samples).
+Per thread (with `--subprocesses`: per process and thread, `embedding-server --index 0 / thread
+(...)`): its samples, how many were busy (not waiting in select/epoll/locks/sleep), and the
+functions on the stack in the most busy samples (inclusive, as a share of its busy samples). A
+thread blocked in a socket's `recv_into` looks busy in `--idle` samples (the call is C, the leaf
+its Python caller): profile the embedding servers' connection threads with on-CPU samples only.
 """
 
 from __future__ import annotations
@@ -20,6 +23,20 @@ thread in `_worker`)."""
 FRAME = re.compile(r"^(?P<name>.*?) \((?P<file>[^:]*):\d+\)$")
 
 
+def _short(owners: list[str]) -> str:
+    """`process 12: "... embedding-server ... --index 0 ..."; thread (34): name` -> `... index 0 / name`."""
+
+    def name(owner: str) -> str:
+        if not owner.startswith("process "):
+            return owner
+        command = re.sub(r'process \d+:"(.*)"', lambda m: m[1].split(" -m flexemr.cli.main ")[-1], owner)
+        index = re.search(r" --index \d+", command)
+        return command.split()[0] + (index[0] if index else "")
+
+    names = [name(o) for o in owners]
+    return " / ".join(names[-2:] if len(names) > 1 else names)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("raw")
@@ -32,7 +49,10 @@ def main() -> None:
         for line in lines:
             stack, _, count = line.rstrip().rpartition(" ")
             frames = stack.split(";")
-            thread, n = frames[0], int(count)
+            # With --threads (and --subprocesses) the stack opens with its process(es) and thread.
+            at = next((i for i, f in enumerate(frames) if f.startswith("thread (")), 0)
+            thread, n = _short(frames[: at + 1]), int(count)
+            frames = frames[at:]
             samples[thread] += n
             if WAITING.match(frames[-1]):
                 continue

@@ -12,25 +12,33 @@ its embedding servers; for in-process, this process), the capacity (a closed loo
 requests in flight), then open-loop Poisson arrivals at 25%, 50% and 75% of that capacity (p50,
 p99, measured from each request's scheduled arrival). Every server runs `--torch-threads` threads.
 
+The load generator is one asyncio loop (uvloop) with every request encoded once, raw HTTP/1.1 on
+keep-alive connections (gRPC through grpc.aio), its garbage collector off while it measures: a
+request costs it a write and a read. It reports how late it sent requests (generator lag, p99):
+when that is small, the tail is the system's, not the generator's. In-process requests run on the
+generator's loop, one at a time, so their lag is their wait for the model.
+
     .venv/bin/python benchmarks/serving_overhead.py --preset rmc1 --row-scale 0.01 --batch 270
 """
 
 from __future__ import annotations
 
 import argparse
-import http.client
+import asyncio
+import functools
+import gc
 import os
 import shlex
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
 from flexemr.batch import SparseBatch
@@ -42,9 +50,6 @@ from http_front import binary_body, start_serve
 
 INFER_PATH = "/v2/models/dlrm/infer"
 TICKS = os.sysconf("SC_CLK_TCK")
-
-Send = Callable[[int], None]
-"""Sends request number i (of the pool) and waits for its answer."""
 
 
 def tree_cpu_s(pid: int) -> float:
@@ -68,68 +73,125 @@ def tree_cpu_s(pid: int) -> float:
     return total
 
 
-def http_sender(url: str, bodies: list[tuple[bytes, dict[str, str]]]) -> Callable[[], Send]:
-    """A factory of senders, each with its own keep-alive connection (one per client thread)."""
-    host, port = url.removeprefix("http://").split(":")
+class Load(Protocol):
+    """One system as the load generator reaches it, on the generator's asyncio loop."""
 
-    def make() -> Send:
-        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    async def open(self) -> None: ...
 
-        def send(i: int) -> None:
-            body, headers = bodies[i % len(bodies)]
-            connection.request("POST", INFER_PATH, body=body, headers=headers)
-            response = connection.getresponse()
-            response.read()
-            if response.status != 200:
-                raise RuntimeError(f"HTTP {response.status}")
+    async def send(self, i: int) -> bool:
+        """Sends request number i (of the pool) and waits for its answer: False if it was refused
+        (overload: 429 or 503), an exception for any other failure."""
+        ...
 
-        return send
-
-    return make
+    async def close(self) -> None: ...
 
 
-def grpc_sender(address: str, requests: list[SparseBatch]) -> Callable[[], Send]:
-    import grpc
-    from tritonclient.grpc import service_pb2, service_pb2_grpc
+class HttpLoad:
+    """Raw HTTP/1.1 on keep-alive connections, each request's bytes encoded once: a request costs
+    the generator a write and a read, so the generator is not what is measured. A request takes an
+    idle connection, or opens one (as many connections as requests in flight)."""
 
-    def message(r: SparseBatch) -> Any:
-        tensor = service_pb2.ModelInferRequest.InferInputTensor
-        arrays = [("dense_features", "FP32", r.dense.astype("<f4")),
-                  ("sparse_indices", "INT64", r.indices.astype("<i8")),
-                  ("sparse_lengths", "INT32", r.lengths.astype("<i4"))]  # fmt: skip
-        return service_pb2.ModelInferRequest(
-            model_name="dlrm",
-            inputs=[tensor(name=n, datatype=d, shape=list(a.shape)) for n, d, a in arrays],
-            raw_input_contents=[a.tobytes() for _, _, a in arrays],
+    def __init__(self, url: str, bodies: list[tuple[bytes, dict[str, str]]]) -> None:
+        self.host, port = url.removeprefix("http://").split(":")
+        self.port = int(port)
+        self.requests = [raw_request(url, body) for body in bodies]
+        self.idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def open(self) -> None:
+        pass
+
+    async def send(self, i: int) -> bool:
+        reader, writer = self.idle.pop() if self.idle else await asyncio.open_connection(self.host, self.port)
+        writer.write(self.requests[i % len(self.requests)])
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(
+            int(line[15:]) for line in head.split(b"\r\n") if line[:15].lower() == b"content-length:"
         )
+        await reader.readexactly(length)
+        self.idle.append((reader, writer))
+        if head[9:12] in (b"429", b"503"):
+            return False
+        if head[9:12] != b"200":
+            raise RuntimeError(head.split(b"\r\n", 1)[0].decode())
+        return True
 
-    messages = [message(r) for r in requests]
-    channel = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 2**28),
-                                                      ("grpc.max_send_message_length", 2**28)])  # fmt: skip
-    stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-
-    def make() -> Send:
-        def send(i: int) -> None:
-            stub.ModelInfer(messages[i % len(messages)], timeout=60)
-
-        return send
-
-    return make
+    async def close(self) -> None:
+        for _, writer in self.idle:
+            writer.close()
+        self.idle.clear()
 
 
-def in_process_sender(source: ModelSource, requests: list[SparseBatch]) -> Callable[[], Send]:
-    model = build_monolithic(load_weights(source))
-    lock = threading.Lock()  # one model, one batch at a time: a server's dense model does the same
+def raw_request(url: str, body: tuple[bytes, dict[str, str]]) -> bytes:
+    """The whole keep-alive HTTP/1.1 request of a binary-tensor body."""
+    headers = {"Host": url.removeprefix("http://"), "Content-Length": str(len(body[0])), **body[1]}
+    head = f"POST {INFER_PATH} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    return head.encode() + b"\r\n" + body[0]
 
-    def make() -> Send:
-        def send(i: int) -> None:
-            r = requests[i % len(requests)]
-            with lock, torch.inference_mode():
-                model.forward_sparse(*(torch.from_numpy(a) for a in (r.dense, r.indices, r.lengths)))
 
-        return send
+class GrpcLoad:
+    """KServe v2 gRPC through grpc.aio, every message built once."""
 
-    return make
+    def __init__(self, address: str, requests: list[SparseBatch]) -> None:
+        from tritonclient.grpc import service_pb2
+
+        tensor = service_pb2.ModelInferRequest.InferInputTensor
+
+        def message(r: SparseBatch) -> Any:
+            arrays = [("dense_features", "FP32", r.dense.astype("<f4")),
+                      ("sparse_indices", "INT64", r.indices.astype("<i8")),
+                      ("sparse_lengths", "INT32", r.lengths.astype("<i4"))]  # fmt: skip
+            return service_pb2.ModelInferRequest(
+                model_name="dlrm",
+                inputs=[tensor(name=n, datatype=d, shape=list(a.shape)) for n, d, a in arrays],
+                raw_input_contents=[a.tobytes() for _, _, a in arrays],
+            )
+
+        self.address = address
+        self.messages = [message(r) for r in requests]
+        self.channel: Any = None
+        self.stub: Any = None
+
+    async def open(self) -> None:
+        import grpc
+        from tritonclient.grpc import service_pb2_grpc
+
+        self.channel = grpc.aio.insecure_channel(self.address, options=[
+            ("grpc.max_receive_message_length", 2**28), ("grpc.max_send_message_length", 2**28)])  # fmt: skip
+        self.stub = service_pb2_grpc.GRPCInferenceServiceStub(self.channel)
+
+    async def send(self, i: int) -> bool:
+        import grpc
+
+        try:
+            await self.stub.ModelInfer(self.messages[i % len(self.messages)], timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAVAILABLE):
+                return False
+            raise
+        return True
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+
+class InProcessLoad:
+    """The monolithic model called directly on the generator's loop: one batch at a time (as a
+    server's dense model runs), the requests that arrive meanwhile wait for the loop, in order."""
+
+    def __init__(self, source: ModelSource, requests: list[SparseBatch]) -> None:
+        self.model = build_monolithic(load_weights(source))
+        self.inputs = [tuple(torch.from_numpy(a) for a in (r.dense, r.indices, r.lengths)) for r in requests]
+
+    async def open(self) -> None:
+        pass
+
+    async def send(self, i: int) -> bool:
+        with torch.inference_mode():
+            self.model.forward_sparse(*self.inputs[i % len(self.inputs)])
+        return True
+
+    async def close(self) -> None:
+        pass
 
 
 def percentiles(latencies: list[float]) -> tuple[float, float]:
@@ -137,71 +199,93 @@ def percentiles(latencies: list[float]) -> tuple[float, float]:
     return float(p50), float(p99)
 
 
-def sequential(make: Callable[[], Send], count: int, cpu: Callable[[], float]) -> dict[str, float]:
+def run_load(load: Load, body: Callable[[], Awaitable[dict[str, float]]]) -> dict[str, float]:
+    """`body` on a fresh uvloop with the load opened, and the generator's garbage collector off
+    (its pauses would count as the system's latency)."""
+
+    async def run() -> dict[str, float]:
+        await load.open()
+        try:
+            return await body()
+        finally:
+            await load.close()
+
+    gc.collect()
+    gc.disable()
+    try:
+        return uvloop.run(run())
+    finally:
+        gc.enable()
+
+
+def sequential(load: Load, count: int, cpu: Callable[[], float]) -> dict[str, float]:
     """C=1: p50/p99 latency and CPU ms per request."""
-    send = make()
-    for i in range(10):  # warm-up
-        send(i)
-    latencies = []
-    cpu_start = cpu()
-    for i in range(count):
-        start = time.perf_counter()
-        send(i)
-        latencies.append(time.perf_counter() - start)
-    cpu_ms = (cpu() - cpu_start) * 1000 / count
-    p50, p99 = percentiles(latencies)
-    return {"p50_ms": p50, "p99_ms": p99, "cpu_ms": cpu_ms}
+
+    async def body() -> dict[str, float]:
+        for i in range(10):  # warm-up
+            await load.send(i)
+        latencies = []
+        cpu_start = cpu()
+        for i in range(count):
+            start = time.perf_counter()
+            if not await load.send(i):
+                raise RuntimeError("a request was refused with nothing else in flight")
+            latencies.append(time.perf_counter() - start)
+        cpu_ms = (cpu() - cpu_start) * 1000 / count
+        p50, p99 = percentiles(latencies)
+        return {"p50_ms": p50, "p99_ms": p99, "cpu_ms": cpu_ms}
+
+    return run_load(load, body)
 
 
-def closed_loop(make: Callable[[], Send], clients: int, seconds: float) -> float:
+def closed_loop(load: Load, clients: int, seconds: float) -> float:
     """Requests per second with `clients` requests always in flight."""
-    done = [0] * clients
-    stop = time.perf_counter() + seconds
 
-    def run(k: int) -> None:
-        send = make()
-        while time.perf_counter() < stop:
-            send(k)
-            done[k] += 1
+    async def body() -> dict[str, float]:
+        done = 0
+        stop = time.perf_counter() + seconds
 
-    threads = [threading.Thread(target=run, args=(k,)) for k in range(clients)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(done) / (time.perf_counter() - start)
+        async def client(k: int) -> None:
+            nonlocal done
+            while time.perf_counter() < stop:
+                done += await load.send(k)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client(k) for k in range(clients)))
+        return {"rate": done / (time.perf_counter() - start)}
+
+    return run_load(load, body)["rate"]
 
 
-def poisson(make: Callable[[], Send], rate: float, seconds: float, threads: int) -> tuple[float, float]:
-    """Open loop: arrivals at `rate`/s (exponential gaps); latency from each scheduled arrival."""
-    rng = np.random.default_rng(1)
-    arrivals = np.cumsum(rng.exponential(1 / rate, int(rate * seconds) + 1))
-    latencies: list[float] = []
-    next_index = [0]
-    lock = threading.Lock()
-    start = time.perf_counter() + 0.2
+def poisson(load: Load, rate: float, seconds: float) -> dict[str, float]:
+    """Open loop: arrivals at `rate`/s (exponential gaps), each request sent at its arrival whatever
+    is in flight; latency from each scheduled arrival (of the requests answered; `refused`: how many
+    got 429/503). `lag` is how late the generator sent them (p99, ms): when it is small, the latency
+    is the system's."""
+    arrivals = np.cumsum(np.random.default_rng(1).exponential(1 / rate, int(rate * seconds) + 1))
 
-    def run() -> None:
-        send = make()
-        while True:
-            with lock:
-                i = next_index[0]
-                next_index[0] += 1
-            if i >= arrivals.size:
-                return
-            due = start + arrivals[i]
-            time.sleep(max(due - time.perf_counter(), 0))
-            send(i)
-            with lock:
+    async def body() -> dict[str, float]:
+        latencies, lags, refused = [], [], 0
+
+        async def one(i: int, due: float) -> None:
+            nonlocal refused
+            lags.append(time.perf_counter() - due)
+            if await load.send(i):
                 latencies.append(time.perf_counter() - due)
+            else:
+                refused += 1
 
-    workers = [threading.Thread(target=run) for _ in range(threads)]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join()
-    return percentiles(latencies)
+        start = time.perf_counter() + 0.2
+        tasks = []
+        for i, arrival in enumerate(arrivals):
+            due = start + arrival
+            await asyncio.sleep(max(due - time.perf_counter(), 0))
+            tasks.append(asyncio.create_task(one(i, due)))
+        await asyncio.gather(*tasks)
+        p50, p99 = percentiles(latencies)
+        return {"p50": p50, "p99": p99, "lag": percentiles(lags)[1], "refused": refused}
+
+    return run_load(load, body)
 
 
 @contextmanager
@@ -229,6 +313,10 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4, help="closed loop for the capacity")
     parser.add_argument("--seconds", type=float, default=8.0, help="per capacity or Poisson run")
     parser.add_argument("--systems", default="in-process,monolithic,monolithic-h11,flexemr-http,flexemr-grpc")
+    parser.add_argument("--loads", default="25,50,75", help="Poisson rates, %% of each system's capacity")
+    parser.add_argument(
+        "--rates", help="Poisson rates in requests/s, the same for every system (not --loads)"
+    )
     parser.add_argument("--serve-args", default="", help="extra flags for every `flexemr serve`")
     parser.add_argument("--c1-load", metavar="URL", help="only send C=1 requests to URL for --seconds")
     args = parser.parse_args()
@@ -238,53 +326,63 @@ def main() -> None:
     requests = [workload.generate(args.batch) for _ in range(32)]
     bodies = [binary_body(r) for r in requests]
     if args.c1_load:  # the load of benchmarks/profile_serving.sh
-        send, stop, sent = http_sender(args.c1_load, bodies)(), time.perf_counter() + args.seconds, 0
-        while time.perf_counter() < stop:
-            send(sent)
-            sent += 1
-        print(f"{sent} requests in {args.seconds:g} s")
+        load = HttpLoad(args.c1_load, bodies)
+
+        async def c1() -> dict[str, float]:
+            sent, stop = 0, time.perf_counter() + args.seconds
+            while time.perf_counter() < stop:
+                sent += await load.send(sent)
+            return {"sent": sent}
+
+        print(f"{run_load(load, c1)['sent']:.0f} requests in {args.seconds:g} s")
         return
     systems = args.systems.split(",")
+    loads = [float(k) for k in (args.rates or args.loads).split(",")]
+    unit = " req/s" if args.rates else "%"
     results: dict[str, dict[str, float]] = {}
 
-    def measure(name: str, make: Callable[[], Send], cpu: Callable[[], float]) -> None:
-        row = sequential(make, args.requests, cpu)
-        row["capacity"] = closed_loop(make, args.clients, args.seconds)
-        for load in (25, 50, 75):
-            rate = row["capacity"] * load / 100
-            row[f"p50_{load}"], row[f"p99_{load}"] = poisson(make, rate, args.seconds, 2 * args.clients)
+    def measure(name: str, load: Load, cpu: Callable[[], float]) -> None:
+        row = sequential(load, args.requests, cpu)
+        row["capacity"] = closed_loop(load, args.clients, args.seconds)
+        row["lag"] = row["refused"] = 0.0
+        for k in loads:
+            run = poisson(load, k if args.rates else row["capacity"] * k / 100, args.seconds)
+            row[f"p50_{k:g}"], row[f"p99_{k:g}"] = run["p50"], run["p99"]
+            row["lag"] = max(row["lag"], run["lag"])
+            row["refused"] += run["refused"]
         results[name] = row
         print(name, {k: round(v, 2) for k, v in row.items()}, flush=True)
 
     if "in-process" in systems:
         torch.set_num_threads(args.torch_threads)
-        measure("in-process", in_process_sender(source, requests), time.process_time)
+        measure("in-process", InProcessLoad(source, requests), time.process_time)
     for name, extra in (
         ("monolithic", ["--embedding-tier", "local"]),
         ("monolithic-h11", ["--embedding-tier", "local", "--http-parser", "h11"]),
     ):
         if name in systems:
             with served(args, extra) as (url, _, pid):
-                measure(name, http_sender(url, bodies), lambda pid=pid: tree_cpu_s(pid))
+                measure(name, HttpLoad(url, bodies), functools.partial(tree_cpu_s, pid))
     if {"flexemr-http", "flexemr-grpc"} & set(systems):
         with served(args, ["--embedding-servers", str(args.servers), "--grpc-port", "0"]) as (url, grpc, pid):
             if "flexemr-http" in systems:
-                measure("flexemr-http", http_sender(url, bodies), lambda: tree_cpu_s(pid))
+                measure("flexemr-http", HttpLoad(url, bodies), lambda: tree_cpu_s(pid))
             if "flexemr-grpc" in systems and grpc is not None:
-                measure("flexemr-grpc", grpc_sender(grpc, requests), lambda: tree_cpu_s(pid))
+                measure("flexemr-grpc", GrpcLoad(grpc, requests), lambda: tree_cpu_s(pid))
 
     base = results.get("in-process")
     print(f"\n{args.preset} x{args.row_scale}, batch {args.batch}, {args.torch_threads} torch thread(s), "
           f"{os.cpu_count()} cores, serve flags {args.serve_args!r}, "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print("| system | C=1 p50 ms | C=1 p99 ms | CPU ms/request | x in-process CPU | capacity req/s "
-          "| p50/p99 ms at 25% | at 50% | at 75% |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| system | C=1 p50 ms | C=1 p99 ms | CPU ms/request | x in-process CPU | capacity req/s | "
+          + " | ".join(f"p50/p99 ms at {k:g}{unit}" for k in loads) + " | generator lag p99 ms | refused |"
+    )  # fmt: skip
+    print("|---|" + "---:|" * (7 + len(loads)))
     for name, r in results.items():
         ratio = f"{r['cpu_ms'] / base['cpu_ms']:.2f}" if base else "-"
-        loads = " | ".join(f"{r[f'p50_{k}']:.1f} / {r[f'p99_{k}']:.1f}" for k in (25, 50, 75))
+        cells = " | ".join(f"{r[f'p50_{k:g}']:.1f} / {r[f'p99_{k:g}']:.1f}" for k in loads)
         print(f"| {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_ms']:.2f} | {ratio} "
-              f"| {r['capacity']:.1f} | {loads} |")  # fmt: skip
+              f"| {r['capacity']:.1f} | {cells} | {r['lag']:.1f} | {r['refused']:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -153,33 +153,6 @@ class SparseBatch:
         return self.take(np.arange(start, min(stop, self.batch_size)))
 
 
-def concat(batches: Sequence[SparseBatch]) -> SparseBatch:
-    """The samples of every batch, in order, as one batch; table t holds table t's bags of every
-    batch in turn (all must have the same tables).
-
-        batch A (B=2): [tA0 | tA1]   batch B (B=1): [tB0 | tB1]
-        concat  (B=3): [tA0 tB0 | tA1 tB1]
-    """
-    if not batches:
-        raise ValueError("concat needs at least one batch")
-    if len(batches) == 1:
-        return batches[0]
-    tables = {b.num_tables for b in batches}
-    if len(tables) != 1:
-        raise ValueError(f"cannot concat batches with different table counts {sorted(tables)}")
-    num_tables = tables.pop()
-    # Bag starts in the batches' indices laid end to end.
-    base = np.cumsum([0] + [b.indices.size for b in batches[:-1]])
-    starts = [b.offsets[:-1].reshape(num_tables, -1) + at for b, at in zip(batches, base, strict=True)]
-    lengths = [b.table_lengths() for b in batches]
-    return _gather(
-        np.concatenate([b.dense for b in batches]),
-        np.concatenate([b.indices for b in batches]),
-        np.concatenate(starts, axis=1),
-        np.concatenate(lengths, axis=1),
-    )
-
-
 def _gather(dense: np.ndarray, indices: np.ndarray, starts: np.ndarray, lengths: np.ndarray) -> SparseBatch:
     """The batch whose bag (t, b) is `indices[starts[t, b] : starts[t, b] + lengths[t, b]]`."""
     starts, lengths = starts.ravel(), lengths.ravel()

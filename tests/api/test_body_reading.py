@@ -6,17 +6,19 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 
 from flexemr.client import binary_body
 from flexemr.config.model import ModelSource
 from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
+from tests.api.test_http import infer_body
 from tests.conftest import ServeProcess, start_serve
 from tests.core.helpers import random_batch, reference_scores
 
@@ -51,16 +53,28 @@ def request_bytes(url: str, batch: int, seed: int) -> tuple[bytes, bytes, np.nda
 
 def read_response(sock: socket.socket) -> tuple[int, bytes]:
     """Status and body of one HTTP response with a Content-Length."""
+    return read_responses(sock, 1)[0]
+
+
+def read_responses(sock: socket.socket, count: int) -> list[tuple[int, bytes]]:
+    """Status and body of the next `count` responses (each with a Content-Length)."""
     data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, rest = data.split(b"\r\n\r\n", 1)
-    length = next(
-        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
-    )
-    while len(rest) < length:
-        rest += sock.recv(65536)
-    return int(head.split()[1]), rest[:length]
+    answers: list[tuple[int, bytes]] = []
+    while len(answers) < count:
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536)
+        head, data = data.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        length = next(int(ln.split(b":")[1]) for ln in lines if ln.lower().startswith(b"content-length"))
+        while len(data) < length:
+            data += sock.recv(65536)
+        answers.append((int(head.split()[1]), data[:length]))
+        data = data[length:]
+    return answers
+
+
+def scores_of(answer: bytes, expected: np.ndarray) -> np.ndarray:
+    return np.frombuffer(answer[-4 * len(expected) :], dtype="<f4")
 
 
 def stats(url: str) -> dict[str, Any]:
@@ -135,3 +149,49 @@ def test_a_client_that_expects_100_continue_is_told_to_send_its_body(ranker: Ser
         status, answer = read_response(sock)
     assert status == 200
     np.testing.assert_allclose(np.frombuffer(answer[-4 * len(expected) :], dtype="<f4"), expected, atol=1e-5)
+
+
+def test_pipelined_infer_requests_binary_json_and_others_are_answered_in_order(ranker: ServeProcess) -> None:
+    """Requests sent back to back on one connection, before any answer: the infer route (served by
+    the protocol) and the app's routes keep their order, and each infer scores like the monolith."""
+    binary = [request_bytes(ranker.url, batch, seed=20 + batch) for batch in (8, 64)]
+    dense, indices, lengths = random_batch(SPEC, 5, seed=30)
+    json_body = orjson.dumps(infer_body(dense, indices, lengths, id="j"))
+    json_head = f"POST {URL} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(json_body)}\r\n\r\n".encode()
+    health = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    with connect(ranker.url) as sock:
+        sock.sendall(b"".join([*binary[0][:2], health, json_head, json_body, *binary[1][:2]]))
+        answers = read_responses(sock, 4)
+    assert [status for status, _ in answers] == [200, 200, 200, 200]
+    for (_, answer), (_, _, expected) in zip([answers[0], answers[3]], binary, strict=True):
+        np.testing.assert_allclose(scores_of(answer, expected), expected, atol=1e-5)
+    assert orjson.loads(answers[1][1]) == {"live": True}
+    scored = orjson.loads(answers[2][1])
+    assert scored["id"] == "j"
+    expected = reference_scores(build_monolithic(load_weights(SOURCE)), dense, indices, lengths)
+    np.testing.assert_allclose(scored["outputs"][0]["data"], expected, atol=1e-5)
+
+
+def test_a_chunked_body_is_scored_by_the_app_like_the_monolith(ranker: ServeProcess) -> None:
+    """A body without a Content-Length is not served directly: the ASGI app reads it, bounded."""
+    head, body, expected = request_bytes(ranker.url, 32, seed=13)
+    chunked = head.replace(b"Content-Length: %d" % len(body), b"Transfer-Encoding: chunked")
+    pieces = [body[start : start + 40_000] for start in range(0, len(body), 40_000)]
+    with connect(ranker.url) as sock:
+        sock.sendall(chunked + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n")
+        status, answer = read_response(sock)
+    assert status == 200, answer[:300]
+    np.testing.assert_allclose(scores_of(answer, expected), expected, atol=1e-5)
+
+
+def test_under_h11_the_app_serves_infer_like_the_monolith(
+    serve: Callable[..., ServeProcess],
+) -> None:
+    server = serve("--preset", "tiny", "--seed", "3", "--embedding-tier", "local", "--http-parser", "h11")
+    head, body, expected = request_bytes(server.url, 16, seed=14)
+    with connect(server.url) as sock:
+        for _ in range(2):
+            sock.sendall(head + body)
+            status, answer = read_response(sock)
+            assert status == 200, answer[:300]
+            np.testing.assert_allclose(scores_of(answer, expected), expected, atol=1e-5)

@@ -103,7 +103,7 @@ def test_qps_search_is_bounded_and_brackets(pool_request: SparseBatch) -> None:
     search = find_peak_server_qps(backend, pool, low_qps=10, high_qps=40, settings=settings, max_runs=3)
     assert 1 <= len(search.runs) <= 3
     assert search.runs[0].target_qps == 20  # the geometric middle first: low loads take longest
-    passed = [r.target_qps for r in search.runs if r.meets_target]
+    passed = [r.target_qps or 0.0 for r in search.runs if r.meets_target]
     assert search.best_qps == (max(passed) if passed else 0.0)
 
 
@@ -148,3 +148,20 @@ def test_qps_search_can_stop_at_the_first_run_over_the_target(pool_request: Spar
     assert [r.target_qps for r in full.runs] == [20.0, 10.0]  # halves down to the floor, then stops
     quick = find_peak_server_qps(backend, pool, 10, 40, impossible, max_runs=3, stop_over_target=True)
     assert [r.target_qps for r in quick.runs] == [20.0] and quick.best_qps == 0.0
+
+
+def test_qps_search_that_stops_over_the_target_still_bisects_above_a_passing_load(
+    pool_request: SparseBatch,
+) -> None:
+    backend = RecordingBackend()
+    pool = SamplePool.build(pool_request, num_samples=64)
+    lenient = RunSettings(min_duration_s=0.3, min_query_count=10, p99_target_ms=1000.0)
+    passing, _ = run_server(backend, pool, 10, lenient)
+    passing = dataclasses.replace(passing, loadgen_valid=True, invalid_reasons=())  # as a long run would be
+    assert passing.meets_target
+    impossible = dataclasses.replace(lenient, p99_target_ms=1e-6)  # every new run over the target
+    search = find_peak_server_qps(
+        backend, pool, 5, 40, impossible, max_runs=3, known=[passing], stop_over_target=True
+    )
+    assert [r.target_qps for r in search.runs] == [20.0, 15.0, 12.5]  # doubles, then bisects
+    assert search.best_qps == 10.0

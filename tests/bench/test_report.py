@@ -61,7 +61,7 @@ def test_latencies_are_loadgens_own(tmp_path: Path) -> None:
 
 def test_the_peak_search_never_tries_a_load_too_low_to_finish() -> None:
     quick = SUITES["quick"]
-    floor = 1.2 * quick.server_queries / quick.server_max_s  # 12 queries/s: 600 queries in 50 s
+    floor = 1.2 * quick.server_queries / quick.server_max_s  # 20 queries/s: 1,500 queries in 75 s
     assert lowest_qps(quick, 1000.0) == 1000.0 / 16
     assert lowest_qps(quick, 100.0) == floor
     assert lowest_qps(quick, 15.0) == 7.5  # a slow system: half its own rate, the run is cut

@@ -3,6 +3,9 @@ rows) part, whatever the shards' layout, in process and over a real cluster."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -13,12 +16,14 @@ from flexemr.sharding.plan import make_plan, with_local_offsets
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
-@pytest.mark.parametrize("fallback", [False, True])
+@pytest.mark.parametrize("path", ["aligned", "split", "searchsorted"])
 def test_counts_are_exact_per_part_and_parts_name_the_rows(
-    dtype: type, fallback: bool, monkeypatch: pytest.MonkeyPatch
+    dtype: type, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if fallback:  # few parts allowed: buckets longer than the shortest shard, found by searchsorted
-        monkeypatch.setattr(range_counts, "MAX_PARTS", 8)
+    # aligned: buckets of one row, on which every shard starts; split: too many of those allowed,
+    # buckets of 8 rows (shard starts inside some); searchsorted: buckets longer than a shard
+    monkeypatch.setattr(range_counts, "MAX_PARTS", {"aligned": 2**17, "split": 1024, "searchsorted": 8}[path])
+    capped = path != "aligned"  # a bucket may span several grid ranges
     table_rows = (5000, 300, 7000)
     # server 0 holds odd-sized pieces (shard starts fall inside buckets) and two copies' worth
     shards = [Shard(0, 0, 1234, 0), Shard(2, 4000, 7000, 0), Shard(1, 0, 300, 0), Shard(0, 1234, 5000, 1)]
@@ -26,13 +31,13 @@ def test_counts_are_exact_per_part_and_parts_name_the_rows(
     plan = ShardingPlan(2, table_rows, 4, with_local_offsets(shards))
     mine = plan.shards_of(0)
     counts = RangeCounts(mine, table_rows, 4)
-    assert (counts._first_part is None) == fallback  # the path under test
+    assert (counts._aligned, counts._first_part is None) == (path == "aligned", path != "split")
     rng = np.random.default_rng(0)
     local = [rng.integers(0, plan.server_rows(0), size=n).astype(dtype) for n in (1, 500, 20_000, 0)]
     for rows in local:
+        counts.expect()
         counts.count(rows)
     stats = counts.stats()
-    counts.close()
     every = np.concatenate(local)
     assert stats["lookups"] == every.size and stats["skipped"] == 0
     assert stats["table_rows"] == list(table_rows) and stats["range_rows"] == [
@@ -48,7 +53,7 @@ def test_counts_are_exact_per_part_and_parts_name_the_rows(
             truth[(shard.table, int(row))] = int(n)
     seen = 0
     for table, start, end, n in stats["ranges"]:
-        assert n > 0 and (fallback or end - start <= range_rows(table_rows[table]))
+        assert n > 0 and (capped or end - start <= range_rows(table_rows[table]))
         assert n == sum(truth.get((table, r), 0) for r in range(start, end)), (table, start, end)
         seen += n
     assert seen == every.size
@@ -57,9 +62,9 @@ def test_counts_are_exact_per_part_and_parts_name_the_rows(
 def test_a_row_wise_servers_parts_cover_its_shards() -> None:
     plan = make_plan("row", (100_000, 3), 8, 2)
     counts = RangeCounts(plan.shards_of(1), plan.table_rows, plan.dim)
+    counts.expect()
     counts.count(np.arange(plan.server_rows(1), dtype=np.int32))  # every row once
     stats = counts.stats()
-    counts.close()
     held = {(s.table, r) for s in plan.shards_of(1) for r in range(s.row_start, s.row_end)}
     assert sum(end - start for _, start, end, _ in stats["ranges"]) == len(held)
     assert all(n == end - start for _, start, end, n in stats["ranges"])
@@ -71,6 +76,35 @@ def test_counters_stay_small_for_big_tables_beside_tiny_ones() -> None:
     plan = make_plan("row", table_rows, 8, 2)
     counts = RangeCounts(plan.shards_of(0), table_rows, 8)
     assert counts._counts.size <= range_counts.MAX_PARTS + len(plan.shards_of(0))
+    counts.expect()
     counts.count(np.array([0, 1, plan.server_rows(0) - 1], dtype=np.int64))
     assert counts.stats()["lookups"] == 3
-    counts.close()
+
+
+def test_round_tables_count_by_bucket_alone_at_the_planners_grid() -> None:
+    """rmc1's layout (tables of 40,000 rows back to back): parts are the buckets of `row >> bits`,
+    none longer than a grid range, and every row lands in its own table's part."""
+    table_rows = (40_000,) * 4
+    plan = make_plan("table", table_rows, 8, 2)
+    counts = RangeCounts(plan.shards_of(0), table_rows, 8)
+    assert counts._aligned
+    counts.expect()
+    counts.count(np.arange(plan.server_rows(0), dtype=np.int32))
+    stats = counts.stats()
+    assert all(
+        0 < end - start <= range_rows(40_000) and n == end - start for _, start, end, n in stats["ranges"]
+    )
+    assert sorted({table for table, *_ in stats["ranges"]}) == [s.table for s in plan.shards_of(0)]
+    assert stats["lookups"] == plan.server_rows(0)
+
+
+def test_stats_wait_for_the_lookups_answered_before_them() -> None:
+    """A lookup is announced before its answer goes out and counted after: stats asked for in
+    between (by a client that already has the answer) include it."""
+    plan = make_plan("table", (1000, 1000), 8, 1)
+    counts = RangeCounts(plan.shards_of(0), plan.table_rows, 8)
+    counts.expect()
+    late = threading.Thread(target=lambda: (time.sleep(0.2), counts.count(np.arange(10, dtype=np.int32))))
+    late.start()
+    assert counts.stats()["lookups"] == 10
+    late.join()

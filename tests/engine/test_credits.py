@@ -73,24 +73,6 @@ def test_server_never_exceeds_its_credits(credits: str) -> None:
             engine.close()
 
 
-def test_server_gate_holds_answers_without_credit() -> None:
-    """The server side alone: no credits, no answer, until one is granted."""
-    import threading
-
-    from flexemr.embedding_server.server import CreditGate
-
-    gate = CreditGate(0)
-    taken = threading.Event()
-    thread = threading.Thread(target=lambda: gate.take() and taken.set())
-    thread.start()
-    assert not taken.wait(0.2)
-    gate.grant(1)
-    assert taken.wait(5)
-    thread.join(5)
-    assert gate.sent == 1 and gate.granted == 1 and gate.waits == 1
-    gate.close()
-
-
 def test_the_control_channel_fails_with_the_servers_reason_when_it_answers_an_error() -> None:
     ours, server = socket.socketpair()
     health = ServerHealth(timeout_s=60)

@@ -1,11 +1,18 @@
-"""The bound on requests in flight sized by their queueing delay, alone and inside admission."""
+"""The bounds sized by queueing delay: requests in flight (`LatencyLimit`) and how long a request may
+have waited before it was read (`WaitBound`), alone and inside admission."""
 
 from __future__ import annotations
 
 import pytest
 
 from flexemr.ranker.admission import Admission, Refused
-from flexemr.ranker.latency_limit import INTERVAL_S, TARGET_S, LatencyLimit
+from flexemr.ranker.latency_limit import (
+    INTERVAL_S,
+    QUEUE_ARRIVALS,
+    TARGET_S,
+    LatencyLimit,
+    WaitBound,
+)
 
 
 def run(limit: LatencyLimit, waited_s: float, in_flight: int | None, intervals: int) -> None:
@@ -59,3 +66,52 @@ def test_admission_refuses_requests_beyond_the_limit_at_once() -> None:
     for ticket in (second, third):
         admission.release(ticket)
     assert admission.stats()["requests_in_flight"] == 0
+
+
+def arrivals(bound: WaitBound, waited_s: float, count: int, start: float) -> list[bool]:
+    """`count` requests spread over one interval from `start`, each having waited `waited_s`:
+    whether each was refused."""
+    step = bound.interval_s / count
+    return [bound.too_late(waited_s, start + i * step) for i in range(count)]
+
+
+def test_without_a_standing_queue_only_a_wait_past_the_long_bound_is_refused() -> None:
+    bound = WaitBound(short_s=0.01, long_s=1.0)
+    assert not any(arrivals(bound, 0.5, 50, start=0.0))
+    assert not any(arrivals(bound, 0.001, 50, start=1.0))
+    assert bound.too_late(1.5, 2.0) and not bound.standing
+
+
+def test_a_standing_queue_refuses_requests_that_waited_past_the_short_bound() -> None:
+    bound = WaitBound(short_s=0.01, long_s=1.0)
+    assert not any(arrivals(bound, 0.05, 50, start=0.0))  # the interval that shows the queue
+    refused = arrivals(bound, 0.05, 50, start=0.1)  # every arrival of the next interval waited too
+    assert bound.standing and all(refused)
+    assert not bound.too_late(0.001, 0.25)  # a fresh request is admitted while the queue drains
+
+
+def test_once_one_request_is_read_at_once_the_queue_no_longer_stands() -> None:
+    bound = WaitBound(short_s=0.01, long_s=1.0)
+    arrivals(bound, 0.05, 50, start=0.0)
+    arrivals(bound, 0.05, 50, start=0.1)
+    assert bound.standing
+    arrivals(bound, 0.05, 49, start=0.2)
+    bound.too_late(0.0, 0.299)  # one of them waited nothing: the queue drained
+    assert not bound.too_late(0.05, 0.31) and not bound.standing
+
+
+def test_a_few_late_requests_are_no_standing_queue() -> None:
+    """A loaded host's scheduler can hold a lone request: too few arrivals to call it a queue."""
+    bound = WaitBound(short_s=0.01, long_s=1.0)
+    for interval in range(20):
+        assert not any(arrivals(bound, 0.05, QUEUE_ARRIVALS - 1, start=interval * 0.15))
+
+
+def test_admission_refuses_a_request_that_waited_too_long_before_it_was_read() -> None:
+    admission = Admission(max_samples=1000, max_pending=100, wait_bound=WaitBound(short_s=0.01, long_s=0.5))
+    assert admission.refusal(0.2) is None
+    refused = admission.refusal(0.6)
+    assert isinstance(refused, Refused) and "waited 600 ms before it was read" in str(refused)
+    stats = admission.stats()
+    assert stats["refused_requests"] == stats["refused_late_requests"] == 1
+    assert stats["requests_in_flight"] == 0  # a refusal from the headers takes no place

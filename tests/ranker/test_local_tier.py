@@ -37,3 +37,24 @@ def test_scores_equal_the_monolithic_models_with_empty_bags(servers: int, direct
         np.testing.assert_array_equal(ranker.score(dense, kept, lengths), expected)
     finally:
         ranker.close()
+
+
+@pytest.mark.parametrize("row_dtype", ["fp16", "int8", "int4", "int8,fp32,fp16,int4"])
+def test_the_direct_call_scores_every_row_format_as_the_stores_lookup_does(row_dtype: str) -> None:
+    """One row format: the local tier calls the pooling kernel itself (no store in between); mixed
+    formats: the store's pooled call. Either way the scores equal, bit for bit, those of the same
+    rows looked up from two stores (`ShardStore.pooled` per server, as an embedding server answers)."""
+    source = ModelSource(preset="tiny", seed=4, row_dtype=row_dtype)
+    spec, weights = model_spec(source), load_weights(source)
+    dense, indices, lengths = random_batch(spec, 48, seed=5)
+    scores = []
+    for servers in (1, 2):
+        plan = make_plan("table", spec.table_rows, spec.dim, servers)
+        cluster = ClusterSpec(source, plan, tuple(Endpoint() for _ in range(servers)), ranker=RankerConfig())
+        ranker = build_ranker(cluster, transport=LocalTransport(plan, weights))
+        try:
+            assert (ranker._whole_store is not None) is (servers == 1)
+            scores.append(ranker.score(dense, indices, lengths))
+        finally:
+            ranker.close()
+    np.testing.assert_array_equal(scores[0], scores[1])

@@ -152,10 +152,11 @@ class FrontDoor:
         finally:
             self.admission.release(ticket)
 
-    def refusal(self) -> Refused | None:
-        """The refusal a request arriving now gets (counted), when the process is full: front ends
+    def refusal(self, waited_s: float = 0.0) -> Refused | None:
+        """The refusal a request whose headers were just read gets (counted), when the process is
+        full or the request already waited `waited_s` too long before they were read: front ends
         answer it before reading the body. None: `request` may still refuse it."""
-        return self.admission.refusal()
+        return self.admission.refusal(waited_s)
 
     def score(
         self,

@@ -1,48 +1,93 @@
-"""uvicorn's httptools protocol with the infer route's two costs taken out of the event loop.
+"""uvicorn's httptools protocol, with the infer route served by the protocol itself.
 
-- **A refusal costs next to nothing.** An infer request that arrives while the process is full
-  (`FrontDoor.refusal`) is answered 429 from its headers, by a canned response: its body is never
-  read (the parser skips it), no request object is built.
-- **A body is received once, into one buffer.** uvicorn hands a body to the app in 64 KiB pieces:
-  it pauses reading at each, wakes the app, and copies every byte three times (into its buffer,
-  into the ASGI message, into the app's). For an infer request with a Content-Length, the app
-  (after admission and the 413 checks) claims the body through `scope["extensions"]["flexemr.body"]`
-  (a `BodyReader`): one buffer of that length, filled as the bytes arrive, and one wake-up when it
-  is complete. Chunked bodies keep uvicorn's path (and its bound, `flexemr.api.bodies`).
+An infer request with a Content-Length (`POST /v2/models/<name>[/versions/<v>]/infer`) never
+enters the ASGI app: no task, no middleware, no request or response objects, no asyncio future.
+
+    headers (httptools)  ->  refused now? canned 429, body skipped      (`InferRoute.refusal`: the
+                             process is full, or the request already waited too long to be read,
+                             `flexemr.api.request_age`)
+    its turn comes       ->  checks, admission (`InferRoute.start`)    ->  400/413/429 answered
+    body                 ->  one buffer of the declared length, filled as bytes arrive (`BodyReader`)
+    worker thread        ->  decode (binary tensors are views of the buffer), score, encode (or 504, ...)
+    one call_soon_threadsafe  ->  status line, headers and body written to the transport at once
+
+Requests keep uvicorn's per-connection order: each is a `RequestResponseCycle` that uvicorn
+starts, queues behind a pipelined predecessor, answers 400 for bad framing, closes on
+`Connection: close` or shutdown, and marks disconnected; `_start_asgi_task` starts a direct one
+instead of running an app. Every other request, and an infer request with a chunked body, goes to
+the ASGI app as before.
 """
 
 from __future__ import annotations
 
-import asyncio
-import functools
+import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
-from starlette.types import ASGIApp
 from uvicorn.protocols.http.flow_control import FlowControl
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.utils import get_client_addr, get_path_with_query_string
+
+from flexemr.api.request_age import waited_s
 
 HIGH_WATER = 65536
-"""Body bytes held before the app claims the body (then reading pauses, as uvicorn's does)."""
+"""Body bytes held before the request's turn comes (then reading pauses, as uvicorn's does)."""
 
 
-class ClientGone(Exception):
-    """The connection closed before the whole body came."""
+@dataclass(frozen=True)
+class Answer:
+    """A response of the direct path: its status, headers (but Content-Length) and body."""
+
+    status: int
+    body: bytes
+    headers: tuple[tuple[bytes, bytes], ...]
+
+
+class InferCall(Protocol):
+    """One admitted infer request (`flexemr.api.http`)."""
+
+    def score(self, body: memoryview) -> Answer:
+        """Decode and score the body; runs in a worker thread."""
+
+    def failed(self, exc: BaseException) -> Answer:
+        """The answer to whatever `score` (or the body's arrival) raised."""
+
+    def client_gone(self) -> None:
+        """The client closed its connection: drop the request's work."""
+
+    def close(self) -> None:
+        """The request is answered: free its place."""
+
+
+class InferRoute(Protocol):
+    """What the protocol needs of the infer route (`flexemr.api.http`)."""
+
+    def match(self, path: str) -> tuple[str, str] | None:
+        """The model name and version ("": any) of an infer path, or None."""
+
+    def refusal(self, waited_s: float) -> Answer | None:
+        """The 429 a request whose headers were just read, after it waited `waited_s` to be read,
+        gets when the process is full or it waited too long (counted), else None."""
+
+    def start(self, name: str, version: str, headers: dict[str, str]) -> InferCall | Answer:
+        """Checks the request's headers and admits it, or answers it (400, 413, 429)."""
 
 
 class BodyReader:
-    """One request's body, received into one preallocated buffer once the app claims it."""
+    """One request's body, received into one preallocated buffer once the request's turn comes."""
 
-    def __init__(self, length: int, flow: FlowControl, claimed: Callable[[], None]) -> None:
+    def __init__(self, length: int, flow: FlowControl) -> None:
         self.length = length
         self._flow = flow
-        self._claimed = claimed
         self._early: list[bytes] = []  # bytes that came before the claim (at most HIGH_WATER + one read)
         self._early_size = 0
-        self._buffer: memoryview | None = None  # set once the app claims the body
+        self._buffer: memoryview | None = None  # set once claimed
         self._filled = 0
-        self._done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._ended = False  # the message ended, or the connection
+        self._done: Callable[[memoryview | None], None] | None = None
 
     def feed(self, data: bytes) -> None:
         if self._buffer is None:
@@ -55,97 +100,187 @@ class BodyReader:
         self._buffer[self._filled : end] = data[: end - self._filled]
         self._filled = end
 
-    def complete(self) -> None:
-        if not self._done.done():
-            self._done.set_result(None)
+    def end(self) -> None:
+        """The message ended (or the connection: then fewer bytes than declared came)."""
+        self._ended = True
+        self._deliver()
 
-    def lost(self) -> None:
-        if not self._done.done():
-            self._done.set_exception(ClientGone())
-
-    async def read(self) -> memoryview:
-        """The whole body, writable (`ClientGone` if the client left first). Its memory is not
-        zeroed first (a 1.4 MB memset per request): every byte is written before it is returned."""
-        buffer = np.empty(self.length, dtype=np.uint8).data
-        self._buffer = buffer
+    def claim(self, done: Callable[[memoryview | None], None]) -> None:
+        """Receive the body into one buffer and call `done` with it, writable, once it is whole
+        (None if the client left first). Its memory is not zeroed first (a 1.4 MB memset per
+        request): every byte is written before it is handed over."""
+        self._buffer = np.empty(self.length, dtype=np.uint8).data
         early, self._early = self._early, []
         for data in early:
             self.feed(data)
-        self._claimed()
+        self._done = done
+        self._deliver()
         self._flow.resume_reading()
+
+    def _deliver(self) -> None:
+        if self._ended and self._done is not None:
+            done, self._done = self._done, None
+            done(self._buffer if self._filled == self.length else None)
+
+
+class DirectInfer:
+    """One infer request served by the protocol, from its headers to its response."""
+
+    def __init__(self, protocol: InferProtocol, name: str, version: str, reader: BodyReader) -> None:
+        self.protocol = protocol
+        self.name, self.version = name, version
+        self.headers = header_values(protocol.headers)
+        self.reader = reader
+        self.refused = protocol.route.refusal(waited_s(protocol.transport))
+        """Decided on arrival: a request that comes while the process is full, or that already
+        waited too long before it was read (in the kernel's queues, behind the event loop), is
+        refused."""
+        self.cycle: RequestResponseCycle | None = None
+        self.call: InferCall | None = None
+
+    def start(self, cycle: RequestResponseCycle) -> None:
+        """Its turn on the connection (at once, or once its pipelined predecessor is answered)."""
+        self.cycle = cycle
+        self.protocol.active = self
+        if self.refused is not None:
+            self.answer(self.refused)
+            return
+        started = self.protocol.route.start(self.name, self.version, self.headers)
+        if isinstance(started, Answer):
+            self.answer(started)
+            return
+        self.call = started
+        if cycle.waiting_for_100_continue and not cycle.transport.is_closing():
+            cycle.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # as uvicorn on the first read
+            cycle.waiting_for_100_continue = False
+        self.reader.claim(self._body_received)
+
+    def _body_received(self, body: memoryview | None) -> None:
+        assert self.call is not None
+        if body is None:
+            self.client_gone()
+            self._finish(ClientGone())
+            return
+        self.protocol.workers.submit(self._score, self.call, body)
+
+    def _score(self, call: InferCall, body: memoryview) -> None:
+        """In a worker thread: the answer, handed to the event loop in one wake-up."""
+        result: Answer | BaseException
         try:
-            await self._done
-        finally:
-            self._buffer = None
-        if self._filled != self.length:
-            raise ClientGone
-        return buffer
+            result = call.score(body)
+        except Exception as exc:  # answered by its status; internal errors are logged by `failed`
+            result = exc
+        self.protocol.loop.call_soon_threadsafe(self._finish, result)
+
+    def _finish(self, result: Answer | BaseException) -> None:
+        assert self.call is not None
+        answer = result if isinstance(result, Answer) else self.call.failed(result)
+        self.call.close()
+        self.answer(answer)
+
+    def client_gone(self) -> None:
+        self.reader.end()  # a body not yet whole never will be
+        if self.call is not None:
+            self.call.client_gone()
+
+    def answer(self, answer: Answer) -> None:
+        """Write the whole response at once (unless the client left) and start the next request."""
+        cycle = self.cycle
+        assert cycle is not None
+        protocol = self.protocol
+        if protocol.active is self:
+            protocol.active = None
+        cycle.response_complete = True
+        if cycle.disconnected or cycle.transport.is_closing():
+            return
+        cycle.waiting_for_100_continue = False
+        head = [STATUS_LINE[answer.status]]
+        for name, value in (*cycle.default_headers, *answer.headers):
+            head += (name, b": ", value, b"\r\n")
+        head.append(b"content-length: %d\r\n" % len(answer.body))
+        if not cycle.keep_alive:
+            head.append(b"connection: close\r\n")
+        head += (b"\r\n", answer.body)
+        cycle.transport.write(b"".join(head))
+        if cycle.access_log:
+            cycle.access_logger.info(
+                '%s - "POST %s HTTP/%s" %d',
+                get_client_addr(cycle.scope),
+                get_path_with_query_string(cycle.scope),
+                cycle.scope["http_version"],
+                answer.status,
+            )
+        if not cycle.keep_alive:
+            cycle.transport.close()
+        cycle.on_response()
+
+
+class ClientGone(Exception):
+    """The connection closed before the whole body came."""
 
 
 class InferProtocol(HttpToolsProtocol):
     """The protocol of one connection; `infer_protocol` makes the class for one server."""
 
-    is_infer: Callable[[str], bool]
-    """Whether a request path is the infer route."""
-    refusal: Callable[[], ASGIApp | None]
-    """The response an infer request arriving now gets when the process is full, else None."""
-    reader: BodyReader | None = None
+    route: InferRoute
+    workers: Executor
+    direct: DirectInfer | None = None
+    """The request whose body is being parsed, if it takes the direct path."""
+    active: DirectInfer | None = None
+    """The direct request being answered (started, not yet answered)."""
 
     def on_headers_complete(self) -> None:
-        self.reader = None
-        if self.parser.get_method() != b"POST" or not self.is_infer(
-            self.url.split(b"?", 1)[0].decode("latin-1")
-        ):
+        self.direct = None
+        length = content_length(self.headers)
+        route = None
+        if length is not None and self.parser.get_method() == b"POST" and not self.parser.should_upgrade():
+            path = self.url.split(b"?", 1)[0].decode("latin-1")
+            route = self.route.match(urllib.parse.unquote(path) if "%" in path else path)  # as uvicorn
+        if length is None or route is None:
             super().on_headers_complete()
             return
-        refused = self.refusal()
-        if refused is not None:  # answered by `refused` instead of the app; the body is skipped
-            app, self.app = self.app, refused
-            try:
-                super().on_headers_complete()
-            finally:
-                self.app = app
-            return
-        super().on_headers_complete()
-        length = content_length(self.headers)
-        if length is not None:
-            self.reader = BodyReader(length, self.flow, functools.partial(self._continue, self.cycle))
-            extensions: dict[str, Any] = {**self.scope.get("extensions", {}), "flexemr.body": self.reader}
-            self.scope["extensions"] = extensions
+        self.direct = DirectInfer(self, *route, BodyReader(length, self.flow))
+        app, self.app = self.app, self.direct  # started by _start_asgi_task
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
 
-    def _continue(self, cycle: RequestResponseCycle) -> None:
-        """Tell a client that waits for it (`Expect: 100-continue`) to send the body, as uvicorn
-        does when an app first asks for the body."""
-        if cycle.waiting_for_100_continue and not self.transport.is_closing():
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            cycle.waiting_for_100_continue = False
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if isinstance(app, DirectInfer):
+            app.start(cycle)
+        else:
+            super()._start_asgi_task(cycle, app)
 
     def on_body(self, body: bytes) -> None:
-        if self.reader is None or self.cycle.response_complete:
-            super().on_body(body)
+        if self.direct is None or self.cycle.response_complete:
+            super().on_body(body)  # a direct request answered before its body: skipped
         else:
-            self.reader.feed(body)
+            self.direct.reader.feed(body)
 
     def on_message_complete(self) -> None:
-        if self.reader is not None:
-            self.reader.complete()
+        if self.direct is not None:
+            self.direct.reader.end()
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.reader is not None:
-            self.reader.lost()
         super().connection_lost(exc)
+        for request in (self.direct, self.active):
+            if request is not None:
+                request.client_gone()
 
 
-def infer_protocol(
-    is_infer: Callable[[str], bool], refusal: Callable[[], ASGIApp | None]
-) -> type[InferProtocol]:
-    """The protocol class for a server whose infer route `is_infer` names."""
-    return type(
-        "InferProtocol",
-        (InferProtocol,),
-        {"is_infer": staticmethod(is_infer), "refusal": staticmethod(refusal)},
-    )
+def infer_protocol(route: InferRoute, workers: Executor) -> type[InferProtocol]:
+    """The protocol class for a server whose infer requests `route` serves, scored on `workers`."""
+    return type("InferProtocol", (InferProtocol,), {"route": route, "workers": workers})
+
+
+def header_values(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    """A request's (lower-case) header names and values; the first of a repeated one, as Starlette's."""
+    values: dict[str, str] = {}
+    for name, value in headers:
+        values.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+    return values
 
 
 def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -47,7 +47,7 @@ class HttpServer:
         httptools = door.config.http_parser == "httptools"
         config = uvicorn.Config(
             app.asgi,
-            http=infer_protocol(app.is_infer, app.refusal) if httptools else "h11",
+            http=infer_protocol(app.route, self.workers) if httptools else "h11",
             loop="uvloop" if httptools else "asyncio",
             log_level="warning",
             access_log=False,

@@ -92,8 +92,8 @@ def markdown(results: list[SystemResult], suite: Suite, config: BenchConfig) -> 
         f"Server run at all could not reach {suite.server_queries} queries in {suite.server_max_s:g} s "
         "even at its Offline rate."
         + (
-            " This suite's search stops at a system's first run with the p99 over the target: its peak "
-            "is the highest VALID load below that run (a lower bound, within 2x)."
+            " This suite's search does not walk down below a first run with the p99 over the target "
+            "(the peak is then 0); above a VALID load it bisects as the full suite's does."
             if suite.stop_over_target
             else ""
         ),

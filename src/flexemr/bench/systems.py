@@ -10,8 +10,10 @@ machine, no API at all; its reports say `in-process`).
 
 from __future__ import annotations
 
+import http.client
 import re
 import sys
+import threading
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal
@@ -20,7 +22,7 @@ import httpx
 import numpy as np
 
 from flexemr.batch import SparseBatch
-from flexemr.client import Client
+from flexemr.client import Client, InferenceError, binary_body
 from flexemr.entrypoints.child import AnnouncedProcess
 from flexemr.extras import needs_extra
 
@@ -87,6 +89,7 @@ class ServedSystem:
         self._process = AnnouncedProcess(command, "flexemr ready:", timeout_s)
         self.url = self._process.url
         self.client = Client(self.url)
+        self._http = KeepAliveHttp(self.url)
         self._grpc: GrpcClient | None = None
         if protocol == "grpc":
             match = re.search(r"flexemr ready: .* grpc=(\S+)", "".join(self._process.output))
@@ -98,7 +101,7 @@ class ServedSystem:
     def infer(self, request: SparseBatch) -> Any:
         if self._grpc is not None:
             return self._grpc.infer(request)
-        return self.client.infer(request.dense, request.indices, request.lengths)
+        return self._http.infer(request)
 
     def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = httpx.get(f"{self.url}/v2/stats", timeout=30).json()
@@ -113,6 +116,7 @@ class ServedSystem:
         if self._grpc is not None:
             self._grpc.close()
         self.client.close()
+        self._http.close()
         self._process.close()
 
     def __enter__(self) -> ServedSystem:
@@ -122,6 +126,48 @@ class ServedSystem:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class KeepAliveHttp:
+    """KServe v2 binary-tensor requests on one keep-alive `http.client` connection per calling
+    thread: the load generator shares the served system's cores, so its client costs a body
+    encoding, a write and a read per request (1.6-1.9 ms of CPU for a 400-pair query of rmc1 x0.01
+    against httpx's 2.8-3.0 ms, measured on 2 shared cores)."""
+
+    def __init__(self, url: str, model: str = "dlrm", timeout_s: float = 60.0) -> None:
+        self.host, port = url.removeprefix("http://").split(":")
+        self.port = int(port)
+        self.path = f"/v2/models/{model}/infer"
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._connections: list[http.client.HTTPConnection] = []
+
+    def infer(self, request: SparseBatch) -> np.ndarray:
+        connection = getattr(self._local, "connection", None)
+        if connection is None:
+            connection = http.client.HTTPConnection(self.host, self.port, self.timeout_s)
+            self._local.connection = connection
+            with self._lock:
+                self._connections.append(connection)
+        body, header_length = binary_body([
+            ("dense_features", "FP32", np.ascontiguousarray(request.dense, dtype="<f4")),
+            ("sparse_indices", "INT64", np.ascontiguousarray(request.indices, dtype="<i8")),
+            ("sparse_lengths", "INT32", np.ascontiguousarray(request.lengths, dtype="<i4")),
+        ])  # fmt: skip
+        connection.request("POST", self.path, body, {"Inference-Header-Content-Length": str(header_length)})
+        response = connection.getresponse()
+        content = response.read()
+        if response.status != 200:
+            raise InferenceError(response.status, content.decode(errors="replace"))
+        split = int(response.getheader("inference-header-content-length", "0"))
+        return np.frombuffer(content, dtype="<f4", offset=split)
+
+    def close(self) -> None:
+        with self._lock:
+            for connection in self._connections:
+                connection.close()
+            self._connections.clear()
 
 
 class GrpcClient:

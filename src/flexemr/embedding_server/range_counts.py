@@ -4,18 +4,23 @@ The server's local rows are cut into parts: buckets of 2^bits local rows, also c
 start, so a part lies in one shard and names a range of one table's rows. 2^bits is at most the
 finest grid range the server holds (`range_rows`: the planner's unit, 1/`RANGES_PER_TABLE` of a
 table) unless that would make over `MAX_PARTS` parts (a part may then span several grid ranges of
-a small table; the planner spreads its count over them). When no shard is shorter than a bucket, a
-bucket holds at most one shard start and a row's part is
+a small table; the planner spreads its count over them). When every shard starts on a bucket
+boundary (the usual layout: shards back to back, tables of round sizes; `bits` is lowered to make
+it so while the parts stay within `MAX_PARTS`), the parts are the buckets and a row's part is
+`row >> bits`: a shift and one `bincount` per subrequest, added to the totals. Otherwise, when no
+shard is shorter than a bucket, a bucket holds at most one shard start and a row's part is
 
     part = first_part[row >> bits] + (row >= split[row >> bits])
 
-a shift, two gathers and a compare; then one `bincount` per subrequest, added to the totals.
-(Otherwise, with shards shorter than a bucket, one `searchsorted` over the part starts.)
+two gathers and a compare more (several times the cost); with shards shorter than a bucket, one
+`searchsorted` over the part starts.
 
-Counting is off the lookup path: a lookup only queues its rows array (the frame's own, never
-reused); a thread of its own counts them. When that thread falls behind by `MAX_QUEUED`
-subrequests, further ones are not counted but their rows are added to `skipped`, so the counts
-become a sample of the traffic (the planner needs shares, not totals) and the stats say how big.
+A connection thread counts its lookup's rows itself, once the answer is on its way: a pass over
+the rows, a few times cheaper than the kernel that read them, costs less than handing the rows
+to a thread of their own (a wake-up per subrequest). So that the stats include every lookup
+answered before they were asked for, a lookup is announced (`expect`) before its answer goes out
+and `stats` waits for the announced ones to be counted. The counts are exact; `skipped` (rows
+looked up but not counted) stays 0 and stays in the stats, which rankers of every version read.
 
     local rows:  0       256      512      768  (bits = 8)
     shards:      [t0 ...........)[t1 ...........
@@ -24,9 +29,7 @@ become a sample of the traffic (the planner needs shares, not totals) and the st
 
 from __future__ import annotations
 
-import queue
 import threading
-import time
 from typing import Any
 
 import numpy as np
@@ -41,10 +44,12 @@ MAX_PARTS = 2**17
 """Most parts (counters) per server: buckets grow past a grid range rather than exceed it."""
 
 DRAIN_S = 1.0
-"""How long `stats` waits for queued rows to be counted."""
+"""How long `stats` waits for the lookups answered so far to be counted."""
 
-MAX_QUEUED = 64
-"""Subrequests waiting to be counted; beyond, they are skipped (counted in `skipped` only)."""
+
+def _trailing_zeros(n: int) -> int:
+    """The largest k such that 2^k divides n > 0."""
+    return (n & -n).bit_length() - 1
 
 
 def range_rows(table_rows: int) -> int:
@@ -64,6 +69,11 @@ class RangeCounts:
         while local_rows >> bits > MAX_PARTS:
             bits += 1
         shard_starts = np.array([s.local_start for s in shards], dtype=np.int64)
+        # Finer buckets that every shard starts on, if there are not too many: then parts = buckets.
+        aligned = min((_trailing_zeros(int(start)) for start in shard_starts if start), default=bits)
+        self._aligned = local_rows >> min(bits, aligned) <= MAX_PARTS
+        if self._aligned:
+            bits = min(bits, aligned)
         starts = np.union1d(shard_starts, np.arange(0, local_rows, 1 << bits, dtype=np.int64))
         # Each part's shard and rows of its table (table -1: a gap between shards, never looked up).
         owner = np.searchsorted(shard_starts, starts, side="right") - 1
@@ -77,15 +87,13 @@ class RangeCounts:
         self._row_start = starts - first + row_start
         self._row_end = np.minimum(ends, first + rows) - first + row_start
         self._counts = np.zeros(starts.size, dtype=np.int64)
-        self.skipped = 0
-        """Rows looked up but not counted (the counting thread was behind)."""
-        self._queue: queue.Queue[np.ndarray | None] = queue.Queue(MAX_QUEUED)
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self._expected = 0
         self._bits = bits
         self._starts = {np.dtype(t): starts.astype(t) for t in (np.int32, np.int64)}
         # The fast path needs at most one shard start inside a bucket: shards no shorter than one.
         self._first_part: np.ndarray | None = None
-        if shards and min(s.rows for s in shards) >= 1 << bits:
+        if not self._aligned and shards and min(s.rows for s in shards) >= 1 << bits:
             bucket_starts = np.arange(-(-local_rows >> bits), dtype=np.int64) << bits
             self._first_part = np.searchsorted(starts, bucket_starts)
             nxt = np.append(starts, local_rows)[self._first_part + 1]
@@ -94,33 +102,21 @@ class RangeCounts:
                 np.dtype(t): np.minimum(split, np.iinfo(t).max).astype(t) for t in (np.int32, np.int64)
             }
 
-        self._thread = threading.Thread(target=self._count_queued, daemon=True, name="flexemr-range-counts")
-        self._thread.start()
+    def expect(self) -> None:
+        """Announce a lookup whose rows `count` will be given (call before its answer goes out)."""
+        with self._lock:
+            self._expected += 1
 
     def count(self, rows: np.ndarray) -> None:
-        """Queue one subrequest's server-local `rows` (all valid: the kernel has read them; the
-        caller never writes to the array again) to be counted."""
-        try:
-            self._queue.put_nowait(rows)
-        except queue.Full:
-            with self._lock:
-                self.skipped += rows.size
-
-    def close(self) -> None:
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
-
-    def _count_queued(self) -> None:
-        while (rows := self._queue.get()) is not None:
-            self._add(rows)
-            self._queue.task_done()
-        self._queue.task_done()
-
-    def _add(self, rows: np.ndarray) -> None:
+        """Count one announced subrequest's server-local `rows` (all valid: the kernel has read
+        them)."""
         if rows.size == 0:
+            with self._lock:
+                self._counted_one()
             return
-        if self._first_part is None:
+        if self._aligned:
+            parts = rows >> self._bits
+        elif self._first_part is None:
             parts = np.searchsorted(self._starts[rows.dtype], rows, side="right") - 1
         else:
             bucket = rows >> self._bits
@@ -128,24 +124,28 @@ class RangeCounts:
         counted = np.bincount(parts)
         with self._lock:
             self._counts[: counted.size] += counted
+            self._counted_one()
+
+    def _counted_one(self) -> None:
+        self._expected -= 1
+        if not self._expected:
+            self._lock.notify_all()
 
     def stats(self) -> dict[str, Any]:
         """The counts so far, as JSON-ready data: the model's shape, the planner's grid (rows per
         range of each table), the rows looked up in all, and `[table, row_start, row_end,
-        lookups] of every part looked up at least once. Waits up to `DRAIN_S` for the rows queued
-        so far to be counted (all of them, once lookups pause)."""
-        deadline = time.monotonic() + DRAIN_S
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.001)
+        lookups] of every part looked up at least once. Waits up to `DRAIN_S` for the lookups
+        announced so far to be counted."""
         with self._lock:
-            counts, skipped = self._counts.copy(), self.skipped
+            self._lock.wait_for(lambda: not self._expected, DRAIN_S)
+            counts = self._counts.copy()
         hit = np.flatnonzero(counts)
         return {
             "table_rows": list(self._table_rows),
             "dim": self._dim,
             "range_rows": [range_rows(rows) for rows in self._table_rows],
             "lookups": int(counts.sum()),
-            "skipped": skipped,
+            "skipped": 0,
             "ranges": np.stack(
                 [self._table[hit], self._row_start[hit], self._row_end[hit], counts[hit]], axis=1
             ).tolist(),

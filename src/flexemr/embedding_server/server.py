@@ -16,10 +16,12 @@ and logged at most once per 10 s per reason. When accept fails for want of file 
 server drops its oldest handshake and backs off; the process and the connections it holds carry on.
 
 Credit-based flow control (the ranker's I/O engine asks for it in its HELLO): a credited data
-connection sends a response only against a credit; answers beyond the credits wait in a bounded
-queue (`HeldAnswers`); when that is full the connection stops reading (TCP pushes back on the ranker). Credits
-arrive on a control connection of the same session (CREDIT frames naming the data connection), or
-piggybacked on the data connection itself (LOOKUP flag CREDIT, or a bare CREDIT frame).
+connection sends a response only against a credit, from its reading thread when it has one (no
+thread hop); answers beyond the credits wait in a bounded queue for a writer thread
+(`CreditedAnswers`); when that is full the connection stops reading (TCP pushes back on the
+ranker). Credits arrive on a control connection of the same session (CREDIT frames naming the
+data connection), or piggybacked on the data connection itself (LOOKUP flag CREDIT, or a bare
+CREDIT frame).
 """
 
 from __future__ import annotations
@@ -49,11 +51,11 @@ from flexemr.protocol.frames import (
     ConnectionClosed,
     Flags,
     Frame,
+    FrameReader,
     MessageType,
     ProtocolError,
     encode,
     error_frame,
-    recv_frame,
     send_frame,
 )
 from flexemr.protocol.handshake import (
@@ -69,86 +71,88 @@ log = logging.getLogger(__name__)
 log.addFilter(RateLimitedWarnings())  # peers can cause refusals in a loop
 
 
-class CreditGate:
-    """Response credits of one data connection: `take` blocks until one is granted."""
+class CreditedAnswers:
+    """The answers of one credited data connection and its response credits, under one lock.
 
-    def __init__(self, initial: int) -> None:
+    An answer goes out only against a credit. The reader sends it itself when it can (a credit,
+    nothing held, no send under way): no thread hop. Otherwise it is held (bounded in count and
+    in bytes; one answer alone may exceed the bytes) and the writer thread sends it, in order,
+    once a credit comes. `put` waits while the held answers are full: the reader stops reading
+    and TCP pushes back on the ranker.
+    """
+
+    def __init__(self, credits: int, max_bytes: int) -> None:
         self._cond = threading.Condition()
-        self._credits = initial
+        self._credits = credits
+        self._held: deque[tuple[list[memoryview], int]] = deque()
+        self._bytes = 0
+        self._max_bytes = max_bytes
+        self._sending = False
         self._closed = False
-        self.granted = initial
+        self.granted = credits
         self.sent = 0
         self.waits = 0
+        """Answers that waited for a credit."""
 
     def grant(self, n: int) -> None:
         with self._cond:
             self._credits += n
             self.granted += n
-            self._cond.notify()
-
-    def take(self) -> bool:
-        """Spend one credit (False once closed)."""
-        with self._cond:
-            if self._credits <= 0:
-                self.waits += 1
-            while self._credits <= 0 and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return False
-            self._credits -= 1
-            self.sent += 1
-            assert self.sent <= self.granted, "sent a response without a credit"
-            return True
-
-    def close(self) -> None:
-        with self._cond:
-            self._closed = True
             self._cond.notify_all()
 
-
-class HeldAnswers:
-    """Answers of one credited connection waiting for credits, bounded in count and in bytes."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self._cond = threading.Condition()
-        self._answers: deque[tuple[list[memoryview], int]] = deque()
-        self._bytes = 0
-        self._max_bytes = max_bytes
-        self._closed = False
-
-    def put(self, answer: list[memoryview]) -> bool:
-        """Hold `answer`, waiting while full (one answer alone may exceed the bytes); False once closed."""
+    def put(self, answer: list[memoryview]) -> bool | None:
+        """True: `answer` is the caller's to send now, then `sent_one`; False: held for the
+        writer; None: closed. Waits while the held answers are full."""
         size = sum(v.nbytes for v in answer)
         with self._cond:
             while (
-                self._answers
+                self._held
                 and not self._closed
-                and (len(self._answers) >= MAX_QUEUED_RESPONSES or self._bytes + size > self._max_bytes)
+                and (len(self._held) >= MAX_QUEUED_RESPONSES or self._bytes + size > self._max_bytes)
             ):
                 self._cond.wait()
             if self._closed:
-                return False
-            self._answers.append((answer, size))
+                return None
+            if not self._held and not self._sending and self._credits > 0:
+                self._spend()
+                return True
+            if self._credits <= 0:
+                self.waits += 1
+            self._held.append((answer, size))
             self._bytes += size
             self._cond.notify_all()
-            return True
+            return False
 
-    def get(self) -> list[memoryview] | None:
-        """The oldest answer, waiting for one; None once closed."""
+    def take(self) -> list[memoryview] | None:
+        """The writer's next answer to send (then `sent_one`), once it has a credit and no other
+        send is under way; None once closed."""
         with self._cond:
-            while not self._answers and not self._closed:
+            while not self._closed and (not self._held or self._sending or self._credits <= 0):
                 self._cond.wait()
             if self._closed:
                 return None
-            answer, size = self._answers.popleft()
+            answer, size = self._held.popleft()
             self._bytes -= size
+            self._spend()
             self._cond.notify_all()
             return answer
+
+    def _spend(self) -> None:
+        self._credits -= 1
+        self.sent += 1
+        self._sending = True
+        assert self.sent <= self.granted, "sent a response without a credit"
+
+    def sent_one(self) -> None:
+        with self._cond:
+            self._sending = False
+            if self._held:
+                self._cond.notify_all()
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._answers.clear()
+            self._held.clear()
             self._cond.notify_all()
 
 
@@ -175,12 +179,13 @@ class EmbeddingServer:
         self.node_limits = limits or NodeLimits()
         self.limits = frame_limits or FrameLimits()
         self._tls = tls
+        self._read_ahead = transport == "tcp"  # a UCX stream fills all of the view it is given
         self._listener = self._listen(endpoint, transport)
         self.endpoint = Endpoint(endpoint.host, self._listener.getsockname()[1])
         self._slots = ConnectionSlots(self.node_limits.max_connections, self.node_limits.max_handshakes)
         self._lock = threading.Lock()
         self._closed = threading.Event()
-        self._sessions: dict[str, dict[int, CreditGate]] = {}
+        self._sessions: dict[str, dict[int, CreditedAnswers]] = {}
         self._credit_latencies: dict[str, deque[int]] = {}
         """Per session, grant-to-arrival times of recent credits (meaningful with same-host clocks)."""
         self.lookups = 0
@@ -256,11 +261,10 @@ class EmbeddingServer:
         self._listener.close()
         self._slots.shut_all()
         with self._lock:
-            for gates in self._sessions.values():
-                for gate in gates.values():
-                    gate.close()
+            for connections in self._sessions.values():
+                for answers in connections.values():
+                    answers.close()
         self.versions.close()
-        self.range_counts.close()
 
     def _serve_connection(self, conn: socket.socket, peer: tuple[str, int], deadline: Deadline) -> None:
         """Handshake by the deadline, then serve the connection as its HELLO says."""
@@ -276,10 +280,15 @@ class EmbeddingServer:
             elif hello.credits is not None:
                 self._serve_credited(conn, hello.session, hello.conn, hello.credits)
             else:
+                frames = self._frames(conn)
                 while True:
-                    frame = recv_frame(conn, self.limits)
+                    frame = frames.read()
                     if frame.type != MessageType.PING:  # a keepalive: never answered
-                        send_frame(conn, self.answer(frame))
+                        reply, looked_up = self._reply(frame)
+                        try:
+                            send_frame(conn, reply)
+                        finally:
+                            self._count(looked_up)
         except ProtocolError as exc:
             self._refuse("malformed frame", f"{peer[0]}:{peer[1]}: {exc}")
         except (ConnectionClosed, OSError, ValueError):
@@ -311,40 +320,55 @@ class EmbeddingServer:
         return conn, None
 
     def _serve_credited(self, conn: socket.socket, session: str, index: int, credits: int) -> None:
-        """Read and answer lookups; a writer thread sends the answers as credits allow."""
-        gate = CreditGate(credits)
+        """Read and answer lookups, sending each answer at once when a credit allows; a writer
+        thread sends those held for want of credits (`CreditedAnswers`)."""
+        answers = CreditedAnswers(credits, self.node_limits.max_held_bytes)
         with self._lock:
-            self._sessions.setdefault(session, {})[index] = gate
-        answers = HeldAnswers(self.node_limits.max_held_bytes)
-        writer = threading.Thread(target=self._write_credited, args=(conn, gate, answers), daemon=True)
+            self._sessions.setdefault(session, {})[index] = answers
+        writer = threading.Thread(target=self._write_credited, args=(conn, answers), daemon=True)
         writer.start()
+        frames = self._frames(conn)
         try:
             while True:
-                frame = recv_frame(conn, self.limits)
+                frame = frames.read()
                 if frame.type == MessageType.CREDIT:
-                    self._piggybacked(session, gate, frame.buffers[0] if frame.buffers else None)
+                    self._piggybacked(session, answers, frame.buffers[0] if frame.buffers else None)
                     continue
                 if frame.type == MessageType.PING:
                     continue
                 if frame.type == MessageType.LOOKUP and frame.flags & Flags.CREDIT and frame.buffers:
-                    self._piggybacked(session, gate, frame.buffers.pop())
+                    self._piggybacked(session, answers, frame.buffers.pop())
                     frame.flags &= ~Flags.CREDIT
-                if not answers.put(self.answer(frame)):
+                reply, looked_up = self._reply(frame)
+                try:
+                    now = answers.put(reply)
+                    if now:
+                        try:
+                            send_frame(conn, reply)
+                        finally:
+                            answers.sent_one()
+                finally:
+                    self._count(looked_up)
+                if now is None:
                     break
         finally:
             with self._lock:
                 self._sessions.get(session, {}).pop(index, None)
-            gate.close()
             answers.close()
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
             writer.join()
 
-    def _piggybacked(self, session: str, gate: CreditGate, grant: np.ndarray | None) -> None:
+    def _frames(self, conn: socket.socket) -> FrameReader:
+        """The connection's frames; a lookup's arrays are views into its receive buffer, used up
+        (looked up, counted) before the next frame is read."""
+        return FrameReader(conn.recv_into, self.limits, (MessageType.LOOKUP,), self._read_ahead)
+
+    def _piggybacked(self, session: str, answers: CreditedAnswers, grant: np.ndarray | None) -> None:
         """A grant on a data connection: int64 [credits] or [credits, sent at monotonic_ns]."""
         if grant is None or grant.dtype != np.int64 or grant.ndim != 1 or grant.size < 1 or grant[0] < 0:
             raise ProtocolError("a piggybacked credit is int64 [credits] or [credits, sent at ns]")
-        gate.grant(int(grant[0]))
+        answers.grant(int(grant[0]))
         if grant.size > 1:
             self._latencies(session).append(time.monotonic_ns() - int(grant[1]))
 
@@ -352,10 +376,13 @@ class EmbeddingServer:
         with self._lock:
             return self._credit_latencies.setdefault(session, deque(maxlen=4096))
 
-    def _write_credited(self, conn: socket.socket, gate: CreditGate, answers: HeldAnswers) -> None:
+    def _write_credited(self, conn: socket.socket, answers: CreditedAnswers) -> None:
         try:
-            while (answer := answers.get()) is not None and gate.take():
-                send_frame(conn, answer)
+            while (answer := answers.take()) is not None:
+                try:
+                    send_frame(conn, answer)
+                finally:
+                    answers.sent_one()
         except OSError:  # gone, or not reading for the idle timeout: stop the reader too
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
@@ -363,16 +390,17 @@ class EmbeddingServer:
 
     def _serve_control(self, conn: socket.socket, session: str) -> None:
         """Apply CREDIT frames to the session's data connections; answer PING with credit stats."""
+        frames = self._frames(conn)
         while True:
-            frame = recv_frame(conn, self.limits)
+            frame = frames.read()
             if frame.type == MessageType.CREDIT:
                 ids, grants, sent_at = _credit_buffers(frame)
                 self._latencies(session).append(time.monotonic_ns() - int(sent_at[0]))
                 with self._lock:
-                    gates = self._sessions.get(session, {})
+                    connections = self._sessions.get(session, {})
                     for index, n in zip(ids.tolist(), grants.tolist(), strict=True):
-                        if index in gates:
-                            gates[index].grant(n)
+                        if index in connections:
+                            connections[index].grant(n)
             elif frame.type == MessageType.PING:
                 stats = [_json(self.credit_stats(session))] if frame.flags & Flags.STATS else []
                 send_frame(conn, encode(MessageType.PONG, frame.request_id, stats))
@@ -383,11 +411,11 @@ class EmbeddingServer:
         """What a control channel's PING with flag STATS gets: the session's credits, the update
         log, and the rows looked up per row range (`range_counts`)."""
         with self._lock:
-            gates = dict(self._sessions.get(session, {}))
+            connections = dict(self._sessions.get(session, {}))
         latencies = list(self._latencies(session))
         return {
             "connections": {
-                i: {"granted": g.granted, "sent": g.sent, "waits": g.waits} for i, g in gates.items()
+                i: {"granted": a.granted, "sent": a.sent, "waits": a.waits} for i, a in connections.items()
             },
             "credit_latency_ns": latencies,
             "updates": self.versions.stats(),
@@ -396,10 +424,35 @@ class EmbeddingServer:
 
     def answer(self, frame: Frame) -> list[memoryview]:
         """The reply to one well-formed frame."""
+        reply, looked_up = self._reply(frame)
+        self._count(looked_up)
+        return reply
+
+    def _count(self, looked_up: np.ndarray | None) -> None:
+        """Count a lookup's rows (`range_counts`) once its answer is on its way (always, once
+        `_reply` has announced it: `stats` waits for it)."""
+        if looked_up is not None:
+            self.range_counts.count(looked_up)
+
+    def _reply(self, frame: Frame) -> tuple[list[memoryview], np.ndarray | None]:
+        """The reply to one well-formed frame, and the rows it looked up (None: not a lookup
+        answered with rows)."""
+        if frame.type == MessageType.LOOKUP:
+            try:
+                values = self._lookup(frame)
+            except StaleVersion as exc:
+                return encode(MessageType.STALE, frame.request_id, [version_buffer(exc.version)]), None
+            except BadSubrequest as exc:
+                return error_frame(frame.request_id, f"embedding server {self.store.server}: {exc}"), None
+            self.lookups += 1
+            self.range_counts.expect()
+            return encode(MessageType.RESULT, frame.request_id, [values]), frame.buffers[0]
+        return self._other(frame), None
+
+    def _other(self, frame: Frame) -> list[memoryview]:
+        """The reply to an update, commit, abort, changelog or rows request (or an ERROR)."""
         rid, versions = frame.request_id, self.versions
         try:
-            if frame.type == MessageType.LOOKUP:
-                return encode(MessageType.RESULT, rid, [self._lookup(frame)])
             if frame.type == MessageType.UPDATE:
                 applied = versions.stage(StagedRows.parse(frame, self.store.dim))
                 return encode(MessageType.UPDATE, rid, [version_buffer(applied)])
@@ -449,8 +502,6 @@ class EmbeddingServer:
             values = self.store.raw(rows, image)
         else:
             values = self.store.pooled(rows, offsets, frame.buffers[2] if weighted else None, image)
-        self.range_counts.count(rows)
-        self.lookups += 1
         return values
 
 

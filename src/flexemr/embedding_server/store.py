@@ -184,7 +184,8 @@ class ShardStore:
         return sum(int(t.numel() * t.element_size()) for t in self.tables)
 
     def _check(self, rows: np.ndarray, offsets: np.ndarray | None, weights: np.ndarray | None) -> None:
-        if rows.size and (rows.min() < 0 or rows.max() >= self.num_rows):
+        # One pass: as unsigned, a negative row is over every row number.
+        if rows.size and rows.view(rows.dtype.str.replace("i", "u")).max() >= self.num_rows:
             bad = rows[(rows < 0) | (rows >= self.num_rows)][0]
             raise BadSubrequest(f"row {bad} is outside this server's {self.num_rows} rows")
         if offsets is not None and offsets.size:

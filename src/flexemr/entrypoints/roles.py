@@ -4,6 +4,7 @@ launcher (`flexemr serve`, `flexemr ranker`, `flexemr embedding-server`, the Ray
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -99,6 +100,7 @@ class EmbeddingServerProcess:
     def serve_forever(self) -> None:
         if self._resync is not None:
             self._resync.start()
+        freeze_start_up_objects()
         self.server.serve_forever()
 
     def start_in_thread(self) -> None:
@@ -293,6 +295,7 @@ class RankerProcess:
 
     def run(self) -> None:
         """Serve HTTP in this thread until SIGINT/SIGTERM (then `close()`)."""
+        freeze_start_up_objects()
         self.http.run()
 
     def start_in_thread(self) -> None:
@@ -314,6 +317,15 @@ def _grpc_server(door: FrontDoor) -> GrpcServer | None:
     from flexemr.api.grpc import GrpcServer  # MissingExtra without the grpc extra
 
     return GrpcServer(door, config.host, config.grpc_port)
+
+
+def freeze_start_up_objects() -> None:
+    """Move every object made so far (modules, the model, tables' metadata) out of the garbage
+    collector's sight. A full collection walks every tracked object: ~200k in a ranker after start-up,
+    36-330 ms measured on 2 shared cores, a pause that every request in flight waits for;
+    frozen, it walks only what serving made since."""
+    gc.collect()
+    gc.freeze()
 
 
 def torch_threads(n: int) -> None:

@@ -17,6 +17,7 @@ closes that connection and keeps serving its others.
 from __future__ import annotations
 
 import enum
+import math
 import socket
 import ssl
 import struct
@@ -203,7 +204,7 @@ def parse_descriptors(
         if max(dim0, dim1) > limits.max_dim:
             raise ProtocolError(f"buffer {i}: dimension over the limit of {limits.max_dim}")
         shape = (dim0,) if ndim == 1 else (dim0, dim1)
-        declared += int(np.prod(shape)) * _DTYPES[code].itemsize
+        declared += dim0 * (dim1 if ndim == 2 else 1) * _DTYPES[code].itemsize
         shapes.append((_DTYPES[code], shape))
     if declared != body:
         raise ProtocolError(f"buffers declare {declared} bytes but the header says {body}")
@@ -234,6 +235,101 @@ def read_frame(
             _recv_exact(read_into, array.data.cast("B"))
         buffers.append(array)
     return Frame(kind, request_id, flags, buffers)
+
+
+KEPT_BUFFER_BYTES = 4 * 2**20
+"""The largest receive buffer a `FrameReader` keeps between frames (so at most this much per
+connection stays resident); a larger frame is read into a buffer of its own, dropped after it."""
+
+_FIRST_BUFFER_BYTES = 64 * 2**10
+
+
+class FrameReader:
+    """Frames from one connection, received into one reused buffer (a server's data connection).
+
+    Each `recv_into` takes all that has arrived, up to the room in the buffer (the next frame's
+    first bytes included), so a frame costs one call where its bytes arrive together, instead of
+    one per header, descriptors and array; and no allocation per frame. (`read_ahead=False` for a
+    source that fills all of the view it is given, a UCX stream: then a call asks for the header,
+    then for the rest of the frame.) Every header field and descriptor is checked against
+    `FrameLimits` before the buffer grows for the frame's body.
+
+    The arrays of a frame of a type in `views` are views into the buffer, valid until the next
+    `read` (the caller is done with them by then: a lookup's indices); other frames' arrays are
+    their own (an update's rows outlive the read). An array that would not be aligned for its
+    dtype is copied. The buffer is allocated uninitialised (`np.empty`): a body declared but not
+    sent costs address space, not memory, as a frame's own arrays did.
+
+        buffer:  [ frame read, views handed out | next frame's first bytes | room ]
+                                                ^ start                    ^ end
+    """
+
+    def __init__(
+        self,
+        read_into: ReadInto,
+        limits: FrameLimits,
+        views: Collection[MessageType] = (),
+        read_ahead: bool = True,
+    ) -> None:
+        self._read_into = read_into
+        self._read_ahead = read_ahead
+        self._limits = limits
+        self._views = frozenset(views)
+        self._buffer = np.empty(_FIRST_BUFFER_BYTES, np.uint8)
+        self._start = 0
+        self._end = 0
+
+    def read(self) -> Frame:
+        if self._start == self._end:  # nothing of the next frame yet: start at the front
+            self._start = self._end = 0
+        self._fill(HEADER.size)
+        kind, flags, request_id, count, body = parse_header(
+            self._buffer[self._start : self._start + HEADER.size].tobytes(), self._limits
+        )
+        size = HEADER.size + DESCRIPTOR.size * count + body
+        self._fill(size)
+        at = self._start + HEADER.size
+        raw = self._buffer[at : at + DESCRIPTOR.size * count].tobytes()
+        at += len(raw)
+        own = kind not in self._views
+        buffers = []
+        for dtype, shape in parse_descriptors(raw, count, body, self._limits):
+            nbytes = math.prod(shape) * dtype.itemsize
+            if nbytes == 0:
+                array = np.empty(shape, dtype=dtype)
+            else:
+                array = self._buffer[at : at + nbytes].view(dtype).reshape(shape)
+                if own or not array.flags.aligned:
+                    array = array.copy()
+            buffers.append(array)
+            at += nbytes
+        self._start += size
+        return Frame(kind, request_id, flags, buffers)
+
+    def _fill(self, size: int) -> None:
+        """Have `size` bytes from `start` in the buffer, receiving what is missing."""
+        if self._end - self._start >= size:
+            return
+        if self._start + size > self._buffer.size or self._buffer.size > KEPT_BUFFER_BYTES:
+            # Move what has arrived to the front of a buffer with room for `size` (the previous
+            # frame's views are done with): a bigger one if needed, the usual one after a big frame.
+            unread = self._end - self._start
+            room = max(size, _FIRST_BUFFER_BYTES)
+            if size <= KEPT_BUFFER_BYTES:
+                room = min(1 << (room - 1).bit_length(), KEPT_BUFFER_BYTES)
+            if room > self._buffer.size or self._buffer.size > KEPT_BUFFER_BYTES:
+                buffer = np.empty(max(room, unread), np.uint8)
+                buffer[:unread] = self._buffer[self._start : self._end]
+                self._buffer = buffer
+            else:
+                self._buffer[:unread] = self._buffer[self._start : self._end]
+            self._start, self._end = 0, unread
+        view = self._buffer.data[: None if self._read_ahead else self._start + size]
+        while self._end - self._start < size:
+            n = self._read_into(view[self._end :])
+            if not n:
+                raise ConnectionClosed("connection closed by peer")
+            self._end += n
 
 
 def error_frame(request_id: int, message: str) -> list[memoryview]:

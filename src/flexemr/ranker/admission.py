@@ -1,8 +1,11 @@
 """Admission control: a bounded number of samples in flight, requests in flight bounded by their
-queueing delay (`flexemr.ranker.latency_limit`), and a deadline on every request.
+queueing delay (`flexemr.ranker.latency_limit`), requests that already waited too long before
+they were read refused, and a deadline on every request.
 
 The process's front door (`flexemr.api.front_door`) drives its one `Admission`:
 
+    admission.refusal(waited_s)           # from the headers: Refused when full, or when the request
+                                          # waited too long before it was read (429, body unread)
     ticket = admission.arrive(timeout_s)  # Refused: full, or too many requests in flight (429)
     ...read the body; take a turn...
     admission.started(ticket)             # how long it waited sizes the requests' limit
@@ -24,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from flexemr.ranker.latency_limit import LatencyLimit
+from flexemr.ranker.latency_limit import LatencyLimit, WaitBound
 
 
 class Refused(RuntimeError):
@@ -67,21 +70,45 @@ class Admission:
 
     `max_samples` bounds the work and memory of parsed requests; `max_pending` bounds the bodies
     being received and parsed (each at most the body limit), whose size is not known yet; `limit`
-    bounds the requests in flight by their queueing delay (default: a `LatencyLimit` from 8 requests)."""
+    bounds the requests in flight by their queueing delay (default: a `LatencyLimit` from 8 requests);
+    `wait_bound` how long a request may have waited before it was read (default: `WaitBound()`)."""
 
-    def __init__(self, max_samples: int, max_pending: int, limit: LatencyLimit | None = None) -> None:
+    def __init__(
+        self,
+        max_samples: int,
+        max_pending: int,
+        limit: LatencyLimit | None = None,
+        wait_bound: WaitBound | None = None,
+    ) -> None:
         if max_samples < 1 or max_pending < 1:
             raise ValueError(f"need max_samples >= 1 and max_pending >= 1, got {max_samples}, {max_pending}")
         self.max_samples = max_samples
         self.max_pending = max_pending
         self.limit = limit or LatencyLimit()
+        self.wait_bound = wait_bound or WaitBound()
         self._lock = threading.Lock()
         self.samples = self.pending = self.requests = 0
-        self.counts = {"admitted": 0, "refused": 0, "dropped_deadline": 0, "dropped_disconnected": 0}
+        self.counts = {
+            "admitted": 0,
+            "refused": 0,
+            "refused_late": 0,
+            "dropped_deadline": 0,
+            "dropped_disconnected": 0,
+        }
 
-    def refusal(self) -> Refused | None:
-        """The refusal (counted) of a request arriving now when the ranker is full, else None."""
+    def refusal(self, waited_s: float = 0.0) -> Refused | None:
+        """The refusal (counted) of a request whose headers were just read, after it waited
+        `waited_s` before they were (in the kernel's queues, behind the event loop), when the ranker
+        is full or it waited too long (`WaitBound`); else None."""
+        now = time.monotonic()
         with self._lock:
+            if self.wait_bound.too_late(waited_s, now):
+                self.counts["refused"] += 1
+                self.counts["refused_late"] += 1
+                return Refused(
+                    f"the ranker is behind (this request waited {waited_s * 1000:.0f} ms before it was "
+                    "read); retry later"
+                )
             return self._refusal()
 
     def _refusal(self) -> Refused | None:

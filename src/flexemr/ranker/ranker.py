@@ -33,10 +33,11 @@ from flexemr.config import RankerConfig
 from flexemr.config.cache import CacheConfig
 from flexemr.config.plan import ShardingPlan
 from flexemr.engine.link import ServerLink
+from flexemr.model import rows as stored_rows
 from flexemr.model.dlrm import DenseArch
 from flexemr.model.spec import ModelSpec
 from flexemr.ranker.admission import Ticket
-from flexemr.ranker.batcher import DynamicBatcher
+from flexemr.ranker.batcher import DenseBatcher
 from flexemr.ranker.replicas import ReplicaLoad
 from flexemr.ranker.row_versions import RowReadVersion
 from flexemr.ranker.turns import PROCESS_TURNS
@@ -114,7 +115,7 @@ class Ranker:
             self._warmer = threading.Thread(target=self._warm_loop, daemon=True, name="cache-warmer")
             self._warmer.start()
         self.batcher = (
-            DynamicBatcher(self._score_batch_in_turn, config.max_batch, config.batch_window_ms / 1000)
+            DenseBatcher(self.dense, config.max_batch, config.batch_window_ms / 1000)
             if config.batching or config.batch_window_ms > 0
             else None
         )
@@ -147,7 +148,7 @@ class Ranker:
         """Click probabilities float32 [B]. Raises `InvalidRequest` for bad input,
         `ServerUnavailable` / `LookupFailed` when a lookup cannot complete, and `Dropped` when the
         ticket's deadline passes (or its client leaves) before the work starts. With dynamic batching
-        on, the request may be scored together with others that arrive at about the same time.
+        on, its dense forward may be merged with those of requests that wait for the model with it.
         A caller holding a turn (the front door takes one per request) gives it up while this waits."""
         if ticket is not None:
             ticket.check()
@@ -156,17 +157,10 @@ class Ranker:
         with self._lock:
             self._waiting += batch.batch_size
         try:
-            if self.batcher is None:
-                return self.score_batch(batch, ticket)
-            with self.turns.waiting():
-                return self.batcher.submit(batch, ticket).result()
+            return self.score_batch(batch, ticket)
         finally:
             with self._lock:
                 self._waiting -= batch.batch_size
-
-    def _score_batch_in_turn(self, batch: SparseBatch) -> np.ndarray:
-        with self.turns.turn():
-            return self.score_batch(batch)
 
     def score_batch(self, batch: SparseBatch, ticket: Ticket | None = None) -> np.ndarray:
         pooled = self._pool_one_version(batch, None if ticket is None else ticket.deadline)
@@ -174,8 +168,13 @@ class Ranker:
             ticket.check()
         # The dense model runs in torch's kernels (or on the GPU), outside the interpreter lock:
         # other requests take their turn meanwhile.
-        with self.turns.waiting(), dense_slots(), torch.inference_mode():
-            scores = self.dense(torch.from_numpy(batch.dense).to(self.device), pooled)
+        with self.turns.waiting(), torch.inference_mode():
+            dense = torch.from_numpy(batch.dense).to(self.device)
+            if self.batcher is not None:  # one forward at a time, merged with the waiting ones
+                scores = self.batcher.run(dense, pooled, ticket)
+            else:
+                with dense_slots():
+                    scores = self.dense(dense, pooled)
             result: np.ndarray = scores.float().cpu().numpy()
         with self._lock:
             self.requests += 1
@@ -213,10 +212,18 @@ class Ranker:
         at another)."""
         keys = self.router.keys(batch.indices, batch.rows_per_table)
         raw = self.config.lookup == "raw"
-        if self._whole_store is not None and self.cache is None and not raw:
-            # The local tier: one call pools the batch, in the kernel and order a server would.
-            sums = torch.from_numpy(self._whole_store.pooled(keys, batch.offsets[:-1])).to(self.device)
-            return self._finish_pooling(sums, batch)
+        store = self._whole_store
+        if store is not None and self.cache is None and not raw:
+            # The local tier: one call pools the batch, in the kernel and order a server would. With
+            # one row format it is the kernel itself, without the store's checks of a subrequest
+            # from the network (`SparseBatch.check` checked these rows against the tables).
+            starts = batch.offsets[:-1]
+            if len(store.segments) == 1:
+                rows, bags = torch.from_numpy(keys), torch.from_numpy(starts)
+                sums = stored_rows.pool(store.tables[0], store.segments[0].fmt, rows, bags)
+            else:
+                sums = torch.from_numpy(store.pooled(keys, starts))
+            return self._finish_pooling(sums.to(self.device), batch)
         pooled = torch.zeros(batch.lengths.size, self.spec.dim, device=self.device)
         remote_keys, remote_lengths = keys, batch.lengths
         cache = self.cache
@@ -403,17 +410,13 @@ class Ranker:
         if self.row_version is not None:
             stats["versions"] = self.row_version.stats()
         if self.batcher is not None:
-            stats["batcher"] = counts(
-                {"batches": self.batcher.merged_batches, "requests": self.batcher.merged_requests}
-            )
+            stats["batcher"] = counts({"batches": self.batcher.batches, "requests": self.batcher.requests})
         return stats
 
     def close(self) -> None:
         self._stop.set()
         if self._warmer is not None:
             self._warmer.join(5)
-        if self.batcher is not None:
-            self.batcher.close()
         self.transport.close()
         if self.row_version is not None:
             self.row_version.close()
