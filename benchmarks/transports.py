@@ -12,15 +12,25 @@ scaled preset), the same engine (`mapped`, credits on the priority channel), for
 The transports: `tcp` (Python sockets), `ucx-tcp` (UCX_TLS=tcp) and `ucx-shm` (UCX_TLS=tcp,sm,self:
 UCX uses TCP to set an endpoint up, then shared memory). Every link proves the secret first.
 
+With `--shaped RATE,...` the servers run on other "hosts" instead: network namespaces of the test
+bed (`flexemr.entrypoints.netns`, root), each behind a link limited to RATE (`tc tbf`, both ways),
+and the ranker measures from a namespace of its own, so every lookup crosses two shaped veths and a
+bridge (shared memory cannot cross hosts: tcp and ucx-tcp only).
+
     .venv/bin/python benchmarks/transports.py --quick
+    sudo .venv/bin/python benchmarks/transports.py --shaped 10gbit,1gbit --transports tcp,ucx-tcp
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -30,12 +40,14 @@ from typing import Any
 
 import numpy as np
 
+from flexemr.cli.spec import spread
 from flexemr.config import Endpoint, EngineConfig, NodeLimits
 from flexemr.config.model import ModelSource
 from flexemr.config.security import identities
 from flexemr.config.spec import ClusterSpec
 from flexemr.engine import make_engine
 from flexemr.entrypoints.local import LocalCluster
+from flexemr.entrypoints.netns import NetnsBed
 from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.source import model_spec
 from flexemr.sharding.plan import make_plan
@@ -44,13 +56,15 @@ from flexemr.transport.base import LookupRequest
 TRANSPORTS = {"tcp": ("tcp", None), "ucx-tcp": ("ucx", "tcp"), "ucx-shm": ("ucx", "tcp,sm,self")}
 """name -> (--transport, UCX_TLS)."""
 SECRET = "transports-benchmark-secret"
+START_TIMEOUT_S = 300
+"""How long the ranker waits for servers to come up (slow to start on a loaded machine)."""
 
 
 @contextlib.contextmanager
-def environment(ucx_tls: str | None) -> Iterator[None]:
+def environment(ucx_tls: str | None, device: str = "lo") -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in ("UCX_TLS", "UCX_NET_DEVICES", "FLEXEMR_SECRET")}
     os.environ["FLEXEMR_SECRET"] = SECRET
-    os.environ["UCX_NET_DEVICES"] = "lo"  # UCX's TCP transport listens on every device it may use
+    os.environ["UCX_NET_DEVICES"] = device  # UCX's TCP transport listens on every device it may use
     if ucx_tls is None:
         os.environ.pop("UCX_TLS", None)
     else:
@@ -99,7 +113,7 @@ def measure(name: str, spec: ClusterSpec, pids: list[int], args: argparse.Namesp
         secret=SECRET.encode(),
         node_limits=NodeLimits(heartbeat_timeout_s=10.0),
     )
-    engine.start(timeout=60)
+    engine.start(timeout=START_TIMEOUT_S)
     servers = len(spec.embedding_servers)
     pool = [requests(spec, s, args.bags, 64, seed=s) for s in range(servers)]
     result: dict[str, Any] = {"transport": name}
@@ -145,7 +159,7 @@ def measure(name: str, spec: ClusterSpec, pids: list[int], args: argparse.Namesp
     finally:
         engine.close()
 
-    ranker = build_ranker(spec, connect_timeout_s=60)
+    ranker = build_ranker(spec, connect_timeout_s=START_TIMEOUT_S)
     try:
         rng = np.random.default_rng(7)
         model = ranker.spec
@@ -179,8 +193,28 @@ def measure(name: str, spec: ClusterSpec, pids: list[int], args: argparse.Namesp
     return result
 
 
+@contextlib.contextmanager
+def shaped_cluster(spec: ClusterSpec, rate: str) -> Iterator[tuple[ClusterSpec, list[int], NetnsBed]]:
+    """`spec`'s servers each in a namespace of a fresh test bed behind a link shaped to `rate`, and a
+    `rank` namespace to measure from (enter it with `bed.entered("rank")`); yields the spec with the
+    servers' addresses, their pids and the bed."""
+    hosts = [f"mem{i}" for i in range(len(spec.embedding_servers))]
+    with NetnsBed([*hosts, "rank"]) as bed, tempfile.TemporaryDirectory() as tmp:
+        endpoints = spread([bed.addresses[h] for h in hosts], 7000, spec.sharding)
+        spec = dataclasses.replace(spec, embedding_servers=endpoints)
+        path = Path(tmp) / "cluster.json"
+        spec.save(path)
+        for i, host in enumerate(hosts):
+            command = [sys.executable, "-m", "flexemr.cli.main", "embedding-server", "--spec", str(path),
+                       "--index", str(i), "--quiet"]  # fmt: skip
+            bed.popen(host, command, env=dict(os.environ), stdout=subprocess.DEVNULL)
+            bed.shape(host, rate)
+        yield spec, [pid for host in hosts for pid in bed.pids(host)], bed
+
+
 def markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
     columns = [
+        ("link", "link", "{}"),
         ("transport", "transport", "{}"),
         ("subrequests_per_s", "subrequests/s", "{:,.0f}"),
         ("subrequest_p50_us", "subreq p50 µs", "{:,.0f}"),
@@ -222,6 +256,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--latency-samples", type=int, default=2000)
     parser.add_argument("--request-samples", type=int, default=300)
     parser.add_argument("--transports", default=",".join(TRANSPORTS))
+    parser.add_argument(
+        "--shaped",
+        default="",
+        help="link rates (tc units, e.g. 10gbit,1gbit): servers "
+        "in network namespaces behind links shaped to each (root); default: loopback",
+    )
     parser.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
     parser.add_argument("--out", type=Path, default=Path("reports/transports"))
     args = parser.parse_args(argv)
@@ -231,13 +271,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     model = model_spec(source)
     plan = make_plan("row", model.table_rows, model.dim, args.servers)
     results = []
-    for name in args.transports.split(","):
-        transport, ucx_tls = TRANSPORTS[name]
-        engine = EngineConfig(transport=transport, io_threads=args.io_threads)  # type: ignore[arg-type]
-        spec = ClusterSpec(source, plan, tuple(Endpoint() for _ in range(args.servers)), engine=engine)
-        with environment(ucx_tls), LocalCluster(spec) as local:
-            results.append(measure(name, local.spec, local.pids, args))
-        print(json.dumps(results[-1]), flush=True)
+    for link in args.shaped.split(",") if args.shaped else ["loopback"]:
+        for name in args.transports.split(","):
+            transport, ucx_tls = TRANSPORTS[name]
+            engine = EngineConfig(transport=transport, io_threads=args.io_threads)  # type: ignore[arg-type]
+            spec = ClusterSpec(source, plan, tuple(Endpoint() for _ in range(args.servers)), engine=engine)
+            if link == "loopback":
+                with environment(ucx_tls), LocalCluster(spec) as local:
+                    results.append({"link": link, **measure(name, local.spec, local.pids, args)})
+            else:
+                # the engine's threads, started in the rank namespace, live there too
+                with (
+                    environment(ucx_tls, device="eth0"),
+                    shaped_cluster(spec, link) as (shaped, pids, bed),
+                    bed.entered("rank"),
+                ):
+                    results.append({"link": link, **measure(name, shaped, pids, args)})
+            results[-1]["load_average"] = os.getloadavg()[0]
+            print(json.dumps(results[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     table = markdown(results, args)
     (args.out / "transports.md").write_text(table)

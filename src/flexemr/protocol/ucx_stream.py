@@ -21,13 +21,15 @@ embedding server has one worker for all its connections: the listener's.
 Peer failure: endpoints are created with UCX's peer error handling (a dead peer fails what is in
 flight, like a TCP reset), except when `UCX_TLS` names a shared-memory transport: UCX reaches a
 peer over shared memory only without it. There a dead peer is noticed by the heartbeat and the
-idle timeout, not by UCX.
+idle timeout, not by UCX, and closing an endpoint waits (at most `CLOSE_WAIT_S`) for the peer's
+part of the close, without which UCX would keep the worker and its descriptors.
 
 No import of ucxx happens before a UCX link is asked for.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import select
 import threading
@@ -40,9 +42,12 @@ from flexemr.config import Endpoint
 from flexemr.extras import needs_extra
 from flexemr.protocol.frames import HEADER
 
+log = logging.getLogger(__name__)
+
 SHARED_MEMORY_TRANSPORTS = ("sm", "shm", "posix", "sysv", "cma", "xpmem", "knem")
-CLOSE_PERIOD_NS, CLOSE_ATTEMPTS = 10_000_000, 10
-"""How long closing a ranker's endpoint waits for UCX to finish (then its worker is freed)."""
+CLOSE_WAIT_S = 1.0
+"""How long closing a ranker's endpoint waits for UCX to complete the close (at once when forced;
+over shared memory, once the peer has taken part): until then UCX holds the worker's descriptors."""
 POLL_S = 0.1
 """The longest a waiting thread sleeps before it checks its own deadline and the socket's state."""
 
@@ -132,8 +137,8 @@ class WorkerDriver:
     def wait(self, done: Callable[[], bool], deadline: float | None) -> bool:
         """Progress the worker until `done()` or `deadline` (time.monotonic); returns `done()`.
         One waiting thread at a time progresses the worker and sleeps on its event fd; the others
-        sleep on a condition and look again after each of its rounds (they never progress it
-        themselves: what they took off the worker could be what the sleeper waits for)."""
+        sleep on a condition and look again after each of its progress calls (they never progress
+        it themselves: what they took off the worker could be what the sleeper waits for)."""
         while not done():
             left = POLL_S if deadline is None else min(POLL_S, deadline - time.monotonic())
             if left <= 0:
@@ -147,6 +152,8 @@ class WorkerDriver:
                 with self.lock:
                     self.worker.progress()
                     armed = not done() and bool(self.worker.arm())
+                with self._turn:  # what this progress completed may be another thread's: it goes on
+                    self._turn.notify_all()
                 if armed:
                     poll = select.poll()  # not select(): a process with many workers has fds over 1024
                     poll.register(self.fileno(), select.POLLIN)
@@ -265,10 +272,14 @@ class UcxSocket:
             self._check_open()
             self._reap_sends()
         else:
-            # An I/O thread: push the sends now; if that completed the receive or left events
-            # pending, make the event fd readable so its loop comes back to read before sleeping.
+            # An I/O thread: push the sends now, then make the event fd readable unless a receive
+            # is in flight and the worker is armed: its loop comes back to read before sleeping.
+            # Without a receive posted (a fresh connection's first request) the fd cannot tell:
+            # an answer that this progress took in waits in UCX's stream queue, and arm() succeeds
+            # as no transport event is left (the answer would never be read).
             self._driver.progress()
-            if (self._recv is not None and self._recv.request.completed) or not self._driver.arm():
+            receiving = self._recv is not None and not self._recv.request.completed
+            if not receiving or not self._driver.arm():
                 self._driver.wake()
         return sum(v.nbytes for v in views)
 
@@ -284,18 +295,27 @@ class UcxSocket:
         if self._endpoint is None:
             return
         self.shutdown()
+        endpoint, self._endpoint = self._endpoint, None
+        closing = None
         with self._driver.lock:
-            if not self._endpoint.alive:
-                pass  # closing one that failed (the peer closed it) crashes ucxx
-            elif self._owns_driver and self._error_handling:
-                # Wait for the close, else UCX keeps the worker and its descriptors. Not without
-                # peer error handling (shared memory): there a stopped peer makes it wait forever,
-                # and each closed connection leaks its worker's descriptors (a known limitation).
-                self._endpoint.close_blocking(CLOSE_PERIOD_NS, CLOSE_ATTEMPTS)
-            else:  # a server's shared worker: its waiting threads progress the close
-                self._endpoint.close()
-        self._endpoint = None
+            if endpoint.alive:  # closing one that failed (the peer closed it) crashes ucxx
+                # Forced with peer error handling (nothing asked of the peer), flushed without
+                # (shared memory: the peer takes part; a server's waiting threads progress it).
+                closing = endpoint.close()
         if self._owns_driver:
+            # UCX holds the endpoint, and with it the worker and its descriptors, until the close
+            # completes: progress it here. Not forever: a stopped peer would hold this thread too.
+            # (ucxx's close_blocking, the other way, leaves the worker behind when a receive is
+            # posted, as an I/O thread's always is.)
+            done = closing is None or self._driver.wait(
+                lambda: bool(closing.completed), time.monotonic() + CLOSE_WAIT_S
+            )
+            if not done:
+                log.warning(
+                    "UCX close to %s not confirmed in %s s: its worker stays open", self.peer, CLOSE_WAIT_S
+                )
+            self._recv = self._peek = None  # the requests hold the endpoint, which holds the worker
+            self._sends.clear()
             self._driver.close()
 
     # -- waiting ---------------------------------------------------------------------------------------
@@ -385,4 +405,4 @@ class UcxListener:
     def close(self) -> None:
         self.shutdown()
         with self._driver.lock:
-            del self._listener
+            self._listener = None  # ucxx's listener stops listening when freed
