@@ -248,7 +248,8 @@ def closed_loop(load: Load, clients: int, seconds: float) -> float:
         async def client(k: int) -> None:
             nonlocal done
             while time.perf_counter() < stop:
-                done += await load.send(k)
+                answered = await load.send(k)  # `done += await ...` would read `done` before the await
+                done += answered
 
         start = time.perf_counter()
         await asyncio.gather(*(client(k) for k in range(clients)))
