@@ -35,7 +35,7 @@ from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.local import LocalTransport
 from flexemr.workload.synthetic import SyntheticWorkload
-from serving_overhead import TICKS, tree_cpu_s
+from serving_overhead import TICKS, add_request_arguments, tree_cpu_s
 
 
 def thread_cpu_s() -> dict[str, float]:
@@ -53,10 +53,7 @@ def thread_cpu_s() -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="rmc1")
-    parser.add_argument("--row-scale", type=float, default=0.01)
-    parser.add_argument("--batch", type=int, default=270)
-    parser.add_argument("--servers", type=int, default=2)
+    add_request_arguments(parser)
     parser.add_argument("--requests", type=int, default=1000, help="per system and round")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

@@ -23,7 +23,7 @@ from flexemr.config.model import ModelSource
 from flexemr.model.source import model_spec
 from flexemr.workload.synthetic import SyntheticWorkload
 from http_front import binary_body, start_serve
-from serving_overhead import TICKS, HttpLoad, run_load
+from serving_overhead import TICKS, HttpLoad, add_request_arguments, run_load
 
 
 def process_cpu_s(pid: int) -> float:
@@ -74,10 +74,7 @@ def one_round(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="rmc1")
-    parser.add_argument("--row-scale", type=float, default=0.01)
-    parser.add_argument("--batch", type=int, default=270)
-    parser.add_argument("--servers", type=int, default=2)
+    add_request_arguments(parser)
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--src", action="append", help="checkout to import flexemr from (repeatable)")

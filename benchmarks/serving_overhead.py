@@ -303,12 +303,17 @@ def served(args: argparse.Namespace, extra: list[str]) -> Iterator[tuple[str, st
         process.close()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_request_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model, the requests and the embedding servers every serving-path benchmark measures."""
     parser.add_argument("--preset", default="rmc1")
     parser.add_argument("--row-scale", type=float, default=0.01)
     parser.add_argument("--batch", type=int, default=270)
     parser.add_argument("--servers", type=int, default=2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_request_arguments(parser)
     parser.add_argument("--torch-threads", type=int, default=1)
     parser.add_argument("--requests", type=int, default=200, help="C=1 requests per system")
     parser.add_argument("--clients", type=int, default=4, help="closed loop for the capacity")
