@@ -8,25 +8,30 @@ Starts `flexemr serve` (default `--preset tiny`) unless `--url` points at a runn
                loop), then offers `--factor` x that rate (open loop, fixed intervals) for `--seconds`,
                each request on its own connection (as many clients would); prints offered, admitted
                (200), refused (429), goodput against the capacity, p50/p99 of admitted and refused
-               requests, liveness probes, the ranker's RSS and how long it took to drain; the
-               ranker's CPU per request at capacity and per admitted request under overload;
+               requests, liveness probes, the admission's requests limit and requests in flight
+               (every 0.1 s), the ranker's RSS and how long it took to drain; the ranker's CPU per
+               request at capacity and per admitted request under overload;
                and the kernel's listen-queue overflows meanwhile (connections the ranker did not
                accept in time: their clients retry the SYN after 1 s, 3 s, ...).
 
-    refusals:  the ranker's CPU per refusal: holds it full (requests whose headers came and whose
-               bodies never do: in flight, at least the latency limit's 8 of them), then sends `--requests`
-               requests, each on its own connection, 32 at a time; every one is refused 429.
+    refusals:  the ranker's CPU per refusal, user and system: holds it full (requests whose headers
+               came and whose bodies never do: in flight, at least the latency limit's first 8), then
+               sends `--requests` requests, each on its own connection, `--refusal-clients` (32) at
+               a time; every one is refused 429.
 
     .venv/bin/python benchmarks/http_front.py keepalive --requests 500
     .venv/bin/python benchmarks/http_front.py refusals --requests 5000
     .venv/bin/python benchmarks/http_front.py overload --seconds 20 --factor 3
     .venv/bin/python benchmarks/http_front.py overload --serve-args="--max-in-flight 1024"
+    .venv/bin/python benchmarks/http_front.py overload --peak 400   # the same offered rate for an A/B
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import math
 import multiprocessing
 import os
 import shlex
@@ -102,10 +107,15 @@ def rss_mb(pid: int | None) -> float:
 
 def cpu_s(pid: int | None) -> float:
     """CPU seconds (user + system) process `pid` has used."""
+    return sum(user_system_s(pid))
+
+
+def user_system_s(pid: int | None) -> tuple[float, float]:
+    """CPU seconds in user and in system (kernel) mode process `pid` has used."""
     if pid is None:
-        return float("nan")
+        return float("nan"), float("nan")
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
 def listen_overflows() -> int:
@@ -202,14 +212,15 @@ async def overload(url: str, pid: int | None, args: argparse.Namespace) -> None:
     requests_ = [raw_request(url, binary_body(r)) for r in requests(args.preset, args.batch, 32)]
     unloaded = await sequential(url, requests_, 200, args.timeout)
     cpu_before = cpu_s(pid)
-    peak = await capacity(url, requests_, args)
-    cpu_per_request = (cpu_s(pid) - cpu_before) / (peak * args.capacity_seconds)
+    peak = args.peak or await capacity(url, requests_, args)
+    cpu_per_request = math.nan if args.peak else (cpu_s(pid) - cpu_before) / (peak * args.capacity_seconds)
     rate = peak * args.factor
     unloaded_p99 = float(np.percentile(unloaded, 99))
     print(f"unloaded (one at a time): p50 {np.median(unloaded):.1f} ms  p99 {unloaded_p99:.1f} ms")
-    print(f"capacity (closed loop of {args.clients}): {peak:.1f} requests/s of {args.batch} samples; "
+    measured = "given" if args.peak else f"closed loop of {args.clients}"
+    print(f"capacity ({measured}): {peak:.1f} requests/s of {args.batch} samples; "
           f"offering {rate:.1f}/s from {args.processes} processes", flush=True)  # fmt: skip
-    rss_before, rss_peak, probes = rss_mb(pid), rss_mb(pid), []
+    rss_before, rss_peak, probes, limits = rss_mb(pid), rss_mb(pid), [], []
     cpu_before, overflows_before = cpu_s(pid), listen_overflows()
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(args.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -227,6 +238,9 @@ async def overload(url: str, pid: int | None, args: argparse.Namespace) -> None:
                 except httpx.TransportError:
                     ok = False
                 probes.append((ok, time.perf_counter() - begin))
+                with contextlib.suppress(httpx.TransportError, KeyError):
+                    admission = (await prober.get("/v2/stats")).json()["admission"]
+                    limits.append((admission["requests_limit"], admission["requests_in_flight"]))
                 rss_peak = max(rss_peak, rss_mb(pid))
                 await asyncio.sleep(0.1)
         parts = await load
@@ -254,6 +268,11 @@ async def overload(url: str, pid: int | None, args: argparse.Namespace) -> None:
         )
     print(f"liveness: {sum(ok for ok, _ in probes)}/{len(probes)} ok, p50 {np.median(probe_ms):.1f} ms, "
           f"max {probe_ms.max():.1f} ms")  # fmt: skip
+    if limits:
+        limit, in_flight = np.array(limits).T
+        print(f"admission (every 0.1 s): requests limit p50 {np.median(limit):.0f} (range "
+              f"{limit.min()}-{limit.max()}), requests in flight p50 {np.median(in_flight):.0f} "
+              f"max {in_flight.max()}")  # fmt: skip
     print(f"ranker RSS: {rss_before:.0f} MB before, {rss_peak:.0f} MB peak, {rss_mb(pid):.0f} MB after")
     per_admitted = cpu_overload / max(outcomes[200], 1)
     print(f"ranker CPU: {cpu_per_request * 1000:.2f} ms per request at capacity; under overload "
@@ -283,15 +302,17 @@ async def refusals(url: str, pid: int | None, args: argparse.Namespace) -> None:
             outcomes[status] += 1
             latencies.append(seconds * 1000)
 
-    cpu_before, begin = cpu_s(pid), time.perf_counter()
-    await asyncio.gather(*(loop() for _ in range(32)))
-    cpu, wall = cpu_s(pid) - cpu_before, time.perf_counter() - begin
+    (user_before, system_before), begin = user_system_s(pid), time.perf_counter()
+    await asyncio.gather(*(loop() for _ in range(args.refusal_clients)))
+    user_after, system_after = user_system_s(pid)
+    user, system, wall = user_after - user_before, system_after - system_before, time.perf_counter() - begin
     for writer in held:
         writer.close()
     p50, p99 = np.percentile(latencies, [50, 99])
     print(f"{args.requests} requests while {args.hold} are held in flight, in {wall:.1f} s: {dict(outcomes)}")
     print(f"refusal latency p50 {p50:.1f} ms  p99 {p99:.1f} ms")
-    print(f"ranker CPU {cpu:.2f} s = {cpu / args.requests * 1e6:.0f} us per refusal")
+    print(f"ranker CPU {user + system:.2f} s = {(user + system) / args.requests * 1e6:.0f} us per refusal "
+          f"(user {user / args.requests * 1e6:.0f}, system {system / args.requests * 1e6:.0f})")  # fmt: skip
 
 
 def main() -> None:
@@ -303,9 +324,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="samples per request (keepalive 1, else 64)")
     parser.add_argument("--requests", type=int, default=500, help="keepalive, refusals: requests")
     parser.add_argument("--hold", type=int, default=8, help="refusals: requests held in flight")
+    parser.add_argument("--refusal-clients", type=int, default=32, help="refusals: requests at once")
     parser.add_argument("--seconds", type=float, default=20.0, help="overload: how long to offer load")
     parser.add_argument("--capacity-seconds", type=float, default=5.0, help="overload: closed-loop phase")
     parser.add_argument("--clients", type=int, default=8, help="overload: closed-loop concurrency")
+    parser.add_argument(
+        "--peak", type=float, help="overload: take this capacity (requests/s) instead of measuring it"
+    )
     parser.add_argument("--factor", type=float, default=3.0, help="overload: offered / capacity")
     parser.add_argument("--processes", type=int, default=2, help="overload: load-generating processes")
     parser.add_argument("--timeout", type=float, default=30.0, help="client timeout per request (s)")
