@@ -1,61 +1,96 @@
-"""The bounds sized by queueing delay: requests in flight (`LatencyLimit`) and how long a request may
-have waited before it was read (`WaitBound`), alone and inside admission."""
+"""The bounds sized by latency: requests in flight (`LatencyLimit`) and how long a request may have
+waited before it was read (`WaitBound`), alone and inside admission."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 
 from flexemr.ranker.admission import Admission, Refused
 from flexemr.ranker.latency_limit import (
+    BASE_WINDOW_S,
     INTERVAL_S,
     QUEUE_ARRIVALS,
-    TARGET_S,
     LatencyLimit,
     WaitBound,
 )
 
-
-def run(limit: LatencyLimit, waited_s: float, in_flight: int | None, intervals: int) -> None:
-    """Requests every 10 ms for `intervals` intervals, each having waited `waited_s`."""
-    now = 0.0
-    for _ in range(int(intervals * INTERVAL_S / 0.01)):
-        now += 0.01
-        limit.observe(waited_s, limit.limit if in_flight is None else in_flight, now)
+UNLOADED_S = 0.002
 
 
-def test_the_limit_grows_while_requests_start_at_once() -> None:
-    limit = LatencyLimit(minimum=4, maximum=50)
-    run(limit, waited_s=0.0, in_flight=None, intervals=100)
+def run(limit: LatencyLimit, latency_s: Callable[[int], float], seconds: float, start: float = 0.0) -> float:
+    """Requests answered every 2.5 ms for `seconds` from `start`, with the limit's requests in flight,
+    each `latency_s(limit)` after it came (alone when the limit is one); returns the time reached."""
+    now = start
+    for _ in range(int(seconds / 0.0025)):
+        now += 0.0025
+        limit.observe(latency_s(limit.limit), limit.limit == 1, limit.limit, now)
+    return now
+
+
+def test_the_limit_grows_while_requests_overlap_without_slowing_each_other() -> None:
+    """Lookups on embedding servers: more in flight, the same latency."""
+    limit = LatencyLimit(initial=4, maximum=50)
+    limit.observe(UNLOADED_S, True, 1, 0.0)
+    run(limit, lambda _: UNLOADED_S * 1.5, seconds=20 * INTERVAL_S)
+    assert limit.limit > 20
+    run(limit, lambda _: UNLOADED_S * 1.5, seconds=100 * INTERVAL_S, start=2.0)
     assert limit.limit == 50
 
 
-def test_a_standing_queue_shrinks_the_limit_to_its_minimum() -> None:
-    limit = LatencyLimit(minimum=3, maximum=100)
-    limit.limit = 100
-    run(limit, waited_s=2 * TARGET_S, in_flight=None, intervals=100)
+def test_a_queue_shrinks_the_limit_to_what_keeps_the_latency_near_the_unloaded() -> None:
+    """One core: each request in flight adds its service time to everyone's latency."""
+    limit = LatencyLimit(initial=64)
+    limit.observe(UNLOADED_S, True, 1, 0.0)
+    run(limit, lambda n: UNLOADED_S * n, seconds=5.0)
+    assert 1 <= limit.limit <= limit.tolerance
+    assert limit.unloaded_s == UNLOADED_S
+
+
+def test_a_limit_never_falls_below_its_minimum_or_grows_when_idle() -> None:
+    limit = LatencyLimit(initial=8, minimum=3)
+    limit.observe(UNLOADED_S, True, 1, 0.0)
+    run(limit, lambda n: UNLOADED_S * 100, seconds=2.0)
     assert limit.limit == 3
-
-
-def test_one_request_that_did_not_wait_means_no_standing_queue() -> None:
-    limit = LatencyLimit(minimum=3, maximum=100)
-    limit.limit = 40
+    idle = LatencyLimit(initial=8)
     now = 0.0
-    for i in range(1000):
+    for _ in range(1000):  # one request in flight at a time, at its unloaded latency
         now += 0.01
-        limit.observe(0.0 if i % 10 == 0 else 1.0, 40, now)  # most waited, one per interval did not
-    assert limit.limit >= 40
+        idle.observe(UNLOADED_S, True, 1, now)
+    assert idle.limit == 8
 
 
-def test_an_idle_limit_does_not_grow() -> None:
-    limit = LatencyLimit(minimum=8, maximum=100)
-    run(limit, waited_s=0.0, in_flight=1, intervals=50)  # 1 in flight of 8: no sign more would fit
-    assert limit.limit == 8
+def test_without_a_lone_request_the_limit_drops_to_one_until_the_unloaded_latency_is_measured() -> None:
+    """Under sustained load every request queues: the least latency seen would be the queue's."""
+    limit = LatencyLimit(initial=10)
+    limit.observe(UNLOADED_S, True, 1, 0.0)
+    now = 0.0
+    for _ in range(int(BASE_WINDOW_S / 0.0025) + 100):  # never alone, latency in proportion
+        now += 0.0025
+        limit.observe(UNLOADED_S * limit.limit, False, limit.limit, now)
+    assert limit.limit == 1 and limit.probing is not None
+    returns_to = limit.probing
+    limit.observe(UNLOADED_S, True, 1, now + INTERVAL_S)  # a lone request: measured
+    assert limit.limit == returns_to and limit.probing is None
+    assert limit.unloaded_s == UNLOADED_S
+
+
+def test_the_unloaded_latency_follows_a_slower_model() -> None:
+    limit = LatencyLimit(initial=8)
+    now = 0.0
+    for latency_s in (UNLOADED_S, 5 * UNLOADED_S):
+        for _ in range(int((BASE_WINDOW_S + 1.0) / 0.01)):  # lone requests, one every 10 ms
+            now += 0.01
+            limit.observe(latency_s, True, 1, now)
+        assert limit.unloaded_s == latency_s
 
 
 def test_admission_refuses_requests_beyond_the_limit_at_once() -> None:
-    admission = Admission(max_samples=1000, max_pending=100, limit=LatencyLimit(minimum=2, maximum=2))
+    admission = Admission(
+        max_samples=1000, max_pending=100, limit=LatencyLimit(initial=2, minimum=2, maximum=2)
+    )
     first, second = admission.arrive(60), admission.arrive(60)
-    admission.started(first)
     admission.admit(first, 1)
     with pytest.raises(Refused, match="2 requests in flight of 2"):
         admission.arrive(60)
@@ -115,3 +150,25 @@ def test_admission_refuses_a_request_that_waited_too_long_before_it_was_read() -
     stats = admission.stats()
     assert stats["refused_requests"] == stats["refused_late_requests"] == 1
     assert stats["requests_in_flight"] == 0  # a refusal from the headers takes no place
+
+
+def test_admission_reports_each_admitted_requests_latency_and_whether_it_was_alone() -> None:
+    seen: list[tuple[bool, int]] = []
+
+    class Recording(LatencyLimit):
+        def observe(self, latency_s: float, alone: bool, in_flight: int, now: float) -> None:
+            assert 0 <= latency_s < 60
+            seen.append((alone, in_flight))
+
+    admission = Admission(max_samples=1000, max_pending=100, limit=Recording())
+    lone = admission.arrive(60)
+    admission.admit(lone, 1)
+    admission.release(lone)
+    first, second = admission.arrive(60), admission.arrive(60)
+    admission.admit(first, 1)
+    admission.admit(second, 1)
+    admission.release(first)
+    admission.release(second)  # answered alone, but it came while the first was in flight
+    unparsed = admission.arrive(60)
+    admission.release(unparsed)  # never admitted (bad body, refused, dropped): no latency
+    assert seen == [(True, 1), (False, 2), (False, 1)]

@@ -173,7 +173,6 @@ class FrontDoor:
                 _await_rows(chosen.ranker, min_row_version, ticket)
             with self.turns.turn():
                 ticket.check()  # the turn may have come late
-                self.admission.started(ticket)
                 request = decode()
                 dense = request.tensors["dense_features"]
                 self.admission.admit(ticket, dense.shape[0])

@@ -1,18 +1,17 @@
 """Admission control: a bounded number of samples in flight, requests in flight bounded by their
-queueing delay (`flexemr.ranker.latency_limit`), requests that already waited too long before
-they were read refused, and a deadline on every request.
+latency (`flexemr.ranker.latency_limit`), requests that already waited too long before they were
+read refused, and a deadline on every request.
 
 The process's front door (`flexemr.api.front_door`) drives its one `Admission`:
 
     admission.refusal(waited_s)           # from the headers: Refused when full, or when the request
                                           # waited too long before it was read (429, body unread)
     ticket = admission.arrive(timeout_s)  # Refused: full, or too many requests in flight (429)
-    ...read the body; take a turn...
-    admission.started(ticket)             # how long it waited sizes the requests' limit
-    ...parse the body...
+    ...read the body; take a turn; parse the body...
     admission.admit(ticket, batch_size)   # Refused: the samples would pass the bound (429)
     ranker.score(..., ticket=ticket)      # Dropped: deadline passed or client gone, not computed
-    admission.release(ticket)             # always, in a finally
+    admission.release(ticket)             # always, in a finally; an admitted request's latency
+                                          # sizes the requests' limit
 
 A request is refused at once rather than queued, so overload costs the ranker almost nothing and
 the requests it admitted keep their latency. `ticket.check()` is called where work would start
@@ -52,6 +51,8 @@ class Ticket:
     arrived: float = field(default_factory=time.monotonic)
     samples: int = 0
     """Samples admitted (0 while the body is being read)."""
+    alone: bool = False
+    """Nothing else was in flight when it arrived."""
     _gone: threading.Event = field(default_factory=threading.Event)
 
     def client_gone(self) -> None:
@@ -70,7 +71,7 @@ class Admission:
 
     `max_samples` bounds the work and memory of parsed requests; `max_pending` bounds the bodies
     being received and parsed (each at most the body limit), whose size is not known yet; `limit`
-    bounds the requests in flight by their queueing delay (default: a `LatencyLimit` from 8 requests);
+    bounds the requests in flight by their latency (default: a `LatencyLimit` from 8 requests);
     `wait_bound` how long a request may have waited before it was read (default: `WaitBound()`)."""
 
     def __init__(
@@ -132,7 +133,8 @@ class Admission:
                 raise refused
             self.pending += 1
             self.requests += 1
-        return Ticket(time.monotonic() + timeout_s, timeout_s)
+            alone = self.requests == 1
+        return Ticket(time.monotonic() + timeout_s, timeout_s, alone=alone)
 
     def admit(self, ticket: Ticket, samples: int) -> None:
         """Admit the parsed request's `samples`, or raise `Refused` if they would pass the bound."""
@@ -148,21 +150,19 @@ class Admission:
             ticket.samples = samples
             self.counts["admitted"] += 1
 
-    def started(self, ticket: Ticket) -> None:
-        """The request's work starts (it has its turn): how long it waited sizes the limit."""
-        now = time.monotonic()
-        with self._lock:
-            self.limit.observe(now - ticket.arrived, self.requests, now)
-
     def dropped(self, exc: Dropped) -> None:
         with self._lock:
             self.counts[f"dropped_{exc.reason}"] += 1
 
     def release(self, ticket: Ticket) -> None:
-        """The request is answered (or refused, or dropped): its place is free again."""
+        """The request is answered (or refused, or dropped): its place is free again, and an
+        admitted one's latency sizes the limit."""
+        now = time.monotonic()
         with self._lock:
             if ticket.samples:
                 self.samples -= ticket.samples
+                alone = ticket.alone and self.requests == 1
+                self.limit.observe(now - ticket.arrived, alone, self.requests, now)
             else:
                 self.pending -= 1
             self.requests -= 1

@@ -1,56 +1,105 @@
-"""Bounds sized by queueing delay: on requests in flight (`LatencyLimit`, CoDel's test for a
-standing queue), and on how long a request may have waited before it was read (`WaitBound`).
+"""Bounds sized by latency: on requests in flight (`LatencyLimit`, a gradient limit in the spirit of
+TCP Vegas), and on how long a request may have waited before it was read (`WaitBound`, CoDel's
+adaptive timeout).
 
-A ranker's requests share one interpreter and a few cores: past a handful in flight, one more only
-waits. Each request reports how long it waited between arriving and starting its work (its turn).
-Over every interval, the least of those waits says whether a queue stands:
+A ranker's requests share one interpreter and a few cores: past the few in flight that keep them
+busy (one computing while another waits for its lookups), one more only waits, and every request
+takes longer (Little's law: in flight = throughput x latency). Each answered request reports its
+latency, from its headers to its answer, and whether it was alone (nothing else in flight when it
+came, nor when it was answered): the least latency of a lone request in the last `BASE_WINDOW_S` is
+the unloaded latency. Over each interval, the median latency decides:
 
-    least wait > target:  even the luckiest request waited: a queue stands; the limit shrinks 10%
-    otherwise (limit in use): requests start at once; the limit grows by 1/8
+    median > 3 x unloaded:     requests queue; the limit shrinks in proportion (x 3 unloaded /
+                               median, by half at most)
+    otherwise (limit in use):  the cores have room; the limit grows by one
 
-so admitted requests keep about their unloaded latency and the rest are refused at once (HTTP
-429), which costs next to nothing. Where requests overlap without waiting (lookups on embedding
-servers, a dynamic batch filling), no queue stands and the limit rises.
+so the requests admitted keep a few times their unloaded latency and the rest are refused at once
+(HTTP 429). At 3x the peak on two shared cores the limit sits at 1-2 (a tolerance of 2 kept it at 1,
+for less goodput: with 2, one request computes while another waits for its lookups). Where requests
+overlap without slowing each other (lookups on embedding servers, a dynamic batch filling), the
+median does not rise and the limit does. Under sustained load no request is alone: when none was
+for `BASE_WINDOW_S`, the limit drops to one until one is (as BBR probes its round-trip time), so the
+unloaded latency is measured again rather than taken from a queue.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import statistics
 
-TARGET_S = 0.005
-"""A wait every request of an interval exceeded means a standing queue."""
+TOLERANCE = 3.0
+"""An interval whose median latency passes this many times the unloaded latency has a queue."""
 INTERVAL_S = 0.1
+BASE_WINDOW_S = 10.0
+"""The unloaded latency is the least of a lone request's over this long: it follows a model or a
+host that changed."""
 
 
 class LatencyLimit:
     def __init__(
         self,
-        minimum: int = 8,
+        initial: int = 8,
+        minimum: int = 1,
         maximum: int = 1024,
-        target_s: float = TARGET_S,
+        tolerance: float = TOLERANCE,
         interval_s: float = INTERVAL_S,
+        base_window_s: float = BASE_WINDOW_S,
     ) -> None:
-        if not 1 <= minimum <= maximum:
-            raise ValueError(f"need 1 <= minimum <= maximum, got {minimum}, {maximum}")
+        if not 1 <= minimum <= initial <= maximum:
+            raise ValueError(f"need 1 <= minimum <= initial <= maximum, got {minimum}, {initial}, {maximum}")
+        if tolerance <= 1:
+            raise ValueError(f"need a tolerance above 1, got {tolerance}")
         self.minimum = minimum
+        """The least a queue shrinks the limit to (a probe takes it to one)."""
         self.maximum = maximum
-        self.target_s = target_s
+        self.tolerance = tolerance
         self.interval_s = interval_s
-        self.limit = minimum
-        self._least = math.inf
+        self.base_window_s = base_window_s
+        self.limit = initial
+        self.probing: int | None = None
+        """While the unloaded latency is measured again: the limit to return to."""
+        self._latencies: list[float] = []
+        self._alone = math.inf  # the least latency of a lone request this interval
+        self._in_use = 0  # the most requests in flight this interval
+        self._unloaded: collections.deque[tuple[float, float]] = collections.deque()
+        """(interval end, least latency of a lone request) of the last `base_window_s`."""
+        self._last_lone = math.nan  # when a lone request was last answered (first: the first answer)
         self._interval_end = -math.inf
 
-    def observe(self, waited_s: float, in_flight: int, now: float) -> None:
-        """A request started its work after waiting `waited_s`, with `in_flight` requests in flight;
-        `now` is time.monotonic()."""
-        self._least = min(self._least, waited_s)
+    @property
+    def unloaded_s(self) -> float:
+        """The unloaded latency: the least of a lone request's lately (inf: none lately)."""
+        return min((least for _, least in self._unloaded), default=math.inf)
+
+    def observe(self, latency_s: float, alone: bool, in_flight: int, now: float) -> None:
+        """A request was answered `latency_s` after it arrived, `alone` or with `in_flight` requests
+        in flight (itself included); `now` is time.monotonic()."""
+        self._latencies.append(latency_s)
+        if alone:
+            self._alone = min(self._alone, latency_s)
+        self._in_use = max(self._in_use, in_flight)
         if now < self._interval_end:
             return
-        if self._least > self.target_s:
-            self.limit = max(self.minimum, int(self.limit * 0.9))
-        elif 2 * in_flight >= self.limit:  # grow only a limit in use
-            self.limit = min(self.maximum, self.limit + max(1, self.limit // 8))
-        self._least = math.inf
+        if self._alone < math.inf or math.isnan(self._last_lone):
+            self._last_lone = now
+        if self._alone < math.inf:
+            self._unloaded.append((now, self._alone))
+        while self._unloaded and self._unloaded[0][0] < now - self.base_window_s:
+            self._unloaded.popleft()
+        if self.probing is not None:
+            if self._alone < math.inf:  # measured: back to where it was
+                self.limit, self.probing = self.probing, None
+        elif now - self._last_lone > self.base_window_s:  # no lone request lately: measure again
+            self.limit, self.probing = 1, self.limit
+        else:  # (no unloaded latency yet: the target is infinite, the limit only grows)
+            target = self.tolerance * self.unloaded_s
+            median = statistics.median(self._latencies)
+            if median > target:
+                self.limit = max(self.minimum, int(self.limit * max(0.5, target / median)))
+            elif 2 * self._in_use >= self.limit:  # grow only a limit in use
+                self.limit = min(self.maximum, self.limit + 1)
+        self._latencies, self._alone, self._in_use = [], math.inf, 0
         self._interval_end = now + self.interval_s
 
 
@@ -67,7 +116,7 @@ class WaitBound:
     """How long a request may have waited before the process read its headers (in the kernel's
     listen and receive queues, or behind the event loop) and still be admitted.
 
-    That wait is invisible to `LatencyLimit` (it starts counting at admission), and under overload
+    That wait is invisible to `LatencyLimit` (it counts from the headers' reading), and under overload
     it is where the queue grows: past a point, every admitted request arrives too late to be worth
     computing. CoDel's adaptive queue timeout, as "Fail at Scale" (ACM Queue 13(8), 2015) applies it:
 
