@@ -14,12 +14,13 @@ the unloaded latency. Over each interval, the median latency decides:
     otherwise (limit in use):  the cores have room; the limit grows by one
 
 so the requests admitted keep a few times their unloaded latency and the rest are refused at once
-(HTTP 429). At 3x the peak on two shared cores the limit sits at 1-2 (a tolerance of 2 kept it at 1,
-for less goodput: with 2, one request computes while another waits for its lookups). Where requests
-overlap without slowing each other (lookups on embedding servers, a dynamic batch filling), the
-median does not rise and the limit does. Under sustained load no request is alone: when none was
-for `BASE_WINDOW_S`, the limit drops to one until one is (as BBR probes its round-trip time), so the
-unloaded latency is measured again rather than taken from a queue.
+(HTTP 429). The limit keeps at least two (one request computes while another waits for its
+lookups): at 3x the peak on two shared cores it sits there, and a least of one (or a tolerance of
+2) gave less goodput for little less latency. Where requests overlap without slowing each other
+(lookups on embedding servers, a dynamic batch filling), the median does not rise and the limit
+does. Under sustained load no request is alone: when none was for `BASE_WINDOW_S`, the limit drops
+to one until one is (as BBR probes its round-trip time), so the unloaded latency is measured again
+rather than taken from a queue.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class LatencyLimit:
     def __init__(
         self,
         initial: int = 8,
-        minimum: int = 1,
+        minimum: int = 2,
         maximum: int = 1024,
         tolerance: float = TOLERANCE,
         interval_s: float = INTERVAL_S,
