@@ -228,6 +228,35 @@ def test_answers_from_headers_skip_the_body_and_keep_the_connection(workers: Thr
     asyncio.run(run())
 
 
+def test_a_refusal_waits_for_the_request_before_it_and_closes_the_connection_if_asked(
+    workers: ThreadPoolExecutor,
+) -> None:
+    """Refused at once (no request cycle built) only when nothing earlier on the connection is
+    unanswered; else in its turn, after the earlier answer."""
+
+    async def run() -> None:
+        route = Route()
+        route.release.clear()
+        protocol, transport = connect(route, workers)
+        protocol.data_received(post(INFER, b"one"))
+        assert await asyncio.to_thread(route.scoring.wait, 30)
+        route.refuse = True
+        protocol.data_received(post(INFER, b"two"))  # pipelined behind one: waits for its answer
+        assert transport.written == b""
+        route.release.set()
+        assert await settle(transport, 2) == [(200, b"m:one"), (429, b"full")]
+        protocol.data_received(post(INFER, b"three", "Connection: close"))  # refused at once
+        assert responses(bytes(transport.written))[2] == (429, b"full")
+        assert transport.written.endswith(b"connection: close\r\n\r\nfull") and transport.closed
+        assert len(route.calls) == 1
+        fresh, fresh_transport = connect(route, workers)
+        fresh.data_received(post(INFER, b"four"))
+        assert responses(bytes(fresh_transport.written)) == [(429, b"full")]
+        assert fresh.cycle is None and not fresh_transport.closed  # nothing built; kept alive
+
+    asyncio.run(run())
+
+
 def test_bad_framing_gets_400_and_the_connection_closes(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()

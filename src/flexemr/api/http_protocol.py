@@ -5,7 +5,8 @@ enters the ASGI app: no task, no middleware, no request or response objects, no 
 
     headers (httptools)  ->  refused now? canned 429, body skipped      (`InferRoute.refusal`: the
                              process is full, or the request already waited too long to be read,
-                             `flexemr.api.request_age`)
+                             `flexemr.api.request_age`; with no request cycle built when nothing
+                             earlier on the connection is unanswered, `refuse_at_once`)
     its turn comes       ->  checks, admission (`InferRoute.start`)    ->  400/413/429 answered
     body                 ->  one buffer of the declared length, filled as bytes arrive (`BodyReader`)
     worker thread        ->  decode (binary tensors are views of the buffer), score, encode (or 504, ...)
@@ -126,12 +127,14 @@ class BodyReader:
 class DirectInfer:
     """One infer request served by the protocol, from its headers to its response."""
 
-    def __init__(self, protocol: InferProtocol, name: str, version: str, reader: BodyReader) -> None:
+    def __init__(
+        self, protocol: InferProtocol, name: str, version: str, reader: BodyReader, refused: Answer | None
+    ) -> None:
         self.protocol = protocol
         self.name, self.version = name, version
         self.headers = header_values(protocol.headers)
         self.reader = reader
-        self.refused = protocol.route.refusal(waited_s(protocol.transport))
+        self.refused = refused
         """Decided on arrival: a request that comes while the process is full, or that already
         waited too long before it was read (in the kernel's queues, behind the event loop), is
         refused."""
@@ -228,9 +231,12 @@ class InferProtocol(HttpToolsProtocol):
     """The request whose body is being parsed, if it takes the direct path."""
     active: DirectInfer | None = None
     """The direct request being answered (started, not yet answered)."""
+    refused_at_once: bool = False
+    """The request being parsed was answered 429 from its headers (`refuse_at_once`)."""
 
     def on_headers_complete(self) -> None:
         self.direct = None
+        self.refused_at_once = False
         length = content_length(self.headers)
         route = None
         if length is not None and self.parser.get_method() == b"POST" and not self.parser.should_upgrade():
@@ -239,7 +245,10 @@ class InferProtocol(HttpToolsProtocol):
         if length is None or route is None:
             super().on_headers_complete()
             return
-        self.direct = DirectInfer(self, *route, BodyReader(length, self.flow))
+        refused = self.route.refusal(waited_s(self.transport))
+        if refused is not None and self.refuse_at_once(refused):
+            return
+        self.direct = DirectInfer(self, *route, BodyReader(length, self.flow), refused)
         app, self.app = self.app, self.direct  # started by _start_asgi_task
         try:
             super().on_headers_complete()
@@ -252,13 +261,39 @@ class InferProtocol(HttpToolsProtocol):
         else:
             super()._start_asgi_task(cycle, app)
 
+    def refuse_at_once(self, refused: Answer) -> bool:
+        """Answer a request refused from its headers now, with nothing built for it (no request
+        cycle, no body reader): most requests under overload end here, so a refusal costs the event
+        loop (and the interpreter that the scoring threads share) next to nothing. Not while an
+        earlier request on the connection is unanswered (False: `DirectInfer` answers it in turn)."""
+        if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
+            return False
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        head = [STATUS_LINE[refused.status]]
+        for name, value in (*self.server_state.default_headers, *refused.headers):
+            head += (name, b": ", value, b"\r\n")
+        head.append(b"content-length: %d\r\n" % len(refused.body))
+        if not keep_alive:
+            head.append(b"connection: close\r\n")
+        head += (b"\r\n", refused.body)
+        self.transport.write(b"".join(head))
+        if not keep_alive:
+            self.transport.close()
+        self.refused_at_once = True  # its body is skipped
+        self.on_response_complete()  # as a cycle's end: the keep-alive timer, or nothing once closing
+        return True
+
     def on_body(self, body: bytes) -> None:
+        if self.refused_at_once:
+            return
         if self.direct is None or self.cycle.response_complete:
             super().on_body(body)  # a direct request answered before its body: skipped
         else:
             self.direct.reader.feed(body)
 
     def on_message_complete(self) -> None:
+        if self.refused_at_once:
+            return
         if self.direct is not None:
             self.direct.reader.end()
         super().on_message_complete()
