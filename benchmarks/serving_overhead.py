@@ -1,6 +1,7 @@
 """What the serving path costs over the model it serves, side by side in one run.
 
-Systems, on the same requests (`--batch` pairs, MLPerf-like synthetic bags):
+Systems, on the same requests (`--batch` pairs, MLPerf-like synthetic bags, encoded as `flexemr.client`
+sends them: INT32 indices when they fit; the in-process model gets the same arrays):
     in-process      the monolithic model called directly in this process (`--torch-threads` threads)
     monolithic      `flexemr serve --embedding-tier local` over HTTP (every table in the ranker)
     monolithic-h11  the same with `--http-parser h11` (pure-Python HTTP on asyncio's loop)
@@ -42,6 +43,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
 from flexemr.batch import SparseBatch
+from flexemr.client import infer_inputs
 from flexemr.config.model import ModelSource
 from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
@@ -137,9 +139,7 @@ class GrpcLoad:
         tensor = service_pb2.ModelInferRequest.InferInputTensor
 
         def message(r: SparseBatch) -> Any:
-            arrays = [("dense_features", "FP32", r.dense.astype("<f4")),
-                      ("sparse_indices", "INT64", r.indices.astype("<i8")),
-                      ("sparse_lengths", "INT32", r.lengths.astype("<i4"))]  # fmt: skip
+            arrays = infer_inputs(r.dense, r.indices, r.lengths)
             return service_pb2.ModelInferRequest(
                 model_name="dlrm",
                 inputs=[tensor(name=n, datatype=d, shape=list(a.shape)) for n, d, a in arrays],
@@ -180,7 +180,10 @@ class InProcessLoad:
 
     def __init__(self, source: ModelSource, requests: list[SparseBatch]) -> None:
         self.model = build_monolithic(load_weights(source))
-        self.inputs = [tuple(torch.from_numpy(a) for a in (r.dense, r.indices, r.lengths)) for r in requests]
+        self.inputs = [  # the arrays a served system receives (flexemr.client's datatypes)
+            tuple(torch.from_numpy(a) for _, _, a in infer_inputs(r.dense, r.indices, r.lengths))
+            for r in requests
+        ]
 
     async def open(self) -> None:
         pass
