@@ -187,7 +187,7 @@ def test_pipelined_requests_are_answered_in_order_direct_and_asgi_mixed(workers:
     async def run() -> None:
         route = Route()
         route.release.clear()  # the first request is still being scored when the others arrive
-        protocol, transport = connect(route, workers)
+        _protocol, transport = connect(route, workers)
         transport.feed(
             post(INFER, b"one")
             + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -213,7 +213,7 @@ def test_pipelined_requests_are_answered_in_order_direct_and_asgi_mixed(workers:
 def test_a_body_in_pieces_goes_into_one_buffer_and_keep_alive_goes_on(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        protocol, transport = connect(route, workers)
+        _protocol, transport = connect(route, workers)
         body = bytes(range(48, 58)) * 20_000  # over the high-water mark before its turn
         request = post(INFER, body)
         for start in range(0, len(request), 7_000):
@@ -253,7 +253,7 @@ def test_the_rest_of_a_body_is_received_straight_into_its_buffer_and_what_follow
 def test_a_chunked_infer_body_goes_to_the_asgi_app(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        protocol, transport = connect(route, workers)
+        _protocol, transport = connect(route, workers)
         head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
         transport.feed(head.encode() + b"3\r\nabc\r\n0\r\n\r\n")
         assert await settle(transport, 1) == [(200, f"asgi POST {INFER} abc".encode())]
@@ -265,7 +265,7 @@ def test_a_chunked_infer_body_goes_to_the_asgi_app(workers: ThreadPoolExecutor) 
 def test_answers_from_headers_skip_the_body_and_keep_the_connection(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        protocol, transport = connect(route, workers)
+        _protocol, transport = connect(route, workers)
         route.refuse = True
         transport.feed(post(INFER, b"x" * 100_000))  # refused on arrival: the body is skipped
         route.refuse = False
@@ -282,7 +282,7 @@ def test_answers_from_headers_skip_the_body_and_keep_the_connection(workers: Thr
 def test_bad_framing_gets_400_and_the_connection_closes(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        protocol, transport = connect(route, workers)
+        _protocol, transport = connect(route, workers)
         transport.feed(
             f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".encode()
         )
@@ -295,7 +295,7 @@ def test_bad_framing_gets_400_and_the_connection_closes(workers: ThreadPoolExecu
 def test_a_client_that_leaves_mid_body_is_dropped_and_nothing_is_written(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        protocol, transport = connect(route, workers)
+        _protocol, transport = connect(route, workers)
         transport.feed(post(INFER, b"x" * 1000)[:-500])
         assert len(route.calls) == 1  # admitted from its headers, waiting for its body
         assert isinstance(transport.get_protocol(), BodyReceiver)  # which the event loop tells
@@ -333,7 +333,7 @@ def test_a_client_that_leaves_while_scored_has_its_work_dropped(workers: ThreadP
 def test_expect_100_continue_is_answered_when_the_body_is_claimed(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        protocol, transport = connect(route, workers)
+        _protocol, transport = connect(route, workers)
         transport.feed(post(INFER, b"abc", "Expect: 100-continue")[:-3])
         assert transport.written == b"HTTP/1.1 100 Continue\r\n\r\n"
         transport.feed(b"abc")
@@ -349,7 +349,7 @@ def test_expect_100_continue_is_answered_when_the_body_is_claimed(workers: Threa
 def test_the_path_is_matched_as_the_app_would_see_it(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        protocol, transport = connect(route, workers)
+        _protocol, transport = connect(route, workers)
         transport.feed(post("/v2/models/%6d/infer", b"a") + post("/v2/models/m/infer/", b"b"))
         assert await settle(transport, 2) == [(200, b"m:a"), (200, b"asgi POST /v2/models/m/infer/ b")]
 
