@@ -45,7 +45,7 @@ class Transport(asyncio.Transport):
         while data:
             protocol = self.protocol
             if isinstance(protocol, asyncio.BufferedProtocol):
-                room = protocol.get_buffer(-1)
+                room = memoryview(protocol.get_buffer(-1))
                 size = min(len(room), len(data))
                 room[:size] = data[:size]
                 self.direct_bytes += size
