@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from flexemr.config import Endpoint, RankerConfig
-from flexemr.config.model import ModelSource, RowFormat
+from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.roles import build_ranker
-from flexemr.model import rows as stored_rows
 from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.sharding.plan import make_plan
@@ -60,37 +58,3 @@ def test_the_direct_call_scores_every_row_format_as_the_stores_lookup_does(row_d
         finally:
             ranker.close()
     np.testing.assert_array_equal(scores[0], scores[1])
-
-
-@pytest.mark.parametrize("row_dtype", ["fp32", "fp16", "int8", "int4"])
-def test_the_direct_call_takes_int32_keys_where_they_fit_and_scores_the_same_either_way(
-    row_dtype: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Where every row and index fits in an int32, the kernel gets int32 keys and bag starts (half
-    the bytes); a model with more rows gets int64 ones. The scores are the same, bit for bit, and
-    equal the monolithic model's."""
-    source = ModelSource(preset="tiny", seed=6, row_dtype=row_dtype)
-    spec, weights = model_spec(source), load_weights(source)
-    plan = make_plan("table", spec.table_rows, spec.dim, 1)
-    cluster = ClusterSpec(source, plan, (Endpoint(),), ranker=RankerConfig())
-    ranker = build_ranker(cluster, transport=LocalTransport(plan, weights))
-    seen: list[tuple[torch.dtype, torch.dtype]] = []
-    kernel = stored_rows.pool
-
-    def pool(table: torch.Tensor, fmt: RowFormat, rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        seen.append((rows.dtype, offsets.dtype))
-        return kernel(table, fmt, rows, offsets)
-
-    monkeypatch.setattr(stored_rows, "pool", pool)
-    try:
-        dense, indices, lengths = random_batch(spec, 40, seed=9)
-        narrow = ranker.score(dense, indices, lengths)
-        ranker._total_rows = 2**31  # as if the tables held more rows than an int32 can address
-        wide = ranker.score(dense, indices, lengths)
-    finally:
-        ranker.close()
-    assert seen == [(torch.int32, torch.int32), (torch.int64, torch.int64)]
-    np.testing.assert_array_equal(narrow, wide)
-    if row_dtype == "fp32":
-        expected = reference_scores(build_monolithic(weights), dense, indices, lengths)
-        np.testing.assert_array_equal(narrow, expected)

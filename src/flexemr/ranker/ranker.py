@@ -122,7 +122,6 @@ class Ranker:
             transport.stores[0] if isinstance(transport, LocalTransport) and self.router.identity else None
         )
         """The store holding every row at its key, in this process (the local tier), or None."""
-        self._total_rows = sum(spec.table_rows)
         self.row_version = None if links is None else RowReadVersion(links, self.cache)
         self._stop = threading.Event()
         self._warmer: threading.Thread | None = None
@@ -231,19 +230,12 @@ class Ranker:
             # The local tier: one call pools the batch, in the kernel and order a server would. With
             # one row format it is the kernel itself, without the store's checks of a subrequest
             # from the network (`SparseBatch.check` checked these rows against the tables).
-            starts = batch.offsets[:-1]
+            keys, starts = self.router.keys(batch.indices, batch.rows_per_table), batch.offsets[:-1]
             if len(store.segments) == 1:
-                # int32 keys and bag starts where every row and index fits: half the bytes to write
-                # and for the kernel to read (the same rows, summed in the same order).
-                narrow = max(self._total_rows, batch.indices.size) <= np.iinfo(np.int32).max
-                dtype = np.int32 if narrow else np.int64
-                rows = torch.from_numpy(self.router.keys(batch.indices, batch.rows_per_table, dtype))
-                bags = torch.from_numpy(starts.astype(dtype, copy=False))
+                rows, bags = torch.from_numpy(keys), torch.from_numpy(starts)
                 sums = stored_rows.pool(store.tables[0], store.segments[0].fmt, rows, bags)
             else:
-                sums = torch.from_numpy(
-                    store.pooled(self.router.keys(batch.indices, batch.rows_per_table), starts)
-                )
+                sums = torch.from_numpy(store.pooled(keys, starts))
             return self._finish_pooling(sums.to(self.device), batch)
         pooled = torch.zeros(batch.lengths.size, self.spec.dim, device=self.device)
         cache = self.cache

@@ -25,7 +25,6 @@ import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
 
 import numpy as np
 
@@ -205,13 +204,10 @@ class RangeRouter:
             shard += keys >= self._next_start[shard]
         return shard
 
-    def keys(
-        self, indices: np.ndarray, rows_per_table: np.ndarray, dtype: type[np.signedinteger[Any]] = np.int64
-    ) -> np.ndarray:
-        """Global row keys (int64, or `dtype` where the caller knows they fit) of table-major indices
-        (int32 or int64; `rows_per_table[t]` of them from table t); they also key the ranker's
-        cache. One add per table slice."""
-        keys = np.empty(indices.size, dtype=dtype)
+    def keys(self, indices: np.ndarray, rows_per_table: np.ndarray) -> np.ndarray:
+        """Global row keys (int64) of table-major indices (int32 or int64; `rows_per_table[t]` of
+        them from table t); they also key the ranker's cache. One add per table slice."""
+        keys = np.empty(indices.size, dtype=np.int64)
         bounds = np.concatenate([[0], np.cumsum(rows_per_table)])
         for t in np.flatnonzero(rows_per_table):
             np.add(
