@@ -19,59 +19,73 @@ from flexemr.ranker.latency_limit import (
 UNLOADED_S = 0.002
 
 
-def run(limit: LatencyLimit, latency_s: Callable[[int], float], seconds: float, start: float = 0.0) -> float:
-    """Requests answered every 2.5 ms for `seconds` from `start`, with the limit's requests in flight,
-    each `latency_s(limit)` after it came (alone when the limit is one); returns the time reached."""
-    now = start
-    for _ in range(int(seconds / 0.0025)):
+def run(
+    limit: LatencyLimit, latency_s: Callable[[int], float], seconds: float, refusing: bool = True
+) -> None:
+    """Requests answered every 2.5 ms for `seconds`, with the limit's requests in flight, each
+    `latency_s(limit)` after it came (alone when the limit is one), two refused with each answer
+    while `refusing` (3x the load served comes)."""
+    now = 0.0
+    for i in range(int(seconds / 0.0025)):
         now += 0.0025
-        limit.observe(latency_s(limit.limit), limit.limit == 1, limit.limit, now)
-    return now
+        limit.observe(latency_s(limit.limit), limit.limit == 1, limit.limit, 2 * i if refusing else 0, now)
 
 
 def test_the_limit_grows_while_requests_overlap_without_slowing_each_other() -> None:
     """Lookups on embedding servers: more in flight, the same latency."""
     limit = LatencyLimit(initial=4, maximum=50)
-    limit.observe(UNLOADED_S, True, 1, 0.0)
-    run(limit, lambda _: UNLOADED_S * 1.5, seconds=20 * INTERVAL_S)
-    assert limit.limit > 20
-    run(limit, lambda _: UNLOADED_S * 1.5, seconds=100 * INTERVAL_S, start=2.0)
+    limit.observe(UNLOADED_S, True, 1, 0, 0.0)
+    run(limit, lambda _: UNLOADED_S * 1.5, seconds=100 * INTERVAL_S)
     assert limit.limit == 50
 
 
 def test_a_queue_shrinks_the_limit_to_what_keeps_the_latency_near_the_unloaded() -> None:
     """One core: each request in flight adds its service time to everyone's latency."""
     limit = LatencyLimit(initial=64)
-    limit.observe(UNLOADED_S, True, 1, 0.0)
+    limit.observe(UNLOADED_S, True, 1, 0, 0.0)
     run(limit, lambda n: UNLOADED_S * n, seconds=5.0)
     assert 1 <= limit.limit <= limit.tolerance
     assert limit.unloaded_s == UNLOADED_S
 
 
+def test_short_of_overload_a_queue_does_not_shrink_the_limit() -> None:
+    """A closed loop of N clients chose its queue (refusing some would only make them retry); a
+    burst's few refusals are no overload."""
+    limit = LatencyLimit(initial=8, maximum=12)
+    limit.observe(UNLOADED_S, True, 1, 0, 0.0)
+    run(limit, lambda n: UNLOADED_S * n, seconds=3 * BASE_WINDOW_S, refusing=False)
+    assert limit.limit == 12 and limit.probing is None
+    now = 3 * BASE_WINDOW_S
+    for i in range(int(3 * BASE_WINDOW_S / 0.0025)):  # one refused for every 10 answered
+        now += 0.0025
+        limit.observe(UNLOADED_S * limit.limit, False, limit.limit, i // 10, now)
+    assert limit.limit == 12 and limit.probing is None
+
+
 def test_a_limit_never_falls_below_its_minimum_or_grows_when_idle() -> None:
     limit = LatencyLimit(initial=8, minimum=3)
-    limit.observe(UNLOADED_S, True, 1, 0.0)
+    limit.observe(UNLOADED_S, True, 1, 0, 0.0)
     run(limit, lambda n: UNLOADED_S * 100, seconds=2.0)
     assert limit.limit == 3
     idle = LatencyLimit(initial=8)
     now = 0.0
     for _ in range(1000):  # one request in flight at a time, at its unloaded latency
         now += 0.01
-        idle.observe(UNLOADED_S, True, 1, now)
+        idle.observe(UNLOADED_S, True, 1, 0, now)
     assert idle.limit == 8
 
 
 def test_without_a_lone_request_the_limit_drops_to_one_until_the_unloaded_latency_is_measured() -> None:
-    """Under sustained load every request queues: the least latency seen would be the queue's."""
+    """Under sustained overload every request queues: the least latency seen would be the queue's."""
     limit = LatencyLimit(initial=10)
-    limit.observe(UNLOADED_S, True, 1, 0.0)
-    now = 0.0
-    for _ in range(int(BASE_WINDOW_S / 0.0025) + 100):  # never alone, latency in proportion
-        now += 0.0025
-        limit.observe(UNLOADED_S * limit.limit, False, limit.limit, now)
+    limit.observe(UNLOADED_S, True, 1, 0, 0.0)
+    now, refused = 0.0, 0
+    for _ in range(int(BASE_WINDOW_S / 0.0025) + 100):  # never alone, latency in proportion, refusing
+        now, refused = now + 0.0025, refused + 2
+        limit.observe(UNLOADED_S * limit.limit, False, limit.limit, refused, now)
     assert limit.limit == 1 and limit.probing is not None
     returns_to = limit.probing
-    limit.observe(UNLOADED_S, True, 1, now + INTERVAL_S)  # a lone request: measured
+    limit.observe(UNLOADED_S, True, 1, refused, now + INTERVAL_S)  # a lone request: measured
     assert limit.limit == returns_to and limit.probing is None
     assert limit.unloaded_s == UNLOADED_S
 
@@ -82,7 +96,7 @@ def test_the_unloaded_latency_follows_a_slower_model() -> None:
     for latency_s in (UNLOADED_S, 5 * UNLOADED_S):
         for _ in range(int((BASE_WINDOW_S + 1.0) / 0.01)):  # lone requests, one every 10 ms
             now += 0.01
-            limit.observe(latency_s, True, 1, now)
+            limit.observe(latency_s, True, 1, 0, now)
         assert limit.unloaded_s == latency_s
 
 
@@ -156,7 +170,7 @@ def test_admission_reports_each_admitted_requests_latency_and_whether_it_was_alo
     seen: list[tuple[bool, int]] = []
 
     class Recording(LatencyLimit):
-        def observe(self, latency_s: float, alone: bool, in_flight: int, now: float) -> None:
+        def observe(self, latency_s: float, alone: bool, in_flight: int, refused: int, now: float) -> None:
             assert 0 <= latency_s < 60
             seen.append((alone, in_flight))
 

@@ -162,7 +162,7 @@ class Admission:
             if ticket.samples:
                 self.samples -= ticket.samples
                 alone = ticket.alone and self.requests == 1
-                self.limit.observe(now - ticket.arrived, alone, self.requests, now)
+                self.limit.observe(now - ticket.arrived, alone, self.requests, self.counts["refused"], now)
             else:
                 self.pending -= 1
             self.requests -= 1
