@@ -354,6 +354,8 @@ class Ranker:
     def _rank(self, failed: set[int]) -> np.ndarray:
         usable = np.array(self.transport.connected(), dtype=bool)
         usable[list(failed)] = False
+        if self.router.max_copies == 1:  # one holder per row: no load to balance, only usability
+            return np.where(usable, 0.0, np.inf)
         return self.load.rank(usable)
 
     def _reroute(self, sub: Subrequest, failed: set[int]) -> Iterator[Subrequest]:
