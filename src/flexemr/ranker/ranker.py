@@ -74,6 +74,44 @@ def _joined(answers: list[tuple[Subrequest, np.ndarray]]) -> np.ndarray:
     return np.concatenate([values for _, values in answers])
 
 
+class _AllAnswers:
+    """A gate that opens once every answer watched so far is in, or as soon as one fails, and
+    stays open: one wake-up per request for the thread waiting on its subrequests. It is what
+    `concurrent.futures.wait(FIRST_EXCEPTION)` gives, without that call's per-wait waiter objects,
+    conditions and locks taken on every future (twice)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gate = threading.Lock()
+        self._gate.acquire()  # held while closed
+        self._left = 0
+        self._open = False
+
+    def watch(
+        self, sent: list[tuple[Subrequest, concurrent.futures.Future[np.ndarray]]]
+    ) -> list[tuple[Subrequest, concurrent.futures.Future[np.ndarray]]]:
+        """Watch the futures of `sent` (all counted before any can open the gate); returns `sent`."""
+        with self._lock:
+            self._left += len(sent)
+        for _, future in sent:
+            future.add_done_callback(self._finished)
+        return sent
+
+    def _finished(self, future: concurrent.futures.Future[np.ndarray]) -> None:
+        failed = future.cancelled() or future.exception() is not None
+        with self._lock:
+            self._left -= 1
+            if self._open or (self._left and not failed):
+                return
+            self._open = True
+        self._gate.release()
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to `timeout` for the gate to open."""
+        if self._gate.acquire(timeout=timeout):
+            self._gate.release()
+
+
 @functools.cache
 def dense_slots() -> threading.BoundedSemaphore:
     """The process's dense forwards that may run at once: as many as its cores hold at torch's
@@ -290,7 +328,14 @@ class Ranker:
         timeout = max(deadline - start, 0.0)
         failed: set[int] = set()
         waited_out: set[concurrent.futures.Future[np.ndarray]] = set()  # had their share of time
-        pending = collections.deque(self._send(route(self._rank(failed)), raw, version))
+        answers = _AllAnswers()
+
+        def send(
+            subs: Iterator[Subrequest],
+        ) -> list[tuple[Subrequest, concurrent.futures.Future[np.ndarray]]]:
+            return answers.watch(self._send(subs, raw, version))
+
+        pending = collections.deque(send(route(self._rank(failed))))
         while pending:
             sub, future = pending.popleft()
             left = max(deadline - time.monotonic(), 0.0)
@@ -298,7 +343,7 @@ class Ranker:
             wait = left / 2 if self.router.max_copies > 1 else left
             try:
                 if not future.done() and future not in waited_out:
-                    waited_out |= self._await_answers(future, [f for _, f in pending], wait)
+                    waited_out |= self._await_answers(future, [f for _, f in pending], wait, answers)
                 values = future.result(timeout=0)
             except (ServerUnavailable, SubrequestRefused, concurrent.futures.TimeoutError) as exc:
                 reason = str(exc) or f"no answer within {wait:.3g} s"
@@ -316,7 +361,7 @@ class Ranker:
                     sub.server,
                     reason,
                 )
-                pending.extend(self._send(self._reroute(sub, failed), raw, version))
+                pending.extend(send(self._reroute(sub, failed)))
                 continue
             except Stale as exc:
                 # A replica behind the read version (down while it was decided, or one that cannot
@@ -327,7 +372,7 @@ class Ranker:
                 with self._lock:
                     self.failovers += 1
                 try:
-                    pending.extend(self._send(self._reroute(sub, failed), raw, version))
+                    pending.extend(send(self._reroute(sub, failed)))
                 except NoReplica:
                     raise exc from None
                 continue
@@ -338,13 +383,15 @@ class Ranker:
         first: concurrent.futures.Future[np.ndarray],
         others: list[concurrent.futures.Future[np.ndarray]],
         wait: float,
+        answers: _AllAnswers,
     ) -> set[concurrent.futures.Future[np.ndarray]]:
         """Wait up to `wait` for `first`, waking once when every answer is in rather than once per
-        answer (or earlier when one fails); the turn is given up meanwhile. Returns the futures that
-        were waited on for all of `wait` and are still out: each has had its share of the time."""
+        answer (or earlier when one fails: `answers`); the turn is given up meanwhile. Returns the
+        futures among `first` and `others` that were waited on for all of `wait` and are still out:
+        each has had its share of the time."""
         start = time.monotonic()
         with self.turns.waiting():
-            concurrent.futures.wait([first, *others], wait, concurrent.futures.FIRST_EXCEPTION)
+            answers.wait(wait)
             if not first.done():  # another one failed early: `first` still has the rest of its time
                 concurrent.futures.wait([first], max(start + wait - time.monotonic(), 0.0))
         if time.monotonic() - start < wait:
