@@ -41,7 +41,7 @@ import numpy as np
 import uvloop
 
 from flexemr.batch import SparseBatch
-from flexemr.client import Client
+from flexemr.client import Client, infer_inputs
 from flexemr.client import binary_body as client_binary_body
 from flexemr.config.model import ModelSource
 from flexemr.entrypoints.child import AnnouncedProcess
@@ -63,14 +63,9 @@ def requests(preset: str, batch: int, count: int) -> list[SparseBatch]:
 
 
 def binary_body(request: SparseBatch) -> tuple[bytes, dict[str, str]]:
-    """A KServe binary-tensor body and its header, encoded once so the load costs no encoding."""
-    body, header_length = client_binary_body(
-        [
-            ("dense_features", "FP32", request.dense.astype("<f4")),
-            ("sparse_indices", "INT64", request.indices.astype("<i8")),
-            ("sparse_lengths", "INT32", request.lengths.astype("<i4")),
-        ]
-    )
+    """A KServe binary-tensor body and its header as `flexemr.client` sends them, encoded once so
+    the load costs no encoding."""
+    body, header_length = client_binary_body(infer_inputs(request.dense, request.indices, request.lengths))
     return body, {"Inference-Header-Content-Length": str(header_length)}
 
 

@@ -7,7 +7,8 @@
 #
 # flexemr with embedding servers, every process: PYSPY_ARGS=--subprocesses benchmarks/profile_serving.sh
 #   /tmp/flexemr --embedding-tier flexemr --embedding-servers 2   (the last --embedding-tier wins)
-# PYSPY_IDLE= (empty) keeps on-CPU samples only: a thread blocked in recv_into looks busy otherwise.
+# PYSPY_IDLE= (empty) keeps on-CPU samples only: a thread blocked in recv_into looks busy otherwise
+# (on a loaded machine a runnable thread waiting for a core counts as on-CPU too). PYSPY_RATE: samples/s (200).
 set -euo pipefail
 out=$1
 shift
@@ -21,5 +22,5 @@ url=$(grep -o "http://[0-9.:]*" "$out.serve.log" | head -1)
 "$bin/python" "$(dirname "$0")/serving_overhead.py" --c1-load "$url" --seconds 25 >"$out.load.log" &
 load=$!
 sleep 3
-"$bin/py-spy" record --pid "$serve" --duration 20 --rate 200 --format raw --threads ${PYSPY_IDLE---idle} ${PYSPY_ARGS:-} -o "$out.raw"
+"$bin/py-spy" record --pid "$serve" --duration 20 --rate ${PYSPY_RATE:-200} --format raw --threads ${PYSPY_IDLE---idle} ${PYSPY_ARGS:-} -o "$out.raw"
 wait $load

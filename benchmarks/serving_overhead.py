@@ -1,6 +1,7 @@
 """What the serving path costs over the model it serves, side by side in one run.
 
-Systems, on the same requests (`--batch` pairs, MLPerf-like synthetic bags):
+Systems, on the same requests (`--batch` pairs, MLPerf-like synthetic bags, encoded as `flexemr.client`
+sends them: INT32 indices when they fit; the in-process model gets the same arrays):
     in-process      the monolithic model called directly in this process (`--torch-threads` threads)
     monolithic      `flexemr serve --embedding-tier local` over HTTP (every table in the ranker)
     monolithic-h11  the same with `--http-parser h11` (pure-Python HTTP on asyncio's loop)
@@ -15,8 +16,10 @@ p99, measured from each request's scheduled arrival). Every server runs `--torch
 The load generator is one asyncio loop (uvloop) with every request encoded once, raw HTTP/1.1 on
 keep-alive connections (gRPC through grpc.aio), its garbage collector off while it measures: a
 request costs it a write and a read. It reports how late it sent requests (generator lag, p99):
-when that is small, the tail is the system's, not the generator's. In-process requests run on the
-generator's loop, one at a time, so their lag is their wait for the model.
+when that is small, the tail is the system's, not the generator's. In-process requests run in one
+thread beside the generator's loop, one at a time, in order of arrival: the loop keeps sending on
+time (run on the loop itself, each forward held libuv's clock back and sent the next arrival about
+one forward late).
 
     .venv/bin/python benchmarks/serving_overhead.py --preset rmc1 --row-scale 0.01 --batch 270
 """
@@ -32,6 +35,7 @@ import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +46,7 @@ import uvloop
 
 sys.path.insert(0, str(Path(__file__).parent))
 from flexemr.batch import SparseBatch
+from flexemr.client import infer_inputs
 from flexemr.config.model import ModelSource
 from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
@@ -137,9 +142,7 @@ class GrpcLoad:
         tensor = service_pb2.ModelInferRequest.InferInputTensor
 
         def message(r: SparseBatch) -> Any:
-            arrays = [("dense_features", "FP32", r.dense.astype("<f4")),
-                      ("sparse_indices", "INT64", r.indices.astype("<i8")),
-                      ("sparse_lengths", "INT32", r.lengths.astype("<i4"))]  # fmt: skip
+            arrays = infer_inputs(r.dense, r.indices, r.lengths)
             return service_pb2.ModelInferRequest(
                 model_name="dlrm",
                 inputs=[tensor(name=n, datatype=d, shape=list(a.shape)) for n, d, a in arrays],
@@ -175,20 +178,27 @@ class GrpcLoad:
 
 
 class InProcessLoad:
-    """The monolithic model called directly on the generator's loop: one batch at a time (as a
-    server's dense model runs), the requests that arrive meanwhile wait for the loop, in order."""
+    """The monolithic model called directly, in one thread: one batch at a time (as a server's
+    dense model runs), the requests that arrive meanwhile wait for it, in order."""
 
     def __init__(self, source: ModelSource, requests: list[SparseBatch]) -> None:
         self.model = build_monolithic(load_weights(source))
-        self.inputs = [tuple(torch.from_numpy(a) for a in (r.dense, r.indices, r.lengths)) for r in requests]
+        self.thread = ThreadPoolExecutor(1, thread_name_prefix="in-process")
+        self.inputs = [  # the arrays a served system receives (flexemr.client's datatypes)
+            tuple(torch.from_numpy(a) for _, _, a in infer_inputs(r.dense, r.indices, r.lengths))
+            for r in requests
+        ]
 
     async def open(self) -> None:
         pass
 
     async def send(self, i: int) -> bool:
+        await asyncio.get_running_loop().run_in_executor(self.thread, self._forward, i)
+        return True
+
+    def _forward(self, i: int) -> None:
         with torch.inference_mode():
             self.model.forward_sparse(*self.inputs[i % len(self.inputs)])
-        return True
 
     async def close(self) -> None:
         pass

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -74,3 +76,29 @@ def test_bad_layouts_are_refused() -> None:
         ValueError, match=r"sparse_indices\[0\] = 500 is out of range for table 0 \(valid rows 0..99\)"
     ):
         request.check(preset("tiny"))
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("rows", [100, 2**31 + 5])
+def test_every_index_outside_its_tables_rows_is_refused_at_both_ends_of_its_dtype(
+    dtype: type, rows: int
+) -> None:
+    """The range check reads indices as unsigned (one max per table): the most negative index of
+    either dtype, -1, the table's row count and the dtype's largest value are refused, naming the
+    index, even for a table with more rows than an int32 can address; 0 and the last row pass."""
+    spec = dataclasses.replace(SPEC, table_rows=(rows, *SPEC.table_rows[1:]))
+    dense, indices, lengths = _batch(np.ones(SPEC.num_tables * 2, np.int32))
+    indices = indices.astype(dtype)
+    info = np.iinfo(dtype)
+    last_valid = min(rows - 1, info.max)
+    for good in (0, last_valid):
+        indices[1] = good
+        SparseBatch(dense, indices, lengths).check(spec)
+    for bad in sorted({info.min, -(2**31), -1, rows, info.max} - {last_valid}):
+        if not info.min <= bad <= info.max:
+            continue
+        indices[1] = bad
+        with pytest.raises(
+            InvalidRequest, match=rf"sparse_indices\[1\] = {bad} is out of range for table 0 "
+        ):
+            SparseBatch(dense, indices, lengths).check(spec)

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from flexemr.client import Client, InferenceError
+from flexemr.client import Client, InferenceError, infer_inputs
 from flexemr.config.model import ModelSource
 from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
@@ -134,3 +134,13 @@ def test_metrics_pass_promtool(cluster: ServeProcess) -> None:
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_client_sends_indices_as_int32_only_when_every_one_fits() -> None:
+    dense, lengths = np.zeros((1, 2)), np.array([2], dtype=np.int64)
+    for indices, datatype in (([0, 2**31 - 1], "INT32"), ([0, 2**31], "INT64"), ([-1, 3], "INT64")):
+        sent = infer_inputs(dense, np.array(indices, dtype=np.int64), lengths)
+        assert [(name, d) for name, d, _ in sent] == [
+            ("dense_features", "FP32"), ("sparse_indices", datatype), ("sparse_lengths", "INT32")
+        ]  # fmt: skip
+        assert sent[1][2].tolist() == indices  # the same values, whatever the width

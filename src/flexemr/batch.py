@@ -127,13 +127,15 @@ class SparseBatch:
             )
         per_table = self.rows_per_table
         table_rows = np.asarray(spec.table_rows, dtype=np.int64)
-        # Each table's indices are one segment: check its min and max (two passes, no per-index limit).
+        # Each table's indices are one segment: its largest, read as unsigned, is below the table's
+        # rows iff all are in range (one pass): a negative index reads as 2**63 or more (int64; 2**31
+        # for int32, past which no int32 index is valid whatever the table's rows).
         used = np.flatnonzero(per_table)
         starts = self.offsets[:-1:batch][used]
-        if used.size and (
-            np.minimum.reduceat(indices, starts).min() < 0
-            or np.any(np.maximum.reduceat(indices, starts) >= table_rows[used])
-        ):
+        sign_bit = np.uint64(1) << np.uint64(8 * indices.itemsize - 1)
+        bounds = np.minimum(table_rows[used].astype(np.uint64), sign_bit)
+        unsigned = indices.view(np.uint64 if indices.itemsize == 8 else np.uint32)
+        if used.size and np.any(np.maximum.reduceat(unsigned, starts) >= bounds):
             bad = (indices < 0) | (indices >= np.repeat(table_rows, per_table))
             at = int(np.argmax(bad))
             table = int(np.searchsorted(np.cumsum(per_table), at, side="right"))

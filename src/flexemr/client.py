@@ -69,11 +69,7 @@ class Client:
     ) -> np.ndarray:
         """Scores float32 [B] for a batch in the KeyedJaggedTensor layout; with `min_row_version`
         (the `version` a row update answered), scored with rows at that version or later."""
-        arrays = [
-            ("dense_features", "FP32", np.ascontiguousarray(dense, dtype="<f4")),
-            _indices_input(np.asarray(indices)),
-            ("sparse_lengths", "INT32", np.ascontiguousarray(lengths, dtype="<i4")),
-        ]
+        arrays = infer_inputs(dense, indices, lengths)
         url = f"/v2/models/{self.model}/infer"
         headers = {} if min_row_version is None else {"Flexemr-Min-Row-Version": str(min_row_version)}
         if self.binary:
@@ -105,9 +101,17 @@ class Client:
         self.close()
 
 
-def _indices_input(indices: np.ndarray) -> tuple[str, str, np.ndarray]:
-    """INT32 when every index fits (half the bytes of INT64), else INT64."""
+def infer_inputs(
+    dense: np.ndarray, indices: np.ndarray, lengths: np.ndarray
+) -> list[tuple[str, str, np.ndarray]]:
+    """The (name, datatype, little-endian array) inputs of an infer request, as this client sends
+    them: indices as INT32 when every one fits (half the bytes of INT64), else INT64."""
+    indices = np.asarray(indices)
     small = indices.size == 0 or (indices.min() >= 0 and indices.max() <= np.iinfo(np.int32).max)
-    if small:
-        return ("sparse_indices", "INT32", np.ascontiguousarray(indices, dtype="<i4"))
-    return ("sparse_indices", "INT64", np.ascontiguousarray(indices, dtype="<i8"))
+    return [
+        ("dense_features", "FP32", np.ascontiguousarray(dense, dtype="<f4")),
+        ("sparse_indices", "INT32", np.ascontiguousarray(indices, dtype="<i4"))
+        if small
+        else ("sparse_indices", "INT64", np.ascontiguousarray(indices, dtype="<i8")),
+        ("sparse_lengths", "INT32", np.ascontiguousarray(lengths, dtype="<i4")),
+    ]

@@ -195,3 +195,24 @@ def test_under_h11_the_app_serves_infer_like_the_monolith(
             status, answer = read_response(sock)
             assert status == 200, answer[:300]
             np.testing.assert_allclose(scores_of(answer, expected), expected, atol=1e-5)
+
+
+def test_a_body_finished_in_the_same_write_as_the_next_requests_is_scored_and_they_are_parsed(
+    ranker: ServeProcess,
+) -> None:
+    """The rest of a body goes straight into its buffer, no byte further: the requests that follow
+    it in the same write (infer and another route) are parsed afterwards, in order, each infer
+    scoring like the monolith."""
+    first, second = (request_bytes(ranker.url, 64, seed=seed) for seed in (40, 41))
+    health = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    with connect(ranker.url) as sock:
+        sock.sendall(first[0] + first[1][:100])
+        time.sleep(0.2)  # the server reads the head and waits for the rest of the body
+        sock.sendall(first[1][100:] + second[0] + second[1] + health + first[0] + first[1])
+        answers = read_responses(sock, 4)
+    assert [status for status, _ in answers] == [200, 200, 200, 200]
+    for (_, answer), expected in zip(answers, (first[2], second[2], None, first[2]), strict=True):
+        if expected is None:
+            assert orjson.loads(answer) == {"live": True}
+        else:
+            np.testing.assert_allclose(scores_of(answer, expected), expected, atol=1e-5)

@@ -15,19 +15,46 @@ import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from flexemr.api.http_protocol import Answer, ClientGone, InferProtocol, infer_protocol
+from flexemr.api.http_protocol import Answer, BodyReceiver, ClientGone, InferProtocol, infer_protocol
 
 INFER = "/v2/models/m/infer"
 
 
 class Transport(asyncio.Transport):
-    """What the protocol writes, and whether it closed the connection."""
+    """What the protocol writes, and whether it closed the connection; `feed` delivers bytes as the
+    event loop does, to whichever protocol the connection has (a buffered one gets at most the room
+    it offers, the rest goes to the protocol that follows)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.written = bytearray()
         self.closed = False
         self.reading = True
+        self.protocol: asyncio.BaseProtocol | None = None
+        self.direct_bytes = 0
+        """Bytes received straight into a buffer (`BodyReceiver`)."""
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.protocol is not None
+        return self.protocol
+
+    def feed(self, data: bytes) -> None:
+        while data:
+            protocol = self.protocol
+            if isinstance(protocol, asyncio.BufferedProtocol):
+                room = memoryview(protocol.get_buffer(-1))
+                size = min(len(room), len(data))
+                room[:size] = data[:size]
+                self.direct_bytes += size
+                protocol.buffer_updated(size)
+                data = data[size:]
+            else:
+                assert isinstance(protocol, asyncio.Protocol)
+                protocol.data_received(data)
+                data = b""
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 40000)}.get(name, default)
@@ -123,6 +150,7 @@ def connect(route: Route, workers: ThreadPoolExecutor) -> tuple[InferProtocol, T
     config.load()
     protocol = infer_protocol(route, workers)(config=config, server_state=ServerState(), app_state={})
     transport = Transport()
+    transport.set_protocol(protocol)
     protocol.connection_made(transport)
     return protocol, transport
 
@@ -159,8 +187,8 @@ def test_pipelined_requests_are_answered_in_order_direct_and_asgi_mixed(workers:
     async def run() -> None:
         route = Route()
         route.release.clear()  # the first request is still being scored when the others arrive
-        protocol, transport = connect(route, workers)
-        protocol.data_received(
+        _protocol, transport = connect(route, workers)
+        transport.feed(
             post(INFER, b"one")
             + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
             + post(INFER, b"two")
@@ -185,12 +213,12 @@ def test_pipelined_requests_are_answered_in_order_direct_and_asgi_mixed(workers:
 def test_a_body_in_pieces_goes_into_one_buffer_and_keep_alive_goes_on(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        protocol, transport = connect(route, workers)
+        _protocol, transport = connect(route, workers)
         body = bytes(range(48, 58)) * 20_000  # over the high-water mark before its turn
         request = post(INFER, body)
         for start in range(0, len(request), 7_000):
-            protocol.data_received(request[start : start + 7_000])
-        protocol.data_received(post(INFER, b"next", "Connection: close"))
+            transport.feed(request[start : start + 7_000])
+        transport.feed(post(INFER, b"next", "Connection: close"))
         answers = await settle(transport, 2)
         assert answers == [(200, b"m:" + body), (200, b"m:next")]
         assert transport.closed  # Connection: close is honoured after its answer
@@ -199,12 +227,35 @@ def test_a_body_in_pieces_goes_into_one_buffer_and_keep_alive_goes_on(workers: T
     asyncio.run(run())
 
 
-def test_a_chunked_infer_body_goes_to_the_asgi_app(workers: ThreadPoolExecutor) -> None:
+def test_the_rest_of_a_body_is_received_straight_into_its_buffer_and_what_follows_is_parsed(
+    workers: ThreadPoolExecutor,
+) -> None:
+    """After the read that holds the headers, the body's bytes go from the event loop into the
+    request's buffer (`BodyReceiver`), no further: the pipelined requests behind it are parsed by
+    the HTTP protocol (with a fresh parser), in order."""
+
     async def run() -> None:
         route = Route()
         protocol, transport = connect(route, workers)
+        body = bytes(range(65, 91)) * 4_000
+        first = post(INFER, body)
+        transport.feed(first[:300])
+        assert isinstance(transport.get_protocol(), BodyReceiver)
+        transport.feed(first[300:] + post(INFER, b"two") + post("/v2/models/m/other", b"three"))
+        answers = await settle(transport, 3)
+        assert answers == [(200, b"m:" + body), (200, b"m:two"), (200, b"asgi POST /v2/models/m/other three")]
+        assert transport.direct_bytes == len(first) - 300
+        assert transport.get_protocol() is protocol and not transport.closed
+
+    asyncio.run(run())
+
+
+def test_a_chunked_infer_body_goes_to_the_asgi_app(workers: ThreadPoolExecutor) -> None:
+    async def run() -> None:
+        route = Route()
+        _protocol, transport = connect(route, workers)
         head = f"POST {INFER} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
-        protocol.data_received(head.encode() + b"3\r\nabc\r\n0\r\n\r\n")
+        transport.feed(head.encode() + b"3\r\nabc\r\n0\r\n\r\n")
         assert await settle(transport, 1) == [(200, f"asgi POST {INFER} abc".encode())]
         assert route.calls == []
 
@@ -214,12 +265,12 @@ def test_a_chunked_infer_body_goes_to_the_asgi_app(workers: ThreadPoolExecutor) 
 def test_answers_from_headers_skip_the_body_and_keep_the_connection(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        protocol, transport = connect(route, workers)
+        _protocol, transport = connect(route, workers)
         route.refuse = True
-        protocol.data_received(post(INFER, b"x" * 100_000))  # refused on arrival: the body is skipped
+        transport.feed(post(INFER, b"x" * 100_000))  # refused on arrival: the body is skipped
         route.refuse = False
-        protocol.data_received(post(INFER, b"y" * 100_000, "Flexemr-Timeout-Ms: soon"))
-        protocol.data_received(post(INFER, b"z"))
+        transport.feed(post(INFER, b"y" * 100_000, "Flexemr-Timeout-Ms: soon"))
+        transport.feed(post(INFER, b"z"))
         answers = await settle(transport, 3)
         assert answers == [(429, b"full"), (400, b"bad timeout"), (200, b"m:z")]
         assert b"retry-after: 1" in transport.written and not transport.closed
@@ -231,8 +282,8 @@ def test_answers_from_headers_skip_the_body_and_keep_the_connection(workers: Thr
 def test_bad_framing_gets_400_and_the_connection_closes(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        protocol, transport = connect(route, workers)
-        protocol.data_received(
+        _protocol, transport = connect(route, workers)
+        transport.feed(
             f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd".encode()
         )
         assert transport.written.startswith(b"HTTP/1.1 400") and transport.closed
@@ -244,11 +295,12 @@ def test_bad_framing_gets_400_and_the_connection_closes(workers: ThreadPoolExecu
 def test_a_client_that_leaves_mid_body_is_dropped_and_nothing_is_written(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        protocol, transport = connect(route, workers)
-        protocol.data_received(post(INFER, b"x" * 1000)[:-500])
+        _protocol, transport = connect(route, workers)
+        transport.feed(post(INFER, b"x" * 1000)[:-500])
         assert len(route.calls) == 1  # admitted from its headers, waiting for its body
+        assert isinstance(transport.get_protocol(), BodyReceiver)  # which the event loop tells
         transport.closed = True
-        protocol.connection_lost(None)
+        transport.get_protocol().connection_lost(None)
         (call,) = route.calls
         assert call.gone and call.closed
         assert [type(exc) for exc in route.failures] == [ClientGone]
@@ -262,7 +314,7 @@ def test_a_client_that_leaves_while_scored_has_its_work_dropped(workers: ThreadP
         route = Route()
         route.release.clear()
         protocol, transport = connect(route, workers)
-        protocol.data_received(post(INFER, b"abc"))
+        transport.feed(post(INFER, b"abc"))
         assert await asyncio.to_thread(route.scoring.wait, 30)
         transport.closed = True
         protocol.connection_lost(None)
@@ -281,10 +333,10 @@ def test_a_client_that_leaves_while_scored_has_its_work_dropped(workers: ThreadP
 def test_expect_100_continue_is_answered_when_the_body_is_claimed(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        protocol, transport = connect(route, workers)
-        protocol.data_received(post(INFER, b"abc", "Expect: 100-continue")[:-3])
+        _protocol, transport = connect(route, workers)
+        transport.feed(post(INFER, b"abc", "Expect: 100-continue")[:-3])
         assert transport.written == b"HTTP/1.1 100 Continue\r\n\r\n"
-        protocol.data_received(b"abc")
+        transport.feed(b"abc")
         for _ in range(3000):
             if b"m:abc" in transport.written:
                 break
@@ -297,8 +349,8 @@ def test_expect_100_continue_is_answered_when_the_body_is_claimed(workers: Threa
 def test_the_path_is_matched_as_the_app_would_see_it(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        protocol, transport = connect(route, workers)
-        protocol.data_received(post("/v2/models/%6d/infer", b"a") + post("/v2/models/m/infer/", b"b"))
+        _protocol, transport = connect(route, workers)
+        transport.feed(post("/v2/models/%6d/infer", b"a") + post("/v2/models/m/infer/", b"b"))
         assert await settle(transport, 2) == [(200, b"m:a"), (200, b"asgi POST /v2/models/m/infer/ b")]
 
     asyncio.run(run())

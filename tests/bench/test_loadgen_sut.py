@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import numpy as np
 import pytest
@@ -146,8 +147,24 @@ def test_qps_search_can_stop_at_the_first_run_over_the_target(pool_request: Spar
     impossible = RunSettings(min_duration_s=0.3, min_query_count=10, p99_target_ms=1e-6)  # every p99 over
     full = find_peak_server_qps(backend, pool, 10, 40, impossible, max_runs=3)
     assert [r.target_qps for r in full.runs] == [20.0, 10.0]  # halves down to the floor, then stops
-    quick = find_peak_server_qps(backend, pool, 10, 40, impossible, max_runs=3, stop_over_target=True)
+    quick = find_peak_server_qps(backend, pool, 10, 40, impossible, max_runs=3, give_up_over=2.0)
     assert [r.target_qps for r in quick.runs] == [20.0] and quick.best_qps == 0.0
+
+
+class SlowBackend(RecordingBackend):
+    """Every query takes at least 15 ms."""
+
+    def infer(self, request: SparseBatch) -> np.ndarray:
+        time.sleep(0.015)
+        return super().infer(request)
+
+
+def test_qps_search_walks_down_from_a_first_run_just_over_the_target(pool_request: SparseBatch) -> None:
+    pool = SamplePool.build(pool_request, num_samples=64)
+    just_over = RunSettings(min_duration_s=0.3, min_query_count=10, p99_target_ms=12.0)  # p99 >= 15 ms
+    search = find_peak_server_qps(SlowBackend(), pool, 10, 40, just_over, max_runs=3, give_up_over=5.0)
+    assert [r.target_qps for r in search.runs] == [20.0, 10.0]  # within 5x: walks down as the full search
+    assert all(not r.meets_target and r.p99_ms > 12.0 for r in search.runs)
 
 
 def test_qps_search_that_stops_over_the_target_still_bisects_above_a_passing_load(
@@ -161,7 +178,7 @@ def test_qps_search_that_stops_over_the_target_still_bisects_above_a_passing_loa
     assert passing.meets_target
     impossible = dataclasses.replace(lenient, p99_target_ms=1e-6)  # every new run over the target
     search = find_peak_server_qps(
-        backend, pool, 5, 40, impossible, max_runs=3, known=[passing], stop_over_target=True
+        backend, pool, 5, 40, impossible, max_runs=3, known=[passing], give_up_over=2.0
     )
     assert [r.target_qps for r in search.runs] == [20.0, 15.0, 12.5]  # doubles, then bisects
     assert search.best_qps == 10.0

@@ -7,7 +7,9 @@ enters the ASGI app: no task, no middleware, no request or response objects, no 
                              process is full, or the request already waited too long to be read,
                              `flexemr.api.request_age`)
     its turn comes       ->  checks, admission (`InferRoute.start`)    ->  400/413/429 answered
-    body                 ->  one buffer of the declared length, filled as bytes arrive (`BodyReader`)
+    body                 ->  one buffer of the declared length, filled as bytes arrive (`BodyReader`):
+                             what follows the headers' read is received into it by the kernel itself
+                             (`BodyReceiver`), with no copies
     worker thread        ->  decode (binary tensors are views of the buffer), score, encode (or 504, ...)
     one call_soon_threadsafe  ->  status line, headers and body written to the transport at once
 
@@ -20,12 +22,14 @@ the ASGI app as before.
 
 from __future__ import annotations
 
+import asyncio
 import urllib.parse
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import httptools
 import numpy as np
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
@@ -116,6 +120,16 @@ class BodyReader:
         self._done = done
         self._deliver()
         self._flow.resume_reading()
+
+    def missing(self) -> memoryview | None:
+        """The part of the claimed buffer still to come (None: not claimed, or no longer awaited)."""
+        if self._buffer is None or self._ended or self._filled == self.length:
+            return None
+        return self._buffer[self._filled :]
+
+    def received(self, size: int) -> None:
+        """`size` more bytes were written into `missing()`."""
+        self._filled += size
 
     def _deliver(self) -> None:
         if self._ended and self._done is not None:
@@ -215,6 +229,39 @@ class DirectInfer:
         cycle.on_response()
 
 
+class BodyReceiver(asyncio.BufferedProtocol):
+    """The connection's protocol while the rest of a direct request's body comes: the event loop
+    receives it straight into the request's buffer (otherwise each read is copied into a bytes
+    object, httptools copies each piece into another, and `BodyReader.feed` copies that into the
+    buffer: three copies of 270 pairs' 1.5 MB), then hands the connection back to the HTTP protocol.
+    No byte past the body is read: a pipelined request's bytes wait in the kernel until then."""
+
+    def __init__(self, http: InferProtocol, reader: BodyReader) -> None:
+        self.http, self.reader = http, reader
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        missing = self.reader.missing()
+        assert missing is not None, "installed only while the body is missing bytes"
+        return missing
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.reader.received(nbytes)
+        if self.reader.missing() is None:
+            self.http.body_received()
+
+    def eof_received(self) -> None:
+        self.http.eof_received()  # the transport closes: `connection_lost` follows
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.http.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.http.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.http.resume_writing()
+
+
 class ClientGone(Exception):
     """The connection closed before the whole body came."""
 
@@ -245,6 +292,24 @@ class InferProtocol(HttpToolsProtocol):
             super().on_headers_complete()
         finally:
             self.app = app
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # httptools is done with this read: the rest of a claimed body goes straight into its buffer.
+        if (
+            self.direct is not None
+            and self.direct.reader.missing() is not None
+            and not self.transport.is_closing()
+        ):
+            self.transport.set_protocol(BodyReceiver(self, self.direct.reader))
+
+    def body_received(self) -> None:
+        """The rest of the body came through `BodyReceiver`: this protocol reads again, with a fresh
+        parser (the old one still waits for those bytes), and the message is complete."""
+        self.transport.set_protocol(self)
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn makes it
+        self.on_message_complete()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         if isinstance(app, DirectInfer):

@@ -289,7 +289,7 @@ def find_peak_server_qps(
     max_runs: int = 6,
     tolerance: float = 0.05,
     known: Sequence[LoadGenResult] = (),
-    stop_over_target: bool = False,
+    give_up_over: float | None = None,
 ) -> QpsSearch:
     """Bisection for the highest Server QPS whose run meets the target (`meets_target`: VALID by
     LoadGen, p99 under `settings.p99_target_ms`).
@@ -303,10 +303,11 @@ def find_peak_server_qps(
     assumed. Low loads are tried last because a run needs a fixed number of queries: the lower
     the load, the longer it lasts.
 
-    `stop_over_target`: never walk down to the long low-load runs: a run whose p99 is over the
-    target (not one INVALID only for too few queries to be confident of a p99 under it) with no
-    load below it known to meet the target ends the search at 0. Once a load met the target, the
-    bracket above it is bisected with the runs left, as without it.
+    `give_up_over`: walk down to the long low-load runs only when it may pay: a run whose p99 is
+    over `give_up_over` x the target (not one INVALID only for too few queries to be confident of a
+    p99 under it), with no load below it known to meet the target, ends the search at 0. A p99 just
+    over the target still walks down: the peak is likely just below. Once a load met the target,
+    the bracket above it is bisected with the runs left, as without it.
     """
     if not 0 < low_qps < high_qps:
         raise ValueError(f"need 0 < low_qps < high_qps, got {low_qps}, {high_qps}")
@@ -336,7 +337,8 @@ def find_peak_server_qps(
             best = max(best, qps)
         else:
             hi = qps if hi is None else min(hi, qps)
-            if stop_over_target and best == 0.0 and result.p99_ms > result.p99_target_ms:
+            far_over = give_up_over is not None and result.p99_ms > give_up_over * result.p99_target_ms
+            if far_over and best == 0.0:
                 break
     return QpsSearch(best, tuple(runs))
 

@@ -92,9 +92,10 @@ def markdown(results: list[SystemResult], suite: Suite, config: BenchConfig) -> 
         f"Server run at all could not reach {suite.server_queries} queries in {suite.server_max_s:g} s "
         "even at its Offline rate."
         + (
-            " This suite's search does not walk down below a first run with the p99 over the target "
-            "(the peak is then 0); above a VALID load it bisects as the full suite's does."
-            if suite.stop_over_target
+            " This suite's search does not walk down below a first run with the p99 over "
+            f"{suite.give_up_over:g}x the target (the peak is then 0); above a VALID load it bisects as "
+            "the full suite's does."
+            if suite.give_up_over is not None
             else ""
         ),
         "",

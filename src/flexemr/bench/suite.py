@@ -62,9 +62,10 @@ class Suite:
     preset: str
     """The model when `flexemr bench` is not given one."""
     row_scale: float
-    stop_over_target: bool = False
-    """Never walk a system's peak search down to the long low-load runs: a first Server run with
-    the p99 over the target ends it at 0 (`find_peak_server_qps`); above a VALID load it bisects."""
+    give_up_over: float | None = None
+    """Walk a system's peak search down to the long low-load runs only when its first Server run's
+    p99 is within this many times the target; farther over, the peak is 0 (`find_peak_server_qps`).
+    None: always walk down. Above a VALID load the search bisects either way."""
 
 
 SUITES = {
@@ -72,7 +73,7 @@ SUITES = {
     # loads where 600 queries take seconds, not minutes.
     "quick": Suite("quick", ("monolithic", "served-monolithic", "naive", "flexemr"), offline_s=5.0,
                    server_queries=1500, server_min_s=2.0, server_max_s=90.0, search_runs=5,
-                   preset="rmc1", row_scale=0.01, stop_over_target=True),
+                   preset="rmc1", row_scale=0.01, give_up_over=2.0),
     "full": Suite("full", tuple(SYSTEMS), offline_s=10.0, server_queries=1500, server_min_s=5.0,
                   server_max_s=180.0, search_runs=5, preset="dlrm-v2", row_scale=0.001),
 }  # fmt: skip
@@ -165,7 +166,7 @@ def run_suite(
             if own_qps >= finishing_qps(suite):  # else every Server run would be cut, INVALID
                 search = find_peak_server_qps(
                     backend, server_pool, lowest_qps(suite, own_qps), own_qps, server_settings,
-                    max_runs=suite.search_runs, stop_over_target=suite.stop_over_target,
+                    max_runs=suite.search_runs, give_up_over=suite.give_up_over,
                 )  # fmt: skip
                 result.server_runs = sorted(search.runs, key=lambda r: r.target_qps or 0.0)
                 result.peak_qps = search.best_qps

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 
 from flexemr.batch import SparseBatch
-from flexemr.client import Client, InferenceError, binary_body
+from flexemr.client import Client, InferenceError, binary_body, infer_inputs
 from flexemr.entrypoints.child import AnnouncedProcess
 from flexemr.extras import needs_extra
 
@@ -150,11 +150,7 @@ class KeepAliveHttp:
             self._local.connection = connection
             with self._lock:
                 self._connections.append(connection)
-        body, header_length = binary_body([
-            ("dense_features", "FP32", np.ascontiguousarray(request.dense, dtype="<f4")),
-            ("sparse_indices", "INT64", np.ascontiguousarray(request.indices, dtype="<i8")),
-            ("sparse_lengths", "INT32", np.ascontiguousarray(request.lengths, dtype="<i4")),
-        ])  # fmt: skip
+        body, header_length = binary_body(infer_inputs(request.dense, request.indices, request.lengths))
         connection.request("POST", self.path, body, {"Inference-Header-Content-Length": str(header_length)})
         response = connection.getresponse()
         content = response.read()
@@ -189,20 +185,11 @@ class GrpcClient:
 
     def infer(self, request: SparseBatch) -> np.ndarray:
         tensor = self._pb.ModelInferRequest.InferInputTensor
-        indices = request.indices
-        index_type = "INT32" if indices.size == 0 or indices.max() < 2**31 else "INT64"
+        inputs = infer_inputs(request.dense, request.indices, request.lengths)
         message = self._pb.ModelInferRequest(
             model_name=self.model,
-            inputs=[
-                tensor(name="dense_features", datatype="FP32", shape=list(request.dense.shape)),
-                tensor(name="sparse_indices", datatype=index_type, shape=[indices.size]),
-                tensor(name="sparse_lengths", datatype="INT32", shape=[request.lengths.size]),
-            ],
-            raw_input_contents=[
-                request.dense.astype("<f4").tobytes(),
-                indices.astype("<i4" if index_type == "INT32" else "<i8").tobytes(),
-                request.lengths.astype("<i4").tobytes(),
-            ],
+            inputs=[tensor(name=n, datatype=d, shape=list(a.shape)) for n, d, a in inputs],
+            raw_input_contents=[a.tobytes() for _, _, a in inputs],
         )
         response = self._stub.ModelInfer(message, timeout=self.timeout_s)
         return np.frombuffer(response.raw_output_contents[0], dtype="<f4")
