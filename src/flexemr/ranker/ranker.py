@@ -267,11 +267,14 @@ class Ranker:
         if store is not None and self.cache is None and not raw:
             # The local tier: one call pools the batch, in the kernel and order a server would. With
             # one row format it is the kernel itself, without the store's checks of a subrequest
-            # from the network (`SparseBatch.check` checked these rows against the tables).
+            # from the network (`SparseBatch.check` checked these rows against the tables). The
+            # kernel drops the interpreter lock and the local tier's rows never change: the turn
+            # is given up meanwhile, so two requests pool side by side as a server's would.
             keys, starts = self.router.keys(batch.indices, batch.rows_per_table), batch.offsets[:-1]
             if len(store.segments) == 1:
                 rows, bags = torch.from_numpy(keys), torch.from_numpy(starts)
-                sums = stored_rows.pool(store.tables[0], store.segments[0].fmt, rows, bags)
+                with self.turns.waiting():
+                    sums = stored_rows.pool(store.tables[0], store.segments[0].fmt, rows, bags)
             else:
                 sums = torch.from_numpy(store.pooled(keys, starts))
             return self._finish_pooling(sums.to(self.device), batch)
