@@ -12,7 +12,6 @@ import pytest
 
 from flexemr.config import FrameLimits
 from flexemr.config.security import Identity
-from flexemr.engine.health import ServerHealth
 from flexemr.protocol.frames import MessageType, ProtocolError, encode, error_text, recv_frame, send_frame
 from flexemr.protocol.handshake import (
     Hello,
@@ -119,16 +118,3 @@ def test_a_server_holding_other_shards_is_a_mismatch() -> None:
 def test_hello_fields_are_validated(raw: bytes, message: str) -> None:
     with pytest.raises(ProtocolError, match=message):
         decode_hello(raw)
-
-
-def test_health_stalls_without_answers_and_recovers_on_one() -> None:
-    health = ServerHealth(timeout_s=1.0)
-    health.pinged(10.0)
-    health.pinged(10.5)
-    assert not health.check(10.9) and health.up
-    assert health.check(11.1) and health.state == "stalled" and "no answer" in health.reason
-    assert not health.check(12.0)  # reported once
-    assert health.answered() and health.up
-    assert health.lost("control connection failed") and health.state == "down"
-    assert not health.lost("again")
-    assert health.answered() and health.up

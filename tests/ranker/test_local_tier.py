@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
 import numpy as np
 import pytest
+import torch
 
 from flexemr.config import Endpoint, RankerConfig
 from flexemr.config.model import ModelSource
 from flexemr.config.spec import ClusterSpec
 from flexemr.entrypoints.roles import build_ranker
+from flexemr.model import rows as stored_rows
 from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
+from flexemr.ranker.turns import PROCESS_TURNS
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.local import LocalTransport
 from tests.core.helpers import random_batch, reference_scores
@@ -58,3 +64,40 @@ def test_the_direct_call_scores_every_row_format_as_the_stores_lookup_does(row_d
         finally:
             ranker.close()
     np.testing.assert_array_equal(scores[0], scores[1])
+
+
+def test_another_request_takes_its_turn_while_one_is_in_the_pooling_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The local tier's kernel runs with the turn given up: a second request's Python (here a thread
+    that takes a turn) runs while the first pools, and the scores are unchanged."""
+    plan = make_plan("table", SPEC.table_rows, SPEC.dim, 1)
+    spec = ClusterSpec(SOURCE, plan, (Endpoint(),), ranker=RankerConfig())
+    ranker = build_ranker(spec, transport=LocalTransport(plan, load_weights(SOURCE)))
+    kernel = stored_rows.pool
+    others_turn = threading.Event()
+    turn_taken_during_the_kernel: list[bool] = []
+
+    def pool_while_another_takes_a_turn(*args: Any) -> torch.Tensor:
+        def take_a_turn() -> None:
+            with PROCESS_TURNS.turn():
+                others_turn.set()
+
+        other = threading.Thread(target=take_a_turn)
+        other.start()
+        other.join(timeout=10)  # with the turn held here, it would wait until the dense forward
+        turn_taken_during_the_kernel.append(others_turn.is_set())
+        sums: torch.Tensor = kernel(*args)
+        return sums
+
+    monkeypatch.setattr(stored_rows, "pool", pool_while_another_takes_a_turn)
+    try:
+        dense, indices, lengths = random_batch(SPEC, 16, seed=2)
+        with PROCESS_TURNS.turn():  # as the front door scores a request
+            scores = ranker.score(dense, indices, lengths)
+        assert turn_taken_during_the_kernel == [True]
+        np.testing.assert_array_equal(
+            scores, reference_scores(build_monolithic(load_weights(SOURCE)), dense, indices, lengths)
+        )
+    finally:
+        ranker.close()

@@ -106,6 +106,30 @@ def test_failover_keeps_scores_exact(lookup: str) -> None:
         ranker.close()
 
 
+def test_without_replicas_a_server_down_fails_the_request_before_anything_is_sent() -> None:
+    """One holder per row: the ranker skips balancing by load, but a server that is not usable
+    still ranks out, so its rows have no replica and nothing is sent to anyone."""
+    plan = make_plan("table", SPEC.table_rows, SPEC.dim, 2)
+    spec = ClusterSpec(SOURCE, plan, tuple(Endpoint() for _ in range(2)))
+    transport = FailingTransport(plan, load_weights(SOURCE))
+    ranker = build_ranker(spec, transport=transport)
+    monolithic = build_monolithic(load_weights(SOURCE))
+    try:
+        dense, indices, lengths = random_batch(SPEC, 16, seed=5)
+        np.testing.assert_allclose(
+            ranker.score(dense, indices, lengths),
+            reference_scores(monolithic, dense, indices, lengths),
+            atol=1e-5,
+        )
+        sent = list(transport.sent)
+        transport.connected = lambda: [True, False]  # type: ignore[method-assign]
+        with pytest.raises(NoReplica, match="embedding server 1 "):
+            ranker.score(dense, indices, lengths)
+        assert transport.sent == sent
+    finally:
+        ranker.close()
+
+
 @pytest.mark.timeout(60)
 def test_a_hung_lookup_gives_up_at_the_requests_deadline_not_the_lookup_timeout() -> None:
     """The lookup timeout is an hour here: only the ticket's deadline can end the wait (a hang would

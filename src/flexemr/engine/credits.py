@@ -161,7 +161,9 @@ class ControlChannel:
                         send_frame(self._sock, encode(MessageType.PING, request_id, [], Flags.STATS))
                     else:
                         self._send_grants(item)
+                looked_at = time.monotonic()
                 self._read_answers()
+                self.health.looked(looked_at)
         except (OSError, ValueError, ProtocolError, LookupFailed) as exc:
             self.error = f"control connection failed: {exc}"
             log.warning("control channel to embedding server %d failed: %s", self.server, exc)

@@ -5,6 +5,11 @@ unanswered ping is older than `heartbeat_timeout_s` (stopped, deadlocked, or its
 is `stalled`; one whose control connection broke is `down`. Either way it is not ready and no
 subrequest goes to it; the first answer re-admits it. Readiness reads this, and so can a router
 choosing among replicas.
+
+A ping counts as unanswered only once the control thread has looked for its answer past the
+timeout and found none: on a ranker starved of CPU the answer may be waiting, unread, in the
+socket, and the server is not the one that stalled. A control thread that has not looked for
+`STUCK_TIMEOUTS` timeouts (blocked in a send to a server that stopped reading) stalls it anyway.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from typing import Literal
 
 HealthState = Literal["up", "stalled", "down"]
 
+STUCK_TIMEOUTS = 5
+"""Timeouts without a look at the socket after which the control thread is taken to be stuck."""
+
 
 class ServerHealth:
     def __init__(self, timeout_s: float) -> None:
@@ -21,6 +29,8 @@ class ServerHealth:
         self.state: HealthState = "up"
         self.reason = ""
         self._unanswered_since: float | None = None
+        self._looked_at = 0.0
+        """When the control thread last read every answer that had come."""
         self._lock = threading.Lock()
 
     @property
@@ -40,11 +50,19 @@ class ServerHealth:
             self.state, self.reason = "up", ""
             return back
 
+    def looked(self, now: float) -> None:
+        """The control thread read every answer that had come by `now`."""
+        with self._lock:
+            self._looked_at = now
+
     def check(self, now: float) -> bool:
         """True when this check finds the server newly stalled."""
         with self._lock:
             since = self._unanswered_since
-            if self.state != "up" or since is None or now - since <= self.timeout_s:
+            if self.state != "up" or since is None:
+                return False
+            unanswered = self._looked_at - since > self.timeout_s
+            if not unanswered and now - since <= STUCK_TIMEOUTS * self.timeout_s:
                 return False
             self.state = "stalled"
             self.reason = f"no answer to heartbeats for {now - since:.1f} s (stopped or hung)"

@@ -74,6 +74,44 @@ def _joined(answers: list[tuple[Subrequest, np.ndarray]]) -> np.ndarray:
     return np.concatenate([values for _, values in answers])
 
 
+class _AllAnswers:
+    """A gate that opens once every answer watched so far is in, or as soon as one fails, and
+    stays open: one wake-up per request for the thread waiting on its subrequests. It is what
+    `concurrent.futures.wait(FIRST_EXCEPTION)` gives, without that call's per-wait waiter objects,
+    conditions and locks taken on every future (twice)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._gate = threading.Lock()
+        self._gate.acquire()  # held while closed
+        self._left = 0
+        self._open = False
+
+    def watch(
+        self, sent: list[tuple[Subrequest, concurrent.futures.Future[np.ndarray]]]
+    ) -> list[tuple[Subrequest, concurrent.futures.Future[np.ndarray]]]:
+        """Watch the futures of `sent` (all counted before any can open the gate); returns `sent`."""
+        with self._lock:
+            self._left += len(sent)
+        for _, future in sent:
+            future.add_done_callback(self._finished)
+        return sent
+
+    def _finished(self, future: concurrent.futures.Future[np.ndarray]) -> None:
+        failed = future.cancelled() or future.exception() is not None
+        with self._lock:
+            self._left -= 1
+            if self._open or (self._left and not failed):
+                return
+            self._open = True
+        self._gate.release()
+
+    def wait(self, timeout: float) -> None:
+        """Wait up to `timeout` for the gate to open."""
+        if self._gate.acquire(timeout=timeout):
+            self._gate.release()
+
+
 @functools.cache
 def dense_slots() -> threading.BoundedSemaphore:
     """The process's dense forwards that may run at once: as many as its cores hold at torch's
@@ -229,11 +267,14 @@ class Ranker:
         if store is not None and self.cache is None and not raw:
             # The local tier: one call pools the batch, in the kernel and order a server would. With
             # one row format it is the kernel itself, without the store's checks of a subrequest
-            # from the network (`SparseBatch.check` checked these rows against the tables).
+            # from the network (`SparseBatch.check` checked these rows against the tables). The
+            # kernel drops the interpreter lock and the local tier's rows never change: the turn
+            # is given up meanwhile, so two requests pool side by side as a server's would.
             keys, starts = self.router.keys(batch.indices, batch.rows_per_table), batch.offsets[:-1]
             if len(store.segments) == 1:
                 rows, bags = torch.from_numpy(keys), torch.from_numpy(starts)
-                sums = stored_rows.pool(store.tables[0], store.segments[0].fmt, rows, bags)
+                with self.turns.waiting():
+                    sums = stored_rows.pool(store.tables[0], store.segments[0].fmt, rows, bags)
             else:
                 sums = torch.from_numpy(store.pooled(keys, starts))
             return self._finish_pooling(sums.to(self.device), batch)
@@ -290,7 +331,14 @@ class Ranker:
         timeout = max(deadline - start, 0.0)
         failed: set[int] = set()
         waited_out: set[concurrent.futures.Future[np.ndarray]] = set()  # had their share of time
-        pending = collections.deque(self._send(route(self._rank(failed)), raw, version))
+        answers = _AllAnswers()
+
+        def send(
+            subs: Iterator[Subrequest],
+        ) -> list[tuple[Subrequest, concurrent.futures.Future[np.ndarray]]]:
+            return answers.watch(self._send(subs, raw, version))
+
+        pending = collections.deque(send(route(self._rank(failed))))
         while pending:
             sub, future = pending.popleft()
             left = max(deadline - time.monotonic(), 0.0)
@@ -298,7 +346,7 @@ class Ranker:
             wait = left / 2 if self.router.max_copies > 1 else left
             try:
                 if not future.done() and future not in waited_out:
-                    waited_out |= self._await_answers(future, [f for _, f in pending], wait)
+                    waited_out |= self._await_answers(future, [f for _, f in pending], wait, answers)
                 values = future.result(timeout=0)
             except (ServerUnavailable, SubrequestRefused, concurrent.futures.TimeoutError) as exc:
                 reason = str(exc) or f"no answer within {wait:.3g} s"
@@ -316,7 +364,7 @@ class Ranker:
                     sub.server,
                     reason,
                 )
-                pending.extend(self._send(self._reroute(sub, failed), raw, version))
+                pending.extend(send(self._reroute(sub, failed)))
                 continue
             except Stale as exc:
                 # A replica behind the read version (down while it was decided, or one that cannot
@@ -327,7 +375,7 @@ class Ranker:
                 with self._lock:
                     self.failovers += 1
                 try:
-                    pending.extend(self._send(self._reroute(sub, failed), raw, version))
+                    pending.extend(send(self._reroute(sub, failed)))
                 except NoReplica:
                     raise exc from None
                 continue
@@ -338,13 +386,15 @@ class Ranker:
         first: concurrent.futures.Future[np.ndarray],
         others: list[concurrent.futures.Future[np.ndarray]],
         wait: float,
+        answers: _AllAnswers,
     ) -> set[concurrent.futures.Future[np.ndarray]]:
         """Wait up to `wait` for `first`, waking once when every answer is in rather than once per
-        answer (or earlier when one fails); the turn is given up meanwhile. Returns the futures that
-        were waited on for all of `wait` and are still out: each has had its share of the time."""
+        answer (or earlier when one fails: `answers`); the turn is given up meanwhile. Returns the
+        futures among `first` and `others` that were waited on for all of `wait` and are still out:
+        each has had its share of the time."""
         start = time.monotonic()
         with self.turns.waiting():
-            concurrent.futures.wait([first, *others], wait, concurrent.futures.FIRST_EXCEPTION)
+            answers.wait(wait)
             if not first.done():  # another one failed early: `first` still has the rest of its time
                 concurrent.futures.wait([first], max(start + wait - time.monotonic(), 0.0))
         if time.monotonic() - start < wait:
@@ -354,6 +404,8 @@ class Ranker:
     def _rank(self, failed: set[int]) -> np.ndarray:
         usable = np.array(self.transport.connected(), dtype=bool)
         usable[list(failed)] = False
+        if self.router.max_copies == 1:  # one holder per row: no load to balance, only usability
+            return np.where(usable, 0.0, np.inf)
         return self.load.rank(usable)
 
     def _reroute(self, sub: Subrequest, failed: set[int]) -> Iterator[Subrequest]:
