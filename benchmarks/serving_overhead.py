@@ -1,7 +1,7 @@
 """What the serving path costs over the model it serves, side by side in one run.
 
 Systems, on the same requests (`--batch` pairs, MLPerf-like synthetic bags, encoded as `flexemr.client`
-sends them: INT32 indices when they fit; the in-process model gets the same arrays):
+sends them: INT32 indices when they fit; the in-process model gets them as int64, its fastest):
     in-process      the monolithic model called directly in this process (`--torch-threads` threads)
     monolithic      `flexemr serve --embedding-tier local` over HTTP (every table in the ranker)
     monolithic-h11  the same with `--http-parser h11` (pure-Python HTTP on asyncio's loop)
@@ -184,10 +184,9 @@ class InProcessLoad:
     def __init__(self, source: ModelSource, requests: list[SparseBatch]) -> None:
         self.model = build_monolithic(load_weights(source))
         self.thread = ThreadPoolExecutor(1, thread_name_prefix="in-process")
-        self.inputs = [  # the arrays a served system receives (flexemr.client's datatypes)
-            tuple(torch.from_numpy(a) for _, _, a in infer_inputs(r.dense, r.indices, r.lengths))
-            for r in requests
-        ]
+        # The model's own int64 indices: INT32 ones beside its int64 bag offsets take torch's
+        # slower embedding_bag path (mixed index types), which would flatter the served systems.
+        self.inputs = [tuple(torch.from_numpy(a) for a in (r.dense, r.indices, r.lengths)) for r in requests]
 
     async def open(self) -> None:
         pass
