@@ -211,14 +211,7 @@ class DirectInfer:
         if cycle.disconnected or cycle.transport.is_closing():
             return
         cycle.waiting_for_100_continue = False
-        head = [STATUS_LINE[answer.status]]
-        for name, value in (*cycle.default_headers, *answer.headers):
-            head += (name, b": ", value, b"\r\n")
-        head.append(b"content-length: %d\r\n" % len(answer.body))
-        if not cycle.keep_alive:
-            head.append(b"connection: close\r\n")
-        head += (b"\r\n", answer.body)
-        cycle.transport.write(b"".join(head))
+        cycle.transport.write(response_bytes(answer, cycle.default_headers, cycle.keep_alive))
         if cycle.access_log:
             cycle.access_logger.info(
                 '%s - "POST %s HTTP/%s" %d',
@@ -334,14 +327,7 @@ class InferProtocol(HttpToolsProtocol):
         if self.pipeline or (self.cycle is not None and not self.cycle.response_complete):
             return False
         keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
-        head = [STATUS_LINE[refused.status]]
-        for name, value in (*self.server_state.default_headers, *refused.headers):
-            head += (name, b": ", value, b"\r\n")
-        head.append(b"content-length: %d\r\n" % len(refused.body))
-        if not keep_alive:
-            head.append(b"connection: close\r\n")
-        head += (b"\r\n", refused.body)
-        self.transport.write(b"".join(head))
+        self.transport.write(response_bytes(refused, self.server_state.default_headers, keep_alive))
         if not keep_alive:
             self.transport.close()
         self.refused_at_once = True  # its body is skipped
@@ -373,6 +359,19 @@ class InferProtocol(HttpToolsProtocol):
 def infer_protocol(route: InferRoute, workers: Executor) -> type[InferProtocol]:
     """The protocol class for a server whose infer requests `route` serves, scored on `workers`."""
     return type("InferProtocol", (InferProtocol,), {"route": route, "workers": workers})
+
+
+def response_bytes(answer: Answer, default_headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:
+    """The whole HTTP/1.1 response: status line, the server's and the answer's headers, its length
+    (and `connection: close` unless kept alive), then the body."""
+    head = [STATUS_LINE[answer.status]]
+    for name, value in (*default_headers, *answer.headers):
+        head += (name, b": ", value, b"\r\n")
+    head.append(b"content-length: %d\r\n" % len(answer.body))
+    if not keep_alive:
+        head.append(b"connection: close\r\n")
+    head += (b"\r\n", answer.body)
+    return b"".join(head)
 
 
 def header_values(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
