@@ -68,7 +68,7 @@ def main() -> None:
     local = Ranker(source.spec, whole, build_dense(source), LocalTransport(whole, source), spec.ranker)
     workload = SyntheticWorkload(model_spec(spec.model), seed=0)
     batches = [workload.generate(args.batch) for _ in range(32)]
-    batches = [SparseBatch(b.dense, b.indices, b.lengths) for b in batches]
+    batches = [SparseBatch(b.dense, b.indices.astype(np.int32), b.lengths) for b in batches]
     with LocalCluster(spec) as cluster:
         flexemr = build_ranker(cluster.spec)
         try:
