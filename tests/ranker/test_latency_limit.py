@@ -90,6 +90,24 @@ def test_without_a_lone_request_the_limit_drops_to_one_until_the_unloaded_latenc
     assert limit.unloaded_s == UNLOADED_S
 
 
+def test_under_overload_a_lone_request_slowed_by_the_refusals_does_not_raise_the_unloaded_latency() -> None:
+    """Seen at 3x the peak on two cores: requests alone at a limit of two took 3-9x their unloaded
+    latency among the refusals; as the least lone latency of 10 s ago expired, theirs took its
+    place, the target rose with it and the limit grew to 12 (admitted p99 8x the unloaded)."""
+    limit = LatencyLimit(initial=8)
+    now, refused = 0.0, 0
+    for _ in range(100):  # before the overload: lone requests at their unloaded latency
+        now += 0.01
+        limit.observe(UNLOADED_S, True, 1, refused, now)
+    for i in range(int(3 * BASE_WINDOW_S / 0.0025)):  # overload: two in flight, every 4th alone
+        now, refused = now + 0.0025, refused + 2
+        slowed = UNLOADED_S * (3 + 6 * (i % 7) / 6)  # 3x to 9x, the queue's latency
+        limit.observe(slowed, i % 4 == 0, 2 - (i % 4 == 0), refused, now)
+        assert limit.unloaded_s == UNLOADED_S
+        assert limit.limit <= 4 or i * 0.0025 < 1.0  # shrunk from 8 in its first second
+    assert limit.limit == limit.minimum and limit.probing is None
+
+
 def test_the_unloaded_latency_follows_a_slower_model() -> None:
     limit = LatencyLimit(initial=8)
     now = 0.0

@@ -7,7 +7,8 @@ busy (one computing while another waits for its lookups), one more only waits, a
 takes longer (Little's law: in flight = throughput x latency). Each answered request reports its
 latency, from its headers to its answer, and whether it was alone (nothing else in flight when it
 came, nor when it was answered): the least latency of a lone request in the last `BASE_WINDOW_S` is
-the unloaded latency. Over each interval, the median latency decides:
+the unloaded latency (under overload it may fall, never rise: a request alone among refusals is
+slowed by them). Over each interval, the median latency decides:
 
     median > 3 x unloaded, and more requests refused than answered (over twice what is served
     comes): requests queue; the limit shrinks in proportion (x 3 unloaded / median, by half at most)
@@ -24,8 +25,8 @@ two shared cores it sits there, and a least of one (or a tolerance of 2) gave le
 little less latency. Where requests overlap without slowing each other (lookups on embedding
 servers, a dynamic batch filling), the median does not rise and the limit does. Under sustained
 overload no request is alone: when none was for `BASE_WINDOW_S`, the limit drops to one until one
-is (as BBR probes its round-trip time), so the unloaded latency is measured again rather than taken
-from a queue.
+is (as BBR probes its round-trip time), and the unloaded latency is what that lone request took (a
+slower model or host is followed) rather than taken from a queue.
 """
 
 from __future__ import annotations
@@ -92,12 +93,16 @@ class LatencyLimit:
         overloaded = refused - self._refused > len(self._latencies)  # more refused than answered
         if self._alone < math.inf or math.isnan(self._last_lone):
             self._last_lone = now
-        if self._alone < math.inf:
+        # Under overload a request alone in flight is slowed by the refusals around it: the
+        # unloaded latency may fall then, never rise (by the least before it expiring), or the
+        # limit would grow with the latency it bounds.
+        if self._alone < (self.unloaded_s if overloaded else math.inf):
             self._unloaded.append((now, self._alone))
-        while self._unloaded and self._unloaded[0][0] < now - self.base_window_s:
+        while not overloaded and self._unloaded and self._unloaded[0][0] < now - self.base_window_s:
             self._unloaded.popleft()
         if self.probing is not None:
-            if self._alone < math.inf:  # measured: back to where it was
+            if self._alone < math.inf:  # measured alone at a limit of one: that is the latency now
+                self._unloaded = collections.deque([(now, self._alone)])
                 self.limit, self.probing = self.probing, None
         elif now - self._last_lone > self.base_window_s and overloaded:  # measure again
             self.limit, self.probing = 1, self.limit
