@@ -108,6 +108,18 @@ def test_under_overload_a_lone_request_slowed_by_the_refusals_does_not_raise_the
     assert limit.limit == limit.minimum and limit.probing is None
 
 
+def test_the_probes_lone_request_sets_the_unloaded_latency_even_when_slower() -> None:
+    """A model or host that got slower during a sustained overload is followed through the probe."""
+    limit = LatencyLimit(initial=10)
+    limit.observe(UNLOADED_S, True, 1, 0, 0.0)
+    now, refused = 0.0, 0
+    while limit.probing is None:  # never alone, refusing
+        now, refused = now + 0.0025, refused + 2
+        limit.observe(UNLOADED_S * limit.limit, False, limit.limit, refused, now)
+    limit.observe(5 * UNLOADED_S, True, 1, refused, now + INTERVAL_S)
+    assert limit.unloaded_s == 5 * UNLOADED_S and limit.probing is None
+
+
 def test_the_unloaded_latency_follows_a_slower_model() -> None:
     limit = LatencyLimit(initial=8)
     now = 0.0
