@@ -174,6 +174,15 @@ def responses(data: bytes) -> list[tuple[int, bytes]]:
     return out
 
 
+async def scoring(route: Route, workers: ThreadPoolExecutor, data: bytes) -> tuple[InferProtocol, Transport]:
+    """A connection that sent `data`, its first request held in scoring (until `route.release`)."""
+    route.release.clear()
+    protocol, transport = connect(route, workers)
+    transport.feed(data)
+    assert await asyncio.to_thread(route.scoring.wait, 30)
+    return protocol, transport
+
+
 async def settle(transport: Transport, count: int) -> list[tuple[int, bytes]]:
     """The responses once `count` have been written (or the connection closed)."""
     for _ in range(3000):
@@ -186,16 +195,15 @@ async def settle(transport: Transport, count: int) -> list[tuple[int, bytes]]:
 def test_pipelined_requests_are_answered_in_order_direct_and_asgi_mixed(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        route.release.clear()  # the first request is still being scored when the others arrive
-        _protocol, transport = connect(route, workers)
-        transport.feed(
+        _protocol, transport = await scoring(  # the first request is still scored when the others arrive
+            route,
+            workers,
             post(INFER, b"one")
             + b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
             + post(INFER, b"two")
             + post("/v2/models/m/other", b"three")
-            + post(INFER + "?x=1", b"four")
+            + post(INFER + "?x=1", b"four"),
         )
-        assert await asyncio.to_thread(route.scoring.wait, 30)
         assert transport.written == b"" and len(route.calls) == 1  # the rest wait their turn
         route.release.set()
         assert await settle(transport, 5) == [
@@ -287,10 +295,7 @@ def test_a_refusal_waits_for_the_request_before_it_and_closes_the_connection_if_
 
     async def run() -> None:
         route = Route()
-        route.release.clear()
-        protocol, transport = connect(route, workers)
-        protocol.data_received(post(INFER, b"one"))
-        assert await asyncio.to_thread(route.scoring.wait, 30)
+        protocol, transport = await scoring(route, workers, post(INFER, b"one"))
         route.refuse = True
         protocol.data_received(post(INFER, b"two"))  # pipelined behind one: waits for its answer
         assert transport.written == b""
@@ -341,10 +346,7 @@ def test_a_client_that_leaves_mid_body_is_dropped_and_nothing_is_written(workers
 def test_a_client_that_leaves_while_scored_has_its_work_dropped(workers: ThreadPoolExecutor) -> None:
     async def run() -> None:
         route = Route()
-        route.release.clear()
-        protocol, transport = connect(route, workers)
-        transport.feed(post(INFER, b"abc"))
-        assert await asyncio.to_thread(route.scoring.wait, 30)
+        protocol, transport = await scoring(route, workers, post(INFER, b"abc"))
         transport.closed = True
         protocol.connection_lost(None)
         (call,) = route.calls
