@@ -70,7 +70,8 @@ class LatencyLimit:
         self._alone = math.inf  # the least latency of a lone request this interval
         self._in_use = 0  # the most requests in flight this interval
         self._unloaded: collections.deque[tuple[float, float]] = collections.deque()
-        """(interval end, least latency of a lone request) of the last `base_window_s`."""
+        """(interval end, least latency of a lone request) of the last `base_window_s`; under
+        overload none expires, and only a new least is added."""
         self._last_lone = math.nan  # when a lone request was last answered (first: the first answer)
         self._refused = 0  # requests refused before this interval
         self._interval_end = -math.inf
