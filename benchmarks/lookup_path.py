@@ -56,12 +56,14 @@ def main() -> None:
     add_request_arguments(parser)
     parser.add_argument("--requests", type=int, default=1000, help="per system and round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--serve-args", default="", help="extra `flexemr serve` flags for the cluster")
     args = parser.parse_args()
     torch.set_num_threads(1)
     flags = argparse.ArgumentParser()
     serve.add_arguments(flags)
     spec = cluster_spec(flags.parse_args(["--preset", args.preset, "--row-scale", str(args.row_scale),
-                                          "--embedding-servers", str(args.servers)]))  # fmt: skip
+                                          "--embedding-servers", str(args.servers),
+                                          *args.serve_args.split()]))  # fmt: skip
     os.environ.setdefault(spec.security.secret_env, secrets.token_hex(32))
     source = load_weights(spec.model)
     whole = make_plan("table", spec.sharding.table_rows, spec.sharding.dim, 1)

@@ -1,5 +1,6 @@
 """An embedding server's lookups per row range: exact counts of what was looked up, per (table,
-rows) part, whatever the shards' layout, in process and over a real cluster."""
+rows) part, whatever the shards' layout, or a sample's estimates, in process and over real
+connections."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import time
 import numpy as np
 import pytest
 
+from flexemr.config import NodeLimits
 from flexemr.config.plan import Shard, ShardingPlan
 from flexemr.embedding_server import range_counts
 from flexemr.embedding_server.range_counts import RangeCounts, range_rows
 from flexemr.sharding.plan import make_plan, with_local_offsets
+from tests.engine.helpers import random_request, reference, thread_servers
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
@@ -108,3 +111,64 @@ def test_stats_wait_for_the_lookups_answered_before_them() -> None:
     late.start()
     assert counts.stats()["lookups"] == 10
     late.join()
+
+
+def test_a_sample_counts_one_subrequest_in_n_each_row_n_times() -> None:
+    """One subrequest in 4 is counted, at random, each of its rows as 4 lookups: the counts are
+    estimates whose shares follow the traffic's (a hot range's half of the lookups stays half)."""
+    plan = make_plan("table", (1024, 1024), 8, 1)
+    counts = RangeCounts(plan.shards_of(0), plan.table_rows, 8, sample=4, seed=1)
+    rng = np.random.default_rng(2)
+    subrequests = 4000
+    counted = 0
+    for _ in range(subrequests):
+        rows = rng.integers(8, plan.server_rows(0), size=20).astype(np.int32)  # never row 7 but:
+        rows[:10] = 7  # half of every subrequest's rows: row 7, grid range 7 of table 0
+        if counts.expect():
+            counts.count(rows)
+            counted += 1
+    stats = counts.stats()
+    assert stats["sample"] == 4 and stats["skipped"] == 0
+    assert 900 <= counted <= 1100  # 1000 expected (binomial, sd 27; the seed fixes it)
+    assert stats["lookups"] == 4 * 20 * counted
+    assert all(n % 4 == 0 for *_, n in stats["ranges"])
+    hot = sum(n for table, start, _, n in stats["ranges"] if table == 0 and start == 7)
+    assert hot == stats["lookups"] // 2  # every counted subrequest looked row 7 up 10 times
+    # the estimate of all lookups is within 10% of the truth
+    assert abs(stats["lookups"] - 20 * subrequests) <= 0.1 * 20 * subrequests
+
+
+def test_a_sample_of_one_counts_every_subrequest_and_a_sample_below_one_is_refused() -> None:
+    plan = make_plan("table", (1000,), 8, 1)
+    counts = RangeCounts(plan.shards_of(0), plan.table_rows, 8, sample=1)
+    assert all(counts.expect() for _ in range(100))
+    with pytest.raises(ValueError, match="N >= 1"):
+        RangeCounts(plan.shards_of(0), plan.table_rows, 8, sample=0)
+
+
+def test_a_server_counts_the_sample_its_limits_ask_for() -> None:
+    """Over real connections: servers with `range_sample` 8 answer every lookup, count about one
+    in 8 and say so in the stats the ranker gathers."""
+    with thread_servers(2, limits=NodeLimits(range_sample=8, heartbeat_timeout_s=10.0)) as servers:
+        engine = servers.engine()
+        try:
+            rng = np.random.default_rng(3)
+            futures = []
+            for _ in range(800):
+                server = int(rng.integers(0, 2))
+                request = random_request(rng, servers.plan.server_rows(server))
+                futures.append((server, request, engine.submit(server, request)))
+            rows = [0, 0]
+            for server, request, future in futures:
+                np.testing.assert_allclose(
+                    future.result(30), reference(servers.stores[server], request), rtol=1e-5, atol=1e-5
+                )
+                rows[server] += request.rows.size
+            for server in range(2):
+                stats = engine.server_credit_stats(server)["ranges"]
+                assert stats["sample"] == 8 and stats["lookups"] % 8 == 0
+                assert servers.servers[server].lookups == sum(s == server for s, *_ in futures)
+                # about 50 of ~400 subrequests counted: the estimate lands within half of the truth
+                assert stats["lookups"] > 0 and abs(stats["lookups"] - rows[server]) < rows[server] / 2
+        finally:
+            engine.close()

@@ -58,8 +58,20 @@ def test_servers_count_what_they_look_up_and_plan_from_stats_reads_the_rankers_u
     serve: Callable[..., ServeProcess], tmp_path: Path
 ) -> None:
     batches = [skewed_batch(seed) for seed in range(6)]
-    measured = serve("--preset", "tiny", "--seed", "3", "--embedding-servers", "3", "--sharding", "row",
-                     "--cache", "off")  # fmt: skip
+    measured = serve(
+        "--preset",
+        "tiny",
+        "--seed",
+        "3",
+        "--embedding-servers",
+        "3",
+        "--sharding",
+        "row",
+        "--cache",
+        "off",
+        "--range-sample",
+        "1",
+    )  # fmt: skip: exact counts
     with httpx.Client(base_url=measured.url, timeout=60) as client:
         for batch in batches:
             assert scores(client, batch)[0] == 200
@@ -76,7 +88,7 @@ def test_servers_count_what_they_look_up_and_plan_from_stats_reads_the_rankers_u
             sent[t] += np.bincount(indices[bounds[t] : bounds[t + 1]], minlength=SPEC.table_rows[t])
     for t in range(SPEC.num_tables):
         np.testing.assert_array_equal(per_row[t], sent[t])
-    assert sum(stats["lookups"]) == sum(int(s.sum()) for s in sent)
+    assert sum(stats["lookups"]) == sum(int(s.sum()) for s in sent) and stats["sample"] == [1, 1, 1]
 
     # two copies of every row, the hot row on all three servers
     plan_path = tmp_path / "hot.json"

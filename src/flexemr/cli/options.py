@@ -7,7 +7,15 @@ import dataclasses
 from collections import Counter
 
 from flexemr.cli.flags import add_flags, given, over
-from flexemr.config import Endpoint, EngineConfig, RankerConfig, SecurityConfig, StorageConfig, UpdatesConfig
+from flexemr.config import (
+    Endpoint,
+    EngineConfig,
+    NodeLimits,
+    RankerConfig,
+    SecurityConfig,
+    StorageConfig,
+    UpdatesConfig,
+)
 from flexemr.config.model import ModelSource
 from flexemr.config.plan import ShardingPlan
 from flexemr.config.spec import ClusterSpec
@@ -54,7 +62,7 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server-host", default="127.0.0.1", help="address the embedding servers listen on (never --host)"
     )
-    for family in (RankerConfig, EngineConfig, StorageConfig, UpdatesConfig, SecurityConfig):
+    for family in (RankerConfig, EngineConfig, StorageConfig, UpdatesConfig, SecurityConfig, NodeLimits):
         add_flags(parser, family)
 
 
@@ -112,6 +120,7 @@ def cluster_spec(args: argparse.Namespace) -> ClusterSpec:
         security=over(SecurityConfig(), args),
         storage=over(StorageConfig(), args),
         updates=over(UpdatesConfig(), args),
+        limits=over(NodeLimits(), args),
     )
 
 

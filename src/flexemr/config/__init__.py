@@ -348,7 +348,8 @@ class SecurityConfig:
 
 @dataclass(frozen=True)
 class NodeLimits:
-    """Bounds of an embedding server, and the ranker's heartbeat to it."""
+    """Bounds of an embedding server, what it spends on counting lookups, and the ranker's
+    heartbeat to it."""
 
     max_connections: int = 256
     """Connections a server holds at once (each has a thread); when all of them have proven the
@@ -368,6 +369,14 @@ class NodeLimits:
     """How often the ranker pings each server on its control connection."""
     heartbeat_timeout_s: float = 1.0
     """A server whose oldest unanswered ping is this old is marked not ready, its subrequests failed."""
+    range_sample: int = field(
+        default=16,
+        metadata=flag("--range-sample", "servers count one lookup in N per row range, for plan --from-stats"),
+    )
+    """Embedding servers count the rows of one lookup subrequest in this many, drawn at random, each
+    as this many lookups (`GET /v2/stats/ranges`, for `flexemr plan --from-stats`): estimates that
+    cost 1/N of exact counts' CPU (up to a quarter of a busy server's, counting all). 1: every
+    subrequest, exact counts."""
 
     def __post_init__(self) -> None:
         values = dataclasses.asdict(self)

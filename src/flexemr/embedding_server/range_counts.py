@@ -17,11 +17,14 @@ two gathers and a compare more (several times the cost); with shards shorter tha
 `searchsorted` over the part starts.
 
 A connection thread counts its lookup's rows itself, once the answer is on its way: a pass over
-the rows, a few times cheaper than the kernel that read them, costs less than handing the rows
-to a thread of their own (a wake-up per subrequest). So that the stats include every lookup
-answered before they were asked for, a lookup is announced (`expect`) before its answer goes out
-and `stats` waits for the announced ones to be counted. The counts are exact; `skipped` (rows
-looked up but not counted) stays 0 and stays in the stats, which rankers of every version read.
+the rows costs less than handing them to a thread of their own (a wake-up per subrequest), but
+on a server whose cores the kernels keep busy it still took a quarter of its CPU. So only one
+subrequest in `sample`, drawn at random, is counted, each of its rows as `sample` lookups: every
+count is an unbiased estimate, and the planner only compares shares of a server's lookups
+(`sample` 1: every subrequest, the counts exact). So that the stats include every lookup counted
+before they were asked for, a sampled lookup is announced (`expect`) before its answer goes out
+and `stats` waits for the announced ones to be counted. `skipped` (rows looked up but not
+counted, an older server's) stays 0 and stays in the stats, which rankers of every version read.
 
     local rows:  0       256      512      768  (bits = 8)
     shards:      [t0 ...........)[t1 ...........
@@ -30,6 +33,7 @@ looked up but not counted) stays 0 and stays in the stats, which rankers of ever
 
 from __future__ import annotations
 
+import random
 import threading
 from typing import Any
 
@@ -60,10 +64,22 @@ def range_rows(table_rows: int) -> int:
 
 
 class RangeCounts:
-    def __init__(self, shards: list[Shard], table_rows: tuple[int, ...], dim: int) -> None:
+    def __init__(
+        self,
+        shards: list[Shard],
+        table_rows: tuple[int, ...],
+        dim: int,
+        sample: int = 1,
+        seed: int | None = None,
+    ) -> None:
         """`shards`: the server's (`ShardingPlan.shards_of`), of a model with tables of
-        `table_rows` rows of `dim` columns."""
+        `table_rows` rows of `dim` columns; one subrequest in `sample` is counted (`seed`: of the
+        draw, for tests)."""
+        if sample < 1:
+            raise ValueError(f"range counts sample one subrequest in N >= 1, got {sample}")
         self._table_rows, self._dim = table_rows, dim
+        self.sample = sample
+        self._draw = random.Random(seed).random
         shards = sorted(shards, key=lambda s: s.local_start)
         local_rows = max((s.local_start + s.rows for s in shards), default=0)
         # Buckets no longer than the finest grid range held, unless that makes too many.
@@ -104,14 +120,18 @@ class RangeCounts:
                 np.dtype(t): np.minimum(split, np.iinfo(t).max).astype(t) for t in (np.int32, np.int64)
             }
 
-    def expect(self) -> None:
-        """Announce a lookup whose rows `count` will be given (call before its answer goes out)."""
+    def expect(self) -> bool:
+        """Draw whether a lookup is counted; when it is (True), announce it: its rows must then be
+        given to `count` (call before its answer goes out)."""
+        if self.sample > 1 and self._draw() * self.sample >= 1:
+            return False
         with self._lock:
             self._expected += 1
+        return True
 
     def count(self, rows: np.ndarray) -> None:
         """Count one announced subrequest's server-local `rows` (all valid: the kernel has read
-        them)."""
+        them), each as `sample` lookups."""
         if rows.size == 0:
             with self._lock:
                 self._counted_one()
@@ -126,6 +146,8 @@ class RangeCounts:
         # torch's bincount over int32 takes half of numpy's time (which first widens to int64);
         # parts (at most MAX_PARTS plus a few shard starts) always fit in int32.
         counted = torch.bincount(torch.from_numpy(parts.astype(np.int32, copy=False))).numpy()
+        if self.sample > 1:
+            counted *= self.sample
         with self._lock:
             self._counts[: counted.size] += counted
             self._counted_one()
@@ -137,9 +159,9 @@ class RangeCounts:
 
     def stats(self) -> dict[str, Any]:
         """The counts so far, as JSON-ready data: the model's shape, the planner's grid (rows per
-        range of each table), the rows looked up in all, and `[table, row_start, row_end,
-        lookups] of every part looked up at least once. Waits up to `DRAIN_S` for the lookups
-        announced so far to be counted."""
+        range of each table), the rows looked up in all, one subrequest in how many was counted
+        (`sample`), and `[table, row_start, row_end, lookups]` of every part counted at least once.
+        Waits up to `DRAIN_S` for the lookups announced so far to be counted."""
         with self._lock:
             self._lock.wait_for(lambda: not self._expected, DRAIN_S)
             counts = self._counts.copy()
@@ -149,6 +171,7 @@ class RangeCounts:
             "dim": self._dim,
             "range_rows": [range_rows(rows) for rows in self._table_rows],
             "lookups": int(counts.sum()),
+            "sample": self.sample,
             "skipped": 0,
             "ranges": np.stack(
                 [self._table[hit], self._row_start[hit], self._row_end[hit], counts[hit]], axis=1

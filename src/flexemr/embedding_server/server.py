@@ -190,8 +190,11 @@ class EmbeddingServer:
         """Per session, grant-to-arrival times of recent credits (meaningful with same-host clocks)."""
         self.lookups = 0
         """Lookup subrequests answered with rows (for tests and stats)."""
-        self.range_counts = RangeCounts(store.shards, store.table_rows, store.dim)
-        """Rows looked up per row range (the control channel's stats, for `plan --from-stats`)."""
+        self.range_counts = RangeCounts(
+            store.shards, store.table_rows, store.dim, self.node_limits.range_sample
+        )
+        """Rows looked up per row range, from a sample of the lookups (the control channel's stats,
+        for `plan --from-stats`)."""
         self.refused: Counter[str] = Counter()
         """Connections refused or closed early, by reason."""
 
@@ -429,14 +432,14 @@ class EmbeddingServer:
         return reply
 
     def _count(self, looked_up: np.ndarray | None) -> None:
-        """Count a lookup's rows (`range_counts`) once its answer is on its way (always, once
-        `_reply` has announced it: `stats` waits for it)."""
+        """Count a sampled lookup's rows (`range_counts`) once its answer is on its way (always,
+        once `_reply` has announced it: `stats` waits for it)."""
         if looked_up is not None:
             self.range_counts.count(looked_up)
 
     def _reply(self, frame: Frame) -> tuple[list[memoryview], np.ndarray | None]:
-        """The reply to one well-formed frame, and the rows it looked up (None: not a lookup
-        answered with rows)."""
+        """The reply to one well-formed frame, and the rows it looked up to be counted (None: not
+        a lookup answered with rows, or one the range counts' sample left out)."""
         if frame.type == MessageType.LOOKUP:
             try:
                 values = self._lookup(frame)
@@ -445,8 +448,8 @@ class EmbeddingServer:
             except BadSubrequest as exc:
                 return error_frame(frame.request_id, f"embedding server {self.store.server}: {exc}"), None
             self.lookups += 1
-            self.range_counts.expect()
-            return encode(MessageType.RESULT, frame.request_id, [values]), frame.buffers[0]
+            counted = frame.buffers[0] if self.range_counts.expect() else None
+            return encode(MessageType.RESULT, frame.request_id, [values]), counted
         return self._other(frame), None
 
     def _other(self, frame: Frame) -> list[memoryview]:

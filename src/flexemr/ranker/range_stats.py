@@ -16,14 +16,16 @@ from flexemr.ranker.ranker import Ranker
 
 def gather_range_counts(ranker: Ranker) -> dict[str, Any]:
     """The servers' counts side by side: the model's shape, the grid's rows per range of each table
-    (`range_rows`, the same on every server), the rows each server counted (`lookups`) and looked
-    up but left uncounted while its counter was behind (`skipped`), the servers that could not be
-    asked (`missing`), and every server's `[table, row_start, row_end, lookups]` parts in `ranges`
-    (replicas' parts of one range add up)."""
+    (`range_rows`, the same on every server), the lookups each server estimates from the one
+    subrequest in `sample` it counted (`lookups`; `sample` 1: exact), looked up but left uncounted
+    (`skipped`, always 0 but from older servers), the servers that could not be asked (`missing`),
+    and every server's `[table, row_start, row_end, lookups]` parts in `ranges` (replicas' parts of
+    one range add up)."""
     plan, transport = ranker.router.plan, ranker.transport
     if not isinstance(transport, IoEngine):
         raise ValueError("per-range lookup counts come from embedding servers; this ranker has none")
     lookups: list[int | None] = []
+    sample: list[int | None] = []
     skipped: list[int | None] = []
     ranges: list[list[int]] = []
     grid: list[int] = []
@@ -32,9 +34,11 @@ def gather_range_counts(ranker: Ranker) -> dict[str, Any]:
             counted = transport.server_credit_stats(server)["ranges"]
         except (ConnectionError, TimeoutError):
             lookups.append(None)
+            sample.append(None)
             skipped.append(None)
             continue
         lookups.append(counted["lookups"])
+        sample.append(counted.get("sample", 1))  # servers before sampling counted every lookup
         skipped.append(counted["skipped"])
         ranges.extend(counted["ranges"])
         grid = counted["range_rows"]
@@ -43,6 +47,7 @@ def gather_range_counts(ranker: Ranker) -> dict[str, Any]:
         "dim": plan.dim,
         "range_rows": grid,
         "lookups": lookups,
+        "sample": sample,
         "skipped": skipped,
         "missing": [s for s, n in enumerate(lookups) if n is None],
         "ranges": ranges,
