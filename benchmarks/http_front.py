@@ -12,8 +12,10 @@ Starts `flexemr serve` (default `--preset tiny`) unless `--url` points at a runn
                requests, liveness probes, the admission's requests limit and requests in flight
                (every 0.1 s), the ranker's RSS and how long it took to drain; the ranker's CPU per
                request at capacity and per admitted request under overload;
-               and the kernel's listen-queue overflows meanwhile (connections the ranker did not
-               accept in time: their clients retry the SYN after 1 s, 3 s, ...).
+               the kernel's listen-queue overflows meanwhile (connections the ranker did not
+               accept in time: their clients retry the SYN after 1 s, 3 s, ...); and the cores the
+               served system (ranker and servers), the load generator and the whole host used in
+               the closed loop and under overload (the generator shares a small box's cores).
 
     refusals:  the ranker's CPU per refusal, user and system: holds it full (requests whose headers
                came and whose bodies never do: in flight, at least the latency limit's first 8), then
@@ -114,6 +116,41 @@ def user_system_s(pid: int | None) -> tuple[float, float]:
     return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_s(pid: int | None) -> float:
+    """CPU seconds process `pid` and its descendants (a local cluster's embedding servers) used."""
+    if pid is None:
+        return float("nan")
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return cpu_s(pid) + sum(tree_cpu_s(int(child)) for child in children)
+
+
+def host_cpu_s() -> tuple[float, float]:
+    """CPU seconds the whole host has been busy (not idle nor waiting for I/O), and in all."""
+    jiffies = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = jiffies[3] + jiffies[4]
+    return (sum(jiffies) - idle) / os.sysconf("SC_CLK_TCK"), sum(jiffies) / os.sysconf("SC_CLK_TCK")
+
+
+class CoresUsed:
+    """Cores the served system (ranker and servers), this benchmark's load and the whole host used
+    over a phase: on a small box the load generator shares the cores with what it measures."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self._start = (time.perf_counter(), tree_cpu_s(pid), time.process_time(), *host_cpu_s())
+
+    def report(self, generators_s: float = 0.0) -> str:
+        """`generators_s`: CPU seconds of load processes other than this one."""
+        wall, system, own, busy, total = self._start
+        elapsed = time.perf_counter() - wall
+        host_busy, host_total = host_cpu_s()
+        load = time.process_time() - own + generators_s
+        return (
+            f"system {(tree_cpu_s(self.pid) - system) / elapsed:.2f}, load generator {load / elapsed:.2f}, "
+            f"whole host {(host_busy - busy) / elapsed:.2f} of {(host_total - total) / elapsed:.2f}"
+        )
+
+
 def listen_overflows() -> int:
     """The kernel's count of connections dropped because a listen queue was full (whole host)."""
     names, values = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()[:2]]
@@ -195,19 +232,21 @@ async def capacity(url: str, requests_: list[bytes], args: argparse.Namespace) -
 
 def offer(
     url: str, rate: float, args: argparse.Namespace, seed: int
-) -> tuple[list[Outcome], float, float, float]:
+) -> tuple[list[Outcome], float, float, float, float]:
     """One load process: requests at fixed intervals (open loop), each on its own connection; and
-    the wall-clock times when offering began and ended and when the last answer came."""
+    the wall-clock times when offering began and ended and when the last answer came, and the CPU
+    seconds the process used meanwhile."""
     requests_ = [raw_request(url, binary_body(r)) for r in requests(args.preset, args.batch, 32)]
 
-    async def run() -> tuple[list[Outcome], float, float, float]:
-        tasks, began = [], time.time()
+    async def run() -> tuple[list[Outcome], float, float, float, float]:
+        tasks, began, cpu = [], time.time(), time.process_time()
         start = time.perf_counter() + seed / rate / args.processes  # processes interleave
         for i in range(int(rate * args.seconds)):
             await asyncio.sleep(max(start + i / rate - time.perf_counter(), 0))
             tasks.append(asyncio.create_task(post(url, requests_[i % len(requests_)], args.timeout)))
         offered = time.time()
-        return list(await asyncio.gather(*tasks)), began, offered, time.time()
+        outcomes = list(await asyncio.gather(*tasks))
+        return outcomes, began, offered, time.time(), time.process_time() - cpu
 
     return uvloop.run(run())
 
@@ -215,8 +254,9 @@ def offer(
 async def overload(url: str, pid: int | None, args: argparse.Namespace) -> None:
     requests_ = [raw_request(url, binary_body(r)) for r in requests(args.preset, args.batch, 32)]
     unloaded = await sequential(url, requests_, 1000, args.timeout)  # p99: the 10th slowest
-    cpu_before = cpu_s(pid)
+    cpu_before, cores = cpu_s(pid), CoresUsed(pid)
     peak = args.peak or await capacity(url, requests_, args)
+    cores_at_capacity = cores.report()
     cpu_per_request = math.nan if args.peak else (cpu_s(pid) - cpu_before) / (peak * args.capacity_seconds)
     rate = peak * args.factor
     unloaded_p99 = float(np.percentile(unloaded, 99))
@@ -225,7 +265,7 @@ async def overload(url: str, pid: int | None, args: argparse.Namespace) -> None:
     print(f"capacity ({measured}): {peak:.1f} requests/s of {args.batch} samples; "
           f"offering {rate:.1f}/s from {args.processes} processes", flush=True)  # fmt: skip
     rss_before, rss_peak, probes, limits = rss_mb(pid), rss_mb(pid), [], []
-    cpu_before, overflows_before = cpu_s(pid), listen_overflows()
+    cpu_before, overflows_before, cores = cpu_s(pid), listen_overflows(), CoresUsed(pid)
     loop = asyncio.get_running_loop()
     with ProcessPoolExecutor(args.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
         load = asyncio.gather(
@@ -248,10 +288,11 @@ async def overload(url: str, pid: int | None, args: argparse.Namespace) -> None:
                 rss_peak = max(rss_peak, rss_mb(pid))
                 await asyncio.sleep(0.1)
         parts = await load
+    cores_under_overload = cores.report(sum(part[4] for part in parts))
     cpu_overload, overflows = cpu_s(pid) - cpu_before, listen_overflows() - overflows_before
     results = [outcome for part, *_ in parts for outcome in part]
-    offered_s = max(offered - began for _, began, offered, _ in parts)
-    drain_s = max(done for *_, done in parts) - max(offered for _, _, offered, _ in parts)
+    offered_s = max(offered - began for _, began, offered, *_ in parts)
+    drain_s = max(part[3] for part in parts) - max(offered for _, _, offered, *_ in parts)
 
     outcomes = Counter(status for status, _ in results)
     admitted = np.array([t for status, t in results if status == 200]) * 1000
@@ -283,6 +324,8 @@ async def overload(url: str, pid: int | None, args: argparse.Namespace) -> None:
           f"{cpu_overload:.1f} s = {per_admitted * 1000:.2f} ms per admitted request, refusals included "
           "(`refusals` measures a refusal alone)")  # fmt: skip
     print(f"listen-queue overflows (whole host) during the overload: {overflows}")
+    print(f"cores used at capacity: {cores_at_capacity}")
+    print(f"cores used under overload: {cores_under_overload}")
 
 
 async def refusals(url: str, pid: int | None, args: argparse.Namespace) -> None:
