@@ -15,7 +15,7 @@ from flexemr.config.plan import Shard, ShardingPlan
 from flexemr.embedding_server import range_counts
 from flexemr.embedding_server.range_counts import RangeCounts, range_rows
 from flexemr.sharding.plan import make_plan, with_local_offsets
-from tests.engine.helpers import random_request, reference, thread_servers
+from tests.engine.helpers import burst, thread_servers
 
 
 @pytest.mark.parametrize("dtype", [np.int32, np.int64])
@@ -152,23 +152,13 @@ def test_a_server_counts_the_sample_its_limits_ask_for() -> None:
     with thread_servers(2, limits=NodeLimits(range_sample=8, heartbeat_timeout_s=10.0)) as servers:
         engine = servers.engine()
         try:
-            rng = np.random.default_rng(3)
-            futures = []
-            for _ in range(800):
-                server = int(rng.integers(0, 2))
-                request = random_request(rng, servers.plan.server_rows(server))
-                futures.append((server, request, engine.submit(server, request)))
-            rows = [0, 0]
-            for server, request, future in futures:
-                np.testing.assert_allclose(
-                    future.result(30), reference(servers.stores[server], request), rtol=1e-5, atol=1e-5
-                )
-                rows[server] += request.rows.size
+            subs = burst(engine, servers, 800, seed=3)  # raw lookups count their rows too
             for server in range(2):
+                rows = sum(request.rows.size for s, request in subs if s == server)
                 stats = engine.server_credit_stats(server)["ranges"]
                 assert stats["sample"] == 8 and stats["lookups"] % 8 == 0
-                assert servers.servers[server].lookups == sum(s == server for s, *_ in futures)
+                assert servers.servers[server].lookups == sum(s == server for s, _ in subs)
                 # about 50 of ~400 subrequests counted: the estimate lands within half of the truth
-                assert stats["lookups"] > 0 and abs(stats["lookups"] - rows[server]) < rows[server] / 2
+                assert stats["lookups"] > 0 and abs(stats["lookups"] - rows) < rows / 2
         finally:
             engine.close()

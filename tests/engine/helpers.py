@@ -113,6 +113,25 @@ def random_request(
     return LookupRequest(indices, offsets, raw=raw)
 
 
+def burst(
+    engine: IoEngine, servers: Servers, n: int, seed: int, raw_every: int = 5
+) -> list[tuple[int, LookupRequest]]:
+    """Submit n subrequests at once (random servers; partial, and raw every `raw_every`th: 0 for
+    none), check every answer; returns them with their servers."""
+    rng = np.random.default_rng(seed)
+    subs = []
+    for i in range(n):
+        server = int(rng.integers(0, servers.plan.num_servers))
+        raw = raw_every > 0 and i % raw_every == 0
+        request = random_request(rng, servers.plan.server_rows(server), raw=raw)
+        subs.append((server, request, engine.submit(server, request)))
+    for server, request, future in subs:
+        np.testing.assert_allclose(
+            future.result(30), reference(servers.stores[server], request), rtol=1e-5, atol=1e-5
+        )
+    return [(server, request) for server, request, _ in subs]
+
+
 def reference(store: ShardStore, request: LookupRequest) -> np.ndarray:
     """What the server must answer, computed locally with numpy (not the server's kernel)."""
     table = store.raw(np.arange(store.num_rows))  # every row's stored value, as float32

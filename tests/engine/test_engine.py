@@ -16,27 +16,13 @@ from flexemr.config import EngineConfig
 from flexemr.engine import IoEngine, SharedIoEngine, make_engine
 from flexemr.engine.connection import OwnershipError
 from flexemr.transport.base import LookupFailed, LookupRequest
-from tests.engine.helpers import Servers, random_request, reference, thread_servers
+from tests.engine.helpers import Servers, burst, random_request, reference, thread_servers
 
 
 @pytest.fixture(scope="module")
 def servers() -> Servers:
     with thread_servers(2) as s:
         yield s  # type: ignore[misc]
-
-
-def burst(engine: IoEngine, servers: Servers, n: int, seed: int, raw_every: int = 5) -> None:
-    """Submit n subrequests at once (random servers, partial and raw), check every answer."""
-    rng = np.random.default_rng(seed)
-    subs = []
-    for i in range(n):
-        server = int(rng.integers(0, servers.plan.num_servers))
-        request = random_request(rng, servers.plan.server_rows(server), raw=i % raw_every == 0)
-        subs.append((server, request, engine.submit(server, request)))
-    for server, request, future in subs:
-        np.testing.assert_allclose(
-            future.result(30), reference(servers.stores[server], request), rtol=1e-5, atol=1e-5
-        )
 
 
 @pytest.mark.parametrize(
