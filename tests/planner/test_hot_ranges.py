@@ -53,6 +53,7 @@ def test_the_hot_range_gets_a_copy_on_every_server_and_the_load_is_balanced() ->
     assert all(copies == 2 for t in range(4) for _, _, copies in plan.copies(t)[1 if t == 0 else 0 :])
     assert plan.replicas == 2 and plan.strategy == "hot-range"
     assert sum(s.rows for s in plan.shards) <= 2.1 * sum(TABLE_ROWS)
+    assert "estimated" not in result.describe()  # exact counts
     # 60% of the lookups on one range: spread over 4 copies, no server takes much over a quarter
     load = result.server_load
     assert load.max() / load.mean() < 1.1
@@ -139,3 +140,13 @@ def test_a_wide_table_whose_hot_range_the_budget_cannot_copy_is_cut_into_column_
     assert sum(plan.server_bytes()) == 4 * 256 * sum(TABLE_ROWS)  # one copy: the same memory
     assert wide.server_load.max() / wide.server_load.mean() < 1.1
     assert "cut into column blocks" in wide.describe()
+
+
+def test_a_plan_from_sampled_counts_says_its_lookups_are_estimates() -> None:
+    """Servers that count one lookup in 16 say so per server (`GET /v2/stats/ranges`: None for
+    one that was down); the plan's description names the sample."""
+    sampled = RangeTraffic.from_stats({**skewed_stats(), "sample": [16, None]})
+    assert sampled.sample == 16
+    result = hot_range_plan(sampled, num_servers=4, replicas=2, memory_budget=2.1)
+    assert "estimated: the servers counted one lookup in 16" in result.describe()
+    assert RangeTraffic.from_stats({**skewed_stats(), "sample": 4}).sample == 4  # one server's stats

@@ -66,6 +66,9 @@ class RangeTraffic:
     """Rows per grid range, per table."""
     lookups: tuple[np.ndarray, ...]
     """Per table, float64 [ranges]: lookups of each grid range."""
+    sample: int = 1
+    """The servers counted one lookup subrequest in this many (the most of any server), each as
+    this many: the lookups are estimates unless it is 1."""
 
     @property
     def total(self) -> int:
@@ -107,7 +110,9 @@ class RangeTraffic:
             np.bincount(cell[table[part] == t], share[table[part] == t], minlength=-(-rows // grid[t]))
             for t, rows in enumerate(table_rows)
         )
-        return cls(table_rows, dim, grid, lookups)
+        samples = stats.get("sample", 1)  # per server from a ranker, one number from a server
+        sample = max((int(n) for n in (samples if isinstance(samples, list) else [samples]) if n), default=1)
+        return cls(table_rows, dim, grid, lookups, sample)
 
 
 def load_range_stats(source: str) -> RangeTraffic:
@@ -143,6 +148,8 @@ class HotRangePlan:
     """float [servers]: the measured lookups each server would have taken, copies sharing equally."""
     too_hot: tuple[tuple[int, int, int], ...]
     """(table, row_start, row_end) of ranges above `HOT_SHARE` per copy even on every server."""
+    sample: int = 1
+    """`RangeTraffic.sample` of the counts it was planned from."""
 
     def describe(self) -> str:
         runs = [
@@ -156,7 +163,8 @@ class HotRangePlan:
         lines = [
             f"hot-range plan: {len(runs)} row ranges ({hot_rows} rows) with more than "
             f"{self.plan.replicas} copies (up to {max((c for *_, c in runs), default=self.plan.replicas)}); "
-            f"measured lookups per server max/mean {load.max() / max(load.mean(), 1e-12):.3f}",
+            f"measured lookups per server max/mean {load.max() / max(load.mean(), 1e-12):.3f}"
+            + (f" (estimated: the servers counted one lookup in {self.sample})" if self.sample > 1 else ""),
             self.plan.describe(),
         ]
         split = sorted({s.table for s in self.plan.shards if s.col_end is not None})
@@ -204,7 +212,7 @@ def hot_range_plan(
         strategy="hot-range",
         replicas=replicas,
     )
-    return HotRangePlan(plan, load, tuple(too_hot))
+    return HotRangePlan(plan, load, tuple(too_hot), traffic.sample)
 
 
 def _copies(
