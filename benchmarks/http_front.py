@@ -43,6 +43,7 @@ import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
 import numpy as np
@@ -161,6 +162,20 @@ Outcome = tuple[int | str, float]
 """HTTP status (or the client error's name) and latency in seconds."""
 
 
+class Offered(NamedTuple):
+    """What one load process offered and got back."""
+
+    outcomes: list[Outcome]
+    began: float
+    """Wall-clock time it began offering."""
+    offered: float
+    """Wall-clock time it stopped offering."""
+    done: float
+    """Wall-clock time the last answer came."""
+    cpu_s: float
+    """CPU seconds the process used meanwhile."""
+
+
 def raw_request(url: str, body: tuple[bytes, dict[str, str]]) -> bytes:
     """The whole HTTP/1.1 request, encoded once: the load costs no encoding."""
     host = url.removeprefix("http://")
@@ -230,15 +245,11 @@ async def capacity(url: str, requests_: list[bytes], args: argparse.Namespace) -
     return float(done / args.capacity_seconds)
 
 
-def offer(
-    url: str, rate: float, args: argparse.Namespace, seed: int
-) -> tuple[list[Outcome], float, float, float, float]:
-    """One load process: requests at fixed intervals (open loop), each on its own connection; and
-    the wall-clock times when offering began and ended and when the last answer came, and the CPU
-    seconds the process used meanwhile."""
+def offer(url: str, rate: float, args: argparse.Namespace, seed: int) -> Offered:
+    """One load process: requests at fixed intervals (open loop), each on its own connection."""
     requests_ = [raw_request(url, binary_body(r)) for r in requests(args.preset, args.batch, 32)]
 
-    async def run() -> tuple[list[Outcome], float, float, float, float]:
+    async def run() -> Offered:
         tasks, began, cpu = [], time.time(), time.process_time()
         start = time.perf_counter() + seed / rate / args.processes  # processes interleave
         for i in range(int(rate * args.seconds)):
@@ -246,7 +257,7 @@ def offer(
             tasks.append(asyncio.create_task(post(url, requests_[i % len(requests_)], args.timeout)))
         offered = time.time()
         outcomes = list(await asyncio.gather(*tasks))
-        return outcomes, began, offered, time.time(), time.process_time() - cpu
+        return Offered(outcomes, began, offered, time.time(), time.process_time() - cpu)
 
     return uvloop.run(run())
 
@@ -288,11 +299,11 @@ async def overload(url: str, pid: int | None, args: argparse.Namespace) -> None:
                 rss_peak = max(rss_peak, rss_mb(pid))
                 await asyncio.sleep(0.1)
         parts = await load
-    cores_under_overload = cores.report(sum(part[4] for part in parts))
+    cores_under_overload = cores.report(sum(part.cpu_s for part in parts))
     cpu_overload, overflows = cpu_s(pid) - cpu_before, listen_overflows() - overflows_before
-    results = [outcome for part, *_ in parts for outcome in part]
-    offered_s = max(offered - began for _, began, offered, *_ in parts)
-    drain_s = max(part[3] for part in parts) - max(offered for _, _, offered, *_ in parts)
+    results = [outcome for part in parts for outcome in part.outcomes]
+    offered_s = max(part.offered - part.began for part in parts)
+    drain_s = max(part.done for part in parts) - max(part.offered for part in parts)
 
     outcomes = Counter(status for status, _ in results)
     admitted = np.array([t for status, t in results if status == 200]) * 1000
