@@ -35,7 +35,8 @@ from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.local import LocalTransport
 from flexemr.workload.synthetic import SyntheticWorkload
-from serving_overhead import TICKS, add_request_arguments, tree_cpu_s
+from http_front import tree_cpu_s
+from serving_overhead import TICKS, add_request_arguments
 
 
 def thread_cpu_s() -> dict[str, float]:

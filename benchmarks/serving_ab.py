@@ -11,11 +11,10 @@ request (the server's process tree, from /proc) and C=1 p50, with the load avera
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +24,15 @@ from flexemr.config.model import ModelSource
 from flexemr.model.source import model_spec
 from flexemr.workload.synthetic import SyntheticWorkload
 from http_front import binary_body, start_serve
-from serving_overhead import HttpLoad, InProcessLoad, Load, sequential, tree_cpu_s
+from serving_overhead import (
+    HttpLoad,
+    InProcessLoad,
+    Load,
+    SystemCpu,
+    in_process_cpu_s,
+    sequential,
+    served_cpu_s,
+)
 
 
 def main() -> None:
@@ -47,10 +54,10 @@ def main() -> None:
     del os.environ["PYTHONPATH"]
     branch = start_serve(args.preset, flags)
     torch.set_num_threads(1)
-    systems: dict[str, tuple[Load, Callable[[], float]]] = {
-        "in-process": (InProcessLoad(source, requests), time.process_time),
-        "A (base)": (HttpLoad(base.url, bodies), lambda: tree_cpu_s(base.pid)),
-        "B (this)": (HttpLoad(branch.url, bodies), lambda: tree_cpu_s(branch.pid)),
+    systems: dict[str, tuple[Load, SystemCpu]] = {
+        "in-process": (InProcessLoad(source, requests), in_process_cpu_s),
+        "A (base)": (HttpLoad(base.url, bodies), functools.partial(served_cpu_s, base.pid)),
+        "B (this)": (HttpLoad(branch.url, bodies), functools.partial(served_cpu_s, branch.pid)),
     }
     rows: dict[str, list[dict[str, float]]] = {name: [] for name in systems}
     try:

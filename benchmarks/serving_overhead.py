@@ -51,31 +51,10 @@ from flexemr.config.model import ModelSource
 from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.workload.synthetic import SyntheticWorkload
-from http_front import binary_body, start_serve
+from http_front import binary_body, cpu_s, start_serve, tree_cpu_s
 
 INFER_PATH = "/v2/models/dlrm/infer"
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def tree_cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of `pid` and every process below it."""
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry.name)] = int(fields[1])
-        times[int(entry.name)] = (int(fields[11]) + int(fields[12])) / TICKS
-    total, todo = 0.0, [pid]
-    while todo:
-        current = todo.pop()
-        total += times.get(current, 0.0)
-        todo += [child for child, parent in parents.items() if parent == current]
-    return total
 
 
 class Load(Protocol):
@@ -227,22 +206,42 @@ def run_load(load: Load, body: Callable[[], Awaitable[dict[str, float]]]) -> dic
         gc.enable()
 
 
-def sequential(load: Load, count: int, cpu: Callable[[], float]) -> dict[str, float]:
-    """C=1: p50/p99 latency and CPU ms per request."""
+SystemCpu = Callable[[], tuple[float, float]]
+"""CPU seconds a system has used: in all, and in its embedding servers."""
+
+
+def in_process_cpu_s() -> tuple[float, float]:
+    """`SystemCpu` of the model in this process (no servers)."""
+    return time.process_time(), 0.0
+
+
+def served_cpu_s(pid: int) -> tuple[float, float]:
+    """`SystemCpu` of a `flexemr serve` process: its own and its children's (the servers)."""
+    total = tree_cpu_s(pid)
+    return total, total - cpu_s(pid)
+
+
+def sequential(load: Load, count: int, cpu: SystemCpu) -> dict[str, float]:
+    """C=1: p50/p99 latency, CPU ms per request, and the embedding servers' part of it."""
 
     async def body() -> dict[str, float]:
         for i in range(10):  # warm-up
             await load.send(i)
         latencies = []
-        cpu_start = cpu()
+        cpu_start, servers_start = cpu()
         for i in range(count):
             start = time.perf_counter()
             if not await load.send(i):
                 raise RuntimeError("a request was refused with nothing else in flight")
             latencies.append(time.perf_counter() - start)
-        cpu_ms = (cpu() - cpu_start) * 1000 / count
+        cpu_end, servers_end = cpu()
         p50, p99 = percentiles(latencies)
-        return {"p50_ms": p50, "p99_ms": p99, "cpu_ms": cpu_ms}
+        return {
+            "p50_ms": p50,
+            "p99_ms": p99,
+            "cpu_ms": (cpu_end - cpu_start) * 1000 / count,
+            "servers_ms": (servers_end - servers_start) * 1000 / count,
+        }
 
     return run_load(load, body)
 
@@ -356,7 +355,7 @@ def main() -> None:
     unit = " req/s" if args.rates else "%"
     results: dict[str, dict[str, float]] = {}
 
-    def measure(name: str, load: Load, cpu: Callable[[], float]) -> None:
+    def measure(name: str, load: Load, cpu: SystemCpu) -> None:
         row = sequential(load, args.requests, cpu)
         row["capacity"] = closed_loop(load, args.clients, args.seconds)
         row["lag"] = row["refused"] = 0.0
@@ -370,34 +369,36 @@ def main() -> None:
 
     if "in-process" in systems:
         torch.set_num_threads(args.torch_threads)
-        measure("in-process", InProcessLoad(source, requests), time.process_time)
+        measure("in-process", InProcessLoad(source, requests), in_process_cpu_s)
     for name, extra in (
         ("monolithic", ["--embedding-tier", "local"]),
         ("monolithic-h11", ["--embedding-tier", "local", "--http-parser", "h11"]),
     ):
         if name in systems:
             with served(args, extra) as (url, _, pid):
-                measure(name, HttpLoad(url, bodies), functools.partial(tree_cpu_s, pid))
+                measure(name, HttpLoad(url, bodies), functools.partial(served_cpu_s, pid))
     if {"flexemr-http", "flexemr-grpc"} & set(systems):
         with served(args, ["--embedding-servers", str(args.servers), "--grpc-port", "0"]) as (url, grpc, pid):
             if "flexemr-http" in systems:
-                measure("flexemr-http", HttpLoad(url, bodies), lambda: tree_cpu_s(pid))
+                measure("flexemr-http", HttpLoad(url, bodies), functools.partial(served_cpu_s, pid))
             if "flexemr-grpc" in systems and grpc is not None:
-                measure("flexemr-grpc", GrpcLoad(grpc, requests), lambda: tree_cpu_s(pid))
+                measure("flexemr-grpc", GrpcLoad(grpc, requests), functools.partial(served_cpu_s, pid))
 
     base = results.get("in-process")
     print(f"\n{args.preset} x{args.row_scale}, batch {args.batch}, {args.torch_threads} torch thread(s), "
           f"{os.cpu_count()} cores, serve flags {args.serve_args!r}, "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print("| system | C=1 p50 ms | C=1 p99 ms | CPU ms/request | x in-process CPU | capacity req/s | "
+    print("| system | C=1 p50 ms | C=1 p99 ms | CPU ms/request | of which servers | x in-process CPU "
+          "| capacity req/s | "
           + " | ".join(f"p50/p99 ms at {k:g}{unit}" for k in loads) + " | generator lag p99 ms | refused |"
     )  # fmt: skip
-    print("|---|" + "---:|" * (7 + len(loads)))
+    print("|---|" + "---:|" * (8 + len(loads)))
     for name, r in results.items():
         ratio = f"{r['cpu_ms'] / base['cpu_ms']:.2f}" if base else "-"
         cells = " | ".join(f"{r[f'p50_{k:g}']:.1f} / {r[f'p99_{k:g}']:.1f}" for k in loads)
-        print(f"| {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_ms']:.2f} | {ratio} "
-              f"| {r['capacity']:.1f} | {cells} | {r['lag']:.1f} | {r['refused']:.0f} |")  # fmt: skip
+        print(f"| {name} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['cpu_ms']:.2f} | {r['servers_ms']:.2f} "
+              f"| {ratio} | {r['capacity']:.1f} | {cells} | {r['lag']:.1f} "
+              f"| {r['refused']:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
