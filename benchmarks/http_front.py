@@ -117,12 +117,22 @@ def user_system_s(pid: int | None) -> tuple[float, float]:
     return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
 
 
+def children(pid: int) -> list[int]:
+    """The processes `pid` started, from any of its threads (a supervisor restarts servers)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:  # the thread ended
+            continue
+    return found
+
+
 def tree_cpu_s(pid: int | None) -> float:
     """CPU seconds process `pid` and its descendants (a local cluster's embedding servers) used."""
     if pid is None:
         return float("nan")
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    return cpu_s(pid) + sum(tree_cpu_s(int(child)) for child in children)
+    return cpu_s(pid) + sum(tree_cpu_s(child) for child in children(pid))
 
 
 def host_cpu_s() -> tuple[float, float]:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from flexemr.config.model import ModelSource
 from flexemr.model.source import model_spec
 from flexemr.workload.synthetic import SyntheticWorkload
-from http_front import binary_body, start_serve
+from http_front import binary_body, children, start_serve
 from serving_overhead import TICKS, HttpLoad, add_request_arguments, run_load
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
@@ -37,7 +37,7 @@ DUMPED_THREAD = re.compile(r'^Thread (\d+) .*"(.*)"')
 def processes(pid: int) -> dict[int, str]:
     """`pid` ("ranker") and its children ("embedding server N", from their command lines)."""
     found = {pid: "ranker"}
-    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+    for child in children(pid):
         command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
         index = command[command.index(b"--index") + 1].decode() if b"--index" in command else "?"
         found[int(child)] = f"embedding server {index}"
