@@ -40,7 +40,7 @@ def processes(pid: int) -> dict[int, str]:
     for child in children(pid):
         command = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
         index = command[command.index(b"--index") + 1].decode() if b"--index" in command else "?"
-        found[int(child)] = f"embedding server {index}"
+        found[child] = f"embedding server {index}"
     return found
 
 

@@ -9,9 +9,10 @@ sends them: INT32 indices when they fit; the in-process model gets them as int64
     flexemr-grpc    the same process over KServe v2 gRPC
 
 For each: C=1 latency (p50, p99) and CPU per request (all the system's processes: the ranker and
-its embedding servers; for in-process, this process), the capacity (a closed loop of `--clients`
-requests in flight), then open-loop Poisson arrivals at 25%, 50% and 75% of that capacity (p50,
-p99, measured from each request's scheduled arrival). Every server runs `--torch-threads` threads.
+its embedding servers, whose part is shown too; for in-process, this process), the capacity (a
+closed loop of `--clients` requests in flight), then open-loop Poisson arrivals at 25%, 50% and 75%
+of that capacity (p50, p99, measured from each request's scheduled arrival). Every server runs
+`--torch-threads` threads.
 
 The load generator is one asyncio loop (uvloop) with every request encoded once, raw HTTP/1.1 on
 keep-alive connections (gRPC through grpc.aio), its garbage collector off while it measures: a
