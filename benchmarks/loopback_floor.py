@@ -15,6 +15,7 @@ import argparse
 import os
 import socket
 import time
+import traceback
 
 
 def receive(sock: socket.socket, view: memoryview) -> None:
@@ -45,11 +46,14 @@ def main() -> None:
     args = parser.parse_args()
     listener = socket.create_server(("127.0.0.1", 0))
     server = os.fork()
-    if server == 0:
+    if server == 0:  # the child answers, then leaves without running the parent's cleanup
+        code = 0
         try:
             serve(listener, args)
-        finally:
-            os._exit(0)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
     sock = socket.create_connection(listener.getsockname())
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     request, answer = bytes(args.request_bytes), memoryview(bytearray(args.answer_bytes))
@@ -58,7 +62,8 @@ def main() -> None:
         sock.sendall(request)
         receive(sock, answer)
     cpu, elapsed = time.process_time() - start, time.perf_counter() - wall
-    os.waitpid(server, 0)
+    if os.waitstatus_to_exitcode(os.waitpid(server, 0)[1]):
+        raise SystemExit("the answering process failed")
     print(f"client: {cpu / args.round_trips * 1e6:.0f} us of CPU per round trip, "
           f"{elapsed / args.round_trips * 1e6:.0f} us each")  # fmt: skip
 
