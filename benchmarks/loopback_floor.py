@@ -4,9 +4,12 @@ floor under flexemr's wire on one host.
 A client process sends `--request-bytes` (one subrequest: rmc1 x0.01's 86,802 int32 rows and bag
 offsets) and reads `--answer-bytes` back (1,080 x 32 float32 partial sums) from a server process,
 `--round-trips` times, each side with one `sendall` and `recv_into(..., MSG_WAITALL)` calls on
-blocking sockets with TCP_NODELAY; prints each side's CPU per round trip.
+blocking sockets with TCP_NODELAY; prints each side's CPU per round trip. Where the two processes
+run matters: on an idle 2-core VM, across the cores, waking the other vCPU and moving the bytes
+between the cores' caches cost 4-5x what the same round trips cost on one core.
 
     .venv/bin/python benchmarks/loopback_floor.py
+    taskset -c 0 .venv/bin/python benchmarks/loopback_floor.py   (both on one core)
 """
 
 from __future__ import annotations
