@@ -56,6 +56,7 @@ from flexemr.config.model import ModelSource
 from flexemr.entrypoints.child import AnnouncedProcess
 from flexemr.model.source import model_spec
 from flexemr.workload.synthetic import SyntheticWorkload
+from proc_cpu import cpu_s, host_cpu_s, tree_cpu_s, user_system_s
 
 URL_PATH = "/v2/models/dlrm/infer"
 
@@ -102,44 +103,6 @@ def rss_mb(pid: int | None) -> float:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def cpu_s(pid: int | None) -> float:
-    """CPU seconds (user + system) process `pid` has used."""
-    return sum(user_system_s(pid))
-
-
-def user_system_s(pid: int | None) -> tuple[float, float]:
-    """CPU seconds in user and in system (kernel) mode process `pid` has used."""
-    if pid is None:
-        return float("nan"), float("nan")
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) / os.sysconf("SC_CLK_TCK"), int(fields[12]) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    """The processes `pid` started, from any of its threads (a supervisor restarts servers)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:  # the thread ended
-            continue
-    return found
-
-
-def tree_cpu_s(pid: int | None) -> float:
-    """CPU seconds process `pid` and its descendants (a local cluster's embedding servers) used."""
-    if pid is None:
-        return float("nan")
-    return cpu_s(pid) + sum(tree_cpu_s(child) for child in children(pid))
-
-
-def host_cpu_s() -> tuple[float, float]:
-    """CPU seconds the whole host has been busy (not idle nor waiting for I/O), and in all."""
-    jiffies = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = jiffies[3] + jiffies[4]
-    return (sum(jiffies) - idle) / os.sysconf("SC_CLK_TCK"), sum(jiffies) / os.sysconf("SC_CLK_TCK")
 
 
 class CoresUsed:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shlex
 import sys
 import threading
 from collections import defaultdict
@@ -35,20 +36,16 @@ from flexemr.ranker.ranker import Ranker
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.local import LocalTransport
 from flexemr.workload.synthetic import SyntheticWorkload
-from http_front import tree_cpu_s
-from serving_overhead import TICKS, add_request_arguments
+from proc_cpu import thread_cpu_s, tree_cpu_s
+from serving_overhead import add_request_arguments
 
 
-def thread_cpu_s() -> dict[str, float]:
+def named_thread_cpu_s() -> dict[str, float]:
     """CPU seconds of each named thread of this process."""
     names = {t.native_id: t.name for t in threading.enumerate()}
     cpu: dict[str, float] = defaultdict(float)
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        cpu[names.get(int(task.name), "other")] += (int(fields[11]) + int(fields[12])) / TICKS
+    for tid, seconds in thread_cpu_s(os.getpid()).items():
+        cpu[names.get(tid, "other")] += seconds
     return cpu
 
 
@@ -64,7 +61,7 @@ def main() -> None:
     serve.add_arguments(flags)
     spec = cluster_spec(flags.parse_args(["--preset", args.preset, "--row-scale", str(args.row_scale),
                                           "--embedding-servers", str(args.servers),
-                                          *args.serve_args.split()]))  # fmt: skip
+                                          *shlex.split(args.serve_args)]))  # fmt: skip
     os.environ.setdefault(spec.security.secret_env, secrets.token_hex(32))
     source = load_weights(spec.model)
     whole = make_plan("table", spec.sharding.table_rows, spec.sharding.dim, 1)
@@ -81,10 +78,10 @@ def main() -> None:
                     ranker.pool(batch)  # warm up
             for _ in range(args.rounds):
                 for name, ranker in (("local tier", local), ("flexemr", flexemr)):
-                    threads, servers = thread_cpu_s(), sum(tree_cpu_s(p) for p in cluster.pids)
+                    threads, servers = named_thread_cpu_s(), sum(tree_cpu_s(p) for p in cluster.pids)
                     for i in range(args.requests):
                         ranker.pool(batches[i % len(batches)])
-                    after = thread_cpu_s()
+                    after = named_thread_cpu_s()
                     row = {t: after[t] - threads.get(t, 0.0) for t in after}
                     row["servers"] = sum(tree_cpu_s(p) for p in cluster.pids) - servers
                     rows[name].append({k: v * 1000 / args.requests for k, v in row.items()})

@@ -70,6 +70,7 @@ from flexemr.planner import (
 from flexemr.planner.placement import Strategy
 from flexemr.workload.query_sizes import QuerySizes
 from flexemr.workload.synthetic import SyntheticConfig, SyntheticWorkload
+from proc_cpu import host_cpu_s
 
 TARGET = 0.15
 """The issue's bar: predictions within 15% of measurements."""
@@ -157,9 +158,7 @@ class CpuMeter:
 
     @staticmethod
     def _busy_s() -> float:
-        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle, iowait
-        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+        return host_cpu_s()[0]
 
     def _ours(self) -> dict[str, float]:
         return {"load generator": time.process_time()} | {r: cpu_seconds(p) for r, p in self.pids.items()}

@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from flexemr.config.model import ModelSource
 from flexemr.model.source import model_spec
 from flexemr.workload.synthetic import SyntheticWorkload
-from http_front import binary_body, children, start_serve
-from serving_overhead import TICKS, HttpLoad, add_request_arguments, run_load
+from http_front import binary_body, start_serve
+from proc_cpu import children, thread_cpu_s
+from serving_overhead import HttpLoad, add_request_arguments, run_load
 
 PY_SPY = Path(sys.executable).parent / "py-spy"
 DUMPED_THREAD = re.compile(r'^Thread (\d+) .*"(.*)"')
@@ -50,17 +51,9 @@ def thread_names(pid: int) -> dict[int, str]:
     return {int(m[1]): m[2] for line in dump.stdout.splitlines() if (m := DUMPED_THREAD.match(line))}
 
 
-def thread_cpu_s(pids: dict[int, str]) -> dict[tuple[int, int], float]:
+def threads_cpu_s(pids: dict[int, str]) -> dict[tuple[int, int], float]:
     """CPU seconds of every thread of `pids`, by (process, thread id)."""
-    cpu = {}
-    for pid in pids:
-        for task in Path(f"/proc/{pid}/task").iterdir():
-            try:
-                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:  # the thread ended
-                continue
-            cpu[pid, int(task.name)] = (int(fields[11]) + int(fields[12])) / TICKS
-    return cpu
+    return {(pid, tid): seconds for pid in pids for tid, seconds in thread_cpu_s(pid).items()}
 
 
 def one_round(
@@ -79,10 +72,10 @@ def one_round(
         async def measure() -> dict[tuple[int, int], float]:
             for i in range(20):
                 await load.send(i)
-            before = thread_cpu_s(pids)
+            before = threads_cpu_s(pids)
             for i in range(args.requests):
                 await load.send(i)
-            after = thread_cpu_s(pids)
+            after = threads_cpu_s(pids)
             return {thread: end - before.get(thread, 0.0) for thread, end in after.items()}
 
         spent = run_load(load, measure)

@@ -52,10 +52,10 @@ from flexemr.config.model import ModelSource
 from flexemr.model.source import load_weights, model_spec
 from flexemr.model.weights import build_monolithic
 from flexemr.workload.synthetic import SyntheticWorkload
-from http_front import binary_body, cpu_s, start_serve, tree_cpu_s
+from http_front import binary_body, start_serve
+from proc_cpu import cpu_s, tree_cpu_s
 
 INFER_PATH = "/v2/models/dlrm/infer"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 class Load(Protocol):

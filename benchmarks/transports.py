@@ -52,6 +52,7 @@ from flexemr.entrypoints.roles import build_ranker
 from flexemr.model.source import model_spec
 from flexemr.sharding.plan import make_plan
 from flexemr.transport.base import LookupRequest
+from proc_cpu import cpu_s
 
 TRANSPORTS = {"tcp": ("tcp", None), "ucx-tcp": ("ucx", "tcp"), "ucx-shm": ("ucx", "tcp,sm,self")}
 """name -> (--transport, UCX_TLS)."""
@@ -81,12 +82,7 @@ def environment(ucx_tls: str | None, device: str = "lo") -> Iterator[None]:
 
 def server_cpu(pids: Sequence[int]) -> float:
     """User + system CPU seconds of the processes `pids` so far."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / ticks
+    return sum(cpu_s(pid) for pid in pids)
 
 
 def requests(spec: ClusterSpec, server: int, bags: int, count: int, seed: int) -> list[LookupRequest]:
